@@ -1,0 +1,158 @@
+"""Attention: GQAttention (MHA / GQA / MQA) and MLAttention (DeepSeek-V2 appendix C).
+
+Both call one masked-softmax helper, `attend`, with grouped heads: queries [b, t, g, p, e]
+read keys and values [b, g, s, e] of their group g. MHA is g = H, p = 1; MQA is g = 1, p = H.
+MLA's absorbed decode is, in this language, MQA over the latent: one group whose "key" is
+(c_kv, k_rope) and whose "value" is c_kv, with W_UK folded into the query and W_UV into the
+output (DESIGN.md section 2). Shape letters are listed in layers.py.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from mla_jax import rope
+from mla_jax.cache import KVCache, LatentCache
+from mla_jax.config import ModelConfig
+from mla_jax.layers import RMSNorm, weight
+
+_MASKED = float(jnp.finfo(jnp.float32).min)  # finite: a fully masked row gives no NaN
+
+
+def visible(q_positions_bt, k_positions_bs):
+  """[b, t, s] True where key s may be read by query t: causal on positions."""
+  return k_positions_bs[:, None, :] <= q_positions_bt[:, :, None]
+
+
+def attend(q_parts, k_parts, v_bgsv, visible_bts, scale: float):
+  """softmax(sum_i q_i k_i^T * scale, masked) v with grouped heads -> [b, t, g, p, v].
+
+  q_parts: query pieces [b, t, g, p, e_i]; k_parts: the matching key pieces [b, g, s, e_i].
+  Their dot products add, so MLA's nope and rope halves (and the latent cache's two arrays)
+  are never concatenated. Scores and softmax are float32.
+  """
+  scores = sum(jnp.einsum('btgpe,bgse->bgpts', q, k, preferred_element_type=jnp.float32)
+               for q, k in zip(q_parts, k_parts, strict=True))
+  scores = jnp.where(visible_bts[:, None, None], scores * scale, _MASKED)
+  probs = jax.nn.softmax(scores, axis=-1).astype(v_bgsv.dtype)
+  return jnp.einsum('bgpts,bgsv->btgpv', probs, v_bgsv,
+                    preferred_element_type=jnp.float32).astype(v_bgsv.dtype)
+
+
+def _keys_and_mask(positions_bt, cache, k_len: int):
+  """Key positions for a forward without cache (the tokens themselves) or with one (slots)."""
+  if cache is None:
+    return visible(positions_bt, positions_bt)
+  slots = jnp.broadcast_to(jnp.arange(k_len), (positions_bt.shape[0], k_len))
+  return visible(positions_bt, slots)
+
+
+class GQAttention(nnx.Module):
+  """Multi-head attention with n_kv_heads key/value heads: MHA (G = H), GQA, MQA (G = 1)."""
+
+  def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
+    self.cfg = cfg
+    d, h, g, k = cfg.d_model, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
+    self.w_q = weight(rngs, cfg, (d, h, k), ('embed', 'heads', 'head_dim'), fan_in=d)
+    self.w_k = weight(rngs, cfg, (d, g, k), ('embed', 'kv_heads', 'head_dim'), fan_in=d)
+    self.w_v = weight(rngs, cfg, (d, g, k), ('embed', 'kv_heads', 'head_dim'), fan_in=d)
+    self.w_o = weight(rngs, cfg, (h, k, d), ('heads', 'head_dim', 'embed'), fan_in=h * k)
+
+  def __call__(self, x_btd, positions_bt, cache: KVCache | None = None):
+    cfg = self.cfg
+    w = lambda p: p[...].astype(cfg.compute_dtype)  # noqa: E731
+    b, t, _ = x_btd.shape
+    g, p = cfg.n_kv_heads, cfg.n_heads // cfg.n_kv_heads
+    cos, sin = rope.rope_angles(positions_bt, cfg.head_dim, cfg.rope_theta, cfg.rope_scaling)
+    q = rope.apply_rope(jnp.einsum('btd,dhk->bthk', x_btd, w(self.w_q)), cos, sin,
+                        cfg.rope_layout)
+    k = rope.apply_rope(jnp.einsum('btd,dgk->btgk', x_btd, w(self.w_k)), cos, sin,
+                        cfg.rope_layout)
+    v = jnp.einsum('btd,dgk->btgk', x_btd, w(self.w_v))
+    if cache is None:
+      k_bgsk, v_bgsk = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)
+    else:
+      cache = cache.write(k, v, positions_bt)
+      k_bgsk, v_bgsk = cache.k, cache.v
+    mask = _keys_and_mask(positions_bt, cache, k_bgsk.shape[2])
+    scale = cfg.head_dim**-0.5 * rope.softmax_mscale(cfg.rope_scaling)**2
+    o = attend((q.reshape(b, t, g, p, -1),), (k_bgsk,), v_bgsk, mask, scale)
+    return jnp.einsum('bthk,hkd->btd', o.reshape(b, t, g * p, -1), w(self.w_o)), cache
+
+
+class MLAttention(nnx.Module):
+  """Multi-head Latent Attention with optional query compression and decoupled RoPE.
+
+  c_q = RMSNorm(h W_DQ); q = c_q W_UQ (or h W_Q when q_lora_rank = 0)      eqs. 37-39
+  [c_kv, k_r] = h W_DKV; c_kv = RMSNorm(c_kv); k_rope = RoPE(k_r)           eqs. 41, 43
+  k_nope = c_kv W_UK; v = c_kv W_UV                                         eqs. 42, 45
+  Only c_kv and k_rope are cached (LatentCache).
+  """
+
+  def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
+    self.cfg = cfg
+    d, h, c, qc = cfg.d_model, cfg.n_heads, cfg.kv_lora_rank, cfg.q_lora_rank
+    n, r, v = cfg.qk_nope_head_dim, cfg.qk_rope_head_dim, cfg.v_head_dim
+    if qc:
+      self.w_dq = weight(rngs, cfg, (d, qc), ('embed', 'q_lora'), fan_in=d)
+      self.q_norm = RMSNorm(qc, cfg, axis='q_lora')
+      self.w_uq = weight(rngs, cfg, (qc, h, n + r), ('q_lora', 'heads', 'head_dim'), fan_in=qc)
+    else:
+      self.w_q = weight(rngs, cfg, (d, h, n + r), ('embed', 'heads', 'head_dim'), fan_in=d)
+    self.w_dkv = weight(rngs, cfg, (d, c + r), ('embed', 'kv_lora'), fan_in=d)
+    self.kv_norm = RMSNorm(c, cfg, axis='kv_lora')
+    self.w_uk = weight(rngs, cfg, (c, h, n), ('kv_lora', 'heads', 'head_dim'), fan_in=c)
+    self.w_uv = weight(rngs, cfg, (c, h, v), ('kv_lora', 'heads', 'head_dim'), fan_in=c)
+    self.w_o = weight(rngs, cfg, (h, v, d), ('heads', 'head_dim', 'embed'), fan_in=h * v)
+
+  def _w(self, p):
+    return p[...].astype(self.cfg.compute_dtype)
+
+  def _queries(self, x_btd):
+    if self.cfg.q_lora_rank:
+      c_q = self.q_norm(jnp.einsum('btd,dq->btq', x_btd, self._w(self.w_dq)))
+      return jnp.einsum('btq,qhe->bthe', c_q, self._w(self.w_uq))
+    return jnp.einsum('btd,dhe->bthe', x_btd, self._w(self.w_q))
+
+  def __call__(self, x_btd, positions_bt, cache: LatentCache | None = None):
+    """Without a cache (training) the naive path runs: at t = s it does less arithmetic than
+    the absorbed one (d_n + d_r + d_v vs 2 d_c + d_r per score, per head). With a cache,
+    cfg.mla_decode picks the path."""
+    cfg = self.cfg
+    n, c = cfg.qk_nope_head_dim, cfg.kv_lora_rank
+    cos, sin = rope.rope_angles(positions_bt, cfg.qk_rope_head_dim, cfg.rope_theta,
+                                cfg.rope_scaling)
+    q = self._queries(x_btd)
+    q_nope, q_rope = q[..., :n], rope.apply_rope(q[..., n:], cos, sin, cfg.rope_layout)
+    kv = jnp.einsum('btd,de->bte', x_btd, self._w(self.w_dkv))
+    c_kv = self.kv_norm(kv[..., :c])
+    k_rope = rope.apply_rope(kv[..., c:], cos, sin, cfg.rope_layout)
+    if cache is not None:
+      cache = cache.write(c_kv, k_rope, positions_bt)
+      c_kv, k_rope = cache.c_kv, cache.k_rope
+    mask = _keys_and_mask(positions_bt, cache, c_kv.shape[1])
+    scale = ((n + cfg.qk_rope_head_dim)**-0.5 * rope.softmax_mscale(cfg.rope_scaling)**2)
+    if cache is not None and cfg.mla_decode == 'absorbed':
+      o = self._absorbed(q_nope, q_rope, c_kv, k_rope, mask, scale)
+    else:
+      o = self._naive(q_nope, q_rope, c_kv, k_rope, mask, scale)
+    return jnp.einsum('bthv,hvd->btd', o, self._w(self.w_o)), cache
+
+  def _naive(self, q_nope, q_rope, c_kv, k_rope, mask, scale):
+    """Up-projects per-head keys and values from the latent, then ordinary MHA."""
+    k_nope = jnp.einsum('bsc,chn->bhsn', c_kv, self._w(self.w_uk))
+    v = jnp.einsum('bsc,chv->bhsv', c_kv, self._w(self.w_uv))
+    b, h, s, _ = k_nope.shape
+    k_rope_h = jnp.broadcast_to(k_rope[:, None], (b, h, s, k_rope.shape[-1]))
+    o = attend((q_nope[:, :, :, None], q_rope[:, :, :, None]), (k_nope, k_rope_h), v, mask,
+               scale)
+    return o[:, :, :, 0]
+
+  def _absorbed(self, q_nope, q_rope, c_kv, k_rope, mask, scale):
+    """W_UK folds into the query, W_UV into the output: attention runs in the latent space."""
+    q_lat = jnp.einsum('bthn,chn->bthc', q_nope, self._w(self.w_uk))
+    o_lat = attend((q_lat[:, :, None], q_rope[:, :, None]), (c_kv[:, None], k_rope[:, None]),
+                   c_kv[:, None], mask, scale)
+    return jnp.einsum('bthc,chv->bthv', o_lat[:, :, 0], self._w(self.w_uv))

@@ -1,0 +1,174 @@
+"""ModelConfig: the one validated description of a model (DESIGN.md section 3).
+
+Every module reads its sizes from here. Configs from files or flags (ml_collections ConfigDicts)
+are converted once, at the edge, with `ModelConfig.from_dict`; a bad combination fails at
+construction with one line naming the field and the fix.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Mapping
+from typing import Any
+
+import jax.numpy as jnp
+
+ATTENTIONS = ('mha', 'gqa', 'mqa', 'mla')
+ROPE_LAYOUTS = ('interleaved', 'half')
+MLA_DECODE_PATHS = ('absorbed', 'naive')
+DTYPES = ('float32', 'bfloat16', 'float16')
+
+
+class ConfigError(ValueError):
+  """An invalid model configuration; the message names the field and the fix."""
+
+
+@dataclasses.dataclass(frozen=True)
+class YarnScaling:
+  """YaRN context extension (Peng et al. 2023) as DeepSeek-V2/V3 configure it."""
+
+  factor: float
+  original_max_position_embeddings: int
+  beta_fast: float = 32.0
+  beta_slow: float = 1.0
+  mscale: float = 1.0
+  mscale_all_dim: float = 0.0
+  type: str = 'yarn'
+
+  def __post_init__(self):
+    if self.type != 'yarn':
+      raise ConfigError(f"rope_scaling.type={self.type!r} is not supported; use 'yarn' or None")
+    if self.factor < 1:
+      raise ConfigError(f'rope_scaling.factor={self.factor} must be >= 1')
+    if self.original_max_position_embeddings <= 0:
+      raise ConfigError('rope_scaling.original_max_position_embeddings must be > 0')
+    if self.beta_fast <= self.beta_slow:
+      raise ConfigError('rope_scaling.beta_fast must exceed rope_scaling.beta_slow')
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+  """Sizes and choices of a decoder-only transformer. Fields left None get derived defaults."""
+
+  vocab_size: int = 256
+  d_model: int = 256
+  n_layers: int = 4
+  n_heads: int = 8
+  n_kv_heads: int | None = None  # mha: n_heads; mqa: 1; gqa: required, divides n_heads
+  head_dim: int | None = None  # mha/gqa/mqa head size; default d_model // n_heads
+  d_ff: int | None = None  # SwiGLU width; default 8/3 d_model rounded up to a multiple of 64
+  attention: str = 'mha'  # 'mha' | 'gqa' | 'mqa' | 'mla'
+  # MLA only (DeepSeek-V2 appendix C). Defaults follow the paper's ratios for d_h = head_dim:
+  q_lora_rank: int = 0  # d'_c; 0 = no query compression
+  kv_lora_rank: int = 0  # d_c, required for mla (the paper: 4 d_h)
+  qk_nope_head_dim: int | None = None  # d_n; default head_dim
+  qk_rope_head_dim: int | None = None  # d_r; default head_dim // 2
+  v_head_dim: int | None = None  # d_v; default head_dim
+  mla_decode: str = 'absorbed'  # decode path over the latent cache: 'absorbed' | 'naive'
+  rope_theta: float = 10000.0
+  rope_layout: str = 'interleaved'  # 'interleaved' pairs (2i, 2i+1); 'half' pairs (i, i + d/2)
+  rope_scaling: YarnScaling | None = None  # a dict is accepted and converted
+  max_seq_len: int = 2048  # longest prompt + generation the decode loop accepts
+  norm_eps: float = 1e-6
+  tie_embeddings: bool = False
+  dtype: str = 'float32'  # compute dtype; logits and softmax stay float32
+  param_dtype: str = 'float32'
+
+  def __post_init__(self):
+    set_ = lambda name, value: object.__setattr__(self, name, value)  # noqa: E731 (frozen)
+    if isinstance(self.rope_scaling, Mapping):
+      try:
+        set_('rope_scaling', YarnScaling(**self.rope_scaling))
+      except TypeError as e:
+        raise ConfigError(f'rope_scaling: {e}; allowed keys: '
+                          f'{[f.name for f in dataclasses.fields(YarnScaling)]}') from None
+    self._check_choices()
+    self._check_sizes()
+    if self.head_dim is None:
+      set_('head_dim', self.d_model // self.n_heads)
+    if self.d_ff is None:
+      set_('d_ff', 64 * math.ceil(8 * self.d_model / 3 / 64))
+    if self.n_kv_heads is None:
+      if self.attention == 'gqa':
+        raise ConfigError("attention='gqa' needs n_kv_heads (a divisor of n_heads)")
+      set_('n_kv_heads', 1 if self.attention == 'mqa' else self.n_heads)
+    if self.attention == 'mla':
+      for name, default in (('qk_nope_head_dim', self.head_dim),
+                            ('qk_rope_head_dim', self.head_dim // 2),
+                            ('v_head_dim', self.head_dim)):
+        if getattr(self, name) is None:
+          set_(name, default)
+    self._check_derived()
+
+  def _check_choices(self):
+    for name, allowed in (('attention', ATTENTIONS), ('rope_layout', ROPE_LAYOUTS),
+                          ('mla_decode', MLA_DECODE_PATHS), ('dtype', DTYPES),
+                          ('param_dtype', DTYPES)):
+      if getattr(self, name) not in allowed:
+        raise ConfigError(f'{name}={getattr(self, name)!r} is unknown; use one of {allowed}')
+
+  def _check_sizes(self):
+    for f in dataclasses.fields(self):
+      value = getattr(self, f.name)
+      if f.type.startswith('int') and value is not None:
+        if not isinstance(value, int) or isinstance(value, bool):
+          raise ConfigError(f'{f.name}={value!r} must be an integer')
+        least = 0 if f.name in ('q_lora_rank', 'kv_lora_rank') else 1
+        if value < least:
+          raise ConfigError(f'{f.name}={value} must be >= {least}')
+    if self.norm_eps <= 0 or self.rope_theta <= 1:
+      raise ConfigError('norm_eps must be > 0 and rope_theta > 1')
+    if self.head_dim is None and self.d_model % self.n_heads:
+      raise ConfigError(f'd_model={self.d_model} is not divisible by n_heads={self.n_heads}; '
+                        'set head_dim explicitly or change n_heads')
+
+  def _check_derived(self):
+    h, g = self.n_heads, self.n_kv_heads
+    if self.attention == 'mha' and g != h:
+      raise ConfigError(f"attention='mha' needs n_kv_heads == n_heads ({h}), got {g}; "
+                        "use attention='gqa' for grouped heads")
+    if self.attention == 'mqa' and g != 1:
+      raise ConfigError(f"attention='mqa' needs n_kv_heads == 1, got {g}")
+    if h % g:
+      raise ConfigError(f'n_heads={h} is not divisible by n_kv_heads={g}; '
+                        'pick n_kv_heads among the divisors of n_heads')
+    if self.attention == 'mla':
+      if self.kv_lora_rank == 0:
+        raise ConfigError("attention='mla' needs kv_lora_rank > 0 (the paper uses 4 * head_dim)")
+      rot = self.qk_rope_head_dim
+    else:
+      if self.kv_lora_rank or self.q_lora_rank:
+        raise ConfigError(f'kv_lora_rank / q_lora_rank apply only to attention=\'mla\', '
+                          f'not {self.attention!r}; set them to 0')
+      rot = self.head_dim
+    if rot % 2:
+      raise ConfigError(f'the rotary dimension ({rot}) must be even for RoPE pairs; '
+                        'change head_dim or qk_rope_head_dim')
+
+  # --- derived quantities -------------------------------------------------------------
+  @property
+  def compute_dtype(self):
+    return jnp.dtype(self.dtype)
+
+  @property
+  def params_dtype(self):
+    return jnp.dtype(self.param_dtype)
+
+  @property
+  def rope_dim(self) -> int:
+    return self.qk_rope_head_dim if self.attention == 'mla' else self.head_dim
+
+  def to_dict(self) -> dict[str, Any]:
+    d = dataclasses.asdict(self)
+    return d
+
+  @classmethod
+  def from_dict(cls, d: Mapping[str, Any]) -> ModelConfig:
+    """Builds a config from a mapping (ConfigDict, json); unknown keys are an error."""
+    d = dict(d.to_dict() if hasattr(d, 'to_dict') else d)
+    known = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(d) - known)
+    if unknown:
+      raise ConfigError(f'unknown model config keys {unknown}; known keys: {sorted(known)}')
+    return cls(**d)

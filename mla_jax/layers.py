@@ -1,0 +1,76 @@
+"""Building blocks: parameters with logical axis names, RMSNorm, SwiGLU MLP, token embedding.
+
+Shape letters (used in every einsum of the package): b batch, t query position, s key position,
+d model width, f MLP width, V vocabulary, h query heads, g KV-head groups, p query heads per
+group, k head dim (MHA/GQA), n / r / v MLA nope / rope / value head dims, c KV latent
+(kv_lora_rank), q query latent (q_lora_rank), e a generic contracted feature dim.
+"""
+
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from mla_jax.config import ModelConfig
+
+
+def weight(rngs: nnx.Rngs, cfg: ModelConfig, shape: tuple[int, ...], axes: tuple[str, ...],
+           fan_in: int, scale: float = 1.0) -> nnx.Param:
+  """A normal(0, scale / sqrt(fan_in)) parameter tagged with its logical axis names.
+
+  The names (embed, vocab, heads, kv_heads, head_dim, mlp, q_lora, kv_lora) are what the
+  sharding rules map onto a device mesh.
+  """
+  assert len(shape) == len(axes), (shape, axes)
+  std = scale / math.sqrt(fan_in)
+  value = std * jax.random.normal(rngs.params(), shape, cfg.params_dtype)
+  return nnx.Param(value, axes=axes)
+
+
+class RMSNorm(nnx.Module):
+  """x / rms(x) * scale, computed in float32 (Zhang & Sennrich 2019)."""
+
+  def __init__(self, dim: int, cfg: ModelConfig, axis: str = 'embed'):
+    self.eps = cfg.norm_eps
+    self.scale = nnx.Param(jnp.ones((dim,), cfg.params_dtype), axes=(axis,))
+
+  def __call__(self, x):
+    xf = x.astype(jnp.float32)
+    y = xf * jax.lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + self.eps)
+    return (y * self.scale[...].astype(jnp.float32)).astype(x.dtype)
+
+
+class MLP(nnx.Module):
+  """SwiGLU feed-forward (Shazeer 2020): (silu(x W_gate) * x W_up) W_down."""
+
+  def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
+    d, f = cfg.d_model, cfg.d_ff
+    self.dtype = cfg.compute_dtype
+    self.w_gate = weight(rngs, cfg, (d, f), ('embed', 'mlp'), fan_in=d)
+    self.w_up = weight(rngs, cfg, (d, f), ('embed', 'mlp'), fan_in=d)
+    self.w_down = weight(rngs, cfg, (f, d), ('mlp', 'embed'), fan_in=f)
+
+  def __call__(self, x_btd):
+    w = lambda p: p[...].astype(self.dtype)  # noqa: E731
+    gate = jnp.einsum('btd,df->btf', x_btd, w(self.w_gate))
+    up = jnp.einsum('btd,df->btf', x_btd, w(self.w_up))
+    return jnp.einsum('btf,fd->btd', jax.nn.silu(gate) * up, w(self.w_down))
+
+
+class Embed(nnx.Module):
+  """Token embedding; `attend` reuses the table as the output head when embeddings are tied."""
+
+  def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
+    self.dtype = cfg.compute_dtype
+    self.table = weight(rngs, cfg, (cfg.vocab_size, cfg.d_model), ('vocab', 'embed'),
+                        fan_in=cfg.d_model)
+
+  def __call__(self, tokens_bt):
+    return jnp.take(self.table[...], tokens_bt, axis=0).astype(self.dtype)
+
+  def attend(self, x_btd):
+    return jnp.einsum('btd,Vd->btV', x_btd, self.table[...].astype(self.dtype),
+                      preferred_element_type=jnp.float32)

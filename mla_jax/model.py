@@ -1,0 +1,69 @@
+"""Decoder-only, pre-RMSNorm transformer over any attention variant.
+
+block(x) = x + Attn(RMSNorm(x)); then x + SwiGLU(RMSNorm(x)). Final RMSNorm, then the LM head
+(or the tied embedding). Logits are float32 whatever the compute dtype.
+"""
+
+from __future__ import annotations
+
+import jax.numpy as jnp
+from flax import nnx
+
+from mla_jax.attention import GQAttention, MLAttention
+from mla_jax.cache import cache_class
+from mla_jax.config import ModelConfig
+from mla_jax.layers import MLP, Embed, RMSNorm, weight
+
+
+class Block(nnx.Module):
+
+  def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
+    self.attn_norm = RMSNorm(cfg.d_model, cfg)
+    self.attn = (MLAttention if cfg.attention == 'mla' else GQAttention)(cfg, rngs)
+    self.mlp_norm = RMSNorm(cfg.d_model, cfg)
+    self.mlp = MLP(cfg, rngs)
+
+  def __call__(self, x_btd, positions_bt, cache=None):
+    a, cache = self.attn(self.attn_norm(x_btd), positions_bt, cache)
+    x_btd = x_btd + a
+    return x_btd + self.mlp(self.mlp_norm(x_btd)), cache
+
+
+class Transformer(nnx.Module):
+  """`model(tokens)` -> float32 logits [b, t, V]; `forward` + `logits` for cached decoding."""
+
+  def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+    self.cfg = cfg
+    self.embed = Embed(cfg, rngs)
+    self.blocks = nnx.List([Block(cfg, rngs) for _ in range(cfg.n_layers)])
+    self.final_norm = RMSNorm(cfg.d_model, cfg)
+    if not cfg.tie_embeddings:
+      self.lm_head = weight(rngs, cfg, (cfg.d_model, cfg.vocab_size), ('embed', 'vocab'),
+                            fan_in=cfg.d_model)
+
+  def __call__(self, tokens_bt, positions_bt=None):
+    if positions_bt is None:
+      positions_bt = jnp.broadcast_to(jnp.arange(tokens_bt.shape[1]), tokens_bt.shape)
+    h, _ = self.forward(tokens_bt, positions_bt)
+    return self.logits(h)
+
+  def forward(self, tokens_bt, positions_bt, caches=None):
+    """Final normed hidden states [b, t, d] and the updated layer caches (if given)."""
+    x = self.embed(tokens_bt)
+    new_caches = []
+    for i, block in enumerate(self.blocks):
+      x, cache = block(x, positions_bt, None if caches is None else caches[i])
+      new_caches.append(cache)
+    return self.final_norm(x), (None if caches is None else new_caches)
+
+  def logits(self, h_btd):
+    if self.cfg.tie_embeddings:
+      return self.embed.attend(h_btd)
+    return jnp.einsum('btd,dV->btV', h_btd, self.lm_head[...].astype(h_btd.dtype),
+                      preferred_element_type=jnp.float32)
+
+  def init_cache(self, batch_size: int, max_len: int, dtype=None) -> list:
+    """Per-layer caches as the decode loop allocates them (compute dtype by default)."""
+    dtype = self.cfg.compute_dtype if dtype is None else dtype
+    return [cache_class(self.cfg).init(self.cfg, batch_size, max_len, dtype)
+            for _ in range(self.cfg.n_layers)]
