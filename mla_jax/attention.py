@@ -1,10 +1,14 @@
 """Attention: GQAttention (MHA / GQA / MQA) and MLAttention (DeepSeek-V2 appendix C).
 
-Both call one masked-softmax helper, `attend`, with grouped heads: queries [b, t, g, p, e]
-read keys and values [b, g, s, e] of their group g. MHA is g = H, p = 1; MQA is g = 1, p = H.
-MLA's absorbed decode is, in this language, MQA over the latent: one group whose "key" is
+Both call one masked-softmax helper, `attention_weights`, with grouped heads: queries
+[b, t, g, p, e] read the keys [b, g, s, e] of their group g. MHA is g = H, p = 1; MQA is g = 1,
+p = H. MLA's absorbed decode is, in this language, MQA over the latent: one group whose "key" is
 (c_kv, k_rope) and whose "value" is c_kv, with W_UK folded into the query and W_UV into the
 output (DESIGN.md section 2). Shape letters are listed in layers.py.
+
+In every probs-times-values einsum the cached array is the first operand and is contracted
+along the axis it stores contiguously: written the other way, XLA's CPU dot copies (transposes)
+the whole cache on every decode step (see cache.py and the README's decode benchmark).
 """
 
 from __future__ import annotations
@@ -26,19 +30,18 @@ def visible(q_positions_bt, k_positions_bs):
   return k_positions_bs[:, None, :] <= q_positions_bt[:, :, None]
 
 
-def attend(q_parts, k_parts, v_bgsv, visible_bts, scale: float):
-  """softmax(sum_i q_i k_i^T * scale, masked) v with grouped heads -> [b, t, g, p, v].
+def attention_weights(q_parts, k_parts, visible_bts, scale: float):
+  """softmax(sum_i q_i k_i^T * scale), masked -> probabilities [b, g, p, t, s], float32.
 
   q_parts: query pieces [b, t, g, p, e_i]; k_parts: the matching key pieces [b, g, s, e_i].
   Their dot products add, so MLA's nope and rope halves (and the latent cache's two arrays)
-  are never concatenated. Scores and softmax are float32.
+  are never concatenated. Each module applies the probabilities to its values itself, in the
+  layout its cache keeps.
   """
   scores = sum(jnp.einsum('btgpe,bgse->bgpts', q, k, preferred_element_type=jnp.float32)
                for q, k in zip(q_parts, k_parts, strict=True))
   scores = jnp.where(visible_bts[:, None, None], scores * scale, _MASKED)
-  probs = jax.nn.softmax(scores, axis=-1).astype(v_bgsv.dtype)
-  return jnp.einsum('bgpts,bgsv->btgpv', probs, v_bgsv,
-                    preferred_element_type=jnp.float32).astype(v_bgsv.dtype)
+  return jax.nn.softmax(scores, axis=-1)
 
 
 def _keys_and_mask(positions_bt, cache, k_len: int):
@@ -62,7 +65,7 @@ class GQAttention(nnx.Module):
 
   def __call__(self, x_btd, positions_bt, cache: KVCache | None = None):
     cfg = self.cfg
-    w = lambda p: p[...].astype(cfg.compute_dtype)  # noqa: E731
+    w = lambda p: p[...].astype(cfg.compute_dtype)
     b, t, _ = x_btd.shape
     g, p = cfg.n_kv_heads, cfg.n_heads // cfg.n_kv_heads
     cos, sin = rope.rope_angles(positions_bt, cfg.head_dim, cfg.rope_theta, cfg.rope_scaling)
@@ -72,14 +75,17 @@ class GQAttention(nnx.Module):
                         cfg.rope_layout)
     v = jnp.einsum('btd,dgk->btgk', x_btd, w(self.w_v))
     if cache is None:
-      k_bgsk, v_bgsk = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)
+      cache_out = None
+      cache = KVCache(k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3))
     else:
-      cache = cache.write(k, v, positions_bt)
-      k_bgsk, v_bgsk = cache.k, cache.v
-    mask = _keys_and_mask(positions_bt, cache, k_bgsk.shape[2])
+      cache = cache_out = cache.write(k, v, positions_bt)
+    mask = _keys_and_mask(positions_bt, cache_out, cache.k.shape[2])
     scale = cfg.head_dim**-0.5 * rope.softmax_mscale(cfg.rope_scaling)**2
-    o = attend((q.reshape(b, t, g, p, -1),), (k_bgsk,), v_bgsk, mask, scale)
-    return jnp.einsum('bthk,hkd->btd', o.reshape(b, t, g * p, -1), w(self.w_o)), cache
+    probs = attention_weights((q.reshape(b, t, g, p, -1),), (cache.k,), mask, scale)
+    spec = 'bgks,bgpts->btgpk' if cache.v_transposed else 'bgsk,bgpts->btgpk'
+    o = jnp.einsum(spec, cache.v, probs.astype(cache.v.dtype),
+                   preferred_element_type=jnp.float32).astype(x_btd.dtype)
+    return jnp.einsum('bthk,hkd->btd', o.reshape(b, t, g * p, -1), w(self.w_o)), cache_out
 
 
 class MLAttention(nnx.Module):
@@ -146,13 +152,16 @@ class MLAttention(nnx.Module):
     v = jnp.einsum('bsc,chv->bhsv', c_kv, self._w(self.w_uv))
     b, h, s, _ = k_nope.shape
     k_rope_h = jnp.broadcast_to(k_rope[:, None], (b, h, s, k_rope.shape[-1]))
-    o = attend((q_nope[:, :, :, None], q_rope[:, :, :, None]), (k_nope, k_rope_h), v, mask,
-               scale)
-    return o[:, :, :, 0]
+    probs = attention_weights((q_nope[:, :, :, None], q_rope[:, :, :, None]),
+                              (k_nope, k_rope_h), mask, scale)[:, :, 0]
+    return jnp.einsum('bhsv,bhts->bthv', v, probs.astype(v.dtype),
+                      preferred_element_type=jnp.float32).astype(q_nope.dtype)
 
   def _absorbed(self, q_nope, q_rope, c_kv, k_rope, mask, scale):
     """W_UK folds into the query, W_UV into the output: attention runs in the latent space."""
     q_lat = jnp.einsum('bthn,chn->bthc', q_nope, self._w(self.w_uk))
-    o_lat = attend((q_lat[:, :, None], q_rope[:, :, None]), (c_kv[:, None], k_rope[:, None]),
-                   c_kv[:, None], mask, scale)
-    return jnp.einsum('bthc,chv->bthv', o_lat[:, :, 0], self._w(self.w_uv))
+    probs = attention_weights((q_lat[:, :, None], q_rope[:, :, None]),
+                              (c_kv[:, None], k_rope[:, None]), mask, scale)[:, 0]
+    o_lat = jnp.einsum('bsc,bhts->bthc', c_kv, probs.astype(c_kv.dtype),
+                       preferred_element_type=jnp.float32).astype(q_nope.dtype)
+    return jnp.einsum('bthc,chv->bthv', o_lat, self._w(self.w_uv))

@@ -2,9 +2,14 @@
 
 Elements per token, all l layers: MHA 2 H d_h l, GQA 2 G d_h l, MQA 2 d_h l, MLA (d_c + d_r) l.
 
-KVCache stores keys and values heads-major, [b, g, s, k], not [b, s, g, k]: a decode step reads
-each head's keys as one contiguous [s, k] block, which on this project's CPU reads the cache
-10x faster (1.9 -> 18 GB/s for an 8 x 16k x 16 x 64 cache; see README, decode benchmark).
+KVCache stores keys heads-major, k [b, g, s, k], not the DESIGN's [b, s, g, k]: a decode step
+reads each head's keys as one contiguous [s, k] block (on this project's CPU, q.k over an
+8 x 16k x 16 x 64 cache streamed at 1.9 GB/s with [b, s, g, k] keys and 25 GB/s with
+[b, g, s, k]). Values are stored [b, g, s, k] too, except for MHA (one query head per KV head),
+where they are stored transposed, [b, g, k, s]: p.v is then a matrix-vector product contracted
+along the contiguous axis (35 -> 17 ms for that cache). With several query heads per KV head
+(GQA, MQA) p.v is a matrix product, which XLA's CPU dot wants as [s, k] and would otherwise
+transpose, copying the whole cache every step. README, decode benchmark, has the numbers.
 LatentCache stores MLA's compressed c_kv and the ONE rope key shared by all heads: nothing
 per head is cached.
 """
@@ -20,22 +25,34 @@ import jax.numpy as jnp
 from mla_jax.config import ModelConfig
 
 
+def values_transposed(cfg: ModelConfig) -> bool:
+  """Whether a KVCache stores values [b, g, k, s]: for MHA, see the module docstring."""
+  return cfg.n_kv_heads == cfg.n_heads
+
+
 def _batch_index(positions_bt):
   return jnp.arange(positions_bt.shape[0])[:, None]
 
 
-@functools.partial(jax.tree_util.register_dataclass, data_fields=['k', 'v'], meta_fields=[])
+@functools.partial(jax.tree_util.register_dataclass, data_fields=['k', 'v'],
+                   meta_fields=['v_transposed'])
 @dataclasses.dataclass(frozen=True)
 class KVCache:
-  """One layer's keys and values for MHA / GQA / MQA: k, v [b, g, s, k]."""
+  """One layer's keys and values for MHA / GQA / MQA.
+
+  k [b, g, s, k]; v [b, g, s, k], or [b, g, k, s] when v_transposed (MHA).
+  """
 
   k: jax.Array
   v: jax.Array
+  v_transposed: bool = False
 
   @classmethod
   def init(cls, cfg: ModelConfig, batch: int, max_len: int, dtype) -> KVCache:
-    shape = (batch, cfg.n_kv_heads, max_len, cfg.head_dim)
-    return cls(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype))
+    g, k = cfg.n_kv_heads, cfg.head_dim
+    transposed = values_transposed(cfg)
+    v_shape = (batch, g, k, max_len) if transposed else (batch, g, max_len, k)
+    return cls(jnp.zeros((batch, g, max_len, k), dtype), jnp.zeros(v_shape, dtype), transposed)
 
   @staticmethod
   def elements_per_token(cfg: ModelConfig) -> int:
@@ -44,8 +61,10 @@ class KVCache:
   def write(self, k_btgk, v_btgk, positions_bt) -> KVCache:
     """Stores new keys/values at each sequence's own positions [b, t]."""
     b = _batch_index(positions_bt)
+    # Each index expression selects a [b, t, g, k] block (advanced indices go first).
+    v_at = self.v.at[b, :, :, positions_bt] if self.v_transposed else self.v.at[b, :, positions_bt]
     return KVCache(self.k.at[b, :, positions_bt].set(k_btgk.astype(self.k.dtype)),
-                   self.v.at[b, :, positions_bt].set(v_btgk.astype(self.v.dtype)))
+                   v_at.set(v_btgk.astype(self.v.dtype)), self.v_transposed)
 
 
 @functools.partial(jax.tree_util.register_dataclass, data_fields=['c_kv', 'k_rope'],

@@ -76,7 +76,7 @@ class ModelConfig:
   param_dtype: str = 'float32'
 
   def __post_init__(self):
-    set_ = lambda name, value: object.__setattr__(self, name, value)  # noqa: E731 (frozen)
+    set_ = lambda name, value: object.__setattr__(self, name, value)
     if isinstance(self.rope_scaling, Mapping):
       try:
         set_('rope_scaling', YarnScaling(**self.rope_scaling))

@@ -40,7 +40,8 @@ class RMSNorm(nnx.Module):
   def __call__(self, x):
     xf = x.astype(jnp.float32)
     y = xf * jax.lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + self.eps)
-    return (y * self.scale[...].astype(jnp.float32)).astype(x.dtype)
+    scale = jnp.expand_dims(self.scale[...].astype(jnp.float32), tuple(range(x.ndim - 1)))
+    return (y * scale).astype(x.dtype)
 
 
 class MLP(nnx.Module):
@@ -54,7 +55,7 @@ class MLP(nnx.Module):
     self.w_down = weight(rngs, cfg, (f, d), ('mlp', 'embed'), fan_in=f)
 
   def __call__(self, x_btd):
-    w = lambda p: p[...].astype(self.dtype)  # noqa: E731
+    w = lambda p: p[...].astype(self.dtype)
     gate = jnp.einsum('btd,df->btf', x_btd, w(self.w_gate))
     up = jnp.einsum('btd,df->btf', x_btd, w(self.w_up))
     return jnp.einsum('btf,fd->btd', jax.nn.silu(gate) * up, w(self.w_down))

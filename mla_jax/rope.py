@@ -66,7 +66,8 @@ def softmax_mscale(scaling: YarnScaling | None) -> float:
 def rope_angles(positions, dim: int, base: float, scaling: YarnScaling | None = None):
   """cos, sin [b, t, dim/2] (float32) for int positions [b, t]."""
   inv_freq = jnp.asarray(inv_frequencies(dim, base, scaling))
-  angles = positions.astype(jnp.float32)[..., None] * inv_freq
+  angles = positions[..., None].astype(jnp.float32) * inv_freq.reshape(
+      (1,) * positions.ndim + (-1,))
   m = cos_sin_mscale(scaling)
   return jnp.cos(angles) * m, jnp.sin(angles) * m
 

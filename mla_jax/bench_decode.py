@@ -1,0 +1,197 @@
+r"""Decode benchmark: time per generated token and cache size for every attention variant.
+
+  python -m mla_jax.bench_decode                      # the README table (~10 min, 2-core CPU)
+  python -m mla_jax.bench_decode --quick              # a small smoke version
+
+Every variant shares d_model, head count and layers (float32 by default): MHA, GQA (G=2), MQA,
+MLA naive and MLA absorbed (d_c = 4 d_h, d_r = d_h / 2, no query compression). Caches are filled
+with random values instead of a prefill, and one decode step is timed with every sequence at
+the last position of the context, so the step reads the whole cache.
+
+Each row also reports how close the step comes to this machine's limit, both measured in the
+same run: limit = max(bytes the step must read / copy bandwidth, flops / matmul rate), and
+fraction = limit / measured time. Copy bandwidth counts bytes read plus written by an in-place
+array update. Bytes read = the cache up to the context + the weights; flops are counted per
+variant below.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from absl import app, flags
+from flax import nnx
+
+import mla_jax
+from mla_jax.cache import measured_per_token
+
+FLAGS = flags.FLAGS
+flags.DEFINE_bool('quick', False, 'tiny sizes, for a smoke run')
+flags.DEFINE_list('contexts', ['1024', '4096', '16384'], 'context lengths')
+flags.DEFINE_list('batches', ['1', '8'], 'batch sizes')
+flags.DEFINE_integer('d_model', 1024, 'model width')
+flags.DEFINE_integer('n_heads', 16, 'query heads')
+flags.DEFINE_integer('n_layers', 4, 'layers')
+flags.DEFINE_string('dtype', 'float32', 'compute, parameter and cache dtype')
+flags.DEFINE_integer('runs', 7, 'timed runs per row (median reported)')
+flags.DEFINE_string('out', 'bench_decode.json', 'where to write the JSON results')
+
+
+def _median_seconds(fn, runs: int) -> float:
+  jax.block_until_ready(fn())  # warm-up (compile)
+  times = []
+  for _ in range(runs):
+    start = time.perf_counter()
+    jax.block_until_ready(fn())
+    times.append(time.perf_counter() - start)
+  return float(np.median(times))
+
+
+def machine_limits(runs: int, mib: int = 1024) -> dict:
+  """Copy bandwidth (read + write, in place) and float32 matmul rate, measured now."""
+  x = jnp.zeros((mib * 2**20 // 4,), jnp.float32)
+  bump = jax.jit(lambda x: x + 1.0, donate_argnums=0)
+  box = [bump(x)]
+
+  def copy():
+    box[0] = bump(box[0])
+    return box[0]
+
+  copy_s = _median_seconds(copy, runs)
+  n = 2048
+  a = jnp.ones((n, n), jnp.float32)
+  square = jax.jit(lambda a: a @ a)
+  matmul_s = _median_seconds(lambda: square(a), runs)
+  return {'copy_bytes_per_s': 2 * box[0].nbytes / copy_s,
+          'matmul_flops_per_s': 2 * n**3 / matmul_s}
+
+
+def variants(d_model: int, n_heads: int, n_layers: int, dtype: str) -> dict:
+  d_h = d_model // n_heads
+  base = dict(d_model=d_model, n_heads=n_heads, n_layers=n_layers, vocab_size=256,
+              max_seq_len=1 << 20, dtype=dtype, param_dtype=dtype)
+  mla = dict(attention='mla', kv_lora_rank=4 * d_h, qk_rope_head_dim=d_h // 2)
+  return {
+      'MHA': mla_jax.ModelConfig(**base, attention='mha'),
+      'GQA (G=2)': mla_jax.ModelConfig(**base, attention='gqa', n_kv_heads=2),
+      'MQA': mla_jax.ModelConfig(**base, attention='mqa'),
+      'MLA naive': mla_jax.ModelConfig(**base, **mla, mla_decode='naive'),
+      'MLA absorbed': mla_jax.ModelConfig(**base, **mla, mla_decode='absorbed'),
+  }
+
+
+def step_cost(cfg: mla_jax.ModelConfig, n_params: int, batch: int, context: int,
+              cache_bytes_per_token: int) -> tuple[float, float]:
+  """(bytes that must be read, flops) for one decode step at `context` keys."""
+  h, s, layers = cfg.n_heads, context, cfg.n_layers
+  itemsize = jnp.dtype(cfg.dtype).itemsize
+  weights = n_params - cfg.vocab_size * cfg.d_model * (1 if cfg.tie_embeddings else 0)
+  flops = 2 * batch * weights  # every weight once per sequence (embedding lookup ~free)
+  if cfg.attention != 'mla':
+    flops += 2 * batch * layers * h * s * 2 * cfg.head_dim  # q.k and p.v
+  else:
+    c, n, r, v = cfg.kv_lora_rank, cfg.qk_nope_head_dim, cfg.qk_rope_head_dim, cfg.v_head_dim
+    if cfg.mla_decode == 'absorbed':
+      flops += 2 * batch * layers * h * s * (2 * c + r)
+    else:  # up-project every cached latent, then ordinary attention
+      flops += 2 * batch * layers * s * c * h * (n + v) + 2 * batch * layers * h * s * (n + r + v)
+  read = weights * itemsize + batch * context * cache_bytes_per_token
+  return float(read), float(flops)
+
+
+def bench_row(name, cfg, batch, context, limits, runs):
+  model = mla_jax.Transformer(cfg, rngs=nnx.Rngs(0))
+  graphdef, state = nnx.split(model)
+  n_params = sum(x.size for x in jax.tree.leaves(state))
+  caches = model.init_cache(batch, context)
+  _, cache_bytes_per_token = measured_per_token(caches, batch, context)
+  elements_per_token, _ = measured_per_token(caches, batch, context)
+  keys = iter(jax.random.split(jax.random.key(1), 64))
+  caches = jax.tree.map(lambda x: jax.random.normal(next(keys), x.shape, x.dtype), caches)
+  cache_bytes = sum(x.nbytes for x in jax.tree.leaves(caches))
+  tokens = jnp.ones((batch,), jnp.int32)
+  positions = jnp.full((batch,), context - 1, jnp.int32)
+  box = [caches]
+
+  def step():
+    logits, box[0] = mla_jax.decode_step(graphdef, state, box[0], tokens, positions)
+    return logits
+
+  seconds = _median_seconds(step, runs)
+  read, flops = step_cost(cfg, n_params, batch, context, cache_bytes_per_token)
+  limit = max(read / limits['copy_bytes_per_s'], flops / limits['matmul_flops_per_s'])
+  return {
+      'variant': name, 'batch': batch, 'context': context, 'params': n_params,
+      'ms_per_token': 1e3 * seconds, 'tokens_per_s': batch / seconds,
+      'cache_elements_per_token': elements_per_token,
+      'cache_elements_per_token_formula': mla_jax.cache_elements_per_token(cfg),
+      'cache_bytes_per_token': cache_bytes_per_token, 'cache_mib': cache_bytes / 2**20,
+      'bytes_read': read, 'flops': flops, 'limit_ms': 1e3 * limit,
+      'fraction_of_limit': limit / seconds,
+  }
+
+
+def python_overhead_check(runs: int) -> dict:
+  """No Python per token: generate's time per token vs one jitted one-token forward."""
+  cfg = mla_jax.ModelConfig(d_model=64, n_heads=4, n_layers=1, max_seq_len=256)
+  model = mla_jax.Transformer(cfg, rngs=nnx.Rngs(0))
+  prompts = np.ones((1, 64), np.int32)
+  gen = lambda n: mla_jax.generate(model, prompts, max_new_tokens=n)
+  n = 64
+  per_token = (_median_seconds(lambda: gen(n + 1), runs)
+               - _median_seconds(lambda: gen(1), runs)) / n
+  graphdef, state = nnx.split(model)
+  forward = jax.jit(lambda s, x: nnx.merge(graphdef, s)(x))
+  one = _median_seconds(lambda: forward(state, jnp.ones((1, 1), jnp.int32)), runs)
+  return {'generate_ms_per_token': 1e3 * per_token, 'jitted_forward_ms': 1e3 * one,
+          'ratio': per_token / one}
+
+
+def format_table(rows, limits) -> str:
+  lines = [f"copy bandwidth {limits['copy_bytes_per_s'] / 1e9:.1f} GB/s (read + write), "
+           f"matmul {limits['matmul_flops_per_s'] / 1e9:.0f} GFLOP/s (float32)", '',
+           '| variant | batch | context | ms/token | tokens/s | cache elem/token (formula) '
+           '| cache B/token | cache MiB | limit ms | fraction of limit |',
+           '|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|']
+  for r in rows:
+    lines.append(
+        f"| {r['variant']} | {r['batch']} | {r['context']} | {r['ms_per_token']:.2f} | "
+        f"{r['tokens_per_s']:.1f} | {r['cache_elements_per_token']} "
+        f"({r['cache_elements_per_token_formula']}) | {r['cache_bytes_per_token']} | "
+        f"{r['cache_mib']:.0f} | {r['limit_ms']:.2f} | {r['fraction_of_limit']:.2f} |")
+  return '\n'.join(lines)
+
+
+def main(argv):
+  del argv
+  if FLAGS.quick:
+    contexts, batches, size = [256, 1024], [1, 4], dict(d_model=128, n_heads=4, n_layers=2)
+  else:
+    contexts = [int(c) for c in FLAGS.contexts]
+    batches = [int(b) for b in FLAGS.batches]
+    size = dict(d_model=FLAGS.d_model, n_heads=FLAGS.n_heads, n_layers=FLAGS.n_layers)
+  limits = machine_limits(FLAGS.runs, mib=256 if FLAGS.quick else 1024)
+  rows = []
+  for batch in batches:
+    for context in contexts:
+      for name, cfg in variants(dtype=FLAGS.dtype, **size).items():
+        rows.append(bench_row(name, cfg, batch, context, limits, FLAGS.runs))
+        print(f"{name:13s} b={batch} ctx={context:6d} {rows[-1]['ms_per_token']:9.2f} ms "
+              f"fraction {rows[-1]['fraction_of_limit']:.2f}", flush=True)
+  overhead = python_overhead_check(FLAGS.runs)
+  print(format_table(rows, limits))
+  print(f"\nno Python per token: generate {overhead['generate_ms_per_token']:.3f} ms/token vs "
+        f"one jitted forward {overhead['jitted_forward_ms']:.3f} ms "
+        f"(ratio {overhead['ratio']:.2f}; 1-layer d=64 model, context 128)")
+  with open(FLAGS.out, 'w') as f:
+    json.dump({'machine': limits, 'rows': rows, 'python_overhead': overhead,
+               'device': str(jax.devices()[0]), 'dtype': FLAGS.dtype, **size}, f, indent=1)
+  print(f'wrote {FLAGS.out}')
+
+
+if __name__ == '__main__':
+  app.run(main)

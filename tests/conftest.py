@@ -1,0 +1,33 @@
+"""Shared test setup: strict rank promotion, and tiny configs of every attention variant."""
+
+import jax
+import pytest
+from flax import nnx
+
+import mla_jax
+
+jax.config.update('jax_numpy_rank_promotion', 'raise')
+
+# (name, overrides): the variants every cross-variant test runs over.
+VARIANTS = {
+    'mha': dict(attention='mha'),
+    'gqa': dict(attention='gqa', n_kv_heads=2),
+    'mqa': dict(attention='mqa'),
+    'mla': dict(attention='mla', kv_lora_rank=32, qk_rope_head_dim=8),
+    'mla_q': dict(attention='mla', kv_lora_rank=32, q_lora_rank=24, qk_rope_head_dim=8),
+    'mla_naive': dict(attention='mla', kv_lora_rank=32, mla_decode='naive'),
+}
+
+
+def tiny_config(**overrides) -> mla_jax.ModelConfig:
+  base = dict(vocab_size=256, d_model=64, n_layers=2, n_heads=4, d_ff=128, max_seq_len=128)
+  return mla_jax.ModelConfig(**{**base, **overrides})
+
+
+def tiny_model(seed=0, **overrides):
+  return mla_jax.Transformer(tiny_config(**overrides), rngs=nnx.Rngs(seed))
+
+
+@pytest.fixture(params=sorted(VARIANTS))
+def variant(request):
+  return VARIANTS[request.param]
