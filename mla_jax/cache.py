@@ -34,6 +34,18 @@ def _batch_index(positions_bt):
   return jnp.arange(positions_bt.shape[0])[:, None]
 
 
+def _write(buf, new, positions_bt, seq_axis: int):
+  """buf with `new` (given in buf's axis order) stored at each row's positions along seq_axis.
+
+  Positions are in bounds by construction: generate checks prompt + new tokens <= the cache.
+  """
+  b = _batch_index(positions_bt)
+  index = (b,) + (slice(None),) * (seq_axis - 1) + (positions_bt,)
+  # Advanced indices separated by slices put their [b, t] axes first.
+  new = jnp.moveaxis(new, seq_axis, 1)
+  return buf.at[index].set(new.astype(buf.dtype), mode='promise_in_bounds', unique_indices=True)
+
+
 @functools.partial(jax.tree_util.register_dataclass, data_fields=['k', 'v'],
                    meta_fields=['v_transposed'])
 @dataclasses.dataclass(frozen=True)
@@ -60,11 +72,12 @@ class KVCache:
 
   def write(self, k_btgk, v_btgk, positions_bt) -> KVCache:
     """Stores new keys/values at each sequence's own positions [b, t]."""
-    b = _batch_index(positions_bt)
-    # Each index expression selects a [b, t, g, k] block (advanced indices go first).
-    v_at = self.v.at[b, :, :, positions_bt] if self.v_transposed else self.v.at[b, :, positions_bt]
-    return KVCache(self.k.at[b, :, positions_bt].set(k_btgk.astype(self.k.dtype)),
-                   v_at.set(v_btgk.astype(self.v.dtype)), self.v_transposed)
+    k_bgtk = k_btgk.transpose(0, 2, 1, 3)
+    if self.v_transposed:
+      v = _write(self.v, v_btgk.transpose(0, 2, 3, 1), positions_bt, seq_axis=3)
+    else:
+      v = _write(self.v, v_btgk.transpose(0, 2, 1, 3), positions_bt, seq_axis=2)
+    return KVCache(_write(self.k, k_bgtk, positions_bt, seq_axis=2), v, self.v_transposed)
 
 
 @functools.partial(jax.tree_util.register_dataclass, data_fields=['c_kv', 'k_rope'],
@@ -86,9 +99,8 @@ class LatentCache:
     return cfg.kv_lora_rank + cfg.qk_rope_head_dim
 
   def write(self, c_bsc, k_rope_bsr, positions_bt) -> LatentCache:
-    b = _batch_index(positions_bt)
-    return LatentCache(self.c_kv.at[b, positions_bt].set(c_bsc.astype(self.c_kv.dtype)),
-                       self.k_rope.at[b, positions_bt].set(k_rope_bsr.astype(self.k_rope.dtype)))
+    return LatentCache(_write(self.c_kv, c_bsc, positions_bt, seq_axis=1),
+                       _write(self.k_rope, k_rope_bsr, positions_bt, seq_axis=1))
 
 
 def cache_class(cfg: ModelConfig):
