@@ -1,0 +1,25 @@
+"""What the absl entry points share: one-line errors for bad flags and quiet library logging."""
+
+import logging as std_logging
+import sys
+
+from absl import flags, logging
+
+
+def parse_flags(argv):
+  """absl's flag parsing, with every failure (a bad --config.a.b override included, which
+  ml_collections reports as KeyError or AttributeError) turned into one line and exit 2."""
+  try:
+    return flags.FLAGS(argv)
+  except flags.Error as e:
+    sys.exit(f'error: {e}; pass --helpfull to list the flags')
+  except (KeyError, AttributeError, TypeError, ValueError) as e:
+    name = next((a for a in argv[1:] if a.startswith('--config.')), 'a --config override')
+    sys.exit(f'error: {name.split("=")[0]} is not a valid override ({e}); check the key '
+             'against the config file')
+
+
+def quiet_logging():
+  """Only warnings from libraries (orbax reports every save at INFO)."""
+  logging.set_verbosity(logging.WARNING)
+  std_logging.getLogger().setLevel(std_logging.WARNING)

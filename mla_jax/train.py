@@ -1,0 +1,37 @@
+r"""Trains a model from a config file; restarting the same command resumes the run.
+
+  python -m mla_jax.train --config=configs/mla.py --workdir=runs/mla
+  python -m mla_jax.train --config=configs/mla.py:tiny --workdir=/tmp/t --config.train.steps=20
+
+All logic lives in mla_jax.trainer; this file parses flags and reports bad input in one line.
+"""
+
+from absl import app, flags
+from ml_collections import config_flags
+
+from mla_jax import cli, data, trainer
+from mla_jax import config as model_config
+from mla_jax import workdir as wd
+
+FLAGS = flags.FLAGS
+config_flags.DEFINE_config_file('config', None, 'a configs/*.py file (optionally :tiny)')
+flags.DEFINE_string('workdir', None, 'the run directory (created, or resumed if it exists)')
+flags.mark_flags_as_required(['config', 'workdir'])
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f'unexpected arguments {argv[1:]}; flags look like --name=value')
+  cli.quiet_logging()
+  try:
+    result = trainer.train_and_evaluate(FLAGS.config, FLAGS.workdir)
+  except (model_config.ConfigError, data.DataError, wd.WorkdirError, trainer.TrainingError,
+          ValueError) as e:
+    raise SystemExit(f'error: {e}') from None
+  if result:
+    print(f"validation: perplexity {result['perplexity']:.4f}, "
+          f"{result['bits_per_byte']:.4f} bits per byte over {result['tokens']} tokens")
+
+
+if __name__ == '__main__':
+  app.run(main, flags_parser=cli.parse_flags)

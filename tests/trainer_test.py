@@ -1,0 +1,169 @@
+"""End to end: train -> checkpoint -> resume -> evaluate -> generate, and bad input at the CLI."""
+
+import hashlib
+import json
+import pathlib
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from configs import mla as mla_config
+from mla_jax import trainer
+from mla_jax import workdir as wd
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+WORDS = ('thou', 'art', 'the', 'king', 'of', 'night', 'and', 'my', 'love', 'doth', 'speak',
+         'sweet', 'fair', 'Romeo', 'Juliet', 'death', 'to', 'be', 'or', 'not')
+
+
+@pytest.fixture(scope='module')
+def corpus(tmp_path_factory):
+  """Three small text files (~30 KB): a corpus that needs no network."""
+  folder = tmp_path_factory.mktemp('corpus')
+  rng = np.random.default_rng(0)
+  for i in range(3):
+    lines = [' '.join(rng.choice(WORDS, size=8)) + '.' for _ in range(250)]
+    (folder / f'part{i}.txt').write_text('\n'.join(lines))
+  return str(folder / '*.txt')
+
+
+def tiny(corpus, **train):
+  config = mla_config.get_config('tiny')
+  config.data.files = corpus
+  config.train.update(train)
+  return config
+
+
+def losses(workdir):
+  rows = [json.loads(line) for line in (pathlib.Path(workdir) / 'metrics.jsonl').open()]
+  return [r['loss'] for r in rows if 'loss' in r], [r for r in rows if 'val_loss' in r]
+
+
+def cli(module, *args):
+  return subprocess.run([sys.executable, '-m', f'mla_jax.{module}', *args], cwd=ROOT,
+                        capture_output=True, text=True, timeout=300)
+
+
+@pytest.fixture(scope='module')
+def trained(corpus, tmp_path_factory):
+  """A 10-step run done in one go, and the same run stopped after 5 steps and resumed."""
+  whole = tmp_path_factory.mktemp('whole')
+  trainer.train_and_evaluate(tiny(corpus), str(whole))
+  split = tmp_path_factory.mktemp('split')
+  trainer.train_and_evaluate(tiny(corpus, stop_after_steps=5), str(split))
+  assert wd.manager(split / 'checkpoints').latest_step() == 5
+  last = trainer.train_and_evaluate(tiny(corpus), str(split))
+  return whole, split, last
+
+
+def test_resumed_run_continues_exactly(trained):
+  whole, split, _ = trained
+  whole_losses, whole_val = losses(whole)
+  split_losses, split_val = losses(split)
+  assert len(whole_losses) == 10
+  assert split_losses == whole_losses  # bit for bit: same data, same state
+  assert [v['val_loss'] for v in split_val] == [v['val_loss'] for v in whole_val]
+  assert whole_losses[-1] < whole_losses[0] - 0.5  # it learns
+
+
+def test_evaluate_matches_the_trainers_last_validation(trained):
+  _, split, last = trained
+  result = cli('evaluate', f'--workdir={split}')
+  assert result.returncode == 0, result.stderr
+  saved = json.loads((split / 'eval.json').read_text())
+  assert saved['perplexity'] == last['perplexity']
+  assert saved['tokens'] == last['tokens'] > 0
+  assert f"perplexity {last['perplexity']:.4f}" in result.stdout
+
+
+def test_greedy_generation_from_a_trained_run_is_deterministic(trained):
+  whole, _, _ = trained
+  runs = [cli('generate', f'--workdir={whole}', '--prompt=the king', '--max_new_tokens=24')
+          for _ in range(2)]
+  assert runs[0].returncode == 0, runs[0].stderr
+  assert runs[0].stdout == runs[1].stdout
+  assert runs[0].stdout.startswith('the king') and len(runs[0].stdout.strip()) > 20
+
+
+def _snapshot(folder: pathlib.Path) -> dict:
+  return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
+          for p in sorted(folder.rglob('*')) if p.is_file()}
+
+
+def _corrupt_latest(workdir: pathlib.Path):
+  step = max(int(p.name) for p in (workdir / 'checkpoints').iterdir() if p.name.isdigit())
+  for f in (workdir / 'checkpoints' / str(step) / 'params').rglob('*'):
+    if f.is_file() and f.stat().st_size > 100:
+      f.write_bytes(b'\0' * 64)
+
+
+BAD = {
+    'unknown config key': (
+        'train', ['--config=configs/mla.py:tiny', '--config.model.bogus=1'], 'bogus'),
+    'wrong type': (
+        'train', ['--config=configs/mla.py:tiny', '--config.model.d_model=wide'], 'd_model'),
+    'invalid model': (
+        'train', ['--config=configs/gqa.py:tiny', '--config.model.n_kv_heads=3'],
+        'n_heads=4 is not divisible by n_kv_heads=3'),
+    'empty data glob': (
+        'train', ['--config=configs/mla.py:tiny', '--config.data.files=/nonexistent/*.txt'],
+        'no files match data.files'),
+    'non-finite loss': (
+        'train', ['--config=configs/mla.py:tiny', '--config.opt.lr=1e30'],
+        'non-finite loss or gradient'),
+    'changed config on resume': (
+        'train', ['--config=configs/mla.py:tiny', '--config.model.d_model=64'],
+        "whose 'model' differs"),
+    'missing workdir': ('evaluate', [], 'config.json missing'),
+    'missing checkpoint': ('evaluate', [], 'has no checkpoint'),
+    'corrupt checkpoint': ('evaluate', [], 'cannot be read'),
+    'prompt longer than the cache': (
+        'generate', ['--prompt=' + 'x' * 130, '--max_new_tokens=5'], 'exceeds the cache'),
+}
+
+
+@pytest.mark.parametrize('case', sorted(BAD))
+def test_bad_input_is_one_clear_line(case, trained, corpus, tmp_path):
+  module, args, message = BAD[case]
+  workdir = tmp_path / 'run'
+  if case in ('changed config on resume', 'corrupt checkpoint', 'prompt longer than the cache'):
+    subprocess.run(['cp', '-r', str(trained[0]), str(workdir)], check=True)
+  if case == 'missing checkpoint':
+    workdir.mkdir()
+    (workdir / 'config.json').write_text((trained[0] / 'config.json').read_text())
+  if case == 'corrupt checkpoint':
+    _corrupt_latest(workdir)
+  before = _snapshot(workdir) if workdir.exists() else {}
+  data_flag = [f'--config.data.files={corpus}'] if module == 'train' and \
+      'data.files' not in ' '.join(args) else []
+  result = cli(module, f'--workdir={workdir}', *args, *data_flag)
+  assert result.returncode != 0
+  assert message in result.stderr, result.stderr[-2000:]
+  assert 'Traceback' not in result.stderr
+  if before:
+    after = _snapshot(workdir)
+    assert {k: v for k, v in after.items() if k in before} == before  # nothing destroyed
+    if case != 'non-finite loss':
+      assert after == before
+
+
+def test_sigterm_saves_and_exits_cleanly(corpus, tmp_path):
+  import signal
+  import time
+  proc = subprocess.Popen(
+      [sys.executable, '-m', 'mla_jax.train', '--config=configs/mla.py:tiny',
+       f'--workdir={tmp_path}', f'--config.data.files={corpus}', '--config.train.steps=100000',
+       '--config.train.checkpoint_every=100000', '--config.train.eval_every=100000'],
+      cwd=ROOT, stderr=subprocess.PIPE, text=True)
+  deadline = time.time() + 120
+  while time.time() < deadline and not (tmp_path / 'metrics.jsonl').exists():
+    time.sleep(0.5)
+  time.sleep(2)
+  proc.send_signal(signal.SIGTERM)
+  _, err = proc.communicate(timeout=120)
+  assert proc.returncode == 0, err[-2000:]
+  assert 'SIGTERM: saved step' in err
+  step = wd.manager(tmp_path / 'checkpoints').latest_step()
+  assert (step and step == len(losses(tmp_path)[0])) or step >= 1
