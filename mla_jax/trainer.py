@@ -137,46 +137,58 @@ def _validate(config: ml_collections.ConfigDict) -> None:
     raise ValueError(f'data/eval seq_len exceeds model.max_seq_len={config.model.max_seq_len}')
 
 
-def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
+def _init_or_resume(config, ckpts) -> tuple:
+  """(graphdef, state, start step, best validation loss) from config.seed or the checkpoint."""
+  model, opt = create_state(config)
+  start, best_loss = ckpts.latest_step() or 0, math.inf
+  if start:
+    model_state, opt_state = nnx.state(model), nnx.state(opt)
+    _, _, meta = wd.restore(ckpts, start, model_state, opt_state)
+    nnx.update(model, model_state)
+    nnx.update(opt, opt_state)
+    best_loss = meta.get('best_val_loss', math.inf)
+    print(f'resuming from step {start}', file=sys.stderr)
+  return *nnx.split((model, opt)), start, best_loss
+
+
+def _check_finite(fetched, last_good_step) -> None:
+  for step, metrics in fetched:
+    values = {k: float(v) for k, v in metrics.items()}
+    if not all(math.isfinite(v) for v in values.values()):
+      raise TrainingError(
+          f'non-finite loss or gradient at step {step} ({values}); the last good checkpoint '
+          f'({last_good_step}) is kept. Lower opt.lr or raise opt.warmup_steps, then resume '
+          'or start a new --workdir')
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
+                       final_eval: bool = True) -> dict:
   """Trains (or resumes) the run in workdir; returns the last validation metrics."""
   _validate(config)
   wd.model_config(config)  # a bad model config fails before anything is written
   splits = data.load_splits(config.data)
   workdir = pathlib.Path(workdir)
   wd.write_config(workdir, config)
-
-  model, opt = create_state(config)
-  graphdef, state = nnx.split((model, opt))
   ckpts = wd.manager(workdir / 'checkpoints', config.train.keep_checkpoints)
   best = wd.manager(workdir / 'best', 1)
-  start = ckpts.latest_step() or 0
-  best_loss = math.inf
-  if start:
-    model_state, opt_state = nnx.state(model), nnx.state(opt)
-    _, _, meta = wd.restore(ckpts, start, model_state, opt_state)
-    nnx.update(model, model_state)
-    nnx.update(opt, opt_state)
-    graphdef, state = nnx.split((model, opt))
-    best_loss = meta.get('best_val_loss', math.inf)
-    print(f'resuming from step {start}', file=sys.stderr)
+  graphdef, state, start, best_loss = _init_or_resume(config, ckpts)
 
   t, accum = config.train, config.opt.grad_accum_steps
+  end = t.steps if not t.stop_after_steps else min(t.steps, start + t.stop_after_steps)
+  if start >= end:
+    print(f'{workdir} is complete at step {start}; evaluate it with python -m '
+          f'mla_jax.evaluate --workdir={workdir}', file=sys.stderr)
+    return {}
   local_batch = config.data.batch_size // jax.process_count()
   batches = data.train_batches(splits['train'], config.data.seq_len, local_batch, config.seed,
                                start, shard=jax.process_index())
-  log = _Log(workdir, t.steps)
-  preempt = _Preemption()
+  validate = functools.partial(evaluate.perplexity, tokens=splits['val'],
+                               seq_len=config.eval.seq_len, stride=config.eval.stride,
+                               batch_size=config.eval.batch_size)
   schedule = learning_rate(config.opt, t.steps)
+  log, preempt = _Log(workdir, t.steps), _Preemption()
   pending, window_start, window_tokens = [], time.perf_counter(), 0
   last_eval: dict = {}
-  end = t.steps if not t.stop_after_steps else min(t.steps, start + t.stop_after_steps)
-
-  def save(step):
-    model_state = nnx.state(nnx.merge(graphdef, state)[0])
-    _, opt_now = nnx.merge(graphdef, state)
-    wd.save(ckpts, step, model_state, nnx.state(opt_now), {'step': step,
-                                                            'best_val_loss': best_loss})
-
   try:
     step = start
     while step < end:
@@ -184,42 +196,37 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
       state, metrics = train_step(graphdef, state, batch)
       step += 1
       pending.append((step, metrics))
-      window_tokens += batch.size - batch.shape[0] * batch.shape[1]
-      flush = (step % t.log_every == 0 or step == end or preempt.requested
-               or step % t.checkpoint_every == 0 or step % t.eval_every == 0)
-      if flush:  # the only place the host waits for the device
-        fetched = jax.device_get(pending)
-        seconds = time.perf_counter() - window_start
-        for s, m in fetched:
-          if not all(math.isfinite(float(v)) for v in m.values()):
-            values = {k: float(v) for k, v in m.items()}
-            raise TrainingError(
-                f'non-finite loss or gradient at step {s} ({values}); '
-                f'the last good checkpoint ({ckpts.latest_step()}) is kept. Lower opt.lr or '
-                'raise opt.warmup_steps, then resume or start a new --workdir')
-        s, m = fetched[-1]
-        log.write(s, {'loss': float(m['loss']), 'grad_norm': float(m['grad_norm']),
-                      'lr': float(schedule(s - 1)),
-                      'tokens_per_s': window_tokens * jax.process_count() / seconds})
-        pending, window_tokens, window_start = [], 0, time.perf_counter()
-      if step % t.eval_every == 0 or step == t.steps:
-        last_eval = evaluate.perplexity(nnx.merge(graphdef, state)[0], splits['val'],
-                                        config.eval.seq_len, config.eval.stride,
-                                        config.eval.batch_size)
+      window_tokens += accum * local_batch * config.data.seq_len
+      if (step % t.log_every == 0 or step == end or preempt.requested
+          or step % t.checkpoint_every == 0 or step % t.eval_every == 0):
+        fetched = jax.device_get(pending)  # the only place the host waits for the device
+        _check_finite(fetched, ckpts.latest_step())
+        m = fetched[-1][1]
+        log.write(step, {'loss': float(m['loss']), 'grad_norm': float(m['grad_norm']),
+                         'lr': float(schedule(step - 1)), 'tokens_per_s':
+                         window_tokens * jax.process_count() / (time.perf_counter()
+                                                                 - window_start)})
+        pending, window_tokens = [], 0
+      evaluate_now = step % t.eval_every == 0 or (step == t.steps and final_eval)
+      save_now = step % t.checkpoint_every == 0 or step == end or preempt.requested
+      if evaluate_now or save_now:
+        model, opt = nnx.merge(graphdef, state)
+      if evaluate_now:
+        last_eval = validate(model)
         log.write(step, {'val_loss': last_eval['loss'], 'val_perplexity':
                          last_eval['perplexity'], 'val_bits_per_byte':
                          last_eval['bits_per_byte']})
         if last_eval['loss'] < best_loss:
           best_loss = last_eval['loss']
-          wd.save(best, step, nnx.state(nnx.merge(graphdef, state)[0]),
-                  meta={'step': step, 'val_loss': best_loss})
-        window_start = time.perf_counter()
-      if step % t.checkpoint_every == 0 or step == end or preempt.requested:
-        save(step)
-        window_start = time.perf_counter()
+          wd.save(best, step, nnx.state(model), meta={'step': step, 'val_loss': best_loss})
+      if save_now:
+        wd.save(ckpts, step, nnx.state(model), nnx.state(opt),
+                {'step': step, 'best_val_loss': best_loss})
       if preempt.requested:
         print(f'SIGTERM: saved step {step}, exiting', file=sys.stderr)
         break
+      if not pending:  # a window starts after any logging, validation or saving
+        window_start = time.perf_counter()
   finally:
     preempt.close()
     log.close()
