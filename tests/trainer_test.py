@@ -167,3 +167,27 @@ def test_sigterm_saves_and_exits_cleanly(corpus, tmp_path):
   assert 'SIGTERM: saved step' in err
   step = wd.manager(tmp_path / 'checkpoints').latest_step()
   assert (step and step == len(losses(tmp_path)[0])) or step >= 1
+
+
+def test_gradient_accumulation_matches_one_big_batch(corpus, tmp_path):
+  """Two microbatches of 4 average to the gradient of the batch of 8: same losses."""
+  one = tiny(corpus, steps=4, eval_every=100, checkpoint_every=100)
+  two = tiny(corpus, steps=4, eval_every=100, checkpoint_every=100)
+  two.opt.grad_accum_steps = 2
+  trainer.train_and_evaluate(one, str(tmp_path / 'one'), final_eval=False)
+  trainer.train_and_evaluate(two, str(tmp_path / 'two'), final_eval=False)
+  a, b = losses(tmp_path / 'one')[0], losses(tmp_path / 'two')[0]
+  np.testing.assert_allclose(a, b, rtol=2e-5)
+  assert a[0] != a[-1]
+
+
+def test_bfloat16_compute_trains_like_float32(corpus, tmp_path):
+  f32 = tiny(corpus, steps=6, eval_every=100, checkpoint_every=100)
+  bf16 = tiny(corpus, steps=6, eval_every=100, checkpoint_every=100)
+  bf16.model.dtype = 'bfloat16'
+  trainer.train_and_evaluate(f32, str(tmp_path / 'f32'), final_eval=False)
+  trainer.train_and_evaluate(bf16, str(tmp_path / 'bf16'), final_eval=False)
+  a, b = losses(tmp_path / 'f32')[0], losses(tmp_path / 'bf16')[0]
+  assert all(np.isfinite(b)) and b[-1] < b[0] - 0.3
+  np.testing.assert_allclose(a, b, atol=0.05)
+  assert a != b  # really computed in bfloat16
