@@ -160,8 +160,7 @@ class ModelConfig:
     return self.qk_rope_head_dim if self.attention == 'mla' else self.head_dim
 
   def to_dict(self) -> dict[str, Any]:
-    d = dataclasses.asdict(self)
-    return d
+    return dataclasses.asdict(self)
 
   @classmethod
   def from_dict(cls, d: Mapping[str, Any]) -> ModelConfig:

@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import pathlib
 
-import jax
 import ml_collections
 import orbax.checkpoint as ocp
 from flax import nnx
@@ -104,5 +103,4 @@ def load_workdir(workdir, step: int | None = None, best: bool = False):
   abstract = nnx.eval_shape(lambda: Transformer(cfg, rngs=nnx.Rngs(0)))
   graphdef, params = nnx.split(abstract)
   params, _, _ = restore(manager(folder), step, params)
-  params = jax.tree.map(lambda x: x, params)
   return nnx.merge(graphdef, params), cfg
