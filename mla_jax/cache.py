@@ -30,20 +30,17 @@ def values_transposed(cfg: ModelConfig) -> bool:
   return cfg.n_kv_heads == cfg.n_heads
 
 
-def _batch_index(positions_bt):
-  return jnp.arange(positions_bt.shape[0])[:, None]
+def _write(buf, new_bt, positions_bt, seq_axis: int):
+  """buf with new_bt [b, t, ...] stored at each row's positions [b, t] along seq_axis.
 
-
-def _write(buf, new, positions_bt, seq_axis: int):
-  """buf with `new` (given in buf's axis order) stored at each row's positions along seq_axis.
-
+  Indexing (batch, :, ..., positions) selects a [b, t, <the other axes in order>] block
+  (advanced indices separated by slices go first), so new values need no transposing.
   Positions are in bounds by construction: generate checks prompt + new tokens <= the cache.
   """
-  b = _batch_index(positions_bt)
-  index = (b,) + (slice(None),) * (seq_axis - 1) + (positions_bt,)
-  # Advanced indices separated by slices put their [b, t] axes first.
-  new = jnp.moveaxis(new, seq_axis, 1)
-  return buf.at[index].set(new.astype(buf.dtype), mode='promise_in_bounds', unique_indices=True)
+  rows = jnp.arange(positions_bt.shape[0])[:, None]
+  index = (rows,) + (slice(None),) * (seq_axis - 1) + (positions_bt,)
+  return buf.at[index].set(new_bt.astype(buf.dtype), mode='promise_in_bounds',
+                           unique_indices=True)
 
 
 @functools.partial(jax.tree_util.register_dataclass, data_fields=['k', 'v'],
@@ -72,12 +69,8 @@ class KVCache:
 
   def write(self, k_btgk, v_btgk, positions_bt) -> KVCache:
     """Stores new keys/values at each sequence's own positions [b, t]."""
-    k_bgtk = k_btgk.transpose(0, 2, 1, 3)
-    if self.v_transposed:
-      v = _write(self.v, v_btgk.transpose(0, 2, 3, 1), positions_bt, seq_axis=3)
-    else:
-      v = _write(self.v, v_btgk.transpose(0, 2, 1, 3), positions_bt, seq_axis=2)
-    return KVCache(_write(self.k, k_bgtk, positions_bt, seq_axis=2), v, self.v_transposed)
+    v = _write(self.v, v_btgk, positions_bt, seq_axis=3 if self.v_transposed else 2)
+    return KVCache(_write(self.k, k_btgk, positions_bt, seq_axis=2), v, self.v_transposed)
 
 
 @functools.partial(jax.tree_util.register_dataclass, data_fields=['c_kv', 'k_rope'],
