@@ -6,6 +6,7 @@ block(x) = x + Attn(RMSNorm(x)); then x + SwiGLU(RMSNorm(x)). Final RMSNorm, the
 
 from __future__ import annotations
 
+import jax
 import jax.numpy as jnp
 from flax import nnx
 
@@ -67,3 +68,9 @@ class Transformer(nnx.Module):
     dtype = self.cfg.compute_dtype if dtype is None else dtype
     return [cache_class(self.cfg).init(self.cfg, batch_size, max_len, dtype)
             for _ in range(self.cfg.n_layers)]
+
+
+def param_count(cfg: ModelConfig) -> int:
+  """Number of parameters, from shapes alone (nothing is allocated)."""
+  abstract = nnx.eval_shape(lambda: Transformer(cfg, rngs=nnx.Rngs(0)))
+  return sum(x.size for x in jax.tree.leaves(nnx.state(abstract, nnx.Param)))

@@ -1,6 +1,8 @@
-"""Shared test setup: strict rank promotion, and tiny configs of every attention variant."""
+"""Shared test setup: strict rank promotion, tiny configs of every attention variant, and a
+small text corpus that needs no network."""
 
 import jax
+import numpy as np
 import pytest
 from flax import nnx
 
@@ -31,3 +33,18 @@ def tiny_model(seed=0, **overrides):
 @pytest.fixture(params=sorted(VARIANTS))
 def variant(request):
   return VARIANTS[request.param]
+
+
+WORDS = ('thou', 'art', 'the', 'king', 'of', 'night', 'and', 'my', 'love', 'doth', 'speak',
+         'sweet', 'fair', 'Romeo', 'Juliet', 'death', 'to', 'be', 'or', 'not')
+
+
+@pytest.fixture(scope='session')
+def corpus(tmp_path_factory):
+  """Three small text files (~30 KB), as a glob for data.files."""
+  folder = tmp_path_factory.mktemp('corpus')
+  rng = np.random.default_rng(0)
+  for i in range(3):
+    lines = [' '.join(rng.choice(WORDS, size=8)) + '.' for _ in range(250)]
+    (folder / f'part{i}.txt').write_text('\n'.join(lines))
+  return str(folder / '*.txt')

@@ -14,21 +14,6 @@ from mla_jax import trainer
 from mla_jax import workdir as wd
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
-WORDS = ('thou', 'art', 'the', 'king', 'of', 'night', 'and', 'my', 'love', 'doth', 'speak',
-         'sweet', 'fair', 'Romeo', 'Juliet', 'death', 'to', 'be', 'or', 'not')
-
-
-@pytest.fixture(scope='module')
-def corpus(tmp_path_factory):
-  """Three small text files (~30 KB): a corpus that needs no network."""
-  folder = tmp_path_factory.mktemp('corpus')
-  rng = np.random.default_rng(0)
-  for i in range(3):
-    lines = [' '.join(rng.choice(WORDS, size=8)) + '.' for _ in range(250)]
-    (folder / f'part{i}.txt').write_text('\n'.join(lines))
-  return str(folder / '*.txt')
-
-
 def tiny(corpus, **train):
   config = mla_config.get_config('tiny')
   config.data.files = corpus

@@ -1,0 +1,90 @@
+"""Capacity vs KV-cache size (DeepSeek-V2 Table 1, with Tables 8 and 9 in miniature).
+
+One config per row; `arg` is the row name, optionally followed by ',quick':
+
+  python -m mla_jax.train --config=configs/ablations/capacity_vs_cache.py:mla4 --workdir=runs/x
+  python -m experiments.capacity_vs_cache --workdir=runs/capacity    # every row, 3 seeds
+
+Every row has the same d_model (128), layers (4), query heads (8 of d_h = 16), data, tokens
+(200 steps of 64 x 128 bytes = 1.6M), optimizer and schedule; only the attention differs:
+
+  mha   G = 8 KV heads        cache 2 n_h d_h l   = 1024 elements per token
+  gqa4  G = 4                 cache 2 n_g d_h l   =  512
+  gqa2  G = 2                 cache 2 n_g d_h l   =  256
+  mqa   G = 1                 cache 2 d_h l       =  128
+  mla2  d_c = 2 d_h, d_r = d_h / 2   (d_c + d_r) l = 160
+  mla4  d_c = 4 d_h (the paper)      (d_c + d_r) l = 288
+  mla8  d_c = 8 d_h                  (d_c + d_r) l = 544
+
+Parameters are matched to the MHA row by the SwiGLU width alone (`matched_d_ff`, rounded to a
+multiple of 8: within 0.7%): attention with fewer parameters gets a wider MLP. The learning
+rate is base.py's 3e-3 for every row; no row is tuned.
+"""
+
+from ml_collections import ConfigDict
+
+from configs import base
+from mla_jax.config import ModelConfig
+from mla_jax.model import param_count
+
+# name -> (attention, KV groups G (GQA family) or d_c / d_h (MLA family))
+ROWS = {
+    'mha': ('mha', 8), 'gqa4': ('gqa', 4), 'gqa2': ('gqa', 2), 'mqa': ('mqa', 1),
+    'mla2': ('mla', 2), 'mla4': ('mla', 4), 'mla8': ('mla', 8),
+}
+REFERENCE = 'mha'  # the row whose parameter count every other row matches
+D_FF_MULTIPLE = 8
+
+
+def matched_d_ff(model: ConfigDict, target_params: int) -> int:
+  """The SwiGLU width that brings the model closest to target_params (a multiple of 8).
+
+  Parameters are affine in d_ff (three d_model x d_ff matrices per layer), so two counts
+  give the slope; nothing here assumes how the attention is built.
+  """
+  count = lambda d_ff: param_count(ModelConfig.from_dict({**model.to_dict(), 'd_ff': d_ff}))
+  lo, hi = D_FF_MULTIPLE, 2 * D_FF_MULTIPLE
+  slope = (count(hi) - count(lo)) / (hi - lo)
+  d_ff = lo + (target_params - count(lo)) / slope
+  return max(D_FF_MULTIPLE, D_FF_MULTIPLE * round(d_ff / D_FF_MULTIPLE))
+
+
+def _shared(quick: bool) -> ConfigDict:
+  c = base.get_config()
+  c.model.update(d_model=128, n_layers=4, n_heads=8, max_seq_len=256)
+  c.data.update(seq_len=128, batch_size=64)
+  c.train.update(steps=200, log_every=10, checkpoint_every=50, eval_every=10**9)
+  c.eval.update(seq_len=128, stride=64, batch_size=64)
+  if quick:  # the whole pipeline in seconds per row; the numbers mean nothing
+    c.model.update(d_model=64, n_layers=2, max_seq_len=128)
+    c.data.update(seq_len=64, batch_size=16)
+    c.opt.update(warmup_steps=4)
+    c.train.update(steps=20, log_every=5, checkpoint_every=10)
+    c.eval.update(seq_len=64, stride=64, batch_size=256)
+  c.train.keep_checkpoints = 1
+  return c
+
+
+def _apply_row(c: ConfigDict, name: str) -> ConfigDict:
+  attention, k = ROWS[name]
+  m = c.model
+  head_dim = m.d_model // m.n_heads
+  m.attention = attention
+  if attention == 'gqa':
+    m.n_kv_heads = k
+  if attention == 'mla':
+    m.kv_lora_rank = k * head_dim
+    m.qk_rope_head_dim = head_dim // 2
+  return c
+
+
+def get_config(arg: str = 'mla4') -> ConfigDict:
+  name, _, mode = arg.partition(',')
+  if name not in ROWS or mode not in ('', 'quick'):
+    raise ValueError(f'unknown row {arg!r}: use one of {sorted(ROWS)}, optionally with ",quick"')
+  quick = mode == 'quick'
+  reference = _apply_row(_shared(quick), REFERENCE)
+  target = param_count(ModelConfig.from_dict(reference.model))
+  c = _apply_row(_shared(quick), name)
+  c.model.d_ff = matched_d_ff(c.model, target)
+  return c

@@ -1,0 +1,202 @@
+"""The capacity-vs-cache report: a table with a reading of it (markdown), JSON, and a plot.
+
+Every number comes from the runs' result.json files; nothing here trains or measures.
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import math
+import pathlib
+import statistics
+
+NAME = 'capacity_vs_cache'
+# The paper's words for each mechanism's capability (DeepSeek-V2 Table 1).
+PAPER = {'mha': 'strong', 'gqa': 'moderate', 'mqa': 'weak', 'mla': 'stronger'}
+MARKERS = {'mha': 'o', 'gqa': 's', 'mqa': '^', 'mla': 'D'}
+# (row expected to be better, row expected to be worse, what the paper says).
+COMPARISONS = [
+    ('mha', 'gqa4', 'MHA "strong" vs GQA "moderate" (Table 8: MHA beats GQA with 8 groups)'),
+    ('gqa4', 'gqa2', 'GQA with more groups vs fewer (more cache, more capacity)'),
+    ('gqa2', 'mqa', 'GQA "moderate" vs MQA "weak" (Table 8: GQA beats MQA)'),
+    ('mha', 'mqa', 'MHA "strong" vs MQA "weak" (Table 8)'),
+    ('mla4', 'mha', 'MLA "stronger" vs MHA "strong" (Table 9: MLA beats MHA)'),
+    ('mla4', 'gqa2', 'MLA vs GQA at a similar cache (Table 1: MLA = GQA with 2.25 groups)'),
+    ('mla8', 'mla4', 'MLA with a larger latent (d_c = 8 d_h vs 4 d_h)'),
+    ('mla4', 'mla2', 'MLA with a larger latent (d_c = 4 d_h vs 2 d_h)'),
+]
+
+
+def mechanism(r: dict) -> str:
+  m = r['model']
+  if r['attention'] == 'gqa':
+    return f"GQA (G={m['n_kv_heads']})"
+  if r['attention'] == 'mla':
+    return f"MLA (d_c={m['kv_lora_rank'] // m['head_dim']}·d_h={m['kv_lora_rank']})"
+  return {'mha': f"MHA (G={m['n_heads']})", 'mqa': 'MQA (G=1)'}[r['attention']]
+
+
+def _mean_std(xs: list[float]) -> tuple[float, float]:
+  return statistics.fmean(xs), (statistics.stdev(xs) if len(xs) > 1 else 0.0)
+
+
+def summarize(results: list[dict]) -> dict[str, dict]:
+  """Per row: the seed-independent facts once, and loss / perplexity as mean and std."""
+  rows: dict[str, list[dict]] = {}
+  for r in sorted(results, key=lambda r: r['seed']):
+    rows.setdefault(r['row'], []).append(r)
+  summary = {}
+  for row, runs in rows.items():
+    first = runs[0]
+    for key in ('params', 'cache_elements_measured', 'cache_bytes_bf16_measured'):
+      if any(r[key] != first[key] for r in runs):
+        raise ValueError(f'{row}: {key} differs between seeds: {[r[key] for r in runs]}')
+    loss, loss_std = _mean_std([r['loss'] for r in runs])
+    ppl, ppl_std = _mean_std([r['perplexity'] for r in runs])
+    speeds = [r['tokens_per_s'] for r in runs if r['tokens_per_s']]
+    summary[row] = dict(
+        mechanism=mechanism(first), attention=first['attention'],
+        paper=PAPER[first['attention']], formula=first['cache_formula'],
+        elements_formula=first['cache_elements_formula'],
+        elements_measured=first['cache_elements_measured'],
+        bytes_bf16=first['cache_bytes_bf16_measured'], params=first['params'],
+        d_ff=first['d_ff'], seeds=[r['seed'] for r in runs], losses=[r['loss'] for r in runs],
+        loss=loss, loss_std=loss_std, perplexity=ppl, perplexity_std=ppl_std,
+        tokens_per_s=statistics.fmean(speeds) if speeds else None,
+        train_tokens=first['train_tokens'], model=first['model'])
+  return summary
+
+
+def compare(summary: dict, better: str, worse: str) -> dict | None:
+  """Is `better` lower in validation loss than `worse`, beyond the seed spread?
+
+  Resolved means the mean ± std intervals do not overlap. The seeds are paired (seed k gives
+  every row the same data order), so the per-seed differences are reported too.
+  """
+  if better not in summary or worse not in summary:
+    return None
+  a, b = summary[better], summary[worse]
+  paired = dict(zip(a['seeds'], a['losses'], strict=True))
+  diffs = [lb - paired[s] for s, lb in zip(b['seeds'], b['losses'], strict=True) if s in paired]
+  gap = b['loss'] - a['loss']
+  spread = a['loss_std'] + b['loss_std']
+  if len(a['seeds']) < 2 or abs(gap) <= spread:
+    verdict = 'not resolved'
+  else:
+    verdict = 'resolved, as the paper says' if gap > 0 else 'resolved, the opposite'
+  return dict(better=better, worse=worse, gap=gap, spread=spread, verdict=verdict,
+              seeds_agreeing=sum(d > 0 for d in diffs), seeds=len(diffs),
+              paired_mean=statistics.fmean(diffs) if diffs else math.nan,
+              paired_std=statistics.stdev(diffs) if len(diffs) > 1 else 0.0)
+
+
+def _setup_line(summary: dict, setup: dict) -> str:
+  m = next(iter(summary.values()))['model']
+  tokens = next(iter(summary.values()))['train_tokens']
+  return (f"d_model {m['d_model']}, {m['n_layers']} layers, {m['n_heads']} query heads of "
+          f"d_h = {m['head_dim']}, {tokens / 1e6:.2f}M training tokens (bytes) per run, "
+          f"{len(next(iter(summary.values()))['seeds'])} seeds")
+
+
+def markdown(summary: dict, comparisons: list[dict], setup: dict) -> str:
+  lines = [
+      '# Capacity vs KV-cache size (DeepSeek-V2 Table 1, Tables 8-9 in miniature)', '',
+      f"`{setup['command']}` on {setup['machine']}, {setup['date']}"
+      f"{' (QUICK: a pipeline check; the numbers mean nothing)' if setup['quick'] else ''}.",
+      f'{_setup_line(summary, setup)}. Every row has the same width, depth, query heads, '
+      'data order (per seed), tokens, optimizer and learning rate; only the attention '
+      'differs, and the SwiGLU width d_ff is set per row to match MHA\'s parameter count. '
+      'Validation: three held-out plays, every byte scored once. Loss is nats per byte, '
+      'mean ± std (sample) over seeds.', '',
+      '| mechanism | paper | KV cache per token | elements (formula) | elements (measured) '
+      '| bytes bf16 | d_ff | params | val loss | val perplexity | train tokens/s |',
+      '|---|---|---|--:|--:|--:|--:|--:|--:|--:|--:|',
+  ]
+  mha_params = summary.get('mha', {}).get('params')
+  for s in sorted(summary.values(), key=lambda s: (s['attention'] == 'mla',
+                                                   -s['elements_formula'])):
+    params = f"{s['params']:,}"
+    if mha_params:
+      params += f" ({100 * (s['params'] / mha_params - 1):+.1f}%)"
+    speed = f"{s['tokens_per_s']:,.0f}" if s['tokens_per_s'] else 'n/a'
+    lines.append(
+        f"| {s['mechanism']} | {s['paper']} | {s['formula']} | {s['elements_formula']:,} | "
+        f"{s['elements_measured']:,} | {s['bytes_bf16']:,} | {s['d_ff']} | {params} | "
+        f"{s['loss']:.4f} ± {s['loss_std']:.4f} | {s['perplexity']:.3f} ± "
+        f"{s['perplexity_std']:.3f} | {speed} |")
+  exact = all(s['elements_formula'] == s['elements_measured'] for s in summary.values())
+  lines += [
+      '', f"Measured cache = formula for every row: **{'yes' if exact else 'NO'}** (elements "
+      'per token of the caches a bfloat16 prefill and decode step return, counted from the '
+      'arrays). Tokens/s: each run on one core, '
+      f"{setup['jobs']} runs at a time.", '',
+      '## Which orderings are resolved', '',
+      'Resolved = the two rows\' mean ± std intervals do not overlap. "Seeds agreeing" counts '
+      'the seeds (same data order for both rows) where the first row has the lower loss.', '',
+      '| comparison | loss gap (2nd − 1st) | spread (std + std) | seeds agreeing | verdict |',
+      '|---|--:|--:|--:|---|',
+  ]
+  for c in comparisons:
+    lines.append(f"| {c['claim']} | {c['gap']:+.4f} | {c['spread']:.4f} | "
+                 f"{c['seeds_agreeing']}/{c['seeds']} | {c['verdict']} |")
+  return '\n'.join(lines) + '\n'
+
+
+def plot(summary: dict, setup: dict, path: pathlib.Path) -> None:
+  try:
+    import matplotlib
+  except ImportError:
+    raise SystemExit("error: the plot needs matplotlib; pip install -e '.[dev]'") from None
+  matplotlib.use('Agg')
+  import matplotlib.pyplot as plt
+
+  fig, ax = plt.subplots(figsize=(7.5, 5))
+  families = (('GQA family (MHA, GQA, MQA)', 'C0', ('mha', 'gqa', 'mqa')),
+              ('MLA family (d_c = 2, 4, 8 d_h)', 'C3', ('mla',)))
+  for label, color, kinds in families:
+    rows = sorted((s for s in summary.values() if s['attention'] in kinds),
+                  key=lambda s: s['elements_measured'])
+    if not rows:
+      continue
+    ax.plot([s['elements_measured'] for s in rows], [s['loss'] for s in rows], '-',
+            color=color, alpha=0.6, label=label)
+    for s in rows:
+      ax.errorbar(s['elements_measured'], s['loss'], yerr=s['loss_std'], color=color,
+                  marker=MARKERS[s['attention']], markersize=8, capsize=4, linestyle='none')
+      ax.annotate(s['mechanism'], (s['elements_measured'], s['loss']), fontsize=8,
+                  xytext=(6, 6), textcoords='offset points')
+  for kind, marker in MARKERS.items():
+    ax.plot([], [], marker, color='gray', linestyle='none', label=kind.upper())
+  ax.set_xscale('log')
+  n_layers = next(iter(summary.values()))['model']['n_layers']
+  ax.set_xlabel(f'KV cache per token (elements, all {n_layers} layers; log scale)')
+  ax.set_ylabel('validation loss (nats per byte), mean ± std over seeds')
+  ax.set_title(f"{'QUICK pipeline check: ' if setup['quick'] else ''}byte-level Shakespeare, "
+               'parameters matched', fontsize=10)
+  ax.text(0.01, 0.01, _setup_line(summary, setup), transform=ax.transAxes, fontsize=7,
+          color='gray')
+  ax.grid(alpha=0.3, which='both')
+  ax.legend(fontsize=8)
+  fig.tight_layout()
+  fig.savefig(path, dpi=120)
+  plt.close(fig)
+
+
+def write(results: list[dict], setup: dict, out: pathlib.Path) -> list[pathlib.Path]:
+  """Writes capacity_vs_cache.{md,json,png} into `out`; returns their paths."""
+  setup = {**setup, 'date': datetime.date.today().isoformat()}
+  summary = summarize(results)
+  comparisons = []
+  for better, worse, claim in COMPARISONS:
+    c = compare(summary, better, worse)
+    if c:
+      comparisons.append({**c, 'claim': claim})
+  out.mkdir(parents=True, exist_ok=True)
+  paths = [out / f'{NAME}.{ext}' for ext in ('md', 'json', 'png')]
+  paths[0].write_text(markdown(summary, comparisons, setup))
+  per_run = [{k: v for k, v in r.items() if k != 'model'} for r in results]
+  paths[1].write_text(json.dumps(dict(setup=setup, rows=summary, comparisons=comparisons,
+                                      runs=per_run), indent=1))
+  plot(summary, setup, paths[2])
+  return paths

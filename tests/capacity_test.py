@@ -1,0 +1,121 @@
+"""The capacity-vs-cache experiment: its configs, its verdicts, and the whole pipeline (--quick)."""
+
+import json
+import math
+import pathlib
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from configs.ablations import capacity_vs_cache as ablation
+from experiments import capacity_report
+from mla_jax.config import ModelConfig
+from mla_jax.model import param_count
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+# DeepSeek-V2 Table 1 by hand: l = 4, n_h = 8, d_h = 16, d_h^R = 8 (full); l = 2, d_h = 8 (quick).
+FULL_CACHE = {'mha': 2 * 8 * 16 * 4, 'gqa4': 2 * 4 * 16 * 4, 'gqa2': 2 * 2 * 16 * 4,
+              'mqa': 2 * 16 * 4, 'mla2': (32 + 8) * 4, 'mla4': (64 + 8) * 4,
+              'mla8': (128 + 8) * 4}
+QUICK_CACHE = {'mha': 2 * 8 * 8 * 2, 'gqa4': 2 * 4 * 8 * 2, 'gqa2': 2 * 2 * 8 * 2,
+               'mqa': 2 * 8 * 2, 'mla2': (16 + 4) * 2, 'mla4': (32 + 4) * 2, 'mla8': (64 + 4) * 2}
+
+
+@pytest.mark.parametrize('mode', ['', ',quick'])
+def test_rows_differ_only_in_attention_and_mlp_width(mode):
+  configs = {row: ablation.get_config(row + mode) for row in ablation.ROWS}
+  reference = configs['mha']
+  for row, c in configs.items():
+    for section in ('data', 'opt', 'train', 'eval'):
+      assert c[section].to_dict() == reference[section].to_dict(), (row, section)
+    same = ('d_model', 'n_layers', 'n_heads', 'vocab_size', 'max_seq_len')
+    assert {k: c.model[k] for k in same} == {k: reference.model[k] for k in same}
+
+
+@pytest.mark.parametrize('mode', ['', ',quick'])
+def test_parameters_matched_within_two_percent(mode):
+  counts = {row: param_count(ModelConfig.from_dict(ablation.get_config(row + mode).model))
+            for row in ablation.ROWS}
+  for row, n in counts.items():
+    assert abs(n / counts['mha'] - 1) < 0.02, (row, n, counts['mha'])
+  widths = {row: ablation.get_config(row + mode).model.d_ff for row in ablation.ROWS}
+  assert widths['mqa'] > widths['gqa2'] > widths['gqa4'] > widths['mha'] > widths['mla8']
+
+
+def test_cache_formula_matches_table_1_by_hand():
+  from experiments.capacity_vs_cache import cache_formula
+  for row, expected in FULL_CACHE.items():
+    assert cache_formula(ModelConfig.from_dict(ablation.get_config(row).model))[1] == expected
+
+
+def test_unknown_row_is_a_clear_error():
+  with pytest.raises(ValueError, match='unknown row'):
+    ablation.get_config('mla3')
+
+
+def _row(losses, seeds=None):
+  mean = float(np.mean(losses))
+  std = float(np.std(losses, ddof=1)) if len(losses) > 1 else 0.0
+  return dict(losses=losses, seeds=seeds or list(range(len(losses))), loss=mean, loss_std=std)
+
+
+@pytest.mark.parametrize('better, worse, verdict, agreeing', [
+    ([1.00, 1.01, 1.02], [1.10, 1.11, 1.12], 'resolved, as the paper says', 3),
+    ([1.10, 1.11, 1.12], [1.00, 1.01, 1.02], 'resolved, the opposite', 0),
+    ([1.00, 1.05, 1.10], [1.02, 1.07, 1.08], 'not resolved', 2),
+    ([1.00], [1.10], 'not resolved', 1),  # one seed has no spread to go beyond
+])
+def test_verdicts(better, worse, verdict, agreeing):
+  c = capacity_report.compare({'a': _row(better), 'b': _row(worse)}, 'a', 'b')
+  assert c['verdict'] == verdict and c['seeds_agreeing'] == agreeing
+  assert math.isclose(c['gap'], np.mean(worse) - np.mean(better))
+
+
+def _cli(workdir, *args):
+  return subprocess.run(
+      [sys.executable, '-m', 'experiments.capacity_vs_cache', f'--workdir={workdir}', *args],
+      cwd=ROOT, capture_output=True, text=True, timeout=600)
+
+
+def test_quick_pipeline_end_to_end(corpus, tmp_path):
+  """Every row, 2 seeds: cache measured = formula, params matched, report written outside the
+  repo; a run removed and redone gives the same loss bit for bit, and nothing else is redone."""
+  committed = ROOT / 'experiments' / 'results' / 'capacity_vs_cache.json'
+  before = committed.stat().st_mtime_ns if committed.exists() else None
+  args = ('--quick', '--seeds=2', f'--data_files={corpus}')
+  run = _cli(tmp_path, *args)
+  assert run.returncode == 0, run.stderr[-3000:]
+  report = json.loads((tmp_path / 'capacity_vs_cache.json').read_text())
+  assert (tmp_path / 'capacity_vs_cache.png').stat().st_size > 10_000
+  assert 'capacity_vs_cache.md' in run.stdout
+  assert (committed.stat().st_mtime_ns if committed.exists() else None) == before
+  rows = report['rows']
+  assert set(rows) == set(ablation.ROWS)
+  for row, r in rows.items():
+    assert r['elements_measured'] == r['elements_formula'] == QUICK_CACHE[row], row
+    assert r['bytes_bf16'] == 2 * r['elements_measured']
+    assert abs(r['params'] / rows['mha']['params'] - 1) < 0.02
+    assert r['seeds'] == [0, 1] and all(0 < x < math.log(256) for x in r['losses'])
+  assert len(report['comparisons']) == len(capacity_report.COMPARISONS)
+
+  redo = tmp_path / 'mla4' / 'seed1'
+  kept = tmp_path / 'mqa' / 'seed0' / 'result.json'
+  kept_mtime = kept.stat().st_mtime_ns
+  old = json.loads((redo / 'result.json').read_text())
+  for path in sorted(redo.rglob('*'), reverse=True):
+    path.unlink() if path.is_file() else path.rmdir()
+  run = _cli(tmp_path, *args)
+  assert run.returncode == 0, run.stderr[-3000:]
+  assert '13 of 14 runs already finished' in run.stdout
+  new = json.loads((redo / 'result.json').read_text())
+  assert new['loss'] == old['loss'] and new['cache_elements_measured'] == 72
+  assert kept.stat().st_mtime_ns == kept_mtime
+
+
+def test_bad_rows_flag_is_one_line(tmp_path):
+  run = _cli(tmp_path, '--rows=mha,mla3')
+  assert run.returncode != 0
+  assert run.stderr.strip().splitlines()[-1].startswith('error: unknown rows')
+  assert not any(tmp_path.iterdir())
