@@ -169,6 +169,9 @@ def plot(summary: dict, setup: dict, path: pathlib.Path) -> None:
   for kind, marker in MARKERS.items():
     ax.plot([], [], marker, color='gray', linestyle='none', label=kind.upper())
   ax.set_xscale('log')
+  ticks = sorted({s['elements_measured'] for s in summary.values()})
+  ax.set_xticks(ticks, [str(t) for t in ticks], fontsize=7, rotation=45)
+  ax.minorticks_off()
   n_layers = next(iter(summary.values()))['model']['n_layers']
   ax.set_xlabel(f'KV cache per token (elements, all {n_layers} layers; log scale)')
   ax.set_ylabel('validation loss (nats per byte), mean ± std over seeds')
