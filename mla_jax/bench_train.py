@@ -20,9 +20,10 @@ import time
 import jax
 import numpy as np
 from absl import app, flags
-from flax import nnx
 
-from mla_jax import cli, trainer
+from mla_jax import cli, sharding, trainer
+from mla_jax import workdir as wd
+from mla_jax.model import param_count
 
 FLAGS = flags.FLAGS
 flags.DEFINE_list('variants', ['mha', 'gqa', 'mqa', 'mla'], 'configs/<name>.py to measure')
@@ -31,27 +32,33 @@ flags.DEFINE_integer('window', 8, 'steps per timed window of the training loop')
 flags.DEFINE_string('out', 'bench_train.json', 'where to write the JSON results')
 
 
+def time_train_step(config, mesh, steps: int) -> dict:
+  """Compile time, median step time and compiled HLO text of the train step on `mesh`, called
+  directly on one fixed batch (nothing else running)."""
+  with jax.set_mesh(mesh):
+    graphdef, state, shardings = trainer.init_state(config, mesh)
+    batch_sharding, shape, _ = trainer.batch_layout(config, mesh)
+    step = trainer.jit_train_step(graphdef, shardings, batch_sharding)
+    batch = jax.device_put(np.random.default_rng(0).integers(0, 256, shape, dtype=np.int32),
+                           batch_sharding)
+    start = time.perf_counter()
+    compiled = step.lower(state, batch).compile()
+    compile_s = time.perf_counter() - start  # the timed calls below compile once more, untimed
+    state, metrics = step(state, batch)
+    jax.block_until_ready(metrics)
+    times = []
+    for _ in range(steps):
+      start = time.perf_counter()
+      state, metrics = step(state, batch)
+      jax.block_until_ready(metrics)
+      times.append(time.perf_counter() - start)
+  return {'compile_s': compile_s, 'step_s': float(np.median(times)), 'hlo': compiled.as_text()}
+
+
 def bench_variant(name: str, direct_steps: int, window: int) -> dict:
   config = importlib.import_module(f'configs.{name}').get_config()
-  model, opt = trainer.create_state(config)
-  graphdef, state = nnx.split((model, opt))
-  n_params = sum(x.size for x in jax.tree.leaves(nnx.state(model)))
-  d = config.data
-  batch = np.random.default_rng(0).integers(0, 256, (1, d.batch_size, d.seq_len + 1),
-                                            dtype=np.int32)
-  start = time.perf_counter()
-  compiled = trainer.train_step.lower(graphdef, state, batch).compile()
-  compile_s = time.perf_counter() - start
-  del compiled  # the timed calls below use the jit cache (compiled again once, untimed)
-  state, metrics = trainer.train_step(graphdef, state, batch)
-  jax.block_until_ready(metrics)
-  times = []
-  for _ in range(direct_steps):
-    start = time.perf_counter()
-    state, metrics = trainer.train_step(graphdef, state, batch)
-    jax.block_until_ready(metrics)
-    times.append(time.perf_counter() - start)
-  direct = d.batch_size * d.seq_len / float(np.median(times))
+  timed = time_train_step(config, sharding.make_mesh(config.mesh), direct_steps)
+  direct = config.data.batch_size * config.data.seq_len / timed['step_s']
 
   with tempfile.TemporaryDirectory() as workdir:
     config.train.update(steps=3 * window, log_every=window, checkpoint_every=10**9,
@@ -60,8 +67,9 @@ def bench_variant(name: str, direct_steps: int, window: int) -> dict:
     rows = [json.loads(line)
             for line in pathlib.Path(workdir, 'metrics.jsonl').read_text().splitlines()]
   loop = float(np.median([r['tokens_per_s'] for r in rows[1:] if 'tokens_per_s' in r]))
-  return {'variant': name, 'params': n_params, 'compile_s': compile_s,
-          'direct_tokens_per_s': direct, 'loop_tokens_per_s': loop, 'loop_vs_direct': loop / direct}
+  return {'variant': name, 'params': param_count(wd.model_config(config)),
+          'compile_s': timed['compile_s'], 'direct_tokens_per_s': direct,
+          'loop_tokens_per_s': loop, 'loop_vs_direct': loop / direct}
 
 
 def main(argv):

@@ -23,6 +23,7 @@ import jax
 import jax.numpy as jnp
 
 from mla_jax.config import ModelConfig
+from mla_jax.sharding import constrain
 
 
 def values_transposed(cfg: ModelConfig) -> bool:
@@ -60,8 +61,11 @@ class KVCache:
   def init(cls, cfg: ModelConfig, batch: int, max_len: int, dtype) -> KVCache:
     g, k = cfg.n_kv_heads, cfg.head_dim
     transposed = values_transposed(cfg)
+    k_axes = ('batch', 'kv_heads', 'seq', 'head_dim')  # sharded like the keys' heads
+    v_axes = ('batch', 'kv_heads', 'head_dim', 'seq') if transposed else k_axes
     v_shape = (batch, g, k, max_len) if transposed else (batch, g, max_len, k)
-    return cls(jnp.zeros((batch, g, max_len, k), dtype), jnp.zeros(v_shape, dtype), transposed)
+    return cls(constrain(jnp.zeros((batch, g, max_len, k), dtype), k_axes),
+               constrain(jnp.zeros(v_shape, dtype), v_axes), transposed)
 
   @staticmethod
   def elements_per_token(cfg: ModelConfig) -> int:
@@ -84,8 +88,10 @@ class LatentCache:
 
   @classmethod
   def init(cls, cfg: ModelConfig, batch: int, max_len: int, dtype) -> LatentCache:
-    return cls(jnp.zeros((batch, max_len, cfg.kv_lora_rank), dtype),
-               jnp.zeros((batch, max_len, cfg.qk_rope_head_dim), dtype))
+    return cls(constrain(jnp.zeros((batch, max_len, cfg.kv_lora_rank), dtype),
+                         ('batch', 'seq', 'kv_lora')),
+               constrain(jnp.zeros((batch, max_len, cfg.qk_rope_head_dim), dtype),
+                         ('batch', 'seq', 'head_dim')))
 
   @staticmethod
   def elements_per_token(cfg: ModelConfig) -> int:

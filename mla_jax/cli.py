@@ -1,4 +1,5 @@
-"""What the absl entry points share: one-line errors for bad flags and quiet library logging."""
+"""What the absl entry points share: one-line errors for bad flags, quiet library logging, and
+the multi-host start-up flags."""
 
 import logging as std_logging
 import sys
@@ -23,3 +24,18 @@ def quiet_logging():
   """Only warnings from libraries (orbax reports every save at INFO)."""
   logging.set_verbosity(logging.WARNING)
   std_logging.getLogger().setLevel(std_logging.WARNING)
+
+
+def define_distributed_flags():
+  flags.DEFINE_string('coordinator_address', None, 'host:port of process 0, for a multi-host '
+                      'run outside TPU / SLURM (which are detected without flags)')
+  flags.DEFINE_integer('num_processes', None, 'processes in the run (with --coordinator_address)')
+  flags.DEFINE_integer('process_id', None, 'this process, 0 .. num_processes - 1')
+
+
+def initialize_distributed():
+  """jax.distributed.initialize from the flags or the cluster's environment (if several)."""
+  from mla_jax import sharding  # imports jax: only the entry points that need it pay for it
+
+  f = flags.FLAGS
+  sharding.initialize_distributed(f.coordinator_address, f.num_processes, f.process_id)

@@ -125,28 +125,34 @@ def fingerprint(tokens: np.ndarray) -> str:
 
 
 class WindowSampler:
-  """Batch for step k: `batch` random windows of seq_len + 1 tokens, seeded by (seed, k, shard).
+  """Batch for step k: windows of seq_len + 1 tokens drawn from (seed, k) alone.
 
-  Random access by step is what makes resumption exact and lets grain prefetch ahead.
+  The global batch is one draw of `batch` window starts, split into `accum` microbatches;
+  a process gathers only its `rows` of each microbatch. So the global batch is the same
+  whatever the number of processes, and random access by step makes resumption exact and
+  lets grain prefetch ahead.
   """
 
-  def __init__(self, tokens: np.ndarray, seq_len: int, batch: int, seed: int, shard: int = 0):
-    self.tokens, self.seq_len, self.batch = tokens, seq_len, batch
-    self.seed, self.shard = seed, shard
+  def __init__(self, tokens: np.ndarray, seq_len: int, batch: int, seed: int, accum: int = 1,
+               rows: slice = slice(None)):
+    self.tokens, self.seq_len, self.batch, self.seed = tokens, seq_len, batch, seed
+    self.accum, self.rows = accum, rows
 
   def __len__(self):
     return 2**62
 
   def __getitem__(self, step: int) -> np.ndarray:
-    rng = np.random.default_rng([self.seed, int(step), self.shard])
+    """int32 [accum, this process's rows of batch / accum, seq_len + 1]."""
+    rng = np.random.default_rng([self.seed, int(step), 0])  # 0: the stream id
     starts = rng.integers(0, len(self.tokens) - self.seq_len - 1, size=self.batch)
-    return self.tokens[starts[:, None] + np.arange(self.seq_len + 1)].astype(np.int32)
+    starts = starts.reshape(self.accum, -1)[:, self.rows]
+    return self.tokens[starts[..., None] + np.arange(self.seq_len + 1)].astype(np.int32)
 
 
 def train_batches(tokens: np.ndarray, seq_len: int, batch: int, seed: int, start_step: int,
-                  shard: int = 0, prefetch: int = 4):
-  """Iterator over int32 [batch, seq_len + 1] windows for steps start_step, start_step + 1..."""
-  dataset = grain.MapDataset.source(WindowSampler(tokens, seq_len, batch, seed, shard))
+                  accum: int = 1, rows: slice = slice(None), prefetch: int = 4):
+  """Iterator over int32 [accum, rows, seq_len + 1] batches for steps start_step, + 1, ..."""
+  dataset = grain.MapDataset.source(WindowSampler(tokens, seq_len, batch, seed, accum, rows))
   options = grain.ReadOptions(num_threads=1, prefetch_buffer_size=prefetch)
   return iter(dataset[start_step:].to_iter_dataset(options))
 

@@ -15,6 +15,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from mla_jax.config import ModelConfig
+from mla_jax.sharding import constrain
 
 
 def weight(rngs: nnx.Rngs, cfg: ModelConfig, shape: tuple[int, ...], axes: tuple[str, ...],
@@ -56,8 +57,9 @@ class MLP(nnx.Module):
 
   def __call__(self, x_btd):
     w = lambda p: p[...].astype(self.dtype)
-    gate = jnp.einsum('btd,df->btf', x_btd, w(self.w_gate))
-    up = jnp.einsum('btd,df->btf', x_btd, w(self.w_up))
+    hidden = ('batch', None, 'mlp')  # split over tensor like the weights' f
+    gate = constrain(jnp.einsum('btd,df->btf', x_btd, w(self.w_gate)), hidden)
+    up = constrain(jnp.einsum('btd,df->btf', x_btd, w(self.w_up)), hidden)
     return jnp.einsum('btf,fd->btd', jax.nn.silu(gate) * up, w(self.w_down))
 
 

@@ -14,6 +14,11 @@ from mla_jax.attention import GQAttention, MLAttention
 from mla_jax.cache import cache_class
 from mla_jax.config import ModelConfig
 from mla_jax.layers import MLP, Embed, RMSNorm, weight
+from mla_jax.sharding import constrain
+
+# Between blocks the residual stream is split by batch and whole along d_model (under fsdp the
+# weights are gathered, not the activations scattered).
+RESIDUAL = ('batch', None, None)
 
 
 class Block(nnx.Module):
@@ -50,10 +55,11 @@ class Transformer(nnx.Module):
 
   def forward(self, tokens_bt, positions_bt, caches=None):
     """Final normed hidden states [b, t, d] and the updated layer caches (if given)."""
-    x = self.embed(tokens_bt)
+    x = constrain(self.embed(tokens_bt), RESIDUAL)
     new_caches = []
     for i, block in enumerate(self.blocks):
       x, cache = block(x, positions_bt, None if caches is None else caches[i])
+      x = constrain(x, RESIDUAL)
       new_caches.append(cache)
     return self.final_norm(x), (None if caches is None else new_caches)
 

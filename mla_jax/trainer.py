@@ -1,10 +1,12 @@
 """train_and_evaluate(config, workdir): the training loop behind `python -m mla_jax.train`.
 
-State = (params, optimizer state, step) as nnx state; the train step is a pure function of
-(graphdef, state, batch) under jax.jit with the state donated. The data order is a function of
-(seed, step), so a run resumed from its latest checkpoint continues exactly as if never
-stopped. The host never waits on the device inside the loop: batches are prefetched by grain,
-and metrics are fetched only every log_every steps.
+State = (params, optimizer state, step) as nnx state, laid out on the mesh of config.mesh by
+the logical-axis rules (mla_jax.sharding); the train step is a pure function of (graphdef,
+state, batch) under jax.jit with explicit shardings and the state donated. The global batch
+is a function of (seed, step) alone: each process draws its own rows of it, so a run resumed
+from its latest checkpoint, or run on another number of hosts, sees the same data. The host
+never waits on the device inside the loop: batches are prefetched by grain, and metrics are
+fetched only every log_every steps.
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ import ml_collections
 import optax
 from flax import nnx
 
-from mla_jax import data, evaluate
+from mla_jax import data, evaluate, sharding
 from mla_jax import workdir as wd
 from mla_jax.model import Transformer
 
@@ -55,13 +57,25 @@ def create_state(config: ml_collections.ConfigDict):
   return model, nnx.Optimizer(model, tx, wrt=nnx.Param)
 
 
+def init_state(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh):
+  """(graphdef, state, shardings) of (model, optimizer), laid out on the mesh.
+
+  Initialised eagerly on every host, then split onto the devices: a seed gives the same
+  parameters, bit for bit, on any mesh and any number of hosts (a jitted initialiser fuses
+  the scaling into the sampler and rounds differently). The cost is one full copy per host
+  while starting, which bounds the model by a host's memory, not a device's.
+  """
+  graphdef, state = nnx.split(create_state(config))
+  shardings = sharding.state_shardings(state, mesh)
+  return graphdef, sharding.place(state, shardings), shardings
+
+
 def loss_fn(model, batch_bt):
   """Mean next-token cross-entropy (float32) over windows [b, seq_len + 1]."""
   logits = model(batch_bt[:, :-1])
   return optax.softmax_cross_entropy_with_integer_labels(logits, batch_bt[:, 1:]).mean()
 
 
-@functools.partial(jax.jit, static_argnames=('graphdef',), donate_argnames=('state',))
 def train_step(graphdef, state, batch_abt):
   """One optimizer step over microbatches [accum, b, seq_len + 1]; -> (state, metrics)."""
   model, opt = nnx.merge(graphdef, state)
@@ -79,6 +93,23 @@ def train_step(graphdef, state, batch_abt):
   opt.update(model, grads)
   metrics = {'loss': loss, 'grad_norm': optax.tree.norm(grads)}
   return nnx.state((model, opt)), metrics
+
+
+def jit_train_step(graphdef, state_shardings, batch_sharding):
+  """train_step for one model under jit: state in and out laid out alike (and donated),
+  batches split over the batch axes, metrics replicated."""
+  replicated = jax.sharding.NamedSharding(batch_sharding.mesh, jax.sharding.PartitionSpec())
+  return jax.jit(functools.partial(train_step, graphdef), donate_argnums=0,
+                 in_shardings=(state_shardings, batch_sharding),
+                 out_shardings=(state_shardings, replicated))
+
+
+def batch_layout(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh):
+  """(sharding, global shape [accum, b, seq_len + 1], this process's rows of each b)."""
+  accum, batch = config.opt.grad_accum_steps, config.data.batch_size
+  shape = (accum, batch // accum, config.data.seq_len + 1)
+  layout = sharding.sharding(mesh, (None, 'batch', None), shape)
+  return layout, shape, sharding.local_rows(layout, shape, axis=1)
 
 
 class _Preemption:
@@ -126,9 +157,9 @@ class _Log:
 
 def _validate(config: ml_collections.ConfigDict) -> None:
   d, o, e = config.data, config.opt, config.eval
-  if d.batch_size % (o.grad_accum_steps * jax.process_count()):
+  if d.batch_size % o.grad_accum_steps:
     raise ValueError(f'data.batch_size={d.batch_size} must divide evenly into '
-                     f'opt.grad_accum_steps={o.grad_accum_steps} microbatches per process')
+                     f'opt.grad_accum_steps={o.grad_accum_steps} microbatches')
   if not 0 < e.stride <= e.seq_len:
     raise ValueError(f'eval.stride={e.stride} must be in [1, eval.seq_len={e.seq_len}]')
   if config.train.steps < 1 or d.seq_len < 1:
@@ -137,18 +168,22 @@ def _validate(config: ml_collections.ConfigDict) -> None:
     raise ValueError(f'data/eval seq_len exceeds model.max_seq_len={config.model.max_seq_len}')
 
 
-def _init_or_resume(config, ckpts) -> tuple:
-  """(graphdef, state, start step, best validation loss) from config.seed or the checkpoint."""
-  model, opt = create_state(config)
+def _init_or_resume(config, ckpts, mesh) -> tuple:
+  """(graphdef, state, shardings, start step, best validation loss) from config.seed or the
+  latest checkpoint, restored straight into this mesh's layout (whatever mesh saved it)."""
+  graphdef, state, shardings = init_state(config, mesh)
   start, best_loss = ckpts.latest_step() or 0, math.inf
   if start:
+    model, opt = nnx.merge(graphdef, state)
     model_state, opt_state = nnx.state(model), nnx.state(opt)
     _, _, meta = wd.restore(ckpts, start, model_state, opt_state)
     nnx.update(model, model_state)
     nnx.update(opt, opt_state)
+    state = nnx.state((model, opt))
     best_loss = meta.get('best_val_loss', math.inf)
-    print(f'resuming from step {start}', file=sys.stderr)
-  return *nnx.split((model, opt)), start, best_loss
+    if jax.process_index() == 0:
+      print(f'resuming from step {start}', file=sys.stderr)
+  return graphdef, state, shardings, start, best_loss
 
 
 def _check_finite(fetched, last_good_step) -> None:
@@ -166,25 +201,38 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   """Trains (or resumes) the run in workdir; returns the last validation metrics."""
   _validate(config)
   wd.model_config(config)  # a bad model config fails before anything is written
+  mesh = sharding.make_mesh(config.mesh)
+  # A batch or a model the mesh cannot split fails here too, before anything is written.
+  batch_layout(config, mesh)
+  sharding.state_shardings(nnx.eval_shape(lambda: create_state(config)), mesh)
   splits = data.load_splits(config.data)
   workdir = pathlib.Path(workdir)
   wd.write_config(workdir, config)
   ckpts = wd.manager(workdir / 'checkpoints', config.train.keep_checkpoints)
   best = wd.manager(workdir / 'best', 1)
-  graphdef, state, start, best_loss = _init_or_resume(config, ckpts)
+  if jax.process_index() == 0:
+    sizes = ' x '.join(f'{axis}={n}' for axis, n in mesh.shape.items())
+    print(f'mesh {sizes} over {jax.device_count()} devices in {jax.process_count()} '
+          'processes', file=sys.stderr)
+  with jax.set_mesh(mesh):  # the activation constraints (sharding.constrain) read it
+    return _loop(config, workdir, splits, mesh, ckpts, best, final_eval)
 
+
+def _loop(config, workdir, splits, mesh, ckpts, best, final_eval) -> dict:
+  graphdef, state, shardings, start, best_loss = _init_or_resume(config, ckpts, mesh)
+  step_sharding, batch_shape, rows = batch_layout(config, mesh)
+  train_step_fn = jit_train_step(graphdef, shardings, step_sharding)
   t, accum = config.train, config.opt.grad_accum_steps
   end = t.steps if not t.stop_after_steps else min(t.steps, start + t.stop_after_steps)
   if start >= end:
     print(f'{workdir} is complete at step {start}; evaluate it with python -m '
           f'mla_jax.evaluate --workdir={workdir}', file=sys.stderr)
     return {}
-  local_batch = config.data.batch_size // jax.process_count()
-  batches = data.train_batches(splits['train'], config.data.seq_len, local_batch, config.seed,
-                               start, shard=jax.process_index())
+  batches = data.train_batches(splits['train'], config.data.seq_len, config.data.batch_size,
+                               config.seed, start, accum=accum, rows=rows)
   validate = functools.partial(evaluate.perplexity, tokens=splits['val'],
                                seq_len=config.eval.seq_len, stride=config.eval.stride,
-                               batch_size=config.eval.batch_size)
+                               batch_size=config.eval.batch_size, mesh=mesh)
   schedule = learning_rate(config.opt, t.steps)
   log, preempt = _Log(workdir, t.steps), _Preemption()
   pending, window_start, window_tokens = [], time.perf_counter(), 0
@@ -192,11 +240,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   try:
     step = start
     while step < end:
-      batch = next(batches).reshape(accum, local_batch // accum, -1)
-      state, metrics = train_step(graphdef, state, batch)
+      batch = sharding.global_batch(next(batches), step_sharding, batch_shape)
+      state, metrics = train_step_fn(state, batch)
       step += 1
       pending.append((step, metrics))
-      window_tokens += accum * local_batch * config.data.seq_len
+      window_tokens += config.data.batch_size * config.data.seq_len
       if (step % t.log_every == 0 or step == end or preempt.requested
           or step % t.checkpoint_every == 0 or step % t.eval_every == 0):
         fetched = jax.device_get(pending)  # the only place the host waits for the device
@@ -204,8 +252,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
         m = fetched[-1][1]
         log.write(step, {'loss': float(m['loss']), 'grad_norm': float(m['grad_norm']),
                          'lr': float(schedule(step - 1)), 'tokens_per_s':
-                         window_tokens * jax.process_count() / (time.perf_counter()
-                                                                 - window_start)})
+                         window_tokens / (time.perf_counter() - window_start)})
         pending, window_tokens = [], 0
       evaluate_now = step % t.eval_every == 0 or (step == t.steps and final_eval)
       save_now = step % t.checkpoint_every == 0 or step == end or preempt.requested

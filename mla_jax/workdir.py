@@ -10,10 +10,12 @@ from __future__ import annotations
 import json
 import pathlib
 
+import jax
 import ml_collections
 import orbax.checkpoint as ocp
 from flax import nnx
 
+from mla_jax import sharding
 from mla_jax.config import ModelConfig
 from mla_jax.model import Transformer
 
@@ -36,6 +38,8 @@ def write_config(workdir, config: ml_collections.ConfigDict) -> None:
       if old.get(section) != new.get(section):
         raise WorkdirError(f'{path.parent} holds a run whose {section!r} differs from this '
                            'config; resume with the same config or use a new --workdir')
+  if jax.process_index():  # one writer when several hosts share the workdir
+    return
   path.parent.mkdir(parents=True, exist_ok=True)
   tmp = path.with_suffix('.tmp')
   tmp.write_text(json.dumps(new, indent=1, sort_keys=True))
@@ -88,8 +92,9 @@ def restore(mngr: ocp.CheckpointManager, step: int, params, opt_state=None):
   return params, opt_state, dict(out['meta'])
 
 
-def load_workdir(workdir, step: int | None = None, best: bool = False):
-  """(model, ModelConfig) from a trained or converted run: the latest (or `step`) checkpoint."""
+def load_workdir(workdir, step: int | None = None, best: bool = False, mesh=None):
+  """(model, ModelConfig) from a trained or converted run: the latest (or `step`) checkpoint,
+  laid out on `mesh` by the sharding rules (default: on one device), whatever mesh saved it."""
   config = read_config(workdir)
   cfg = model_config(config)
   folder = pathlib.Path(workdir) / ('best' if best else 'checkpoints')
@@ -102,5 +107,9 @@ def load_workdir(workdir, step: int | None = None, best: bool = False):
     raise WorkdirError(f'{folder} has no checkpoint {step}; it has {sorted(steps)}')
   abstract = nnx.eval_shape(lambda: Transformer(cfg, rngs=nnx.Rngs(0)))
   graphdef, params = nnx.split(abstract)
+  # Orbax restores into the target's layout whatever the saving mesh was, given one.
+  mesh = mesh or sharding.make_mesh({'data': 1, 'fsdp': 1, 'tensor': 1}, jax.devices()[:1])
+  params = jax.tree.map(lambda p, s: jax.ShapeDtypeStruct(p.shape, p.dtype, sharding=s),
+                        params, sharding.state_shardings(params, mesh))
   params, _, _ = restore(manager(folder), step, params)
   return nnx.merge(graphdef, params), cfg

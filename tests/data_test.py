@@ -23,16 +23,26 @@ def test_eval_windows_score_every_target_once(n, seq_len, stride):
   assert np.all(seen == 1)
 
 
-def test_window_sampler_is_a_function_of_seed_step_and_shard():
+def test_window_sampler_is_a_function_of_seed_and_step():
   tokens = np.arange(5000).astype(np.uint8)
   sampler = data.WindowSampler(tokens, seq_len=16, batch=4, seed=3)
   np.testing.assert_array_equal(sampler[7], data.WindowSampler(tokens, 16, 4, seed=3)[7])
   assert not np.array_equal(sampler[7], sampler[8])
-  assert not np.array_equal(sampler[7], data.WindowSampler(tokens, 16, 4, seed=3, shard=1)[7])
-  assert sampler[7].shape == (4, 17) and sampler[7].dtype == np.int32
+  assert not np.array_equal(sampler[7], data.WindowSampler(tokens, 16, 4, seed=4)[7])
+  assert sampler[7].shape == (1, 4, 17) and sampler[7].dtype == np.int32
   resumed = data.train_batches(tokens, 16, 4, seed=3, start_step=7)
   np.testing.assert_array_equal(next(resumed), sampler[7])
   np.testing.assert_array_equal(next(resumed), sampler[8])
+
+
+def test_processes_gather_their_rows_of_one_global_batch():
+  """Two processes' rows of each microbatch, put together, are the one-process batch."""
+  tokens = np.arange(5000).astype(np.uint8)
+  whole = data.WindowSampler(tokens, 16, batch=8, seed=3, accum=2)[5]
+  halves = [data.WindowSampler(tokens, 16, 8, 3, accum=2, rows=slice(2 * p, 2 * p + 2))[5]
+            for p in range(2)]
+  assert whole.shape == (2, 4, 17)
+  np.testing.assert_array_equal(np.concatenate(halves, axis=1), whole)
 
 
 def test_text_files_hold_out_whole_files(tmp_path):

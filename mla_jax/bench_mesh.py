@@ -1,0 +1,96 @@
+r"""The train step under several meshes on simulated CPU devices: step time and collectives.
+
+  python -m mla_jax.bench_mesh --out=experiments/results/bench_mesh.json
+
+For each variant's default config and each mesh (data, fsdp, tensor): the median time of the
+train step called directly, its ratio to pure data parallelism, and what the compiled HLO
+communicates per step: the number of each collective and the bytes all-gathered, as a
+multiple of the parameter bytes. Under fsdp each weight should be gathered about twice per
+step (forward, and again for the backward pass) and its gradient reduce-scattered once; an
+all-gather of activations or of a whole stacked tensor inside the layer loop would show as a
+multiple far above that. Simulated devices share this machine's cores, so the step times
+compare layouts, not hardware.
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+import pathlib
+import re
+
+import jax
+from absl import app, flags
+
+from mla_jax import cli, sharding
+from mla_jax import workdir as wd
+from mla_jax.bench_train import time_train_step
+from mla_jax.model import param_count
+
+FLAGS = flags.FLAGS
+flags.DEFINE_integer('devices', 8, 'simulated CPU devices')
+flags.DEFINE_list('variants', ['mha', 'mla'], 'configs/<name>.py to measure')
+flags.DEFINE_list('meshes', ['8,1,1', '1,8,1', '2,4,1', '2,2,2'],
+                  'meshes as data,fsdp,tensor (the first is the baseline)')
+flags.DEFINE_integer('steps', 3, 'timed calls of the train step per mesh')
+flags.DEFINE_string('out', 'bench_mesh.json', 'where to write the JSON results')
+
+COLLECTIVES = ('all-gather', 'reduce-scatter', 'all-reduce', 'collective-permute', 'all-to-all')
+_DTYPE_BYTES = {'f32': 4, 'bf16': 2, 'f16': 2, 's32': 4, 'u32': 4, 'pred': 1, 's8': 1, 'u8': 1}
+
+
+def collectives(hlo: str) -> tuple[dict[str, int], int]:
+  """Counts of each collective op in an HLO module, and the bytes its all-gathers produce."""
+  counts = dict.fromkeys(COLLECTIVES, 0)
+  gathered = 0
+  for line in hlo.splitlines():
+    match = re.search(r'=\s*(\(?[^=]*?\)?)\s+(' + '|'.join(COLLECTIVES) + r')(-start)?\(', line)
+    if not match:
+      continue
+    counts[match.group(2)] += 1
+    if match.group(2) == 'all-gather':
+      for dtype, dims in re.findall(r'(\w+)\[([\d,]*)\]', match.group(1)):
+        size = 1
+        for d in filter(None, dims.split(',')):
+          size *= int(d)
+        gathered += size * _DTYPE_BYTES.get(dtype, 4)
+  return counts, gathered
+
+
+def main(argv):
+  del argv
+  cli.quiet_logging()
+  jax.config.update('jax_num_cpu_devices', FLAGS.devices)
+  rows = []
+  for name in FLAGS.variants:
+    config = importlib.import_module(f'configs.{name}').get_config()
+    param_bytes = 4 * param_count(wd.model_config(config))
+    baseline = None
+    for mesh_arg in FLAGS.meshes:
+      sizes = dict(zip(sharding.MESH_AXES, map(int, mesh_arg.split(',')), strict=True))
+      timed = time_train_step(config, sharding.make_mesh(sizes), FLAGS.steps)
+      counts, gathered = collectives(timed['hlo'])
+      baseline = baseline or timed['step_s']
+      rows.append({'variant': name, 'mesh': sizes, 'step_s': timed['step_s'],
+                   'vs_data_parallel': timed['step_s'] / baseline,
+                   'compile_s': timed['compile_s'], 'collectives': counts,
+                   'all_gathered_bytes': gathered, 'gathered_vs_params': gathered / param_bytes})
+      print(rows[-1], flush=True)
+  lines = ['| variant | mesh (data, fsdp, tensor) | step (s) | vs data parallel | all-gather | '
+           'reduce-scatter | all-reduce | other | gathered / param bytes |',
+           '|---|---|--:|--:|--:|--:|--:|--:|--:|']
+  for r in rows:
+    c = r['collectives']
+    other = c['collective-permute'] + c['all-to-all']
+    lines.append(f"| {r['variant']} | {tuple(r['mesh'].values())} | {r['step_s']:.2f} | "
+                 f"{r['vs_data_parallel']:.2f} | {c['all-gather']} | {c['reduce-scatter']} | "
+                 f"{c['all-reduce']} | {other} | {r['gathered_vs_params']:.2f} |")
+  print('\n'.join(lines))
+  pathlib.Path(FLAGS.out).write_text(json.dumps(
+      {'devices': f'{FLAGS.devices} simulated {jax.devices()[0].platform} devices',
+       'rows': rows}, indent=1))
+  print(f'wrote {FLAGS.out}')
+
+
+if __name__ == '__main__':
+  app.run(main, flags_parser=cli.parse_flags)

@@ -1,0 +1,227 @@
+"""Sharded training, evaluation, decoding and checkpoints on simulated CPU devices, and a
+two-process run over gloo. Each case runs in a subprocess: the device count is fixed when
+jax starts."""
+
+import json
+import os
+import pathlib
+import re
+import socket
+import subprocess
+import sys
+import textwrap
+
+import jax
+import numpy as np
+import pytest
+
+from mla_jax import sharding
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+MESHES = [(8, 1, 1), (2, 4, 1), (2, 2, 2)]
+
+PRELUDE = '''
+import jax
+jax.config.update('jax_num_cpu_devices', {devices})
+jax.config.update('jax_numpy_rank_promotion', 'raise')
+import json, sys
+import numpy as np
+from flax import nnx
+from configs import gqa, mha, mla
+from mla_jax import data, decode, sharding, trainer
+from mla_jax import workdir as wd
+CORPUS = {corpus!r}
+
+def tiny(module):
+  c = module.get_config('tiny')
+  c.data.files = CORPUS
+  return c
+
+def mesh_of(sizes, n=None):
+  devices = jax.devices()[:n or int(np.prod(sizes))]
+  return sharding.make_mesh(dict(zip(sharding.MESH_AXES, sizes)), devices)
+'''
+
+
+def run_python(code: str, corpus: str, devices: int = 8, timeout: int = 600):
+  script = textwrap.dedent(PRELUDE.format(devices=devices, corpus=corpus)) + textwrap.dedent(code)
+  out = subprocess.run([sys.executable, '-c', script], cwd=ROOT, capture_output=True, text=True,
+                       timeout=timeout)
+  assert out.returncode == 0, out.stderr[-3000:]
+  return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def test_five_steps_match_one_device_on_every_mesh(corpus):
+  losses = run_python(f'''
+  result = {{}}
+  for name, module in (('mha', mha), ('gqa', gqa), ('mla', mla)):
+    config = tiny(module)
+    for sizes in [(1, 1, 1)] + {MESHES!r}:
+      mesh = mesh_of(sizes)
+      with jax.set_mesh(mesh):
+        graphdef, state, shardings = trainer.init_state(config, mesh)
+        layout, shape, rows = trainer.batch_layout(config, mesh)
+        step = trainer.jit_train_step(graphdef, shardings, layout)
+        sampler = data.WindowSampler(data.load_splits(config.data)['train'], config.data.seq_len,
+                                     config.data.batch_size, config.seed, rows=rows)
+        out = []
+        for i in range(5):
+          state, metrics = step(state, sharding.global_batch(sampler[i], layout, shape))
+          out.append(float(metrics['loss']))
+      result[f'{{name}} {{sizes}}'] = out
+  print(json.dumps(result))
+  ''', corpus)
+  for name in ('mha', 'gqa', 'mla'):
+    reference = losses[f'{name} (1, 1, 1)']
+    assert reference[-1] < reference[0] - 0.1  # it trains
+    for sizes in MESHES:
+      np.testing.assert_allclose(losses[f'{name} {sizes}'], reference, rtol=1e-5,
+                                 err_msg=f'{name} {sizes}')
+
+
+def test_decode_with_sharded_batch_and_caches_matches_one_device(corpus):
+  result = run_python('''
+  from mla_jax.model import Transformer
+  from mla_jax.config import ModelConfig
+  out = {}
+  for name, extra in (('mha', {}), ('mla', dict(kv_lora_rank=32, qk_rope_head_dim=8))):
+    cfg = ModelConfig(d_model=64, n_layers=2, n_heads=4, max_seq_len=32, attention=name, **extra)
+    prompts = np.random.default_rng(0).integers(0, 256, (4, 12)).astype(np.int32)
+    lengths = np.array([12, 5, 9, 12], np.int32)
+    runs = {}
+    for sizes in [(1, 1, 1), (2, 2, 2)]:
+      mesh = mesh_of(sizes)
+      with jax.set_mesh(mesh):
+        model = Transformer(cfg, rngs=nnx.Rngs(0))
+        graphdef, state = nnx.split(model)
+        state = jax.device_put(state, sharding.state_shardings(state, mesh))
+        caches = model.init_cache(4, 32)
+        rows = sharding.sharding(mesh, ('batch', None), prompts.shape)
+        lengths_rows = sharding.sharding(mesh, ('batch',), (4,))
+        logits, caches = decode.prefill(graphdef, state, caches, jax.device_put(prompts, rows),
+                                        jax.device_put(lengths, lengths_rows))
+        steps = [np.asarray(logits)]
+        token = np.argmax(steps[-1], -1).astype(np.int32)
+        for i in range(3):
+          logits, caches = decode.decode_step(graphdef, state, caches, token, lengths + i)
+          steps.append(np.asarray(logits))
+          token = np.argmax(steps[-1], -1).astype(np.int32)
+        runs[sizes] = steps
+        first = jax.tree.leaves(caches[0])[0]
+        spec = [list(a) if isinstance(a, tuple) else a for a in first.sharding.spec]
+        while spec and spec[-1] is None:
+          spec.pop()
+        out[f'{name} spec'] = spec
+    out[name] = max(float(np.max(np.abs(a - b))) for a, b in zip(runs[(1, 1, 1)], runs[(2, 2, 2)]))
+  print(json.dumps(out))
+  ''', corpus)
+  assert result['mha'] < 1e-5 and result['mla'] < 1e-5, result
+  assert result['mha spec'] == [['data', 'fsdp'], 'tensor']  # k [b, g, s, k]: batch and heads
+  assert result['mla spec'] == [['data', 'fsdp']]  # c_kv [b, s, c]: batch only
+
+
+def test_checkpoint_restores_under_other_meshes(corpus, tmp_path):
+  saved = tmp_path / 'saved.npz'
+  run_python(f'''
+  config = tiny(mla)
+  config.mesh.update(data=8, fsdp=1, tensor=1)
+  config.train.update(steps=2, checkpoint_every=2, eval_every=100)
+  trainer.train_and_evaluate(config, {str(tmp_path / 'run')!r}, final_eval=False)
+  saved = {{}}
+  for sizes in [(8, 1, 1), (2, 4, 1)]:
+    model, _ = wd.load_workdir({str(tmp_path / 'run')!r}, mesh=mesh_of(sizes))
+    flat = {{'/'.join(map(str, k)): np.asarray(v) for k, v in nnx.to_flat_state(nnx.state(model))}}
+    saved[str(sizes)] = flat
+  a, b = saved['(8, 1, 1)'], saved['(2, 4, 1)']
+  assert all(np.array_equal(a[k], b[k]) for k in a)
+  w = model.blocks[0].attn.w_q[...]
+  assert w.sharding.spec[0] == 'fsdp' and not any(w.sharding.spec[1:]), w.sharding.spec
+  np.savez({str(saved)!r}, **saved['(2, 4, 1)'])
+  print(json.dumps(len(saved['(8, 1, 1)'])))
+  ''', corpus)
+  n = run_python(f'''
+  model, _ = wd.load_workdir({str(tmp_path / 'run')!r})  # one device, no mesh
+  saved = np.load({str(saved)!r})
+  flat = {{'/'.join(map(str, k)): np.asarray(v) for k, v in nnx.to_flat_state(nnx.state(model))}}
+  assert set(flat) == set(saved.files)
+  assert all(np.array_equal(flat[k], saved[k]) for k in flat)
+  print(json.dumps(len(flat)))
+  ''', corpus, devices=1)
+  assert n > 10
+
+
+def _cli(args, devices=8, **kw):
+  env = {**os.environ, 'XLA_FLAGS': f'--xla_force_host_platform_device_count={devices}',
+         'JAX_PLATFORMS': 'cpu'}
+  return subprocess.Popen([sys.executable, '-m', *args], cwd=ROOT, env=env, text=True,
+                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, **kw)
+
+
+@pytest.mark.parametrize('mesh, message', [
+    ('--config.mesh.data=3', 'mesh data=3 x fsdp=1 x tensor=1 has 3 slots but there are 8'),
+    ('--config.mesh.tensor=8', 'is not divisible by mesh axis tensor=8'),
+])
+def test_bad_mesh_is_one_clear_line(corpus, tmp_path, mesh, message):
+  proc = _cli(['mla_jax.train', '--config=configs/mla.py:tiny', f'--workdir={tmp_path / "w"}',
+               f'--config.data.files={corpus}', mesh])
+  _, err = proc.communicate(timeout=300)
+  assert proc.returncode == 1
+  last = err.strip().splitlines()[-1]
+  assert last.startswith('error: ') and message in last, err[-2000:]
+  assert not (tmp_path / 'w').exists()
+
+
+def test_make_mesh_fills_the_rest_and_refuses_two_rules_on_one_axis():
+  mesh = sharding.make_mesh({'data': -1, 'fsdp': 1, 'tensor': 1})
+  assert mesh.shape['data'] == len(jax.devices())
+  with pytest.raises(sharding.ShardingError, match='at most one -1'):
+    sharding.make_mesh({'data': -1, 'fsdp': -1, 'tensor': 1})
+  with pytest.raises(sharding.ShardingError, match="both map to mesh axis 'tensor'"):
+    sharding.logical_to_spec(('heads', 'mlp'), (8, 8), {'data': 1, 'fsdp': 1, 'tensor': 2})
+  with pytest.raises(sharding.ShardingError, match='no rule'):
+    sharding.logical_to_spec(('expert',), (8,), {'data': 2})
+  spec = sharding.logical_to_spec(('batch', None, 'heads'), (8, 3, 4),
+                                  {'data': 2, 'fsdp': 2, 'tensor': 2})
+  assert spec == jax.sharding.PartitionSpec(('data', 'fsdp'), None, 'tensor')
+
+
+def _free_port() -> int:
+  with socket.socket() as s:
+    s.bind(('127.0.0.1', 0))
+    return s.getsockname()[1]
+
+
+def _two_processes(args):
+  port = _free_port()
+  procs = [_cli([*args, f'--coordinator_address=127.0.0.1:{port}', '--num_processes=2',
+                 f'--process_id={i}'], devices=2) for i in range(2)]
+  outs = [p.communicate(timeout=400) for p in procs]
+  for p, (_, err) in zip(procs, outs, strict=True):
+    assert p.returncode == 0, err[-3000:]
+  return outs[0]
+
+
+def _losses(workdir):
+  rows = [json.loads(line) for line in (workdir / 'metrics.jsonl').open()]
+  return [r['loss'] for r in rows if 'loss' in r]
+
+
+def test_two_processes_train_and_evaluate_like_one(corpus, tmp_path):
+  train = ['mla_jax.train', '--config=configs/mla.py:tiny', f'--config.data.files={corpus}',
+           '--config.train.steps=3', '--config.train.eval_every=100']
+  one, two = tmp_path / 'one', tmp_path / 'two'
+  proc = _cli([*train, f'--workdir={one}'], devices=1)
+  _, err = proc.communicate(timeout=300)
+  assert proc.returncode == 0, err[-3000:]
+  _, log = _two_processes([*train, f'--workdir={two}'])
+  assert 'over 4 devices in 2 processes' in log
+  assert len(_losses(one)) == 3
+  np.testing.assert_allclose(_losses(two), _losses(one), rtol=1e-5)
+
+  proc = _cli(['mla_jax.evaluate', f'--workdir={one}'], devices=1)
+  single, err = proc.communicate(timeout=300)
+  assert proc.returncode == 0, err[-3000:]
+  double, _ = _two_processes(['mla_jax.evaluate', f'--workdir={one}'])
+  value = lambda text: float(re.search(r'perplexity ([\d.]+)', text).group(1))
+  assert value(single) > 1 and value(double) == pytest.approx(value(single), rel=1e-5)
+  assert '(4 devices, 2 processes)' in double
