@@ -30,8 +30,8 @@ from mla_jax.model import param_count
 FLAGS = flags.FLAGS
 flags.DEFINE_integer('devices', 8, 'simulated CPU devices')
 flags.DEFINE_list('variants', ['mha', 'mla'], 'configs/<name>.py to measure')
-flags.DEFINE_list('meshes', ['8,1,1', '1,8,1', '2,4,1', '2,2,2'],
-                  'meshes as data,fsdp,tensor (the first is the baseline)')
+flags.DEFINE_multi_string('mesh', ['8,1,1', '1,8,1', '2,4,1', '2,2,2'],
+                          'a mesh as data,fsdp,tensor; repeat the flag (the first is the baseline)')
 flags.DEFINE_integer('steps', 3, 'timed calls of the train step per mesh')
 flags.DEFINE_string('out', 'bench_mesh.json', 'where to write the JSON results')
 
@@ -66,7 +66,7 @@ def main(argv):
     config = importlib.import_module(f'configs.{name}').get_config()
     param_bytes = 4 * param_count(wd.model_config(config))
     baseline = None
-    for mesh_arg in FLAGS.meshes:
+    for mesh_arg in FLAGS.mesh:
       sizes = dict(zip(sharding.MESH_AXES, map(int, mesh_arg.split(',')), strict=True))
       timed = time_train_step(config, sharding.make_mesh(sizes), FLAGS.steps)
       counts, gathered = collectives(timed['hlo'])

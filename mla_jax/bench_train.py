@@ -26,10 +26,13 @@ from mla_jax import workdir as wd
 from mla_jax.model import param_count
 
 FLAGS = flags.FLAGS
-flags.DEFINE_list('variants', ['mha', 'gqa', 'mqa', 'mla'], 'configs/<name>.py to measure')
-flags.DEFINE_integer('direct_steps', 8, 'timed direct calls of the train step')
-flags.DEFINE_integer('window', 8, 'steps per timed window of the training loop')
-flags.DEFINE_string('out', 'bench_train.json', 'where to write the JSON results')
+
+
+def _define_flags():  # only for the CLI: bench_mesh imports this module too
+  flags.DEFINE_list('variants', ['mha', 'gqa', 'mqa', 'mla'], 'configs/<name>.py to measure')
+  flags.DEFINE_integer('direct_steps', 8, 'timed direct calls of the train step')
+  flags.DEFINE_integer('window', 8, 'steps per timed window of the training loop')
+  flags.DEFINE_string('out', 'bench_train.json', 'where to write the JSON results')
 
 
 def time_train_step(config, mesh, steps: int) -> dict:
@@ -91,4 +94,5 @@ def main(argv):
 
 
 if __name__ == '__main__':
+  _define_flags()
   app.run(main, flags_parser=cli.parse_flags)

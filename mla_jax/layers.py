@@ -72,7 +72,10 @@ class Embed(nnx.Module):
                         fan_in=cfg.d_model)
 
   def __call__(self, tokens_bt):
-    return jnp.take(self.table[...], tokens_bt, axis=0).astype(self.dtype)
+    # The lookup reads the whole table: gather it first, so the partitioner does not try to
+    # move a gather result from the table's layout to the batch's (a full rematerialization).
+    table = constrain(self.table[...], (None, None))
+    return jnp.take(table, tokens_bt, axis=0).astype(self.dtype)
 
   def attend(self, x_btd):
     return jnp.einsum('btd,Vd->btV', x_btd, self.table[...].astype(self.dtype),
