@@ -130,7 +130,9 @@ def markdown(summary: dict, comparisons: list[dict], setup: dict) -> str:
       '', f"Measured cache = formula for every row: **{'yes' if exact else 'NO'}** (elements "
       'per token of the caches a bfloat16 prefill and decode step return, counted from the '
       'arrays). Tokens/s: each run on one core, '
-      f"{setup['jobs']} runs at a time.", '',
+      f"{setup['jobs']} runs at a time."
+      + (f" The whole sweep took {setup['full_sweep_wall_s'] / 60:.0f} minutes of wall time."
+         if setup.get('full_sweep_wall_s') else ''), '',
       '## Which orderings are resolved', '',
       'Resolved = the two rows\' mean ± std intervals do not overlap. "Seeds agreeing" counts '
       'the seeds (same data order for both rows) where the first row has the lower loss.', '',

@@ -197,14 +197,21 @@ def main(argv):
         f'training {len(todo)}', flush=True)
   # Seed by seed, so an interrupted sweep has every row at the lower seeds.
   todo.sort(key=lambda r: r[1])
-  _run_all(todo)
+  _run_all(list(todo))
   results = [json.loads((run_path(*r) / RESULT).read_text()) for r in runs]
   out = pathlib.Path(FLAGS.results_dir or (FLAGS.workdir if FLAGS.quick
                                            else ROOT / 'experiments' / 'results'))
+  wall_s = time.perf_counter() - start
+  if len(todo) == len(runs):
+    full_wall_s = wall_s  # every run trained by this invocation: the sweep's wall time
+  else:  # a report-only or resumed invocation keeps the last full sweep's figure, if any
+    previous = out / f'{capacity_report.NAME}.json'
+    full_wall_s = (json.loads(previous.read_text())['setup'].get('full_sweep_wall_s')
+                   if previous.exists() else None)
   setup = dict(command=' '.join(['python -m experiments.capacity_vs_cache', *sys.argv[1:]]),
                quick=FLAGS.quick, seeds=FLAGS.seeds, jobs=FLAGS.jobs or len(_available_cores()),
-               machine=_machine(), wall_s_this_invocation=time.perf_counter() - start,
-               runs_trained_this_invocation=len(todo), data=FLAGS.data_files or 'shakespeare')
+               machine=_machine(), wall_s=wall_s, runs_trained=len(todo),
+               full_sweep_wall_s=full_wall_s, data=FLAGS.data_files or 'shakespeare')
   paths = capacity_report.write(results, setup, out)
   print('wrote ' + ', '.join(str(p) for p in paths))
 
