@@ -91,7 +91,7 @@ def compare(summary: dict, better: str, worse: str) -> dict | None:
               paired_std=statistics.stdev(diffs) if len(diffs) > 1 else 0.0)
 
 
-def _setup_line(summary: dict, setup: dict) -> str:
+def _setup_line(summary: dict) -> str:
   m = next(iter(summary.values()))['model']
   tokens = next(iter(summary.values()))['train_tokens']
   return (f"d_model {m['d_model']}, {m['n_layers']} layers, {m['n_heads']} query heads of "
@@ -104,7 +104,7 @@ def markdown(summary: dict, comparisons: list[dict], setup: dict) -> str:
       '# Capacity vs KV-cache size (DeepSeek-V2 Table 1, Tables 8-9 in miniature)', '',
       f"`{setup['command']}` on {setup['machine']}, {setup['date']}"
       f"{' (QUICK: a pipeline check; the numbers mean nothing)' if setup['quick'] else ''}.",
-      f'{_setup_line(summary, setup)}. Every row has the same width, depth, query heads, '
+      f'{_setup_line(summary)}. Every row has the same width, depth, query heads, '
       'data order (per seed), tokens, optimizer and learning rate; only the attention '
       'differs, and the SwiGLU width d_ff is set per row to match MHA\'s parameter count. '
       'Validation: three held-out plays, every byte scored once. Loss is nats per byte, '
@@ -179,7 +179,7 @@ def plot(summary: dict, setup: dict, path: pathlib.Path) -> None:
   ax.set_ylabel('validation loss (nats per byte), mean ± std over seeds')
   ax.set_title(f"{'QUICK pipeline check: ' if setup['quick'] else ''}byte-level Shakespeare, "
                'parameters matched', fontsize=10)
-  ax.text(0.01, 0.01, _setup_line(summary, setup), transform=ax.transAxes, fontsize=7,
+  ax.text(0.01, 0.01, _setup_line(summary), transform=ax.transAxes, fontsize=7,
           color='gray')
   ax.grid(alpha=0.3, which='both')
   ax.legend(fontsize=8)

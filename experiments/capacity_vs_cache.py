@@ -83,7 +83,7 @@ def measure_decode_cache(model, prompt) -> tuple[int, int]:
   graphdef, _ = nnx.split(nnx.eval_shape(lambda: Transformer(cfg, rngs=nnx.Rngs(0))))
   state = nnx.state(model)
   batch, max_len = 2, cfg.max_seq_len
-  caches = Transformer.init_cache(nnx.merge(graphdef, state), batch, max_len)
+  caches = nnx.merge(graphdef, state).init_cache(batch, max_len)  # bfloat16, as decode allocates
   prompts = jnp.asarray([prompt, prompt], jnp.int32)
   lengths = jnp.full((batch,), len(prompt), jnp.int32)
   logits, caches = decode.prefill(graphdef, state, caches, prompts, lengths)
