@@ -34,6 +34,10 @@ class YarnScaling:
   beta_slow: float = 1.0
   mscale: float = 1.0
   mscale_all_dim: float = 0.0
+  # The factor on cos and sin; None: get_mscale(factor, mscale) / get_mscale(factor,
+  # mscale_all_dim), DeepSeek's rule. Set for checkpoints whose reference code differs
+  # (transformers uses get_mscale(factor) unless both mscales are non-zero).
+  attention_factor: float | None = None
   type: str = 'yarn'
 
   def __post_init__(self):
@@ -45,6 +49,8 @@ class YarnScaling:
       raise ConfigError('rope_scaling.original_max_position_embeddings must be > 0')
     if self.beta_fast <= self.beta_slow:
       raise ConfigError('rope_scaling.beta_fast must exceed rope_scaling.beta_slow')
+    if self.attention_factor is not None and self.attention_factor <= 0:
+      raise ConfigError(f'rope_scaling.attention_factor={self.attention_factor} must be > 0')
 
 
 @dataclasses.dataclass(frozen=True)

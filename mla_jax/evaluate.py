@@ -1,11 +1,14 @@
 r"""Perplexity of a run on its validation split or on any text file.
 
   python -m mla_jax.evaluate --workdir=runs/mla [--split=val | --data=file.txt] [--step=N]
+  python -m mla_jax.evaluate --workdir=runs/imported --data=ids.npy --tokenizer=ids
 
 Perplexity = exp(mean NLL over every scored token), never clipped; bits per byte = mean NLL /
-ln 2 (tokens are bytes). Windows of eval.seq_len advance by eval.stride: every token but the
-first is scored exactly once, with at least seq_len - stride tokens of context once the text is
-that long. Writes eval.json in the workdir and prints one line.
+ln 2 (--tokenizer=byte, the default: tokens are bytes). --tokenizer=ids reads a .npy of token
+ids made by a converted checkpoint's own tokenizer (then bits are per token). Windows of
+eval.seq_len (or --seq_len) advance by eval.stride: every token but the first is scored
+exactly once, with at least seq_len - stride tokens of context once the text is that long.
+Writes eval.json in the workdir and prints one line.
 """
 
 from __future__ import annotations
@@ -77,6 +80,33 @@ def perplexity(model, tokens: np.ndarray, seq_len: int, stride: int, batch_size:
           'tokens': count}
 
 
+def _read_tokens(path: str, tokenizer: str, vocab_size: int) -> np.ndarray:
+  """Token ids of --data: a text file's bytes, or a 1-D integer .npy (never pickled)."""
+  file = pathlib.Path(path)
+  if not file.is_file():
+    raise data.DataError(f'--data={path} is not a file; give a file to score')
+  if tokenizer == 'byte':
+    if vocab_size < 256:
+      raise data.DataError(f'the model has {vocab_size} tokens, too few for bytes; tokenize '
+                           '--data with its tokenizer and pass --tokenizer=ids')
+    tokens = np.frombuffer(file.read_bytes(), np.uint8)
+  else:
+    try:
+      tokens = np.load(file, allow_pickle=False)
+    except (OSError, ValueError) as e:
+      raise data.DataError(f'--data={path} is not a .npy array ({e}); with --tokenizer=ids '
+                           'give np.save(path, ids)') from None
+    if tokens.ndim != 1 or not np.issubdtype(tokens.dtype, np.integer):
+      raise data.DataError(f'--data={path} holds {tokens.dtype} {list(tokens.shape)}; give a '
+                           '1-D integer array of token ids')
+    if tokens.size and (tokens.min() < 0 or tokens.max() >= vocab_size):
+      raise data.DataError(f'--data={path} has ids outside [0, {vocab_size}); tokenize with '
+                           "the checkpoint's own tokenizer")
+  if len(tokens) < 2:
+    raise data.DataError(f'--data={path} has {len(tokens)} tokens; perplexity needs two')
+  return tokens.astype(np.int32)
+
+
 FLAGS = flags.FLAGS
 
 
@@ -85,6 +115,11 @@ def _define_flags():  # only for the CLI: the trainer imports this module too
   flags.DEFINE_string('split', 'val', "split of the run's corpus: val or train")
   flags.DEFINE_string('data', None, 'a text file to evaluate instead of a split')
   flags.DEFINE_integer('step', None, 'checkpoint step (default: the latest)')
+  flags.DEFINE_enum('tokenizer', 'byte', ('byte', 'ids'), '--data holds text scored as bytes '
+                    '(byte) or a .npy array of token ids (ids)')
+  flags.DEFINE_integer('seq_len', None, "window length (default: the run's eval.seq_len)")
+  flags.DEFINE_integer('stride', None, "window stride (default: the run's eval.stride)")
+  flags.DEFINE_integer('batch_size', None, "windows per batch (default: eval.batch_size)")
   flags.mark_flag_as_required('workdir')
   cli.define_distributed_flags()
 
@@ -96,26 +131,32 @@ def main(argv):
     cli.initialize_distributed()
     config = wd.read_config(FLAGS.workdir)
     mesh = sharding.make_mesh(config.mesh)
-    model, _ = wd.load_workdir(FLAGS.workdir, FLAGS.step, mesh=mesh)
+    model, cfg = wd.load_workdir(FLAGS.workdir, FLAGS.step, mesh=mesh)
     if FLAGS.data:
-      path = pathlib.Path(FLAGS.data)
-      if not path.is_file():
-        raise data.DataError(f'--data={FLAGS.data} is not a file; give a text file to score')
-      tokens, source = np.frombuffer(path.read_bytes(), np.uint8), str(path)
+      tokens, source = _read_tokens(FLAGS.data, FLAGS.tokenizer, cfg.vocab_size), FLAGS.data
     else:
+      if 'data' not in config:
+        raise data.DataError(f'{FLAGS.workdir} has no corpus (a converted checkpoint); give '
+                             '--data=FILE')
       if FLAGS.split not in ('val', 'train'):
         raise data.DataError(f"--split={FLAGS.split} is unknown; use 'val' or 'train'")
       tokens, source = data.load_splits(config.data)[FLAGS.split], FLAGS.split
-    result = perplexity(model, tokens, config.eval.seq_len, config.eval.stride,
-                        config.eval.batch_size, mesh)
+    pick = lambda flag, default: default if flag is None else flag
+    seq_len = pick(FLAGS.seq_len, config.eval.seq_len)
+    if seq_len > cfg.max_seq_len:
+      raise ValueError(f'--seq_len={seq_len} exceeds the model\'s max_seq_len={cfg.max_seq_len}')
+    result = perplexity(model, tokens, seq_len, pick(FLAGS.stride, config.eval.stride),
+                        pick(FLAGS.batch_size, config.eval.batch_size), mesh)
   except (wd.WorkdirError, data.DataError, ValueError) as e:
     raise SystemExit(f'error: {e}') from None
   if jax.process_index():
     return  # every process computed the same numbers; process 0 reports them
+  unit = 'byte' if FLAGS.tokenizer == 'byte' or not FLAGS.data else 'token'
+  result[f'bits_per_{unit}'] = result.pop('bits_per_byte')
   result.update(source=source, workdir=FLAGS.workdir)
   (pathlib.Path(FLAGS.workdir) / 'eval.json').write_text(json.dumps(result, indent=1))
-  print(f"{source}: perplexity {result['perplexity']:.4f}, {result['bits_per_byte']:.4f} bits "
-        f"per byte, loss {result['loss']:.5f} nats over {result['tokens']} tokens "
+  print(f"{source}: perplexity {result['perplexity']:.4f}, {result[f'bits_per_{unit}']:.4f} "
+        f"bits per {unit}, loss {result['loss']:.5f} nats over {result['tokens']} tokens "
         f'({jax.device_count()} devices, {jax.process_count()} processes)')
 
 

@@ -8,7 +8,8 @@ permutation of the projection's output rows (`interleaved_to_half`).
 YaRN (Peng et al. 2023; DeepSeek-V2 appendix B) follows Hugging Face transformers' DeepSeek-V3
 numerics: frequencies blended by a linear ramp between the correction dims of beta_fast and
 beta_slow, cos/sin scaled by get_mscale(f, mscale) / get_mscale(f, mscale_all_dim), and the
-softmax scale multiplied by get_mscale(f, mscale_all_dim)^2 (see `softmax_mscale`).
+softmax scale multiplied by get_mscale(f, mscale_all_dim)^2 (see `softmax_mscale`). An explicit
+rope_scaling.attention_factor replaces the cos/sin factor, as in transformers.
 """
 
 from __future__ import annotations
@@ -52,6 +53,8 @@ def cos_sin_mscale(scaling: YarnScaling | None) -> float:
   """Factor on cos and sin (YaRN's attention temperature, split between q and k)."""
   if scaling is None:
     return 1.0
+  if scaling.attention_factor is not None:
+    return scaling.attention_factor
   return get_mscale(scaling.factor, scaling.mscale) / get_mscale(scaling.factor,
                                                                   scaling.mscale_all_dim)
 

@@ -1,0 +1,422 @@
+"""Hugging Face checkpoints in and out: Llama (MHA / GQA / MQA) and dense DeepSeek-V2/V3 (MLA).
+
+DESIGN.md section 7. A Hugging Face folder is config.json plus safetensors: model.safetensors,
+or the shards model.safetensors.index.json lists. torch is never imported.
+
+A torch Linear weight is [out, in]. Ours are [in, out] with head axes split out of one side
+(w_q [d, h, k] splits out, w_o [h, k, d] splits in), so every linear weight converts as
+W.T.reshape(ours) and back as ours.reshape(in, out).T. DeepSeek's kv_b_proj stacks W_UK and
+W_UV per head: [h * (d_n + d_v), d_c] -> w_uk [c, h, n] and w_uv [c, h, v].
+
+RoPE layouts are kept as stored: Llama rotates half-split pairs ('half'); DeepSeek-V3 with
+rope_interleave and V2 (complex RoPE) rotate adjacent pairs ('interleaved'). Exporting an
+'interleaved' GQA model to Llama permutes each head's q and k rows (rope.interleaved_to_half):
+q and k move together, so every score is unchanged.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import pathlib
+import re
+
+import jax
+import jax.numpy as jnp
+import ml_dtypes
+import numpy as np
+from flax import nnx, traverse_util
+
+from mla_jax import rope
+from mla_jax.config import ConfigError, ModelConfig, YarnScaling
+from mla_jax.model import Transformer
+
+LLAMA = ('LlamaForCausalLM',)
+DEEPSEEK = ('DeepseekV2ForCausalLM', 'DeepseekV3ForCausalLM')
+# DeepSeek builds q_a_layernorm and kv_a_layernorm with eps 1e-6 whatever rms_norm_eps says;
+# mla_jax has one eps, so only that value converts exactly.
+DEEPSEEK_LATENT_EPS = 1e-6
+
+
+class HFError(ValueError):
+  """An unsupported or damaged Hugging Face checkpoint; the message says what and why."""
+
+
+# --- safetensors ---------------------------------------------------------------------------
+# A 20-line reader and writer instead of the `safetensors` package: its numpy backend cannot
+# read bfloat16, the dtype of nearly every released checkpoint. The format: an 8-byte
+# little-endian header length, a JSON header {name: {dtype, shape, data_offsets}}, the bytes.
+_DTYPES = {'F64': np.float64, 'F32': np.float32, 'F16': np.float16, 'BF16': ml_dtypes.bfloat16,
+           'I64': np.int64, 'I32': np.int32, 'I16': np.int16, 'I8': np.int8, 'U8': np.uint8,
+           'BOOL': np.bool_}
+_DTYPE_NAMES = {np.dtype(v): k for k, v in _DTYPES.items()}
+
+
+def read_safetensors(path) -> dict[str, np.ndarray]:
+  """Every tensor of a .safetensors file, memory-mapped (nothing is read until used)."""
+  path = pathlib.Path(path)
+  try:
+    with path.open('rb') as f:
+      n = int.from_bytes(f.read(8), 'little')
+      header = json.loads(f.read(n))
+    header.pop('__metadata__', None)
+    data = np.memmap(path, np.uint8, 'r', offset=8 + n) if path.stat().st_size > 8 + n else (
+        np.zeros(0, np.uint8))
+    tensors = {}
+    for name, info in header.items():
+      if info['dtype'] not in _DTYPES:
+        raise HFError(f'{path.name}: tensor {name} is {info["dtype"]}, which mla_jax does not '
+                      'read (a quantized checkpoint?); save the model in bfloat16 or float32')
+      dtype, shape = np.dtype(_DTYPES[info['dtype']]), tuple(info['shape'])
+      begin, end = info['data_offsets']
+      if end - begin != math.prod(shape) * dtype.itemsize or end > data.size:
+        raise ValueError(f'tensor {name} runs past the end of the file')
+      tensors[name] = data[begin:end].view(dtype).reshape(shape)
+  except (OSError, ValueError, KeyError, TypeError) as e:
+    if isinstance(e, HFError):
+      raise
+    raise HFError(f'{path} is not a readable safetensors file ({type(e).__name__}: {e}); '
+                  'copy it again or re-save the model with save_pretrained') from None
+  return tensors
+
+
+def write_safetensors(path, tensors: dict[str, np.ndarray]) -> None:
+  header, arrays, offset = {'__metadata__': {'format': 'pt'}}, [], 0
+  for name in sorted(tensors):
+    a = np.ascontiguousarray(tensors[name])
+    header[name] = {'dtype': _DTYPE_NAMES[a.dtype], 'shape': list(a.shape),
+                    'data_offsets': [offset, offset + a.nbytes]}
+    arrays.append(a)
+    offset += a.nbytes
+  blob = json.dumps(header, separators=(',', ':')).encode()
+  blob += b' ' * (-len(blob) % 8)  # the data starts 8-byte aligned
+  path = pathlib.Path(path)
+  tmp = path.with_name(path.name + '.tmp')  # renamed when whole: never a half-written file
+  with tmp.open('wb') as f:
+    f.write(len(blob).to_bytes(8, 'little') + blob)
+    for a in arrays:
+      f.write(a.tobytes())
+  tmp.replace(path)
+
+
+def read_folder(hf_dir) -> tuple[dict, dict[str, np.ndarray]]:
+  """(config.json as a dict, every tensor by name) of a Hugging Face model folder."""
+  folder = pathlib.Path(hf_dir)
+  if not (folder / 'config.json').is_file():
+    raise HFError(f'{hf_dir} has no config.json; give a Hugging Face model folder '
+                  '(config.json and *.safetensors, as save_pretrained writes)')
+  try:
+    hf = json.loads((folder / 'config.json').read_text())
+  except (OSError, ValueError) as e:
+    raise HFError(f'{folder / "config.json"} is not valid JSON ({e})') from None
+  index = folder / 'model.safetensors.index.json'
+  if index.is_file():
+    try:
+      files = sorted(set(json.loads(index.read_text())['weight_map'].values()))
+    except (OSError, ValueError, KeyError, AttributeError) as e:
+      raise HFError(f'{index} is not a valid shard index ({e})') from None
+  elif (folder / 'model.safetensors').is_file():
+    files = ['model.safetensors']
+  else:
+    pickles = sorted(p.name for p in folder.glob('*.bin')) + sorted(
+        p.name for p in folder.glob('*.pt*'))
+    raise HFError(f'{hf_dir} has no model.safetensors or model.safetensors.index.json' + (
+        f' (only {pickles[0]}: pickle checkpoints are never loaded; re-save the model with '
+        'save_pretrained, which writes safetensors)' if pickles else ''))
+  tensors = {}
+  for name in files:
+    if not (folder / name).is_file():
+      raise HFError(f'{index.name} lists {name}, which is not in {hf_dir}; copy every shard')
+    tensors.update(read_safetensors(folder / name))
+  return hf, tensors
+
+
+# --- config.json <-> ModelConfig -------------------------------------------------------------
+def _require(hf: dict, key: str):
+  if hf.get(key) is None:
+    raise HFError(f'config.json has no {key!r}; it is needed to build the model')
+  return hf[key]
+
+
+def _rope(hf: dict, arch: str) -> tuple[float, YarnScaling | None]:
+  """(rope_theta, YaRN) from either transformers 5's rope_parameters or 4's rope_scaling."""
+  params = dict(hf.get('rope_parameters') or hf.get('rope_scaling') or {})
+  theta = float(params.get('rope_theta', hf.get('rope_theta', 10000.0)))
+  kind = params.get('rope_type', params.get('type', 'default'))
+  if kind == 'default':
+    return theta, None
+  if kind != 'yarn' or arch in LLAMA:
+    raise HFError(f'{arch} with rope type {kind!r} is not supported: mla_jax has plain RoPE '
+                  "and DeepSeek's YaRN")
+  if params.get('truncate', True) is not True or params.get('partial_rotary_factor', 1) != 1:
+    raise HFError('YaRN with truncate=false or partial_rotary_factor is not supported')
+  orig = int(params.get('original_max_position_embeddings') or _require(
+      hf, 'max_position_embeddings'))
+  factor = float(params.get('factor') or _require(hf, 'max_position_embeddings') / orig)
+  mscale, mscale_all_dim = params.get('mscale'), params.get('mscale_all_dim')
+  yarn = YarnScaling(factor=factor, original_max_position_embeddings=orig,
+                     beta_fast=float(params.get('beta_fast') or 32),
+                     beta_slow=float(params.get('beta_slow') or 1),
+                     mscale=1.0 if mscale is None else float(mscale),
+                     mscale_all_dim=float(mscale_all_dim or 0.0))
+  # transformers' cos/sin factor; it differs from DeepSeek's when an mscale is 0 or missing.
+  reference = params.get('attention_factor')
+  if reference is None:
+    reference = (rope.get_mscale(factor, mscale) / rope.get_mscale(factor, mscale_all_dim)
+                 if mscale and mscale_all_dim else rope.get_mscale(factor))
+  if rope.cos_sin_mscale(yarn) != reference:
+    yarn = dataclasses.replace(yarn, attention_factor=float(reference))
+  return theta, yarn
+
+
+def model_config(hf: dict, dtype: str = 'float32') -> ModelConfig:
+  """The ModelConfig of a Hugging Face config.json, or HFError naming what is unsupported."""
+  arch = (hf.get('architectures') or [hf.get('model_type')])[0]
+  if arch not in LLAMA + DEEPSEEK:
+    raise HFError(f'architecture {arch!r} is not supported; mla_jax converts '
+                  f'{", ".join(LLAMA + DEEPSEEK)}')
+  if hf.get('quantization_config'):
+    raise HFError('the checkpoint is quantized (quantization_config); dequantize it to '
+                  'bfloat16 first')
+  for key, want in (('hidden_act', 'silu'), ('attention_bias', False), ('mlp_bias', False)):
+    if hf.get(key, want) != want:
+      raise HFError(f'{key}={hf[key]!r} is not supported (mla_jax: {key}={want!r})')
+  theta, yarn = _rope(hf, arch)
+  d, h = _require(hf, 'hidden_size'), _require(hf, 'num_attention_heads')
+  fields = dict(vocab_size=_require(hf, 'vocab_size'), d_model=d,
+                n_layers=_require(hf, 'num_hidden_layers'), n_heads=h,
+                d_ff=_require(hf, 'intermediate_size'),
+                norm_eps=float(hf.get('rms_norm_eps', 1e-6)),
+                tie_embeddings=bool(hf.get('tie_word_embeddings', False)),
+                max_seq_len=_require(hf, 'max_position_embeddings'), rope_theta=theta,
+                rope_scaling=yarn, dtype=dtype, param_dtype='float32')
+  if arch in LLAMA:
+    g = hf.get('num_key_value_heads') or h
+    fields.update(attention='mha' if g == h else 'mqa' if g == 1 else 'gqa', n_kv_heads=g,
+                  head_dim=hf.get('head_dim') or d // h, rope_layout='half')
+  else:
+    n_layers = fields['n_layers']
+    first_moe = hf.get('first_k_dense_replace', 0 if arch == DEEPSEEK[0] else 3)
+    if first_moe < n_layers:
+      raise HFError(f'layers {first_moe}..{n_layers - 1} are mixture-of-experts layers '
+                    f'(first_k_dense_replace={first_moe} < num_hidden_layers={n_layers}); '
+                    'mla_jax converts dense DeepSeek models only, until it has MoE')
+    if fields['norm_eps'] != DEEPSEEK_LATENT_EPS:
+      raise HFError(f"rms_norm_eps={fields['norm_eps']} is not supported: DeepSeek's latent "
+                    f'norms use {DEEPSEEK_LATENT_EPS} whatever it says, mla_jax one eps')
+    interleaved = arch == DEEPSEEK[0] or hf.get('rope_interleave', True)
+    fields.update(attention='mla', kv_lora_rank=_require(hf, 'kv_lora_rank'),
+                  q_lora_rank=hf.get('q_lora_rank') or 0,
+                  qk_nope_head_dim=_require(hf, 'qk_nope_head_dim'),
+                  qk_rope_head_dim=_require(hf, 'qk_rope_head_dim'),
+                  v_head_dim=_require(hf, 'v_head_dim'),
+                  head_dim=_require(hf, 'qk_nope_head_dim'),
+                  rope_layout='interleaved' if interleaved else 'half')
+  try:
+    return ModelConfig(**fields)
+  except (ConfigError, TypeError) as e:
+    raise HFError(f'config.json describes a model mla_jax cannot build: {e}') from None
+
+
+def hf_config(cfg: ModelConfig) -> dict:
+  """config.json for our model: LlamaForCausalLM (MHA / GQA / MQA) or DeepseekV3ForCausalLM.
+
+  RoPE is written both as transformers 5 reads it (rope_parameters) and as 4 does
+  (rope_theta, rope_scaling)."""
+  if cfg.attention != 'mla' and cfg.rope_scaling is not None:
+    raise HFError("a GQA-family model with YaRN has no Hugging Face equivalent (Llama's YaRN "
+                  "has no softmax mscale); export it without rope_scaling")
+  if cfg.attention == 'mla' and cfg.norm_eps != DEEPSEEK_LATENT_EPS:
+    raise HFError(f"norm_eps={cfg.norm_eps}: DeepSeek's latent norms always use "
+                  f'{DEEPSEEK_LATENT_EPS}, so this model has no DeepSeek equivalent')
+  rope_parameters = {'rope_type': 'default', 'rope_theta': cfg.rope_theta}
+  if cfg.rope_scaling is not None:
+    yarn = {k: v for k, v in dataclasses.asdict(cfg.rope_scaling).items()
+            if k != 'type' and v is not None}
+    rope_parameters.update(yarn, rope_type='yarn')
+  common = dict(vocab_size=cfg.vocab_size, hidden_size=cfg.d_model,
+                intermediate_size=cfg.d_ff, num_hidden_layers=cfg.n_layers,
+                num_attention_heads=cfg.n_heads, hidden_act='silu',
+                max_position_embeddings=cfg.max_seq_len, rms_norm_eps=cfg.norm_eps,
+                tie_word_embeddings=cfg.tie_embeddings, attention_bias=False,
+                rope_theta=cfg.rope_theta, rope_parameters=rope_parameters,
+                rope_scaling=None if cfg.rope_scaling is None else {
+                    **rope_parameters, 'type': 'yarn'},
+                bos_token_id=None, eos_token_id=None, pad_token_id=None,
+                dtype=cfg.param_dtype, torch_dtype=cfg.param_dtype)
+  if cfg.attention != 'mla':
+    return dict(common, architectures=list(LLAMA), model_type='llama',
+                num_key_value_heads=cfg.n_kv_heads, head_dim=cfg.head_dim, mlp_bias=False)
+  return dict(common, architectures=[DEEPSEEK[1]], model_type='deepseek_v3',
+              num_key_value_heads=cfg.n_heads, q_lora_rank=cfg.q_lora_rank or None,
+              kv_lora_rank=cfg.kv_lora_rank, qk_nope_head_dim=cfg.qk_nope_head_dim,
+              qk_rope_head_dim=cfg.qk_rope_head_dim, v_head_dim=cfg.v_head_dim,
+              first_k_dense_replace=cfg.n_layers, num_nextn_predict_layers=0,
+              rope_interleave=cfg.rope_layout == 'interleaved')
+
+
+# --- tensors <-> parameters ------------------------------------------------------------------
+@dataclasses.dataclass(frozen=True)
+class _Tensor:
+  """One Hugging Face tensor and the parameter(s) of ours it holds."""
+
+  name: str
+  ours: tuple[tuple, ...]  # our parameter paths (two for kv_b_proj)
+  kind: str = 'linear'  # 'copy' | 'linear' | 'kv_b'
+  in_axes: int = 1  # linear: how many leading axes of ours make torch's `in`
+  rope_rows: bool = False  # Llama q/k: head rows follow our rope layout
+
+
+def _tensors(cfg: ModelConfig) -> list[_Tensor]:
+  """Every Hugging Face tensor of this model, in the order save_pretrained lists them."""
+  out = [_Tensor('model.embed_tokens.weight', (('embed', 'table'),), 'copy'),
+         _Tensor('model.norm.weight', (('final_norm', 'scale'),), 'copy')]
+  if not cfg.tie_embeddings:
+    out.append(_Tensor('lm_head.weight', (('lm_head',),)))
+  for i in range(cfg.n_layers):
+    hf = f'model.layers.{i}.'
+    t = lambda name, *path, **kw: _Tensor(hf + name, (('blocks', i, *path),), **kw)  # noqa: B023
+    out += [t('input_layernorm.weight', 'attn_norm', 'scale', kind='copy'),
+            t('post_attention_layernorm.weight', 'mlp_norm', 'scale', kind='copy'),
+            t('mlp.gate_proj.weight', 'mlp', 'w_gate'), t('mlp.up_proj.weight', 'mlp', 'w_up'),
+            t('mlp.down_proj.weight', 'mlp', 'w_down'),
+            t('self_attn.o_proj.weight', 'attn', 'w_o', in_axes=2)]
+    if cfg.attention != 'mla':
+      out += [t('self_attn.q_proj.weight', 'attn', 'w_q', rope_rows=True),
+              t('self_attn.k_proj.weight', 'attn', 'w_k', rope_rows=True),
+              t('self_attn.v_proj.weight', 'attn', 'w_v')]
+      continue
+    if cfg.q_lora_rank:
+      out += [t('self_attn.q_a_proj.weight', 'attn', 'w_dq'),
+              t('self_attn.q_a_layernorm.weight', 'attn', 'q_norm', 'scale', kind='copy'),
+              t('self_attn.q_b_proj.weight', 'attn', 'w_uq')]
+    else:
+      out.append(t('self_attn.q_proj.weight', 'attn', 'w_q'))
+    out += [t('self_attn.kv_a_proj_with_mqa.weight', 'attn', 'w_dkv'),
+            t('self_attn.kv_a_layernorm.weight', 'attn', 'kv_norm', 'scale', kind='copy'),
+            _Tensor(hf + 'self_attn.kv_b_proj.weight',
+                    (('blocks', i, 'attn', 'w_uk'), ('blocks', i, 'attn', 'w_uv')), 'kv_b')]
+  return out
+
+
+def _rope_rows(cfg: ModelConfig, t: _Tensor) -> np.ndarray | None:
+  """Llama's q/k head rows are in 'half' order; ours in cfg.rope_layout's."""
+  if t.rope_rows and cfg.rope_layout == 'interleaved':
+    return rope.interleaved_to_half(cfg.head_dim)
+  return None
+
+
+def _hf_shape(t: _Tensor, shapes: dict) -> tuple[int, ...]:
+  if t.kind == 'copy':
+    return shapes[t.ours[0]]
+  if t.kind == 'kv_b':
+    (c, h, n), (_, _, v) = shapes[t.ours[0]], shapes[t.ours[1]]
+    return (h * (n + v), c)
+  shape = shapes[t.ours[0]]
+  return (math.prod(shape[t.in_axes:]), math.prod(shape[:t.in_axes]))
+
+
+def to_hf_tensors(cfg: ModelConfig, params: dict) -> dict[str, np.ndarray]:
+  """Our flat {path: array} parameters -> Hugging Face tensors by name."""
+  out = {}
+  for t in _tensors(cfg):
+    arrays = [np.asarray(params[path]) for path in t.ours]
+    if t.kind == 'copy':
+      out[t.name] = arrays[0]
+    elif t.kind == 'kv_b':
+      w_ukv = np.concatenate(arrays, axis=2)  # [c, h, n + v]
+      out[t.name] = w_ukv.transpose(1, 2, 0).reshape(-1, w_ukv.shape[0])
+    else:
+      w = arrays[0]
+      rows = _rope_rows(cfg, t)
+      if rows is not None:
+        w = w[..., rows]
+      out[t.name] = w.reshape(math.prod(w.shape[:t.in_axes]), -1).T
+  return out
+
+
+def from_hf_tensors(cfg: ModelConfig, tensors: dict[str, np.ndarray],
+                    shapes: dict) -> dict[tuple, np.ndarray]:
+  """Hugging Face tensors -> our flat {path: float32 array}, checking every name and shape."""
+  params = {}
+  for t in _tensors(cfg):
+    if t.name not in tensors:
+      raise HFError(f'tensor {t.name} is missing from the checkpoint (config.json implies '
+                    f'shape {list(_hf_shape(t, shapes))})')
+    w = np.asarray(tensors[t.name], np.float32)
+    if w.shape != _hf_shape(t, shapes):
+      raise HFError(f'tensor {t.name} has shape {list(w.shape)} but config.json implies '
+                    f'{list(_hf_shape(t, shapes))}')
+    if t.kind == 'copy':
+      params[t.ours[0]] = w
+    elif t.kind == 'kv_b':
+      (c, h, n), v = shapes[t.ours[0]], shapes[t.ours[1]][2]
+      w = w.reshape(h, n + v, c).transpose(2, 0, 1)  # [c, h, n + v]
+      params[t.ours[0]], params[t.ours[1]] = w[..., :n], w[..., n:]
+    else:
+      w = w.T.reshape(shapes[t.ours[0]])
+      rows = _rope_rows(cfg, t)
+      if rows is not None:
+        w = w[..., np.argsort(rows)]
+      params[t.ours[0]] = w
+  return params
+
+
+def _unused(cfg: ModelConfig, tensors: dict) -> list[str]:
+  """Tensors no parameter reads, apart from ones that are safe to drop."""
+  used = {t.name for t in _tensors(cfg)}
+  extra = []
+  for name in sorted(set(tensors) - used):
+    layer = re.match(r'model\.layers\.(\d+)\.', name)
+    if layer and int(layer.group(1)) >= cfg.n_layers:
+      continue  # DeepSeek-V3's multi-token-prediction module: not part of the next-token model
+    if name.endswith('rotary_emb.inv_freq'):
+      continue  # a buffer recomputed from config.json
+    if name == 'lm_head.weight' and cfg.tie_embeddings and np.array_equal(
+        tensors[name], tensors['model.embed_tokens.weight']):
+      continue  # a tied head saved anyway
+    extra.append(name)
+  return extra
+
+
+# --- whole models ----------------------------------------------------------------------------
+def param_shapes(cfg: ModelConfig) -> dict[tuple, tuple[int, ...]]:
+  """{parameter path: shape} of our model, from shapes alone."""
+  abstract = nnx.state(nnx.eval_shape(lambda: Transformer(cfg, rngs=nnx.Rngs(0))), nnx.Param)
+  return {path: tuple(x.shape)
+          for path, x in traverse_util.flatten_dict(nnx.to_pure_dict(abstract)).items()}
+
+
+def build(cfg: ModelConfig, params: dict[tuple, np.ndarray]) -> Transformer:
+  """Our Transformer holding the given flat {path: array} parameters (in cfg.param_dtype)."""
+  graphdef, state = nnx.split(nnx.eval_shape(lambda: Transformer(cfg, rngs=nnx.Rngs(0))))
+  nnx.replace_by_pure_dict(state, traverse_util.unflatten_dict(
+      {path: jnp.asarray(w, cfg.params_dtype) for path, w in params.items()}))
+  return nnx.merge(graphdef, state)
+
+
+def load(hf_dir, dtype: str = 'float32') -> tuple[Transformer, dict]:
+  """(our Transformer with float32 parameters, config.json) of a Hugging Face folder."""
+  hf, tensors = read_folder(hf_dir)
+  cfg = model_config(hf, dtype)
+  extra = _unused(cfg, tensors)
+  if extra:
+    raise HFError(f'{len(extra)} tensors have no place in a {cfg.attention} model, e.g. '
+                  f'{extra[0]} (biases, experts or an unknown module?); mla_jax converts '
+                  'only the layouts of DESIGN.md section 7')
+  return build(cfg, from_hf_tensors(cfg, tensors, param_shapes(cfg))), hf
+
+
+def save(model: Transformer, out_dir) -> dict:
+  """Writes config.json and model.safetensors into an empty or new out_dir; -> config.json."""
+  cfg = model.cfg
+  hf = hf_config(cfg)
+  params = traverse_util.flatten_dict(nnx.to_pure_dict(nnx.state(model, nnx.Param)))
+  tensors = to_hf_tensors(cfg, {path: np.asarray(jax.device_get(x)) for path, x in
+                                params.items()})
+  out = pathlib.Path(out_dir)
+  out.mkdir(parents=True, exist_ok=True)
+  write_safetensors(out / 'model.safetensors', tensors)
+  (out / 'config.json').write_text(json.dumps(hf, indent=1) + '\n')
+  return hf

@@ -1,0 +1,132 @@
+r"""Builds the Hugging Face golden fixtures under tests/hf_fixtures/ (needs the dev extra).
+
+  pip install torch==2.13.0 -e '.[dev]' && python tests/hf_fixtures/make_fixtures.py
+
+Each fixture is a tiny random transformers model saved with save_pretrained (bfloat16
+weights, as real checkpoints are) and golden.safetensors holding what transformers computes
+from that saved folder, reloaded in float32 with eager attention:
+  tokens [T]        a byte string (T = 40, past the YaRN fixtures' original window of 16)
+  logits [T, 256]   float32 logits at every position
+  prompt [8], continuation [24]   greedy generation, each step recomputed from scratch
+  margin []         the smallest top-1 minus top-2 logit gap over the greedy steps
+The test suite reads them without torch. Weights are redrawn (not HF's 0.02 init) so that
+logits spread over several units: greedy choices then have margins far above float32 noise,
+and norms differ from 1 so that a swapped norm is caught.
+"""
+
+from __future__ import annotations
+
+import json
+import pathlib
+import shutil
+
+import numpy as np
+import torch
+import transformers
+from safetensors.numpy import save_file
+
+HERE = pathlib.Path(__file__).parent
+TEXT = b'ROMEO: But soft, what light through yonder window breaks?'
+T, PROMPT, NEW = 40, 8, 24
+
+COMMON = dict(vocab_size=256, hidden_size=16, intermediate_size=40, num_hidden_layers=2,
+              num_attention_heads=4, max_position_embeddings=64, bos_token_id=None,
+              eos_token_id=None, pad_token_id=None)
+# Every layer dense (a DeepSeek MLP, no experts); transformers' eager MLA attention reads
+# num_key_value_heads (default 128) as the number of key heads, so it must equal the heads.
+DENSE = dict(first_k_dense_replace=2, num_key_value_heads=4)
+YARN = dict(rope_type='yarn', factor=4.0, original_max_position_embeddings=16, beta_fast=32,
+            beta_slow=1)
+
+# name: (config class, model class, config fields). Together they cover 1, 2 and H KV heads,
+# tied embeddings, an explicit head_dim, a non-default rope_theta, query compression on and
+# off, both DeepSeek-V3 rope layouts, V2's complex RoPE, and YaRN with mscale / mscale_all_dim
+# (V3: both set; V2: mscale_all_dim 0, where transformers' cos/sin factor is get_mscale(factor)).
+FIXTURES = {
+    'llama_mha': ('LlamaConfig', 'LlamaForCausalLM',
+                  dict(num_key_value_heads=4, rms_norm_eps=1e-5)),
+    'llama_gqa': ('LlamaConfig', 'LlamaForCausalLM',
+                  dict(num_key_value_heads=2, tie_word_embeddings=True,
+                       rope_parameters=dict(rope_type='default', rope_theta=500.0))),
+    'llama_mqa': ('LlamaConfig', 'LlamaForCausalLM',
+                  dict(num_key_value_heads=1, head_dim=8)),
+    'deepseek_v3': ('DeepseekV3Config', 'DeepseekV3ForCausalLM',
+                    dict(DENSE, q_lora_rank=8, kv_lora_rank=12, qk_nope_head_dim=6,
+                         qk_rope_head_dim=4, v_head_dim=5, num_mtp_layers=0)),
+    'deepseek_v3_no_q_lora_half': ('DeepseekV3Config', 'DeepseekV3ForCausalLM',
+                                   dict(DENSE, q_lora_rank=None, kv_lora_rank=12,
+                                        qk_nope_head_dim=6, qk_rope_head_dim=4, v_head_dim=5,
+                                        rope_interleave=False, tie_word_embeddings=True,
+                                        num_mtp_layers=0)),
+    'deepseek_v3_yarn': ('DeepseekV3Config', 'DeepseekV3ForCausalLM',
+                         dict(DENSE, q_lora_rank=8, kv_lora_rank=12, qk_nope_head_dim=6,
+                              qk_rope_head_dim=4, v_head_dim=5, num_mtp_layers=0,
+                              rope_parameters=dict(YARN, rope_theta=10000.0, mscale=0.9,
+                                                   mscale_all_dim=0.7))),
+    'deepseek_v2_yarn': ('DeepseekV2Config', 'DeepseekV2ForCausalLM',
+                         dict(DENSE, q_lora_rank=None, kv_lora_rank=12, qk_nope_head_dim=6,
+                              qk_rope_head_dim=4, v_head_dim=5,
+                              rope_parameters=dict(YARN, rope_theta=10000.0, mscale=0.707,
+                                                   mscale_all_dim=0.0))),
+}
+
+
+def redraw(model: torch.nn.Module, seed: int) -> None:
+  gen = torch.Generator().manual_seed(seed)
+  with torch.no_grad():
+    for p in model.parameters():
+      noise = torch.randn(p.shape, generator=gen)
+      p.copy_(1 + 0.3 * noise if p.ndim == 1 else noise / p.shape[-1]**0.5)
+
+
+def greedy(model, prompt: torch.Tensor, steps: int) -> tuple[list[int], float]:
+  ids, margin = prompt[None], float('inf')
+  for _ in range(steps):
+    logits = model(ids).logits[0, -1]
+    top2 = torch.topk(logits, 2).values
+    margin = min(margin, float(top2[0] - top2[1]))
+    ids = torch.cat([ids, logits.argmax()[None, None]], dim=1)
+  return ids[0, len(prompt):].tolist(), margin
+
+
+def build(name: str, seed: int) -> None:
+  config_cls, model_cls, fields = FIXTURES[name]
+  config = getattr(transformers, config_cls)(**COMMON, **fields)
+  torch.manual_seed(seed)
+  model = getattr(transformers, model_cls)(config)
+  redraw(model, seed)
+  folder = HERE / name
+  shutil.rmtree(folder, ignore_errors=True)
+  model.to(torch.bfloat16).save_pretrained(folder)
+  for extra in ('generation_config.json',):  # not read by mla_jax; keep the fixtures small
+    (folder / extra).unlink(missing_ok=True)
+
+  # The reference: the saved folder itself, reloaded in float32.
+  model = getattr(transformers, model_cls).from_pretrained(folder, dtype=torch.float32,
+                                                           attn_implementation='eager')
+  model.eval()
+  tokens = torch.tensor(list(TEXT[:T]), dtype=torch.long)
+  with torch.no_grad():
+    logits = model(tokens[None]).logits[0]
+    continuation, margin = greedy(model, tokens[:PROMPT], NEW)
+  assert margin > 1e-3, f'{name}: greedy margin {margin} too small; try another seed'
+  save_file({'tokens': tokens.numpy().astype(np.int32),
+             'logits': logits.numpy().astype(np.float32),
+             'prompt': tokens[:PROMPT].numpy().astype(np.int32),
+             'continuation': np.asarray(continuation, np.int32),
+             'margin': np.array(margin, np.float32)}, str(folder / 'golden.safetensors'),
+            metadata={'transformers': transformers.__version__, 'torch': torch.__version__})
+  size = sum(f.stat().st_size for f in folder.iterdir())
+  print(f'{name:28s} {size / 1024:6.1f} KB  greedy margin {margin:.3f}  '
+        f'logit std {float(logits.std()):.2f}')
+
+
+def main():
+  for seed, name in enumerate(FIXTURES):
+    build(name, seed)
+  (HERE / 'versions.json').write_text(json.dumps(
+      {'transformers': transformers.__version__, 'torch': torch.__version__}, indent=1) + '\n')
+
+
+if __name__ == '__main__':
+  main()

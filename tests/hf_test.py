@@ -1,0 +1,394 @@
+"""Hugging Face conversion against golden fixtures that transformers recorded
+(tests/hf_fixtures/make_fixtures.py). Only the last test needs torch; it skips without it."""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import itertools
+import json
+import pathlib
+import shutil
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from mla_jax import convert, decode, evaluate, hf, rope
+from mla_jax.model import Transformer
+
+FIXTURES = pathlib.Path(__file__).parent / 'hf_fixtures'
+NAMES = sorted(d.name for d in FIXTURES.iterdir() if (d / 'config.json').is_file())
+MLA = [n for n in NAMES if n.startswith('deepseek')]
+TOL = 1e-4  # max abs logit error against transformers (float32)
+
+
+@functools.cache
+def golden(name: str) -> dict[str, np.ndarray]:
+  return hf.read_safetensors(FIXTURES / name / 'golden.safetensors')
+
+
+@functools.cache
+def imported(name: str) -> Transformer:
+  return hf.load(FIXTURES / name)[0]
+
+
+def with_config(model: Transformer, **changes) -> Transformer:
+  """The same parameters under a changed config."""
+  cfg = dataclasses.replace(model.cfg, **changes)
+  graphdef, state = nnx.split(nnx.eval_shape(lambda: Transformer(cfg, rngs=nnx.Rngs(0))))
+  nnx.replace_by_pure_dict(state, nnx.to_pure_dict(nnx.state(model, nnx.Param)))
+  return nnx.merge(graphdef, state)
+
+
+def logits_of(model: Transformer, tokens) -> np.ndarray:
+  return np.asarray(model(jnp.asarray(tokens)[None]))[0]
+
+
+@functools.partial(jax.jit, static_argnames='graphdef')
+def _cached_forward(graphdef, state, caches, tokens_bt, positions_bt):
+  model = nnx.merge(graphdef, state)
+  h, caches = model.forward(tokens_bt, positions_bt, caches)
+  return model.logits(h), caches
+
+
+def cached_logits(model: Transformer, tokens: np.ndarray, prefill: int = 8) -> np.ndarray:
+  """Logits at every position through the decode cache: one prefill chunk, then token by
+  token (the path model.cfg.mla_decode picks)."""
+  graphdef, state = nnx.split(model)
+  caches = model.init_cache(1, len(tokens))
+  out = []
+  for start, end in itertools.pairwise([0, *range(prefill, len(tokens) + 1)]):
+    logits, caches = _cached_forward(graphdef, state, caches, jnp.asarray(tokens[None, start:end]),
+                                     jnp.arange(start, end)[None])
+    out.append(np.asarray(logits[0]))
+  return np.concatenate(out)
+
+
+def nll(logits: np.ndarray, tokens: np.ndarray) -> float:
+  """Mean next-token NLL, float64, from logits [T, V] of tokens [T]."""
+  x = logits[:-1].astype(np.float64)
+  log_z = np.log(np.exp(x - x.max(-1, keepdims=True)).sum(-1)) + x.max(-1)
+  return float(np.mean(log_z - x[np.arange(len(x)), tokens[1:]]))
+
+
+# --- numerical equality with transformers ----------------------------------------------------
+@pytest.mark.parametrize('name', NAMES)
+def test_logits_equal_transformers(name):
+  g = golden(name)
+  err = np.abs(logits_of(imported(name), g['tokens']) - g['logits']).max()
+  assert err <= TOL, f'{name}: max |logit error| {err:.2e}'
+
+
+# MLA fixtures run both decode paths; for the others mla_decode is unused.
+PATHS = [pytest.param(n, 'absorbed', id=n if n not in MLA else f'{n}-absorbed') for n in NAMES] + [
+    pytest.param(n, 'naive', id=f'{n}-naive') for n in MLA]
+
+
+@pytest.mark.parametrize('name,path', PATHS)
+def test_cached_logits_equal_transformers(name, path):
+  g = golden(name)
+  model = with_config(imported(name), mla_decode=path)
+  err = np.abs(cached_logits(model, g['tokens']) - g['logits']).max(axis=-1)
+  assert err.shape == (len(g['tokens']),)
+  assert err.max() <= TOL, f'{name} ({path}): worst position {err.argmax()}, {err.max():.2e}'
+
+
+@pytest.mark.parametrize('name,path', PATHS)
+def test_greedy_generation_equals_transformers(name, path):
+  g = golden(name)
+  assert g['margin'] > 10 * TOL  # the recorded choices are not near-ties
+  model = with_config(imported(name), mla_decode=path)
+  out = decode.generate(model, g['prompt'][None], max_new_tokens=len(g['continuation']))
+  np.testing.assert_array_equal(np.asarray(out[0]), g['continuation'])
+
+
+@pytest.mark.parametrize('name', NAMES)
+def test_perplexity_equals_transformers(name):
+  """mla_jax.evaluate's perplexity on the fixture text = the NLL of transformers' logits."""
+  g = golden(name)
+  tokens = g['tokens']
+  ours = evaluate.perplexity(imported(name), tokens, seq_len=len(tokens), stride=len(tokens),
+                             batch_size=1)
+  assert ours['tokens'] == len(tokens) - 1
+  assert abs(ours['loss'] - nll(g['logits'], tokens)) <= TOL
+
+
+# --- the tests would catch a wrong rope layout or YaRN scale ---------------------------------
+YARN = ['deepseek_v3_yarn', 'deepseek_v2_yarn']
+WINDOW = 16  # their original_max_position_embeddings
+
+
+def test_yarn_fixtures_run_past_the_original_window():
+  for name in YARN:
+    cfg = imported(name).cfg
+    assert cfg.rope_scaling.original_max_position_embeddings == WINDOW
+    assert len(golden(name)['tokens']) >= 2 * WINDOW
+    # V3's fixture sets both mscales (both factors differ from 1), V2's leaves transformers'
+    # cos/sin rule to differ from DeepSeek's, which the converter records explicitly.
+    assert rope.cos_sin_mscale(cfg.rope_scaling) != 1 and (
+        rope.softmax_mscale(cfg.rope_scaling) != 1 or cfg.rope_scaling.attention_factor)
+
+
+def _flip(layout):
+  return 'half' if layout == 'interleaved' else 'interleaved'
+
+
+def _scaled(name, **changes):
+  return dataclasses.replace(imported(name).cfg.rope_scaling, **changes)
+
+
+MUTATIONS = {  # a plausible mistake -> the config it would produce
+    'llama layout': ('llama_gqa', lambda: dict(rope_layout='interleaved')),
+    'v3 layout': ('deepseek_v3', lambda: dict(rope_layout='half')),
+    'v3 half layout': ('deepseek_v3_no_q_lora_half', lambda: dict(rope_layout='interleaved')),
+    'v2 layout': ('deepseek_v2_yarn', lambda: dict(rope_layout='half')),
+    'yarn dropped': ('deepseek_v3_yarn', lambda: dict(rope_scaling=None)),
+    'no softmax mscale': ('deepseek_v3_yarn', lambda: dict(
+        rope_scaling=_scaled('deepseek_v3_yarn', mscale_all_dim=0.0))),
+    'cos/sin mscale 1': ('deepseek_v3_yarn', lambda: dict(
+        rope_scaling=_scaled('deepseek_v3_yarn', attention_factor=1.0))),
+    'factor x2': ('deepseek_v3_yarn', lambda: dict(
+        rope_scaling=_scaled('deepseek_v3_yarn', factor=8.0))),
+    "DeepSeek's cos/sin rule": ('deepseek_v2_yarn', lambda: dict(
+        rope_scaling=_scaled('deepseek_v2_yarn', attention_factor=None))),
+}
+
+
+@pytest.mark.parametrize('mistake', sorted(MUTATIONS))
+def test_a_wrong_rope_layout_or_yarn_scale_fails_the_comparison(mistake):
+  name, changes = MUTATIONS[mistake]
+  g = golden(name)
+  err = np.abs(logits_of(with_config(imported(name), **changes()), g['tokens']) - g['logits'])
+  past = err[WINDOW:].max()  # positions past the YaRN fixtures' original window
+  assert past > 100 * TOL, f'{mistake}: only {past:.2e}'
+
+
+# --- round trips ---------------------------------------------------------------------------
+def _params(model):
+  return jax.tree.map(np.asarray, nnx.to_pure_dict(nnx.state(model, nnx.Param)))
+
+
+@pytest.mark.parametrize('name', NAMES)
+def test_import_export_import_is_identical(name, tmp_path):
+  model = imported(name)
+  hf.save(model, tmp_path / 'hf')
+  _, exported = hf.read_folder(tmp_path / 'hf')
+  _, original = hf.read_folder(FIXTURES / name)
+  assert sorted(exported) == sorted(original)  # same tensor names, nothing added or lost
+  for key, value in original.items():  # bfloat16 values come back exactly, in float32
+    np.testing.assert_array_equal(exported[key], np.asarray(value, np.float32), err_msg=key)
+  again, _ = hf.load(tmp_path / 'hf')
+  assert again.cfg == model.cfg
+  jax.tree.map(np.testing.assert_array_equal, _params(again), _params(model))
+
+
+def test_interleaved_gqa_exports_to_llama_by_permuting_q_k_rows():
+  """An 'interleaved' model is the Llama checkpoint with q/k rows permuted per head: same
+  logits, and exporting it gives back the Llama tensors exactly."""
+  name = 'llama_gqa'
+  cfg = dataclasses.replace(imported(name).cfg, rope_layout='interleaved')
+  _, tensors = hf.read_folder(FIXTURES / name)
+  params = hf.from_hf_tensors(cfg, tensors, hf.param_shapes(cfg))
+  w_q = ('blocks', 0, 'attn', 'w_q')
+  assert not np.array_equal(params[w_q], _params(imported(name))['blocks'][0]['attn']['w_q'])
+  model = hf.build(cfg, params)
+  assert np.abs(logits_of(model, golden(name)['tokens']) - golden(name)['logits']).max() <= TOL
+  back = hf.to_hf_tensors(cfg, params)
+  for key, value in tensors.items():
+    np.testing.assert_array_equal(back[key], np.asarray(value, np.float32), err_msg=key)
+
+
+def test_cli_import_evaluate_generate_export(tmp_path):
+  """The commands a researcher runs; evaluate's perplexity matches transformers' logits."""
+  name = 'deepseek_v3_yarn'
+  g = golden(name)
+  text = tmp_path / 'text.txt'
+  text.write_bytes(bytes(g['tokens'].astype(np.uint8)))
+  run = lambda *args: subprocess.run([sys.executable, '-m', *args], capture_output=True,
+                                     text=True, check=True)
+  work = tmp_path / 'run'
+  run('mla_jax.convert', f'--hf_dir={FIXTURES / name}', f'--workdir={work}')
+  out = run('mla_jax.evaluate', f'--workdir={work}', f'--data={text}', '--tokenizer=byte',
+            f'--seq_len={len(g["tokens"])}', f'--stride={len(g["tokens"])}').stdout
+  result = json.loads((work / 'eval.json').read_text())
+  assert 'bits per byte' in out
+  assert abs(result['loss'] - nll(g['logits'], g['tokens'])) <= TOL
+  prompt = bytes(g['prompt'].astype(np.uint8)).decode()
+  out = run('mla_jax.generate', f'--workdir={work}', f'--prompt={prompt}',
+            f'--max_new_tokens={len(g["continuation"])}').stdout
+  assert out.startswith(prompt)
+  run('mla_jax.convert', f'--workdir={work}', f'--to_hf={tmp_path / "hf"}')
+  _, exported = hf.read_folder(tmp_path / 'hf')
+  _, original = hf.read_folder(FIXTURES / name)
+  for key, value in original.items():
+    np.testing.assert_array_equal(exported[key], np.asarray(value, np.float32), err_msg=key)
+
+
+# --- bad inputs ------------------------------------------------------------------------------
+def _edit_config(**changes):
+  def edit(folder):
+    path = folder / 'config.json'
+    path.write_text(json.dumps({**json.loads(path.read_text()), **changes}))
+  return edit
+
+
+def _edit_tensors(change):
+  def edit(folder):
+    tensors = {k: np.array(v) for k, v in hf.read_safetensors(folder / 'model.safetensors')
+               .items()}
+    change(tensors)
+    hf.write_safetensors(folder / 'model.safetensors', tensors)
+  return edit
+
+
+def _fp8(folder):
+  """Marks one tensor as float8 (what DeepSeek-V3's released weights are)."""
+  path = folder / 'model.safetensors'
+  raw = path.read_bytes()
+  n = int.from_bytes(raw[:8], 'little')
+  header = json.loads(raw[8:8 + n])
+  header['model.norm.weight']['dtype'] = 'F8_E4M3'
+  blob = json.dumps(header).encode()
+  blob += b' ' * (-len(blob) % 8)
+  path.write_bytes(len(blob).to_bytes(8, 'little') + blob + raw[8 + n:])
+
+
+def _pickle_only(folder):
+  (folder / 'model.safetensors').rename(folder / 'pytorch_model.bin')
+
+
+def _truncate(folder):
+  path = folder / 'model.safetensors'
+  path.write_bytes(path.read_bytes()[:-100])
+
+
+def _missing_shard(folder):
+  (folder / 'model.safetensors.index.json').write_text(json.dumps(
+      {'weight_map': {'model.norm.weight': 'model-00002-of-00002.safetensors'}}))
+
+
+KV_B = 'model.layers.1.self_attn.kv_b_proj.weight'
+BAD = {  # name: (fixture, how to break it, what the message must say)
+    'unknown architecture': ('llama_mha', _edit_config(architectures=['GPT2LMHeadModel']),
+                             "architecture 'GPT2LMHeadModel' is not supported"),
+    'moe layers': ('deepseek_v3', _edit_config(first_k_dense_replace=1),
+                   'layers 1..1 are mixture-of-experts'),
+    'missing tensor': ('deepseek_v3', _edit_tensors(lambda t: t.pop(KV_B)),
+                       f'tensor {KV_B} is missing'),
+    'misshapen tensor': ('deepseek_v3', _edit_tensors(lambda t: t.update({KV_B: t[KV_B][:-1]})),
+                         f'tensor {KV_B} has shape [43, 12] but config.json implies [44, 12]'),
+    'extra tensor': ('llama_mha', _edit_tensors(lambda t: t.update(
+        {'model.layers.0.self_attn.q_proj.bias': np.zeros(16, np.float32)})),
+                     'no place in a mha model'),
+    'float8 tensor': ('deepseek_v3', _fp8, 'F8_E4M3, which mla_jax does not read'),
+    'quantized config': ('deepseek_v3', _edit_config(quantization_config={'quant_method': 'fp8'}),
+                         'quantized'),
+    'pickle only': ('llama_mha', _pickle_only, 'pickle checkpoints are never loaded'),
+    'truncated file': ('llama_mha', _truncate, 'not a readable safetensors file'),
+    'missing shard': ('llama_mha', _missing_shard, 'model-00002-of-00002.safetensors, which is '
+                      'not in'),
+    'no config': ('llama_mha', lambda f: (f / 'config.json').unlink(), 'has no config.json'),
+    'broken config': ('llama_mha', lambda f: (f / 'config.json').write_text('{'),
+                      'is not valid JSON'),
+    'llama3 rope': ('llama_mha', _edit_config(rope_parameters={
+        'rope_type': 'llama3', 'rope_theta': 1e4, 'factor': 8.0}), "rope type 'llama3'"),
+    'attention bias': ('llama_mha', _edit_config(attention_bias=True),
+                       'attention_bias=True is not supported'),
+    'gelu': ('deepseek_v3', _edit_config(hidden_act='gelu'), "hidden_act='gelu'"),
+    'latent norm eps': ('deepseek_v3', _edit_config(rms_norm_eps=1e-5), 'rms_norm_eps=1e-05'),
+    'bad sizes': ('llama_gqa', _edit_config(num_key_value_heads=3),
+                  'n_heads=4 is not divisible by n_kv_heads=3'),
+}
+
+
+@pytest.mark.parametrize('case', sorted(BAD))
+def test_bad_checkpoints_give_one_clear_message(case, tmp_path):
+  name, breakage, message = BAD[case]
+  folder = tmp_path / 'hf'
+  shutil.copytree(FIXTURES / name, folder)
+  breakage(folder)
+  with pytest.raises(hf.HFError) as e:
+    convert.import_hf(folder, tmp_path / 'run')
+  assert message in str(e.value) and '\n' not in str(e.value)
+  assert not (tmp_path / 'run').exists()
+
+
+def test_cli_refuses_bad_input_without_writing(tmp_path):
+  folder = tmp_path / 'hf'
+  shutil.copytree(FIXTURES / 'deepseek_v3', folder)
+  _edit_config(first_k_dense_replace=0)(folder)
+  r = subprocess.run([sys.executable, '-m', 'mla_jax.convert', f'--hf_dir={folder}',
+                      f'--workdir={tmp_path / "run"}'], capture_output=True, text=True)
+  assert r.returncode == 1 and r.stderr.strip().count('\n') == 0, r.stderr
+  assert 'mixture-of-experts' in r.stderr and not (tmp_path / 'run').exists()
+
+
+def test_export_refuses_what_has_no_hugging_face_equivalent(tmp_path):
+  gqa = with_config(imported('llama_gqa'), rope_scaling=rope.YarnScaling(4.0, 16))
+  with pytest.raises(hf.HFError, match='no softmax mscale'):
+    hf.save(gqa, tmp_path / 'a')
+  mla = with_config(imported('deepseek_v3'), norm_eps=1e-5)
+  with pytest.raises(hf.HFError, match='latent norms'):
+    hf.save(mla, tmp_path / 'b')
+  assert not (tmp_path / 'a').exists() and not (tmp_path / 'b').exists()
+  (tmp_path / 'full').mkdir()
+  (tmp_path / 'full' / 'keep.txt').write_text('mine')
+  with pytest.raises(hf.HFError, match='already exists and is not empty'):
+    convert.export_hf(tmp_path / 'nowhere', tmp_path / 'full')
+  assert (tmp_path / 'full' / 'keep.txt').read_text() == 'mine'
+
+
+# --- models trained here, loaded by transformers (needs the dev extra) ----------------------
+NATIVE = {
+    'gqa interleaved': dict(attention='gqa', n_kv_heads=2),
+    'mqa tied half': dict(attention='mqa', tie_embeddings=True, rope_layout='half'),
+    'mla q_lora interleaved': dict(attention='mla', kv_lora_rank=12, q_lora_rank=8,
+                                   qk_nope_head_dim=6, qk_rope_head_dim=4, v_head_dim=5),
+    'mla half tied': dict(attention='mla', kv_lora_rank=12, rope_layout='half',
+                          tie_embeddings=True),
+    'mla yarn': dict(attention='mla', kv_lora_rank=12, q_lora_rank=8, rope_scaling=dict(
+        factor=4.0, original_max_position_embeddings=16, mscale=0.9, mscale_all_dim=0.7)),
+}
+
+
+@pytest.mark.parametrize('variant', sorted(NATIVE))
+def test_exported_models_give_the_same_logits_in_transformers(variant, tmp_path):
+  torch = pytest.importorskip('torch')
+  transformers = pytest.importorskip('transformers')
+  from mla_jax.config import ModelConfig
+  cfg = ModelConfig(vocab_size=256, d_model=32, n_layers=2, n_heads=4, d_ff=48, max_seq_len=64,
+                    **NATIVE[variant])
+  model = Transformer(cfg, rngs=nnx.Rngs(3))
+  hf_json = hf.save(model, tmp_path)
+  hf_model = getattr(transformers, hf_json['architectures'][0]).from_pretrained(
+      tmp_path, dtype=torch.float32, attn_implementation='eager')
+  tokens = np.arange(48) * 7 % 256
+  with torch.no_grad():
+    theirs = hf_model(torch.tensor(tokens)[None]).logits[0].numpy()
+  assert np.abs(theirs).std() > 0.1  # not a degenerate model
+  assert np.abs(logits_of(model, tokens) - theirs).max() <= TOL
+
+
+def test_evaluate_reads_text_as_bytes_or_a_npy_of_ids(tmp_path):
+  ids = np.array([5, 300, 7], np.int64)
+  np.save(tmp_path / 'ids.npy', ids)
+  np.testing.assert_array_equal(evaluate._read_tokens(str(tmp_path / 'ids.npy'), 'ids', 512), ids)
+  (tmp_path / 'text.txt').write_bytes(b'\x00\xffab')
+  np.testing.assert_array_equal(evaluate._read_tokens(str(tmp_path / 'text.txt'), 'byte', 256),
+                                [0, 255, 97, 98])
+  np.save(tmp_path / 'floats.npy', np.ones(4))
+  np.save(tmp_path / 'objects.npy', np.array([{}, {}], dtype=object), allow_pickle=True)
+  bad = {('ids.npy', 'ids', 256): 'ids outside [0, 256)',
+         ('floats.npy', 'ids', 256): '1-D integer array',
+         ('objects.npy', 'ids', 256): 'is not a .npy array',  # pickled: never loaded
+         ('text.txt', 'byte', 100): 'too few for bytes',
+         ('nowhere.txt', 'byte', 256): 'is not a file'}
+  for (file, tokenizer, vocab), message in bad.items():
+    with pytest.raises(evaluate.data.DataError) as e:
+      evaluate._read_tokens(str(tmp_path / file), tokenizer, vocab)
+    assert message in str(e.value), (file, str(e.value))
