@@ -2,10 +2,23 @@
 
 from mla_jax.cache import KVCache, LatentCache, cache_elements_per_token
 from mla_jax.config import ConfigError, ModelConfig, YarnScaling
-from mla_jax.decode import decode_step, generate, prefill
+from mla_jax.decode import decode_step, generate, logits_through_cache, prefill
 from mla_jax.model import Transformer
 
 __all__ = [
     'ConfigError', 'KVCache', 'LatentCache', 'ModelConfig', 'Transformer', 'YarnScaling',
-    'cache_elements_per_token', 'decode_step', 'generate', 'prefill',
+    'cache_elements_per_token', 'decode_step', 'generate', 'load_hf', 'load_workdir',
+    'logits_through_cache', 'prefill', 'save_hf',
 ]
+
+# Imported on first use: they pull in orbax (checkpoints), which the model code does not need.
+_LAZY = {'load_workdir': ('mla_jax.workdir', 'load_workdir'), 'load_hf': ('mla_jax.hf', 'load'),
+         'save_hf': ('mla_jax.hf', 'save')}
+
+
+def __getattr__(name):
+  if name in _LAZY:
+    import importlib
+    module, attr = _LAZY[name]
+    return getattr(importlib.import_module(module), attr)
+  raise AttributeError(f'module {__name__!r} has no attribute {name!r}')

@@ -31,11 +31,12 @@ def _must_be_new(path: pathlib.Path, what: str) -> None:
                      '(nothing is overwritten)')
 
 
-def import_hf(hf_dir, workdir, dtype: str = 'float32', mla_decode: str = 'absorbed') -> dict:
+def import_hf(hf_dir, workdir, dtype: str = 'float32', param_dtype: str = 'float32',
+              mla_decode: str = 'absorbed') -> dict:
   """Converts a Hugging Face folder into a new workdir; -> the workdir's config."""
   workdir = pathlib.Path(workdir)
   _must_be_new(workdir, '--workdir')
-  model, hf_json = hf.load(hf_dir, dtype)
+  model, hf_json = hf.load(hf_dir, dtype, param_dtype)
   cfg = model.cfg.to_dict()
   cfg['mla_decode'] = mla_decode
   seq_len = min(EVAL_SEQ_LEN, model.cfg.max_seq_len)
@@ -66,6 +67,8 @@ def _define_flags():  # only for the CLI: tests import this module beside other 
   flags.DEFINE_string('workdir', None, 'import: the new workdir; export: the run to export')
   flags.DEFINE_string('to_hf', None, 'export: the new Hugging Face folder')
   flags.DEFINE_enum('dtype', 'float32', DTYPES, 'import: compute dtype of the converted model')
+  flags.DEFINE_enum('param_dtype', 'float32', DTYPES, 'import: dtype its parameters are kept in '
+                    '(bfloat16 halves the memory of a float32 copy of a bfloat16 checkpoint)')
   flags.DEFINE_enum('mla_decode', 'absorbed', MLA_DECODE_PATHS, 'import: MLA decode path')
   flags.DEFINE_integer('step', None, 'export: checkpoint step (default: the latest)')
   flags.DEFINE_bool('best', False, 'export: the best checkpoint by validation loss')
@@ -80,14 +83,15 @@ def main(argv):
       raise hf.HFError('give --hf_dir (import into --workdir) or --to_hf (export --workdir), '
                        'not both or neither')
     if FLAGS.hf_dir:
-      config = import_hf(FLAGS.hf_dir, FLAGS.workdir, FLAGS.dtype, FLAGS.mla_decode)
+      config = import_hf(FLAGS.hf_dir, FLAGS.workdir, FLAGS.dtype, FLAGS.param_dtype,
+                         FLAGS.mla_decode)
       m = config.model
       print(f'{config.source.architecture} -> {FLAGS.workdir}: {m.attention}, '
             f'{m.n_layers} layers, d_model {m.d_model}, vocab {m.vocab_size}')
     else:
       hf_json = export_hf(FLAGS.workdir, FLAGS.to_hf, FLAGS.step, FLAGS.best)
       print(f'{FLAGS.workdir} -> {FLAGS.to_hf}: {hf_json["architectures"][0]}')
-  except (hf.HFError, wd.WorkdirError) as e:
+  except (ValueError, wd.WorkdirError) as e:  # HFError and ConfigError are ValueErrors
     raise SystemExit(f'error: {e}') from None
 
 

@@ -14,6 +14,7 @@ chunks: each chunk attends to the cache so far plus itself, so the score matrix 
 from __future__ import annotations
 
 import functools
+import itertools
 
 import jax
 import jax.numpy as jnp
@@ -66,6 +67,31 @@ def prefill(graphdef, state, caches, prompts_bt, lengths_b, chunk: int = DEFAULT
 def decode_step(graphdef, state, caches, tokens_b, positions_b):
   """Appends one token per sequence at its own position; -> (next-token logits [b, V], caches)."""
   return _decode_step(nnx.merge(graphdef, state), caches, tokens_b, positions_b)
+
+
+@functools.partial(jax.jit, static_argnames=('graphdef',), donate_argnames=('caches',))
+def _forward_with_cache(graphdef, state, caches, tokens_bt, positions_bt):
+  model = nnx.merge(graphdef, state)
+  h, caches = model.forward(tokens_bt, positions_bt, caches)
+  return model.logits(h), caches
+
+
+def logits_through_cache(model, tokens, prefill_len: int = 8) -> np.ndarray:
+  """Float32 logits [t, V] at every position of one sequence, computed the way decoding
+  computes them: one prefill chunk of prefill_len tokens, then one token per step, each
+  reading the cache (through cfg.mla_decode's path). For checking a decode path against a
+  full forward or a reference implementation position by position."""
+  tokens = np.asarray(tokens)
+  graphdef, state = nnx.split(model)
+  caches = model.init_cache(1, len(tokens))
+  out = []
+  for start, end in itertools.pairwise([0, *range(min(prefill_len, len(tokens)),
+                                                   len(tokens) + 1)]):
+    logits, caches = _forward_with_cache(graphdef, state, caches,
+                                         jnp.asarray(tokens[None, start:end], jnp.int32),
+                                         jnp.arange(start, end)[None])
+    out.append(np.asarray(logits[0]))
+  return np.concatenate(out)
 
 
 def sample(logits_bv, key, temperature: float, top_k: int, top_p: float):

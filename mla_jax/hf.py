@@ -110,6 +110,8 @@ def read_folder(hf_dir) -> tuple[dict, dict[str, np.ndarray]]:
     hf = json.loads((folder / 'config.json').read_text())
   except (OSError, ValueError) as e:
     raise HFError(f'{folder / "config.json"} is not valid JSON ({e})') from None
+  if not isinstance(hf, dict):
+    raise HFError(f'{folder / "config.json"} holds a {type(hf).__name__}, not a config object')
   index = folder / 'model.safetensors.index.json'
   if index.is_file():
     try:
@@ -170,7 +172,7 @@ def _rope(hf: dict, arch: str) -> tuple[float, YarnScaling | None]:
   return theta, yarn
 
 
-def model_config(hf: dict, dtype: str = 'float32') -> ModelConfig:
+def model_config(hf: dict, dtype: str = 'float32', param_dtype: str = 'float32') -> ModelConfig:
   """The ModelConfig of a Hugging Face config.json, or HFError naming what is unsupported."""
   arch = (hf.get('architectures') or [hf.get('model_type')])[0]
   if arch not in LLAMA + DEEPSEEK:
@@ -190,7 +192,7 @@ def model_config(hf: dict, dtype: str = 'float32') -> ModelConfig:
                 norm_eps=float(hf.get('rms_norm_eps', 1e-6)),
                 tie_embeddings=bool(hf.get('tie_word_embeddings', False)),
                 max_seq_len=_require(hf, 'max_position_embeddings'), rope_theta=theta,
-                rope_scaling=yarn, dtype=dtype, param_dtype='float32')
+                rope_scaling=yarn, dtype=dtype, param_dtype=param_dtype)
   if arch in LLAMA:
     g = hf.get('num_key_value_heads') or h
     fields.update(attention='mha' if g == h else 'mqa' if g == 1 else 'gqa', n_kv_heads=g,
@@ -338,13 +340,14 @@ def to_hf_tensors(cfg: ModelConfig, params: dict) -> dict[str, np.ndarray]:
 
 def from_hf_tensors(cfg: ModelConfig, tensors: dict[str, np.ndarray],
                     shapes: dict) -> dict[tuple, np.ndarray]:
-  """Hugging Face tensors -> our flat {path: float32 array}, checking every name and shape."""
+  """Hugging Face tensors -> our flat {path: array in cfg.param_dtype}, checking every name
+  and shape. One tensor at a time is read from the (memory-mapped) files."""
   params = {}
   for t in _tensors(cfg):
     if t.name not in tensors:
       raise HFError(f'tensor {t.name} is missing from the checkpoint (config.json implies '
                     f'shape {list(_hf_shape(t, shapes))})')
-    w = np.asarray(tensors[t.name], np.float32)
+    w = np.asarray(tensors[t.name]).astype(cfg.params_dtype)
     if w.shape != _hf_shape(t, shapes):
       raise HFError(f'tensor {t.name} has shape {list(w.shape)} but config.json implies '
                     f'{list(_hf_shape(t, shapes))}')
@@ -396,10 +399,12 @@ def build(cfg: ModelConfig, params: dict[tuple, np.ndarray]) -> Transformer:
   return nnx.merge(graphdef, state)
 
 
-def load(hf_dir, dtype: str = 'float32') -> tuple[Transformer, dict]:
-  """(our Transformer with float32 parameters, config.json) of a Hugging Face folder."""
+def load(hf_dir, dtype: str = 'float32', param_dtype: str = 'float32'
+         ) -> tuple[Transformer, dict]:
+  """(our Transformer, config.json) of a Hugging Face folder; compute and parameter dtypes
+  as given (bfloat16 checkpoints convert exactly into either)."""
   hf, tensors = read_folder(hf_dir)
-  cfg = model_config(hf, dtype)
+  cfg = model_config(hf, dtype, param_dtype)
   extra = _unused(cfg, tensors)
   if extra:
     raise HFError(f'{len(extra)} tensors have no place in a {cfg.attention} model, e.g. '

@@ -6,6 +6,8 @@ block(x) = x + Attn(RMSNorm(x)); then x + SwiGLU(RMSNorm(x)). Final RMSNorm, the
 
 from __future__ import annotations
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 from flax import nnx
@@ -74,6 +76,15 @@ class Transformer(nnx.Module):
     dtype = self.cfg.compute_dtype if dtype is None else dtype
     return [cache_class(self.cfg).init(self.cfg, batch_size, max_len, dtype)
             for _ in range(self.cfg.n_layers)]
+
+
+def with_config(model: Transformer, **changes) -> Transformer:
+  """The same parameters under a changed config: another mla_decode path, compute dtype or
+  rope layout (the parameter shapes must not change)."""
+  cfg = dataclasses.replace(model.cfg, **changes)
+  graphdef, state = nnx.split(nnx.eval_shape(lambda: Transformer(cfg, rngs=nnx.Rngs(0))))
+  nnx.replace_by_pure_dict(state, nnx.to_pure_dict(nnx.state(model, nnx.Param)))
+  return nnx.merge(graphdef, state)
 
 
 def param_count(cfg: ModelConfig) -> int:

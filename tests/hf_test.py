@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import itertools
 import json
 import pathlib
 import shutil
@@ -18,8 +17,9 @@ import numpy as np
 import pytest
 from flax import nnx
 
+from experiments.hf_equality import reference_nll
 from mla_jax import convert, decode, evaluate, hf, rope
-from mla_jax.model import Transformer
+from mla_jax.model import Transformer, with_config
 
 FIXTURES = pathlib.Path(__file__).parent / 'hf_fixtures'
 NAMES = sorted(d.name for d in FIXTURES.iterdir() if (d / 'config.json').is_file())
@@ -37,43 +37,8 @@ def imported(name: str) -> Transformer:
   return hf.load(FIXTURES / name)[0]
 
 
-def with_config(model: Transformer, **changes) -> Transformer:
-  """The same parameters under a changed config."""
-  cfg = dataclasses.replace(model.cfg, **changes)
-  graphdef, state = nnx.split(nnx.eval_shape(lambda: Transformer(cfg, rngs=nnx.Rngs(0))))
-  nnx.replace_by_pure_dict(state, nnx.to_pure_dict(nnx.state(model, nnx.Param)))
-  return nnx.merge(graphdef, state)
-
-
 def logits_of(model: Transformer, tokens) -> np.ndarray:
   return np.asarray(model(jnp.asarray(tokens)[None]))[0]
-
-
-@functools.partial(jax.jit, static_argnames='graphdef')
-def _cached_forward(graphdef, state, caches, tokens_bt, positions_bt):
-  model = nnx.merge(graphdef, state)
-  h, caches = model.forward(tokens_bt, positions_bt, caches)
-  return model.logits(h), caches
-
-
-def cached_logits(model: Transformer, tokens: np.ndarray, prefill: int = 8) -> np.ndarray:
-  """Logits at every position through the decode cache: one prefill chunk, then token by
-  token (the path model.cfg.mla_decode picks)."""
-  graphdef, state = nnx.split(model)
-  caches = model.init_cache(1, len(tokens))
-  out = []
-  for start, end in itertools.pairwise([0, *range(prefill, len(tokens) + 1)]):
-    logits, caches = _cached_forward(graphdef, state, caches, jnp.asarray(tokens[None, start:end]),
-                                     jnp.arange(start, end)[None])
-    out.append(np.asarray(logits[0]))
-  return np.concatenate(out)
-
-
-def nll(logits: np.ndarray, tokens: np.ndarray) -> float:
-  """Mean next-token NLL, float64, from logits [T, V] of tokens [T]."""
-  x = logits[:-1].astype(np.float64)
-  log_z = np.log(np.exp(x - x.max(-1, keepdims=True)).sum(-1)) + x.max(-1)
-  return float(np.mean(log_z - x[np.arange(len(x)), tokens[1:]]))
 
 
 # --- numerical equality with transformers ----------------------------------------------------
@@ -93,7 +58,7 @@ PATHS = [pytest.param(n, 'absorbed', id=n if n not in MLA else f'{n}-absorbed') 
 def test_cached_logits_equal_transformers(name, path):
   g = golden(name)
   model = with_config(imported(name), mla_decode=path)
-  err = np.abs(cached_logits(model, g['tokens']) - g['logits']).max(axis=-1)
+  err = np.abs(decode.logits_through_cache(model, g['tokens']) - g['logits']).max(axis=-1)
   assert err.shape == (len(g['tokens']),)
   assert err.max() <= TOL, f'{name} ({path}): worst position {err.argmax()}, {err.max():.2e}'
 
@@ -115,7 +80,7 @@ def test_perplexity_equals_transformers(name):
   ours = evaluate.perplexity(imported(name), tokens, seq_len=len(tokens), stride=len(tokens),
                              batch_size=1)
   assert ours['tokens'] == len(tokens) - 1
-  assert abs(ours['loss'] - nll(g['logits'], tokens)) <= TOL
+  assert abs(ours['loss'] - reference_nll(g['logits'], tokens)) <= TOL
 
 
 # --- the tests would catch a wrong rope layout or YaRN scale ---------------------------------
@@ -217,7 +182,7 @@ def test_cli_import_evaluate_generate_export(tmp_path):
             f'--seq_len={len(g["tokens"])}', f'--stride={len(g["tokens"])}').stdout
   result = json.loads((work / 'eval.json').read_text())
   assert 'bits per byte' in out
-  assert abs(result['loss'] - nll(g['logits'], g['tokens'])) <= TOL
+  assert abs(result['loss'] - reference_nll(g['logits'], g['tokens'])) <= TOL
   prompt = bytes(g['prompt'].astype(np.uint8)).decode()
   out = run('mla_jax.generate', f'--workdir={work}', f'--prompt={prompt}',
             f'--max_new_tokens={len(g["continuation"])}').stdout
@@ -392,3 +357,31 @@ def test_evaluate_reads_text_as_bytes_or_a_npy_of_ids(tmp_path):
     with pytest.raises(evaluate.data.DataError) as e:
       evaluate._read_tokens(str(tmp_path / file), tokenizer, vocab)
     assert message in str(e.value), (file, str(e.value))
+
+
+def test_sharded_bfloat16_checkpoints_convert_exactly(tmp_path):
+  """Shards listed in model.safetensors.index.json load; bfloat16 parameters export bit for
+  bit (the fixtures are stored in bfloat16)."""
+  name = 'deepseek_v3'
+  _, tensors = hf.read_folder(FIXTURES / name)
+  folder = tmp_path / 'sharded'
+  folder.mkdir()
+  shutil.copy(FIXTURES / name / 'config.json', folder)
+  names = sorted(tensors)
+  shards = {'model-00001-of-00002.safetensors': names[::2],
+            'model-00002-of-00002.safetensors': names[1::2]}
+  for shard, keys in shards.items():
+    hf.write_safetensors(folder / shard, {k: tensors[k] for k in keys})
+  (folder / 'model.safetensors.index.json').write_text(json.dumps(
+      {'weight_map': {k: shard for shard, keys in shards.items() for k in keys}}))
+  model, _ = hf.load(folder, param_dtype='bfloat16')
+  assert model.blocks[0].attn.w_uk[...].dtype == jnp.bfloat16
+  hf.save(model, tmp_path / 'out')
+  _, exported = hf.read_folder(tmp_path / 'out')
+  for key, value in tensors.items():
+    assert exported[key].dtype == value.dtype == np.dtype('bfloat16'), key
+    np.testing.assert_array_equal(exported[key].view(np.uint16), value.view(np.uint16),
+                                  err_msg=key)
+  g = golden(name)
+  assert np.abs(logits_of(with_config(model, param_dtype='float32'), g['tokens']) -
+                g['logits']).max() <= TOL

@@ -1,0 +1,83 @@
+r"""How close converted checkpoints come to transformers: one row per golden fixture.
+
+  python -m experiments.hf_equality --out=experiments/results/hf_equality.json
+
+For each fixture of tests/hf_fixtures (recorded with transformers, float32 eager attention):
+the largest |logit error| of the full forward and of the decode cache (every position, one
+prefill chunk then token by token; both MLA paths), whether greedy generation reproduces the
+recorded continuation, and the perplexity of the fixture text both ways. Needs no torch.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import pathlib
+
+import jax.numpy as jnp
+import numpy as np
+from absl import app, flags
+
+from mla_jax import cli, decode, evaluate, hf
+from mla_jax.model import with_config
+
+FIXTURES = pathlib.Path(__file__).parents[1] / 'tests' / 'hf_fixtures'
+FLAGS = flags.FLAGS
+
+
+def reference_nll(logits: np.ndarray, tokens: np.ndarray) -> float:
+  """Mean next-token NLL (float64) of logits [t, V] for tokens [t]."""
+  x = logits[:-1].astype(np.float64)
+  top = x.max(-1)
+  log_z = np.log(np.exp(x - top[:, None]).sum(-1)) + top
+  return float(np.mean(log_z - x[np.arange(len(x)), tokens[1:]]))
+
+
+def row(folder: pathlib.Path) -> dict:
+  g = hf.read_safetensors(folder / 'golden.safetensors')
+  model, hf_json = hf.load(folder)
+  tokens = g['tokens']
+  forward = np.asarray(model(jnp.asarray(tokens)[None]))[0]
+  result = dict(fixture=folder.name, architecture=hf_json['architectures'][0],
+                attention=model.cfg.attention, rope_layout=model.cfg.rope_layout,
+                yarn=model.cfg.rope_scaling is not None, positions=len(tokens),
+                forward_err=float(np.abs(forward - g['logits']).max()))
+  paths = ('absorbed', 'naive') if model.cfg.attention == 'mla' else ('absorbed',)
+  for path in paths:
+    m = with_config(model, mla_decode=path)
+    key = path if model.cfg.attention == 'mla' else 'cache'
+    result[f'{key}_err'] = float(np.abs(decode.logits_through_cache(m, tokens) -
+                                        g['logits']).max())
+    out = decode.generate(m, g['prompt'][None], max_new_tokens=len(g['continuation']))
+    result[f'{key}_greedy_equal'] = bool(np.array_equal(np.asarray(out[0]), g['continuation']))
+  ours = evaluate.perplexity(model, tokens, len(tokens), len(tokens), 1)
+  result.update(ppl_mla_jax=ours['perplexity'],
+                ppl_transformers=math.exp(reference_nll(g['logits'], tokens)))
+  return result
+
+
+def main(argv):
+  del argv
+  cli.quiet_logging()
+  rows = [row(d) for d in sorted(FIXTURES.iterdir()) if (d / 'golden.safetensors').is_file()]
+  fmt = lambda r, k: f'{r[k]:.1e}' if k in r else '-'
+  greedy = lambda r: ' / '.join(('yes' if r[k] else 'NO') for k in (
+      'absorbed_greedy_equal', 'naive_greedy_equal', 'cache_greedy_equal') if k in r)
+  print('| fixture | attention | rope | forward | cache (absorbed) | cache (naive) | greedy '
+        '| perplexity mla_jax / transformers |')
+  print('|---|---|---|---:|---:|---:|---|---:|')
+  for r in rows:
+    cache = fmt(r, 'cache_err') if 'cache_err' in r else fmt(r, 'absorbed_err')
+    print(f"| {r['fixture']} | {r['attention']} | {r['rope_layout']}"
+          f"{' + YaRN' if r['yarn'] else ''} | {fmt(r, 'forward_err')} | {cache} | "
+          f"{fmt(r, 'naive_err')} | {greedy(r)} | "
+          f"{r['ppl_mla_jax']:.4f} / {r['ppl_transformers']:.4f} |")
+  worst = max(max(v for k, v in r.items() if k.endswith('_err')) for r in rows)
+  print(f'worst |logit error| over every fixture, path and position: {worst:.2e}')
+  if FLAGS.out:
+    pathlib.Path(FLAGS.out).write_text(json.dumps(dict(rows=rows, worst_err=worst), indent=1))
+
+
+if __name__ == '__main__':
+  flags.DEFINE_string('out', None, 'also write the rows as JSON here')
+  app.run(main)
