@@ -6,6 +6,11 @@ For each fixture of tests/hf_fixtures (recorded with transformers, float32 eager
 the largest |logit error| of the full forward and of the decode cache (every position, one
 prefill chunk then token by token; both MLA paths), whether greedy generation reproduces the
 recorded continuation, and the perplexity of the fixture text both ways. Needs no torch.
+
+  python -m experiments.hf_equality --trained=runs/mla,runs/gqa   # needs the dev extra
+
+also exports runs trained here, loads them with transformers, and compares the logits and the
+perplexity of the first validation windows (eval.seq_len bytes each) both ways.
 """
 
 from __future__ import annotations
@@ -56,6 +61,35 @@ def row(folder: pathlib.Path) -> dict:
   return result
 
 
+def trained_row(workdir: str, windows: int = 8) -> dict:
+  """Export a trained run, load it with transformers, score the same validation windows."""
+  import tempfile
+
+  import torch
+  import transformers
+
+  from mla_jax import data
+  from mla_jax import workdir as wd
+
+  model, cfg = wd.load_workdir(workdir)
+  config = wd.read_config(workdir)
+  seq_len = config.eval.seq_len
+  val = data.load_splits(config.data)['val'][:windows * seq_len].reshape(windows, seq_len)
+  with tempfile.TemporaryDirectory() as tmp:
+    hf_json = hf.save(model, tmp)
+    theirs_model = getattr(transformers, hf_json['architectures'][0]).from_pretrained(
+        tmp, dtype=torch.float32, attn_implementation='eager')
+  with torch.no_grad():
+    theirs = theirs_model(torch.tensor(val, dtype=torch.long)).logits.numpy()
+  ours = np.asarray(model(jnp.asarray(val, jnp.int32)))
+  nll = lambda logits: np.mean([reference_nll(x, t) for x, t in zip(logits, val, strict=True)])
+  return dict(workdir=workdir, architecture=hf_json['architectures'][0],
+              attention=cfg.attention, rope_layout=cfg.rope_layout,
+              tokens_scored=int(windows * (seq_len - 1)),
+              max_err=float(np.abs(ours - theirs).max()),
+              ppl_mla_jax=math.exp(nll(ours)), ppl_transformers=math.exp(nll(theirs)))
+
+
 def main(argv):
   del argv
   cli.quiet_logging()
@@ -74,10 +108,20 @@ def main(argv):
           f"{r['ppl_mla_jax']:.4f} / {r['ppl_transformers']:.4f} |")
   worst = max(max(v for k, v in r.items() if k.endswith('_err')) for r in rows)
   print(f'worst |logit error| over every fixture, path and position: {worst:.2e}')
+  result = dict(rows=rows, worst_err=worst)
+  if FLAGS.trained:
+    result['trained'] = [trained_row(w) for w in FLAGS.trained]
+    print('\n| run | exported as | attention | max logit error | perplexity mla_jax / '
+          'transformers |')
+    print('|---|---|---|---:|---:|')
+    for r in result['trained']:
+      print(f"| {r['workdir']} | {r['architecture']} | {r['attention']} ({r['rope_layout']}) | "
+            f"{r['max_err']:.1e} | {r['ppl_mla_jax']:.4f} / {r['ppl_transformers']:.4f} |")
   if FLAGS.out:
-    pathlib.Path(FLAGS.out).write_text(json.dumps(dict(rows=rows, worst_err=worst), indent=1))
+    pathlib.Path(FLAGS.out).write_text(json.dumps(result, indent=1))
 
 
 if __name__ == '__main__':
   flags.DEFINE_string('out', None, 'also write the rows as JSON here')
+  flags.DEFINE_list('trained', [], 'workdirs to export and check in transformers (dev extra)')
   app.run(main)
