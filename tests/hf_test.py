@@ -385,3 +385,15 @@ def test_sharded_bfloat16_checkpoints_convert_exactly(tmp_path):
   g = golden(name)
   assert np.abs(logits_of(with_config(model, param_dtype='float32'), g['tokens']) -
                 g['logits']).max() <= TOL
+
+
+@pytest.mark.parametrize('name', [*YARN, 'llama_gqa'])
+def test_transformers_4_config_format_converts_alike(name):
+  """Released checkpoints (and transformers 4) write rope_theta and rope_scaling with 'type'
+  where transformers 5 writes rope_parameters."""
+  hf_json, _ = hf.read_folder(FIXTURES / name)
+  params = dict(hf_json.pop('rope_parameters'))
+  old = dict(hf_json, rope_theta=params.pop('rope_theta'))
+  kind = params.pop('rope_type')
+  old['rope_scaling'] = None if kind == 'default' else dict(params, type=kind)
+  assert hf.model_config(old) == imported(name).cfg
