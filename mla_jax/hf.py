@@ -30,7 +30,7 @@ from flax import nnx, traverse_util
 
 from mla_jax import rope
 from mla_jax.config import ConfigError, ModelConfig, YarnScaling
-from mla_jax.model import Transformer
+from mla_jax.model import Transformer, param_shapes, with_params
 
 LLAMA = ('LlamaForCausalLM',)
 DEEPSEEK = ('DeepseekV2ForCausalLM', 'DeepseekV3ForCausalLM')
@@ -384,21 +384,6 @@ def _unused(cfg: ModelConfig, tensors: dict) -> list[str]:
 
 
 # --- whole models ----------------------------------------------------------------------------
-def param_shapes(cfg: ModelConfig) -> dict[tuple, tuple[int, ...]]:
-  """{parameter path: shape} of our model, from shapes alone."""
-  abstract = nnx.state(nnx.eval_shape(lambda: Transformer(cfg, rngs=nnx.Rngs(0))), nnx.Param)
-  return {path: tuple(x.shape)
-          for path, x in traverse_util.flatten_dict(nnx.to_pure_dict(abstract)).items()}
-
-
-def build(cfg: ModelConfig, params: dict[tuple, np.ndarray]) -> Transformer:
-  """Our Transformer holding the given flat {path: array} parameters (in cfg.param_dtype)."""
-  graphdef, state = nnx.split(nnx.eval_shape(lambda: Transformer(cfg, rngs=nnx.Rngs(0))))
-  nnx.replace_by_pure_dict(state, traverse_util.unflatten_dict(
-      {path: jnp.asarray(w, cfg.params_dtype) for path, w in params.items()}))
-  return nnx.merge(graphdef, state)
-
-
 def load(hf_dir, dtype: str = 'float32', param_dtype: str = 'float32'
          ) -> tuple[Transformer, dict]:
   """(our Transformer, config.json) of a Hugging Face folder; compute and parameter dtypes
@@ -410,7 +395,9 @@ def load(hf_dir, dtype: str = 'float32', param_dtype: str = 'float32'
     raise HFError(f'{len(extra)} tensors have no place in a {cfg.attention} model, e.g. '
                   f'{extra[0]} (biases, experts or an unknown module?); mla_jax converts '
                   'only the layouts of DESIGN.md section 7')
-  return build(cfg, from_hf_tensors(cfg, tensors, param_shapes(cfg))), hf
+  params = from_hf_tensors(cfg, tensors, param_shapes(cfg))
+  return with_params(cfg, traverse_util.unflatten_dict(
+      {path: jnp.asarray(w, cfg.params_dtype) for path, w in params.items()})), hf
 
 
 def save(model: Transformer, out_dir) -> dict:

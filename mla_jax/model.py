@@ -7,10 +7,10 @@ block(x) = x + Attn(RMSNorm(x)); then x + SwiGLU(RMSNorm(x)). Final RMSNorm, the
 from __future__ import annotations
 
 import dataclasses
+import math
 
-import jax
 import jax.numpy as jnp
-from flax import nnx
+from flax import nnx, traverse_util
 
 from mla_jax.attention import GQAttention, MLAttention
 from mla_jax.cache import cache_class
@@ -78,16 +78,31 @@ class Transformer(nnx.Module):
             for _ in range(self.cfg.n_layers)]
 
 
-def with_config(model: Transformer, **changes) -> Transformer:
-  """The same parameters under a changed config: another mla_decode path, compute dtype or
-  rope layout (the parameter shapes must not change)."""
-  cfg = dataclasses.replace(model.cfg, **changes)
-  graphdef, state = nnx.split(nnx.eval_shape(lambda: Transformer(cfg, rngs=nnx.Rngs(0))))
-  nnx.replace_by_pure_dict(state, nnx.to_pure_dict(nnx.state(model, nnx.Param)))
-  return nnx.merge(graphdef, state)
+def _abstract(cfg: ModelConfig):
+  """(graphdef, abstract state) of a Transformer: shapes and dtypes, nothing allocated."""
+  return nnx.split(nnx.eval_shape(lambda: Transformer(cfg, rngs=nnx.Rngs(0))))
+
+
+def param_shapes(cfg: ModelConfig) -> dict[tuple, tuple[int, ...]]:
+  """{parameter path: shape}, e.g. ('blocks', 0, 'attn', 'w_uk'): (c, h, n)."""
+  return {path: tuple(x.shape) for path, x in
+          traverse_util.flatten_dict(nnx.to_pure_dict(_abstract(cfg)[1])).items()}
 
 
 def param_count(cfg: ModelConfig) -> int:
   """Number of parameters, from shapes alone (nothing is allocated)."""
-  abstract = nnx.eval_shape(lambda: Transformer(cfg, rngs=nnx.Rngs(0)))
-  return sum(x.size for x in jax.tree.leaves(nnx.state(abstract, nnx.Param)))
+  return sum(math.prod(shape) for shape in param_shapes(cfg).values())
+
+
+def with_params(cfg: ModelConfig, params: dict) -> Transformer:
+  """A Transformer of cfg holding `params`, a nested dict as nnx.to_pure_dict gives."""
+  graphdef, state = _abstract(cfg)
+  nnx.replace_by_pure_dict(state, params)
+  return nnx.merge(graphdef, state)
+
+
+def with_config(model: Transformer, **changes) -> Transformer:
+  """The same parameters under a changed config: another mla_decode path, compute dtype or
+  rope layout (the parameter shapes must not change)."""
+  return with_params(dataclasses.replace(model.cfg, **changes),
+                     nnx.to_pure_dict(nnx.state(model, nnx.Param)))
