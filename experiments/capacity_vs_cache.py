@@ -19,7 +19,6 @@ overwrite the committed results).
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
 import pathlib
@@ -39,7 +38,7 @@ from experiments import capacity_report
 from mla_jax import cli, data, decode, evaluate, trainer
 from mla_jax import workdir as wd
 from mla_jax.cache import measured_per_token
-from mla_jax.model import Transformer, param_count
+from mla_jax.model import param_count, with_config
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string('workdir', None, 'where the runs live (one folder per row and seed)')
@@ -79,11 +78,10 @@ def cache_formula(cfg) -> tuple[str, int]:
 
 def measure_decode_cache(model, prompt) -> tuple[int, int]:
   """(elements, bytes) per token of the caches a bfloat16 prefill + decode step returns."""
-  cfg = dataclasses.replace(model.cfg, dtype='bfloat16')
-  graphdef, _ = nnx.split(nnx.eval_shape(lambda: Transformer(cfg, rngs=nnx.Rngs(0))))
-  state = nnx.state(model)
-  batch, max_len = 2, cfg.max_seq_len
-  caches = nnx.merge(graphdef, state).init_cache(batch, max_len)  # bfloat16, as decode allocates
+  model = with_config(model, dtype='bfloat16')
+  graphdef, state = nnx.split(model)
+  batch, max_len = 2, model.cfg.max_seq_len
+  caches = model.init_cache(batch, max_len)  # bfloat16, as decode allocates
   prompts = jnp.asarray([prompt, prompt], jnp.int32)
   lengths = jnp.full((batch,), len(prompt), jnp.int32)
   logits, caches = decode.prefill(graphdef, state, caches, prompts, lengths)

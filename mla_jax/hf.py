@@ -338,11 +338,10 @@ def to_hf_tensors(cfg: ModelConfig, params: dict) -> dict[str, np.ndarray]:
   return out
 
 
-def from_hf_tensors(cfg: ModelConfig, tensors: dict[str, np.ndarray],
-                    shapes: dict) -> dict[tuple, np.ndarray]:
+def from_hf_tensors(cfg: ModelConfig, tensors: dict[str, np.ndarray]) -> dict[tuple, np.ndarray]:
   """Hugging Face tensors -> our flat {path: array in cfg.param_dtype}, checking every name
   and shape. One tensor at a time is read from the (memory-mapped) files."""
-  params = {}
+  params, shapes = {}, param_shapes(cfg)
   for t in _tensors(cfg):
     if t.name not in tensors:
       raise HFError(f'tensor {t.name} is missing from the checkpoint (config.json implies '
@@ -395,7 +394,7 @@ def load(hf_dir, dtype: str = 'float32', param_dtype: str = 'float32'
     raise HFError(f'{len(extra)} tensors have no place in a {cfg.attention} model, e.g. '
                   f'{extra[0]} (biases, experts or an unknown module?); mla_jax converts '
                   'only the layouts of DESIGN.md section 7')
-  params = from_hf_tensors(cfg, tensors, param_shapes(cfg))
+  params = from_hf_tensors(cfg, tensors)
   return with_params(cfg, traverse_util.unflatten_dict(
       {path: jnp.asarray(w, cfg.params_dtype) for path, w in params.items()})), hf
 

@@ -78,7 +78,7 @@ class Transformer(nnx.Module):
             for _ in range(self.cfg.n_layers)]
 
 
-def _abstract(cfg: ModelConfig):
+def abstract(cfg: ModelConfig):
   """(graphdef, abstract state) of a Transformer: shapes and dtypes, nothing allocated."""
   return nnx.split(nnx.eval_shape(lambda: Transformer(cfg, rngs=nnx.Rngs(0))))
 
@@ -86,7 +86,7 @@ def _abstract(cfg: ModelConfig):
 def param_shapes(cfg: ModelConfig) -> dict[tuple, tuple[int, ...]]:
   """{parameter path: shape}, e.g. ('blocks', 0, 'attn', 'w_uk'): (c, h, n)."""
   return {path: tuple(x.shape) for path, x in
-          traverse_util.flatten_dict(nnx.to_pure_dict(_abstract(cfg)[1])).items()}
+          traverse_util.flatten_dict(nnx.to_pure_dict(abstract(cfg)[1])).items()}
 
 
 def param_count(cfg: ModelConfig) -> int:
@@ -96,7 +96,7 @@ def param_count(cfg: ModelConfig) -> int:
 
 def with_params(cfg: ModelConfig, params: dict) -> Transformer:
   """A Transformer of cfg holding `params`, a nested dict as nnx.to_pure_dict gives."""
-  graphdef, state = _abstract(cfg)
+  graphdef, state = abstract(cfg)
   nnx.replace_by_pure_dict(state, params)
   return nnx.merge(graphdef, state)
 

@@ -17,7 +17,7 @@ from flax import nnx
 
 from mla_jax import sharding
 from mla_jax.config import ModelConfig
-from mla_jax.model import Transformer
+from mla_jax.model import abstract
 
 
 class WorkdirError(RuntimeError):
@@ -105,8 +105,7 @@ def load_workdir(workdir, step: int | None = None, best: bool = False, mesh=None
   step = max(steps) if step is None else step
   if step not in steps:
     raise WorkdirError(f'{folder} has no checkpoint {step}; it has {sorted(steps)}')
-  abstract = nnx.eval_shape(lambda: Transformer(cfg, rngs=nnx.Rngs(0)))
-  graphdef, params = nnx.split(abstract)
+  graphdef, params = abstract(cfg)
   # Orbax restores into the target's layout whatever the saving mesh was, given one.
   mesh = mesh or sharding.make_mesh({'data': 1, 'fsdp': 1, 'tensor': 1}, jax.devices()[:1])
   params = jax.tree.map(lambda p, s: jax.ShapeDtypeStruct(p.shape, p.dtype, sharding=s),

@@ -19,7 +19,7 @@ from flax import nnx, traverse_util
 
 from experiments.hf_equality import reference_nll
 from mla_jax import convert, decode, evaluate, hf, rope
-from mla_jax.model import Transformer, param_shapes, with_config, with_params
+from mla_jax.model import Transformer, with_config, with_params
 
 FIXTURES = pathlib.Path(__file__).parent / 'hf_fixtures'
 NAMES = sorted(d.name for d in FIXTURES.iterdir() if (d / 'config.json').is_file())
@@ -160,7 +160,7 @@ def test_interleaved_models_export_to_llama_by_permuting_q_k_rows():
   rows = rope.interleaved_to_half(cfg.head_dim)
   assert not np.array_equal(rows[rows], np.arange(cfg.head_dim))
   _, tensors = hf.read_folder(FIXTURES / name)
-  params = hf.from_hf_tensors(cfg, tensors, param_shapes(cfg))
+  params = hf.from_hf_tensors(cfg, tensors)
   w_q = ('blocks', 0, 'attn', 'w_q')
   assert not np.array_equal(params[w_q], _params(imported(name))['blocks'][0]['attn']['w_q'])
   model = with_params(cfg, traverse_util.unflatten_dict(params))
