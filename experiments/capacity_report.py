@@ -57,7 +57,7 @@ def summarize(results: list[dict]) -> dict[str, dict]:
     speeds = [r['tokens_per_s'] for r in runs if r['tokens_per_s']]
     summary[row] = dict(
         mechanism=mechanism(first), attention=first['attention'],
-        paper=PAPER[first['attention']], formula=first['cache_formula'],
+        paper=PAPER.get(first['attention'], '-'), formula=first['cache_formula'],
         elements_formula=first['cache_elements_formula'],
         elements_measured=first['cache_elements_measured'],
         bytes_bf16=first['cache_bytes_bf16_measured'], params=first['params'],

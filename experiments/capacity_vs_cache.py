@@ -10,7 +10,7 @@ one-core runs on two cores train ~40% more tokens per second than one two-core r
 size. A run is workdir/<row>/seed<k>, an ordinary mla_jax workdir: an interrupted run resumes
 from its last checkpoint, and a finished one (result.json) is not redone.
 
-Each run then: scores the validation split with mla_jax.evaluate.perplexity; prefills and
+Each run then: scores the validation split with mla_jax.evaluator.perplexity; prefills and
 decodes with the trained model in bfloat16 and counts the elements and bytes per token of the
 caches the decode loop returns. The report (capacity_vs_cache.md / .json / .png) goes to
 --results_dir: experiments/results for the full run, the workdir for --quick (which must never
@@ -35,7 +35,7 @@ from flax import nnx
 
 from configs.ablations import capacity_vs_cache as ablation
 from experiments import capacity_report
-from mla_jax import cli, data, decode, evaluate, trainer
+from mla_jax import cli, data, decode, evaluator, trainer, variants
 from mla_jax import workdir as wd
 from mla_jax.cache import measured_per_token
 from mla_jax.model import param_count, with_config
@@ -65,15 +65,8 @@ def run_config(row: str, seed: int, quick: bool, data_files: str):
 
 
 def cache_formula(cfg) -> tuple[str, int]:
-  """DeepSeek-V2 Table 1, written from the config's fields (not from the cache code)."""
-  layers = cfg.n_layers
-  if cfg.attention == 'mla':
-    return '(d_c + d_h^R)·l', (cfg.kv_lora_rank + cfg.qk_rope_head_dim) * layers
-  if cfg.attention == 'mqa':
-    return '2·d_h·l', 2 * cfg.head_dim * layers
-  if cfg.attention == 'gqa':
-    return '2·n_g·d_h·l', 2 * cfg.n_kv_heads * cfg.head_dim * layers
-  return '2·n_h·d_h·l', 2 * cfg.n_heads * cfg.head_dim * layers
+  """DeepSeek-V2 Table 1 as the variant's registry entry writes it, and its value."""
+  return variants.get(cfg.attention).cache_formula, variants.cache_elements_per_token(cfg)
 
 
 def measure_decode_cache(model, prompt) -> tuple[int, int]:
@@ -106,7 +99,7 @@ def _worker(spec: str) -> None:
   val = data.load_splits(config.data)['val']
   start = time.perf_counter()
   e = config.eval
-  result = evaluate.perplexity(model, val, e.seq_len, e.stride, e.batch_size)
+  result = evaluator.perplexity(model, val, e.seq_len, e.stride, e.batch_size)
   eval_s = time.perf_counter() - start
   formula, by_formula = cache_formula(cfg)
   elements, nbytes = measure_decode_cache(model, val[:cfg.max_seq_len // 2])

@@ -1,12 +1,15 @@
 """mla_jax: Multi-head Latent Attention and the variants it is measured against, in JAX/Flax."""
 
-from mla_jax.cache import KVCache, LatentCache, cache_elements_per_token
+from mla_jax.cache import KVCache, LatentCache
 from mla_jax.config import ConfigError, ModelConfig, YarnScaling
 from mla_jax.decode import decode_step, generate, logits_through_cache, prefill
+from mla_jax.errors import Error
 from mla_jax.model import Transformer
+from mla_jax.variants import Variant, cache_elements_per_token
 
 __all__ = [
-    'ConfigError', 'KVCache', 'LatentCache', 'ModelConfig', 'Transformer', 'YarnScaling',
+    'ConfigError', 'Error', 'KVCache', 'LatentCache', 'ModelConfig', 'Transformer', 'Variant',
+    'YarnScaling',
     'cache_elements_per_token', 'decode_step', 'generate', 'load_hf', 'load_workdir',
     'logits_through_cache', 'prefill', 'save_hf',
 ]

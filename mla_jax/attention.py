@@ -4,7 +4,7 @@ Both call one masked-softmax helper, `attention_weights`, with grouped heads: qu
 [b, t, g, p, e] read the keys [b, g, s, e] of their group g. MHA is g = H, p = 1; MQA is g = 1,
 p = H. MLA's absorbed decode is, in this language, MQA over the latent: one group whose "key" is
 (c_kv, k_rope) and whose "value" is c_kv, with W_UK folded into the query and W_UV into the
-output (DESIGN.md section 2). Shape letters are listed in layers.py.
+output (docs/design.md#3-mla). Shape letters are listed in layers.py.
 
 In every probs-times-values einsum the cached array is the first operand and is contracted
 along the axis it stores contiguously: written the other way, XLA's CPU dot copies (transposes)
@@ -44,8 +44,9 @@ def attention_weights(q_parts, k_parts, visible_bts, scale: float):
   return jax.nn.softmax(scores, axis=-1)
 
 
-def _keys_and_mask(positions_bt, cache, k_len: int):
-  """Key positions for a forward without cache (the tokens themselves) or with one (slots)."""
+def _mask(positions_bt, cache, k_len: int):
+  """visible() [b, t, s] for a forward without a cache (the keys are the queries' own tokens)
+  or with one (the keys are cache slots 0 .. k_len - 1, slot = position)."""
   if cache is None:
     return visible(positions_bt, positions_bt)
   slots = jnp.broadcast_to(jnp.arange(k_len), (positions_bt.shape[0], k_len))
@@ -79,7 +80,7 @@ class GQAttention(nnx.Module):
       cache = KVCache(k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3))
     else:
       cache = cache_out = cache.write(k, v, positions_bt)
-    mask = _keys_and_mask(positions_bt, cache_out, cache.k.shape[2])
+    mask = _mask(positions_bt, cache_out, cache.k.shape[2])
     scale = cfg.head_dim**-0.5 * rope.softmax_mscale(cfg.rope_scaling)**2
     probs = attention_weights((q.reshape(b, t, g, p, -1),), (cache.k,), mask, scale)
     spec = 'bgks,bgpts->btgpk' if cache.v_transposed else 'bgsk,bgpts->btgpk'
@@ -138,7 +139,7 @@ class MLAttention(nnx.Module):
     if cache is not None:
       cache = cache.write(c_kv, k_rope, positions_bt)
       c_kv, k_rope = cache.c_kv, cache.k_rope
-    mask = _keys_and_mask(positions_bt, cache, c_kv.shape[1])
+    mask = _mask(positions_bt, cache, c_kv.shape[1])
     scale = ((n + cfg.qk_rope_head_dim)**-0.5 * rope.softmax_mscale(cfg.rope_scaling)**2)
     if cache is not None and cfg.mla_decode == 'absorbed':
       o = self._absorbed(q_nope, q_rope, c_kv, k_rope, mask, scale)

@@ -2,7 +2,7 @@
 
 Elements per token, all l layers: MHA 2 H d_h l, GQA 2 G d_h l, MQA 2 d_h l, MLA (d_c + d_r) l.
 
-KVCache stores keys heads-major, k [b, g, s, k], not the DESIGN's [b, s, g, k]: a decode step
+KVCache stores keys heads-major, k [b, g, s, k], not token-major [b, s, g, k]: a decode step
 reads each head's keys as one contiguous [s, k] block (on this project's CPU, q.k over an
 8 x 16k x 16 x 64 cache streamed at 1.9 GB/s with [b, s, g, k] keys and 25 GB/s with
 [b, g, s, k]). Values are stored [b, g, s, k] too, except for MHA (one query head per KV head),
@@ -31,7 +31,7 @@ def values_transposed(cfg: ModelConfig) -> bool:
   return cfg.n_kv_heads == cfg.n_heads
 
 
-def _write(buf, new_bt, positions_bt, seq_axis: int):
+def write_at(buf, new_bt, positions_bt, seq_axis: int):
   """buf with new_bt [b, t, ...] stored at each row's positions [b, t] along seq_axis.
 
   Indexing (batch, :, ..., positions) selects a [b, t, <the other axes in order>] block
@@ -73,8 +73,8 @@ class KVCache:
 
   def write(self, k_btgk, v_btgk, positions_bt) -> KVCache:
     """Stores new keys/values at each sequence's own positions [b, t]."""
-    v = _write(self.v, v_btgk, positions_bt, seq_axis=3 if self.v_transposed else 2)
-    return KVCache(_write(self.k, k_btgk, positions_bt, seq_axis=2), v, self.v_transposed)
+    v = write_at(self.v, v_btgk, positions_bt, seq_axis=3 if self.v_transposed else 2)
+    return KVCache(write_at(self.k, k_btgk, positions_bt, seq_axis=2), v, self.v_transposed)
 
 
 @functools.partial(jax.tree_util.register_dataclass, data_fields=['c_kv', 'k_rope'],
@@ -97,18 +97,10 @@ class LatentCache:
   def elements_per_token(cfg: ModelConfig) -> int:
     return cfg.kv_lora_rank + cfg.qk_rope_head_dim
 
-  def write(self, c_bsc, k_rope_bsr, positions_bt) -> LatentCache:
-    return LatentCache(_write(self.c_kv, c_bsc, positions_bt, seq_axis=1),
-                       _write(self.k_rope, k_rope_bsr, positions_bt, seq_axis=1))
-
-
-def cache_class(cfg: ModelConfig):
-  return LatentCache if cfg.attention == 'mla' else KVCache
-
-
-def cache_elements_per_token(cfg: ModelConfig) -> int:
-  """The paper's Table 1 formula: cached elements per token over all layers."""
-  return cache_class(cfg).elements_per_token(cfg) * cfg.n_layers
+  def write(self, c_kv_btc, k_rope_btr, positions_bt) -> LatentCache:
+    """Stores new latents and rope keys at each sequence's own positions [b, t]."""
+    return LatentCache(write_at(self.c_kv, c_kv_btc, positions_bt, seq_axis=1),
+                       write_at(self.k_rope, k_rope_btr, positions_bt, seq_axis=1))
 
 
 def measured_per_token(caches, batch: int, max_len: int) -> tuple[int, int]:

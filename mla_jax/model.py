@@ -9,12 +9,13 @@ from __future__ import annotations
 import dataclasses
 import math
 
+import jax
 import jax.numpy as jnp
 from flax import nnx, traverse_util
 
-from mla_jax.attention import GQAttention, MLAttention
-from mla_jax.cache import cache_class
+from mla_jax import variants
 from mla_jax.config import ModelConfig
+from mla_jax.errors import check_token_ids
 from mla_jax.layers import MLP, Embed, RMSNorm, weight
 from mla_jax.sharding import constrain
 
@@ -27,14 +28,16 @@ class Block(nnx.Module):
 
   def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
     self.attn_norm = RMSNorm(cfg.d_model, cfg)
-    self.attn = (MLAttention if cfg.attention == 'mla' else GQAttention)(cfg, rngs)
+    self.attn = variants.get(cfg.attention).module(cfg, rngs)
     self.mlp_norm = RMSNorm(cfg.d_model, cfg)
     self.mlp = MLP(cfg, rngs)
 
   def __call__(self, x_btd, positions_bt, cache=None):
-    a, cache = self.attn(self.attn_norm(x_btd), positions_bt, cache)
+    with jax.named_scope('attention'):
+      a, cache = self.attn(self.attn_norm(x_btd), positions_bt, cache)
     x_btd = x_btd + a
-    return x_btd + self.mlp(self.mlp_norm(x_btd)), cache
+    with jax.named_scope('mlp'):
+      return x_btd + self.mlp(self.mlp_norm(x_btd)), cache
 
 
 class Transformer(nnx.Module):
@@ -50,6 +53,8 @@ class Transformer(nnx.Module):
                             fan_in=cfg.d_model)
 
   def __call__(self, tokens_bt, positions_bt=None):
+    if not isinstance(tokens_bt, jax.core.Tracer):  # eager call: check the ids (under jit the
+      check_token_ids(tokens_bt, self.cfg.vocab_size)  # caller's edge does it on the host)
     if positions_bt is None:
       positions_bt = jnp.broadcast_to(jnp.arange(tokens_bt.shape[1]), tokens_bt.shape)
     h, _ = self.forward(tokens_bt, positions_bt)
@@ -60,11 +65,13 @@ class Transformer(nnx.Module):
     x = constrain(self.embed(tokens_bt), RESIDUAL)
     new_caches = []
     for i, block in enumerate(self.blocks):
-      x, cache = block(x, positions_bt, None if caches is None else caches[i])
+      with jax.named_scope(f'block{i}'):
+        x, cache = block(x, positions_bt, None if caches is None else caches[i])
       x = constrain(x, RESIDUAL)
       new_caches.append(cache)
     return self.final_norm(x), (None if caches is None else new_caches)
 
+  @jax.named_scope('logits')
   def logits(self, h_btd):
     if self.cfg.tie_embeddings:
       return self.embed.attend(h_btd)
@@ -74,8 +81,8 @@ class Transformer(nnx.Module):
   def init_cache(self, batch_size: int, max_len: int, dtype=None) -> list:
     """Per-layer caches as the decode loop allocates them (compute dtype by default)."""
     dtype = self.cfg.compute_dtype if dtype is None else dtype
-    return [cache_class(self.cfg).init(self.cfg, batch_size, max_len, dtype)
-            for _ in range(self.cfg.n_layers)]
+    cache = variants.get(self.cfg.attention).cache
+    return [cache.init(self.cfg, batch_size, max_len, dtype) for _ in range(self.cfg.n_layers)]
 
 
 def abstract(cfg: ModelConfig):

@@ -7,38 +7,29 @@ r"""Trains a model from a config file; restarting the same command resumes the r
 On several hosts run the same command on each (TPU slices and SLURM jobs are detected; else
 add --coordinator_address=HOST:PORT --num_processes=N --process_id=I).
 
-All logic lives in mla_jax.trainer; this file parses flags and reports bad input in one line.
+All logic lives in mla_jax.trainer; this file parses flags.
 """
 
 import jax
-from absl import app, flags
+from absl import flags
 from ml_collections import config_flags
 
-from mla_jax import cli, data, trainer
-from mla_jax import config as model_config
-from mla_jax import workdir as wd
+from mla_jax import cli, trainer
 
 FLAGS = flags.FLAGS
-config_flags.DEFINE_config_file('config', None, 'a configs/*.py file (optionally :tiny)')
+config_flags.DEFINE_config_file('config', None, 'a configs/*.py file (optionally :arg)')
 flags.DEFINE_string('workdir', None, 'the run directory (created, or resumed if it exists)')
 flags.mark_flags_as_required(['config', 'workdir'])
 cli.define_distributed_flags()
 
 
-def main(argv):
-  if len(argv) > 1:
-    raise app.UsageError(f'unexpected arguments {argv[1:]}; flags look like --name=value')
-  cli.quiet_logging()
-  try:
-    cli.initialize_distributed()
-    result = trainer.train_and_evaluate(FLAGS.config, FLAGS.workdir)
-  except (model_config.ConfigError, data.DataError, wd.WorkdirError, trainer.TrainingError,
-          ValueError) as e:
-    raise SystemExit(f'error: {e}') from None
+def main():
+  cli.initialize_distributed()
+  result = trainer.train_and_evaluate(FLAGS.config, FLAGS.workdir)
   if result and jax.process_index() == 0:
     print(f"validation: perplexity {result['perplexity']:.4f}, "
           f"{result['bits_per_byte']:.4f} bits per byte over {result['tokens']} tokens")
 
 
 if __name__ == '__main__':
-  app.run(main, flags_parser=cli.parse_flags)
+  cli.run(main)

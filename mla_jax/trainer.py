@@ -25,12 +25,14 @@ import ml_collections
 import optax
 from flax import nnx
 
-from mla_jax import data, evaluate, sharding
+from mla_jax import data, evaluator, sharding
 from mla_jax import workdir as wd
+from mla_jax.config import ConfigError, ModelConfig
+from mla_jax.errors import Error
 from mla_jax.model import Transformer
 
 
-class TrainingError(RuntimeError):
+class TrainingError(Error):
   """Training cannot go on (non-finite loss); the last good checkpoint is kept."""
 
 
@@ -52,7 +54,7 @@ def optimizer(opt: ml_collections.ConfigDict, steps: int) -> optax.GradientTrans
 
 def create_state(config: ml_collections.ConfigDict):
   """(model, optimizer) initialised from config.seed."""
-  model = Transformer(wd.model_config(config), rngs=nnx.Rngs(config.seed))
+  model = Transformer(ModelConfig.from_dict(config.model), rngs=nnx.Rngs(config.seed))
   tx = optimizer(config.opt, config.train.steps)
   return model, nnx.Optimizer(model, tx, wrt=nnx.Param)
 
@@ -108,7 +110,7 @@ def batch_layout(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh):
   """(sharding, global shape [accum, b, seq_len + 1], this process's rows of each b)."""
   accum, batch = config.opt.grad_accum_steps, config.data.batch_size
   shape = (accum, batch // accum, config.data.seq_len + 1)
-  layout = sharding.sharding(mesh, (None, 'batch', None), shape)
+  layout = sharding.named_sharding(mesh, (None, 'batch', None), shape)
   return layout, shape, sharding.local_rows(layout, shape, axis=1)
 
 
@@ -156,16 +158,32 @@ class _Log:
 
 
 def _validate(config: ml_collections.ConfigDict) -> None:
-  d, o, e = config.data, config.opt, config.eval
+  """Every training setting the model config does not check, before anything is written."""
+  d, o, t, e = config.data, config.opt, config.train, config.eval
+  at_least = {'data.seq_len': (d.seq_len, 1), 'data.batch_size': (d.batch_size, 1),
+              'opt.grad_accum_steps': (o.grad_accum_steps, 1), 'train.steps': (t.steps, 1),
+              'train.stop_after_steps': (t.stop_after_steps, 0),
+              'train.log_every': (t.log_every, 1), 'train.eval_every': (t.eval_every, 1),
+              'train.checkpoint_every': (t.checkpoint_every, 1),
+              # 0 would let orbax delete every checkpoint: the run could never resume.
+              'train.keep_checkpoints': (t.keep_checkpoints, 1),
+              'eval.seq_len': (e.seq_len, 1), 'eval.batch_size': (e.batch_size, 1)}
+  for name, (value, least) in at_least.items():
+    if not isinstance(value, int) or isinstance(value, bool) or value < least:
+      raise ConfigError(f'{name}={value!r} must be an integer >= {least}')
   if d.batch_size % o.grad_accum_steps:
-    raise ValueError(f'data.batch_size={d.batch_size} must divide evenly into '
-                     f'opt.grad_accum_steps={o.grad_accum_steps} microbatches')
+    raise ConfigError(f'data.batch_size={d.batch_size} must divide evenly into '
+                      f'opt.grad_accum_steps={o.grad_accum_steps} microbatches')
   if not 0 < e.stride <= e.seq_len:
-    raise ValueError(f'eval.stride={e.stride} must be in [1, eval.seq_len={e.seq_len}]')
-  if config.train.steps < 1 or d.seq_len < 1:
-    raise ValueError('train.steps and data.seq_len must be >= 1')
+    raise ConfigError(f'eval.stride={e.stride} must be in [1, eval.seq_len={e.seq_len}]')
   if max(d.seq_len, e.seq_len) > config.model.max_seq_len:
-    raise ValueError(f'data/eval seq_len exceeds model.max_seq_len={config.model.max_seq_len}')
+    raise ConfigError(f'data.seq_len / eval.seq_len ({d.seq_len} / {e.seq_len}) exceed '
+                      f'model.max_seq_len={config.model.max_seq_len}')
+  for name in ('lr', 'b1', 'b2', 'weight_decay', 'clip_norm', 'final_lr_fraction'):
+    value = o[name]
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not (
+        math.isfinite(value) and value >= 0):
+      raise ConfigError(f'opt.{name}={value!r} must be a finite number >= 0')
 
 
 def _init_or_resume(config, ckpts, mesh) -> tuple:
@@ -200,12 +218,16 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
                        final_eval: bool = True) -> dict:
   """Trains (or resumes) the run in workdir; returns the last validation metrics."""
   _validate(config)
-  wd.model_config(config)  # a bad model config fails before anything is written
+  cfg = ModelConfig.from_dict(config.model)  # a bad model fails before anything is written
   mesh = sharding.make_mesh(config.mesh)
   # A batch or a model the mesh cannot split fails here too, before anything is written.
   batch_layout(config, mesh)
   sharding.state_shardings(nnx.eval_shape(lambda: create_state(config)), mesh)
   splits = data.load_splits(config.data)
+  for split, tokens in splits.items():
+    if tokens.max() >= cfg.vocab_size:
+      raise ConfigError(f'the {split} split has token id {tokens.max()} but model.vocab_size='
+                        f'{cfg.vocab_size}; raise vocab_size (bytes need 256)')
   workdir = pathlib.Path(workdir)
   wd.write_config(workdir, config)
   ckpts = wd.manager(workdir / 'checkpoints', config.train.keep_checkpoints)
@@ -230,7 +252,7 @@ def _loop(config, workdir, splits, mesh, ckpts, best, final_eval) -> dict:
     return {}
   batches = data.train_batches(splits['train'], config.data.seq_len, config.data.batch_size,
                                config.seed, start, accum=accum, rows=rows)
-  validate = functools.partial(evaluate.perplexity, tokens=splits['val'],
+  validate = functools.partial(evaluator.perplexity, tokens=splits['val'],
                                seq_len=config.eval.seq_len, stride=config.eval.stride,
                                batch_size=config.eval.batch_size, mesh=mesh)
   schedule = learning_rate(config.opt, t.steps)

@@ -17,10 +17,11 @@ from flax import nnx
 
 from mla_jax import sharding
 from mla_jax.config import ModelConfig
+from mla_jax.errors import Error
 from mla_jax.model import abstract
 
 
-class WorkdirError(RuntimeError):
+class WorkdirError(Error):
   """A missing, foreign or unreadable run; the message says what to do."""
 
 
@@ -46,16 +47,32 @@ def write_config(workdir, config: ml_collections.ConfigDict) -> None:
   tmp.replace(path)
 
 
+def check_writable(workdir, name: str) -> None:
+  """Refuses, before any work is done, a workdir where `name` cannot be written."""
+  folder = pathlib.Path(workdir)
+  probe = folder / f'.{name}.probe'
+  try:
+    probe.write_text('')
+    probe.unlink()
+  except OSError as e:
+    raise WorkdirError(f'cannot write {name} in {folder} ({e.strerror}); make it writable or '
+                       'copy the run elsewhere') from None
+
+
+def write_json(workdir, name: str, value) -> None:
+  """workdir/name as indented JSON, written whole (a temporary file renamed into place)."""
+  path = pathlib.Path(workdir) / name
+  tmp = path.with_name(path.name + '.tmp')
+  tmp.write_text(json.dumps(value, indent=1))
+  tmp.replace(path)
+
+
 def read_config(workdir) -> ml_collections.ConfigDict:
   path = config_path(workdir)
   if not path.exists():
     raise WorkdirError(f'no run in {workdir!r} ({path.name} missing); train one with '
                        'python -m mla_jax.train --config=configs/mla.py --workdir=DIR')
   return ml_collections.ConfigDict(json.loads(path.read_text()))
-
-
-def model_config(config: ml_collections.ConfigDict) -> ModelConfig:
-  return ModelConfig.from_dict(config.model)
 
 
 def manager(directory, keep: int | None = None) -> ocp.CheckpointManager:
@@ -96,7 +113,7 @@ def load_workdir(workdir, step: int | None = None, best: bool = False, mesh=None
   """(model, ModelConfig) from a trained or converted run: the latest (or `step`) checkpoint,
   laid out on `mesh` by the sharding rules (default: on one device), whatever mesh saved it."""
   config = read_config(workdir)
-  cfg = model_config(config)
+  cfg = ModelConfig.from_dict(config.model)
   folder = pathlib.Path(workdir) / ('best' if best else 'checkpoints')
   steps = manager(folder).all_steps() if folder.exists() else []
   if not steps:

@@ -7,18 +7,17 @@ import pytest
 from flax import nnx
 
 import mla_jax
+from mla_jax import variants
 
 jax.config.update('jax_numpy_rank_promotion', 'raise')
 
-# (name, overrides): the variants every cross-variant test runs over.
-VARIANTS = {
-    'mha': dict(attention='mha'),
-    'gqa': dict(attention='gqa', n_kv_heads=2),
-    'mqa': dict(attention='mqa'),
-    'mla': dict(attention='mla', kv_lora_rank=32, qk_rope_head_dim=8),
-    'mla_q': dict(attention='mla', kv_lora_rank=32, q_lora_rank=24, qk_rope_head_dim=8),
-    'mla_naive': dict(attention='mla', kv_lora_rank=32, mla_decode='naive'),
-}
+# (name, overrides): the variants every cross-variant test runs over. Every registered variant
+# at its registry example, and MLA's other paths.
+VARIANTS = {name: dict(attention=name, **variants.get(name).example) for name in variants.names()}
+VARIANTS.update(
+    mla_q=dict(attention='mla', kv_lora_rank=32, q_lora_rank=24, qk_rope_head_dim=8),
+    mla_naive=dict(attention='mla', kv_lora_rank=32, mla_decode='naive'),
+)
 
 
 def tiny_config(**overrides) -> mla_jax.ModelConfig:

@@ -96,8 +96,8 @@ def test_decode_with_sharded_batch_and_caches_matches_one_device(corpus):
         graphdef, state = nnx.split(model)
         state = jax.device_put(state, sharding.state_shardings(state, mesh))
         caches = model.init_cache(4, 32)
-        rows = sharding.sharding(mesh, ('batch', None), prompts.shape)
-        lengths_rows = sharding.sharding(mesh, ('batch',), (4,))
+        rows = sharding.named_sharding(mesh, ('batch', None), prompts.shape)
+        lengths_rows = sharding.named_sharding(mesh, ('batch',), (4,))
         logits, caches = decode.prefill(graphdef, state, caches, jax.device_put(prompts, rows),
                                         jax.device_put(lengths, lengths_rows))
         steps = [np.asarray(logits)]

@@ -18,7 +18,6 @@ variant below.
 from __future__ import annotations
 
 import json
-import time
 
 import jax
 import jax.numpy as jnp
@@ -27,6 +26,8 @@ from absl import app, flags
 from flax import nnx
 
 import mla_jax
+from experiments.timing import machine_limits, median_seconds
+from mla_jax import variants
 from mla_jax.cache import measured_per_token
 
 FLAGS = flags.FLAGS
@@ -41,36 +42,7 @@ flags.DEFINE_integer('runs', 7, 'timed runs per row (median reported)')
 flags.DEFINE_string('out', 'bench_decode.json', 'where to write the JSON results')
 
 
-def _median_seconds(fn, runs: int) -> float:
-  jax.block_until_ready(fn())  # warm-up (compile)
-  times = []
-  for _ in range(runs):
-    start = time.perf_counter()
-    jax.block_until_ready(fn())
-    times.append(time.perf_counter() - start)
-  return float(np.median(times))
-
-
-def machine_limits(runs: int, mib: int = 1024) -> dict:
-  """Copy bandwidth (read + write, in place) and float32 matmul rate, measured now."""
-  x = jnp.zeros((mib * 2**20 // 4,), jnp.float32)
-  bump = jax.jit(lambda x: x + 1.0, donate_argnums=0)
-  box = [bump(x)]
-
-  def copy():
-    box[0] = bump(box[0])
-    return box[0]
-
-  copy_s = _median_seconds(copy, runs)
-  n = 2048
-  a = jnp.ones((n, n), jnp.float32)
-  square = jax.jit(lambda a: a @ a)
-  matmul_s = _median_seconds(lambda: square(a), runs)
-  return {'copy_bytes_per_s': 2 * box[0].nbytes / copy_s,
-          'matmul_flops_per_s': 2 * n**3 / matmul_s}
-
-
-def variants(d_model: int, n_heads: int, n_layers: int, dtype: str) -> dict:
+def configs(d_model: int, n_heads: int, n_layers: int, dtype: str) -> dict:
   d_h = d_model // n_heads
   base = dict(d_model=d_model, n_heads=n_heads, n_layers=n_layers, vocab_size=256,
               max_seq_len=1 << 20, dtype=dtype, param_dtype=dtype)
@@ -86,19 +58,17 @@ def variants(d_model: int, n_heads: int, n_layers: int, dtype: str) -> dict:
 
 def step_cost(cfg: mla_jax.ModelConfig, n_params: int, batch: int, context: int,
               cache_bytes_per_token: int) -> tuple[float, float]:
-  """(bytes that must be read, flops) for one decode step at `context` keys."""
-  h, s, layers = cfg.n_heads, context, cfg.n_layers
+  """(bytes that must be read, flops) for one decode step at `context` keys.
+
+  Every weight is read once and used once per sequence, except an untied embedding table, of
+  which the step reads one row per sequence (a tied one is also the output head: read whole).
+  The attention's flops come from its variant's registry entry.
+  """
   itemsize = jnp.dtype(cfg.dtype).itemsize
-  weights = n_params - cfg.vocab_size * cfg.d_model * (1 if cfg.tie_embeddings else 0)
-  flops = 2 * batch * weights  # every weight once per sequence (embedding lookup ~free)
-  if cfg.attention != 'mla':
-    flops += 2 * batch * layers * h * s * 2 * cfg.head_dim  # q.k and p.v
-  else:
-    c, n, r, v = cfg.kv_lora_rank, cfg.qk_nope_head_dim, cfg.qk_rope_head_dim, cfg.v_head_dim
-    if cfg.mla_decode == 'absorbed':
-      flops += 2 * batch * layers * h * s * (2 * c + r)
-    else:  # up-project every cached latent, then ordinary attention
-      flops += 2 * batch * layers * s * c * h * (n + v) + 2 * batch * layers * h * s * (n + r + v)
+  embedding_rows = 0 if cfg.tie_embeddings else cfg.vocab_size * cfg.d_model
+  weights = n_params - embedding_rows
+  flops = 2 * batch * weights
+  flops += batch * cfg.n_layers * variants.get(cfg.attention).decode_flops(cfg, context)
   read = weights * itemsize + batch * context * cache_bytes_per_token
   return float(read), float(flops)
 
@@ -120,7 +90,7 @@ def bench_row(name, cfg, batch, context, limits, runs):
     logits, box[0] = mla_jax.decode_step(graphdef, state, box[0], tokens, positions)
     return logits
 
-  seconds = _median_seconds(step, runs)
+  seconds = median_seconds(step, runs)
   read, flops = step_cost(cfg, n_params, batch, context, cache_bytes_per_token)
   limit = max(read / limits['copy_bytes_per_s'], flops / limits['matmul_flops_per_s'])
   return {
@@ -141,11 +111,11 @@ def python_overhead_check(runs: int) -> dict:
   prompts = np.ones((1, 64), np.int32)
   gen = lambda n: mla_jax.generate(model, prompts, max_new_tokens=n)
   n = 64
-  per_token = (_median_seconds(lambda: gen(n + 1), runs)
-               - _median_seconds(lambda: gen(1), runs)) / n
+  per_token = (median_seconds(lambda: gen(n + 1), runs)
+               - median_seconds(lambda: gen(1), runs)) / n
   graphdef, state = nnx.split(model)
   forward = jax.jit(lambda s, x: nnx.merge(graphdef, s)(x))
-  one = _median_seconds(lambda: forward(state, jnp.ones((1, 1), jnp.int32)), runs)
+  one = median_seconds(lambda: forward(state, jnp.ones((1, 1), jnp.int32)), runs)
   return {'generate_ms_per_token': 1e3 * per_token, 'jitted_forward_ms': 1e3 * one,
           'ratio': per_token / one}
 
@@ -177,7 +147,7 @@ def main(argv):
   rows = []
   for batch in batches:
     for context in contexts:
-      for name, cfg in variants(dtype=FLAGS.dtype, **size).items():
+      for name, cfg in configs(dtype=FLAGS.dtype, **size).items():
         rows.append(bench_row(name, cfg, batch, context, limits, FLAGS.runs))
         print(f"{name:13s} b={batch} ctx={context:6d} {rows[-1]['ms_per_token']:9.2f} ms "
               f"fraction {rows[-1]['fraction_of_limit']:.2f}", flush=True)

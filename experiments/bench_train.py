@@ -15,47 +15,21 @@ import importlib
 import json
 import pathlib
 import tempfile
-import time
 
 import jax
 import numpy as np
 from absl import app, flags
 
+from experiments.timing import time_train_step
 from mla_jax import cli, sharding, trainer
-from mla_jax import workdir as wd
+from mla_jax.config import ModelConfig
 from mla_jax.model import param_count
 
 FLAGS = flags.FLAGS
-
-
-def _define_flags():  # only for the CLI: bench_mesh imports this module too
-  flags.DEFINE_list('variants', ['mha', 'gqa', 'mqa', 'mla'], 'configs/<name>.py to measure')
-  flags.DEFINE_integer('direct_steps', 8, 'timed direct calls of the train step')
-  flags.DEFINE_integer('window', 8, 'steps per timed window of the training loop')
-  flags.DEFINE_string('out', 'bench_train.json', 'where to write the JSON results')
-
-
-def time_train_step(config, mesh, steps: int) -> dict:
-  """Compile time, median step time and compiled HLO text of the train step on `mesh`, called
-  directly on one fixed batch (nothing else running)."""
-  with jax.set_mesh(mesh):
-    graphdef, state, shardings = trainer.init_state(config, mesh)
-    batch_sharding, shape, _ = trainer.batch_layout(config, mesh)
-    step = trainer.jit_train_step(graphdef, shardings, batch_sharding)
-    batch = jax.device_put(np.random.default_rng(0).integers(0, 256, shape, dtype=np.int32),
-                           batch_sharding)
-    start = time.perf_counter()
-    compiled = step.lower(state, batch).compile()
-    compile_s = time.perf_counter() - start  # the timed calls below compile once more, untimed
-    state, metrics = step(state, batch)
-    jax.block_until_ready(metrics)
-    times = []
-    for _ in range(steps):
-      start = time.perf_counter()
-      state, metrics = step(state, batch)
-      jax.block_until_ready(metrics)
-      times.append(time.perf_counter() - start)
-  return {'compile_s': compile_s, 'step_s': float(np.median(times)), 'hlo': compiled.as_text()}
+flags.DEFINE_list('variants', ['mha', 'gqa', 'mqa', 'mla'], 'configs/<name>.py to measure')
+flags.DEFINE_integer('direct_steps', 8, 'timed direct calls of the train step')
+flags.DEFINE_integer('window', 8, 'steps per timed window of the training loop')
+flags.DEFINE_string('out', 'bench_train.json', 'where to write the JSON results')
 
 
 def bench_variant(name: str, direct_steps: int, window: int) -> dict:
@@ -70,7 +44,7 @@ def bench_variant(name: str, direct_steps: int, window: int) -> dict:
     rows = [json.loads(line)
             for line in pathlib.Path(workdir, 'metrics.jsonl').read_text().splitlines()]
   loop = float(np.median([r['tokens_per_s'] for r in rows[1:] if 'tokens_per_s' in r]))
-  return {'variant': name, 'params': param_count(wd.model_config(config)),
+  return {'variant': name, 'params': param_count(ModelConfig.from_dict(config.model)),
           'compile_s': timed['compile_s'], 'direct_tokens_per_s': direct,
           'loop_tokens_per_s': loop, 'loop_vs_direct': loop / direct}
 
@@ -94,5 +68,4 @@ def main(argv):
 
 
 if __name__ == '__main__':
-  _define_flags()
   app.run(main, flags_parser=cli.parse_flags)

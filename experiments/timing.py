@@ -1,0 +1,66 @@
+"""What the benchmarks share: timing a jitted function, the machine's copy bandwidth and matmul
+rate, and the train step timed alone. Benchmarks live here in experiments/, outside the
+package: mla_jax never imports them.
+"""
+
+from __future__ import annotations
+
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from mla_jax import trainer
+
+
+def median_seconds(fn, runs: int) -> float:
+  jax.block_until_ready(fn())  # warm-up (compile)
+  times = []
+  for _ in range(runs):
+    start = time.perf_counter()
+    jax.block_until_ready(fn())
+    times.append(time.perf_counter() - start)
+  return float(np.median(times))
+
+
+def machine_limits(runs: int, mib: int = 1024) -> dict:
+  """Copy bandwidth (read + write, in place) and float32 matmul rate, measured now."""
+  x = jnp.zeros((mib * 2**20 // 4,), jnp.float32)
+  bump = jax.jit(lambda x: x + 1.0, donate_argnums=0)
+  box = [bump(x)]
+
+  def copy():
+    box[0] = bump(box[0])
+    return box[0]
+
+  copy_s = median_seconds(copy, runs)
+  n = 2048
+  a = jnp.ones((n, n), jnp.float32)
+  square = jax.jit(lambda a: a @ a)
+  matmul_s = median_seconds(lambda: square(a), runs)
+  return {'copy_bytes_per_s': 2 * box[0].nbytes / copy_s,
+          'matmul_flops_per_s': 2 * n**3 / matmul_s}
+
+
+def time_train_step(config, mesh, steps: int) -> dict:
+  """Compile time, median step time and compiled HLO text of the train step on `mesh`, called
+  directly on one fixed batch (nothing else running)."""
+  with jax.set_mesh(mesh):
+    graphdef, state, shardings = trainer.init_state(config, mesh)
+    batch_sharding, shape, _ = trainer.batch_layout(config, mesh)
+    step = trainer.jit_train_step(graphdef, shardings, batch_sharding)
+    batch = jax.device_put(np.random.default_rng(0).integers(0, 256, shape, dtype=np.int32),
+                           batch_sharding)
+    start = time.perf_counter()
+    compiled = step.lower(state, batch).compile()
+    compile_s = time.perf_counter() - start  # the timed calls below compile once more, untimed
+    state, metrics = step(state, batch)
+    jax.block_until_ready(metrics)
+    times = []
+    for _ in range(steps):
+      start = time.perf_counter()
+      state, metrics = step(state, batch)
+      jax.block_until_ready(metrics)
+      times.append(time.perf_counter() - start)
+  return {'compile_s': compile_s, 'step_s': float(np.median(times)), 'hlo': compiled.as_text()}
