@@ -39,7 +39,7 @@ def parse_flags(argv):
     if 'Error whilst parsing config file' in str(e):
       fail(_config_error(argv, e))
     fail(f'{e}; pass --helpfull to list the flags')
-  except SyntaxError as e:
+  except (SyntaxError, OSError) as e:  # OSError: a --config.a.b override of a missing file
     fail(_config_error(argv, e))
   except (KeyError, AttributeError, TypeError, ValueError) as e:
     name = next((a for a in argv[1:] if a.startswith('--config.')), 'a --config override')

@@ -88,11 +88,17 @@ def shakespeare_splits(cache_dir: str) -> dict[str, np.ndarray]:
 def text_file_splits(pattern: str, val_fraction: float) -> dict[str, np.ndarray]:
   """Local text files by glob. Whole files are held out from the end of the sorted list
   until val_fraction of the bytes is reached; a single file holds out its tail."""
-  files = sorted(glob.glob(os.path.expanduser(pattern), recursive=True))
+  matches = sorted(glob.glob(os.path.expanduser(pattern), recursive=True))
+  files = [f for f in matches if os.path.isfile(f)]  # a folder a glob matches is skipped
   if not files:
-    raise DataError(f'no files match data.files={pattern!r}; give a glob of text files, '
-                    "e.g. --config.data.files='corpus/*.txt'")
-  blobs = [pathlib.Path(f).read_bytes() for f in files]
+    found = f' (only the folders {matches[:3]})' if matches else ''
+    raise DataError(f'no files match data.files={pattern!r}{found}; give a glob of text '
+                    "files, e.g. --config.data.files='corpus/*.txt'")
+  try:
+    blobs = [pathlib.Path(f).read_bytes() for f in files]
+  except OSError as e:
+    raise DataError(f'cannot read {e.filename} ({e.strerror}) of data.files={pattern!r}; '
+                    'make it readable or leave it out of the glob') from None
   total = sum(len(b) for b in blobs)
   if len(blobs) == 1:
     cut = int(total * (1 - val_fraction))
