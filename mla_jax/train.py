@@ -10,6 +10,8 @@ add --coordinator_address=HOST:PORT --num_processes=N --process_id=I).
 All logic lives in mla_jax.trainer; this file parses flags.
 """
 
+import signal
+
 import jax
 from absl import flags
 from ml_collections import config_flags
@@ -24,6 +26,7 @@ cli.define_distributed_flags()
 
 
 def main():
+  signal.signal(signal.SIGTERM, trainer.exit_before_first_step)  # until the trainer's own
   cli.initialize_distributed()
   result = trainer.train_and_evaluate(FLAGS.config, FLAGS.workdir)
   if result and jax.process_index() == 0:

@@ -114,15 +114,24 @@ def batch_layout(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh):
   return layout, shape, sharding.local_rows(layout, shape, axis=1)
 
 
+def exit_before_first_step(signum, frame):
+  """SIGTERM handler for start-up: there is nothing to save yet, so exit at once."""
+  del signum, frame
+  print('SIGTERM before the first step: nothing to save', file=sys.stderr, flush=True)
+  sys.exit(128 + signal.SIGTERM)
+
+
 class _Preemption:
-  """Turns SIGTERM into a flag the loop checks, so it can checkpoint and exit cleanly."""
+  """SIGTERM during start-up exits at once (status 143, nothing to save); once the loop has
+  begun it is a flag the loop checks, so that it can checkpoint its step and exit cleanly."""
 
   def __init__(self):
-    self.requested = False
+    self.requested = self.training = False
     self._previous = signal.signal(signal.SIGTERM, self._handle)
 
   def _handle(self, signum, frame):
-    del signum, frame
+    if not self.training:
+      exit_before_first_step(signum, frame)
     self.requested = True
 
   def close(self):
@@ -132,13 +141,15 @@ class _Preemption:
 class _Log:
   """metrics.jsonl, TensorBoard and a one-line progress display (process 0 only)."""
 
-  def __init__(self, workdir: pathlib.Path, total_steps: int):
+  def __init__(self, workdir: pathlib.Path, total_steps: int, start: int):
     self.enabled = jax.process_index() == 0
     self.total = total_steps
     if self.enabled:
       from tensorboardX import SummaryWriter  # imported late: only the writer process needs it
+      wd.truncate_metrics(workdir, start)  # the steps this run repeats are logged once
       self.jsonl = (workdir / 'metrics.jsonl').open('a')
-      self.tb = SummaryWriter(str(workdir / 'tb'))
+      # TensorBoard hides the events of steps after `start` that an earlier life logged.
+      self.tb = SummaryWriter(str(workdir / 'tb'), purge_step=start + 1)
 
   def write(self, step: int, metrics: dict):
     if not self.enabled:
@@ -186,22 +197,24 @@ def _validate(config: ml_collections.ConfigDict) -> None:
       raise ConfigError(f'opt.{name}={value!r} must be a finite number >= 0')
 
 
-def _init_or_resume(config, ckpts, mesh) -> tuple:
+def _init_or_resume(config, ckpts, best, mesh) -> tuple:
   """(graphdef, state, shardings, start step, best validation loss) from config.seed or the
   latest checkpoint, restored straight into this mesh's layout (whatever mesh saved it)."""
   graphdef, state, shardings = init_state(config, mesh)
   start, best_loss = ckpts.latest_step() or 0, math.inf
-  if start:
-    model, opt = nnx.merge(graphdef, state)
-    model_state, opt_state = nnx.state(model), nnx.state(opt)
-    _, _, meta = wd.restore(ckpts, start, model_state, opt_state)
-    nnx.update(model, model_state)
-    nnx.update(opt, opt_state)
-    state = nnx.state((model, opt))
-    best_loss = meta.get('best_val_loss', math.inf)
-    if jax.process_index() == 0:
-      print(f'resuming from step {start}', file=sys.stderr)
-  return graphdef, state, shardings, start, best_loss
+  if not start:  # no run yet: a best/ left by a start that was killed or failed is stale
+    for step in best.all_steps():
+      best.delete(step)
+    return graphdef, state, shardings, start, best_loss
+  model, opt = nnx.merge(graphdef, state)
+  model_state, opt_state = nnx.state(model), nnx.state(opt)
+  _, _, meta = wd.restore(ckpts, start, model_state, opt_state, fix='resume')
+  nnx.update(model, model_state)
+  nnx.update(opt, opt_state)
+  if jax.process_index() == 0:
+    print(f'resuming from step {start}', file=sys.stderr)
+  return graphdef, nnx.state((model, opt)), shardings, start, meta.get('best_val_loss',
+                                                                         math.inf)
 
 
 def _check_finite(fetched, last_good_step) -> None:
@@ -214,13 +227,13 @@ def _check_finite(fetched, last_good_step) -> None:
           'or start a new --workdir')
 
 
-def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
-                       final_eval: bool = True) -> dict:
-  """Trains (or resumes) the run in workdir; returns the last validation metrics."""
+def _check(config: ml_collections.ConfigDict) -> tuple:
+  """Everything about a config that can be checked before anything is written: the training
+  settings, the model, the mesh's split of the batch and the model, the data and its ids.
+  -> (data splits, mesh)."""
   _validate(config)
-  cfg = ModelConfig.from_dict(config.model)  # a bad model fails before anything is written
+  cfg = ModelConfig.from_dict(config.model)
   mesh = sharding.make_mesh(config.mesh)
-  # A batch or a model the mesh cannot split fails here too, before anything is written.
   batch_layout(config, mesh)
   sharding.state_shardings(nnx.eval_shape(lambda: create_state(config)), mesh)
   splits = data.load_splits(config.data)
@@ -228,20 +241,40 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
     if tokens.max() >= cfg.vocab_size:
       raise ConfigError(f'the {split} split has token id {tokens.max()} but model.vocab_size='
                         f'{cfg.vocab_size}; raise vocab_size (bytes need 256)')
-  workdir = pathlib.Path(workdir)
-  wd.write_config(workdir, config)
-  ckpts = wd.manager(workdir / 'checkpoints', config.train.keep_checkpoints)
-  best = wd.manager(workdir / 'best', 1)
-  if jax.process_index() == 0:
-    sizes = ' x '.join(f'{axis}={n}' for axis, n in mesh.shape.items())
-    print(f'mesh {sizes} over {jax.device_count()} devices in {jax.process_count()} '
-          'processes', file=sys.stderr)
-  with jax.set_mesh(mesh):  # the activation constraints (sharding.constrain) read it
-    return _loop(config, workdir, splits, mesh, ckpts, best, final_eval)
+  return splits, mesh
 
 
-def _loop(config, workdir, splits, mesh, ckpts, best, final_eval) -> dict:
-  graphdef, state, shardings, start, best_loss = _init_or_resume(config, ckpts, mesh)
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
+                       final_eval: bool = True) -> dict:
+  """Trains (or resumes) the run in workdir; returns the validation metrics of the step it
+  stopped at, or {} if it did not validate there (stopped early, or by SIGTERM).
+
+  Nothing is written before every check has passed; the workdir is locked while training.
+  """
+  preempt = _Preemption()  # first: a SIGTERM during start-up says so and exits
+  try:
+    workdir = pathlib.Path(workdir)
+    wd.check_workdir(workdir)  # a file, or read-only: before the corpus is loaded
+    splits, mesh = _check(config)
+    wd.check_config(workdir, config)  # and again under the lock, by write_config
+    # The activation constraints (sharding.constrain) read the mesh set here.
+    with wd.lock(workdir), jax.set_mesh(mesh):
+      ckpts = wd.manager(workdir / 'checkpoints', config.train.keep_checkpoints)
+      best = wd.manager(workdir / 'best', 1)
+      if jax.process_index() == 0:
+        sizes = ' x '.join(f'{axis}={n}' for axis, n in mesh.shape.items())
+        print(f'mesh {sizes} over {jax.device_count()} devices in {jax.process_count()} '
+              'processes', file=sys.stderr)
+      run = _init_or_resume(config, ckpts, best, mesh)  # a damaged checkpoint stops it here
+      wd.write_config(workdir, config)
+      wd.fault('start')
+      return _loop(config, workdir, splits, mesh, ckpts, best, run, preempt, final_eval)
+  finally:
+    preempt.close()
+
+
+def _loop(config, workdir, splits, mesh, ckpts, best, run, preempt, final_eval) -> dict:
+  graphdef, state, shardings, start, best_loss = run
   step_sharding, batch_shape, rows = batch_layout(config, mesh)
   train_step_fn = jit_train_step(graphdef, shardings, step_sharding)
   t, accum = config.train, config.opt.grad_accum_steps
@@ -256,18 +289,22 @@ def _loop(config, workdir, splits, mesh, ckpts, best, final_eval) -> dict:
                                seq_len=config.eval.seq_len, stride=config.eval.stride,
                                batch_size=config.eval.batch_size, mesh=mesh)
   schedule = learning_rate(config.opt, t.steps)
-  log, preempt = _Log(workdir, t.steps), _Preemption()
+  log = _Log(workdir, t.steps, start)
   pending, window_start, window_tokens = [], time.perf_counter(), 0
-  last_eval: dict = {}
+  last_eval, evaluated_at = {}, None
+  preempt.training = True  # from here a SIGTERM finishes the step and saves it first
   try:
     step = start
     while step < end:
       batch = sharding.global_batch(next(batches), step_sharding, batch_shape)
       state, metrics = train_step_fn(state, batch)
       step += 1
+      # Read once per step: a SIGTERM that arrives while this step validates or saves stops
+      # the run after the next step, saved; acting on it midway would skip the save.
+      stop = preempt.requested
       pending.append((step, metrics))
       window_tokens += config.data.batch_size * config.data.seq_len
-      if (step % t.log_every == 0 or step == end or preempt.requested
+      if (step % t.log_every == 0 or step == end or stop
           or step % t.checkpoint_every == 0 or step % t.eval_every == 0):
         fetched = jax.device_get(pending)  # the only place the host waits for the device
         _check_finite(fetched, ckpts.latest_step())
@@ -277,26 +314,28 @@ def _loop(config, workdir, splits, mesh, ckpts, best, final_eval) -> dict:
                          window_tokens / (time.perf_counter() - window_start)})
         pending, window_tokens = [], 0
       evaluate_now = step % t.eval_every == 0 or (step == t.steps and final_eval)
-      save_now = step % t.checkpoint_every == 0 or step == end or preempt.requested
+      save_now = step % t.checkpoint_every == 0 or step == end or stop
       if evaluate_now or save_now:
         model, opt = nnx.merge(graphdef, state)
       if evaluate_now:
-        last_eval = validate(model)
+        last_eval, evaluated_at = validate(model), step
         log.write(step, {'val_loss': last_eval['loss'], 'val_perplexity':
                          last_eval['perplexity'], 'val_bits_per_byte':
                          last_eval['bits_per_byte']})
         if last_eval['loss'] < best_loss:
           best_loss = last_eval['loss']
+          # best/ before checkpoints/: a run resumed from checkpoint s finds best/ up to date
+          # with s, and one resumed from earlier finds this step saved (wd.save skips it).
           wd.save(best, step, nnx.state(model), meta={'step': step, 'val_loss': best_loss})
       if save_now:
         wd.save(ckpts, step, nnx.state(model), nnx.state(opt),
                 {'step': step, 'best_val_loss': best_loss})
-      if preempt.requested:
-        print(f'SIGTERM: saved step {step}, exiting', file=sys.stderr)
-        break
+      if stop:
+        print(f'stopped at step {step} by SIGTERM; run the same command to resume',
+              file=sys.stderr)
+        return {}
       if not pending:  # a window starts after any logging, validation or saving
         window_start = time.perf_counter()
   finally:
-    preempt.close()
     log.close()
-  return last_eval
+  return last_eval if evaluated_at == step else {}
