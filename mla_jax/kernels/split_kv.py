@@ -9,7 +9,8 @@ to this grouped form (attention.py says the same of the einsum paths):
 
 score_s = (sum_i q_i . k_i[s] * kscale_i[s]) * scale; o = softmax(score) @ (v * vscale).
 
-Algorithm (FlashAttention's online softmax, split-KV as in FlashDecoding):
+Algorithm (the online softmax of FlashAttention-2, Dao 2023, split over the keys as in
+Flash-Decoding, Dao et al. 2023):
 1. Split-KV. One decode query is too little parallel work for a GPU (b * g programs at most).
    Program (b, g, head block, j) takes the j-th of num_splits contiguous slices of sequence
    b's REAL length: blocks_per_split = cdiv(cdiv(length_b, block_s), num_splits) key blocks
