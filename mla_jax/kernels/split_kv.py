@@ -16,7 +16,7 @@ Flash-Decoding, Dao et al. 2023):
    b's REAL length: blocks_per_split = cdiv(cdiv(length_b, block_s), num_splits) key blocks
    each, computed in the kernel from length_b, so every split of a short sequence still gets
    an equal share and a split past the end does no work at all.
-2. Online softmax over the split's key blocks, float32: running max m, running sum l and the
+2. Online softmax over the split's key blocks, float32: running max m, running sum l (`denom`), the
    unnormalized output acc; per block
      m' = max(m, rowmax(s)); c = exp(m - m'); p = exp(s - m')
      l' = c l + rowsum(p);   acc' = c acc + p @ v.
