@@ -24,8 +24,9 @@ def median_seconds(fn, runs: int) -> float:
   return float(np.median(times))
 
 
-def machine_limits(runs: int, mib: int = 1024) -> dict:
-  """Copy bandwidth (read + write, in place) and float32 matmul rate, measured now."""
+def machine_limits(runs: int, mib: int = 1024, dtype: str = 'float32', n: int = 2048) -> dict:
+  """Copy bandwidth (read + write, in place) and the matmul rate in `dtype`, measured now (on
+  an accelerator give n >= 8192: a small product does not fill it)."""
   x = jnp.zeros((mib * 2**20 // 4,), jnp.float32)
   bump = jax.jit(lambda x: x + 1.0, donate_argnums=0)
   box = [bump(x)]
@@ -35,12 +36,11 @@ def machine_limits(runs: int, mib: int = 1024) -> dict:
     return box[0]
 
   copy_s = median_seconds(copy, runs)
-  n = 2048
-  a = jnp.ones((n, n), jnp.float32)
+  a = jnp.ones((n, n), dtype)
   square = jax.jit(lambda a: a @ a)
   matmul_s = median_seconds(lambda: square(a), runs)
   return {'copy_bytes_per_s': 2 * box[0].nbytes / copy_s,
-          'matmul_flops_per_s': 2 * n**3 / matmul_s}
+          'matmul_flops_per_s': 2 * n**3 / matmul_s, 'dtype': dtype}
 
 
 def time_train_step(config, mesh, steps: int) -> dict:

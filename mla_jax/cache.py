@@ -27,8 +27,9 @@ from mla_jax.sharding import constrain
 
 
 def values_transposed(cfg: ModelConfig) -> bool:
-  """Whether a KVCache stores values [b, g, k, s]: for MHA, see the module docstring."""
-  return cfg.n_kv_heads == cfg.n_heads
+  """Whether a KVCache stores values [b, g, k, s]: for MHA on the einsum path, see the module
+  docstring (fused attention and the decode kernels read [b, g, s, k])."""
+  return cfg.n_kv_heads == cfg.n_heads and not cfg.fused
 
 
 def write_at(buf, new_bt, positions_bt, seq_axis: int):

@@ -24,6 +24,7 @@ cli.define_distributed_flags()
 
 
 def main():
+  trainer.request_determinism(FLAGS.config)  # before anything starts jax's backends
   cli.initialize_distributed()
   result = trainer.train_and_evaluate(FLAGS.config, FLAGS.workdir)
   if result and jax.process_index() == 0:

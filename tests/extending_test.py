@@ -24,7 +24,7 @@ def shared_kv():
   """The doc's python blocks, executed in order; the variant is unregistered afterwards."""
   namespace = {}
   for block in re.findall(r'```python\n(.*?)```', DOC.read_text(), flags=re.S):
-    exec(compile(block, str(DOC), 'exec'), namespace)  # noqa: S102
+    exec(compile(block, str(DOC), 'exec'), namespace)
   yield namespace
   variants.unregister('shared_kv')
 

@@ -46,7 +46,7 @@ def mesh_of(sizes, n=None):
 def run_python(code: str, corpus: str, devices: int = 8, timeout: int = 600):
   script = textwrap.dedent(PRELUDE.format(devices=devices, corpus=corpus)) + textwrap.dedent(code)
   out = subprocess.run([sys.executable, '-c', script], cwd=ROOT, capture_output=True, text=True,
-                       timeout=timeout)
+                       timeout=timeout, env={**os.environ, 'JAX_PLATFORMS': 'cpu'})
   assert out.returncode == 0, out.stderr[-3000:]
   return json.loads(out.stdout.strip().splitlines()[-1])
 
