@@ -113,7 +113,8 @@ def bench_row(name, cfg, batch, context, limits, runs):
   read, flops = step_cost(cfg, n_params, batch, context, cache_bytes_per_token)
   limit = max(read / limits['copy_bytes_per_s'], flops / limits['matmul_flops_per_s'])
   return {
-      'variant': name, 'batch': batch, 'context': context, 'params': n_params,
+      'variant': name, 'impl': cfg.attention_impl, 'batch': batch, 'context': context,
+      'params': n_params,
       'ms_per_token': 1e3 * seconds, 'tokens_per_s': batch / seconds,
       'cache_elements_per_token': elements_per_token,
       'cache_elements_per_token_formula': mla_jax.cache_elements_per_token(cfg),
@@ -174,12 +175,13 @@ def main(argv):
         print(f"{name:13s} b={batch} ctx={context:6d} {rows[-1]['ms_per_token']:9.2f} ms "
               f"fraction {rows[-1]['fraction_of_limit']:.2f}", flush=True)
   overhead = python_overhead_check(FLAGS.runs)
-  print(format_table(rows, limits))
+  table = format_table(rows, limits)
+  print(table)
   print(f"\nno Python per token: generate {overhead['generate_ms_per_token']:.3f} ms/token vs "
         f"one jitted forward {overhead['jitted_forward_ms']:.3f} ms "
         f"(ratio {overhead['ratio']:.2f}; 1-layer d=64 model, context 128)")
   with open(FLAGS.out, 'w') as f:
-    json.dump({'machine': limits, 'rows': rows, 'python_overhead': overhead,
+    json.dump({'machine': limits, 'rows': rows, 'python_overhead': overhead, 'table': table,
                'device': str(jax.devices()[0]), 'dtype': FLAGS.dtype, **size}, f, indent=1)
   print(f'wrote {FLAGS.out}')
 
