@@ -1,7 +1,7 @@
 r"""Decode benchmark: time per generated token and cache size for every attention variant.
 
-  python -m mla_jax.bench_decode                      # the README table (~10 min, 2-core CPU)
-  python -m mla_jax.bench_decode --quick              # a small smoke version
+  python -m experiments.bench_decode                  # the table in docs/benchmarks.md
+  python -m experiments.bench_decode --quick          # a small smoke version
 
 Every variant shares d_model, head count and layers (float32 by default): MHA, GQA (G=2), MQA,
 MLA naive and MLA absorbed (d_c = 4 d_h, d_r = d_h / 2, no query compression). Caches are filled
