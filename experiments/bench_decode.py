@@ -26,8 +26,7 @@ from absl import app, flags
 from flax import nnx
 
 import mla_jax
-from experiments.timing import machine_limits, median_seconds
-from mla_jax import variants
+from experiments.timing import decode_step_cost, machine_limits, median_seconds
 from mla_jax.cache import measured_per_token
 
 FLAGS = flags.FLAGS
@@ -75,23 +74,6 @@ def resolve_impls(impls) -> tuple[str, ...]:
   return tuple(impls)
 
 
-def step_cost(cfg: mla_jax.ModelConfig, n_params: int, batch: int, context: int,
-              cache_bytes_per_token: int) -> tuple[float, float]:
-  """(bytes that must be read, flops) for one decode step at `context` keys.
-
-  Every weight is read once and used once per sequence, except an untied embedding table, of
-  which the step reads one row per sequence (a tied one is also the output head: read whole).
-  The attention's flops come from its variant's registry entry.
-  """
-  itemsize = jnp.dtype(cfg.dtype).itemsize
-  embedding_rows = 0 if cfg.tie_embeddings else cfg.vocab_size * cfg.d_model
-  weights = n_params - embedding_rows
-  flops = 2 * batch * weights
-  flops += batch * cfg.n_layers * variants.get(cfg.attention).decode_flops(cfg, context)
-  read = weights * itemsize + batch * context * cache_bytes_per_token
-  return float(read), float(flops)
-
-
 def bench_row(name, cfg, batch, context, limits, runs):
   model = mla_jax.Transformer(cfg, rngs=nnx.Rngs(0))
   graphdef, state = nnx.split(model)
@@ -110,7 +92,7 @@ def bench_row(name, cfg, batch, context, limits, runs):
     return logits
 
   seconds = median_seconds(step, runs)
-  read, flops = step_cost(cfg, n_params, batch, context, cache_bytes_per_token)
+  read, flops = decode_step_cost(cfg, n_params, batch, context, cache_bytes_per_token)
   limit = max(read / limits['copy_bytes_per_s'], flops / limits['matmul_flops_per_s'])
   return {
       'variant': name, 'impl': cfg.attention_impl, 'batch': batch, 'context': context,

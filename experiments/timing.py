@@ -1,6 +1,6 @@
 """What the benchmarks share: timing a jitted function, the machine's copy bandwidth and matmul
-rate, and the train step timed alone. Benchmarks live here in experiments/, outside the
-package: mla_jax never imports them.
+rate, the train step timed alone, and the bytes and flops a decode step must spend. Benchmarks
+live here in experiments/, outside the package: mla_jax never imports them.
 """
 
 from __future__ import annotations
@@ -11,7 +11,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from mla_jax import trainer
+from mla_jax import trainer, variants
+from mla_jax.config import ModelConfig
 
 
 def median_seconds(fn, runs: int) -> float:
@@ -64,3 +65,20 @@ def time_train_step(config, mesh, steps: int) -> dict:
       jax.block_until_ready(metrics)
       times.append(time.perf_counter() - start)
   return {'compile_s': compile_s, 'step_s': float(np.median(times)), 'hlo': compiled.as_text()}
+
+
+def decode_step_cost(cfg: ModelConfig, n_params: int, batch: int, context: int,
+              cache_bytes_per_token: int) -> tuple[float, float]:
+  """(bytes that must be read, flops) for one decode step at `context` keys.
+
+  Every weight is read once and used once per sequence, except an untied embedding table, of
+  which the step reads one row per sequence (a tied one is also the output head: read whole).
+  The attention's flops come from its variant's registry entry.
+  """
+  itemsize = jnp.dtype(cfg.dtype).itemsize
+  embedding_rows = 0 if cfg.tie_embeddings else cfg.vocab_size * cfg.d_model
+  weights = n_params - embedding_rows
+  flops = 2 * batch * weights
+  flops += batch * cfg.n_layers * variants.get(cfg.attention).decode_flops(cfg, context)
+  read = weights * itemsize + batch * context * cache_bytes_per_token
+  return float(read), float(flops)

@@ -163,7 +163,7 @@ def generate(model, prompts, prompt_lengths=None, max_new_tokens: int = 32,
       or lengths.min() < 1 or lengths.max() > t):
     raise InputError(f'prompt_lengths must be {b} integers in [1, {t}], got '
                      f'{lengths.tolist()}')
-  check_token_ids(prompts, cfg.vocab_size, 'prompt')
+  check_token_ids(prompts, cfg.vocab_size, 'prompt token')
   for name, value in (('max_new_tokens', max_new_tokens), ('top_k', top_k), ('seed', seed)):
     if not isinstance(value, (int, np.integer)) or isinstance(value, bool):
       raise InputError(f'{name} must be an integer, got {value!r}')

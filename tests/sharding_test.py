@@ -17,6 +17,8 @@ import pytest
 
 from mla_jax import sharding
 
+pytestmark = pytest.mark.slow  # every case starts jax in a subprocess with 8 devices
+
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 MESHES = [(8, 1, 1), (2, 4, 1), (2, 2, 2)]
 
