@@ -57,7 +57,7 @@ def _interpret() -> bool:
   return jax.default_backend() == 'cpu'
 
 
-def _positions(x_btd, positions_bt):
+def resolve_positions(x_btd, positions_bt):
   """(positions [b, t], whether they are a whole sequence 0 .. t - 1 given as None)."""
   if positions_bt is not None:
     return positions_bt, False
@@ -93,7 +93,7 @@ class GQAttention(nnx.Module):
   def __call__(self, x_btd, positions_bt=None, cache: KVCache | None = None):
     cfg = self.cfg
     w = lambda p: p[...].astype(cfg.compute_dtype)
-    positions_bt, whole = _positions(x_btd, positions_bt)
+    positions_bt, whole = resolve_positions(x_btd, positions_bt)
     cos, sin = rope.rope_angles(positions_bt, cfg.head_dim, cfg.rope_theta, cfg.rope_scaling)
     q = rope.apply_rope(jnp.einsum('btd,dhk->bthk', x_btd, w(self.w_q)), cos, sin,
                         cfg.rope_layout)
@@ -180,7 +180,7 @@ class MLAttention(nnx.Module):
     (d_c + d_r) is too wide for it."""
     cfg = self.cfg
     n, c = cfg.qk_nope_head_dim, cfg.kv_lora_rank
-    positions_bt, whole = _positions(x_btd, positions_bt)
+    positions_bt, whole = resolve_positions(x_btd, positions_bt)
     cos, sin = rope.rope_angles(positions_bt, cfg.qk_rope_head_dim, cfg.rope_theta,
                                 cfg.rope_scaling)
     q = self._queries(x_btd)
