@@ -205,13 +205,19 @@ class MLAttention(nnx.Module):
     return jnp.einsum('bthv,hvd->btd', o, self._w(self.w_o)), cache
 
   def _naive(self, q_nope, q_rope, c_kv, k_rope, mask, scale):
-    """Up-projects per-head keys and values from the latent, then ordinary MHA."""
+    """Up-projects per-head keys and values from the latent, then ordinary MHA.
+
+    The nope and rope halves are concatenated into one [n + r] query and key per head, as
+    DeepSeek's reference does: one score matmul instead of two [b, h, t, s] products and
+    their sum (the step's largest arrays; see experiments/results/cpu_profile.md).
+    """
     k_nope = jnp.einsum('bsc,chn->bhsn', c_kv, self._w(self.w_uk))
     v = jnp.einsum('bsc,chv->bhsv', c_kv, self._w(self.w_uv))
     b, h, s, _ = k_nope.shape
     k_rope_h = jnp.broadcast_to(k_rope[:, None], (b, h, s, k_rope.shape[-1]))
-    probs = attention_weights((q_nope[:, :, :, None], q_rope[:, :, :, None]),
-                              (k_nope, k_rope_h), mask, scale)[:, :, 0]
+    q = jnp.concatenate([q_nope, q_rope], axis=-1)
+    k = jnp.concatenate([k_nope, k_rope_h.astype(k_nope.dtype)], axis=-1)
+    probs = attention_weights((q[:, :, :, None],), (k,), mask, scale)[:, :, 0]
     return jnp.einsum('bhsv,bhts->bthv', v, probs.astype(v.dtype),
                       preferred_element_type=jnp.float32).astype(q_nope.dtype)
 
