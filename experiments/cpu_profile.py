@@ -31,9 +31,14 @@ from flax import nnx
 
 from experiments import torch_peer
 from mla_jax import cli, sharding, trainer
-from mla_jax import workdir as wd
+from mla_jax.config import ModelConfig
 
 FLAGS = flags.FLAGS
+flags.DEFINE_list('variants', ['mla', 'mha'], 'configs/<name>.py to profile')
+flags.DEFINE_integer('batch', 16, 'windows per step')
+flags.DEFINE_integer('seq_len', 256, 'tokens per window')
+flags.DEFINE_integer('blocks', 4, 'alternating blocks for the phase timings')
+flags.DEFINE_integer('top', 30, 'rows of the per-op tables')
 
 
 # --- phases ------------------------------------------------------------------------------
@@ -187,7 +192,7 @@ def main(argv):
   cli.quiet_logging()
   for variant in FLAGS.variants:
     config = torch_peer.peer_config(variant, FLAGS.batch, FLAGS.seq_len)
-    model_cfg = wd.model_config(config)
+    model_cfg = ModelConfig.from_dict(config.model)
     args = (model_cfg, FLAGS.batch, FLAGS.seq_len)
     opt = torch_peer.opt_kwargs(config)
     phases = {f'jax {k}': v for k, v in jax_phases(config).items()}
@@ -204,9 +209,4 @@ def main(argv):
 
 
 if __name__ == '__main__':
-  flags.DEFINE_list('variants', ['mla', 'mha'], 'configs/<name>.py to profile')
-  flags.DEFINE_integer('batch', 16, 'windows per step')
-  flags.DEFINE_integer('seq_len', 256, 'tokens per window')
-  flags.DEFINE_integer('blocks', 4, 'alternating blocks for the phase timings')
-  flags.DEFINE_integer('top', 30, 'rows of the per-op tables')
   app.run(main, flags_parser=cli.parse_flags)

@@ -1,32 +1,30 @@
-r"""The same training step in PyTorch + transformers, timed alongside ours in one process.
+"""The same training step in PyTorch + transformers, timed alongside ours in one process
+(`python -m experiments.bench_train --peer`; experiments/cpu_profile.py uses the parts).
 
-  python -m experiments.torch_peer --variants=mla,mha --blocks=6 --block_steps=3
-
-The peer is the model hf.hf_config exports to: LlamaForCausalLM (MHA / GQA / MQA) or
+The peer is the model hf.config_to_hf exports to: LlamaForCausalLM (MHA / GQA / MQA) or
 DeepseekV3ForCausalLM with every layer dense (MLA), built from its config class (no weights
-are downloaded), float32, sdpa attention, eager, with torch.optim.AdamW (no weight decay on
-1-D parameters, as ours) after clip_grad_norm_. Both steps run in this process, alternately
-in blocks (A B A B ...), so load from other processes on a shared machine hits both alike;
-each side's step time is its median over all timed steps, and the ratio is theirs / ours.
-torch and transformers are imported inside the functions: they are in the dev extra only.
+are downloaded), sdpa attention, eager, with torch.optim.AdamW (fused; no weight decay on
+1-D parameters, as ours) after clip_grad_norm_. On a CPU it runs in float32; on a GPU, on the
+GPU with bfloat16 autocast when our compute dtype is bfloat16 (float32 parameters, as ours).
+Both steps run in this process, alternately in blocks (A B A B ...), so load from other
+processes on a shared machine hits both alike; each side's step time is its median over all
+timed steps, and the ratio is ours / theirs in tokens/s. torch and transformers are imported
+inside the functions: they are in the dev extra only.
 """
 
 from __future__ import annotations
 
+import contextlib
 import importlib
-import json
 import time
 from collections.abc import Callable
 
 import jax
 import numpy as np
-from absl import app, flags
 
-from mla_jax import cli, sharding, trainer
-from mla_jax import workdir as wd
+from mla_jax import sharding, trainer
 from mla_jax.config import ModelConfig
 
-FLAGS = flags.FLAGS
 Step = Callable[[], None]  # one synchronous training step on a fixed batch
 
 
@@ -42,12 +40,17 @@ def torch_step(model_cfg: ModelConfig, batch: int, seq_len: int, lr: float = 3e-
   if threads:
     torch.set_num_threads(threads)
   torch.manual_seed(seed)
-  hf_json = hf.hf_config(model_cfg)
-  config_class = (transformers.DeepseekV3Config if model_cfg.attention == 'mla'
+  gpu = jax.default_backend() == 'gpu' and torch.cuda.is_available()
+  device = 'cuda' if gpu else 'cpu'
+  hf_json = hf.config_to_hf(model_cfg)
+  config_class = (transformers.DeepseekV3Config if 'Deepseek' in hf_json['architectures'][0]
                   else transformers.LlamaConfig)
   config = config_class(**{k: v for k, v in hf_json.items() if k not in ('dtype', 'torch_dtype')})
   config._attn_implementation = 'sdpa'
-  model = getattr(transformers, hf_json['architectures'][0])(config).float().train()
+  model = getattr(transformers, hf_json['architectures'][0])(config).float().train().to(device)
+  autocast = (torch.autocast('cuda', dtype=torch.bfloat16)
+              if gpu and model_cfg.compute_dtype == jax.numpy.bfloat16
+              else contextlib.nullcontext())
   params = [p for p in model.parameters() if p.requires_grad]
   groups = [{'params': [p for p in params if p.ndim > 1], 'weight_decay': weight_decay},
             {'params': [p for p in params if p.ndim <= 1], 'weight_decay': 0.0}]
@@ -56,17 +59,22 @@ def torch_step(model_cfg: ModelConfig, batch: int, seq_len: int, lr: float = 3e-
   opt = torch.optim.AdamW(groups, lr=lr, betas=(b1, b2), fused=True)
   tokens = torch.from_numpy(
       np.random.default_rng(seed).integers(0, model_cfg.vocab_size, (batch, seq_len + 1)))
+  tokens = tokens.to(device)
   inputs, labels = tokens[:, :-1], tokens[:, 1:].reshape(-1)
 
   clip = lambda: torch.nn.utils.clip_grad_norm_(params, clip_norm)
 
   def step():
-    logits = model(input_ids=inputs).logits
-    loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels)
+    with autocast:
+      logits = model(input_ids=inputs).logits
+      loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(),
+                                               labels)
     loss.backward()
     clip()
     opt.step()
     opt.zero_grad(set_to_none=True)
+    if gpu:
+      torch.cuda.synchronize()
 
   step.parts = (model, inputs, labels, opt, clip)  # for cpu_profile's phase timings
   return step
@@ -158,40 +166,29 @@ def compare(steps: dict[str, Step], tokens: int, blocks: int, block_steps: int,
   return out
 
 
+def time_side_by_side(config, steps: int, blocks: int = 0) -> dict:
+  """Our trainer step and the transformers peer on config's model and batch, alternately in
+  one process (bench_train --peer): tokens/s of each, the compile time of ours, and ours /
+  theirs with its spread over the blocks."""
+  batch, seq_len = config.data.batch_size, config.data.seq_len
+  start = time.perf_counter()
+  ours = jax_step(config)
+  ours()  # compiles
+  compile_s = time.perf_counter() - start
+  model_cfg = ModelConfig.from_dict(config.model)
+  theirs = torch_step(model_cfg, batch, seq_len, **opt_kwargs(config))
+  blocks = blocks or max(2, steps // 3)
+  result = compare({'jax': ours, 'torch': theirs}, batch * seq_len, blocks,
+                   max(1, steps // blocks))
+  ratio = result['ratio_jax_over_torch']
+  return {'jax_step_s': result['jax']['step_s'], 'jax_compile_s': compile_s,
+          'torch_tokens_per_s': result['torch']['tokens_per_s'],
+          'ratio_vs_torch': ratio['ratio'], 'ratio_block_min': ratio['block_min'],
+          'ratio_block_max': ratio['block_max'], 'cpu_s_jax': result['jax']['cpu_s'],
+          'cpu_s_torch': result['torch']['cpu_s']}
+
+
 def peer_config(variant: str, batch: int, seq_len: int):
   config = importlib.import_module(f'configs.{variant}').get_config()
   config.data.update(batch_size=batch, seq_len=seq_len)
   return config
-
-
-def main(argv):
-  del argv
-  cli.quiet_logging()
-  rows = []
-  for variant in FLAGS.variants:
-    config = peer_config(variant, FLAGS.batch, FLAGS.seq_len)
-    model_cfg = wd.model_config(config)
-    steps = {'jax': jax_step(config),
-             'torch': torch_step(model_cfg, FLAGS.batch, FLAGS.seq_len, threads=FLAGS.threads,
-                                 **opt_kwargs(config))}
-    result = compare(steps, FLAGS.batch * FLAGS.seq_len, FLAGS.blocks, FLAGS.block_steps)
-    rows.append({'variant': variant, **result})
-    r = result['ratio_jax_over_torch']
-    print(f"{variant}: jax {result['jax']['tokens_per_s']:.0f} tokens/s, torch "
-          f"{result['torch']['tokens_per_s']:.0f} tokens/s, jax/torch {r['ratio']:.2f} "
-          f"(blocks {r['block_min']:.2f}..{r['block_max']:.2f})", flush=True)
-  if FLAGS.out:
-    with open(FLAGS.out, 'w') as f:
-      json.dump({'date': time.strftime('%Y-%m-%d %H:%M'), 'jax': jax.__version__,
-                 'batch': FLAGS.batch, 'seq_len': FLAGS.seq_len, 'rows': rows}, f, indent=1)
-
-
-if __name__ == '__main__':
-  flags.DEFINE_list('variants', ['mla', 'mha'], 'configs/<name>.py to compare')
-  flags.DEFINE_integer('batch', 16, 'windows per step')
-  flags.DEFINE_integer('seq_len', 256, 'tokens per window')
-  flags.DEFINE_integer('blocks', 6, 'alternations (A B) of the two steps')
-  flags.DEFINE_integer('block_steps', 3, 'timed steps of each per block')
-  flags.DEFINE_integer('threads', 0, 'torch intra-op threads (0: torch default)')
-  flags.DEFINE_string('out', '', 'write the results as JSON here')
-  app.run(main, flags_parser=cli.parse_flags)

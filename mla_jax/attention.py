@@ -42,8 +42,9 @@ def attention_weights(q_parts, k_parts, visible_bts, scale: float):
   """softmax(sum_i q_i k_i^T * scale), masked -> probabilities [b, g, p, t, s], float32.
 
   q_parts: query pieces [b, t, g, p, e_i]; k_parts: the matching key pieces [b, g, s, e_i].
-  Their dot products add, so MLA's nope and rope halves (and the latent cache's two arrays)
-  are never concatenated. Each module applies the probabilities to its values itself, in the
+  Their dot products add, so the latent cache's two arrays are never concatenated (the
+  absorbed decode reads them as stored; the naive path, which builds per-head keys anyway,
+  concatenates its halves: one score matmul instead of two). Each module applies the probabilities to its values itself, in the
   layout its cache keeps.
   """
   scores = sum(jnp.einsum('btgpe,bgse->bgpts', q, k, preferred_element_type=jnp.float32)
