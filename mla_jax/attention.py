@@ -44,8 +44,8 @@ def attention_weights(q_parts, k_parts, visible_bts, scale: float):
   q_parts: query pieces [b, t, g, p, e_i]; k_parts: the matching key pieces [b, g, s, e_i].
   Their dot products add, so the latent cache's two arrays are never concatenated (the
   absorbed decode reads them as stored; the naive path, which builds per-head keys anyway,
-  concatenates its halves: one score matmul instead of two). Each module applies the probabilities to its values itself, in the
-  layout its cache keeps.
+  concatenates its halves: one score matmul instead of two). Each module applies the
+  probabilities to its values itself, in the layout its cache keeps.
   """
   scores = sum(jnp.einsum('btgpe,bgse->bgpts', q, k, preferred_element_type=jnp.float32)
                for q, k in zip(q_parts, k_parts, strict=True))

@@ -19,6 +19,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 
+import chex
 import jax
 import jax.numpy as jnp
 
@@ -39,6 +40,7 @@ def write_at(buf, new_bt, positions_bt, seq_axis: int):
   (advanced indices separated by slices go first), so new values need no transposing.
   Positions are in bounds by construction: generate checks prompt + new tokens <= the cache.
   """
+  chex.assert_equal_shape_prefix([new_bt, positions_bt], 2)
   rows = jnp.arange(positions_bt.shape[0])[:, None]
   index = (rows,) + (slice(None),) * (seq_axis - 1) + (positions_bt,)
   return buf.at[index].set(new_bt.astype(buf.dtype), mode='promise_in_bounds',

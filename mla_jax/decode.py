@@ -17,6 +17,7 @@ import functools
 import itertools
 import math
 
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -34,6 +35,8 @@ def _round_up(n: int, multiple: int) -> int:
 def _prefill(model, caches, prompts_bt, lengths_b, chunk: int):
   """Runs the prompt through the model chunk by chunk; returns last real logits [b, V]."""
   b, t = prompts_bt.shape
+  chex.assert_shape(lengths_b, (b,))
+  chex.assert_type([prompts_bt, lengths_b], int)
   chunk = min(chunk, t)
   t_pad = _round_up(t, chunk)
   tokens = jnp.pad(prompts_bt, ((0, 0), (0, t_pad - t)))
@@ -56,6 +59,9 @@ def _prefill(model, caches, prompts_bt, lengths_b, chunk: int):
 
 
 def _decode_step(model, caches, tokens_b, positions_b):
+  chex.assert_rank(tokens_b, 1)
+  chex.assert_equal_shape([tokens_b, positions_b])
+  chex.assert_type([tokens_b, positions_b], int)
   h, caches = model.forward(tokens_b[:, None], positions_b[:, None], caches)
   return model.logits(h)[:, 0], caches
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import math
 
+import chex
 import jax
 import jax.numpy as jnp
 from flax import nnx, traverse_util
@@ -61,6 +62,9 @@ class Transformer(nnx.Module):
 
   def forward(self, tokens_bt, positions_bt=None, caches=None):
     """Final normed hidden states [b, t, d] and the updated layer caches (if given)."""
+    chex.assert_rank(tokens_bt, 2)
+    if positions_bt is not None:
+      chex.assert_equal_shape([tokens_bt, positions_bt])
     x = constrain(self.embed(tokens_bt), RESIDUAL)
     new_caches = []
     for i, block in enumerate(self.blocks):
