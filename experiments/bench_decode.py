@@ -1,7 +1,7 @@
 r"""Decode benchmark: time per generated token and cache size for every attention variant.
 
-  python -m mla_jax.bench_decode                      # the README table (~10 min, 2-core CPU)
-  python -m mla_jax.bench_decode --quick              # a small smoke version
+  python -m experiments.bench_decode                  # the table in docs/benchmarks.md
+  python -m experiments.bench_decode --quick          # a small smoke version
 
 Every variant shares d_model, head count and layers (float32 by default): MHA, GQA (G=2), MQA,
 MLA naive and MLA absorbed (d_c = 4 d_h, d_r = d_h / 2, no query compression). Caches are filled
@@ -26,8 +26,7 @@ from absl import app, flags
 from flax import nnx
 
 import mla_jax
-from experiments.timing import machine_limits, median_seconds
-from mla_jax import variants
+from experiments.timing import decode_step_cost, machine_limits, median_seconds
 from mla_jax.cache import measured_per_token
 
 FLAGS = flags.FLAGS
@@ -38,39 +37,41 @@ flags.DEFINE_integer('d_model', 1024, 'model width')
 flags.DEFINE_integer('n_heads', 16, 'query heads')
 flags.DEFINE_integer('n_layers', 4, 'layers')
 flags.DEFINE_string('dtype', 'float32', 'compute, parameter and cache dtype')
+flags.DEFINE_list('impls', ['auto'], "attention_impl of each row: einsum (the XLA einsum path), "
+                  "fused (the Pallas decode kernels), or auto: einsum on a CPU (where kernels "
+                  "only run interpreted), both elsewhere")
+flags.DEFINE_integer('matmul_n', 0, 'size of the matmul that measures the peak rate (0: 2048 '
+                     'on a CPU, 8192 elsewhere)')
 flags.DEFINE_integer('runs', 7, 'timed runs per row (median reported)')
 flags.DEFINE_string('out', 'bench_decode.json', 'where to write the JSON results')
 
 
-def configs(d_model: int, n_heads: int, n_layers: int, dtype: str) -> dict:
+def configs(d_model: int, n_heads: int, n_layers: int, dtype: str, impls=('einsum',)) -> dict:
+  """The benchmark's rows: every variant at d_c = 4 d_h, d_r = d_h / 2 for MLA, under each
+  attention_impl (fused: the Pallas decode kernels; MLA naive has none, so einsum only)."""
   d_h = d_model // n_heads
   base = dict(d_model=d_model, n_heads=n_heads, n_layers=n_layers, vocab_size=256,
               max_seq_len=1 << 20, dtype=dtype, param_dtype=dtype)
   mla = dict(attention='mla', kv_lora_rank=4 * d_h, qk_rope_head_dim=d_h // 2)
-  return {
-      'MHA': mla_jax.ModelConfig(**base, attention='mha'),
-      'GQA (G=2)': mla_jax.ModelConfig(**base, attention='gqa', n_kv_heads=2),
-      'MQA': mla_jax.ModelConfig(**base, attention='mqa'),
-      'MLA naive': mla_jax.ModelConfig(**base, **mla, mla_decode='naive'),
-      'MLA absorbed': mla_jax.ModelConfig(**base, **mla, mla_decode='absorbed'),
+  rows = {
+      'MHA': dict(attention='mha'), 'GQA (G=2)': dict(attention='gqa', n_kv_heads=2),
+      'MQA': dict(attention='mqa'), 'MLA naive': dict(**mla, mla_decode='naive'),
+      'MLA absorbed': dict(**mla, mla_decode='absorbed'),
   }
+  out = {}
+  for name, fields in rows.items():
+    for impl in impls:
+      if impl == 'fused' and name == 'MLA naive':
+        continue
+      label = name if len(impls) == 1 else f'{name} [{"kernel" if impl == "fused" else impl}]'
+      out[label] = mla_jax.ModelConfig(**base, **fields, attention_impl=impl)
+  return out
 
 
-def step_cost(cfg: mla_jax.ModelConfig, n_params: int, batch: int, context: int,
-              cache_bytes_per_token: int) -> tuple[float, float]:
-  """(bytes that must be read, flops) for one decode step at `context` keys.
-
-  Every weight is read once and used once per sequence, except an untied embedding table, of
-  which the step reads one row per sequence (a tied one is also the output head: read whole).
-  The attention's flops come from its variant's registry entry.
-  """
-  itemsize = jnp.dtype(cfg.dtype).itemsize
-  embedding_rows = 0 if cfg.tie_embeddings else cfg.vocab_size * cfg.d_model
-  weights = n_params - embedding_rows
-  flops = 2 * batch * weights
-  flops += batch * cfg.n_layers * variants.get(cfg.attention).decode_flops(cfg, context)
-  read = weights * itemsize + batch * context * cache_bytes_per_token
-  return float(read), float(flops)
+def resolve_impls(impls) -> tuple[str, ...]:
+  if list(impls) == ['auto']:
+    return ('einsum',) if jax.default_backend() == 'cpu' else ('einsum', 'fused')
+  return tuple(impls)
 
 
 def bench_row(name, cfg, batch, context, limits, runs):
@@ -91,10 +92,11 @@ def bench_row(name, cfg, batch, context, limits, runs):
     return logits
 
   seconds = median_seconds(step, runs)
-  read, flops = step_cost(cfg, n_params, batch, context, cache_bytes_per_token)
+  read, flops = decode_step_cost(cfg, n_params, batch, context, cache_bytes_per_token)
   limit = max(read / limits['copy_bytes_per_s'], flops / limits['matmul_flops_per_s'])
   return {
-      'variant': name, 'batch': batch, 'context': context, 'params': n_params,
+      'variant': name, 'impl': cfg.attention_impl, 'batch': batch, 'context': context,
+      'params': n_params,
       'ms_per_token': 1e3 * seconds, 'tokens_per_s': batch / seconds,
       'cache_elements_per_token': elements_per_token,
       'cache_elements_per_token_formula': mla_jax.cache_elements_per_token(cfg),
@@ -122,7 +124,7 @@ def python_overhead_check(runs: int) -> dict:
 
 def format_table(rows, limits) -> str:
   lines = [f"copy bandwidth {limits['copy_bytes_per_s'] / 1e9:.1f} GB/s (read + write), "
-           f"matmul {limits['matmul_flops_per_s'] / 1e9:.0f} GFLOP/s (float32)", '',
+           f"matmul {limits['matmul_flops_per_s'] / 1e9:.0f} GFLOP/s ({limits['dtype']})", '',
            '| variant | batch | context | ms/token | tokens/s | cache elem/token (formula) '
            '| cache B/token | cache MiB | limit ms | fraction of limit |',
            '|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|']
@@ -143,21 +145,25 @@ def main(argv):
     contexts = [int(c) for c in FLAGS.contexts]
     batches = [int(b) for b in FLAGS.batches]
     size = dict(d_model=FLAGS.d_model, n_heads=FLAGS.n_heads, n_layers=FLAGS.n_layers)
-  limits = machine_limits(FLAGS.runs, mib=256 if FLAGS.quick else 1024)
+  on_cpu = jax.default_backend() == 'cpu'
+  limits = machine_limits(FLAGS.runs, mib=256 if FLAGS.quick else 1024, dtype=FLAGS.dtype,
+                          n=FLAGS.matmul_n or (2048 if on_cpu else 8192))
   rows = []
   for batch in batches:
     for context in contexts:
-      for name, cfg in configs(dtype=FLAGS.dtype, **size).items():
+      for name, cfg in configs(dtype=FLAGS.dtype, impls=resolve_impls(FLAGS.impls),
+                               **size).items():
         rows.append(bench_row(name, cfg, batch, context, limits, FLAGS.runs))
         print(f"{name:13s} b={batch} ctx={context:6d} {rows[-1]['ms_per_token']:9.2f} ms "
               f"fraction {rows[-1]['fraction_of_limit']:.2f}", flush=True)
   overhead = python_overhead_check(FLAGS.runs)
-  print(format_table(rows, limits))
+  table = format_table(rows, limits)
+  print(table)
   print(f"\nno Python per token: generate {overhead['generate_ms_per_token']:.3f} ms/token vs "
         f"one jitted forward {overhead['jitted_forward_ms']:.3f} ms "
         f"(ratio {overhead['ratio']:.2f}; 1-layer d=64 model, context 128)")
   with open(FLAGS.out, 'w') as f:
-    json.dump({'machine': limits, 'rows': rows, 'python_overhead': overhead,
+    json.dump({'machine': limits, 'rows': rows, 'python_overhead': overhead, 'table': table,
                'device': str(jax.devices()[0]), 'dtype': FLAGS.dtype, **size}, f, indent=1)
   print(f'wrote {FLAGS.out}')
 

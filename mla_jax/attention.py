@@ -1,6 +1,13 @@
 """Attention: GQAttention (MHA / GQA / MQA) and MLAttention (DeepSeek-V2 appendix C).
 
-Both call one masked-softmax helper, `attention_weights`, with grouped heads: queries
+Two implementations of the same math, chosen by ModelConfig.attention_impl (cfg.fused):
+the explicit einsum path below, which is the reference and the test oracle, and the fused
+path: flash attention for training and prefill (mla_jax.fused) and split-KV flash-decoding
+Pallas kernels for one-token decode steps (mla_jax.kernels). Modules are called with
+positions_bt=None for a whole sequence at positions 0 .. t - 1 (training), which lets fused
+attention use its causal mode; with explicit positions, masks are built from them.
+
+The einsum path calls one masked-softmax helper, `attention_weights`, with grouped heads: queries
 [b, t, g, p, e] read the keys [b, g, s, e] of their group g. MHA is g = H, p = 1; MQA is g = 1,
 p = H. MLA's absorbed decode is, in this language, MQA over the latent: one group whose "key" is
 (c_kv, k_rope) and whose "value" is c_kv, with W_UK folded into the query and W_UV into the
@@ -17,9 +24,10 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from mla_jax import rope
+from mla_jax import kernels, rope
 from mla_jax.cache import KVCache, LatentCache
 from mla_jax.config import ModelConfig
+from mla_jax.fused import fused_attention
 from mla_jax.layers import RMSNorm, weight
 
 _MASKED = float(jnp.finfo(jnp.float32).min)  # finite: a fully masked row gives no NaN
@@ -34,14 +42,28 @@ def attention_weights(q_parts, k_parts, visible_bts, scale: float):
   """softmax(sum_i q_i k_i^T * scale), masked -> probabilities [b, g, p, t, s], float32.
 
   q_parts: query pieces [b, t, g, p, e_i]; k_parts: the matching key pieces [b, g, s, e_i].
-  Their dot products add, so MLA's nope and rope halves (and the latent cache's two arrays)
-  are never concatenated. Each module applies the probabilities to its values itself, in the
-  layout its cache keeps.
+  Their dot products add, so the latent cache's two arrays are never concatenated (the
+  absorbed decode reads them as stored; the naive path, which builds per-head keys anyway,
+  concatenates its halves: one score matmul instead of two). Each module applies the
+  probabilities to its values itself, in the layout its cache keeps.
   """
   scores = sum(jnp.einsum('btgpe,bgse->bgpts', q, k, preferred_element_type=jnp.float32)
                for q, k in zip(q_parts, k_parts, strict=True))
   scores = jnp.where(visible_bts[:, None, None], scores * scale, _MASKED)
   return jax.nn.softmax(scores, axis=-1)
+
+
+def _interpret() -> bool:
+  """Pallas kernels run in interpret mode on a CPU (tests; slow), compiled elsewhere."""
+  return jax.default_backend() == 'cpu'
+
+
+def resolve_positions(x_btd, positions_bt):
+  """(positions [b, t], whether they are a whole sequence 0 .. t - 1 given as None)."""
+  if positions_bt is not None:
+    return positions_bt, False
+  b, t = x_btd.shape[:2]
+  return jnp.broadcast_to(jnp.arange(t), (b, t)), True
 
 
 def _mask(positions_bt, cache, k_len: int):
@@ -51,6 +73,11 @@ def _mask(positions_bt, cache, k_len: int):
     return visible(positions_bt, positions_bt)
   slots = jnp.broadcast_to(jnp.arange(k_len), (positions_bt.shape[0], k_len))
   return visible(positions_bt, slots)
+
+
+def _fused_mask(positions_bt, whole: bool, cache, k_len: int):
+  """The fused path's mask: None (its causal mode) for a whole sequence without a cache."""
+  return None if whole and cache is None else _mask(positions_bt, cache, k_len)
 
 
 class GQAttention(nnx.Module):
@@ -64,29 +91,52 @@ class GQAttention(nnx.Module):
     self.w_v = weight(rngs, cfg, (d, g, k), ('embed', 'kv_heads', 'head_dim'), fan_in=d)
     self.w_o = weight(rngs, cfg, (h, k, d), ('heads', 'head_dim', 'embed'), fan_in=h * k)
 
-  def __call__(self, x_btd, positions_bt, cache: KVCache | None = None):
+  def __call__(self, x_btd, positions_bt=None, cache: KVCache | None = None):
     cfg = self.cfg
     w = lambda p: p[...].astype(cfg.compute_dtype)
-    b, t, _ = x_btd.shape
-    g, p = cfg.n_kv_heads, cfg.n_heads // cfg.n_kv_heads
+    positions_bt, whole = resolve_positions(x_btd, positions_bt)
     cos, sin = rope.rope_angles(positions_bt, cfg.head_dim, cfg.rope_theta, cfg.rope_scaling)
     q = rope.apply_rope(jnp.einsum('btd,dhk->bthk', x_btd, w(self.w_q)), cos, sin,
                         cfg.rope_layout)
     k = rope.apply_rope(jnp.einsum('btd,dgk->btgk', x_btd, w(self.w_k)), cos, sin,
                         cfg.rope_layout)
     v = jnp.einsum('btd,dgk->btgk', x_btd, w(self.w_v))
-    if cache is None:
-      cache_out = None
-      cache = KVCache(k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3))
-    else:
-      cache = cache_out = cache.write(k, v, positions_bt)
-    mask = _mask(positions_bt, cache_out, cache.k.shape[2])
     scale = cfg.head_dim**-0.5 * rope.softmax_mscale(cfg.rope_scaling)**2
-    probs = attention_weights((q.reshape(b, t, g, p, -1),), (cache.k,), mask, scale)
-    spec = 'bgks,bgpts->btgpk' if cache.v_transposed else 'bgsk,bgpts->btgpk'
-    o = jnp.einsum(spec, cache.v, probs.astype(cache.v.dtype),
-                   preferred_element_type=jnp.float32).astype(x_btd.dtype)
-    return jnp.einsum('bthk,hkd->btd', o.reshape(b, t, g * p, -1), w(self.w_o)), cache_out
+    if cache is not None:
+      cache = cache.write(k, v, positions_bt)
+    if cfg.fused:
+      o = self._fused(q, k, v, cache, positions_bt, whole, scale)
+    else:
+      o = self._einsum(q, k, v, cache, positions_bt, scale)
+    return jnp.einsum('bthk,hkd->btd', o.astype(x_btd.dtype), w(self.w_o)), cache
+
+  def _einsum(self, q_bthk, k_btgk, v_btgk, cache, positions_bt, scale):
+    b, t, h, _ = q_bthk.shape
+    g = self.cfg.n_kv_heads
+    if cache is None:  # the keys and values are this sequence's own, heads-major like a cache
+      keys_bgsk, values, v_transposed = k_btgk.transpose(0, 2, 1, 3), v_btgk.transpose(
+          0, 2, 1, 3), False
+    else:
+      keys_bgsk, values, v_transposed = cache.k, cache.v, cache.v_transposed
+    mask = _mask(positions_bt, cache, keys_bgsk.shape[2])
+    probs = attention_weights((q_bthk.reshape(b, t, g, h // g, -1),), (keys_bgsk,), mask, scale)
+    spec = 'bgks,bgpts->btgpk' if v_transposed else 'bgsk,bgpts->btgpk'
+    o = jnp.einsum(spec, values, probs.astype(values.dtype), preferred_element_type=jnp.float32)
+    return o.reshape(b, t, h, -1)
+
+  def _fused(self, q_bthk, k_btgk, v_btgk, cache, positions_bt, whole, scale):
+    b, t, h, _ = q_bthk.shape
+    if cache is not None and t == 1:  # a decode step: the split-KV flash-decoding kernel
+      g = self.cfg.n_kv_heads
+      o_bgpk = kernels.gqa_decode(q_bthk.reshape(b, g, h // g, -1), cache.k, cache.v,
+                                  positions_bt[:, 0] + 1, scale, interpret=_interpret())
+      return o_bgpk.reshape(b, 1, h, -1)
+    if cache is None:
+      keys_bsgk, values_bsgk = k_btgk, v_btgk
+    else:  # the fused path keeps values [b, g, s, k] (cache.values_transposed)
+      keys_bsgk, values_bsgk = cache.k.transpose(0, 2, 1, 3), cache.v.transpose(0, 2, 1, 3)
+    mask = _fused_mask(positions_bt, whole, cache, keys_bsgk.shape[1])
+    return fused_attention(q_bthk, keys_bsgk, values_bsgk, mask, scale)
 
 
 class MLAttention(nnx.Module):
@@ -123,12 +173,15 @@ class MLAttention(nnx.Module):
       return jnp.einsum('btq,qhe->bthe', c_q, self._w(self.w_uq))
     return jnp.einsum('btd,dhe->bthe', x_btd, self._w(self.w_q))
 
-  def __call__(self, x_btd, positions_bt, cache: LatentCache | None = None):
+  def __call__(self, x_btd, positions_bt=None, cache: LatentCache | None = None):
     """Without a cache (training) the naive path runs: at t = s it does less arithmetic than
     the absorbed one (d_n + d_r + d_v vs 2 d_c + d_r per score, per head). With a cache,
-    cfg.mla_decode picks the path."""
+    cfg.mla_decode picks the path; fused attention prefills (t > 1) through the naive path,
+    whose head dims (d_n + d_r, d_v) flash attention takes, where the absorbed path's
+    (d_c + d_r) is too wide for it."""
     cfg = self.cfg
     n, c = cfg.qk_nope_head_dim, cfg.kv_lora_rank
+    positions_bt, whole = resolve_positions(x_btd, positions_bt)
     cos, sin = rope.rope_angles(positions_bt, cfg.qk_rope_head_dim, cfg.rope_theta,
                                 cfg.rope_scaling)
     q = self._queries(x_btd)
@@ -139,22 +192,33 @@ class MLAttention(nnx.Module):
     if cache is not None:
       cache = cache.write(c_kv, k_rope, positions_bt)
       c_kv, k_rope = cache.c_kv, cache.k_rope
-    mask = _mask(positions_bt, cache, c_kv.shape[1])
     scale = ((n + cfg.qk_rope_head_dim)**-0.5 * rope.softmax_mscale(cfg.rope_scaling)**2)
-    if cache is not None and cfg.mla_decode == 'absorbed':
-      o = self._absorbed(q_nope, q_rope, c_kv, k_rope, mask, scale)
+    absorbed = cache is not None and cfg.mla_decode == 'absorbed'
+    if cfg.fused and absorbed and x_btd.shape[1] == 1:  # a decode step: the flash-decoding kernel
+      o = self._absorbed_kernel(q_nope, q_rope, c_kv, k_rope, positions_bt, scale)
+    elif cfg.fused:
+      mask = _fused_mask(positions_bt, whole, cache, c_kv.shape[1])
+      o = self._naive_fused(q_nope, q_rope, c_kv, k_rope, mask, scale)
     else:
-      o = self._naive(q_nope, q_rope, c_kv, k_rope, mask, scale)
+      mask = _mask(positions_bt, cache, c_kv.shape[1])
+      path = self._absorbed if absorbed else self._naive
+      o = path(q_nope, q_rope, c_kv, k_rope, mask, scale)
     return jnp.einsum('bthv,hvd->btd', o, self._w(self.w_o)), cache
 
   def _naive(self, q_nope, q_rope, c_kv, k_rope, mask, scale):
-    """Up-projects per-head keys and values from the latent, then ordinary MHA."""
+    """Up-projects per-head keys and values from the latent, then ordinary MHA.
+
+    The nope and rope halves are concatenated into one [n + r] query and key per head, as
+    DeepSeek's reference does: one score matmul instead of two [b, h, t, s] products and
+    their sum (the step's largest arrays; see experiments/results/cpu_profile.md).
+    """
     k_nope = jnp.einsum('bsc,chn->bhsn', c_kv, self._w(self.w_uk))
     v = jnp.einsum('bsc,chv->bhsv', c_kv, self._w(self.w_uv))
     b, h, s, _ = k_nope.shape
     k_rope_h = jnp.broadcast_to(k_rope[:, None], (b, h, s, k_rope.shape[-1]))
-    probs = attention_weights((q_nope[:, :, :, None], q_rope[:, :, :, None]),
-                              (k_nope, k_rope_h), mask, scale)[:, :, 0]
+    q = jnp.concatenate([q_nope, q_rope], axis=-1)
+    k = jnp.concatenate([k_nope, k_rope_h.astype(k_nope.dtype)], axis=-1)
+    probs = attention_weights((q[:, :, :, None],), (k,), mask, scale)[:, :, 0]
     return jnp.einsum('bhsv,bhts->bthv', v, probs.astype(v.dtype),
                       preferred_element_type=jnp.float32).astype(q_nope.dtype)
 
@@ -166,3 +230,22 @@ class MLAttention(nnx.Module):
     o_lat = jnp.einsum('bsc,bhts->bthc', c_kv, probs.astype(c_kv.dtype),
                        preferred_element_type=jnp.float32).astype(q_nope.dtype)
     return jnp.einsum('bthc,chv->bthv', o_lat, self._w(self.w_uv))
+
+  def _naive_fused(self, q_nope, q_rope, c_kv, k_rope, mask, scale):
+    """The naive path through fused attention: the two query (and key) halves concatenated,
+    the one rope key broadcast to every head."""
+    k_nope = jnp.einsum('bsc,chn->bshn', c_kv, self._w(self.w_uk))
+    v = jnp.einsum('bsc,chv->bshv', c_kv, self._w(self.w_uv))
+    b, s, h, _ = k_nope.shape
+    k_rope_h = jnp.broadcast_to(k_rope[:, :, None], (b, s, h, k_rope.shape[-1]))
+    k = jnp.concatenate([k_nope, k_rope_h], axis=-1)
+    q = jnp.concatenate([q_nope, q_rope], axis=-1)
+    return fused_attention(q, k, v, mask, scale).astype(q_nope.dtype)
+
+  def _absorbed_kernel(self, q_nope, q_rope, c_kv, k_rope, positions_bt, scale):
+    """One decode step of the absorbed path through the Pallas kernel, which reads each
+    sequence's latent cache up to its length."""
+    q_lat = jnp.einsum('bthn,chn->bthc', q_nope, self._w(self.w_uk))
+    o_lat = kernels.mla_decode(q_lat[:, 0], q_rope[:, 0], c_kv, k_rope, positions_bt[:, 0] + 1,
+                               scale, interpret=_interpret())
+    return jnp.einsum('bhc,chv->bhv', o_lat.astype(q_nope.dtype), self._w(self.w_uv))[:, None]

@@ -19,6 +19,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 
+import chex
 import jax
 import jax.numpy as jnp
 
@@ -27,8 +28,9 @@ from mla_jax.sharding import constrain
 
 
 def values_transposed(cfg: ModelConfig) -> bool:
-  """Whether a KVCache stores values [b, g, k, s]: for MHA, see the module docstring."""
-  return cfg.n_kv_heads == cfg.n_heads
+  """Whether a KVCache stores values [b, g, k, s]: for MHA on the einsum path, see the module
+  docstring (fused attention and the decode kernels read [b, g, s, k])."""
+  return cfg.n_kv_heads == cfg.n_heads and not cfg.fused
 
 
 def write_at(buf, new_bt, positions_bt, seq_axis: int):
@@ -38,6 +40,7 @@ def write_at(buf, new_bt, positions_bt, seq_axis: int):
   (advanced indices separated by slices go first), so new values need no transposing.
   Positions are in bounds by construction: generate checks prompt + new tokens <= the cache.
   """
+  chex.assert_equal_shape_prefix([new_bt, positions_bt], 2)
   rows = jnp.arange(positions_bt.shape[0])[:, None]
   index = (rows,) + (slice(None),) * (seq_axis - 1) + (positions_bt,)
   return buf.at[index].set(new_bt.astype(buf.dtype), mode='promise_in_bounds',

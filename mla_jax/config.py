@@ -13,17 +13,24 @@ import math
 from collections.abc import Mapping
 from typing import Any
 
+import jax
 import jax.numpy as jnp
 
 from mla_jax.errors import Error
 
 ROPE_LAYOUTS = ('interleaved', 'half')
 MLA_DECODE_PATHS = ('absorbed', 'naive')
+ATTENTION_IMPLS = ('auto', 'einsum', 'fused')
 DTYPES = ('float32', 'bfloat16', 'float16')
+COMPUTE_DTYPES = ('auto', *DTYPES)  # auto: bfloat16 on an accelerator, float32 on a CPU
 
 
 class ConfigError(Error, ValueError):
   """An invalid configuration (model or training); the message names the field and the fix."""
+
+
+def _on_cpu() -> bool:
+  return jax.default_backend() == 'cpu'
 
 
 def _check_types(obj) -> None:
@@ -94,13 +101,18 @@ class ModelConfig:
   qk_rope_head_dim: int | None = None  # d_r; default head_dim // 2
   v_head_dim: int | None = None  # d_v; default head_dim
   mla_decode: str = 'absorbed'  # decode path over the latent cache: 'absorbed' | 'naive'
+  # 'einsum': the explicit reference path; 'fused': flash attention for training and prefill
+  # (mla_jax.fused) and Pallas flash-decoding kernels for decode steps (mla_jax.kernels);
+  # 'auto': fused on GPU / TPU, einsum on a CPU.
+  attention_impl: str = 'auto'
   rope_theta: float = 10000.0
   rope_layout: str = 'interleaved'  # 'interleaved' pairs (2i, 2i+1); 'half' pairs (i, i + d/2)
   rope_scaling: YarnScaling | None = None  # a dict is accepted and converted
   max_seq_len: int = 2048  # longest prompt + generation the decode loop accepts
   norm_eps: float = 1e-6
   tie_embeddings: bool = False
-  dtype: str = 'float32'  # compute dtype; logits and softmax stay float32
+  dtype: str = 'float32'  # compute dtype ('auto': bfloat16 on GPU / TPU, float32 on a CPU);
+  # logits and softmax stay float32 whatever it is
   param_dtype: str = 'float32'
 
   def __post_init__(self):
@@ -129,7 +141,8 @@ class ModelConfig:
 
   def _check_choices(self):
     for name, allowed in (('rope_layout', ROPE_LAYOUTS), ('mla_decode', MLA_DECODE_PATHS),
-                          ('dtype', DTYPES), ('param_dtype', DTYPES)):
+                          ('attention_impl', ATTENTION_IMPLS), ('dtype', COMPUTE_DTYPES),
+                          ('param_dtype', DTYPES)):
       if getattr(self, name) not in allowed:
         raise ConfigError(f'{name}={getattr(self, name)!r} is unknown; use one of {allowed}')
 
@@ -149,7 +162,14 @@ class ModelConfig:
   # --- derived quantities -------------------------------------------------------------
   @property
   def compute_dtype(self):
+    if self.dtype == 'auto':
+      return jnp.dtype(jnp.float32 if _on_cpu() else jnp.bfloat16)
     return jnp.dtype(self.dtype)
+
+  @property
+  def fused(self) -> bool:
+    """Whether attention runs fused (attention_impl 'fused', or 'auto' on an accelerator)."""
+    return self.attention_impl == 'fused' or (self.attention_impl == 'auto' and not _on_cpu())
 
   @property
   def params_dtype(self):

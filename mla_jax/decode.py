@@ -17,6 +17,7 @@ import functools
 import itertools
 import math
 
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -34,6 +35,8 @@ def _round_up(n: int, multiple: int) -> int:
 def _prefill(model, caches, prompts_bt, lengths_b, chunk: int):
   """Runs the prompt through the model chunk by chunk; returns last real logits [b, V]."""
   b, t = prompts_bt.shape
+  chex.assert_shape(lengths_b, (b,))
+  chex.assert_type([prompts_bt, lengths_b], int)
   chunk = min(chunk, t)
   t_pad = _round_up(t, chunk)
   tokens = jnp.pad(prompts_bt, ((0, 0), (0, t_pad - t)))
@@ -56,6 +59,9 @@ def _prefill(model, caches, prompts_bt, lengths_b, chunk: int):
 
 
 def _decode_step(model, caches, tokens_b, positions_b):
+  chex.assert_rank(tokens_b, 1)
+  chex.assert_equal_shape([tokens_b, positions_b])
+  chex.assert_type([tokens_b, positions_b], int)
   h, caches = model.forward(tokens_b[:, None], positions_b[:, None], caches)
   return model.logits(h)[:, 0], caches
 
@@ -163,7 +169,7 @@ def generate(model, prompts, prompt_lengths=None, max_new_tokens: int = 32,
       or lengths.min() < 1 or lengths.max() > t):
     raise InputError(f'prompt_lengths must be {b} integers in [1, {t}], got '
                      f'{lengths.tolist()}')
-  check_token_ids(prompts, cfg.vocab_size, 'prompt')
+  check_token_ids(prompts, cfg.vocab_size, 'prompt token')
   for name, value in (('max_new_tokens', max_new_tokens), ('top_k', top_k), ('seed', seed)):
     if not isinstance(value, (int, np.integer)) or isinstance(value, bool):
       raise InputError(f'{name} must be an integer, got {value!r}')

@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import math
 
+import chex
 import jax
 import jax.numpy as jnp
 from flax import nnx, traverse_util
@@ -53,15 +54,17 @@ class Transformer(nnx.Module):
                             fan_in=cfg.d_model)
 
   def __call__(self, tokens_bt, positions_bt=None):
+    """positions_bt None: each row is a whole sequence at positions 0 .. t - 1."""
     if not isinstance(tokens_bt, jax.core.Tracer):  # eager call: check the ids (under jit the
       check_token_ids(tokens_bt, self.cfg.vocab_size)  # caller's edge does it on the host)
-    if positions_bt is None:
-      positions_bt = jnp.broadcast_to(jnp.arange(tokens_bt.shape[1]), tokens_bt.shape)
     h, _ = self.forward(tokens_bt, positions_bt)
     return self.logits(h)
 
-  def forward(self, tokens_bt, positions_bt, caches=None):
+  def forward(self, tokens_bt, positions_bt=None, caches=None):
     """Final normed hidden states [b, t, d] and the updated layer caches (if given)."""
+    chex.assert_rank(tokens_bt, 2)
+    if positions_bt is not None:
+      chex.assert_equal_shape([tokens_bt, positions_bt])
     x = constrain(self.embed(tokens_bt), RESIDUAL)
     new_caches = []
     for i, block in enumerate(self.blocks):

@@ -27,6 +27,7 @@ cli.define_distributed_flags()
 
 def main():
   signal.signal(signal.SIGTERM, trainer.exit_before_first_step)  # until the trainer's own
+  trainer.request_determinism(FLAGS.config)  # before anything starts jax's backends
   cli.initialize_distributed()
   result = trainer.train_and_evaluate(FLAGS.config, FLAGS.workdir)
   if result and jax.process_index() == 0:

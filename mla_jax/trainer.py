@@ -14,6 +14,7 @@ from __future__ import annotations
 import functools
 import json
 import math
+import os
 import pathlib
 import signal
 import sys
@@ -227,11 +228,31 @@ def _check_finite(fetched, last_good_step) -> None:
           'or start a new --workdir')
 
 
+DETERMINISTIC_FLAG = '--xla_gpu_deterministic_ops=true'
+
+
+def request_determinism(config: ml_collections.ConfigDict) -> None:
+  """Asks XLA for deterministic GPU reductions when config.train.deterministic: it must run
+  before jax starts its backends (XLA reads XLA_FLAGS once), as the train command does."""
+  if config.train.get('deterministic', True) and DETERMINISTIC_FLAG not in os.environ.get(
+      'XLA_FLAGS', ''):
+    os.environ['XLA_FLAGS'] = f"{os.environ.get('XLA_FLAGS', '')} {DETERMINISTIC_FLAG}".strip()
+
+
+def _check_determinism(config: ml_collections.ConfigDict) -> None:
+  if (config.train.get('deterministic', True) and jax.default_backend() == 'gpu'
+      and DETERMINISTIC_FLAG not in os.environ.get('XLA_FLAGS', '')):
+    raise ConfigError('train.deterministic needs XLA_FLAGS=--xla_gpu_deterministic_ops=true '
+                      'before jax starts (python -m mla_jax.train sets it); set it, or '
+                      'train.deterministic=False to give up bit-exact resume on GPU')
+
+
 def _check(config: ml_collections.ConfigDict) -> tuple:
   """Everything about a config that can be checked before anything is written: the training
   settings, the model, the mesh's split of the batch and the model, the data and its ids.
   -> (data splits, mesh)."""
   _validate(config)
+  _check_determinism(config)
   cfg = ModelConfig.from_dict(config.model)
   mesh = sharding.make_mesh(config.mesh)
   batch_layout(config, mesh)

@@ -11,7 +11,7 @@ from conftest import tiny_config
 from flax import nnx
 
 import mla_jax
-from experiments import bench_decode
+from experiments.timing import decode_step_cost
 from mla_jax import hf, variants
 from mla_jax.cache import measured_per_token
 from mla_jax.model import param_count
@@ -24,7 +24,7 @@ def shared_kv():
   """The doc's python blocks, executed in order; the variant is unregistered afterwards."""
   namespace = {}
   for block in re.findall(r'```python\n(.*?)```', DOC.read_text(), flags=re.S):
-    exec(compile(block, str(DOC), 'exec'), namespace)  # noqa: S102
+    exec(compile(block, str(DOC), 'exec'), namespace)
   yield namespace
   variants.unregister('shared_kv')
 
@@ -72,8 +72,8 @@ def test_the_doc_variant_is_causal(shared_kv):
 def test_the_doc_variant_reaches_the_benchmark_and_the_export(shared_kv, tmp_path):
   cfg = tiny_config(attention='shared_kv')
   n_params = param_count(cfg)
-  read, flops = bench_decode.step_cost(cfg, n_params, batch=1, context=100,
-                                       cache_bytes_per_token=4 * cfg.head_dim * cfg.n_layers)
+  read, flops = decode_step_cost(cfg, n_params, batch=1, context=100,
+                                 cache_bytes_per_token=4 * cfg.head_dim * cfg.n_layers)
   weights = n_params - 256 * 64  # the untied embedding table is gathered, not multiplied
   assert read == 4 * weights + 100 * 4 * 16 * 2
   assert flops == 2 * weights + cfg.n_layers * (2 * 4 * 100 * 2 * 16 + 3 * 100 * 16)

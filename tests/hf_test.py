@@ -11,6 +11,7 @@ import shutil
 import subprocess
 import sys
 
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -149,7 +150,7 @@ def test_import_export_import_is_identical(name, tmp_path):
     np.testing.assert_array_equal(exported[key], np.asarray(value, np.float32), err_msg=key)
   again, _ = hf.load(tmp_path / 'hf')
   assert again.cfg == model.cfg
-  jax.tree.map(np.testing.assert_array_equal, _params(again), _params(model))
+  chex.assert_trees_all_equal(_params(again), _params(model))
 
 
 def test_interleaved_models_export_to_llama_by_permuting_q_k_rows():

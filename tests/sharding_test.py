@@ -17,6 +17,8 @@ import pytest
 
 from mla_jax import sharding
 
+pytestmark = pytest.mark.slow  # every case starts jax in a subprocess with 8 devices
+
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 MESHES = [(8, 1, 1), (2, 4, 1), (2, 2, 2)]
 
@@ -46,7 +48,7 @@ def mesh_of(sizes, n=None):
 def run_python(code: str, corpus: str, devices: int = 8, timeout: int = 600):
   script = textwrap.dedent(PRELUDE.format(devices=devices, corpus=corpus)) + textwrap.dedent(code)
   out = subprocess.run([sys.executable, '-c', script], cwd=ROOT, capture_output=True, text=True,
-                       timeout=timeout)
+                       timeout=timeout, env={**os.environ, 'JAX_PLATFORMS': 'cpu'})
   assert out.returncode == 0, out.stderr[-3000:]
   return json.loads(out.stdout.strip().splitlines()[-1])
 
