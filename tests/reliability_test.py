@@ -71,6 +71,13 @@ def saved_steps(folder) -> list[int]:
   return sorted(int(p.name) for p in pathlib.Path(folder).glob('*') if p.name.isdigit())
 
 
+def run_to_the_end(workdir, corpus, jax_cache, **train):
+  """An uninterrupted run by the same command as the killed ones (the pytest process sets
+  its own jax options)."""
+  result = run('train', *train_args(workdir, corpus, **train), env=child_env(jax_cache))
+  assert result.returncode == 0, result.stderr[-3000:]
+
+
 def rows(workdir):
   return [json.loads(line) for line in (pathlib.Path(workdir) / 'metrics.jsonl').open()]
 
@@ -162,7 +169,7 @@ def test_a_kill_at_every_phase_of_a_save_resumes_exactly(corpus, jax_cache, tmp_
   to resume from); checkpoints/6 killed after (resumed from the unverified checkpoints/3);
   then best/8 four times (resumed from 6). The last life finds best/8 saved and intact."""
   reference = tmp_path / 'reference'
-  trainer.train_and_evaluate(tiny(corpus, **CHAIN), str(reference))
+  run_to_the_end(reference, corpus, jax_cache, **CHAIN)
   workdir = tmp_path / 'run'
   for phase in PHASES:
     result = run('train', *train_args(workdir, corpus, **CHAIN),
@@ -203,7 +210,7 @@ def test_random_kills_end_bit_for_bit_like_an_uninterrupted_run(corpus, jax_cach
   run ends as if it had never been interrupted."""
   rng = random.Random(1234)
   reference = tmp_path / 'reference'
-  trainer.train_and_evaluate(tiny(corpus, **RANDOM), str(reference))
+  run_to_the_end(reference, corpus, jax_cache, **RANDOM)
   workdir = tmp_path / 'run'
   args = train_args(workdir, corpus, **RANDOM)
   mid_save = {1: 'best:during', 3: 'checkpoints:during'}
