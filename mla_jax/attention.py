@@ -20,9 +20,10 @@ the whole cache on every decode step (see cache.py and the README's decode bench
 An 8-bit cache (ModelConfig.cache_dtype, mla_jax.quant) is read through its cache's `read`:
 8-bit values converted to the compute dtype as dot operands, and per-token scales that
 `attention_weights` folds into the scores, q . (k s) = (q . k) s, and `weigh` into the
-probabilities, p . (v s) = (p s) . v. No full-precision copy of the cache is made, but for
-fused prefill, which dequantizes the keys and values it reads (flash attention takes no scales).
-The decode kernels take the 8-bit values and their scales as they are.
+probabilities, p . (v s) = (p s) . v. No dequantized (scaled) copy of the cache is made,
+except by fused prefill, which dequantizes the keys and values it reads (flash attention takes
+no scales); mla_jax.quant says what XLA:CPU does with the conversion. The decode kernels take
+the 8-bit values and their scales as they are.
 """
 
 from __future__ import annotations
