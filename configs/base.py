@@ -18,7 +18,7 @@ from ml_collections import ConfigDict, config_dict
 
 from mla_jax.config import ModelConfig
 
-_PLACEHOLDER_TYPES = {'int | None': int, 'YarnScaling | None': dict}
+_PLACEHOLDER_TYPES = {'int | None': int, 'str | None': str, 'YarnScaling | None': dict}
 
 
 def model_section() -> ConfigDict:

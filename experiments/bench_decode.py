@@ -13,6 +13,13 @@ same run: limit = max(bytes the step must read / copy bandwidth, flops / matmul 
 fraction = limit / measured time. Copy bandwidth counts bytes read plus written by an in-place
 array update. Bytes read = the cache up to the context + the weights; flops are counted per
 variant below.
+
+--cache_dtypes adds rows per cache storage (ModelConfig.cache_dtype): 'none' (the compute
+dtype), a float dtype, or 'int8' / 'float8_e4m3fn' (8-bit values with float32 per-token scales,
+mla_jax.quant). Bytes per token, and so the limit, count the scales. On a CPU the einsum path
+converts an 8-bit cache's values to the compute dtype as dot operands, which XLA:CPU writes
+out as a temporary (one layer's values, unscaled): there an 8-bit cache saves memory, not
+time; the decode kernels (fused rows) read the 8-bit values directly.
 """
 
 from __future__ import annotations
@@ -27,7 +34,9 @@ from flax import nnx
 
 import mla_jax
 from experiments.timing import decode_step_cost, machine_limits, median_seconds
+from mla_jax import quant
 from mla_jax.cache import measured_per_token
+from mla_jax.quant import QuantArray
 
 FLAGS = flags.FLAGS
 flags.DEFINE_bool('quick', False, 'tiny sizes, for a smoke run')
@@ -36,7 +45,9 @@ flags.DEFINE_list('batches', ['1', '8'], 'batch sizes')
 flags.DEFINE_integer('d_model', 1024, 'model width')
 flags.DEFINE_integer('n_heads', 16, 'query heads')
 flags.DEFINE_integer('n_layers', 4, 'layers')
-flags.DEFINE_string('dtype', 'float32', 'compute, parameter and cache dtype')
+flags.DEFINE_string('dtype', 'float32', 'compute and parameter dtype (and the cache\'s, for none)')
+flags.DEFINE_list('cache_dtypes', ['none'], "cache storage of each row: none (the compute "
+                  "dtype), float32, bfloat16, int8 or float8_e4m3fn (8-bit with scales)")
 flags.DEFINE_list('impls', ['auto'], "attention_impl of each row: einsum (the XLA einsum path), "
                   "fused (the Pallas decode kernels), or auto: einsum on a CPU (where kernels "
                   "only run interpreted), both elsewhere")
@@ -46,9 +57,11 @@ flags.DEFINE_integer('runs', 7, 'timed runs per row (median reported)')
 flags.DEFINE_string('out', 'bench_decode.json', 'where to write the JSON results')
 
 
-def configs(d_model: int, n_heads: int, n_layers: int, dtype: str, impls=('einsum',)) -> dict:
+def configs(d_model: int, n_heads: int, n_layers: int, dtype: str, impls=('einsum',),
+            cache_dtypes=(None,)) -> dict:
   """The benchmark's rows: every variant at d_c = 4 d_h, d_r = d_h / 2 for MLA, under each
-  attention_impl (fused: the Pallas decode kernels; MLA naive has none, so einsum only)."""
+  attention_impl (fused: the Pallas decode kernels; MLA naive has none, so einsum only) and
+  each cache dtype (None: the compute dtype)."""
   d_h = d_model // n_heads
   base = dict(d_model=d_model, n_heads=n_heads, n_layers=n_layers, vocab_size=256,
               max_seq_len=1 << 20, dtype=dtype, param_dtype=dtype)
@@ -63,9 +76,30 @@ def configs(d_model: int, n_heads: int, n_layers: int, dtype: str, impls=('einsu
     for impl in impls:
       if impl == 'fused' and name == 'MLA naive':
         continue
-      label = name if len(impls) == 1 else f'{name} [{"kernel" if impl == "fused" else impl}]'
-      out[label] = mla_jax.ModelConfig(**base, **fields, attention_impl=impl)
+      for cache_dtype in cache_dtypes:
+        label = name if len(impls) == 1 else f'{name} [{"kernel" if impl == "fused" else impl}]'
+        if len(cache_dtypes) > 1:
+          label += f' {cache_dtype or dtype} cache'
+        out[label] = mla_jax.ModelConfig(**base, **fields, attention_impl=impl,
+                                         cache_dtype=cache_dtype)
   return out
+
+
+def resolve_cache_dtypes(names) -> tuple[str | None, ...]:
+  return tuple(None if name == 'none' else name for name in names)
+
+
+def random_caches(caches, key):
+  """Caches filled with standard normal values: an 8-bit cache holds them quantized."""
+  is_quant = lambda x: isinstance(x, QuantArray)
+  leaves, treedef = jax.tree.flatten(caches, is_leaf=is_quant)
+  filled = []
+  for x, k in zip(leaves, jax.random.split(key, len(leaves)), strict=True):
+    if is_quant(x):
+      filled.append(quant.quantize(jax.random.normal(k, x.shape), x.values.dtype, x.axis))
+    else:
+      filled.append(jax.random.normal(k, x.shape, x.dtype))
+  return jax.tree.unflatten(treedef, filled)
 
 
 def resolve_impls(impls) -> tuple[str, ...]:
@@ -80,8 +114,7 @@ def bench_row(name, cfg, batch, context, limits, runs):
   n_params = sum(x.size for x in jax.tree.leaves(state))
   caches = model.init_cache(batch, context)
   elements_per_token, cache_bytes_per_token = measured_per_token(caches, batch, context)
-  keys = iter(jax.random.split(jax.random.key(1), 64))
-  caches = jax.tree.map(lambda x: jax.random.normal(next(keys), x.shape, x.dtype), caches)
+  caches = random_caches(caches, jax.random.key(1))
   cache_bytes = sum(x.nbytes for x in jax.tree.leaves(caches))
   tokens = jnp.ones((batch,), jnp.int32)
   positions = jnp.full((batch,), context - 1, jnp.int32)
@@ -95,12 +128,14 @@ def bench_row(name, cfg, batch, context, limits, runs):
   read, flops = decode_step_cost(cfg, n_params, batch, context, cache_bytes_per_token)
   limit = max(read / limits['copy_bytes_per_s'], flops / limits['matmul_flops_per_s'])
   return {
-      'variant': name, 'impl': cfg.attention_impl, 'batch': batch, 'context': context,
-      'params': n_params,
+      'variant': name, 'impl': cfg.attention_impl, 'cache_dtype': str(cfg.cache_storage_dtype),
+      'batch': batch, 'context': context, 'params': n_params,
       'ms_per_token': 1e3 * seconds, 'tokens_per_s': batch / seconds,
       'cache_elements_per_token': elements_per_token,
       'cache_elements_per_token_formula': mla_jax.cache_elements_per_token(cfg),
-      'cache_bytes_per_token': cache_bytes_per_token, 'cache_mib': cache_bytes / 2**20,
+      'cache_bytes_per_token': cache_bytes_per_token,
+      'cache_bytes_per_token_formula': mla_jax.cache_bytes_per_token(cfg),
+      'cache_mib': cache_bytes / 2**20,
       'bytes_read': read, 'flops': flops, 'limit_ms': 1e3 * limit,
       'fraction_of_limit': limit / seconds,
   }
@@ -126,7 +161,7 @@ def format_table(rows, limits) -> str:
   lines = [f"copy bandwidth {limits['copy_bytes_per_s'] / 1e9:.1f} GB/s (read + write), "
            f"matmul {limits['matmul_flops_per_s'] / 1e9:.0f} GFLOP/s ({limits['dtype']})", '',
            '| variant | batch | context | ms/token | tokens/s | cache elem/token (formula) '
-           '| cache B/token | cache MiB | limit ms | fraction of limit |',
+           '| cache B/token (with scales) | cache MiB | limit ms | fraction of limit |',
            '|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|']
   for r in rows:
     lines.append(
@@ -152,9 +187,10 @@ def main(argv):
   for batch in batches:
     for context in contexts:
       for name, cfg in configs(dtype=FLAGS.dtype, impls=resolve_impls(FLAGS.impls),
+                               cache_dtypes=resolve_cache_dtypes(FLAGS.cache_dtypes),
                                **size).items():
         rows.append(bench_row(name, cfg, batch, context, limits, FLAGS.runs))
-        print(f"{name:13s} b={batch} ctx={context:6d} {rows[-1]['ms_per_token']:9.2f} ms "
+        print(f"{name:30s} b={batch} ctx={context:6d} {rows[-1]['ms_per_token']:9.2f} ms "
               f"fraction {rows[-1]['fraction_of_limit']:.2f}", flush=True)
   overhead = python_overhead_check(FLAGS.runs)
   table = format_table(rows, limits)

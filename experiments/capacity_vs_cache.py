@@ -12,9 +12,10 @@ from its last checkpoint, and a finished one (result.json) is not redone.
 
 Each run then: scores the validation split with mla_jax.evaluator.perplexity; prefills and
 decodes with the trained model in bfloat16 and counts the elements and bytes per token of the
-caches the decode loop returns. The report (capacity_vs_cache.md / .json / .png) goes to
---results_dir: experiments/results for the full run, the workdir for --quick (which must never
-overwrite the committed results).
+caches the decode loop returns, and the bytes per token of int8 and float8_e4m3fn caches
+(ModelConfig.cache_dtype; their float32 per-token scales included). The report
+(capacity_vs_cache.md / .json / .png) goes to --results_dir: experiments/results for the full
+run, the workdir for --quick (which must never overwrite the committed results).
 """
 
 from __future__ import annotations
@@ -69,12 +70,13 @@ def cache_formula(cfg) -> tuple[str, int]:
   return variants.get(cfg.attention).cache_formula, variants.cache_elements_per_token(cfg)
 
 
-def measure_decode_cache(model, prompt) -> tuple[int, int]:
-  """(elements, bytes) per token of the caches a bfloat16 prefill + decode step returns."""
-  model = with_config(model, dtype='bfloat16')
+def measure_decode_cache(model, prompt, cache_dtype=None) -> tuple[int, int]:
+  """(elements, bytes) per token of the caches a bfloat16 prefill + decode step returns, in
+  cache_dtype (None: bfloat16, the compute dtype; an 8-bit cache's bytes include its scales)."""
+  model = with_config(model, dtype='bfloat16', cache_dtype=cache_dtype)
   graphdef, state = nnx.split(model)
   batch, max_len = 2, model.cfg.max_seq_len
-  caches = model.init_cache(batch, max_len)  # bfloat16, as decode allocates
+  caches = model.init_cache(batch, max_len)  # as decode allocates
   prompts = jnp.asarray([prompt, prompt], jnp.int32)
   lengths = jnp.full((batch,), len(prompt), jnp.int32)
   logits, caches = decode.prefill(graphdef, state, caches, prompts, lengths)
@@ -102,7 +104,10 @@ def _worker(spec: str) -> None:
   result = evaluator.perplexity(model, val, e.seq_len, e.stride, e.batch_size)
   eval_s = time.perf_counter() - start
   formula, by_formula = cache_formula(cfg)
-  elements, nbytes = measure_decode_cache(model, val[:cfg.max_seq_len // 2])
+  prompt = val[:cfg.max_seq_len // 2]
+  elements, nbytes = measure_decode_cache(model, prompt)
+  bytes_8bit = {name: measure_decode_cache(model, prompt, name)[1]
+                for name in ('int8', 'float8_e4m3fn')}
   rows = [json.loads(line) for line in (run_dir / 'metrics.jsonl').open()]
   speeds = [r['tokens_per_s'] for r in rows if 'tokens_per_s' in r][1:]  # the first compiles
   result.update(
@@ -111,6 +116,8 @@ def _worker(spec: str) -> None:
       * config.data.seq_len, tokens_per_s=float(np.median(speeds)) if speeds else None,
       cache_formula=formula, cache_elements_formula=by_formula,
       cache_elements_measured=elements, cache_bytes_bf16_measured=nbytes,
+      cache_bytes_int8_measured=bytes_8bit['int8'],
+      cache_bytes_fp8_measured=bytes_8bit['float8_e4m3fn'],
       train_s=train_s, eval_s=eval_s, jax=jax.__version__)
   tmp = run_dir / (RESULT + '.tmp')
   tmp.write_text(json.dumps(result, indent=1))

@@ -16,6 +16,14 @@ output (docs/design.md#3-mla). Shape letters are listed in layers.py.
 In every probs-times-values einsum the cached array is the first operand and is contracted
 along the axis it stores contiguously: written the other way, XLA's CPU dot copies (transposes)
 the whole cache on every decode step (see cache.py and the README's decode benchmark).
+
+An 8-bit cache (ModelConfig.cache_dtype, mla_jax.quant) is read through its cache's `read`:
+8-bit values converted to the compute dtype as dot operands, and per-token scales that
+`attention_weights` folds into the scores, q . (k s) = (q . k) s, and `weigh` into the
+probabilities, p . (v s) = (p s) . v. No dequantized (scaled) copy of the cache is made,
+except by fused prefill, which dequantizes the keys and values it reads (flash attention takes
+no scales); mla_jax.quant says what XLA:CPU does with the conversion. The decode kernels take
+the 8-bit values and their scales as they are.
 """
 
 from __future__ import annotations
@@ -24,7 +32,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from mla_jax import kernels, rope
+from mla_jax import kernels, quant, rope
 from mla_jax.cache import KVCache, LatentCache
 from mla_jax.config import ModelConfig
 from mla_jax.fused import fused_attention
@@ -38,19 +46,32 @@ def visible(q_positions_bt, k_positions_bs):
   return k_positions_bs[:, None, :] <= q_positions_bt[:, :, None]
 
 
-def attention_weights(q_parts, k_parts, visible_bts, scale: float):
+def attention_weights(q_parts, k_parts, visible_bts, scale: float, k_scales=None):
   """softmax(sum_i q_i k_i^T * scale), masked -> probabilities [b, g, p, t, s], float32.
 
   q_parts: query pieces [b, t, g, p, e_i]; k_parts: the matching key pieces [b, g, s, e_i].
-  Their dot products add, so the latent cache's two arrays are never concatenated (the
-  absorbed decode reads them as stored; the naive path, which builds per-head keys anyway,
-  concatenates its halves: one score matmul instead of two). Each module applies the
-  probabilities to its values itself, in the layout its cache keeps.
+  Their dot products add, so MLA's nope and rope halves (and the latent cache's two arrays)
+  are never concatenated. k_scales: per part, None or an 8-bit key's per-token scale [b, g, s]
+  (g may be 1), applied to that part's scores. Each module applies the probabilities to its
+  values itself, in the layout its cache keeps (through `weigh` for 8-bit values).
   """
-  scores = sum(jnp.einsum('btgpe,bgse->bgpts', q, k, preferred_element_type=jnp.float32)
-               for q, k in zip(q_parts, k_parts, strict=True))
+  k_scales = (None,) * len(k_parts) if k_scales is None else k_scales
+  scores = sum(weigh(jnp.einsum('btgpe,bgse->bgpts', q, k, preferred_element_type=jnp.float32),
+                     k_scale)
+               for q, k, k_scale in zip(q_parts, k_parts, k_scales, strict=True))
   scores = jnp.where(visible_bts[:, None, None], scores * scale, _MASKED)
   return jax.nn.softmax(scores, axis=-1)
+
+
+def weigh(x_bgpts, scale_bgs):
+  """x * the per-token scale of an 8-bit cache array [b, g, s] (None: x unchanged): on scores,
+  q . (k s) = (q . k) s; on probabilities before the value product, p . (v s) = (p s) . v."""
+  return x_bgpts if scale_bgs is None else x_bgpts * scale_bgs[:, :, None, None, :]
+
+
+def _per_group(scale_bs):
+  """A latent array's scale [b, s] as the [b, 1, s] of one group shared by every head."""
+  return None if scale_bs is None else scale_bs[:, None]
 
 
 def _interpret() -> bool:
@@ -114,27 +135,33 @@ class GQAttention(nnx.Module):
     b, t, h, _ = q_bthk.shape
     g = self.cfg.n_kv_heads
     if cache is None:  # the keys and values are this sequence's own, heads-major like a cache
-      keys_bgsk, values, v_transposed = k_btgk.transpose(0, 2, 1, 3), v_btgk.transpose(
-          0, 2, 1, 3), False
+      keys_bgsk, k_scale, values, v_scale = (k_btgk.transpose(0, 2, 1, 3), None,
+                                             v_btgk.transpose(0, 2, 1, 3), None)
     else:
-      keys_bgsk, values, v_transposed = cache.k, cache.v, cache.v_transposed
+      keys_bgsk, k_scale, values, v_scale = cache.read(self.cfg.compute_dtype)
+    v_transposed = cache is not None and cache.v_transposed
     mask = _mask(positions_bt, cache, keys_bgsk.shape[2])
-    probs = attention_weights((q_bthk.reshape(b, t, g, h // g, -1),), (keys_bgsk,), mask, scale)
+    probs = attention_weights((q_bthk.reshape(b, t, g, h // g, -1),), (keys_bgsk,), mask, scale,
+                              (k_scale,))
     spec = 'bgks,bgpts->btgpk' if v_transposed else 'bgsk,bgpts->btgpk'
-    o = jnp.einsum(spec, values, probs.astype(values.dtype), preferred_element_type=jnp.float32)
+    o = jnp.einsum(spec, values, weigh(probs, v_scale).astype(values.dtype),
+                   preferred_element_type=jnp.float32)
     return o.reshape(b, t, h, -1)
 
   def _fused(self, q_bthk, k_btgk, v_btgk, cache, positions_bt, whole, scale):
     b, t, h, _ = q_bthk.shape
     if cache is not None and t == 1:  # a decode step: the split-KV flash-decoding kernel
       g = self.cfg.n_kv_heads
-      o_bgpk = kernels.gqa_decode(q_bthk.reshape(b, g, h // g, -1), cache.k, cache.v,
-                                  positions_bt[:, 0] + 1, scale, interpret=_interpret())
+      k, k_scale, v, v_scale = cache.read()  # 8-bit values stay 8-bit: the kernel scales them
+      o_bgpk = kernels.gqa_decode(q_bthk.reshape(b, g, h // g, -1), k, v, positions_bt[:, 0] + 1,
+                                  scale, k_scale_bgs=k_scale, v_scale_bgs=v_scale,
+                                  interpret=_interpret())
       return o_bgpk.reshape(b, 1, h, -1)
     if cache is None:
       keys_bsgk, values_bsgk = k_btgk, v_btgk
     else:  # the fused path keeps values [b, g, s, k] (cache.values_transposed)
-      keys_bsgk, values_bsgk = cache.k.transpose(0, 2, 1, 3), cache.v.transpose(0, 2, 1, 3)
+      k, v = (quant.dequantize(x, q_bthk.dtype) for x in (cache.k, cache.v))
+      keys_bsgk, values_bsgk = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)
     mask = _fused_mask(positions_bt, whole, cache, keys_bsgk.shape[1])
     return fused_attention(q_bthk, keys_bsgk, values_bsgk, mask, scale)
 
@@ -191,42 +218,55 @@ class MLAttention(nnx.Module):
     k_rope = rope.apply_rope(kv[..., c:], cos, sin, cfg.rope_layout)
     if cache is not None:
       cache = cache.write(c_kv, k_rope, positions_bt)
-      c_kv, k_rope = cache.c_kv, cache.k_rope
     scale = ((n + cfg.qk_rope_head_dim)**-0.5 * rope.softmax_mscale(cfg.rope_scaling)**2)
     absorbed = cache is not None and cfg.mla_decode == 'absorbed'
     if cfg.fused and absorbed and x_btd.shape[1] == 1:  # a decode step: the flash-decoding kernel
-      o = self._absorbed_kernel(q_nope, q_rope, c_kv, k_rope, positions_bt, scale)
+      o = self._absorbed_kernel(q_nope, q_rope, cache, positions_bt, scale)
     elif cfg.fused:
+      if cache is not None:  # flash attention takes no scales: dequantize what it reads
+        c_kv, k_rope = (quant.dequantize(x, q.dtype) for x in (cache.c_kv, cache.k_rope))
       mask = _fused_mask(positions_bt, whole, cache, c_kv.shape[1])
       o = self._naive_fused(q_nope, q_rope, c_kv, k_rope, mask, scale)
     else:
-      mask = _mask(positions_bt, cache, c_kv.shape[1])
+      latent = (c_kv, None, k_rope, None) if cache is None else cache.read(cfg.compute_dtype)
+      mask = _mask(positions_bt, cache, latent[0].shape[1])
       path = self._absorbed if absorbed else self._naive
-      o = path(q_nope, q_rope, c_kv, k_rope, mask, scale)
+      o = path(q_nope, q_rope, latent, mask, scale)
     return jnp.einsum('bthv,hvd->btd', o, self._w(self.w_o)), cache
 
-  def _naive(self, q_nope, q_rope, c_kv, k_rope, mask, scale):
-    """Up-projects per-head keys and values from the latent, then ordinary MHA.
+  def _naive(self, q_nope, q_rope, latent, mask, scale):
+    """Up-projects per-head keys and values from the latent, then ordinary MHA. latent:
+    (c_kv, its scale, k_rope, its scale), as LatentCache.read gives it.
 
     The nope and rope halves are concatenated into one [n + r] query and key per head, as
     DeepSeek's reference does: one score matmul instead of two [b, h, t, s] products and
-    their sum (the step's largest arrays; see experiments/results/cpu_profile.md).
+    their sum (the step's largest arrays; see experiments/results/cpu_profile.md). An 8-bit
+    cache's per-token scales go onto the up-projected keys and values, which this path builds
+    in full anyway.
     """
+    c_kv, c_kv_scale, k_rope, k_rope_scale = latent
     k_nope = jnp.einsum('bsc,chn->bhsn', c_kv, self._w(self.w_uk))
     v = jnp.einsum('bsc,chv->bhsv', c_kv, self._w(self.w_uv))
     b, h, s, _ = k_nope.shape
     k_rope_h = jnp.broadcast_to(k_rope[:, None], (b, h, s, k_rope.shape[-1]))
+    if c_kv_scale is not None:
+      k_nope = k_nope * c_kv_scale[:, None, :, None].astype(k_nope.dtype)
+      v = v * c_kv_scale[:, None, :, None].astype(v.dtype)
+      k_rope_h = k_rope_h.astype(k_nope.dtype) * k_rope_scale[:, None, :, None].astype(k_nope.dtype)
     q = jnp.concatenate([q_nope, q_rope], axis=-1)
     k = jnp.concatenate([k_nope, k_rope_h.astype(k_nope.dtype)], axis=-1)
     probs = attention_weights((q[:, :, :, None],), (k,), mask, scale)[:, :, 0]
     return jnp.einsum('bhsv,bhts->bthv', v, probs.astype(v.dtype),
                       preferred_element_type=jnp.float32).astype(q_nope.dtype)
 
-  def _absorbed(self, q_nope, q_rope, c_kv, k_rope, mask, scale):
+  def _absorbed(self, q_nope, q_rope, latent, mask, scale):
     """W_UK folds into the query, W_UV into the output: attention runs in the latent space."""
+    c_kv, c_kv_scale, k_rope, k_rope_scale = latent
     q_lat = jnp.einsum('bthn,chn->bthc', q_nope, self._w(self.w_uk))
     probs = attention_weights((q_lat[:, :, None], q_rope[:, :, None]),
-                              (c_kv[:, None], k_rope[:, None]), mask, scale)[:, 0]
+                              (c_kv[:, None], k_rope[:, None]), mask, scale,
+                              (_per_group(c_kv_scale), _per_group(k_rope_scale)))
+    probs = weigh(probs, _per_group(c_kv_scale))[:, 0]  # c_kv is the value too
     o_lat = jnp.einsum('bsc,bhts->bthc', c_kv, probs.astype(c_kv.dtype),
                        preferred_element_type=jnp.float32).astype(q_nope.dtype)
     return jnp.einsum('bthc,chv->bthv', o_lat, self._w(self.w_uv))
@@ -242,10 +282,12 @@ class MLAttention(nnx.Module):
     q = jnp.concatenate([q_nope, q_rope], axis=-1)
     return fused_attention(q, k, v, mask, scale).astype(q_nope.dtype)
 
-  def _absorbed_kernel(self, q_nope, q_rope, c_kv, k_rope, positions_bt, scale):
+  def _absorbed_kernel(self, q_nope, q_rope, cache, positions_bt, scale):
     """One decode step of the absorbed path through the Pallas kernel, which reads each
-    sequence's latent cache up to its length."""
+    sequence's latent cache up to its length (an 8-bit one as stored, with its scales)."""
     q_lat = jnp.einsum('bthn,chn->bthc', q_nope, self._w(self.w_uk))
+    c_kv, c_kv_scale, k_rope, k_rope_scale = cache.read()
     o_lat = kernels.mla_decode(q_lat[:, 0], q_rope[:, 0], c_kv, k_rope, positions_bt[:, 0] + 1,
-                               scale, interpret=_interpret())
+                               scale, c_kv_scale_bs=c_kv_scale, k_rope_scale_bs=k_rope_scale,
+                               interpret=_interpret())
     return jnp.einsum('bhc,chv->bhv', o_lat.astype(q_nope.dtype), self._w(self.w_uv))[:, None]

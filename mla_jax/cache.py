@@ -12,6 +12,12 @@ along the contiguous axis (35 -> 17 ms for that cache). With several query heads
 transpose, copying the whole cache every step. README, decode benchmark, has the numbers.
 LatentCache stores MLA's compressed c_kv and the ONE rope key shared by all heads: nothing
 per head is cached.
+
+Either cache stores its arrays in the compute dtype, another float dtype, or 8-bit with per-token
+scales (mla_jax.quant: int8 / float8_e4m3fn, a QuantArray per array). Each cache quantizes on
+write (`store`) and hands attention what it reads through one method, `read`; elements per
+token stay the paper's count of cached values, and `scales_per_token` counts the float32 scales
+an 8-bit cache adds (mla_jax.variants.cache_bytes_per_token adds them up).
 """
 
 from __future__ import annotations
@@ -23,8 +29,26 @@ import chex
 import jax
 import jax.numpy as jnp
 
+from mla_jax import quant
 from mla_jax.config import ModelConfig
+from mla_jax.errors import Error
+from mla_jax.quant import QuantArray
 from mla_jax.sharding import constrain
+
+
+class CacheDtypeError(Error, ValueError):
+  """A cache dtype the decode loop cannot store."""
+
+
+def check_dtype(dtype) -> None:
+  """A dtype passed for a plain cache must be a float: an 8-bit one would be cast to without
+  the scales that make it mean anything."""
+  dtype = jnp.dtype(dtype)
+  if not jnp.issubdtype(dtype, jnp.floating) or dtype.itemsize == 1:
+    raise CacheDtypeError(
+        f"init_cache(dtype={dtype.name}) would store {dtype.name} without scales; set "
+        f"ModelConfig.cache_dtype={dtype.name!r} for an 8-bit cache with per-token scales "
+        f"({', '.join(quant.QUANTIZED_DTYPES)}), or pass a float dtype")
 
 
 def values_transposed(cfg: ModelConfig) -> bool:
@@ -47,17 +71,40 @@ def write_at(buf, new_bt, positions_bt, seq_axis: int):
                            unique_indices=True)
 
 
+def zeros(shape, dtype, axes, feature_axis: int):
+  """An empty cache array: plain, or a QuantArray (8-bit values, float32 scales without the
+  feature axis) for an 8-bit dtype; sharded by the logical `axes`."""
+  values = constrain(jnp.zeros(shape, dtype), axes)
+  if not quant.is_quantized(dtype):
+    return values
+  drop = lambda xs: tuple(x for i, x in enumerate(xs) if i != feature_axis)
+  return QuantArray(values, constrain(jnp.zeros(drop(shape), jnp.float32), drop(axes)),
+                    feature_axis)
+
+
+def store(buf, new_bt, positions_bt, seq_axis: int):
+  """write_at for a plain or an 8-bit cache array: new_bt [b, t, ..., features] is quantized
+  (one scale per token and leading axis) before it is written with its scales."""
+  if not isinstance(buf, QuantArray):
+    return write_at(buf, new_bt, positions_bt, seq_axis)
+  new = quant.quantize(new_bt, buf.values.dtype)
+  scale_seq_axis = seq_axis - (buf.axis < seq_axis)  # the scale has no feature axis
+  return QuantArray(write_at(buf.values, new.values, positions_bt, seq_axis),
+                    write_at(buf.scale, new.scale, positions_bt, scale_seq_axis), buf.axis)
+
+
 @functools.partial(jax.tree_util.register_dataclass, data_fields=['k', 'v'],
                    meta_fields=['v_transposed'])
 @dataclasses.dataclass(frozen=True)
 class KVCache:
   """One layer's keys and values for MHA / GQA / MQA.
 
-  k [b, g, s, k]; v [b, g, s, k], or [b, g, k, s] when v_transposed (MHA).
+  k [b, g, s, k]; v [b, g, s, k], or [b, g, k, s] when v_transposed (MHA). An 8-bit cache
+  holds QuantArrays with one scale per token and KV head, [b, g, s], for k and for v.
   """
 
-  k: jax.Array
-  v: jax.Array
+  k: jax.Array | QuantArray
+  v: jax.Array | QuantArray
   v_transposed: bool = False
 
   @classmethod
@@ -67,50 +114,75 @@ class KVCache:
     k_axes = ('batch', 'kv_heads', 'seq', 'head_dim')  # sharded like the keys' heads
     v_axes = ('batch', 'kv_heads', 'head_dim', 'seq') if transposed else k_axes
     v_shape = (batch, g, k, max_len) if transposed else (batch, g, max_len, k)
-    return cls(constrain(jnp.zeros((batch, g, max_len, k), dtype), k_axes),
-               constrain(jnp.zeros(v_shape, dtype), v_axes), transposed)
+    return cls(zeros((batch, g, max_len, k), dtype, k_axes, feature_axis=3),
+               zeros(v_shape, dtype, v_axes, feature_axis=2 if transposed else 3), transposed)
 
   @staticmethod
   def elements_per_token(cfg: ModelConfig) -> int:
     return 2 * cfg.n_kv_heads * cfg.head_dim
 
+  @staticmethod
+  def scales_per_token(cfg: ModelConfig) -> int:
+    """Float32 scales per token of an 8-bit cache: keys and values, one per KV head."""
+    return 2 * cfg.n_kv_heads
+
   def write(self, k_btgk, v_btgk, positions_bt) -> KVCache:
     """Stores new keys/values at each sequence's own positions [b, t]."""
-    v = write_at(self.v, v_btgk, positions_bt, seq_axis=3 if self.v_transposed else 2)
-    return KVCache(write_at(self.k, k_btgk, positions_bt, seq_axis=2), v, self.v_transposed)
+    v = store(self.v, v_btgk, positions_bt, seq_axis=3 if self.v_transposed else 2)
+    return KVCache(store(self.k, k_btgk, positions_bt, seq_axis=2), v, self.v_transposed)
+
+  def read(self, dtype=None):
+    """(k, k_scale [b, g, s] or None, v, v_scale or None) as attention reads them: an 8-bit
+    cache's values in `dtype` (None: as stored, for the decode kernel), a float cache as
+    stored with no scales (mla_jax.quant.operand)."""
+    return (*quant.operand(self.k, dtype), *quant.operand(self.v, dtype))
 
 
 @functools.partial(jax.tree_util.register_dataclass, data_fields=['c_kv', 'k_rope'],
                    meta_fields=[])
 @dataclasses.dataclass(frozen=True)
 class LatentCache:
-  """One layer's MLA cache: c_kv [b, s, c] (after the latent RMSNorm), k_rope [b, s, r]."""
+  """One layer's MLA cache: c_kv [b, s, c] (after the latent RMSNorm), k_rope [b, s, r].
 
-  c_kv: jax.Array
-  k_rope: jax.Array
+  An 8-bit cache holds QuantArrays, each with its own per-token scale [b, s].
+  """
+
+  c_kv: jax.Array | QuantArray
+  k_rope: jax.Array | QuantArray
 
   @classmethod
   def init(cls, cfg: ModelConfig, batch: int, max_len: int, dtype) -> LatentCache:
-    return cls(constrain(jnp.zeros((batch, max_len, cfg.kv_lora_rank), dtype),
-                         ('batch', 'seq', 'kv_lora')),
-               constrain(jnp.zeros((batch, max_len, cfg.qk_rope_head_dim), dtype),
-                         ('batch', 'seq', 'head_dim')))
+    return cls(zeros((batch, max_len, cfg.kv_lora_rank), dtype, ('batch', 'seq', 'kv_lora'),
+                     feature_axis=2),
+               zeros((batch, max_len, cfg.qk_rope_head_dim), dtype,
+                     ('batch', 'seq', 'head_dim'), feature_axis=2))
 
   @staticmethod
   def elements_per_token(cfg: ModelConfig) -> int:
     return cfg.kv_lora_rank + cfg.qk_rope_head_dim
 
+  @staticmethod
+  def scales_per_token(cfg: ModelConfig) -> int:
+    """Float32 scales per token of an 8-bit cache: one for c_kv, one for k_rope."""
+    del cfg
+    return 2
+
   def write(self, c_kv_btc, k_rope_btr, positions_bt) -> LatentCache:
     """Stores new latents and rope keys at each sequence's own positions [b, t]."""
-    return LatentCache(write_at(self.c_kv, c_kv_btc, positions_bt, seq_axis=1),
-                       write_at(self.k_rope, k_rope_btr, positions_bt, seq_axis=1))
+    return LatentCache(store(self.c_kv, c_kv_btc, positions_bt, seq_axis=1),
+                       store(self.k_rope, k_rope_btr, positions_bt, seq_axis=1))
+
+  def read(self, dtype=None):
+    """(c_kv, c_kv_scale [b, s] or None, k_rope, k_rope_scale or None), as KVCache.read."""
+    return (*quant.operand(self.c_kv, dtype), *quant.operand(self.k_rope, dtype))
 
 
 def measured_per_token(caches, batch: int, max_len: int) -> tuple[int, int]:
-  """(elements, bytes) per token actually allocated by a list of layer caches."""
-  leaves = jax.tree.leaves(caches)
-  elements = sum(x.size for x in leaves)
-  nbytes = sum(x.size * x.dtype.itemsize for x in leaves)
+  """(elements, bytes) per token actually allocated by a list of layer caches: elements count
+  the cached values (the paper's count), bytes everything stored, an 8-bit cache's scales too."""
+  arrays = jax.tree.leaves(caches, is_leaf=lambda x: isinstance(x, QuantArray))
+  elements = sum(x.values.size if isinstance(x, QuantArray) else x.size for x in arrays)
+  nbytes = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(caches))
   tokens = batch * max_len
   assert elements % tokens == 0 and nbytes % tokens == 0, 'cache not per-token shaped'
   return elements // tokens, nbytes // tokens

@@ -23,6 +23,7 @@ MLA_DECODE_PATHS = ('absorbed', 'naive')
 ATTENTION_IMPLS = ('auto', 'einsum', 'fused')
 DTYPES = ('float32', 'bfloat16', 'float16')
 COMPUTE_DTYPES = ('auto', *DTYPES)  # auto: bfloat16 on an accelerator, float32 on a CPU
+CACHE_DTYPES = (*DTYPES, 'int8', 'float8_e4m3fn')
 
 
 class ConfigError(Error, ValueError):
@@ -114,6 +115,11 @@ class ModelConfig:
   dtype: str = 'float32'  # compute dtype ('auto': bfloat16 on GPU / TPU, float32 on a CPU);
   # logits and softmax stay float32 whatever it is
   param_dtype: str = 'float32'
+  # The decode cache's storage: None = the compute dtype; a float dtype; or 'int8' /
+  # 'float8_e4m3fn', 8-bit values with one float32 scale per token and cached array (MLA:
+  # c_kv and k_rope each [b, s]; MHA/GQA/MQA: per token AND KV head [b, g, s], as heads'
+  # ranges differ), dequantized inside attention. mla_jax.quant has the formats and bounds.
+  cache_dtype: str | None = None
 
   def __post_init__(self):
     set_ = lambda name, value: object.__setattr__(self, name, value)
@@ -134,6 +140,10 @@ class ModelConfig:
     variant = variants.get(self.attention)
     for name, value in variant.configure(self).items():
       set_(name, value)
+    if self.cache_dtype in ('int8', 'float8_e4m3fn') and not hasattr(variant.cache,
+                                                                     'scales_per_token'):
+      raise ConfigError(f'cache_dtype={self.cache_dtype!r}: the {self.attention!r} cache has no '
+                        '8-bit format (no scales_per_token); use a float cache_dtype')
     rot = variant.rope_dim(self)
     if rot % 2:
       raise ConfigError(f'the rotary dimension ({rot}) must be even for RoPE pairs; '
@@ -142,7 +152,7 @@ class ModelConfig:
   def _check_choices(self):
     for name, allowed in (('rope_layout', ROPE_LAYOUTS), ('mla_decode', MLA_DECODE_PATHS),
                           ('attention_impl', ATTENTION_IMPLS), ('dtype', COMPUTE_DTYPES),
-                          ('param_dtype', DTYPES)):
+                          ('param_dtype', DTYPES), ('cache_dtype', (None, *CACHE_DTYPES))):
       if getattr(self, name) not in allowed:
         raise ConfigError(f'{name}={getattr(self, name)!r} is unknown; use one of {allowed}')
 
@@ -165,6 +175,11 @@ class ModelConfig:
     if self.dtype == 'auto':
       return jnp.dtype(jnp.float32 if _on_cpu() else jnp.bfloat16)
     return jnp.dtype(self.dtype)
+
+  @property
+  def cache_storage_dtype(self):
+    """The dtype the decode loop allocates its caches in (cache_dtype, else compute_dtype)."""
+    return self.compute_dtype if self.cache_dtype is None else jnp.dtype(self.cache_dtype)
 
   @property
   def fused(self) -> bool:

@@ -15,6 +15,7 @@ import jax.numpy as jnp
 from flax import nnx, traverse_util
 
 from mla_jax import variants
+from mla_jax.cache import check_dtype
 from mla_jax.config import ModelConfig
 from mla_jax.errors import check_token_ids
 from mla_jax.layers import MLP, Embed, RMSNorm, weight
@@ -82,8 +83,13 @@ class Transformer(nnx.Module):
                       preferred_element_type=jnp.float32)
 
   def init_cache(self, batch_size: int, max_len: int, dtype=None) -> list:
-    """Per-layer caches as the decode loop allocates them (compute dtype by default)."""
-    dtype = self.cfg.compute_dtype if dtype is None else dtype
+    """Per-layer caches as the decode loop allocates them: in cfg.cache_dtype (default: the
+    compute dtype; 'int8' / 'float8_e4m3fn' give 8-bit caches with per-token scales), or in
+    the float `dtype` given. An 8-bit dtype given here is refused: it would have no scales."""
+    if dtype is None:
+      dtype = self.cfg.cache_storage_dtype
+    else:
+      check_dtype(dtype)
     cache = variants.get(self.cfg.attention).cache
     return [cache.init(self.cfg, batch_size, max_len, dtype) for _ in range(self.cfg.n_layers)]
 

@@ -2,8 +2,9 @@
 entry per name that ModelConfig.attention accepts.
 
   module           the nnx.Module: module(cfg, rngs)(x_btd, positions_bt, cache) -> (y_btd, cache)
-  cache            its decode cache: cache.init(cfg, batch, max_len, dtype), and
-                   cache.elements_per_token(cfg) for one layer (DeepSeek-V2 Table 1)
+  cache            its decode cache: cache.init(cfg, batch, max_len, dtype),
+                   cache.elements_per_token(cfg) for one layer (DeepSeek-V2 Table 1), and
+                   cache.scales_per_token(cfg), the float32 scales an 8-bit cache adds
   configure        its checks and derived defaults for the config fields it reads
   rope_dim         its rotary width (RoPE pairs need it even)
   decode_flops     attention flops of one query token against s cached keys, one layer
@@ -26,6 +27,7 @@ from typing import Any
 from mla_jax.attention import GQAttention, MLAttention
 from mla_jax.cache import KVCache, LatentCache
 from mla_jax.config import ConfigError, ModelConfig
+from mla_jax.quant import is_quantized
 
 
 @dataclasses.dataclass(frozen=True)
@@ -69,6 +71,16 @@ def get(name: str) -> Variant:
 def cache_elements_per_token(cfg: ModelConfig) -> int:
   """The paper's Table 1 formula: cached elements per token over all layers."""
   return get(cfg.attention).cache.elements_per_token(cfg) * cfg.n_layers
+
+
+def cache_bytes_per_token(cfg: ModelConfig) -> int:
+  """Bytes per token over all layers of the cache the decode loop allocates: the elements in
+  cfg.cache_dtype (default: the compute dtype), plus an 8-bit cache's float32 scales."""
+  cache, dtype = get(cfg.attention).cache, cfg.cache_storage_dtype
+  per_layer = cache.elements_per_token(cfg) * dtype.itemsize
+  if is_quantized(dtype):
+    per_layer += cache.scales_per_token(cfg) * 4
+  return per_layer * cfg.n_layers
 
 
 # --- the GQA family: MHA (G = H), GQA, MQA (G = 1) ----------------------------------------------
