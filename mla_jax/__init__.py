@@ -5,6 +5,7 @@ from mla_jax.config import ConfigError, ModelConfig, YarnScaling
 from mla_jax.decode import decode_step, generate, logits_through_cache, prefill
 from mla_jax.errors import Error
 from mla_jax.model import Transformer
+
 # The function shadows its module's name in this namespace: import the module's other names
 # with `from mla_jax.to_mla import ...`.
 from mla_jax.to_mla import to_mla

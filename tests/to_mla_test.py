@@ -370,3 +370,41 @@ def test_init_from_refuses_another_model_without_writing(trained, tmp_path):
                        cwd=ROOT, capture_output=True, text=True, timeout=600)
   assert run.returncode == 1 and "attention ('mla' there, 'gqa' here)" in run.stderr
   assert not (tmp_path / 'ft2').exists()
+
+
+# --- the experiment --------------------------------------------------------------------------
+def experiment(workdir, *args):
+  return subprocess.run([sys.executable, '-m', 'experiments.to_mla', f'--workdir={workdir}',
+                         *args], cwd=ROOT, capture_output=True, text=True, timeout=3000)
+
+
+@pytest.mark.slow
+def test_quick_experiment_end_to_end_and_resumed(corpus, tmp_path):
+  """One source and one cache size: every task's cache is its formula, the exact embedding
+  scores the source's perplexity, the report lands in the workdir (never in the committed
+  results), and a task removed is redone alone, to the same numbers."""
+  committed = ROOT / 'experiments' / 'results' / 'to_mla.json'
+  before = committed.stat().st_mtime_ns if committed.exists() else None
+  args = ('--quick', '--sources=gqa', '--fractions=4', f'--data_files={corpus}')
+  run = experiment(tmp_path, *args)
+  assert run.returncode == 0, run.stderr[-3000:]
+  report = json.loads((tmp_path / 'to_mla.json').read_text())
+  assert (tmp_path / 'to_mla.png').stat().st_size > 10_000 and (tmp_path / 'to_mla.md').exists()
+  assert (committed.stat().st_mtime_ns if committed.exists() else None) == before
+  results = {r['kind']: r for r in report['results']}
+  assert set(results) == {'source', 'exact', 'scratch', '2norm', 'uniform', 'weights', 'unit'}
+  for kind, r in results.items():
+    assert r['cache_elements_measured'] == r['cache_elements_formula'], kind
+  assert results['2norm']['cache_elements_measured'] == 64 // 4  # 2 groups of 8, 2 layers
+  assert abs(results['exact']['before']['loss'] - results['source']['after']['loss']) < 1e-5
+  assert results['scratch']['train_tokens'] == 42 * 8 * 32  # the source's 40 steps + 2
+  for kind in ('2norm', 'uniform'):
+    assert results[kind]['finetune_tokens'] == 2 * 8 * 32 and 'after' in results[kind]
+  redo = tmp_path / 'gqa-c4-uniform' / 'result.json'
+  old = json.loads(redo.read_text())
+  redo.unlink()
+  run = experiment(tmp_path, *args)
+  assert run.returncode == 0, run.stderr[-3000:]
+  assert '6 of 7 tasks already finished' in run.stdout
+  new = json.loads(redo.read_text())
+  assert new['before'] == old['before'] and new['after']['loss'] == old['after']['loss']
