@@ -21,25 +21,24 @@ run, the workdir for --quick (which must never overwrite the committed results).
 from __future__ import annotations
 
 import json
-import os
 import pathlib
-import platform
 import subprocess
 import sys
 import time
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from absl import app, flags
-from flax import nnx
 
 from configs.ablations import capacity_vs_cache as ablation
 from experiments import capacity_report
-from mla_jax import cli, data, decode, evaluator, trainer, variants
+from experiments.runner import available_cores as _available_cores
+from experiments.runner import machine as _machine
+from experiments.runner import measure_decode_cache
+from experiments.runner import pin_to as _pin_to
+from mla_jax import cli, data, evaluator, trainer, variants
 from mla_jax import workdir as wd
-from mla_jax.cache import measured_per_token
-from mla_jax.model import param_count, with_config
+from mla_jax.model import param_count
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string('workdir', None, 'where the runs live (one folder per row and seed)')
@@ -68,21 +67,6 @@ def run_config(row: str, seed: int, quick: bool, data_files: str):
 def cache_formula(cfg) -> tuple[str, int]:
   """DeepSeek-V2 Table 1 as the variant's registry entry writes it, and its value."""
   return variants.get(cfg.attention).cache_formula, variants.cache_elements_per_token(cfg)
-
-
-def measure_decode_cache(model, prompt, cache_dtype=None) -> tuple[int, int]:
-  """(elements, bytes) per token of the caches a bfloat16 prefill + decode step returns, in
-  cache_dtype (None: bfloat16, the compute dtype; an 8-bit cache's bytes include its scales)."""
-  model = with_config(model, dtype='bfloat16', cache_dtype=cache_dtype)
-  graphdef, state = nnx.split(model)
-  batch, max_len = 2, model.cfg.max_seq_len
-  caches = model.init_cache(batch, max_len)  # as decode allocates
-  prompts = jnp.asarray([prompt, prompt], jnp.int32)
-  lengths = jnp.full((batch,), len(prompt), jnp.int32)
-  logits, caches = decode.prefill(graphdef, state, caches, prompts, lengths)
-  next_tokens = jnp.argmax(logits, -1).astype(jnp.int32)
-  _, caches = decode.decode_step(graphdef, state, caches, next_tokens, lengths)
-  return measured_per_token(caches, batch, max_len)
 
 
 def _worker(spec: str) -> None:
@@ -126,19 +110,6 @@ def _worker(spec: str) -> None:
 
 def run_path(row: str, seed: int) -> pathlib.Path:
   return pathlib.Path(FLAGS.workdir) / row / f'seed{seed}'
-
-
-def _available_cores() -> list[int]:
-  if hasattr(os, 'sched_getaffinity'):
-    return sorted(os.sched_getaffinity(0))
-  return list(range(os.cpu_count() or 1))
-
-
-def _pin_to(core: int):
-  """Runs in the child before exec (this process has no threads): its one core, inherited."""
-  if not hasattr(os, 'sched_setaffinity'):
-    return None
-  return lambda: os.sched_setaffinity(0, {core})
 
 
 def _run_all(todo: list[tuple[str, int]]) -> None:
@@ -212,16 +183,6 @@ def main(argv):
                full_sweep_wall_s=full_wall_s, data=FLAGS.data_files or 'shakespeare')
   paths = capacity_report.write(results, setup, out)
   print('wrote ' + ', '.join(str(p) for p in paths))
-
-
-def _machine() -> str:
-  cpu = platform.processor() or platform.machine()
-  cpuinfo = pathlib.Path('/proc/cpuinfo')
-  if cpuinfo.exists():
-    names = [line.split(':', 1)[1].strip() for line in cpuinfo.read_text().splitlines()
-             if line.startswith('model name')]
-    cpu = names[0] if names else cpu
-  return f'{cpu}, {len(_available_cores())} cores available, Python {platform.python_version()}'
 
 
 if __name__ == '__main__':

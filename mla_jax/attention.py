@@ -173,6 +173,11 @@ class MLAttention(nnx.Module):
   [c_kv, k_r] = h W_DKV; c_kv = RMSNorm(c_kv); k_rope = RoPE(k_r)           eqs. 41, 43
   k_nope = c_kv W_UK; v = c_kv W_UV                                         eqs. 42, 45
   Only c_kv and k_rope are cached (LatentCache).
+
+  Generalised so that MHA / GQA / MQA embed in it exactly (mla_jax.to_mla): cfg.rope_block
+  rotates the rope key and queries in blocks of rope_block dims, each with the frequencies of a
+  rope_block-wide rotation; cfg.kv_norm=False drops the latent RMSNorm; d_n = 0 leaves no
+  nope part (no W_UK: the scores are the rope parts' alone).
   """
 
   def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
@@ -186,13 +191,24 @@ class MLAttention(nnx.Module):
     else:
       self.w_q = weight(rngs, cfg, (d, h, n + r), ('embed', 'heads', 'head_dim'), fan_in=d)
     self.w_dkv = weight(rngs, cfg, (d, c + r), ('embed', 'kv_lora'), fan_in=d)
-    self.kv_norm = RMSNorm(c, cfg, axis='kv_lora')
-    self.w_uk = weight(rngs, cfg, (c, h, n), ('kv_lora', 'heads', 'head_dim'), fan_in=c)
+    if cfg.kv_norm:
+      self.kv_norm = RMSNorm(c, cfg, axis='kv_lora')
+    if n:  # orbax cannot save a zero-size array: with d_n = 0 there is no W_UK at all
+      self.w_uk = weight(rngs, cfg, (c, h, n), ('kv_lora', 'heads', 'head_dim'), fan_in=c)
     self.w_uv = weight(rngs, cfg, (c, h, v), ('kv_lora', 'heads', 'head_dim'), fan_in=c)
     self.w_o = weight(rngs, cfg, (h, v, d), ('heads', 'head_dim', 'embed'), fan_in=h * v)
 
   def _w(self, p):
     return p[...].astype(self.cfg.compute_dtype)
+
+  def _rope(self, x, cos, sin):
+    """RoPE over the last axis, in blocks of cfg.rope_block dims when it is set (the angles
+    broadcast over the block axis)."""
+    block = self.cfg.rope_block
+    if block is None:
+      return rope.apply_rope(x, cos, sin, self.cfg.rope_layout)
+    blocks = x.reshape(*x.shape[:-1], x.shape[-1] // block, block)
+    return rope.apply_rope(blocks, cos, sin, self.cfg.rope_layout).reshape(x.shape)
 
   def _queries(self, x_btd):
     if self.cfg.q_lora_rank:
@@ -209,13 +225,13 @@ class MLAttention(nnx.Module):
     cfg = self.cfg
     n, c = cfg.qk_nope_head_dim, cfg.kv_lora_rank
     positions_bt, whole = resolve_positions(x_btd, positions_bt)
-    cos, sin = rope.rope_angles(positions_bt, cfg.qk_rope_head_dim, cfg.rope_theta,
-                                cfg.rope_scaling)
+    cos, sin = rope.rope_angles(positions_bt, cfg.rope_block or cfg.qk_rope_head_dim,
+                                cfg.rope_theta, cfg.rope_scaling)
     q = self._queries(x_btd)
-    q_nope, q_rope = q[..., :n], rope.apply_rope(q[..., n:], cos, sin, cfg.rope_layout)
+    q_nope, q_rope = q[..., :n], self._rope(q[..., n:], cos, sin)
     kv = jnp.einsum('btd,de->bte', x_btd, self._w(self.w_dkv))
-    c_kv = self.kv_norm(kv[..., :c])
-    k_rope = rope.apply_rope(kv[..., c:], cos, sin, cfg.rope_layout)
+    c_kv = self.kv_norm(kv[..., :c]) if cfg.kv_norm else kv[..., :c]
+    k_rope = self._rope(kv[..., c:], cos, sin)
     if cache is not None:
       cache = cache.write(c_kv, k_rope, positions_bt)
     scale = ((n + cfg.qk_rope_head_dim)**-0.5 * rope.softmax_mscale(cfg.rope_scaling)**2)
@@ -245,16 +261,18 @@ class MLAttention(nnx.Module):
     in full anyway.
     """
     c_kv, c_kv_scale, k_rope, k_rope_scale = latent
-    k_nope = jnp.einsum('bsc,chn->bhsn', c_kv, self._w(self.w_uk))
     v = jnp.einsum('bsc,chv->bhsv', c_kv, self._w(self.w_uv))
-    b, h, s, _ = k_nope.shape
+    b, h, s, _ = v.shape
     k_rope_h = jnp.broadcast_to(k_rope[:, None], (b, h, s, k_rope.shape[-1]))
     if c_kv_scale is not None:
-      k_nope = k_nope * c_kv_scale[:, None, :, None].astype(k_nope.dtype)
       v = v * c_kv_scale[:, None, :, None].astype(v.dtype)
-      k_rope_h = k_rope_h.astype(k_nope.dtype) * k_rope_scale[:, None, :, None].astype(k_nope.dtype)
-    q = jnp.concatenate([q_nope, q_rope], axis=-1)
-    k = jnp.concatenate([k_nope, k_rope_h.astype(k_nope.dtype)], axis=-1)
+      k_rope_h = k_rope_h.astype(v.dtype) * k_rope_scale[:, None, :, None].astype(v.dtype)
+    q, k = q_rope, k_rope_h.astype(v.dtype)
+    if self.cfg.qk_nope_head_dim:
+      k_nope = jnp.einsum('bsc,chn->bhsn', c_kv, self._w(self.w_uk))
+      if c_kv_scale is not None:
+        k_nope = k_nope * c_kv_scale[:, None, :, None].astype(k_nope.dtype)
+      q, k = jnp.concatenate([q_nope, q], axis=-1), jnp.concatenate([k_nope, k], axis=-1)
     probs = attention_weights((q[:, :, :, None],), (k,), mask, scale)[:, :, 0]
     return jnp.einsum('bhsv,bhts->bthv', v, probs.astype(v.dtype),
                       preferred_element_type=jnp.float32).astype(q_nope.dtype)
@@ -262,10 +280,13 @@ class MLAttention(nnx.Module):
   def _absorbed(self, q_nope, q_rope, latent, mask, scale):
     """W_UK folds into the query, W_UV into the output: attention runs in the latent space."""
     c_kv, c_kv_scale, k_rope, k_rope_scale = latent
-    q_lat = jnp.einsum('bthn,chn->bthc', q_nope, self._w(self.w_uk))
-    probs = attention_weights((q_lat[:, :, None], q_rope[:, :, None]),
-                              (c_kv[:, None], k_rope[:, None]), mask, scale,
-                              (_per_group(c_kv_scale), _per_group(k_rope_scale)))
+    q_parts, k_parts = (q_rope[:, :, None],), (k_rope[:, None],)
+    k_scales = (_per_group(k_rope_scale),)
+    if self.cfg.qk_nope_head_dim:
+      q_lat = jnp.einsum('bthn,chn->bthc', q_nope, self._w(self.w_uk))
+      q_parts, k_parts = (q_lat[:, :, None], *q_parts), (c_kv[:, None], *k_parts)
+      k_scales = (_per_group(c_kv_scale), *k_scales)
+    probs = attention_weights(q_parts, k_parts, mask, scale, k_scales)
     probs = weigh(probs, _per_group(c_kv_scale))[:, 0]  # c_kv is the value too
     o_lat = jnp.einsum('bsc,bhts->bthc', c_kv, probs.astype(c_kv.dtype),
                        preferred_element_type=jnp.float32).astype(q_nope.dtype)
@@ -274,20 +295,29 @@ class MLAttention(nnx.Module):
   def _naive_fused(self, q_nope, q_rope, c_kv, k_rope, mask, scale):
     """The naive path through fused attention: the two query (and key) halves concatenated,
     the one rope key broadcast to every head."""
-    k_nope = jnp.einsum('bsc,chn->bshn', c_kv, self._w(self.w_uk))
     v = jnp.einsum('bsc,chv->bshv', c_kv, self._w(self.w_uv))
-    b, s, h, _ = k_nope.shape
+    b, s, h, _ = v.shape
     k_rope_h = jnp.broadcast_to(k_rope[:, :, None], (b, s, h, k_rope.shape[-1]))
-    k = jnp.concatenate([k_nope, k_rope_h], axis=-1)
-    q = jnp.concatenate([q_nope, q_rope], axis=-1)
+    q, k = q_rope, k_rope_h
+    if self.cfg.qk_nope_head_dim:
+      k = jnp.concatenate([jnp.einsum('bsc,chn->bshn', c_kv, self._w(self.w_uk)), k], axis=-1)
+      q = jnp.concatenate([q_nope, q], axis=-1)
     return fused_attention(q, k, v, mask, scale).astype(q_nope.dtype)
 
   def _absorbed_kernel(self, q_nope, q_rope, cache, positions_bt, scale):
     """One decode step of the absorbed path through the Pallas kernel, which reads each
-    sequence's latent cache up to its length (an 8-bit one as stored, with its scales)."""
-    q_lat = jnp.einsum('bthn,chn->bthc', q_nope, self._w(self.w_uk))
+    sequence's latent cache up to its length (an 8-bit one as stored, with its scales). With
+    d_n = 0 the scores read k_rope alone: the GQA kernel with one group, keys k_rope and
+    values c_kv."""
     c_kv, c_kv_scale, k_rope, k_rope_scale = cache.read()
-    o_lat = kernels.mla_decode(q_lat[:, 0], q_rope[:, 0], c_kv, k_rope, positions_bt[:, 0] + 1,
-                               scale, c_kv_scale_bs=c_kv_scale, k_rope_scale_bs=k_rope_scale,
-                               interpret=_interpret())
+    lengths = positions_bt[:, 0] + 1
+    if self.cfg.qk_nope_head_dim:
+      q_lat = jnp.einsum('bthn,chn->bthc', q_nope, self._w(self.w_uk))
+      o_lat = kernels.mla_decode(q_lat[:, 0], q_rope[:, 0], c_kv, k_rope, lengths, scale,
+                                 c_kv_scale_bs=c_kv_scale, k_rope_scale_bs=k_rope_scale,
+                                 interpret=_interpret())
+    else:
+      o_lat = kernels.gqa_decode(q_rope[:, 0][:, None], k_rope[:, None], c_kv[:, None], lengths,
+                                 scale, k_scale_bgs=_per_group(k_rope_scale),
+                                 v_scale_bgs=_per_group(c_kv_scale), interpret=_interpret())[:, 0]
     return jnp.einsum('bhc,chv->bhv', o_lat.astype(q_nope.dtype), self._w(self.w_uv))[:, None]

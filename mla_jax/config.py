@@ -102,6 +102,12 @@ class ModelConfig:
   qk_rope_head_dim: int | None = None  # d_r; default head_dim // 2
   v_head_dim: int | None = None  # d_v; default head_dim
   mla_decode: str = 'absorbed'  # decode path over the latent cache: 'absorbed' | 'naive'
+  # MLA generalised so that MHA / GQA / MQA embed in it exactly (mla_jax.to_mla): rope_block
+  # rotates the d_r-wide rope key in blocks of rope_block dims, each with the frequencies of a
+  # rope_block-wide rotation ('half' pairs within each block); None: one d_r-wide rotation.
+  # kv_norm=False drops the RMSNorm on the latent c_kv. Neither has a Hugging Face equivalent.
+  rope_block: int | None = None
+  kv_norm: bool = True
   # 'einsum': the explicit reference path; 'fused': flash attention for training and prefill
   # (mla_jax.fused) and Pallas flash-decoding kernels for decode steps (mla_jax.kernels);
   # 'auto': fused on GPU / TPU, einsum on a CPU.
@@ -160,7 +166,7 @@ class ModelConfig:
     for f in dataclasses.fields(self):
       value = getattr(self, f.name)
       if f.type.startswith('int') and value is not None:
-        least = 0 if f.name in ('q_lora_rank', 'kv_lora_rank') else 1
+        least = 0 if f.name in ('q_lora_rank', 'kv_lora_rank', 'qk_nope_head_dim') else 1
         if value < least:
           raise ConfigError(f'{f.name}={value} must be >= {least}')
     if self.norm_eps <= 0 or self.rope_theta <= 1:

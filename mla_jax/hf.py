@@ -241,6 +241,13 @@ def config_to_hf(cfg: ModelConfig) -> dict:
   if arch in LLAMA and cfg.rope_scaling is not None:
     raise HFError("a GQA-family model with YaRN has no Hugging Face equivalent (Llama's YaRN "
                   "has no softmax mscale); export it without rope_scaling")
+  if arch in DEEPSEEK and (cfg.rope_block is not None or not cfg.kv_norm
+                          or not cfg.qk_nope_head_dim):
+    raise HFError(f'rope_block={cfg.rope_block}, kv_norm={cfg.kv_norm}, qk_nope_head_dim='
+                  f'{cfg.qk_nope_head_dim}: transformers\' DeepSeek rotates its rope key with one '
+                  'frequency ladder, always normalises the latent and needs a nope part, so this '
+                  '(exact-embedding) model has no Hugging Face equivalent; compress it with '
+                  'mla_jax.to_mla(..., kv_lora_rank=R) to export')
   if arch in DEEPSEEK and cfg.norm_eps != DEEPSEEK_LATENT_EPS:
     raise HFError(f"norm_eps={cfg.norm_eps}: DeepSeek's latent norms always use "
                   f'{DEEPSEEK_LATENT_EPS}, so this model has no DeepSeek equivalent')

@@ -3,6 +3,8 @@ r"""Trains a model from a config file; restarting the same command resumes the r
   python -m mla_jax.train --config=configs/mla.py --workdir=runs/mla
   python -m mla_jax.train --config=configs/mla.py:tiny --workdir=/tmp/t --config.train.steps=20
   python -m mla_jax.train --config=configs/mla.py --workdir=gs://b/mla --config.mesh.fsdp=8
+  python -m mla_jax.train --config=configs/finetune.py:runs/gqa_mla --workdir=runs/gqa_mla_ft \
+      --init_from=runs/gqa_mla     # a new run from another run's parameters (same model)
 
 On several hosts run the same command on each (TPU slices and SLURM jobs are detected; else
 add --coordinator_address=HOST:PORT --num_processes=N --process_id=I).
@@ -21,6 +23,8 @@ from mla_jax import cli, trainer
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file('config', None, 'a configs/*.py file (optionally :arg)')
 flags.DEFINE_string('workdir', None, 'the run directory (created, or resumed if it exists)')
+flags.DEFINE_string('init_from', None, "a new run starts from this workdir's latest parameters "
+                    '(trained, converted or imported; the model config must match)')
 flags.mark_flags_as_required(['config', 'workdir'])
 cli.define_distributed_flags()
 
@@ -29,7 +33,7 @@ def main():
   signal.signal(signal.SIGTERM, trainer.exit_before_first_step)  # until the trainer's own
   trainer.request_determinism(FLAGS.config)  # before anything starts jax's backends
   cli.initialize_distributed()
-  result = trainer.train_and_evaluate(FLAGS.config, FLAGS.workdir)
+  result = trainer.train_and_evaluate(FLAGS.config, FLAGS.workdir, init_from=FLAGS.init_from)
   if result and jax.process_index() == 0:
     print(f"validation: perplexity {result['perplexity']:.4f}, "
           f"{result['bits_per_byte']:.4f} bits per byte over {result['tokens']} tokens")

@@ -6,11 +6,13 @@ state, batch) under jax.jit with explicit shardings and the state donated. The g
 is a function of (seed, step) alone: each process draws its own rows of it, so a run resumed
 from its latest checkpoint, or run on another number of hosts, sees the same data. The host
 never waits on the device inside the loop: batches are prefetched by grain, and metrics are
-fetched only every log_every steps.
+fetched only every log_every steps. A new run may start from another run's parameters
+(`init_from`: trained, converted to MLA, imported from Hugging Face) instead of config.seed's.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import json
 import math
@@ -199,23 +201,73 @@ def _validate(config: ml_collections.ConfigDict) -> None:
 
 
 def _init_or_resume(config, ckpts, best, mesh) -> tuple:
-  """(graphdef, state, shardings, start step, best validation loss) from config.seed or the
-  latest checkpoint, restored straight into this mesh's layout (whatever mesh saved it)."""
+  """(graphdef, state, shardings, start step, best validation loss) from config.seed, the
+  run's latest checkpoint, or (a new run) config.init_from's parameters, restored straight
+  into this mesh's layout (whatever mesh saved it)."""
   graphdef, state, shardings = init_state(config, mesh)
   start, best_loss = ckpts.latest_step() or 0, math.inf
-  if not start:  # no run yet: a best/ left by a start that was killed or failed is stale
-    for step in best.all_steps():
-      best.delete(step)
-    return graphdef, state, shardings, start, best_loss
   model, opt = nnx.merge(graphdef, state)
   model_state, opt_state = nnx.state(model), nnx.state(opt)
-  _, _, meta = wd.restore(ckpts, start, model_state, opt_state, fix='resume')
-  nnx.update(model, model_state)
-  nnx.update(opt, opt_state)
-  if jax.process_index() == 0:
-    print(f'resuming from step {start}', file=sys.stderr)
-  return graphdef, nnx.state((model, opt)), shardings, start, meta.get('best_val_loss',
-                                                                         math.inf)
+  if start:
+    _, _, meta = wd.restore(ckpts, start, model_state, opt_state, fix='resume')
+    nnx.update(model, model_state)
+    nnx.update(opt, opt_state)
+    best_loss = meta.get('best_val_loss', math.inf)
+    if jax.process_index() == 0:
+      print(f'resuming from step {start}', file=sys.stderr)
+    return graphdef, nnx.state((model, opt)), shardings, start, best_loss
+  # No run yet: a best/ left by a start that was killed or failed is stale.
+  for step in best.all_steps():
+    best.delete(step)
+  if config.get('init_from'):
+    source = wd.manager(pathlib.Path(config.init_from) / 'checkpoints')
+    wd.restore(source, source.latest_step(), model_state)
+    nnx.update(model, model_state)
+    if jax.process_index() == 0:
+      print(f'starting from the parameters of {config.init_from} (step '
+            f'{source.latest_step()})', file=sys.stderr)
+  return graphdef, nnx.state((model, opt)), shardings, start, best_loss
+
+
+# Model fields that say how a model computes, not what: a run may start from parameters
+# trained (or converted) under other values of these.
+EXECUTION_FIELDS = ('dtype', 'param_dtype', 'attention_impl', 'mla_decode', 'max_seq_len')
+
+
+def resolve_init_from(config: ml_collections.ConfigDict, workdir, init_from: str | None,
+                      cfg: ModelConfig) -> None:
+  """Checks --init_from before anything is written and records it as config.init_from.
+
+  A new run (no checkpoint of its own) starts from init_from's latest parameters, whose model
+  must equal cfg in every field but EXECUTION_FIELDS; a resumed run resumes from its own
+  checkpoints and keeps the init_from its config.json records.
+  """
+  path = wd.config_path(workdir)
+  recorded = json.loads(path.read_text()).get('init_from') if path.exists() else None
+  given = str(pathlib.Path(init_from).absolute()) if init_from else None
+  own = (pathlib.Path(workdir) / 'checkpoints').exists() and wd.manager(
+      pathlib.Path(workdir) / 'checkpoints').latest_step() is not None
+  if given and given != recorded and (own or recorded):
+    raise ConfigError(f'{workdir} is a run of its own (initialised from {recorded}); '
+                      '--init_from applies to a new run: resume without it, or use a new '
+                      '--workdir')
+  source = given or recorded
+  if source is None:
+    return
+  if not own:
+    theirs = ModelConfig.from_dict(wd.read_config(source).model)
+    differ = [f.name for f in dataclasses.fields(cfg) if f.name not in EXECUTION_FIELDS
+              and getattr(theirs, f.name) != getattr(cfg, f.name)]
+    if differ:
+      shown = ', '.join(f'{n} ({getattr(theirs, n)!r} there, {getattr(cfg, n)!r} here)'
+                        for n in differ)
+      raise ConfigError(f'--init_from={init_from or source} holds another model: {shown}; '
+                        'set them in the config (configs/finetune.py:WORKDIR copies them)')
+    checkpoints = pathlib.Path(source) / 'checkpoints'
+    if not checkpoints.exists() or wd.manager(checkpoints).latest_step() is None:
+      raise wd.WorkdirError(f'--init_from={source} has no checkpoint to start from')
+  with config.unlocked():
+    config.init_from = source
 
 
 def _check_finite(fetched, last_good_step) -> None:
@@ -266,9 +318,10 @@ def _check(config: ml_collections.ConfigDict) -> tuple:
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
-                       final_eval: bool = True) -> dict:
-  """Trains (or resumes) the run in workdir; returns the validation metrics of the step it
-  stopped at, or {} if it did not validate there (stopped early, or by SIGTERM).
+                       final_eval: bool = True, init_from: str | None = None) -> dict:
+  """Trains (or resumes) the run in workdir, a new one from init_from's parameters if given;
+  returns the validation metrics of the step it stopped at, or {} if it did not validate
+  there (stopped early, or by SIGTERM).
 
   Nothing is written before every check has passed; the workdir is locked while training.
   """
@@ -277,6 +330,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
     workdir = pathlib.Path(workdir)
     wd.check_workdir(workdir)  # a file, or read-only: before the corpus is loaded
     splits, mesh = _check(config)
+    resolve_init_from(config, workdir, init_from, ModelConfig.from_dict(config.model))
     wd.check_config(workdir, config)  # and again under the lock, by write_config
     # The activation constraints (sharding.constrain) read the mesh set here.
     with wd.lock(workdir), jax.set_mesh(mesh):
@@ -313,6 +367,14 @@ def _loop(config, workdir, splits, mesh, ckpts, best, run, preempt, final_eval) 
   log = _Log(workdir, t.steps, start)
   pending, window_start, window_tokens = [], time.perf_counter(), 0
   last_eval, evaluated_at = {}, None
+  if start == 0 and config.get('init_from'):  # where the given parameters start from
+    model = nnx.merge(graphdef, state)[0]
+    last_eval, evaluated_at = validate(model), 0
+    log.write(0, {'val_loss': last_eval['loss'], 'val_perplexity': last_eval['perplexity'],
+                  'val_bits_per_byte': last_eval['bits_per_byte']})
+    best_loss = last_eval['loss']
+    wd.save(best, 0, nnx.state(model), meta={'step': 0, 'val_loss': best_loss})
+    window_start = time.perf_counter()
   preempt.training = True  # from here a SIGTERM finishes the step and saves it first
   try:
     step = start

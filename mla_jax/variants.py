@@ -84,7 +84,8 @@ def cache_bytes_per_token(cfg: ModelConfig) -> int:
 
 
 # --- the GQA family: MHA (G = H), GQA, MQA (G = 1) ----------------------------------------------
-MLA_ONLY = ('q_lora_rank', 'kv_lora_rank', 'qk_nope_head_dim', 'qk_rope_head_dim', 'v_head_dim')
+MLA_ONLY = ('q_lora_rank', 'kv_lora_rank', 'qk_nope_head_dim', 'qk_rope_head_dim', 'v_head_dim',
+            'rope_block')
 
 
 def no_mla_fields(cfg: ModelConfig) -> None:
@@ -92,6 +93,9 @@ def no_mla_fields(cfg: ModelConfig) -> None:
     if getattr(cfg, name):
       raise ConfigError(f"{name} applies only to attention='mla', not {cfg.attention!r}; "
                         'leave it unset (0 for the ranks)')
+  if not cfg.kv_norm:
+    raise ConfigError(f"kv_norm=False applies only to attention='mla', not {cfg.attention!r}; "
+                      'leave it true')
 
 
 def _configure_mha(cfg):
@@ -142,7 +146,12 @@ def _configure_mla(cfg):
   # the one latent), so it is n_heads, as DeepSeek's config files write it.
   defaults = {'qk_nope_head_dim': cfg.head_dim, 'qk_rope_head_dim': cfg.head_dim // 2,
               'v_head_dim': cfg.head_dim, 'n_kv_heads': cfg.n_heads}
-  return {name: value for name, value in defaults.items() if getattr(cfg, name) is None}
+  derived = {name: value for name, value in defaults.items() if getattr(cfg, name) is None}
+  r, block = derived.get('qk_rope_head_dim', cfg.qk_rope_head_dim), cfg.rope_block
+  if block is not None and (block % 2 or r % block):
+    raise ConfigError(f'rope_block={block} must be even and divide qk_rope_head_dim={r} (each '
+                      'block is one rotation of rope_block / 2 pairs)')
+  return derived
 
 
 def _mla_flops(cfg, s):

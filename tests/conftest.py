@@ -27,6 +27,9 @@ VARIANTS = {name: dict(attention=name, **variants.get(name).example) for name in
 VARIANTS.update(
     mla_q=dict(attention='mla', kv_lora_rank=32, q_lora_rank=24, qk_rope_head_dim=8),
     mla_naive=dict(attention='mla', kv_lora_rank=32, mla_decode='naive'),
+    # the generalised MLA an exact GQA embedding uses (mla_jax.to_mla), G = 2 groups of 16
+    mla_exact=dict(attention='mla', kv_lora_rank=32, qk_nope_head_dim=0, qk_rope_head_dim=32,
+                   rope_block=16, kv_norm=False),
 )
 
 
