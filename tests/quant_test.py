@@ -247,6 +247,7 @@ def test_fused_decode_with_an_8bit_cache_equals_the_einsum_path(name):
 
 
 @pytest.mark.slow
+@pytest.mark.long
 def test_cache_quantization_quick_pipeline(corpus, tmp_path):
   """--quick trains tiny runs, scores through the cache and writes its report into the workdir,
   never over the committed results; the float32 cache's perplexity equals a full forward's."""
