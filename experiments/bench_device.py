@@ -81,7 +81,7 @@ def run_part(name: str, command: list[str], limit: int, out: pathlib.Path) -> di
                             timeout=limit).returncode
     except subprocess.TimeoutExpired:
       code = 'timeout'
-  result = {'part': name, 'command': ' '.join(command[1:]), 'exit': code,
+  result = {'part': name, 'command': ' '.join(command[2:]), 'exit': code,
             'seconds': time.perf_counter() - start}
   data = out / f'{name}.json'
   if data.exists():
