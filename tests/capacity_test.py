@@ -83,7 +83,6 @@ def _cli(workdir, *args):
 
 
 @pytest.mark.slow
-@pytest.mark.long
 def test_quick_pipeline_end_to_end(corpus, tmp_path):
   """Every row, 2 seeds: cache measured = formula, params matched, report written outside the
   repo; a run removed and redone gives the same loss bit for bit, and nothing else is redone."""
