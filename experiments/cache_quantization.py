@@ -246,10 +246,20 @@ def main(argv):
     mla_jax.ModelConfig(cache_dtype=name)  # an unknown dtype fails before any training
   results = {}
   for variant in FLAGS.variants:
-    model, config = trained_model(variant, pathlib.Path(FLAGS.workdir) / variant, FLAGS.quick,
-                                  FLAGS.data_files)
+    run_dir = pathlib.Path(FLAGS.workdir) / variant
+    model, config = trained_model(variant, run_dir, FLAGS.quick, FLAGS.data_files)
+    # A variant measured before (same checkpoint, dtypes and options) is not measured again:
+    # the experiment resumes per variant.
+    key = dict(step=max(wd.checkpoint_steps(run_dir / 'checkpoints')), options=opts,
+               cache_dtypes=list(FLAGS.cache_dtypes))
+    saved = run_dir / f'{NAME}.json'
+    if saved.exists() and json.loads(saved.read_text())['key'] == key:
+      results[variant] = json.loads(saved.read_text())['rows']
+      print(f'{variant}: measured before ({saved})', flush=True)
+      continue
     val = data.load_splits(config.data)['val']
     results[variant] = measure_variant(model, val, FLAGS.cache_dtypes, opts)
+    wd.write_json(run_dir, f'{NAME}.json', dict(key=key, rows=results[variant]))
     for r in results[variant]:
       print(f"{variant} {r['cache_dtype']:14s} perplexity {r['perplexity']:.4f} "
             f"({r['perplexity_change_pct']:+.3f}%) argmax {100 * r['argmax_agreement']:.2f}% "
