@@ -21,7 +21,7 @@ import jax
 import numpy as np
 from absl import app, flags
 
-from mla_jax import cli, sharding, trainer
+from mla_jax import cli, sharding, tasks, trainer
 from mla_jax import workdir as wd
 from mla_jax.model import param_count
 
@@ -42,8 +42,9 @@ def time_train_step(config, mesh, steps: int) -> dict:
     graphdef, state, shardings = trainer.init_state(config, mesh)
     batch_sharding, shape, _ = trainer.batch_layout(config, mesh)
     step = trainer.jit_train_step(graphdef, shardings, batch_sharding)
-    batch = jax.device_put(np.random.default_rng(0).integers(0, 256, shape, dtype=np.int32),
-                           batch_sharding)
+    windows = np.random.default_rng(0).integers(0, 256, (*shape[:-1], shape[-1] + 1),
+                                                dtype=np.int32)
+    batch = jax.device_put(tasks.text_batch(windows), batch_sharding)
     start = time.perf_counter()
     compiled = step.lower(state, batch).compile()
     compile_s = time.perf_counter() - start  # the timed calls below compile once more, untimed

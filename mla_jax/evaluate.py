@@ -8,7 +8,8 @@ ln 2 (--tokenizer=byte, the default: tokens are bytes). --tokenizer=ids reads a 
 ids made by a converted checkpoint's own tokenizer (then bits are per token). Windows of
 eval.seq_len (or --seq_len) advance by eval.stride: every token but the first is scored
 exactly once, with at least seq_len - stride tokens of context once the text is that long.
-Writes eval.json in the workdir and prints one line.
+Writes eval.json in the workdir and prints one line. A run trained on MQAR (data.task='mqar')
+is scored on its held-out recall set instead (accuracy and loss at the answers).
 """
 
 from __future__ import annotations
@@ -132,6 +133,8 @@ def main(argv):
     config = wd.read_config(FLAGS.workdir)
     mesh = sharding.make_mesh(config.mesh)
     model, cfg = wd.load_workdir(FLAGS.workdir, FLAGS.step, mesh=mesh)
+    if not FLAGS.data and config.get('data', {}).get('task') == 'mqar':
+      return _recall(config, model, mesh)
     if FLAGS.data:
       tokens, source = _read_tokens(FLAGS.data, FLAGS.tokenizer, cfg.vocab_size), FLAGS.data
     else:
@@ -158,6 +161,19 @@ def main(argv):
   print(f"{source}: perplexity {result['perplexity']:.4f}, {result[f'bits_per_{unit}']:.4f} "
         f"bits per {unit}, loss {result['loss']:.5f} nats over {result['tokens']} tokens "
         f'({jax.device_count()} devices, {jax.process_count()} processes)')
+
+
+def _recall(config, model, mesh) -> None:
+  """An MQAR run: recall accuracy and loss on its held-out set, as the trainer validates."""
+  from mla_jax import tasks  # tasks imports this module
+
+  task = tasks.MQAR(config)
+  result = task.validate(model, mesh)
+  if jax.process_index():
+    return
+  result.update(source='mqar heldout', workdir=FLAGS.workdir)
+  (pathlib.Path(FLAGS.workdir) / 'eval.json').write_text(json.dumps(result, indent=1))
+  print(f'mqar heldout: {task.describe(result)}')
 
 
 if __name__ == '__main__':

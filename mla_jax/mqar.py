@@ -48,6 +48,8 @@ import numpy as np
 import optax
 from flax import nnx
 
+from mla_jax import sharding
+
 TRAIN, HELDOUT = 1, 2  # stream ids (the text sampler's stream is 0)
 
 
@@ -164,20 +166,36 @@ def scores(logits_btV, targets_bt, weights_bt) -> dict:
           'answers': jnp.sum(weights_bt)}
 
 
-@functools.partial(jax.jit, static_argnames=('graphdef',))
+# As evaluate.eval_step: parameters and batches arrive placed, the sums leave replicated.
+@functools.partial(jax.jit, static_argnames=('graphdef',),
+                   out_shardings=jax.sharding.PartitionSpec())
 def _eval_step(graphdef, state, batch):
   logits = nnx.merge(graphdef, state)(batch['inputs'])
   return scores(logits, batch['targets'], batch['weights'])
 
 
-def evaluate(model, batches: list[dict]) -> dict:
+def evaluate(model, batches: list[dict], mesh: jax.sharding.Mesh | None = None) -> dict:
   """Recall accuracy (exact match at the answer positions) and loss (mean NLL there) of a
-  model over held-out batches; sums are accumulated in float64 on the host."""
+  model over held-out batches, summed in float64 on the host.
+
+  Batches are split over the mesh's batch axes (default: data parallel over every device);
+  each process feeds its rows. A short last batch is padded with weight-0 rows, so one
+  program serves every batch.
+  """
+  mesh = mesh or sharding.make_mesh({'data': -1, 'fsdp': 1, 'tensor': 1})
   graphdef, state = nnx.split(model)
+  state = jax.device_put(state, sharding.state_shardings(state, mesh))
+  shape = batches[0]['inputs'].shape
+  layout = sharding.sharding(mesh, ('batch', None), shape)
+  rows = sharding.local_rows(layout, shape, axis=0)
   total = {'nll': 0.0, 'hits': 0.0, 'answers': 0.0}
-  for b in batches:
-    for key, value in jax.device_get(_eval_step(graphdef, state, b)).items():
-      total[key] += float(value)
+  with jax.set_mesh(mesh):
+    for batch in batches:
+      pad = shape[0] - len(batch['inputs'])
+      placed = {k: sharding.global_batch(np.pad(x, ((0, pad), (0, 0)))[rows], layout, shape)
+                for k, x in batch.items()}
+      for key, value in jax.device_get(_eval_step(graphdef, state, placed)).items():
+        total[key] += float(value)
   answers = total['answers']
   return {'loss': total['nll'] / answers, 'accuracy': total['hits'] / answers,
           'answers': int(answers)}

@@ -14,7 +14,7 @@ import jax
 from absl import app, flags
 from ml_collections import config_flags
 
-from mla_jax import cli, data, trainer
+from mla_jax import cli, data, tasks, trainer
 from mla_jax import config as model_config
 from mla_jax import workdir as wd
 
@@ -36,8 +36,7 @@ def main(argv):
           ValueError) as e:
     raise SystemExit(f'error: {e}') from None
   if result and jax.process_index() == 0:
-    print(f"validation: perplexity {result['perplexity']:.4f}, "
-          f"{result['bits_per_byte']:.4f} bits per byte over {result['tokens']} tokens")
+    print(f'validation: {tasks.task_class(FLAGS.config).describe(result)}')
 
 
 if __name__ == '__main__':

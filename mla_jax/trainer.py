@@ -25,7 +25,7 @@ import ml_collections
 import optax
 from flax import nnx
 
-from mla_jax import data, evaluate, sharding
+from mla_jax import sharding, tasks
 from mla_jax import workdir as wd
 from mla_jax.model import Transformer
 
@@ -70,14 +70,24 @@ def init_state(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh):
   return graphdef, sharding.place(state, shardings), shardings
 
 
-def loss_fn(model, batch_bt):
-  """Mean next-token cross-entropy (float32) over windows [b, seq_len + 1]."""
-  logits = model(batch_bt[:, :-1])
-  return optax.softmax_cross_entropy_with_integer_labels(logits, batch_bt[:, 1:]).mean()
+def loss_fn(model, batch):
+  """Weighted mean cross-entropy (float32), sum(weights * NLL) / sum(weights), over a batch
+  {'inputs', 'targets', 'weights'} [b, seq_len].
+
+  All-ones weights (text) take the plain mean instead: the same value, but XLA fuses the
+  product into the sum and rounds the last bit differently, and text losses stay bit for bit
+  what they were before batches carried weights (the gradients agree either way).
+  """
+  logits = model(batch['inputs'])
+  nll = optax.softmax_cross_entropy_with_integer_labels(logits, batch['targets'])
+  weights = batch['weights']
+  weighted = jnp.sum(nll * weights) / jnp.sum(weights)
+  return jnp.where(jnp.all(weights == 1), nll.mean(), weighted)
 
 
 def train_step(graphdef, state, batch_abt):
-  """One optimizer step over microbatches [accum, b, seq_len + 1]; -> (state, metrics)."""
+  """One optimizer step over microbatches {'inputs', 'targets', 'weights'} [accum, b,
+  seq_len]; -> (state, metrics). Each microbatch's loss counts equally."""
   model, opt = nnx.merge(graphdef, state)
   model_def, params = nnx.split(model)
   grad_fn = jax.value_and_grad(lambda p, micro: loss_fn(nnx.merge(model_def, p), micro))
@@ -88,7 +98,7 @@ def train_step(graphdef, state, batch_abt):
 
   zeros = (jnp.zeros((), jnp.float32), jax.tree.map(jnp.zeros_like, params))
   (loss, grads), _ = jax.lax.scan(accumulate, zeros, batch_abt)
-  n = batch_abt.shape[0]
+  n = batch_abt['inputs'].shape[0]
   loss, grads = loss / n, jax.tree.map(lambda g: g / n, grads)
   opt.update(model, grads)
   metrics = {'loss': loss, 'grad_norm': optax.tree.norm(grads)}
@@ -105,9 +115,10 @@ def jit_train_step(graphdef, state_shardings, batch_sharding):
 
 
 def batch_layout(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh):
-  """(sharding, global shape [accum, b, seq_len + 1], this process's rows of each b)."""
+  """(sharding, global shape [accum, b, seq_len] of each array of a batch, this process's
+  rows of each b)."""
   accum, batch = config.opt.grad_accum_steps, config.data.batch_size
-  shape = (accum, batch // accum, config.data.seq_len + 1)
+  shape = (accum, batch // accum, config.data.seq_len)
   layout = sharding.sharding(mesh, (None, 'batch', None), shape)
   return layout, shape, sharding.local_rows(layout, shape, axis=1)
 
@@ -205,7 +216,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   # A batch or a model the mesh cannot split fails here too, before anything is written.
   batch_layout(config, mesh)
   sharding.state_shardings(nnx.eval_shape(lambda: create_state(config)), mesh)
-  splits = data.load_splits(config.data)
+  task = tasks.load(config)  # the corpus or the held-out set: a bad one fails here
   workdir = pathlib.Path(workdir)
   wd.write_config(workdir, config)
   ckpts = wd.manager(workdir / 'checkpoints', config.train.keep_checkpoints)
@@ -215,24 +226,21 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
     print(f'mesh {sizes} over {jax.device_count()} devices in {jax.process_count()} '
           'processes', file=sys.stderr)
   with jax.set_mesh(mesh):  # the activation constraints (sharding.constrain) read it
-    return _loop(config, workdir, splits, mesh, ckpts, best, final_eval)
+    return _loop(config, workdir, task, mesh, ckpts, best, final_eval)
 
 
-def _loop(config, workdir, splits, mesh, ckpts, best, final_eval) -> dict:
+def _loop(config, workdir, task, mesh, ckpts, best, final_eval) -> dict:
   graphdef, state, shardings, start, best_loss = _init_or_resume(config, ckpts, mesh)
   step_sharding, batch_shape, rows = batch_layout(config, mesh)
   train_step_fn = jit_train_step(graphdef, shardings, step_sharding)
-  t, accum = config.train, config.opt.grad_accum_steps
+  t = config.train
   end = t.steps if not t.stop_after_steps else min(t.steps, start + t.stop_after_steps)
   if start >= end:
     print(f'{workdir} is complete at step {start}; evaluate it with python -m '
           f'mla_jax.evaluate --workdir={workdir}', file=sys.stderr)
     return {}
-  batches = data.train_batches(splits['train'], config.data.seq_len, config.data.batch_size,
-                               config.seed, start, accum=accum, rows=rows)
-  validate = functools.partial(evaluate.perplexity, tokens=splits['val'],
-                               seq_len=config.eval.seq_len, stride=config.eval.stride,
-                               batch_size=config.eval.batch_size, mesh=mesh)
+  batches = task.train_batches(start, rows)
+  validate = functools.partial(task.validate, mesh=mesh)
   schedule = learning_rate(config.opt, t.steps)
   log, preempt = _Log(workdir, t.steps), _Preemption()
   pending, window_start, window_tokens = [], time.perf_counter(), 0
@@ -240,7 +248,8 @@ def _loop(config, workdir, splits, mesh, ckpts, best, final_eval) -> dict:
   try:
     step = start
     while step < end:
-      batch = sharding.global_batch(next(batches), step_sharding, batch_shape)
+      batch = {k: sharding.global_batch(x, step_sharding, batch_shape)
+               for k, x in next(batches).items()}
       state, metrics = train_step_fn(state, batch)
       step += 1
       pending.append((step, metrics))
@@ -260,9 +269,7 @@ def _loop(config, workdir, splits, mesh, ckpts, best, final_eval) -> dict:
         model, opt = nnx.merge(graphdef, state)
       if evaluate_now:
         last_eval = validate(model)
-        log.write(step, {'val_loss': last_eval['loss'], 'val_perplexity':
-                         last_eval['perplexity'], 'val_bits_per_byte':
-                         last_eval['bits_per_byte']})
+        log.write(step, {f'val_{k}': last_eval[k] for k in task.logged})
         if last_eval['loss'] < best_loss:
           best_loss = last_eval['loss']
           wd.save(best, step, nnx.state(model), meta={'step': step, 'val_loss': best_loss})
