@@ -45,7 +45,7 @@ def test_parameters_matched_within_two_percent(mode):
 
 
 def test_cache_formula_matches_table_1_by_hand():
-  from experiments.capacity_vs_cache import cache_formula
+  from experiments.runs import cache_formula
   for row, expected in FULL_CACHE.items():
     assert cache_formula(ModelConfig.from_dict(ablation.get_config(row).model))[1] == expected
 
