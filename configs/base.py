@@ -12,35 +12,32 @@ The variant files (mha/gqa/mqa/mla.py) change only the attention. Any field can 
 with --config.a.b=value.
 """
 
+import dataclasses
+
 from ml_collections import ConfigDict, config_dict
+
+from mla_jax.config import ModelConfig
+
+_PLACEHOLDER_TYPES = {'int | None': int, 'str | None': str, 'YarnScaling | None': dict}
+
+
+def model_section() -> ConfigDict:
+  """ModelConfig's fields and defaults as a ConfigDict: the one place they are written."""
+  m = ConfigDict()
+  for f in dataclasses.fields(ModelConfig):
+    m[f.name] = (config_dict.placeholder(_PLACEHOLDER_TYPES[f.type]) if f.default is None
+                 else f.default)
+  return m
 
 
 def get_config(arg: str = '') -> ConfigDict:
   c = ConfigDict()
   c.seed = 0  # parameters and data order
 
-  c.model = m = ConfigDict()
-  m.vocab_size = 256  # bytes
-  m.d_model = 256
-  m.n_layers = 4
-  m.n_heads = 8
-  m.n_kv_heads = config_dict.placeholder(int)  # gqa only: KV head groups
-  m.head_dim = config_dict.placeholder(int)  # default d_model // n_heads
-  m.d_ff = config_dict.placeholder(int)  # default 8/3 d_model, rounded up to 64
-  m.attention = 'mha'  # mha | gqa | mqa | mla
-  m.q_lora_rank = 0  # mla: query latent d'_c (0 = no query compression)
-  m.kv_lora_rank = 0  # mla: KV latent d_c (the paper: 4 head_dim)
-  m.qk_nope_head_dim = config_dict.placeholder(int)  # mla: default head_dim
-  m.qk_rope_head_dim = config_dict.placeholder(int)  # mla: default head_dim // 2
-  m.v_head_dim = config_dict.placeholder(int)  # mla: default head_dim
-  m.mla_decode = 'absorbed'  # mla decode path: absorbed | naive
-  m.rope_theta = 10000.0
-  m.rope_layout = 'interleaved'  # interleaved | half
-  m.max_seq_len = 2048  # longest prompt + generation
-  m.norm_eps = 1e-6
-  m.tie_embeddings = False
-  m.dtype = 'float32'  # compute dtype: bfloat16 on accelerators
-  m.param_dtype = 'float32'
+  # Every ModelConfig field at its default (mla_jax/config.py documents each); a None default
+  # becomes a typed placeholder, so --config.model.head_dim=64 is checked as an int.
+  c.model = m = model_section()
+  m.dtype = 'auto'  # bfloat16 compute on GPU / TPU (float32 parameters), float32 on a CPU
 
   c.data = d = ConfigDict()
   d.task = 'text'  # text (next-token prediction on a corpus) | mqar (associative recall)
@@ -74,6 +71,9 @@ def get_config(arg: str = '') -> ConfigDict:
   t.checkpoint_every = 50
   t.keep_checkpoints = 3  # the last K; the best by validation loss is kept apart
   t.eval_every = 200  # validation on the whole held-out split (and at the end)
+  # Bit-exact resume on GPU: deterministic reductions (XLA_FLAGS --xla_gpu_deterministic_ops,
+  # set by python -m mla_jax.train before jax starts). No effect on a CPU, which always is.
+  t.deterministic = True
 
   c.eval = e = ConfigDict()
   e.seq_len = 256  # window length for perplexity

@@ -15,6 +15,9 @@ NAME = 'capacity_vs_cache'
 # The paper's words for each mechanism's capability (DeepSeek-V2 Table 1).
 PAPER = {'mha': 'strong', 'gqa': 'moderate', 'mqa': 'weak', 'mla': 'stronger'}
 MARKERS = {'mha': 'o', 'gqa': 's', 'mqa': '^', 'mla': 'D'}
+# 8-bit caches' measured bytes per token (scales included): result key -> summary key. Runs
+# from before they were measured have none (shown as n/a).
+BYTES_8BIT = {'cache_bytes_int8_measured': 'bytes_int8', 'cache_bytes_fp8_measured': 'bytes_fp8'}
 # (row expected to be better, row expected to be worse, what the paper says).
 COMPARISONS = [
     ('mha', 'gqa4', 'MHA "strong" vs GQA "moderate" (Table 8: MHA beats GQA with 8 groups)'),
@@ -49,18 +52,20 @@ def summarize(results: list[dict]) -> dict[str, dict]:
   summary = {}
   for row, runs in rows.items():
     first = runs[0]
-    for key in ('params', 'cache_elements_measured', 'cache_bytes_bf16_measured'):
-      if any(r[key] != first[key] for r in runs):
+    for key in ('params', 'cache_elements_measured', 'cache_bytes_bf16_measured',
+                *BYTES_8BIT):
+      if any(r.get(key) != first.get(key) for r in runs):
         raise ValueError(f'{row}: {key} differs between seeds: {[r[key] for r in runs]}')
     loss, loss_std = _mean_std([r['loss'] for r in runs])
     ppl, ppl_std = _mean_std([r['perplexity'] for r in runs])
     speeds = [r['tokens_per_s'] for r in runs if r['tokens_per_s']]
     summary[row] = dict(
         mechanism=mechanism(first), attention=first['attention'],
-        paper=PAPER[first['attention']], formula=first['cache_formula'],
+        paper=PAPER.get(first['attention'], '-'), formula=first['cache_formula'],
         elements_formula=first['cache_elements_formula'],
         elements_measured=first['cache_elements_measured'],
         bytes_bf16=first['cache_bytes_bf16_measured'], params=first['params'],
+        **{short: first.get(key) for key, short in BYTES_8BIT.items()},
         d_ff=first['d_ff'], seeds=[r['seed'] for r in runs], losses=[r['loss'] for r in runs],
         loss=loss, loss_std=loss_std, perplexity=ppl, perplexity_std=ppl_std,
         tokens_per_s=statistics.fmean(speeds) if speeds else None,
@@ -110,8 +115,9 @@ def markdown(summary: dict, comparisons: list[dict], setup: dict) -> str:
       'Validation: three held-out plays, every byte scored once. Loss is nats per byte, '
       'mean ± std (sample) over seeds.', '',
       '| mechanism | paper | KV cache per token | elements (formula) | elements (measured) '
-      '| bytes bf16 | d_ff | params | val loss | val perplexity | train tokens/s |',
-      '|---|---|---|--:|--:|--:|--:|--:|--:|--:|--:|',
+      '| bytes bf16 | bytes int8 | bytes fp8 | d_ff | params | val loss | val perplexity '
+      '| train tokens/s |',
+      '|---|---|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|',
   ]
   mha_params = summary.get('mha', {}).get('params')
   for s in sorted(summary.values(), key=lambda s: (s['attention'] == 'mla',
@@ -120,16 +126,20 @@ def markdown(summary: dict, comparisons: list[dict], setup: dict) -> str:
     if mha_params:
       params += f" ({100 * (s['params'] / mha_params - 1):+.1f}%)"
     speed = f"{s['tokens_per_s']:,.0f}" if s['tokens_per_s'] else 'n/a'
+    int8, fp8 = (f'{s[k]:,}' if s.get(k) else 'n/a' for k in ('bytes_int8', 'bytes_fp8'))
     lines.append(
         f"| {s['mechanism']} | {s['paper']} | {s['formula']} | {s['elements_formula']:,} | "
-        f"{s['elements_measured']:,} | {s['bytes_bf16']:,} | {s['d_ff']} | {params} | "
+        f"{s['elements_measured']:,} | {s['bytes_bf16']:,} | {int8} | {fp8} | {s['d_ff']} | "
+        f"{params} | "
         f"{s['loss']:.4f} ± {s['loss_std']:.4f} | {s['perplexity']:.3f} ± "
         f"{s['perplexity_std']:.3f} | {speed} |")
   exact = all(s['elements_formula'] == s['elements_measured'] for s in summary.values())
   lines += [
       '', f"Measured cache = formula for every row: **{'yes' if exact else 'NO'}** (elements "
       'per token of the caches a bfloat16 prefill and decode step return, counted from the '
-      'arrays). Tokens/s: each run on one core, '
+      'arrays). Bytes int8 / fp8: the same caches stored 8-bit (ModelConfig.cache_dtype), '
+      'their float32 per-token scales included (one per token and array; per KV head for '
+      'MHA / GQA / MQA). Tokens/s: each run on one core, '
       f"{setup['jobs']} runs at a time."
       + (f" The whole sweep took {setup['full_sweep_wall_s'] / 60:.0f} minutes of wall time."
          if setup.get('full_sweep_wall_s') else ''), '',

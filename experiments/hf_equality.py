@@ -23,7 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 from absl import app, flags
 
-from mla_jax import cli, decode, evaluate, hf
+from mla_jax import cli, decode, evaluator, hf
 from mla_jax.model import with_config
 
 FIXTURES = pathlib.Path(__file__).parents[1] / 'tests' / 'hf_fixtures'
@@ -55,7 +55,7 @@ def row(folder: pathlib.Path) -> dict:
                                         g['logits']).max())
     out = decode.generate(m, g['prompt'][None], max_new_tokens=len(g['continuation']))
     result[f'{key}_greedy_equal'] = bool(np.array_equal(np.asarray(out[0]), g['continuation']))
-  ours = evaluate.perplexity(model, tokens, len(tokens), len(tokens), 1)
+  ours = evaluator.perplexity(model, tokens, len(tokens), len(tokens), 1)
   result.update(ppl_mla_jax=ours['perplexity'],
                 ppl_transformers=math.exp(reference_nll(g['logits'], tokens)))
   return result

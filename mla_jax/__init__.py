@@ -1,14 +1,21 @@
 """mla_jax: Multi-head Latent Attention and the variants it is measured against, in JAX/Flax."""
 
-from mla_jax.cache import KVCache, LatentCache, cache_elements_per_token
+from mla_jax.cache import KVCache, LatentCache
 from mla_jax.config import ConfigError, ModelConfig, YarnScaling
 from mla_jax.decode import decode_step, generate, logits_through_cache, prefill
+from mla_jax.errors import Error
 from mla_jax.model import Transformer
 
+# The function shadows its module's name in this namespace: import the module's other names
+# with `from mla_jax.to_mla import ...`.
+from mla_jax.to_mla import to_mla
+from mla_jax.variants import Variant, cache_bytes_per_token, cache_elements_per_token
+
 __all__ = [
-    'ConfigError', 'KVCache', 'LatentCache', 'ModelConfig', 'Transformer', 'YarnScaling',
-    'cache_elements_per_token', 'decode_step', 'generate', 'load_hf', 'load_workdir',
-    'logits_through_cache', 'prefill', 'save_hf',
+    'ConfigError', 'Error', 'KVCache', 'LatentCache', 'ModelConfig', 'Transformer', 'Variant',
+    'YarnScaling',
+    'cache_bytes_per_token', 'cache_elements_per_token', 'decode_step', 'generate', 'load_hf',
+    'load_workdir', 'logits_through_cache', 'prefill', 'save_hf', 'to_mla',
 ]
 
 # Imported on first use: they pull in orbax (checkpoints), which the model code does not need.

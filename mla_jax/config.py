@@ -1,8 +1,9 @@
-"""ModelConfig: the one validated description of a model (DESIGN.md section 3).
+"""ModelConfig: the one validated description of a model (docs/design.md#10-public-contract).
 
 Every module reads its sizes from here. Configs from files or flags (ml_collections ConfigDicts)
 are converted once, at the edge, with `ModelConfig.from_dict`; a bad combination fails at
-construction with one line naming the field and the fix.
+construction with one line naming the field and the fix. What each attention variant needs of
+the config (its defaults and checks) lives with the variant, in mla_jax.variants.
 """
 
 from __future__ import annotations
@@ -12,16 +13,44 @@ import math
 from collections.abc import Mapping
 from typing import Any
 
+import jax
 import jax.numpy as jnp
 
-ATTENTIONS = ('mha', 'gqa', 'mqa', 'mla')
+from mla_jax.errors import Error
+
 ROPE_LAYOUTS = ('interleaved', 'half')
 MLA_DECODE_PATHS = ('absorbed', 'naive')
+ATTENTION_IMPLS = ('auto', 'einsum', 'fused')
 DTYPES = ('float32', 'bfloat16', 'float16')
+COMPUTE_DTYPES = ('auto', *DTYPES)  # auto: bfloat16 on an accelerator, float32 on a CPU
+CACHE_DTYPES = (*DTYPES, 'int8', 'float8_e4m3fn')
 
 
-class ConfigError(ValueError):
-  """An invalid model configuration; the message names the field and the fix."""
+class ConfigError(Error, ValueError):
+  """An invalid configuration (model or training); the message names the field and the fix."""
+
+
+def _on_cpu() -> bool:
+  return jax.default_backend() == 'cpu'
+
+
+def _check_types(obj) -> None:
+  """Integers are integers, floats finite numbers, flags booleans: a NaN eps or a
+  tie_embeddings='no' (truthy) would otherwise build a silently wrong model."""
+  for f in dataclasses.fields(obj):
+    value, kind = getattr(obj, f.name), f.type.split(' |')[0]
+    if value is None:
+      continue
+    if kind == 'int' and (not isinstance(value, int) or isinstance(value, bool)):
+      raise ConfigError(f'{f.name}={value!r} must be an integer')
+    if kind == 'float' and (isinstance(value, bool) or not isinstance(value, (int, float))
+                            or not math.isfinite(value)):
+      raise ConfigError(f'{f.name}={value!r} must be a finite number')
+    if kind == 'bool' and not isinstance(value, bool):
+      raise ConfigError(f'{f.name}={value!r} must be true or false')
+    if kind == 'str' and not isinstance(value, str):
+      raise ConfigError(f'{f.name}={value!r} must be a string')
+
 
 
 @dataclasses.dataclass(frozen=True)
@@ -41,6 +70,7 @@ class YarnScaling:
   type: str = 'yarn'
 
   def __post_init__(self):
+    _check_types(self)
     if self.type != 'yarn':
       raise ConfigError(f"rope_scaling.type={self.type!r} is not supported; use 'yarn' or None")
     if self.factor < 1:
@@ -64,7 +94,7 @@ class ModelConfig:
   n_kv_heads: int | None = None  # mha: n_heads; mqa: 1; gqa: required, divides n_heads
   head_dim: int | None = None  # mha/gqa/mqa head size; default d_model // n_heads
   d_ff: int | None = None  # SwiGLU width; default 8/3 d_model rounded up to a multiple of 64
-  attention: str = 'mha'  # 'mha' | 'gqa' | 'mqa' | 'mla'
+  attention: str = 'mha'  # a name in mla_jax.variants: 'mha' | 'gqa' | 'mqa' | 'mla'
   # MLA only (DeepSeek-V2 appendix C). Defaults follow the paper's ratios for d_h = head_dim:
   q_lora_rank: int = 0  # d'_c; 0 = no query compression
   kv_lora_rank: int = 0  # d_c, required for mla (the paper: 4 d_h)
@@ -72,14 +102,30 @@ class ModelConfig:
   qk_rope_head_dim: int | None = None  # d_r; default head_dim // 2
   v_head_dim: int | None = None  # d_v; default head_dim
   mla_decode: str = 'absorbed'  # decode path over the latent cache: 'absorbed' | 'naive'
+  # MLA generalised so that MHA / GQA / MQA embed in it exactly (mla_jax.to_mla): rope_block
+  # rotates the d_r-wide rope key in blocks of rope_block dims, each with the frequencies of a
+  # rope_block-wide rotation ('half' pairs within each block); None: one d_r-wide rotation.
+  # kv_norm=False drops the RMSNorm on the latent c_kv. Neither has a Hugging Face equivalent.
+  rope_block: int | None = None
+  kv_norm: bool = True
+  # 'einsum': the explicit reference path; 'fused': flash attention for training and prefill
+  # (mla_jax.fused) and Pallas flash-decoding kernels for decode steps (mla_jax.kernels);
+  # 'auto': fused on GPU / TPU, einsum on a CPU.
+  attention_impl: str = 'auto'
   rope_theta: float = 10000.0
   rope_layout: str = 'interleaved'  # 'interleaved' pairs (2i, 2i+1); 'half' pairs (i, i + d/2)
   rope_scaling: YarnScaling | None = None  # a dict is accepted and converted
   max_seq_len: int = 2048  # longest prompt + generation the decode loop accepts
   norm_eps: float = 1e-6
   tie_embeddings: bool = False
-  dtype: str = 'float32'  # compute dtype; logits and softmax stay float32
+  dtype: str = 'float32'  # compute dtype ('auto': bfloat16 on GPU / TPU, float32 on a CPU);
+  # logits and softmax stay float32 whatever it is
   param_dtype: str = 'float32'
+  # The decode cache's storage: None = the compute dtype; a float dtype; or 'int8' /
+  # 'float8_e4m3fn', 8-bit values with one float32 scale per token and cached array (MLA:
+  # c_kv and k_rope each [b, s]; MHA/GQA/MQA: per token AND KV head [b, g, s], as heads'
+  # ranges differ), dequantized inside attention. mla_jax.quant has the formats and bounds.
+  cache_dtype: str | None = None
 
   def __post_init__(self):
     set_ = lambda name, value: object.__setattr__(self, name, value)
@@ -89,28 +135,30 @@ class ModelConfig:
       except TypeError as e:
         raise ConfigError(f'rope_scaling: {e}; allowed keys: '
                           f'{[f.name for f in dataclasses.fields(YarnScaling)]}') from None
+    _check_types(self)
     self._check_choices()
     self._check_sizes()
     if self.head_dim is None:
       set_('head_dim', self.d_model // self.n_heads)
     if self.d_ff is None:
       set_('d_ff', 64 * math.ceil(8 * self.d_model / 3 / 64))
-    if self.n_kv_heads is None:
-      if self.attention == 'gqa':
-        raise ConfigError("attention='gqa' needs n_kv_heads (a divisor of n_heads)")
-      set_('n_kv_heads', 1 if self.attention == 'mqa' else self.n_heads)
-    if self.attention == 'mla':
-      for name, default in (('qk_nope_head_dim', self.head_dim),
-                            ('qk_rope_head_dim', self.head_dim // 2),
-                            ('v_head_dim', self.head_dim)):
-        if getattr(self, name) is None:
-          set_(name, default)
-    self._check_derived()
+    from mla_jax import variants  # the registry imports the modules, which import this one
+    variant = variants.get(self.attention)
+    for name, value in variant.configure(self).items():
+      set_(name, value)
+    if self.cache_dtype in ('int8', 'float8_e4m3fn') and not hasattr(variant.cache,
+                                                                     'scales_per_token'):
+      raise ConfigError(f'cache_dtype={self.cache_dtype!r}: the {self.attention!r} cache has no '
+                        '8-bit format (no scales_per_token); use a float cache_dtype')
+    rot = variant.rope_dim(self)
+    if rot % 2:
+      raise ConfigError(f'the rotary dimension ({rot}) must be even for RoPE pairs; '
+                        'change head_dim or qk_rope_head_dim')
 
   def _check_choices(self):
-    for name, allowed in (('attention', ATTENTIONS), ('rope_layout', ROPE_LAYOUTS),
-                          ('mla_decode', MLA_DECODE_PATHS), ('dtype', DTYPES),
-                          ('param_dtype', DTYPES)):
+    for name, allowed in (('rope_layout', ROPE_LAYOUTS), ('mla_decode', MLA_DECODE_PATHS),
+                          ('attention_impl', ATTENTION_IMPLS), ('dtype', COMPUTE_DTYPES),
+                          ('param_dtype', DTYPES), ('cache_dtype', (None, *CACHE_DTYPES))):
       if getattr(self, name) not in allowed:
         raise ConfigError(f'{name}={getattr(self, name)!r} is unknown; use one of {allowed}')
 
@@ -118,9 +166,7 @@ class ModelConfig:
     for f in dataclasses.fields(self):
       value = getattr(self, f.name)
       if f.type.startswith('int') and value is not None:
-        if not isinstance(value, int) or isinstance(value, bool):
-          raise ConfigError(f'{f.name}={value!r} must be an integer')
-        least = 0 if f.name in ('q_lora_rank', 'kv_lora_rank') else 1
+        least = 0 if f.name in ('q_lora_rank', 'kv_lora_rank', 'qk_nope_head_dim') else 1
         if value < least:
           raise ConfigError(f'{f.name}={value} must be >= {least}')
     if self.norm_eps <= 0 or self.rope_theta <= 1:
@@ -129,41 +175,26 @@ class ModelConfig:
       raise ConfigError(f'd_model={self.d_model} is not divisible by n_heads={self.n_heads}; '
                         'set head_dim explicitly or change n_heads')
 
-  def _check_derived(self):
-    h, g = self.n_heads, self.n_kv_heads
-    if self.attention == 'mha' and g != h:
-      raise ConfigError(f"attention='mha' needs n_kv_heads == n_heads ({h}), got {g}; "
-                        "use attention='gqa' for grouped heads")
-    if self.attention == 'mqa' and g != 1:
-      raise ConfigError(f"attention='mqa' needs n_kv_heads == 1, got {g}")
-    if h % g:
-      raise ConfigError(f'n_heads={h} is not divisible by n_kv_heads={g}; '
-                        'pick n_kv_heads among the divisors of n_heads')
-    if self.attention == 'mla':
-      if self.kv_lora_rank == 0:
-        raise ConfigError("attention='mla' needs kv_lora_rank > 0 (the paper uses 4 * head_dim)")
-      rot = self.qk_rope_head_dim
-    else:
-      if self.kv_lora_rank or self.q_lora_rank:
-        raise ConfigError(f'kv_lora_rank / q_lora_rank apply only to attention=\'mla\', '
-                          f'not {self.attention!r}; set them to 0')
-      rot = self.head_dim
-    if rot % 2:
-      raise ConfigError(f'the rotary dimension ({rot}) must be even for RoPE pairs; '
-                        'change head_dim or qk_rope_head_dim')
-
   # --- derived quantities -------------------------------------------------------------
   @property
   def compute_dtype(self):
+    if self.dtype == 'auto':
+      return jnp.dtype(jnp.float32 if _on_cpu() else jnp.bfloat16)
     return jnp.dtype(self.dtype)
+
+  @property
+  def cache_storage_dtype(self):
+    """The dtype the decode loop allocates its caches in (cache_dtype, else compute_dtype)."""
+    return self.compute_dtype if self.cache_dtype is None else jnp.dtype(self.cache_dtype)
+
+  @property
+  def fused(self) -> bool:
+    """Whether attention runs fused (attention_impl 'fused', or 'auto' on an accelerator)."""
+    return self.attention_impl == 'fused' or (self.attention_impl == 'auto' and not _on_cpu())
 
   @property
   def params_dtype(self):
     return jnp.dtype(self.param_dtype)
-
-  @property
-  def rope_dim(self) -> int:
-    return self.qk_rope_head_dim if self.attention == 'mla' else self.head_dim
 
   def to_dict(self) -> dict[str, Any]:
     return dataclasses.asdict(self)

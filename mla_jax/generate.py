@@ -3,41 +3,38 @@ r"""Continues a prompt with a trained or converted run.
   python -m mla_jax.generate --workdir=runs/mla --prompt="ROMEO:" --max_new_tokens=200
   python -m mla_jax.generate --workdir=runs/mla --prompt="KING" --temperature=0.8 --top_k=40
 
-Greedy (temperature 0) is deterministic; sampling is reproducible from --seed.
+Greedy (temperature 0) is deterministic; sampling is reproducible from --seed. The logic is
+mla_jax.decode.generate.
 """
 
-from absl import app, flags
+from absl import flags
 
 from mla_jax import cli, data, decode
 from mla_jax import workdir as wd
+from mla_jax.errors import InputError
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string('workdir', None, 'a trained or converted run')
 flags.DEFINE_string('prompt', None, 'text to continue (UTF-8, byte tokens)')
-flags.DEFINE_integer('max_new_tokens', 200, 'tokens to generate')
+flags.DEFINE_integer('max_new_tokens', 200, 'tokens to generate', lower_bound=1)
 flags.DEFINE_float('temperature', 0.0, '0 = greedy')
-flags.DEFINE_integer('top_k', 0, 'sample from the k most likely tokens (0 = all)')
+flags.DEFINE_integer('top_k', 0, 'sample from the k most likely tokens (0 = all)', lower_bound=0)
 flags.DEFINE_float('top_p', 1.0, 'nucleus sampling mass')
 flags.DEFINE_integer('seed', 0, 'sampling seed')
 flags.DEFINE_integer('step', None, 'checkpoint step (default: the latest)')
 flags.mark_flags_as_required(['workdir', 'prompt'])
 
 
-def main(argv):
-  del argv
-  cli.quiet_logging()
-  try:
-    model, _ = wd.load_workdir(FLAGS.workdir, FLAGS.step)
-    prompt = data.encode(FLAGS.prompt)
-    if len(prompt) == 0:
-      raise ValueError('--prompt is empty; give at least one character to continue')
-    out = decode.generate(model, prompt[None], max_new_tokens=FLAGS.max_new_tokens,
-                          temperature=FLAGS.temperature, top_k=FLAGS.top_k, top_p=FLAGS.top_p,
-                          seed=FLAGS.seed)
-  except (wd.WorkdirError, ValueError) as e:
-    raise SystemExit(f'error: {e}') from None
+def main():
+  model, _ = wd.load_workdir(FLAGS.workdir, FLAGS.step)
+  prompt = data.encode(FLAGS.prompt)
+  if len(prompt) == 0:
+    raise InputError('--prompt is empty; give at least one character to continue')
+  out = decode.generate(model, prompt[None], max_new_tokens=FLAGS.max_new_tokens,
+                        temperature=FLAGS.temperature, top_k=FLAGS.top_k, top_p=FLAGS.top_p,
+                        seed=FLAGS.seed)
   print(FLAGS.prompt + data.decode(out[0]))
 
 
 if __name__ == '__main__':
-  app.run(main, flags_parser=cli.parse_flags)
+  cli.run(main)

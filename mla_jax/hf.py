@@ -1,7 +1,8 @@
 """Hugging Face checkpoints in and out: Llama (MHA / GQA / MQA) and dense DeepSeek-V2/V3 (MLA).
 
-DESIGN.md section 7. A Hugging Face folder is config.json plus safetensors: model.safetensors,
-or the shards model.safetensors.index.json lists. torch is never imported.
+The layouts are in docs/design.md#9-hugging-face-layouts. A Hugging Face folder is config.json
+plus safetensors: model.safetensors, or the shards model.safetensors.index.json lists. torch is
+never imported.
 
 A torch Linear weight is [out, in]. Ours are [in, out] with head axes split out of one side
 (w_q [d, h, k] splits out, w_o [h, k, d] splits in), so every linear weight converts as
@@ -28,8 +29,9 @@ import ml_dtypes
 import numpy as np
 from flax import nnx, traverse_util
 
-from mla_jax import rope
+from mla_jax import rope, variants
 from mla_jax.config import ConfigError, ModelConfig, YarnScaling
+from mla_jax.errors import Error
 from mla_jax.model import Transformer, param_shapes, with_params
 
 LLAMA = ('LlamaForCausalLM',)
@@ -39,7 +41,7 @@ DEEPSEEK = ('DeepseekV2ForCausalLM', 'DeepseekV3ForCausalLM')
 DEEPSEEK_LATENT_EPS = 1e-6
 
 
-class HFError(ValueError):
+class HFError(Error, ValueError):
   """An unsupported or damaged Hugging Face checkpoint; the message says what and why."""
 
 
@@ -172,7 +174,7 @@ def _rope(hf: dict, arch: str) -> tuple[float, YarnScaling | None]:
   return theta, yarn
 
 
-def model_config(hf: dict, dtype: str = 'float32', param_dtype: str = 'float32') -> ModelConfig:
+def config_from_hf(hf: dict, dtype: str = 'float32', param_dtype: str = 'float32') -> ModelConfig:
   """The ModelConfig of a Hugging Face config.json, or HFError naming what is unsupported."""
   arch = (hf.get('architectures') or [hf.get('model_type')])[0]
   if arch not in LLAMA + DEEPSEEK:
@@ -221,15 +223,32 @@ def model_config(hf: dict, dtype: str = 'float32', param_dtype: str = 'float32')
     raise HFError(f'config.json describes a model mla_jax cannot build: {e}') from None
 
 
-def hf_config(cfg: ModelConfig) -> dict:
+def architecture(cfg: ModelConfig) -> str:
+  """The Hugging Face class a model exports to, as its variant's registry entry says."""
+  arch = variants.get(cfg.attention).hf_architecture
+  if arch not in LLAMA + DEEPSEEK:
+    raise HFError(f'attention={cfg.attention!r} has no Hugging Face architecture mla_jax can '
+                  f'write (it writes {", ".join(LLAMA + DEEPSEEK[1:])})')
+  return arch
+
+
+def config_to_hf(cfg: ModelConfig) -> dict:
   """config.json for our model: LlamaForCausalLM (MHA / GQA / MQA) or DeepseekV3ForCausalLM.
 
   RoPE is written both as transformers 5 reads it (rope_parameters) and as 4 does
   (rope_theta, rope_scaling)."""
-  if cfg.attention != 'mla' and cfg.rope_scaling is not None:
+  arch = architecture(cfg)
+  if arch in LLAMA and cfg.rope_scaling is not None:
     raise HFError("a GQA-family model with YaRN has no Hugging Face equivalent (Llama's YaRN "
                   "has no softmax mscale); export it without rope_scaling")
-  if cfg.attention == 'mla' and cfg.norm_eps != DEEPSEEK_LATENT_EPS:
+  if arch in DEEPSEEK and (cfg.rope_block is not None or not cfg.kv_norm
+                          or not cfg.qk_nope_head_dim):
+    raise HFError(f'rope_block={cfg.rope_block}, kv_norm={cfg.kv_norm}, qk_nope_head_dim='
+                  f'{cfg.qk_nope_head_dim}: transformers\' DeepSeek rotates its rope key with one '
+                  'frequency ladder, always normalises the latent and needs a nope part, so this '
+                  '(exact-embedding) model has no Hugging Face equivalent; compress it with '
+                  'mla_jax.to_mla(..., kv_lora_rank=R) to export')
+  if arch in DEEPSEEK and cfg.norm_eps != DEEPSEEK_LATENT_EPS:
     raise HFError(f"norm_eps={cfg.norm_eps}: DeepSeek's latent norms always use "
                   f'{DEEPSEEK_LATENT_EPS}, so this model has no DeepSeek equivalent')
   rope_parameters = {'rope_type': 'default', 'rope_theta': cfg.rope_theta}
@@ -247,10 +266,10 @@ def hf_config(cfg: ModelConfig) -> dict:
                     **rope_parameters, 'type': 'yarn'},
                 bos_token_id=None, eos_token_id=None, pad_token_id=None,
                 dtype=cfg.param_dtype, torch_dtype=cfg.param_dtype)
-  if cfg.attention != 'mla':
-    return dict(common, architectures=list(LLAMA), model_type='llama',
+  if arch in LLAMA:
+    return dict(common, architectures=[arch], model_type='llama',
                 num_key_value_heads=cfg.n_kv_heads, head_dim=cfg.head_dim, mlp_bias=False)
-  return dict(common, architectures=[DEEPSEEK[1]], model_type='deepseek_v3',
+  return dict(common, architectures=[arch], model_type='deepseek_v3',
               num_key_value_heads=cfg.n_heads, q_lora_rank=cfg.q_lora_rank or None,
               kv_lora_rank=cfg.kv_lora_rank, qk_nope_head_dim=cfg.qk_nope_head_dim,
               qk_rope_head_dim=cfg.qk_rope_head_dim, v_head_dim=cfg.v_head_dim,
@@ -276,6 +295,7 @@ def _tensors(cfg: ModelConfig) -> list[_Tensor]:
          _Tensor('model.norm.weight', (('final_norm', 'scale'),), 'copy')]
   if not cfg.tie_embeddings:
     out.append(_Tensor('lm_head.weight', (('lm_head',),)))
+  llama = architecture(cfg) in LLAMA
   for i in range(cfg.n_layers):
     hf = f'model.layers.{i}.'
     t = lambda name, *path, **kw: _Tensor(hf + name, (('blocks', i, *path),), **kw)  # noqa: B023
@@ -284,7 +304,7 @@ def _tensors(cfg: ModelConfig) -> list[_Tensor]:
             t('mlp.gate_proj.weight', 'mlp', 'w_gate'), t('mlp.up_proj.weight', 'mlp', 'w_up'),
             t('mlp.down_proj.weight', 'mlp', 'w_down'),
             t('self_attn.o_proj.weight', 'attn', 'w_o', in_axes=2)]
-    if cfg.attention != 'mla':
+    if llama:
       out += [t('self_attn.q_proj.weight', 'attn', 'w_q', rope_rows=True),
               t('self_attn.k_proj.weight', 'attn', 'w_k', rope_rows=True),
               t('self_attn.v_proj.weight', 'attn', 'w_v')]
@@ -388,21 +408,30 @@ def load(hf_dir, dtype: str = 'float32', param_dtype: str = 'float32'
   """(our Transformer, config.json) of a Hugging Face folder; compute and parameter dtypes
   as given (bfloat16 checkpoints convert exactly into either)."""
   hf, tensors = read_folder(hf_dir)
-  cfg = model_config(hf, dtype, param_dtype)
+  cfg = config_from_hf(hf, dtype, param_dtype)
   extra = _unused(cfg, tensors)
   if extra:
     raise HFError(f'{len(extra)} tensors have no place in a {cfg.attention} model, e.g. '
                   f'{extra[0]} (biases, experts or an unknown module?); mla_jax converts '
-                  'only the layouts of DESIGN.md section 7')
+                  'only the Llama and dense DeepSeek-V2/V3 layouts (docs/huggingface.md)')
   params = from_hf_tensors(cfg, tensors)
   return with_params(cfg, traverse_util.unflatten_dict(
       {path: jnp.asarray(w, cfg.params_dtype) for path, w in params.items()})), hf
 
 
+def must_be_new(path, what: str) -> None:
+  """Refuses a target that exists and is not an empty folder: nothing is ever overwritten."""
+  path = pathlib.Path(path)
+  if path.exists() and (not path.is_dir() or any(path.iterdir())):
+    raise HFError(f'{what} {path} already exists and is not empty; give a new folder '
+                  '(nothing is overwritten)')
+
+
 def save(model: Transformer, out_dir) -> dict:
   """Writes config.json and model.safetensors into an empty or new out_dir; -> config.json."""
+  must_be_new(out_dir, 'the folder')
   cfg = model.cfg
-  hf = hf_config(cfg)
+  hf = config_to_hf(cfg)
   params = traverse_util.flatten_dict(nnx.to_pure_dict(nnx.state(model, nnx.Param)))
   tensors = to_hf_tensors(cfg, {path: np.asarray(jax.device_get(x)) for path, x in
                                 params.items()})

@@ -9,12 +9,15 @@ from __future__ import annotations
 import dataclasses
 import math
 
+import chex
+import jax
 import jax.numpy as jnp
 from flax import nnx, traverse_util
 
-from mla_jax.attention import GQAttention, MLAttention
-from mla_jax.cache import cache_class
+from mla_jax import variants
+from mla_jax.cache import check_dtype
 from mla_jax.config import ModelConfig
+from mla_jax.errors import check_token_ids
 from mla_jax.layers import MLP, Embed, RMSNorm, weight
 from mla_jax.sharding import constrain
 
@@ -27,14 +30,16 @@ class Block(nnx.Module):
 
   def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
     self.attn_norm = RMSNorm(cfg.d_model, cfg)
-    self.attn = (MLAttention if cfg.attention == 'mla' else GQAttention)(cfg, rngs)
+    self.attn = variants.get(cfg.attention).module(cfg, rngs)
     self.mlp_norm = RMSNorm(cfg.d_model, cfg)
     self.mlp = MLP(cfg, rngs)
 
   def __call__(self, x_btd, positions_bt, cache=None):
-    a, cache = self.attn(self.attn_norm(x_btd), positions_bt, cache)
+    with jax.named_scope('attention'):
+      a, cache = self.attn(self.attn_norm(x_btd), positions_bt, cache)
     x_btd = x_btd + a
-    return x_btd + self.mlp(self.mlp_norm(x_btd)), cache
+    with jax.named_scope('mlp'):
+      return x_btd + self.mlp(self.mlp_norm(x_btd)), cache
 
 
 class Transformer(nnx.Module):
@@ -50,21 +55,27 @@ class Transformer(nnx.Module):
                             fan_in=cfg.d_model)
 
   def __call__(self, tokens_bt, positions_bt=None):
-    if positions_bt is None:
-      positions_bt = jnp.broadcast_to(jnp.arange(tokens_bt.shape[1]), tokens_bt.shape)
+    """positions_bt None: each row is a whole sequence at positions 0 .. t - 1."""
+    if not isinstance(tokens_bt, jax.core.Tracer):  # eager call: check the ids (under jit the
+      check_token_ids(tokens_bt, self.cfg.vocab_size)  # caller's edge does it on the host)
     h, _ = self.forward(tokens_bt, positions_bt)
     return self.logits(h)
 
-  def forward(self, tokens_bt, positions_bt, caches=None):
+  def forward(self, tokens_bt, positions_bt=None, caches=None):
     """Final normed hidden states [b, t, d] and the updated layer caches (if given)."""
+    chex.assert_rank(tokens_bt, 2)
+    if positions_bt is not None:
+      chex.assert_equal_shape([tokens_bt, positions_bt])
     x = constrain(self.embed(tokens_bt), RESIDUAL)
     new_caches = []
     for i, block in enumerate(self.blocks):
-      x, cache = block(x, positions_bt, None if caches is None else caches[i])
+      with jax.named_scope(f'block{i}'):
+        x, cache = block(x, positions_bt, None if caches is None else caches[i])
       x = constrain(x, RESIDUAL)
       new_caches.append(cache)
     return self.final_norm(x), (None if caches is None else new_caches)
 
+  @jax.named_scope('logits')
   def logits(self, h_btd):
     if self.cfg.tie_embeddings:
       return self.embed.attend(h_btd)
@@ -72,10 +83,15 @@ class Transformer(nnx.Module):
                       preferred_element_type=jnp.float32)
 
   def init_cache(self, batch_size: int, max_len: int, dtype=None) -> list:
-    """Per-layer caches as the decode loop allocates them (compute dtype by default)."""
-    dtype = self.cfg.compute_dtype if dtype is None else dtype
-    return [cache_class(self.cfg).init(self.cfg, batch_size, max_len, dtype)
-            for _ in range(self.cfg.n_layers)]
+    """Per-layer caches as the decode loop allocates them: in cfg.cache_dtype (default: the
+    compute dtype; 'int8' / 'float8_e4m3fn' give 8-bit caches with per-token scales), or in
+    the float `dtype` given. An 8-bit dtype given here is refused: it would have no scales."""
+    if dtype is None:
+      dtype = self.cfg.cache_storage_dtype
+    else:
+      check_dtype(dtype)
+    cache = variants.get(self.cfg.attention).cache
+    return [cache.init(self.cfg, batch_size, max_len, dtype) for _ in range(self.cfg.n_layers)]
 
 
 def abstract(cfg: ModelConfig):

@@ -49,11 +49,12 @@ import optax
 from flax import nnx
 
 from mla_jax import sharding
+from mla_jax.errors import InputError
 
 TRAIN, HELDOUT = 1, 2  # stream ids (the text sampler's stream is 0)
 
 
-class MQARError(ValueError):
+class MQARError(InputError):
   """MQAR parameters that cannot make an example; the message names the fix."""
 
 
@@ -166,7 +167,7 @@ def scores(logits_btV, targets_bt, weights_bt) -> dict:
           'answers': jnp.sum(weights_bt)}
 
 
-# As evaluate.eval_step: parameters and batches arrive placed, the sums leave replicated.
+# As evaluator.eval_step: parameters and batches arrive placed, the sums leave replicated.
 @functools.partial(jax.jit, static_argnames=('graphdef',),
                    out_shardings=jax.sharding.PartitionSpec())
 def _eval_step(graphdef, state, batch):
@@ -186,7 +187,7 @@ def evaluate(model, batches: list[dict], mesh: jax.sharding.Mesh | None = None) 
   graphdef, state = nnx.split(model)
   state = jax.device_put(state, sharding.state_shardings(state, mesh))
   shape = batches[0]['inputs'].shape
-  layout = sharding.sharding(mesh, ('batch', None), shape)
+  layout = sharding.named_sharding(mesh, ('batch', None), shape)
   rows = sharding.local_rows(layout, shape, axis=0)
   total = {'nll': 0.0, 'hits': 0.0, 'answers': 0.0}
   with jax.set_mesh(mesh):

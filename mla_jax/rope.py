@@ -60,7 +60,8 @@ def cos_sin_mscale(scaling: YarnScaling | None) -> float:
 
 
 def softmax_mscale(scaling: YarnScaling | None) -> float:
-  """m in score * d^-1/2 * m^2 (DESIGN.md section 2); 1 without YaRN or mscale_all_dim."""
+  """m in score * d^-1/2 * m^2 (docs/design.md#5-rope-and-yarn); 1 without YaRN or
+  mscale_all_dim."""
   if scaling is None or not scaling.mscale_all_dim:
     return 1.0
   return get_mscale(scaling.factor, scaling.mscale_all_dim)

@@ -1,4 +1,4 @@
-"""Device mesh, logical-axis rules and multi-host start-up (DESIGN.md section 6).
+"""Device mesh, logical-axis rules and multi-host start-up (docs/design.md#8-sharding).
 
 Every parameter carries logical axis names (`axes=` metadata, see layers.weight); RULES maps
 each name to a mesh axis. The mesh has three axes:
@@ -22,6 +22,8 @@ import ml_collections
 import numpy as np
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
+from mla_jax.errors import Error
+
 MESH_AXES = ('data', 'fsdp', 'tensor')
 # Logical axis -> mesh axes. Parameters: embed, vocab, heads, kv_heads, head_dim, mlp, q_lora,
 # kv_lora; activations and caches also use batch and seq.
@@ -39,7 +41,7 @@ RULES: dict[str, tuple[str, ...]] = {
 }
 
 
-class ShardingError(ValueError):
+class ShardingError(Error, ValueError):
   """A mesh or a mapping that cannot work; the message names the fix."""
 
 
@@ -115,7 +117,8 @@ def place(tree, shardings):
   return jax.tree.map(one, tree, shardings)
 
 
-def sharding(mesh: Mesh, axes, shape) -> NamedSharding:
+def named_sharding(mesh: Mesh, axes, shape) -> NamedSharding:
+  """The NamedSharding of an array whose dimensions have logical names."""
   return NamedSharding(mesh, logical_to_spec(axes, shape, dict(mesh.shape)))
 
 

@@ -1,7 +1,7 @@
 """What the trainer learns from and how it validates: config.data.task.
 
   text  next-token prediction on a corpus (data.py); every position is scored (weights 1);
-        validation is perplexity over the held-out split (evaluate.perplexity)
+        validation is perplexity over the held-out split (evaluator.perplexity)
   mqar  multi-query associative recall (mqar.py, config.data.mqar); only the answers are
         scored; validation is recall accuracy and loss on a fixed held-out set
 
@@ -14,7 +14,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from mla_jax import data, evaluate, mqar
+from mla_jax import data, evaluator, mqar
+from mla_jax.config import ConfigError
 
 TASKS = ('text', 'mqar')
 
@@ -26,13 +27,19 @@ def text_batch(windows: np.ndarray) -> dict:
 
 
 class Text:
-  """The corpus of config.data (loaded here, so a bad corpus fails before a run is written)."""
+  """The corpus of config.data, loaded here (a bad corpus, or ids the model's vocabulary
+  cannot hold, fail before a run is written)."""
 
   logged = ('loss', 'perplexity', 'bits_per_byte')  # validation metrics, in log order
 
   def __init__(self, config):
     self.config = config
     self.splits = data.load_splits(config.data)
+    vocab_size = config.model.vocab_size
+    for split, tokens in self.splits.items():
+      if tokens.max() >= vocab_size:
+        raise ConfigError(f'the {split} split has token id {tokens.max()} but model.vocab_size='
+                          f'{vocab_size}; raise vocab_size (bytes need 256)')
 
   def train_batches(self, start_step: int, rows: slice):
     d = self.config.data
@@ -42,7 +49,7 @@ class Text:
 
   def validate(self, model, mesh=None) -> dict:
     e = self.config.eval
-    return evaluate.perplexity(model, self.splits['val'], e.seq_len, e.stride, e.batch_size,
+    return evaluator.perplexity(model, self.splits['val'], e.seq_len, e.stride, e.batch_size,
                                mesh)
 
   @staticmethod
@@ -83,7 +90,7 @@ class MQAR:
 def task_class(config) -> type[Text] | type[MQAR]:
   name = config.data.get('task', 'text')  # configs written before tasks existed are text
   if name not in TASKS:
-    raise ValueError(f'data.task={name!r} is unknown; use one of {TASKS}')
+    raise ConfigError(f'data.task={name!r} is unknown; use one of {TASKS}')
   return Text if name == 'text' else MQAR
 
 

@@ -3,41 +3,40 @@ r"""Trains a model from a config file; restarting the same command resumes the r
   python -m mla_jax.train --config=configs/mla.py --workdir=runs/mla
   python -m mla_jax.train --config=configs/mla.py:tiny --workdir=/tmp/t --config.train.steps=20
   python -m mla_jax.train --config=configs/mla.py --workdir=gs://b/mla --config.mesh.fsdp=8
+  python -m mla_jax.train --config=configs/finetune.py:runs/gqa_mla --workdir=runs/gqa_mla_ft \
+      --init_from=runs/gqa_mla     # a new run from another run's parameters (same model)
 
 On several hosts run the same command on each (TPU slices and SLURM jobs are detected; else
 add --coordinator_address=HOST:PORT --num_processes=N --process_id=I).
 
-All logic lives in mla_jax.trainer; this file parses flags and reports bad input in one line.
+All logic lives in mla_jax.trainer; this file parses flags.
 """
 
+import signal
+
 import jax
-from absl import app, flags
+from absl import flags
 from ml_collections import config_flags
 
-from mla_jax import cli, data, tasks, trainer
-from mla_jax import config as model_config
-from mla_jax import workdir as wd
+from mla_jax import cli, tasks, trainer
 
 FLAGS = flags.FLAGS
-config_flags.DEFINE_config_file('config', None, 'a configs/*.py file (optionally :tiny)')
+config_flags.DEFINE_config_file('config', None, 'a configs/*.py file (optionally :arg)')
 flags.DEFINE_string('workdir', None, 'the run directory (created, or resumed if it exists)')
+flags.DEFINE_string('init_from', None, "a new run starts from this workdir's latest parameters "
+                    '(trained, converted or imported; the model config must match)')
 flags.mark_flags_as_required(['config', 'workdir'])
 cli.define_distributed_flags()
 
 
-def main(argv):
-  if len(argv) > 1:
-    raise app.UsageError(f'unexpected arguments {argv[1:]}; flags look like --name=value')
-  cli.quiet_logging()
-  try:
-    cli.initialize_distributed()
-    result = trainer.train_and_evaluate(FLAGS.config, FLAGS.workdir)
-  except (model_config.ConfigError, data.DataError, wd.WorkdirError, trainer.TrainingError,
-          ValueError) as e:
-    raise SystemExit(f'error: {e}') from None
+def main():
+  signal.signal(signal.SIGTERM, trainer.exit_before_first_step)  # until the trainer's own
+  trainer.request_determinism(FLAGS.config)  # before anything starts jax's backends
+  cli.initialize_distributed()
+  result = trainer.train_and_evaluate(FLAGS.config, FLAGS.workdir, init_from=FLAGS.init_from)
   if result and jax.process_index() == 0:
     print(f'validation: {tasks.task_class(FLAGS.config).describe(result)}')
 
 
 if __name__ == '__main__':
-  app.run(main, flags_parser=cli.parse_flags)
+  cli.run(main)

@@ -6,14 +6,17 @@ state, batch) under jax.jit with explicit shardings and the state donated. The g
 is a function of (seed, step) alone: each process draws its own rows of it, so a run resumed
 from its latest checkpoint, or run on another number of hosts, sees the same data. The host
 never waits on the device inside the loop: batches are prefetched by grain, and metrics are
-fetched only every log_every steps.
+fetched only every log_every steps. A new run may start from another run's parameters
+(`init_from`: trained, converted to MLA, imported from Hugging Face) instead of config.seed's.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import json
 import math
+import os
 import pathlib
 import signal
 import sys
@@ -27,10 +30,12 @@ from flax import nnx
 
 from mla_jax import sharding, tasks
 from mla_jax import workdir as wd
+from mla_jax.config import ConfigError, ModelConfig
+from mla_jax.errors import Error
 from mla_jax.model import Transformer
 
 
-class TrainingError(RuntimeError):
+class TrainingError(Error):
   """Training cannot go on (non-finite loss); the last good checkpoint is kept."""
 
 
@@ -52,7 +57,7 @@ def optimizer(opt: ml_collections.ConfigDict, steps: int) -> optax.GradientTrans
 
 def create_state(config: ml_collections.ConfigDict):
   """(model, optimizer) initialised from config.seed."""
-  model = Transformer(wd.model_config(config), rngs=nnx.Rngs(config.seed))
+  model = Transformer(ModelConfig.from_dict(config.model), rngs=nnx.Rngs(config.seed))
   tx = optimizer(config.opt, config.train.steps)
   return model, nnx.Optimizer(model, tx, wrt=nnx.Param)
 
@@ -119,19 +124,28 @@ def batch_layout(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh):
   rows of each b)."""
   accum, batch = config.opt.grad_accum_steps, config.data.batch_size
   shape = (accum, batch // accum, config.data.seq_len)
-  layout = sharding.sharding(mesh, (None, 'batch', None), shape)
+  layout = sharding.named_sharding(mesh, (None, 'batch', None), shape)
   return layout, shape, sharding.local_rows(layout, shape, axis=1)
 
 
+def exit_before_first_step(signum, frame):
+  """SIGTERM handler for start-up: there is nothing to save yet, so exit at once."""
+  del signum, frame
+  print('SIGTERM before the first step: nothing to save', file=sys.stderr, flush=True)
+  sys.exit(128 + signal.SIGTERM)
+
+
 class _Preemption:
-  """Turns SIGTERM into a flag the loop checks, so it can checkpoint and exit cleanly."""
+  """SIGTERM during start-up exits at once (status 143, nothing to save); once the loop has
+  begun it is a flag the loop checks, so that it can checkpoint its step and exit cleanly."""
 
   def __init__(self):
-    self.requested = False
+    self.requested = self.training = False
     self._previous = signal.signal(signal.SIGTERM, self._handle)
 
   def _handle(self, signum, frame):
-    del signum, frame
+    if not self.training:
+      exit_before_first_step(signum, frame)
     self.requested = True
 
   def close(self):
@@ -141,13 +155,15 @@ class _Preemption:
 class _Log:
   """metrics.jsonl, TensorBoard and a one-line progress display (process 0 only)."""
 
-  def __init__(self, workdir: pathlib.Path, total_steps: int):
+  def __init__(self, workdir: pathlib.Path, total_steps: int, start: int):
     self.enabled = jax.process_index() == 0
     self.total = total_steps
     if self.enabled:
       from tensorboardX import SummaryWriter  # imported late: only the writer process needs it
+      wd.truncate_metrics(workdir, start)  # the steps this run repeats are logged once
       self.jsonl = (workdir / 'metrics.jsonl').open('a')
-      self.tb = SummaryWriter(str(workdir / 'tb'))
+      # TensorBoard hides the events of steps after `start` that an earlier life logged.
+      self.tb = SummaryWriter(str(workdir / 'tb'), purge_step=start + 1)
 
   def write(self, step: int, metrics: dict):
     if not self.enabled:
@@ -167,34 +183,102 @@ class _Log:
 
 
 def _validate(config: ml_collections.ConfigDict) -> None:
-  d, o, e = config.data, config.opt, config.eval
+  """Every training setting the model config does not check, before anything is written."""
+  d, o, t, e = config.data, config.opt, config.train, config.eval
+  at_least = {'data.seq_len': (d.seq_len, 1), 'data.batch_size': (d.batch_size, 1),
+              'opt.grad_accum_steps': (o.grad_accum_steps, 1), 'train.steps': (t.steps, 1),
+              'train.stop_after_steps': (t.stop_after_steps, 0),
+              'train.log_every': (t.log_every, 1), 'train.eval_every': (t.eval_every, 1),
+              'train.checkpoint_every': (t.checkpoint_every, 1),
+              # 0 would let orbax delete every checkpoint: the run could never resume.
+              'train.keep_checkpoints': (t.keep_checkpoints, 1),
+              'eval.seq_len': (e.seq_len, 1), 'eval.batch_size': (e.batch_size, 1)}
+  for name, (value, least) in at_least.items():
+    if not isinstance(value, int) or isinstance(value, bool) or value < least:
+      raise ConfigError(f'{name}={value!r} must be an integer >= {least}')
   if d.batch_size % o.grad_accum_steps:
-    raise ValueError(f'data.batch_size={d.batch_size} must divide evenly into '
-                     f'opt.grad_accum_steps={o.grad_accum_steps} microbatches')
+    raise ConfigError(f'data.batch_size={d.batch_size} must divide evenly into '
+                      f'opt.grad_accum_steps={o.grad_accum_steps} microbatches')
   if not 0 < e.stride <= e.seq_len:
-    raise ValueError(f'eval.stride={e.stride} must be in [1, eval.seq_len={e.seq_len}]')
-  if config.train.steps < 1 or d.seq_len < 1:
-    raise ValueError('train.steps and data.seq_len must be >= 1')
+    raise ConfigError(f'eval.stride={e.stride} must be in [1, eval.seq_len={e.seq_len}]')
   if max(d.seq_len, e.seq_len) > config.model.max_seq_len:
-    raise ValueError(f'data/eval seq_len exceeds model.max_seq_len={config.model.max_seq_len}')
+    raise ConfigError(f'data.seq_len / eval.seq_len ({d.seq_len} / {e.seq_len}) exceed '
+                      f'model.max_seq_len={config.model.max_seq_len}')
+  for name in ('lr', 'b1', 'b2', 'weight_decay', 'clip_norm', 'final_lr_fraction'):
+    value = o[name]
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not (
+        math.isfinite(value) and value >= 0):
+      raise ConfigError(f'opt.{name}={value!r} must be a finite number >= 0')
 
 
-def _init_or_resume(config, ckpts, mesh) -> tuple:
-  """(graphdef, state, shardings, start step, best validation loss) from config.seed or the
-  latest checkpoint, restored straight into this mesh's layout (whatever mesh saved it)."""
+def _init_or_resume(config, ckpts, best, mesh) -> tuple:
+  """(graphdef, state, shardings, start step, best validation loss) from config.seed, the
+  run's latest checkpoint, or (a new run) config.init_from's parameters, restored straight
+  into this mesh's layout (whatever mesh saved it)."""
   graphdef, state, shardings = init_state(config, mesh)
   start, best_loss = ckpts.latest_step() or 0, math.inf
+  model, opt = nnx.merge(graphdef, state)
+  model_state, opt_state = nnx.state(model), nnx.state(opt)
   if start:
-    model, opt = nnx.merge(graphdef, state)
-    model_state, opt_state = nnx.state(model), nnx.state(opt)
-    _, _, meta = wd.restore(ckpts, start, model_state, opt_state)
+    _, _, meta = wd.restore(ckpts, start, model_state, opt_state, fix='resume')
     nnx.update(model, model_state)
     nnx.update(opt, opt_state)
-    state = nnx.state((model, opt))
     best_loss = meta.get('best_val_loss', math.inf)
     if jax.process_index() == 0:
       print(f'resuming from step {start}', file=sys.stderr)
-  return graphdef, state, shardings, start, best_loss
+    return graphdef, nnx.state((model, opt)), shardings, start, best_loss
+  # No run yet: a best/ left by a start that was killed or failed is stale.
+  for step in best.all_steps():
+    best.delete(step)
+  if config.get('init_from'):
+    source = wd.manager(pathlib.Path(config.init_from) / 'checkpoints')
+    wd.restore(source, source.latest_step(), model_state)
+    nnx.update(model, model_state)
+    if jax.process_index() == 0:
+      print(f'starting from the parameters of {config.init_from} (step '
+            f'{source.latest_step()})', file=sys.stderr)
+  return graphdef, nnx.state((model, opt)), shardings, start, best_loss
+
+
+# Model fields that say how a model computes, not what: a run may start from parameters
+# trained (or converted) under other values of these.
+EXECUTION_FIELDS = ('dtype', 'param_dtype', 'attention_impl', 'mla_decode', 'max_seq_len')
+
+
+def resolve_init_from(config: ml_collections.ConfigDict, workdir, init_from: str | None,
+                      cfg: ModelConfig) -> None:
+  """Checks --init_from before anything is written and records it as config.init_from.
+
+  A new run (no checkpoint of its own) starts from init_from's latest parameters, whose model
+  must equal cfg in every field but EXECUTION_FIELDS; a resumed run resumes from its own
+  checkpoints and keeps the init_from its config.json records.
+  """
+  path = wd.config_path(workdir)
+  recorded = json.loads(path.read_text()).get('init_from') if path.exists() else None
+  given = str(pathlib.Path(init_from).absolute()) if init_from else None
+  own = (pathlib.Path(workdir) / 'checkpoints').exists() and wd.manager(
+      pathlib.Path(workdir) / 'checkpoints').latest_step() is not None
+  if given and given != recorded and (own or recorded):
+    raise ConfigError(f'{workdir} is a run of its own (initialised from {recorded}); '
+                      '--init_from applies to a new run: resume without it, or use a new '
+                      '--workdir')
+  source = given or recorded
+  if source is None:
+    return
+  if not own:
+    theirs = ModelConfig.from_dict(wd.read_config(source).model)
+    differ = [f.name for f in dataclasses.fields(cfg) if f.name not in EXECUTION_FIELDS
+              and getattr(theirs, f.name) != getattr(cfg, f.name)]
+    if differ:
+      shown = ', '.join(f'{n} ({getattr(theirs, n)!r} there, {getattr(cfg, n)!r} here)'
+                        for n in differ)
+      raise ConfigError(f'--init_from={init_from or source} holds another model: {shown}; '
+                        'set them in the config (configs/finetune.py:WORKDIR copies them)')
+    checkpoints = pathlib.Path(source) / 'checkpoints'
+    if not checkpoints.exists() or wd.manager(checkpoints).latest_step() is None:
+      raise wd.WorkdirError(f'--init_from={source} has no checkpoint to start from')
+  with config.unlocked():
+    config.init_from = source
 
 
 def _check_finite(fetched, last_good_step) -> None:
@@ -207,30 +291,71 @@ def _check_finite(fetched, last_good_step) -> None:
           'or start a new --workdir')
 
 
-def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
-                       final_eval: bool = True) -> dict:
-  """Trains (or resumes) the run in workdir; returns the last validation metrics."""
+DETERMINISTIC_FLAG = '--xla_gpu_deterministic_ops=true'
+
+
+def request_determinism(config: ml_collections.ConfigDict) -> None:
+  """Asks XLA for deterministic GPU reductions when config.train.deterministic: it must run
+  before jax starts its backends (XLA reads XLA_FLAGS once), as the train command does."""
+  if config.train.get('deterministic', True) and DETERMINISTIC_FLAG not in os.environ.get(
+      'XLA_FLAGS', ''):
+    os.environ['XLA_FLAGS'] = f"{os.environ.get('XLA_FLAGS', '')} {DETERMINISTIC_FLAG}".strip()
+
+
+def _check_determinism(config: ml_collections.ConfigDict) -> None:
+  if (config.train.get('deterministic', True) and jax.default_backend() == 'gpu'
+      and DETERMINISTIC_FLAG not in os.environ.get('XLA_FLAGS', '')):
+    raise ConfigError('train.deterministic needs XLA_FLAGS=--xla_gpu_deterministic_ops=true '
+                      'before jax starts (python -m mla_jax.train sets it); set it, or '
+                      'train.deterministic=False to give up bit-exact resume on GPU')
+
+
+def _check(config: ml_collections.ConfigDict) -> tuple:
+  """Everything about a config that can be checked before anything is written: the training
+  settings, the model, the mesh's split of the batch and the model, the task's data (a
+  corpus and its ids, or MQAR's held-out set). -> (task, mesh)."""
   _validate(config)
-  wd.model_config(config)  # a bad model config fails before anything is written
+  _check_determinism(config)
+  ModelConfig.from_dict(config.model)  # a bad model config fails here
   mesh = sharding.make_mesh(config.mesh)
-  # A batch or a model the mesh cannot split fails here too, before anything is written.
   batch_layout(config, mesh)
   sharding.state_shardings(nnx.eval_shape(lambda: create_state(config)), mesh)
-  task = tasks.load(config)  # the corpus or the held-out set: a bad one fails here
-  workdir = pathlib.Path(workdir)
-  wd.write_config(workdir, config)
-  ckpts = wd.manager(workdir / 'checkpoints', config.train.keep_checkpoints)
-  best = wd.manager(workdir / 'best', 1)
-  if jax.process_index() == 0:
-    sizes = ' x '.join(f'{axis}={n}' for axis, n in mesh.shape.items())
-    print(f'mesh {sizes} over {jax.device_count()} devices in {jax.process_count()} '
-          'processes', file=sys.stderr)
-  with jax.set_mesh(mesh):  # the activation constraints (sharding.constrain) read it
-    return _loop(config, workdir, task, mesh, ckpts, best, final_eval)
+  return tasks.load(config), mesh
 
 
-def _loop(config, workdir, task, mesh, ckpts, best, final_eval) -> dict:
-  graphdef, state, shardings, start, best_loss = _init_or_resume(config, ckpts, mesh)
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
+                       final_eval: bool = True, init_from: str | None = None) -> dict:
+  """Trains (or resumes) the run in workdir, a new one from init_from's parameters if given;
+  returns the validation metrics of the step it stopped at, or {} if it did not validate
+  there (stopped early, or by SIGTERM).
+
+  Nothing is written before every check has passed; the workdir is locked while training.
+  """
+  preempt = _Preemption()  # first: a SIGTERM during start-up says so and exits
+  try:
+    workdir = pathlib.Path(workdir)
+    wd.check_workdir(workdir)  # a file, or read-only: before the corpus is loaded
+    task, mesh = _check(config)
+    resolve_init_from(config, workdir, init_from, ModelConfig.from_dict(config.model))
+    wd.check_config(workdir, config)  # and again under the lock, by write_config
+    # The activation constraints (sharding.constrain) read the mesh set here.
+    with wd.lock(workdir), jax.set_mesh(mesh):
+      ckpts = wd.manager(workdir / 'checkpoints', config.train.keep_checkpoints)
+      best = wd.manager(workdir / 'best', 1)
+      if jax.process_index() == 0:
+        sizes = ' x '.join(f'{axis}={n}' for axis, n in mesh.shape.items())
+        print(f'mesh {sizes} over {jax.device_count()} devices in {jax.process_count()} '
+              'processes', file=sys.stderr)
+      run = _init_or_resume(config, ckpts, best, mesh)  # a damaged checkpoint stops it here
+      wd.write_config(workdir, config)
+      wd.fault('start')
+      return _loop(config, workdir, task, mesh, ckpts, best, run, preempt, final_eval)
+  finally:
+    preempt.close()
+
+
+def _loop(config, workdir, task, mesh, ckpts, best, run, preempt, final_eval) -> dict:
+  graphdef, state, shardings, start, best_loss = run
   step_sharding, batch_shape, rows = batch_layout(config, mesh)
   train_step_fn = jit_train_step(graphdef, shardings, step_sharding)
   t = config.train
@@ -242,9 +367,17 @@ def _loop(config, workdir, task, mesh, ckpts, best, final_eval) -> dict:
   batches = task.train_batches(start, rows)
   validate = functools.partial(task.validate, mesh=mesh)
   schedule = learning_rate(config.opt, t.steps)
-  log, preempt = _Log(workdir, t.steps), _Preemption()
+  log = _Log(workdir, t.steps, start)
   pending, window_start, window_tokens = [], time.perf_counter(), 0
-  last_eval: dict = {}
+  last_eval, evaluated_at = {}, None
+  if start == 0 and config.get('init_from'):  # where the given parameters start from
+    model = nnx.merge(graphdef, state)[0]
+    last_eval, evaluated_at = validate(model), 0
+    log.write(0, {f'val_{k}': last_eval[k] for k in task.logged})
+    best_loss = last_eval['loss']
+    wd.save(best, 0, nnx.state(model), meta={'step': 0, 'val_loss': best_loss})
+    window_start = time.perf_counter()
+  preempt.training = True  # from here a SIGTERM finishes the step and saves it first
   try:
     step = start
     while step < end:
@@ -252,9 +385,12 @@ def _loop(config, workdir, task, mesh, ckpts, best, final_eval) -> dict:
                for k, x in next(batches).items()}
       state, metrics = train_step_fn(state, batch)
       step += 1
+      # Read once per step: a SIGTERM that arrives while this step validates or saves stops
+      # the run after the next step, saved; acting on it midway would skip the save.
+      stop = preempt.requested
       pending.append((step, metrics))
       window_tokens += config.data.batch_size * config.data.seq_len
-      if (step % t.log_every == 0 or step == end or preempt.requested
+      if (step % t.log_every == 0 or step == end or stop
           or step % t.checkpoint_every == 0 or step % t.eval_every == 0):
         fetched = jax.device_get(pending)  # the only place the host waits for the device
         _check_finite(fetched, ckpts.latest_step())
@@ -264,24 +400,26 @@ def _loop(config, workdir, task, mesh, ckpts, best, final_eval) -> dict:
                          window_tokens / (time.perf_counter() - window_start)})
         pending, window_tokens = [], 0
       evaluate_now = step % t.eval_every == 0 or (step == t.steps and final_eval)
-      save_now = step % t.checkpoint_every == 0 or step == end or preempt.requested
+      save_now = step % t.checkpoint_every == 0 or step == end or stop
       if evaluate_now or save_now:
         model, opt = nnx.merge(graphdef, state)
       if evaluate_now:
-        last_eval = validate(model)
+        last_eval, evaluated_at = validate(model), step
         log.write(step, {f'val_{k}': last_eval[k] for k in task.logged})
         if last_eval['loss'] < best_loss:
           best_loss = last_eval['loss']
+          # best/ before checkpoints/: a run resumed from checkpoint s finds best/ up to date
+          # with s, and one resumed from earlier finds this step saved (wd.save skips it).
           wd.save(best, step, nnx.state(model), meta={'step': step, 'val_loss': best_loss})
       if save_now:
         wd.save(ckpts, step, nnx.state(model), nnx.state(opt),
                 {'step': step, 'best_val_loss': best_loss})
-      if preempt.requested:
-        print(f'SIGTERM: saved step {step}, exiting', file=sys.stderr)
-        break
+      if stop:
+        print(f'stopped at step {step} by SIGTERM; run the same command to resume',
+              file=sys.stderr)
+        return {}
       if not pending:  # a window starts after any logging, validation or saving
         window_start = time.perf_counter()
   finally:
-    preempt.close()
     log.close()
-  return last_eval
+  return last_eval if evaluated_at == step else {}

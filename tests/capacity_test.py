@@ -21,6 +21,9 @@ FULL_CACHE = {'mha': 2 * 8 * 16 * 4, 'gqa4': 2 * 4 * 16 * 4, 'gqa2': 2 * 2 * 16 
               'mla8': (128 + 8) * 4}
 QUICK_CACHE = {'mha': 2 * 8 * 8 * 2, 'gqa4': 2 * 4 * 8 * 2, 'gqa2': 2 * 2 * 8 * 2,
                'mqa': 2 * 8 * 2, 'mla2': (16 + 4) * 2, 'mla4': (32 + 4) * 2, 'mla8': (64 + 4) * 2}
+# An 8-bit cache's float32 scales (quick): per token, 2 arrays x G KV heads (MLA: 1) x 2 layers.
+QUICK_SCALES = {'mha': 2 * 8 * 2, 'gqa4': 2 * 4 * 2, 'gqa2': 2 * 2 * 2, 'mqa': 2 * 2,
+                'mla2': 2 * 2, 'mla4': 2 * 2, 'mla8': 2 * 2}
 
 
 @pytest.mark.parametrize('mode', ['', ',quick'])
@@ -45,7 +48,7 @@ def test_parameters_matched_within_two_percent(mode):
 
 
 def test_cache_formula_matches_table_1_by_hand():
-  from experiments.runs import cache_formula
+  from experiments.capacity_vs_cache import cache_formula
   for row, expected in FULL_CACHE.items():
     assert cache_formula(ModelConfig.from_dict(ablation.get_config(row).model))[1] == expected
 
@@ -79,6 +82,7 @@ def _cli(workdir, *args):
       cwd=ROOT, capture_output=True, text=True, timeout=600)
 
 
+@pytest.mark.slow
 def test_quick_pipeline_end_to_end(corpus, tmp_path):
   """Every row, 2 seeds: cache measured = formula, params matched, report written outside the
   repo; a run removed and redone gives the same loss bit for bit, and nothing else is redone."""
@@ -96,6 +100,7 @@ def test_quick_pipeline_end_to_end(corpus, tmp_path):
   for row, r in rows.items():
     assert r['elements_measured'] == r['elements_formula'] == QUICK_CACHE[row], row
     assert r['bytes_bf16'] == 2 * r['elements_measured']
+    assert r['bytes_int8'] == r['bytes_fp8'] == QUICK_CACHE[row] + 4 * QUICK_SCALES[row], row
     assert abs(r['params'] / rows['mha']['params'] - 1) < 0.02
     assert r['seeds'] == [0, 1] and all(0 < x < math.log(256) for x in r['losses'])
   assert len(report['comparisons']) == len(capacity_report.COMPARISONS)

@@ -1,5 +1,12 @@
-"""Shared test setup: strict rank promotion, tiny configs of every attention variant, and a
-small text corpus that needs no network."""
+"""Shared test setup: strict rank promotion, float32 matmuls at the precision they claim,
+deterministic GPU reductions, tiny configs of every attention variant, and a small text corpus
+that needs no network. The suite runs unchanged on a CPU, a GPU or a TPU."""
+
+import os
+
+# Before jax starts its backends: exact resume must hold on a GPU too (see train.deterministic).
+os.environ['XLA_FLAGS'] = (os.environ.get('XLA_FLAGS', '') +
+                           ' --xla_gpu_deterministic_ops=true').strip()
 
 import jax
 import numpy as np
@@ -7,18 +14,23 @@ import pytest
 from flax import nnx
 
 import mla_jax
+from mla_jax import variants
 
 jax.config.update('jax_numpy_rank_promotion', 'raise')
+# Float32 equalities at 1e-5 are claims about float32 arithmetic: on GPU and TPU the default
+# matmul precision rounds operands to TF32 / bfloat16, which the tests must not inherit.
+jax.config.update('jax_default_matmul_precision', 'highest')
 
-# (name, overrides): the variants every cross-variant test runs over.
-VARIANTS = {
-    'mha': dict(attention='mha'),
-    'gqa': dict(attention='gqa', n_kv_heads=2),
-    'mqa': dict(attention='mqa'),
-    'mla': dict(attention='mla', kv_lora_rank=32, qk_rope_head_dim=8),
-    'mla_q': dict(attention='mla', kv_lora_rank=32, q_lora_rank=24, qk_rope_head_dim=8),
-    'mla_naive': dict(attention='mla', kv_lora_rank=32, mla_decode='naive'),
-}
+# (name, overrides): the variants every cross-variant test runs over. Every registered variant
+# at its registry example, and MLA's other paths.
+VARIANTS = {name: dict(attention=name, **variants.get(name).example) for name in variants.names()}
+VARIANTS.update(
+    mla_q=dict(attention='mla', kv_lora_rank=32, q_lora_rank=24, qk_rope_head_dim=8),
+    mla_naive=dict(attention='mla', kv_lora_rank=32, mla_decode='naive'),
+    # the generalised MLA an exact GQA embedding uses (mla_jax.to_mla), G = 2 groups of 16
+    mla_exact=dict(attention='mla', kv_lora_rank=32, qk_nope_head_dim=0, qk_rope_head_dim=32,
+                   rope_block=16, kv_norm=False),
+)
 
 
 def tiny_config(**overrides) -> mla_jax.ModelConfig:

@@ -124,7 +124,7 @@ def test_top_k_and_top_p_restrict_the_support():
 
 @pytest.mark.parametrize('kwargs,message', [
     (dict(max_new_tokens=125), r'prompt \(9 tokens\) \+ max_new_tokens \(125\) = 134 exceeds'),
-    (dict(prompt_lengths=[9, 0, 3]), 'prompt_lengths must be 3 values in'),
+    (dict(prompt_lengths=[9, 0, 3]), 'prompt_lengths must be 3 integers in'),
     (dict(max_new_tokens=0), 'max_new_tokens must be >= 1'),
     (dict(top_p=0.0), 'top_p'),
 ])

@@ -11,6 +11,7 @@ import shutil
 import subprocess
 import sys
 
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -18,7 +19,7 @@ import pytest
 from flax import nnx, traverse_util
 
 from experiments.hf_equality import reference_nll
-from mla_jax import convert, decode, evaluate, hf, rope
+from mla_jax import converter, decode, evaluator, hf, rope
 from mla_jax.model import Transformer, with_config, with_params
 
 FIXTURES = pathlib.Path(__file__).parent / 'hf_fixtures'
@@ -77,7 +78,7 @@ def test_perplexity_equals_transformers(name):
   """mla_jax.evaluate's perplexity on the fixture text = the NLL of transformers' logits."""
   g = golden(name)
   tokens = g['tokens']
-  ours = evaluate.perplexity(imported(name), tokens, seq_len=len(tokens), stride=len(tokens),
+  ours = evaluator.perplexity(imported(name), tokens, seq_len=len(tokens), stride=len(tokens),
                              batch_size=1)
   assert ours['tokens'] == len(tokens) - 1
   assert abs(ours['loss'] - reference_nll(g['logits'], tokens)) <= TOL
@@ -149,7 +150,7 @@ def test_import_export_import_is_identical(name, tmp_path):
     np.testing.assert_array_equal(exported[key], np.asarray(value, np.float32), err_msg=key)
   again, _ = hf.load(tmp_path / 'hf')
   assert again.cfg == model.cfg
-  jax.tree.map(np.testing.assert_array_equal, _params(again), _params(model))
+  chex.assert_trees_all_equal(_params(again), _params(model))
 
 
 def test_interleaved_models_export_to_llama_by_permuting_q_k_rows():
@@ -280,7 +281,7 @@ def test_bad_checkpoints_give_one_clear_message(case, tmp_path):
   shutil.copytree(FIXTURES / name, folder)
   breakage(folder)
   with pytest.raises(hf.HFError) as e:
-    convert.import_hf(folder, tmp_path / 'run')
+    converter.import_hf(folder, tmp_path / 'run')
   assert message in str(e.value) and '\n' not in str(e.value)
   assert not (tmp_path / 'run').exists()
 
@@ -306,7 +307,7 @@ def test_export_refuses_what_has_no_hugging_face_equivalent(tmp_path):
   (tmp_path / 'full').mkdir()
   (tmp_path / 'full' / 'keep.txt').write_text('mine')
   with pytest.raises(hf.HFError, match='already exists and is not empty'):
-    convert.export_hf(tmp_path / 'nowhere', tmp_path / 'full')
+    converter.export_hf(tmp_path / 'nowhere', tmp_path / 'full')
   assert (tmp_path / 'full' / 'keep.txt').read_text() == 'mine'
 
 
@@ -344,9 +345,9 @@ def test_exported_models_give_the_same_logits_in_transformers(variant, tmp_path)
 def test_evaluate_reads_text_as_bytes_or_a_npy_of_ids(tmp_path):
   ids = np.array([5, 300, 7], np.int64)
   np.save(tmp_path / 'ids.npy', ids)
-  np.testing.assert_array_equal(evaluate._read_tokens(str(tmp_path / 'ids.npy'), 'ids', 512), ids)
+  np.testing.assert_array_equal(evaluator.read_tokens(str(tmp_path / 'ids.npy'), 'ids', 512), ids)
   (tmp_path / 'text.txt').write_bytes(b'\x00\xffab')
-  np.testing.assert_array_equal(evaluate._read_tokens(str(tmp_path / 'text.txt'), 'byte', 256),
+  np.testing.assert_array_equal(evaluator.read_tokens(str(tmp_path / 'text.txt'), 'byte', 256),
                                 [0, 255, 97, 98])
   np.save(tmp_path / 'floats.npy', np.ones(4))
   np.save(tmp_path / 'objects.npy', np.array([{}, {}], dtype=object), allow_pickle=True)
@@ -356,8 +357,8 @@ def test_evaluate_reads_text_as_bytes_or_a_npy_of_ids(tmp_path):
          ('text.txt', 'byte', 100): 'too few for bytes',
          ('nowhere.txt', 'byte', 256): 'is not a file'}
   for (file, tokenizer, vocab), message in bad.items():
-    with pytest.raises(evaluate.data.DataError) as e:
-      evaluate._read_tokens(str(tmp_path / file), tokenizer, vocab)
+    with pytest.raises(evaluator.data.DataError) as e:
+      evaluator.read_tokens(str(tmp_path / file), tokenizer, vocab)
     assert message in str(e.value), (file, str(e.value))
 
 
@@ -398,4 +399,4 @@ def test_transformers_4_config_format_converts_alike(name):
   old = dict(hf_json, rope_theta=params.pop('rope_theta'))
   kind = params.pop('rope_type')
   old['rope_scaling'] = None if kind == 'default' else dict(params, type=kind)
-  assert hf.model_config(old) == imported(name).cfg
+  assert hf.config_from_hf(old) == imported(name).cfg

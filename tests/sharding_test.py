@@ -17,6 +17,8 @@ import pytest
 
 from mla_jax import sharding
 
+pytestmark = pytest.mark.slow  # every case starts jax in a subprocess with 8 devices
+
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 MESHES = [(8, 1, 1), (2, 4, 1), (2, 2, 2)]
 
@@ -46,7 +48,7 @@ def mesh_of(sizes, n=None):
 def run_python(code: str, corpus: str, devices: int = 8, timeout: int = 600):
   script = textwrap.dedent(PRELUDE.format(devices=devices, corpus=corpus)) + textwrap.dedent(code)
   out = subprocess.run([sys.executable, '-c', script], cwd=ROOT, capture_output=True, text=True,
-                       timeout=timeout)
+                       timeout=timeout, env={**os.environ, 'JAX_PLATFORMS': 'cpu'})
   assert out.returncode == 0, out.stderr[-3000:]
   return json.loads(out.stdout.strip().splitlines()[-1])
 
@@ -98,8 +100,8 @@ def test_decode_with_sharded_batch_and_caches_matches_one_device(corpus):
         graphdef, state = nnx.split(model)
         state = jax.device_put(state, sharding.state_shardings(state, mesh))
         caches = model.init_cache(4, 32)
-        rows = sharding.sharding(mesh, ('batch', None), prompts.shape)
-        lengths_rows = sharding.sharding(mesh, ('batch',), (4,))
+        rows = sharding.named_sharding(mesh, ('batch', None), prompts.shape)
+        lengths_rows = sharding.named_sharding(mesh, ('batch',), (4,))
         logits, caches = decode.prefill(graphdef, state, caches, jax.device_put(prompts, rows),
                                         jax.device_put(lengths, lengths_rows))
         steps = [np.asarray(logits)]

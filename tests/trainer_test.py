@@ -103,7 +103,7 @@ BAD = {
         "whose 'model' differs"),
     'missing workdir': ('evaluate', [], 'config.json missing'),
     'missing checkpoint': ('evaluate', [], 'has no checkpoint'),
-    'corrupt checkpoint': ('evaluate', [], 'cannot be read'),
+    'corrupt checkpoint': ('evaluate', [], 'is damaged (checksum mismatch)'),
     'prompt longer than the cache': (
         'generate', ['--prompt=' + 'x' * 130, '--max_new_tokens=5'], 'exceeds the cache'),
 }
@@ -149,7 +149,7 @@ def test_sigterm_saves_and_exits_cleanly(corpus, tmp_path):
   proc.send_signal(signal.SIGTERM)
   _, err = proc.communicate(timeout=120)
   assert proc.returncode == 0, err[-2000:]
-  assert 'SIGTERM: saved step' in err
+  assert 'by SIGTERM; run the same command to resume' in err
   step = wd.manager(tmp_path / 'checkpoints').latest_step()
   assert (step and step == len(losses(tmp_path)[0])) or step >= 1
 

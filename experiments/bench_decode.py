@@ -1,7 +1,7 @@
 r"""Decode benchmark: time per generated token and cache size for every attention variant.
 
-  python -m mla_jax.bench_decode                      # the README table (~10 min, 2-core CPU)
-  python -m mla_jax.bench_decode --quick              # a small smoke version
+  python -m experiments.bench_decode                  # the table in docs/benchmarks.md
+  python -m experiments.bench_decode --quick          # a small smoke version
 
 Every variant shares d_model, head count and layers (float32 by default): MHA, GQA (G=2), MQA,
 MLA naive and MLA absorbed (d_c = 4 d_h, d_r = d_h / 2, no query compression). Caches are filled
@@ -13,12 +13,18 @@ same run: limit = max(bytes the step must read / copy bandwidth, flops / matmul 
 fraction = limit / measured time. Copy bandwidth counts bytes read plus written by an in-place
 array update. Bytes read = the cache up to the context + the weights; flops are counted per
 variant below.
+
+--cache_dtypes adds rows per cache storage (ModelConfig.cache_dtype): 'none' (the compute
+dtype), a float dtype, or 'int8' / 'float8_e4m3fn' (8-bit values with float32 per-token scales,
+mla_jax.quant). Bytes per token, and so the limit, count the scales. On a CPU the einsum path
+converts an 8-bit cache's values to the compute dtype as dot operands, which XLA:CPU writes
+out as a temporary (one layer's values, unscaled): there an 8-bit cache saves memory, not
+time; the decode kernels (fused rows) read the 8-bit values directly.
 """
 
 from __future__ import annotations
 
 import json
-import time
 
 import jax
 import jax.numpy as jnp
@@ -27,7 +33,10 @@ from absl import app, flags
 from flax import nnx
 
 import mla_jax
+from experiments.timing import decode_step_cost, machine_limits, median_seconds
+from mla_jax import quant
 from mla_jax.cache import measured_per_token
+from mla_jax.quant import QuantArray
 
 FLAGS = flags.FLAGS
 flags.DEFINE_bool('quick', False, 'tiny sizes, for a smoke run')
@@ -36,71 +45,67 @@ flags.DEFINE_list('batches', ['1', '8'], 'batch sizes')
 flags.DEFINE_integer('d_model', 1024, 'model width')
 flags.DEFINE_integer('n_heads', 16, 'query heads')
 flags.DEFINE_integer('n_layers', 4, 'layers')
-flags.DEFINE_string('dtype', 'float32', 'compute, parameter and cache dtype')
+flags.DEFINE_string('dtype', 'float32', 'compute and parameter dtype (and the cache\'s, for none)')
+flags.DEFINE_list('cache_dtypes', ['none'], "cache storage of each row: none (the compute "
+                  "dtype), float32, bfloat16, int8 or float8_e4m3fn (8-bit with scales)")
+flags.DEFINE_list('impls', ['auto'], "attention_impl of each row: einsum (the XLA einsum path), "
+                  "fused (the Pallas decode kernels), or auto: einsum on a CPU (where kernels "
+                  "only run interpreted), both elsewhere")
+flags.DEFINE_integer('matmul_n', 0, 'size of the matmul that measures the peak rate (0: 2048 '
+                     'on a CPU, 8192 elsewhere)')
 flags.DEFINE_integer('runs', 7, 'timed runs per row (median reported)')
 flags.DEFINE_string('out', 'bench_decode.json', 'where to write the JSON results')
 
 
-def _median_seconds(fn, runs: int) -> float:
-  jax.block_until_ready(fn())  # warm-up (compile)
-  times = []
-  for _ in range(runs):
-    start = time.perf_counter()
-    jax.block_until_ready(fn())
-    times.append(time.perf_counter() - start)
-  return float(np.median(times))
-
-
-def machine_limits(runs: int, mib: int = 1024) -> dict:
-  """Copy bandwidth (read + write, in place) and float32 matmul rate, measured now."""
-  x = jnp.zeros((mib * 2**20 // 4,), jnp.float32)
-  bump = jax.jit(lambda x: x + 1.0, donate_argnums=0)
-  box = [bump(x)]
-
-  def copy():
-    box[0] = bump(box[0])
-    return box[0]
-
-  copy_s = _median_seconds(copy, runs)
-  n = 2048
-  a = jnp.ones((n, n), jnp.float32)
-  square = jax.jit(lambda a: a @ a)
-  matmul_s = _median_seconds(lambda: square(a), runs)
-  return {'copy_bytes_per_s': 2 * box[0].nbytes / copy_s,
-          'matmul_flops_per_s': 2 * n**3 / matmul_s}
-
-
-def variants(d_model: int, n_heads: int, n_layers: int, dtype: str) -> dict:
+def configs(d_model: int, n_heads: int, n_layers: int, dtype: str, impls=('einsum',),
+            cache_dtypes=(None,)) -> dict:
+  """The benchmark's rows: every variant at d_c = 4 d_h, d_r = d_h / 2 for MLA, under each
+  attention_impl (fused: the Pallas decode kernels; MLA naive has none, so einsum only) and
+  each cache dtype (None: the compute dtype)."""
   d_h = d_model // n_heads
   base = dict(d_model=d_model, n_heads=n_heads, n_layers=n_layers, vocab_size=256,
               max_seq_len=1 << 20, dtype=dtype, param_dtype=dtype)
   mla = dict(attention='mla', kv_lora_rank=4 * d_h, qk_rope_head_dim=d_h // 2)
-  return {
-      'MHA': mla_jax.ModelConfig(**base, attention='mha'),
-      'GQA (G=2)': mla_jax.ModelConfig(**base, attention='gqa', n_kv_heads=2),
-      'MQA': mla_jax.ModelConfig(**base, attention='mqa'),
-      'MLA naive': mla_jax.ModelConfig(**base, **mla, mla_decode='naive'),
-      'MLA absorbed': mla_jax.ModelConfig(**base, **mla, mla_decode='absorbed'),
+  rows = {
+      'MHA': dict(attention='mha'), 'GQA (G=2)': dict(attention='gqa', n_kv_heads=2),
+      'MQA': dict(attention='mqa'), 'MLA naive': dict(**mla, mla_decode='naive'),
+      'MLA absorbed': dict(**mla, mla_decode='absorbed'),
   }
+  out = {}
+  for name, fields in rows.items():
+    for impl in impls:
+      if impl == 'fused' and name == 'MLA naive':
+        continue
+      for cache_dtype in cache_dtypes:
+        label = name if len(impls) == 1 else f'{name} [{"kernel" if impl == "fused" else impl}]'
+        if len(cache_dtypes) > 1:
+          label += f' {cache_dtype or dtype} cache'
+        out[label] = mla_jax.ModelConfig(**base, **fields, attention_impl=impl,
+                                         cache_dtype=cache_dtype)
+  return out
 
 
-def step_cost(cfg: mla_jax.ModelConfig, n_params: int, batch: int, context: int,
-              cache_bytes_per_token: int) -> tuple[float, float]:
-  """(bytes that must be read, flops) for one decode step at `context` keys."""
-  h, s, layers = cfg.n_heads, context, cfg.n_layers
-  itemsize = jnp.dtype(cfg.dtype).itemsize
-  weights = n_params - cfg.vocab_size * cfg.d_model * (1 if cfg.tie_embeddings else 0)
-  flops = 2 * batch * weights  # every weight once per sequence (embedding lookup ~free)
-  if cfg.attention != 'mla':
-    flops += 2 * batch * layers * h * s * 2 * cfg.head_dim  # q.k and p.v
-  else:
-    c, n, r, v = cfg.kv_lora_rank, cfg.qk_nope_head_dim, cfg.qk_rope_head_dim, cfg.v_head_dim
-    if cfg.mla_decode == 'absorbed':
-      flops += 2 * batch * layers * h * s * (2 * c + r)
-    else:  # up-project every cached latent, then ordinary attention
-      flops += 2 * batch * layers * s * c * h * (n + v) + 2 * batch * layers * h * s * (n + r + v)
-  read = weights * itemsize + batch * context * cache_bytes_per_token
-  return float(read), float(flops)
+def resolve_cache_dtypes(names) -> tuple[str | None, ...]:
+  return tuple(None if name == 'none' else name for name in names)
+
+
+def random_caches(caches, key):
+  """Caches filled with standard normal values: an 8-bit cache holds them quantized."""
+  is_quant = lambda x: isinstance(x, QuantArray)
+  leaves, treedef = jax.tree.flatten(caches, is_leaf=is_quant)
+  filled = []
+  for x, k in zip(leaves, jax.random.split(key, len(leaves)), strict=True):
+    if is_quant(x):
+      filled.append(quant.quantize(jax.random.normal(k, x.shape), x.values.dtype, x.axis))
+    else:
+      filled.append(jax.random.normal(k, x.shape, x.dtype))
+  return jax.tree.unflatten(treedef, filled)
+
+
+def resolve_impls(impls) -> tuple[str, ...]:
+  if list(impls) == ['auto']:
+    return ('einsum',) if jax.default_backend() == 'cpu' else ('einsum', 'fused')
+  return tuple(impls)
 
 
 def bench_row(name, cfg, batch, context, limits, runs):
@@ -109,8 +114,7 @@ def bench_row(name, cfg, batch, context, limits, runs):
   n_params = sum(x.size for x in jax.tree.leaves(state))
   caches = model.init_cache(batch, context)
   elements_per_token, cache_bytes_per_token = measured_per_token(caches, batch, context)
-  keys = iter(jax.random.split(jax.random.key(1), 64))
-  caches = jax.tree.map(lambda x: jax.random.normal(next(keys), x.shape, x.dtype), caches)
+  caches = random_caches(caches, jax.random.key(1))
   cache_bytes = sum(x.nbytes for x in jax.tree.leaves(caches))
   tokens = jnp.ones((batch,), jnp.int32)
   positions = jnp.full((batch,), context - 1, jnp.int32)
@@ -120,15 +124,18 @@ def bench_row(name, cfg, batch, context, limits, runs):
     logits, box[0] = mla_jax.decode_step(graphdef, state, box[0], tokens, positions)
     return logits
 
-  seconds = _median_seconds(step, runs)
-  read, flops = step_cost(cfg, n_params, batch, context, cache_bytes_per_token)
+  seconds = median_seconds(step, runs)
+  read, flops = decode_step_cost(cfg, n_params, batch, context, cache_bytes_per_token)
   limit = max(read / limits['copy_bytes_per_s'], flops / limits['matmul_flops_per_s'])
   return {
-      'variant': name, 'batch': batch, 'context': context, 'params': n_params,
+      'variant': name, 'impl': cfg.attention_impl, 'cache_dtype': str(cfg.cache_storage_dtype),
+      'batch': batch, 'context': context, 'params': n_params,
       'ms_per_token': 1e3 * seconds, 'tokens_per_s': batch / seconds,
       'cache_elements_per_token': elements_per_token,
       'cache_elements_per_token_formula': mla_jax.cache_elements_per_token(cfg),
-      'cache_bytes_per_token': cache_bytes_per_token, 'cache_mib': cache_bytes / 2**20,
+      'cache_bytes_per_token': cache_bytes_per_token,
+      'cache_bytes_per_token_formula': mla_jax.cache_bytes_per_token(cfg),
+      'cache_mib': cache_bytes / 2**20,
       'bytes_read': read, 'flops': flops, 'limit_ms': 1e3 * limit,
       'fraction_of_limit': limit / seconds,
   }
@@ -141,20 +148,20 @@ def python_overhead_check(runs: int) -> dict:
   prompts = np.ones((1, 64), np.int32)
   gen = lambda n: mla_jax.generate(model, prompts, max_new_tokens=n)
   n = 64
-  per_token = (_median_seconds(lambda: gen(n + 1), runs)
-               - _median_seconds(lambda: gen(1), runs)) / n
+  per_token = (median_seconds(lambda: gen(n + 1), runs)
+               - median_seconds(lambda: gen(1), runs)) / n
   graphdef, state = nnx.split(model)
   forward = jax.jit(lambda s, x: nnx.merge(graphdef, s)(x))
-  one = _median_seconds(lambda: forward(state, jnp.ones((1, 1), jnp.int32)), runs)
+  one = median_seconds(lambda: forward(state, jnp.ones((1, 1), jnp.int32)), runs)
   return {'generate_ms_per_token': 1e3 * per_token, 'jitted_forward_ms': 1e3 * one,
           'ratio': per_token / one}
 
 
 def format_table(rows, limits) -> str:
   lines = [f"copy bandwidth {limits['copy_bytes_per_s'] / 1e9:.1f} GB/s (read + write), "
-           f"matmul {limits['matmul_flops_per_s'] / 1e9:.0f} GFLOP/s (float32)", '',
+           f"matmul {limits['matmul_flops_per_s'] / 1e9:.0f} GFLOP/s ({limits['dtype']})", '',
            '| variant | batch | context | ms/token | tokens/s | cache elem/token (formula) '
-           '| cache B/token | cache MiB | limit ms | fraction of limit |',
+           '| cache B/token (with scales) | cache MiB | limit ms | fraction of limit |',
            '|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|']
   for r in rows:
     lines.append(
@@ -173,21 +180,26 @@ def main(argv):
     contexts = [int(c) for c in FLAGS.contexts]
     batches = [int(b) for b in FLAGS.batches]
     size = dict(d_model=FLAGS.d_model, n_heads=FLAGS.n_heads, n_layers=FLAGS.n_layers)
-  limits = machine_limits(FLAGS.runs, mib=256 if FLAGS.quick else 1024)
+  on_cpu = jax.default_backend() == 'cpu'
+  limits = machine_limits(FLAGS.runs, mib=256 if FLAGS.quick else 1024, dtype=FLAGS.dtype,
+                          n=FLAGS.matmul_n or (2048 if on_cpu else 8192))
   rows = []
   for batch in batches:
     for context in contexts:
-      for name, cfg in variants(dtype=FLAGS.dtype, **size).items():
+      for name, cfg in configs(dtype=FLAGS.dtype, impls=resolve_impls(FLAGS.impls),
+                               cache_dtypes=resolve_cache_dtypes(FLAGS.cache_dtypes),
+                               **size).items():
         rows.append(bench_row(name, cfg, batch, context, limits, FLAGS.runs))
-        print(f"{name:13s} b={batch} ctx={context:6d} {rows[-1]['ms_per_token']:9.2f} ms "
+        print(f"{name:30s} b={batch} ctx={context:6d} {rows[-1]['ms_per_token']:9.2f} ms "
               f"fraction {rows[-1]['fraction_of_limit']:.2f}", flush=True)
   overhead = python_overhead_check(FLAGS.runs)
-  print(format_table(rows, limits))
+  table = format_table(rows, limits)
+  print(table)
   print(f"\nno Python per token: generate {overhead['generate_ms_per_token']:.3f} ms/token vs "
         f"one jitted forward {overhead['jitted_forward_ms']:.3f} ms "
         f"(ratio {overhead['ratio']:.2f}; 1-layer d=64 model, context 128)")
   with open(FLAGS.out, 'w') as f:
-    json.dump({'machine': limits, 'rows': rows, 'python_overhead': overhead,
+    json.dump({'machine': limits, 'rows': rows, 'python_overhead': overhead, 'table': table,
                'device': str(jax.devices()[0]), 'dtype': FLAGS.dtype, **size}, f, indent=1)
   print(f'wrote {FLAGS.out}')
 

@@ -1,6 +1,6 @@
 r"""The train step under several meshes on simulated CPU devices: step time and collectives.
 
-  python -m mla_jax.bench_mesh --out=experiments/results/bench_mesh.json
+  python -m experiments.bench_mesh --out=experiments/results/bench_mesh.json
 
 For each variant's default config and each mesh (data, fsdp, tensor): the median time of the
 train step called directly, its ratio to pure data parallelism, and what the compiled HLO
@@ -22,9 +22,9 @@ import re
 import jax
 from absl import app, flags
 
+from experiments.bench_train import time_train_step
 from mla_jax import cli, sharding
-from mla_jax import workdir as wd
-from mla_jax.bench_train import time_train_step
+from mla_jax.config import ModelConfig
 from mla_jax.model import param_count
 
 FLAGS = flags.FLAGS
@@ -64,7 +64,7 @@ def main(argv):
   rows = []
   for name in FLAGS.variants:
     config = importlib.import_module(f'configs.{name}').get_config()
-    param_bytes = 4 * param_count(wd.model_config(config))
+    param_bytes = 4 * param_count(ModelConfig.from_dict(config.model))
     baseline = None
     for mesh_arg in FLAGS.mesh:
       sizes = dict(zip(sharding.MESH_AXES, map(int, mesh_arg.split(',')), strict=True))

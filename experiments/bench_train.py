@@ -1,0 +1,145 @@
+r"""Training throughput: the train step alone, inside the training loop, and beside PyTorch.
+
+  python -m experiments.bench_train --out=experiments/results/bench_train.json
+  python -m experiments.bench_train --size=peer --variants=mha,mla --peer --loop=false
+  python -m experiments.bench_train --size=large --variants=mha,mla --impls=einsum,fused \
+      --peer --loop=false                                        # the accelerator report's rows
+
+Sizes: `default` is each variant's configs/<name>.py as it trains; `peer` is the same model at
+batch 16 x 256 (the CPU comparison with PyTorch); `large` is d_model 1024, 8 layers, 16 heads of
+64, SwiGLU 2752, vocab 256, batch 32 x 1024, MLA d_c 256 and d_r 32 (the GPU comparison).
+
+For each variant and attention_impl: the train step's jit compile time; the step called
+directly on one fixed batch (median of timed calls); with --loop, the trainer's own loop over
+real data (grain prefetch, metrics, logging; validation and checkpoints pushed past the end),
+timed per logging window after the first, which should stay within 10% of the bare step; with
+--peer, the same model in transformers (Llama for MHA / GQA / MQA, DeepseekV3 for MLA) timed
+in the same process, alternating with ours (experiments/torch_peer.py; needs the dev extra).
+MFU counts 6 N + 12 L T d flops per token (N: parameters without the embedding table, which
+is a lookup) against --peak_tflops, or against the matmul rate measured in the run's dtype.
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+import pathlib
+import tempfile
+
+import jax
+import numpy as np
+from absl import app, flags
+
+from experiments.timing import machine_limits, time_train_step
+from mla_jax import cli, sharding, trainer
+from mla_jax.config import ModelConfig
+from mla_jax.model import param_count
+
+FLAGS = flags.FLAGS
+flags.DEFINE_list('variants', ['mha', 'gqa', 'mqa', 'mla'], 'configs/<name>.py to measure')
+flags.DEFINE_enum('size', 'default', ('default', 'peer', 'large'), 'model and batch (docstring)')
+flags.DEFINE_list('impls', ['auto'], 'attention_impl values to time (auto: the platform default)')
+flags.DEFINE_integer('direct_steps', 8, 'timed direct calls of the train step')
+flags.DEFINE_bool('loop', True, 'also time the training loop over real data')
+flags.DEFINE_string('data_files', '', 'a text glob for the loop instead of the default corpus')
+flags.DEFINE_integer('window', 8, 'steps per timed window of the training loop')
+flags.DEFINE_bool('peer', False, "also time transformers' model on the same config")
+flags.DEFINE_float('peak_tflops', 0.0, 'the peak for MFU (0: the matmul rate measured now)')
+flags.DEFINE_string('out', 'bench_train.json', 'where to write the JSON results')
+
+
+def config_for(variant: str, size: str, impl: str):
+  """The training config of one row (see the module docstring)."""
+  config = importlib.import_module(f'configs.{variant}').get_config()
+  m = config.model
+  if size in ('peer', 'large'):
+    config.data.update(batch_size=16, seq_len=256)
+  if size == 'large':
+    m.update(d_model=1024, n_layers=8, n_heads=16, d_ff=2752, max_seq_len=1024)
+    config.data.update(batch_size=32, seq_len=1024)
+    if m.attention == 'mla':
+      m.update(kv_lora_rank=256, qk_rope_head_dim=32)
+  m.attention_impl = impl
+  return config
+
+
+def flops_per_token(cfg: ModelConfig, seq_len: int) -> float:
+  """6 N + 12 L T d: the matmuls of forward and backward, and attention's scores and values."""
+  n = param_count(cfg) - cfg.vocab_size * cfg.d_model * (0 if cfg.tie_embeddings else 1)
+  return 6 * n + 12 * cfg.n_layers * seq_len * cfg.d_model
+
+
+def _loop_tokens_per_s(config, window: int, data_files: str) -> float:
+  with tempfile.TemporaryDirectory() as workdir:
+    if data_files:
+      config.data.files = data_files
+    config.train.update(steps=3 * window, log_every=window, checkpoint_every=10**9,
+                        eval_every=10**9)
+    trainer.train_and_evaluate(config, workdir, final_eval=False)
+    rows = [json.loads(line)
+            for line in pathlib.Path(workdir, 'metrics.jsonl').read_text().splitlines()]
+  return float(np.median([r['tokens_per_s'] for r in rows[1:] if 'tokens_per_s' in r]))
+
+
+def bench_row(variant: str, impl: str, peak_flops: float) -> dict:
+  config = config_for(variant, FLAGS.size, impl)
+  cfg = ModelConfig.from_dict(config.model)
+  tokens = config.data.batch_size * config.data.seq_len
+  row = {'variant': variant, 'impl': impl, 'fused': cfg.fused, 'params': param_count(cfg),
+         'dtype': str(cfg.compute_dtype), 'batch': config.data.batch_size,
+         'seq_len': config.data.seq_len}
+  if FLAGS.peer:
+    from experiments import torch_peer  # torch and transformers: the dev extra
+    side_by_side = torch_peer.time_side_by_side(config, steps=FLAGS.direct_steps)
+    row.update(side_by_side)
+    step_s = side_by_side['jax_step_s']
+    row['compile_s'] = side_by_side['jax_compile_s']
+  else:
+    timed = time_train_step(config, sharding.make_mesh(config.mesh), FLAGS.direct_steps)
+    step_s, row['compile_s'] = timed['step_s'], timed['compile_s']
+  row['tokens_per_s'] = tokens / step_s
+  row['mfu'] = row['tokens_per_s'] * flops_per_token(cfg, config.data.seq_len) / peak_flops
+  if FLAGS.loop:
+    row['loop_tokens_per_s'] = _loop_tokens_per_s(config, FLAGS.window, FLAGS.data_files)
+    row['loop_vs_direct'] = row['loop_tokens_per_s'] / row['tokens_per_s']
+  return row
+
+
+def format_table(rows) -> str:
+  lines = ['| variant | impl | params | dtype | compile (s) | step alone (tokens/s) | MFU | '
+           'loop (tokens/s) | loop / alone | torch (tokens/s) | ours / torch |',
+           '|---|---|---:|---|---:|---:|---:|---:|---:|---:|---:|']
+  for r in rows:
+    opt = lambda key, fmt, r=r: format(r[key], fmt) if key in r else '-'
+    lines.append(f"| {r['variant']} | {r['impl']}{' (fused)' if r['fused'] else ''} | "
+                 f"{r['params'] / 1e6:.2f}M | {r['dtype']} | {r['compile_s']:.1f} | "
+                 f"{r['tokens_per_s']:.0f} | {r['mfu']:.1%} | {opt('loop_tokens_per_s', '.0f')} "
+                 f"| {opt('loop_vs_direct', '.2f')} | {opt('torch_tokens_per_s', '.0f')} | "
+                 f"{opt('ratio_vs_torch', '.2f')} |")
+  return '\n'.join(lines)
+
+
+def main(argv):
+  del argv
+  cli.quiet_logging()
+  dtype = str(ModelConfig.from_dict(config_for('mha', FLAGS.size, 'auto').model).compute_dtype)
+  measured = machine_limits(5, mib=256, dtype=dtype,
+                            n=2048 if jax.default_backend() == 'cpu' else 8192)
+  peak = FLAGS.peak_tflops * 1e12 or measured['matmul_flops_per_s']
+  rows = []
+  for variant in FLAGS.variants:
+    for impl in FLAGS.impls:
+      rows.append(bench_row(variant, impl, peak))
+      print(rows[-1], flush=True)
+  table = format_table(rows)
+  print(f"MFU against {peak / 1e12:.1f} TFLOP/s ({'given' if FLAGS.peak_tflops else 'measured'}"
+        f', {dtype})\n' + table)
+  pathlib.Path(FLAGS.out).write_text(json.dumps(
+      {'device': str(jax.devices()[0]), 'size': FLAGS.size, 'peak_flops': peak,
+       'measured_matmul_flops_per_s': measured['matmul_flops_per_s'], 'rows': rows,
+       'table': table}, indent=1))
+  print(f'wrote {FLAGS.out}')
+
+
+if __name__ == '__main__':
+  app.run(main, flags_parser=cli.parse_flags)

@@ -1,0 +1,88 @@
+r"""The fused paths against the einsum path on this device, for every registered variant.
+
+  python -m experiments.device_check --out=check.json [--quick]
+
+float32 (matmuls at 'highest' precision): fused and einsum logits, and logits through the decode
+cache (prefill + one-token steps: the Pallas kernels), must agree within 1e-5 as on a CPU.
+bfloat16: both paths are compared with the float32 einsum reference; the fused path's error
+may not exceed 2x the einsum path's own bfloat16 error (flash attention rounds differently,
+not worse). Part of experiments.bench_device; runs on a CPU too (kernels interpreted).
+"""
+
+from __future__ import annotations
+
+import json
+import pathlib
+
+import jax
+import numpy as np
+from absl import app, flags
+from flax import nnx
+
+import mla_jax
+from mla_jax import cli, variants
+from mla_jax.model import with_config
+
+FLAGS = flags.FLAGS
+flags.DEFINE_string('out', 'check.json', 'where to write the JSON results')
+flags.DEFINE_bool('quick', False, 'a smaller model and sequence')
+
+FLOAT32_ATOL = 1e-5
+BF16_RATIO = 2.0
+
+
+def _max_error(a, b) -> float:
+  return float(np.max(np.abs(np.asarray(a, np.float32) - np.asarray(b, np.float32))))
+
+
+def check_variant(name: str, size: dict, tokens: np.ndarray) -> dict:
+  fields = {**size, **variants.get(name).example}
+  if 'kv_lora_rank' in fields:  # MLA at the paper's ratios (the kernels' block sizes want them)
+    d_h = size['d_model'] // size['n_heads']
+    fields.update(kv_lora_rank=4 * d_h, qk_rope_head_dim=d_h // 2)
+  cfg = mla_jax.ModelConfig(attention=name, attention_impl='einsum', vocab_size=256,
+                            max_seq_len=1024, **fields)
+  reference = mla_jax.Transformer(cfg, rngs=nnx.Rngs(0))
+  fused = with_config(reference, attention_impl='fused')
+  row = {'variant': name}
+  with jax.default_matmul_precision('highest'):
+    want = np.asarray(reference(tokens[None])[0])
+    row['f32_logits'] = _max_error(fused(tokens[None])[0], want)
+    row['f32_cache'] = _max_error(mla_jax.logits_through_cache(fused, tokens), want)
+  bf16 = {impl: with_config(reference, dtype='bfloat16', attention_impl=impl)
+          for impl in ('einsum', 'fused')}
+  errors = {impl: _max_error(mla_jax.logits_through_cache(m, tokens), want)
+            for impl, m in bf16.items()}
+  row.update(bf16_einsum=errors['einsum'], bf16_fused=errors['fused'],
+             bf16_ratio=errors['fused'] / max(errors['einsum'], 1e-30))
+  row['ok'] = bool(max(row['f32_logits'], row['f32_cache']) <= FLOAT32_ATOL
+                   and row['bf16_ratio'] <= BF16_RATIO)
+  return row
+
+
+def format_table(rows) -> str:
+  lines = [f'| variant | f32 logits | f32 through cache | bf16 einsum err | bf16 fused err | '
+           f'ratio | ok (f32 <= {FLOAT32_ATOL:g}, ratio <= {BF16_RATIO:g}) |',
+           '|---|---:|---:|---:|---:|---:|---|']
+  lines += [f"| {r['variant']} | {r['f32_logits']:.1e} | {r['f32_cache']:.1e} | "
+            f"{r['bf16_einsum']:.1e} | {r['bf16_fused']:.1e} | {r['bf16_ratio']:.2f} | "
+            f"{'yes' if r['ok'] else 'NO'} |" for r in rows]
+  return '\n'.join(lines)
+
+
+def main(argv):
+  del argv
+  size = (dict(d_model=64, n_layers=2, n_heads=4, d_ff=128) if FLAGS.quick else
+          dict(d_model=512, n_layers=2, n_heads=8, d_ff=1024))
+  tokens = np.random.default_rng(0).integers(0, 256, 24 if FLAGS.quick else 200)
+  rows = [check_variant(name, size, tokens) for name in variants.names()]
+  table = format_table(rows)
+  print(table)
+  pathlib.Path(FLAGS.out).write_text(json.dumps(
+      {'device': str(jax.devices()[0]), 'rows': rows, 'table': table}, indent=1))
+  if not all(r['ok'] for r in rows):
+    raise SystemExit('error: a fused path disagrees with the einsum path on this device')
+
+
+if __name__ == '__main__':
+  app.run(main, flags_parser=cli.parse_flags)

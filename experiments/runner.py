@@ -1,0 +1,119 @@
+"""What the multi-run experiments share: worker processes pinned one per CPU core, the
+machine's description, and the decode cache measured from the arrays a decode step returns.
+
+One core per run makes the numbers independent of how many runs share the machine (XLA sizes
+its thread pool by the cores a process may use), and on this project's 2-core CPU two one-core
+runs train ~40% more tokens per second than one two-core run at these sizes.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import pathlib
+import platform
+import subprocess
+import sys
+import time
+
+import jax.numpy as jnp
+from flax import nnx
+
+from mla_jax import decode
+from mla_jax.cache import measured_per_token
+from mla_jax.model import with_config
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+
+
+def available_cores() -> list[int]:
+  if hasattr(os, 'sched_getaffinity'):
+    return sorted(os.sched_getaffinity(0))
+  return list(range(os.cpu_count() or 1))
+
+
+def pin_to(core: int):
+  """Runs in the child before exec (this process has no threads): its one core, inherited."""
+  if not hasattr(os, 'sched_setaffinity'):
+    return None
+  return lambda: os.sched_setaffinity(0, {core})
+
+
+def machine() -> str:
+  cpu = platform.processor() or platform.machine()
+  cpuinfo = pathlib.Path('/proc/cpuinfo')
+  if cpuinfo.exists():
+    names = [line.split(':', 1)[1].strip() for line in cpuinfo.read_text().splitlines()
+             if line.startswith('model name')]
+    cpu = names[0] if names else cpu
+  return f'{cpu}, {len(available_cores())} cores available, Python {platform.python_version()}'
+
+
+def measure_decode_cache(model, prompt, cache_dtype=None) -> tuple[int, int]:
+  """(elements, bytes) per token of the caches a bfloat16 prefill + decode step returns, in
+  cache_dtype (None: bfloat16, the compute dtype; an 8-bit cache's bytes include its scales)."""
+  model = with_config(model, dtype='bfloat16', cache_dtype=cache_dtype)
+  graphdef, state = nnx.split(model)
+  batch, max_len = 2, model.cfg.max_seq_len
+  caches = model.init_cache(batch, max_len)  # as decode allocates
+  prompts = jnp.asarray([prompt, prompt], jnp.int32)
+  lengths = jnp.full((batch,), len(prompt), jnp.int32)
+  logits, caches = decode.prefill(graphdef, state, caches, prompts, lengths)
+  next_tokens = jnp.argmax(logits, -1).astype(jnp.int32)
+  _, caches = decode.decode_step(graphdef, state, caches, next_tokens, lengths)
+  return measured_per_token(caches, batch, max_len)
+
+
+@dataclasses.dataclass
+class Task:
+  """One worker process: `args` after `python -m`, its log, the tasks it waits for, and
+  `done` (its result file: a task whose result exists is never run again)."""
+
+  name: str
+  args: list[str]
+  log: pathlib.Path
+  done: pathlib.Path
+  after: tuple[str, ...] = ()
+
+
+def run_tasks(tasks: list[Task], jobs: int = 0, report=print) -> None:
+  """Runs the unfinished tasks, each on its own core, `jobs` at a time (0: one per core), in
+  list order as soon as the tasks they wait for are done. A failure stops new starts; the
+  running ones finish; then SystemExit with each failure's last log line."""
+  cores = available_cores()
+  jobs = min(jobs or len(cores), len(cores))
+  todo = [t for t in tasks if not t.done.exists()]
+  finished = {t.name for t in tasks if t.done.exists()}
+  running: dict[int, tuple[subprocess.Popen, Task, float]] = {}
+  failed = []
+  while todo or running:
+    for slot in [s for s in range(jobs) if s not in running]:
+      ready = [t for t in todo if set(t.after) <= finished]
+      if not ready or failed:
+        break
+      task = ready[0]
+      todo.remove(task)
+      task.log.parent.mkdir(parents=True, exist_ok=True)
+      with task.log.open('a') as log:  # the child keeps its own descriptor
+        proc = subprocess.Popen([sys.executable, '-m', *task.args], cwd=ROOT, stdout=log,
+                                stderr=log, preexec_fn=pin_to(cores[slot]))
+      running[slot] = (proc, task, time.perf_counter())
+    if not running:
+      if todo:  # nothing can start: a task waits for one that is not in the list
+        failed.append(f'{todo[0].name} waits for {set(todo[0].after) - finished}')
+      break
+    time.sleep(0.5)
+    for slot, (proc, task, started) in list(running.items()):
+      if proc.poll() is None:
+        continue
+      del running[slot]
+      if proc.returncode or not task.done.exists():
+        lines = task.log.read_text().strip().splitlines() or ['(empty log)']
+        failed.append(f'{task.name} failed (exit {proc.returncode}): {lines[-1]} '
+                      f'(full log: {task.log})')
+        continue
+      finished.add(task.name)
+      report(f'[{len(finished)}/{len(tasks)}] {task.name} in '
+             f'{time.perf_counter() - started:.0f} s')
+  if failed:
+    raise SystemExit('error: ' + '; '.join(failed))

@@ -1,0 +1,287 @@
+r"""MHA / GQA converted to MLA (mla_jax.to_mla) against MLA trained from scratch, at equal cache.
+
+  python -m experiments.to_mla --workdir=runs/to_mla              # the full run (see below)
+  python -m experiments.to_mla --workdir=/tmp/to_mla --quick      # a pipeline check
+
+Sources: configs/mha.py and configs/gqa.py at their defaults, trained into WORKDIR/mha and
+WORKDIR/gqa unless already there (an interrupted one resumes). For each source and each cache
+size 1/F of the source's (--fractions, default 2, 4, 8), with d_r = the largest even number <=
+min(d_h / 2, cache / 4) and d_c = cache - d_r per layer:
+
+  source     the source's validation perplexity; `exact`: its exact MLA embedding's (equal);
+  2norm      converted with MHA2MLA's 2-norm pair selection and calibration statistics
+             (--calibration_batches training batches), before and after fine-tuning;
+  uniform    the same with evenly spaced pairs (the ordinary rope ladder), before and after;
+  weights    2norm with statistics from the weights alone (no data), before fine-tuning;
+  unit       2norm with the latent RMSNorm's scale left at 1, before fine-tuning;
+  scratch    an MLA of the same config trained from scratch for the source's tokens plus the
+             fine-tuning tokens (the same total), with the source's schedule.
+
+Fine-tuning: python -m mla_jax.train --init_from on the conversion, configs/finetune.py's
+schedule (peak lr 1e-3, warmup 2) for --finetune_fraction (5%) of the source's training tokens.
+
+Every task is a worker process pinned to one core, --jobs at a time (experiments/runner.py);
+each writes result.json last, and a task with one is not redone, so an interrupted run resumes
+(trainings from their last checkpoints). The report (to_mla.md / .json / .png) goes to
+--results_dir: experiments/results for the full run, the workdir for --quick (which never
+overwrites the committed results).
+"""
+
+from __future__ import annotations
+
+import json
+import pathlib
+import shutil
+import sys
+import time
+
+import jax
+from absl import app, flags
+
+from configs import finetune
+from configs import gqa as gqa_config
+from configs import mha as mha_config
+from experiments import runner, to_mla_report
+from mla_jax import cli, converter, data, evaluator, trainer, variants
+from mla_jax import workdir as wd
+from mla_jax.config import ModelConfig
+
+FLAGS = flags.FLAGS
+flags.DEFINE_string('workdir', None, 'where the runs live (one folder per task)')
+flags.DEFINE_bool('quick', False, "tiny models ('tiny' configs, 40 steps): checks the pipeline")
+flags.DEFINE_list('sources', ['mha', 'gqa'], 'source attentions (configs/<name>.py)')
+flags.DEFINE_list('fractions', ['2', '4', '8'], 'cache sizes: 1/F of the source cache')
+flags.DEFINE_float('finetune_fraction', 0.05, "fine-tuning tokens as a fraction of the source's")
+flags.DEFINE_integer('calibration_batches', 4, 'training batches for the conversion statistics')
+flags.DEFINE_integer('jobs', 0, 'tasks at a time, one core each (0: one per available core)')
+flags.DEFINE_string('results_dir', None,
+                    'where the report goes (default: experiments/results; with --quick, workdir)')
+flags.DEFINE_string('data_files', '', 'a glob of text files instead of the Shakespeare corpus')
+flags.DEFINE_string('worker', None, 'internal: the task this process runs')
+flags.mark_flag_as_required('workdir')
+
+CONFIGS = {'mha': mha_config, 'gqa': gqa_config}
+QUICK_STEPS = 40
+# variant -> (rope_selection, calibrated statistics, latent_norm, fine-tuned)
+VARIANTS = {'2norm': ('2norm', True, 'calibrated', True),
+            'uniform': ('uniform', True, 'calibrated', True),
+            'weights': ('2norm', False, 'calibrated', False),
+            'unit': ('2norm', True, 'unit', False)}
+RESULT = 'result.json'
+
+
+# --- configs -----------------------------------------------------------------------------------
+def source_config(name: str):
+  config = CONFIGS[name].get_config('tiny' if FLAGS.quick else '')
+  if FLAGS.quick:
+    config.train.update(steps=QUICK_STEPS, eval_every=10**9, checkpoint_every=20)
+  if FLAGS.data_files:
+    config.data.files = FLAGS.data_files
+  return config
+
+
+def finetune_steps(config) -> int:
+  return max(1, round(FLAGS.finetune_fraction * config.train.steps))
+
+
+def shape(cfg: ModelConfig, fraction: int) -> tuple[int, int]:
+  """(d_c, d_r) of an MLA whose cache is 1/fraction of cfg's (per layer)."""
+  cache = 2 * cfg.n_kv_heads * cfg.head_dim // fraction
+  d_r = max(2, 2 * (min(cfg.head_dim // 2, cache // 4) // 2))
+  return cache - d_r, d_r
+
+
+def mla_model_section(name: str, fraction: int) -> dict:
+  """The standard MLA a conversion at this cache makes (at the source's rope_theta)."""
+  src = ModelConfig.from_dict(source_config(name).model)
+  d_c, d_r = shape(src, fraction)
+  fields = {**src.to_dict(), 'attention': 'mla', 'n_kv_heads': None, 'kv_lora_rank': d_c,
+            'qk_rope_head_dim': d_r, 'qk_nope_head_dim': src.head_dim,
+            'v_head_dim': src.head_dim}
+  return ModelConfig.from_dict(fields).to_dict()
+
+
+# --- tasks -------------------------------------------------------------------------------------
+def path(*parts) -> pathlib.Path:
+  return pathlib.Path(FLAGS.workdir).joinpath(*parts)
+
+
+def scratch_folder(d_c: int, d_r: int) -> str:
+  return f'scratch-c{d_c}-r{d_r}'
+
+
+def tasks() -> list[runner.Task]:
+  out = []
+  common = [f'--workdir={FLAGS.workdir}', f'--quick={FLAGS.quick}',
+            f'--finetune_fraction={FLAGS.finetune_fraction}',
+            f'--calibration_batches={FLAGS.calibration_batches}',
+            f'--data_files={FLAGS.data_files}']
+
+  def task(name, folder, after=()):
+    out.append(runner.Task(name, ['experiments.to_mla', f'--worker={name}', *common],
+                           path(folder, 'log.txt'), path(folder, RESULT), tuple(after)))
+
+  for source in FLAGS.sources:
+    task(f'{source}/source', source)
+  shapes = set()  # the long trainings first: they need no source
+  for fraction in FLAGS.fractions:
+    for source in FLAGS.sources:
+      d_c, d_r = shape(ModelConfig.from_dict(source_config(source).model), int(fraction))
+      if (d_c, d_r) not in shapes:  # one run per MLA: the sources' configs differ only there
+        shapes.add((d_c, d_r))
+        task(f'{source}/{fraction}/scratch', scratch_folder(d_c, d_r))
+  for source in FLAGS.sources:
+    task(f'{source}/exact', f'{source}-exact', [f'{source}/source'])
+    for fraction in FLAGS.fractions:
+      for variant in VARIANTS:
+        task(f'{source}/{fraction}/{variant}', f'{source}-c{fraction}-{variant}',
+             [f'{source}/source'])
+  return out
+
+
+def _write_result(folder: pathlib.Path, result: dict) -> None:
+  wd.write_json(folder, RESULT, {**result, 'jax': jax.__version__})
+
+
+def _cache(model, prompt) -> dict:
+  elements, nbytes = runner.measure_decode_cache(model, prompt)
+  return dict(cache_elements_formula=variants.cache_elements_per_token(model.cfg),
+              cache_elements_measured=elements, cache_bytes_bf16_measured=nbytes)
+
+
+def _evaluate(model, config, val) -> dict:
+  e = config.eval
+  start = time.perf_counter()
+  result = evaluator.perplexity(model, val, e.seq_len, e.stride, e.batch_size)
+  return {'loss': result['loss'], 'perplexity': result['perplexity'],
+          'tokens': result['tokens'], 'eval_s': time.perf_counter() - start}
+
+
+def _train(config, folder: pathlib.Path, init_from=None) -> dict:
+  """Trains (or resumes) a run; -> its final validation (evaluated again if the run was
+  already complete) and the training time of this invocation."""
+  start = time.perf_counter()
+  result = trainer.train_and_evaluate(config, str(folder), init_from=init_from)
+  train_s = time.perf_counter() - start
+  if not result:
+    model, _ = wd.load_workdir(folder)
+    result = evaluator.perplexity(model, data.load_splits(config.data)['val'],
+                                  config.eval.seq_len, config.eval.stride,
+                                  config.eval.batch_size)
+  return {'loss': result['loss'], 'perplexity': result['perplexity'], 'train_s': train_s}
+
+
+def _tokens(config) -> int:
+  return config.train.steps * config.data.batch_size * config.data.seq_len
+
+
+def run_task(name: str) -> None:
+  source, *rest = name.split('/')
+  config = source_config(source)
+  val = data.load_splits(config.data)['val']
+  prompt = val[:64]
+  if rest == ['source']:
+    folder = path(source)
+    result = _train(config, folder)
+    model, cfg = wd.load_workdir(folder)
+    _write_result(folder, dict(task=name, source=source, kind='source', fraction=1,
+                               model=cfg.to_dict(), train_tokens=_tokens(config),
+                               after=result, **_cache(model, prompt)))
+    return
+  if rest == ['exact']:
+    folder = path(f'{source}-exact')
+    converted = _convert(folder / 'converted', path(source))
+    model, cfg = wd.load_workdir(converted)
+    _write_result(folder, dict(task=name, source=source, kind='exact', fraction=1,
+                               model=cfg.to_dict(), before=_evaluate(model, config, val),
+                               **_cache(model, prompt)))
+    return
+  fraction, kind = int(rest[0]), rest[1]
+  d_c, d_r = shape(ModelConfig.from_dict(config.model), fraction)
+  folder = path(scratch_folder(d_c, d_r) if kind == 'scratch' else f'{source}-c{fraction}-{kind}')
+  ft_steps = finetune_steps(config)
+  if kind == 'scratch':
+    config.model.update(mla_model_section(source, fraction))
+    config.train.steps += ft_steps  # the source's tokens + the fine-tuning tokens
+    result = _train(config, folder)
+    model, cfg = wd.load_workdir(folder)
+    _write_result(folder, dict(task=name, source=source, kind=kind, fraction=fraction,
+                               model=cfg.to_dict(), train_tokens=_tokens(config), after=result,
+                               **_cache(model, prompt)))
+    return
+  selection, calibrated, latent_norm, tuned = VARIANTS[kind]
+  start = time.perf_counter()
+  converted = _convert(folder / 'converted', path(source), d_c, d_r, selection,
+                       FLAGS.calibration_batches if calibrated else 0, latent_norm)
+  convert_s = time.perf_counter() - start
+  model, cfg = wd.load_workdir(converted)
+  result = dict(task=name, source=source, kind=kind, fraction=fraction, model=cfg.to_dict(),
+                rope_selection=selection, calibration_batches=FLAGS.calibration_batches
+                if calibrated else 0, latent_norm=latent_norm, convert_s=convert_s,
+                **_cache(model, prompt))
+  if tuned:
+    ft = finetune.get_config(str(converted))
+    ft.opt.warmup_steps = min(ft.opt.warmup_steps, ft_steps - 1)
+    ft.train.update(steps=ft_steps, eval_every=10**9, checkpoint_every=ft_steps,
+                    log_every=1)
+    result['after'] = _train(ft, folder / 'finetuned', init_from=str(converted))
+    result['finetune_tokens'] = _tokens(ft)
+    rows = [json.loads(line) for line in (folder / 'finetuned' / 'metrics.jsonl').open()]
+    first = next(r for r in rows if r['step'] == 0 and 'val_loss' in r)
+    result['before'] = {'loss': first['val_loss'], 'perplexity': first['val_perplexity']}
+  else:
+    result['before'] = _evaluate(model, config, val)
+  _write_result(folder, result)
+
+
+def _convert(out: pathlib.Path, source: pathlib.Path, *args) -> pathlib.Path:
+  """A conversion into `out`, redone from scratch if a previous attempt left it unfinished."""
+  if out.exists() and not (out / 'checkpoints' / '0').exists():
+    shutil.rmtree(out)
+  if not out.exists():
+    converter.to_mla_workdir(source, out, *args)
+  return out
+
+
+# --- main --------------------------------------------------------------------------------------
+def main(argv):
+  del argv
+  if FLAGS.worker:
+    cli.quiet_logging()
+    jax.config.update('jax_compilation_cache_dir', str(path('xla_cache')))
+    jax.config.update('jax_persistent_cache_min_compile_time_secs', 0.5)
+    return run_task(FLAGS.worker)
+  unknown = sorted(set(FLAGS.sources) - set(CONFIGS))
+  fractions_ok = all(f.isdigit() and int(f) >= 2 for f in FLAGS.fractions)
+  if unknown or not fractions_ok or not 0 < FLAGS.finetune_fraction <= 1:
+    raise SystemExit(f'error: --sources must be among {sorted(CONFIGS)} (unknown: {unknown}), '
+                     f'--fractions integers >= 2, --finetune_fraction in (0, 1]')
+  for source in FLAGS.sources:  # a cache too small to split is refused before anything runs
+    for fraction in FLAGS.fractions:
+      mla_model_section(source, int(fraction))
+  start = time.perf_counter()
+  all_tasks = tasks()
+  todo = [t for t in all_tasks if not t.done.exists()]
+  print(f'{len(all_tasks) - len(todo)} of {len(all_tasks)} tasks already finished in '
+        f'{FLAGS.workdir}; running {len(todo)}', flush=True)
+  runner.run_tasks(all_tasks, FLAGS.jobs)
+  results = [json.loads(t.done.read_text()) for t in all_tasks]
+  out = pathlib.Path(FLAGS.results_dir or (FLAGS.workdir if FLAGS.quick
+                                           else runner.ROOT / 'experiments' / 'results'))
+  wall_s = time.perf_counter() - start
+  previous = out / f'{to_mla_report.NAME}.json'
+  full_wall_s = wall_s if len(todo) == len(all_tasks) else (
+      json.loads(previous.read_text())['setup'].get('full_wall_s') if previous.exists()
+      else None)
+  setup = dict(command=' '.join(['python -m experiments.to_mla', *sys.argv[1:]]),
+               quick=FLAGS.quick, jobs=FLAGS.jobs or len(runner.available_cores()),
+               machine=runner.machine(), wall_s=wall_s, tasks_run=len(todo),
+               full_wall_s=full_wall_s, data=FLAGS.data_files or 'shakespeare',
+               finetune_fraction=FLAGS.finetune_fraction,
+               calibration_batches=FLAGS.calibration_batches)
+  paths = to_mla_report.write(results, setup, out)
+  print('wrote ' + ', '.join(str(p) for p in paths))
+
+
+if __name__ == '__main__':
+  app.run(main, flags_parser=cli.parse_flags)

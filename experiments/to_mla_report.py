@@ -1,0 +1,143 @@
+"""The to_mla report: a table per source (markdown), JSON, and a plot of perplexity vs cache.
+
+Every number comes from the tasks' result.json files; nothing here trains or measures.
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import pathlib
+
+NAME = 'to_mla'
+CONVERTED = ('2norm', 'uniform', 'weights', 'unit')
+LABELS = {'2norm': 'converted, 2-norm pairs', 'uniform': 'converted, uniform pairs',
+          'weights': '2-norm, weight statistics', 'unit': '2-norm, unit latent norm',
+          'scratch': 'MLA from scratch'}
+
+
+def _ppl(result: dict, key: str) -> str:
+  return f"{result[key]['perplexity']:.3f}" if key in result else '-'
+
+
+def _shape(r: dict) -> tuple[int, int]:
+  return r['model']['kv_lora_rank'], r['model']['qk_rope_head_dim']
+
+
+def _by_source(results: list[dict]) -> dict[str, dict]:
+  """{source: {'source': r, 'exact': r, fraction: {kind: r}}}; a scratch run belongs to every
+  (source, fraction) whose conversions have its MLA shape (d_c, d_r)."""
+  out: dict[str, dict] = {}
+  scratch = {_shape(r): r for r in results if r['kind'] == 'scratch'}
+  for r in results:
+    entry = out.setdefault(r['source'], {})
+    if r['kind'] in ('source', 'exact'):
+      entry[r['kind']] = r
+    elif r['kind'] != 'scratch':
+      row = entry.setdefault(r['fraction'], {})
+      row[r['kind']] = r
+      if _shape(r) in scratch:
+        row['scratch'] = scratch[_shape(r)]
+  return out
+
+
+def _cache(r: dict) -> str:
+  same = r['cache_elements_formula'] == r['cache_elements_measured']
+  return f"{r['cache_elements_measured']:,}" + ('' if same else
+                                                 f" (formula {r['cache_elements_formula']:,}!)")
+
+
+def markdown(results: list[dict], setup: dict) -> str:
+  lines = [
+      '# MHA / GQA -> MLA: conversion (mla_jax.to_mla) vs MLA from scratch, at equal cache', '',
+      f"`{setup['command']}` on {setup['machine']}, {setup['date']}"
+      f"{' (QUICK: a pipeline check; the numbers mean nothing)' if setup['quick'] else ''}.",
+      'Validation perplexity (bytes) on the held-out split of the source\'s corpus, every byte '
+      'scored once. "before" is the conversion as it comes out of mla_jax.to_mla; "after" '
+      f"is it fine-tuned (--init_from) on {100 * setup['finetune_fraction']:g}% of the "
+      "source's training tokens; the scratch MLA has the conversion's config and trains for "
+      'the source\'s tokens plus the fine-tuning tokens. Conversions use '
+      f"{setup['calibration_batches']} calibration batches of training data unless the "
+      'column says weight statistics. Cache = elements per token over all layers, measured '
+      'from the arrays a bfloat16 prefill and decode step return.', '']
+  all_exact = True
+  for source, entry in _by_source(results).items():
+    src, exact = entry.get('source'), entry.get('exact')
+    lines += [f'## {source.upper()}', '']
+    if src:
+      lines.append(f"Source: perplexity {src['after']['perplexity']:.3f} (loss "
+                   f"{src['after']['loss']:.4f}) after {src['train_tokens'] / 1e6:.2f}M "
+                   f"tokens, cache {_cache(src)}.")
+    if exact:
+      gap = abs(exact['before']['loss'] - src['after']['loss']) if src else float('nan')
+      lines.append(f"Exact MLA embedding: perplexity {exact['before']['perplexity']:.3f} "
+                   f"(|loss difference| {gap:.1e}), cache {_cache(exact)}.")
+    lines += ['', '| cache | d_c, d_r | 2-norm before | 2-norm after | uniform before | '
+              'uniform after | weight stats before | unit norm before | scratch |',
+              '|---|---|--:|--:|--:|--:|--:|--:|--:|']
+    for fraction in sorted(k for k in entry if isinstance(k, int)):
+      row = entry[fraction]
+      first = next(iter(row.values()))
+      m = first['model']
+      for r in row.values():
+        all_exact &= r['cache_elements_formula'] == r['cache_elements_measured']
+      cells = [f"1/{fraction}: {_cache(first)}", f"{m['kv_lora_rank']}, {m['qk_rope_head_dim']}"]
+      for kind, key in (('2norm', 'before'), ('2norm', 'after'), ('uniform', 'before'),
+                        ('uniform', 'after'), ('weights', 'before'), ('unit', 'before'),
+                        ('scratch', 'after')):
+        cells.append(_ppl(row[kind], key) if kind in row else '-')
+      lines.append('| ' + ' | '.join(cells) + ' |')
+    lines.append('')
+  lines += [f"Measured cache = formula everywhere: **{'yes' if all_exact else 'NO'}**."]
+  if setup.get('full_wall_s'):
+    lines.append(f"The whole run took {setup['full_wall_s'] / 60:.0f} minutes of wall time "
+                 f"({setup['jobs']} tasks at a time, one core each).")
+  return '\n'.join(lines) + '\n'
+
+
+def plot(results: list[dict], setup: dict, path: pathlib.Path) -> None:
+  try:
+    import matplotlib
+  except ImportError:
+    raise SystemExit("error: the plot needs matplotlib; pip install -e '.[dev]'") from None
+  matplotlib.use('Agg')
+  import matplotlib.pyplot as plt
+
+  sources = _by_source(results)
+  fig, axes = plt.subplots(1, len(sources), figsize=(6 * len(sources), 4.5), squeeze=False)
+  styles = {('2norm', 'before'): ('C1', ':', 'o'), ('2norm', 'after'): ('C1', '-', 'o'),
+            ('uniform', 'before'): ('C2', ':', 's'), ('uniform', 'after'): ('C2', '-', 's'),
+            ('scratch', 'after'): ('C3', '-', 'D')}
+  for ax, (source, entry) in zip(axes[0], sources.items(), strict=True):
+    fractions = sorted(k for k in entry if isinstance(k, int))
+    for (kind, key), (color, line, marker) in styles.items():
+      points = [(entry[f][kind]['cache_elements_measured'], entry[f][kind][key]['perplexity'])
+                for f in fractions if kind in entry[f] and key in entry[f][kind]]
+      if points:
+        xs, ys = zip(*points, strict=True)
+        ax.plot(xs, ys, line, color=color, marker=marker, label=f'{LABELS[kind]} ({key})'
+                if kind != 'scratch' else LABELS[kind])
+    if 'source' in entry:
+      src = entry['source']
+      ax.plot([src['cache_elements_measured']], [src['after']['perplexity']], '*', color='k',
+              markersize=12, label=f'{source.upper()} source (= exact MLA)')
+    ax.set_xscale('log', base=2)
+    ax.set_xlabel('KV cache per token (elements, all layers; log scale)')
+    ax.set_ylabel('validation perplexity')
+    ax.set_title(f"{'QUICK: ' if setup['quick'] else ''}{source.upper()} -> MLA", fontsize=10)
+    ax.grid(alpha=0.3, which='both')
+    ax.legend(fontsize=7)
+  fig.tight_layout()
+  fig.savefig(path, dpi=120)
+  plt.close(fig)
+
+
+def write(results: list[dict], setup: dict, out: pathlib.Path) -> list[pathlib.Path]:
+  """Writes to_mla.{md,json,png} into `out`; returns their paths."""
+  setup = {**setup, 'date': datetime.date.today().isoformat()}
+  out.mkdir(parents=True, exist_ok=True)
+  paths = [out / f'{NAME}.{ext}' for ext in ('md', 'json', 'png')]
+  paths[0].write_text(markdown(results, setup))
+  paths[1].write_text(json.dumps(dict(setup=setup, results=results), indent=1))
+  plot(results, setup, paths[2])
+  return paths

@@ -1,0 +1,27 @@
+"""The one base class of every error a user can cause (a bad config, flag, file or checkpoint).
+
+Library code raises a subclass with a message that names the problem and the fix; the command
+line entry points (mla_jax.cli.run) print it as one `error: ...` line and exit 1. Anything
+else that escapes is a bug in mla_jax and keeps its traceback.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+
+class Error(Exception):
+  """Bad input; the message says what is wrong and how to fix it."""
+
+
+class InputError(Error, ValueError):
+  """A bad argument to a library function (tokens, prompts, sampling settings)."""
+
+
+def check_token_ids(tokens, vocab_size: int, what: str = 'token') -> None:
+  """Refuses ids outside [0, vocab_size) at the API edge: the embedding lookup would turn them
+  into NaN logits (or read -1 in a uint8 array as 255) without a word."""
+  tokens = np.asarray(tokens)
+  if tokens.size and (tokens.min() < 0 or tokens.max() >= vocab_size):
+    raise InputError(f'{what} ids must lie in [0, {vocab_size}); got [{tokens.min()}, '
+                     f'{tokens.max()}]')

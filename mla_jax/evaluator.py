@@ -1,0 +1,104 @@
+"""Perplexity: exp(mean NLL over every scored token), never clipped, on one device or a mesh.
+
+Windows of seq_len advance by stride: every token but the first is scored exactly once, with at
+least seq_len - stride tokens of context once the text is that long. Bits per byte = mean NLL /
+ln 2 when tokens are bytes. The trainer validates with `perplexity`; `python -m
+mla_jax.evaluate` is its command line.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+import pathlib
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import nnx
+
+from mla_jax import data, sharding
+from mla_jax.errors import InputError, check_token_ids
+
+
+# Inputs arrive placed (parameters by the rules, batches split over the batch axes); the sum
+# leaves replicated over the mesh set by the caller (jax.set_mesh).
+@functools.partial(jax.jit, static_argnames=('graphdef',),
+                   out_shardings=jax.sharding.PartitionSpec())
+def eval_step(graphdef, state, windows_bt, scored_bt):
+  """Sum of NLL over the scored targets of a batch of windows [b, seq_len + 1]."""
+  logits = nnx.merge(graphdef, state)(windows_bt[:, :-1])
+  nll = optax.softmax_cross_entropy_with_integer_labels(logits, windows_bt[:, 1:])
+  return jnp.sum(jnp.where(scored_bt, nll, 0.0))
+
+
+def perplexity(model, tokens: np.ndarray, seq_len: int, stride: int, batch_size: int,
+               mesh: jax.sharding.Mesh | None = None) -> dict:
+  """Exact exp(mean NLL) over tokens[1:], each predicted from what precedes it.
+
+  Every process enumerates the same windows and feeds its rows of each batch; the batch is
+  split over the mesh's batch axes (default mesh: data parallel over every device).
+  """
+  if not 0 < stride <= seq_len:
+    raise InputError(f'eval stride {stride} must be in [1, seq_len={seq_len}]: a larger stride '
+                     'would skip tokens')
+  if batch_size < 1 or len(tokens) < 2:
+    raise InputError(f'need batch_size >= 1 and at least two tokens; got batch_size='
+                     f'{batch_size} and {len(tokens)} tokens')
+  check_token_ids(tokens, model.cfg.vocab_size)
+  mesh = mesh or sharding.make_mesh({'data': -1, 'fsdp': 1, 'tensor': 1})
+  graphdef, state = nnx.split(model)
+  state = jax.device_put(state, sharding.state_shardings(state, mesh))
+  shape, mask_shape = (batch_size, seq_len + 1), (batch_size, seq_len)
+  windows_sharding = sharding.named_sharding(mesh, ('batch', None), shape)
+  mask_sharding = sharding.named_sharding(mesh, ('batch', None), mask_shape)
+  rows = sharding.local_rows(windows_sharding, shape, axis=0)
+  windows, masks = [], []
+  for window, _, first, end in data.eval_windows(tokens, seq_len, stride):
+    windows.append(window)
+    masks.append((np.arange(seq_len) >= first) & (np.arange(seq_len) < end))
+  pad = -len(windows) % batch_size  # whole batches: one compiled shape
+  windows += [np.zeros(seq_len + 1, np.int32)] * pad
+  masks += [np.zeros(seq_len, bool)] * pad
+  windows, masks = np.stack(windows), np.stack(masks)
+  total = 0.0  # float64 on the host: exact over millions of tokens
+  with jax.set_mesh(mesh):
+    for i in range(0, len(windows), batch_size):
+      window_batch = sharding.global_batch(windows[i:i + batch_size][rows], windows_sharding,
+                                           shape)
+      mask_batch = sharding.global_batch(masks[i:i + batch_size][rows], mask_sharding,
+                                         mask_shape)
+      total += float(eval_step(graphdef, state, window_batch, mask_batch))
+  count = int(masks.sum())
+  assert count == len(tokens) - 1, (count, len(tokens))
+  loss = total / count
+  return {'loss': loss, 'perplexity': math.exp(loss), 'bits_per_byte': loss / math.log(2),
+          'tokens': count}
+
+
+def read_tokens(path: str, tokenizer: str, vocab_size: int) -> np.ndarray:
+  """Token ids of --data: a text file's bytes, or a 1-D integer .npy (never pickled)."""
+  file = pathlib.Path(path)
+  if not file.is_file():
+    raise data.DataError(f'--data={path} is not a file; give a file to score')
+  if tokenizer == 'byte':
+    if vocab_size < 256:
+      raise data.DataError(f'the model has {vocab_size} tokens, too few for bytes; tokenize '
+                           '--data with its tokenizer and pass --tokenizer=ids')
+    tokens = np.frombuffer(file.read_bytes(), np.uint8)
+  else:
+    try:
+      tokens = np.load(file, allow_pickle=False)
+    except (OSError, ValueError) as e:
+      raise data.DataError(f'--data={path} is not a .npy array ({e}); with --tokenizer=ids '
+                           'give np.save(path, ids)') from None
+    if tokens.ndim != 1 or not np.issubdtype(tokens.dtype, np.integer):
+      raise data.DataError(f'--data={path} holds {tokens.dtype} {list(tokens.shape)}; give a '
+                           '1-D integer array of token ids')
+    if tokens.size and (tokens.min() < 0 or tokens.max() >= vocab_size):
+      raise data.DataError(f'--data={path} has ids outside [0, {vocab_size}); tokenize with '
+                           "the checkpoint's own tokenizer")
+  if len(tokens) < 2:
+    raise data.DataError(f'--data={path} has {len(tokens)} tokens; perplexity needs two')
+  return tokens.astype(np.int32)

@@ -1,0 +1,74 @@
+"""Fused (flash) attention for training and prefill: attention_impl='fused'.
+
+One function, `fused_attention`, computes softmax(q k^T * scale + mask) v through the
+platform's fused attention: cuDNN's flash attention on NVIDIA GPUs (bfloat16 / float16 inputs,
+head dims a multiple of 8 up to 256), XLA's jax.nn.dot_product_attention elsewhere (on a CPU
+it is the same einsum-softmax-einsum as the reference path, which is what makes the two
+comparable in tests). The explicit einsum path in attention.py stays the reference.
+
+Two things the public jax.nn.dot_product_attention does not do, handled here:
+- MLA's value heads are narrower than its query/key heads (d_v < d_n + d_r). cuDNN >= 9.10 on
+  Hopper accepts that directly (through jax's cuDNN module: the public wrapper checks equal
+  widths); otherwise the narrower side is zero-padded (zeros add nothing to a dot product)
+  and the padding sliced off the output.
+- Masks are by position. `is_causal` aligns the query block with the top-left of the key block,
+  which is right only for a whole sequence from position 0 (training): there cuDNN skips the
+  masked blocks. Chunked prefill (queries at p0 .. p0 + t - 1 reading cache slots 0 .. s - 1)
+  passes the explicit [b, t, s] mask instead.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+_CUDNN_DTYPES = (jnp.bfloat16, jnp.float16)
+
+
+def _cudnn_usable(q, v) -> bool:
+  return (jax.default_backend() == 'gpu' and q.dtype in _CUDNN_DTYPES
+          and q.shape[-1] % 8 == 0 and v.shape[-1] % 8 == 0 and max(q.shape[-1], v.shape[-1])
+          <= 256)
+
+
+def _cudnn_unequal_widths(q, k, v, mask, scale):
+  """cuDNN's attention with d_v != d_qk (its 'MLA' mode); None where it refuses (at trace time:
+  an older cuDNN or a pre-Hopper GPU)."""
+  try:
+    from jax._src.cudnn import fused_attention_stablehlo as cudnn
+    mask_type = cudnn.MaskType.CAUSAL if mask is None else cudnn.MaskType.NO_MASK
+    return cudnn.dot_product_attention(q, k, v, mask=None if mask is None else mask[:, None],
+                                       scale=scale, mask_type=mask_type)
+  except (ImportError, AttributeError, ValueError, NotImplementedError, RuntimeError):
+    return None
+
+
+def _pad_last(x, width: int):
+  extra = width - x.shape[-1]
+  return x if extra == 0 else jnp.pad(x, [(0, 0)] * (x.ndim - 1) + [(0, extra)])
+
+
+def fused_attention(q_bthe, k_bsge, v_bsgv, visible_bts, scale: float):
+  """[b, t, h, v]: heads [b, t, h, e] reading the KV groups [b, s, g, e] / [b, s, g, v] of their
+  group (h a multiple of g; query head i reads group i // (h / g)). visible_bts None: causal
+  over a whole sequence from position 0; else the [b, t, s] mask of attention.visible."""
+  e, ev = q_bthe.shape[-1], v_bsgv.shape[-1]
+  cudnn = _cudnn_usable(q_bthe, v_bsgv)
+  if cudnn and e != ev:
+    out = _cudnn_unequal_widths(q_bthe, k_bsge, v_bsgv, visible_bts, scale)
+    if out is not None:
+      return out
+  width = max(e, ev)
+  q, k, v = (_pad_last(q_bthe, width), _pad_last(k_bsge, width), _pad_last(v_bsgv, width))
+  mask = None if visible_bts is None else visible_bts[:, None]
+  out = None
+  if cudnn:
+    try:
+      out = jax.nn.dot_product_attention(q, k, v, mask=mask, is_causal=mask is None,
+                                         scale=scale, implementation='cudnn')
+    except (ValueError, NotImplementedError, RuntimeError):  # shapes cuDNN refuses
+      out = None
+  if out is None:
+    out = jax.nn.dot_product_attention(q, k, v, mask=mask, is_causal=mask is None, scale=scale,
+                                       implementation='xla')
+  return out[..., :ev]

@@ -1,0 +1,8 @@
+"""Pallas flash-decoding kernels: absorbed MLA and MHA / GQA / MQA, split-KV (split_kv.py)."""
+
+from __future__ import annotations
+
+from mla_jax.kernels.gqa_decode import gqa_decode
+from mla_jax.kernels.mla_decode import mla_decode
+
+__all__ = ['gqa_decode', 'mla_decode']
