@@ -176,12 +176,14 @@ def _train_and_score(steps=LEARN_STEPS) -> dict:
   return mqar.evaluate(model, LEARN.heldout(1024, 1024))
 
 
+@pytest.mark.slow
 def test_attention_learns_mqar():
   result = _train_and_score()
   assert result['answers'] == 4 * 1024
   assert result['accuracy'] > 0.9, result
 
 
+@pytest.mark.slow
 def test_a_model_that_cannot_see_the_context_stays_at_chance(monkeypatch):
   """The same model and training with attention masked to the diagonal (each token sees only
   itself): the value of a key is then unknowable, and recall stays near 2 / V."""
