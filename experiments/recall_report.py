@@ -9,10 +9,16 @@ import datetime
 import json
 import pathlib
 import statistics
+import textwrap
 
 from experiments.capacity_report import MARKERS, PAPER, mechanism
 
 NAME = 'recall_vs_cache'
+RESULT = 'result.json'  # a run's results, written last: a run that has one is finished
+# Summary key -> result key of the per-row facts every run of a row must agree on.
+ROW_FACTS = {'params': 'params', 'elements_measured': 'cache_elements_measured',
+             'bytes_bf16': 'cache_bytes_bf16_measured', 'bytes_int8': 'cache_bytes_int8_measured',
+             'bytes_fp8': 'cache_bytes_fp8_measured'}
 # (row expected to recall better, row expected to recall worse, why).
 COMPARISONS = [
     ('mha', 'mqa', 'MHA (G=8) vs MQA (G=1): 8x the cache'),
@@ -29,25 +35,34 @@ def _mean_std(xs: list[float]) -> tuple[float, float]:
 
 
 def summarize(results: list[dict]) -> dict[str, dict]:
-  """Per row: the seed- and N-independent facts once, and per N the test recall over seeds."""
+  """Per row: the seed- and N-independent facts once, and per N the test recall over the
+  seeds that trained to the end (`diverged` lists those stopped by a non-finite loss)."""
   summary: dict[str, dict] = {}
-  for r in sorted(results, key=lambda r: (r['row'], r['kv_pairs'], r['seed'])):
+  finished = [r for r in results if not r.get('diverged')]
+  for r in sorted(finished, key=lambda r: (r['row'], r['kv_pairs'], r['seed'])):
     s = summary.setdefault(r['row'], dict(
         mechanism=mechanism(r), attention=r['attention'], paper=PAPER[r['attention']],
         formula=r['cache_formula'], elements_formula=r['cache_elements_formula'],
-        elements_measured=r['cache_elements_measured'],
-        bytes_bf16=r['cache_bytes_bf16_measured'], params=r['params'], d_ff=r['d_ff'],
+        **{short: r[key] for short, key in ROW_FACTS.items()}, d_ff=r['d_ff'],
         model=r['model'], steps=r['steps'], train_tokens=r['train_tokens'], seq_len=r['seq_len'],
         test_examples=r['test_examples'], by_kv={}))
-    if (s['params'], s['elements_measured']) != (r['params'], r['cache_elements_measured']):
-      raise ValueError(f"{r['row']}: parameters or cache size differ between runs")
+    differ = [short for short, key in ROW_FACTS.items() if s[short] != r[key]]
+    if differ or (s['steps'], s['seq_len']) != (r['steps'], r['seq_len']):
+      raise ValueError(f"{r['row']}: {differ or 'steps or seq_len'} differ between runs")
     cell = s['by_kv'].setdefault(str(r['kv_pairs']), dict(lr=r['lr'], seeds=[], accuracies=[],
-                                                          losses=[]))
+                                                          losses=[], diverged=[]))
     if cell['lr'] != r['lr']:
       raise ValueError(f"{r['row']} kv{r['kv_pairs']}: seeds trained at different rates")
     cell['seeds'].append(r['seed'])
     cell['accuracies'].append(r['accuracy'])
     cell['losses'].append(r['loss'])
+  for r in results:
+    if r.get('diverged'):
+      cell = summary.get(r['row'], {}).get('by_kv', {}).get(str(r['kv_pairs']))
+      if cell is None:
+        raise ValueError(f"{r['row']} kv{r['kv_pairs']}: every seed diverged at lr {r['lr']:g} "
+                         '(non-finite loss); rerun with lower --lrs')
+      cell['diverged'].append(r['seed'])
   for s in summary.values():
     for cell in s['by_kv'].values():
       cell['accuracy'], cell['accuracy_std'] = _mean_std(cell['accuracies'])
@@ -55,12 +70,23 @@ def summarize(results: list[dict]) -> dict[str, dict]:
   return summary
 
 
+def best_rate(results: list[dict]) -> float:
+  """The rate whose run has the best validation recall (then the lower validation loss);
+  runs that diverged are out."""
+  finished = [r for r in results if not r.get('diverged')]
+  if not finished:
+    r = results[0]
+    raise ValueError(f"{r['row']} kv{r['kv_pairs']}: every rate diverged (non-finite loss); "
+                     'rerun with lower --lrs')
+  return max(finished, key=lambda r: (r['val_accuracy'], -r['val_loss']))['lr']
+
+
 def sweep_table(sweep: list[dict]) -> dict[str, dict[str, dict[str, float]]]:
   """row -> N -> {rate: validation recall of seed 0}."""
   table: dict = {}
   for r in sweep:
     table.setdefault(r['row'], {}).setdefault(str(r['kv_pairs']), {})[f"{r['lr']:g}"] = \
-        r['val_accuracy']
+        None if r.get('diverged') else r['val_accuracy']
   return table
 
 
@@ -84,8 +110,10 @@ def compare(summary: dict, better: str, worse: str, kv: str) -> dict | None:
               verdict=verdict, seeds_agreeing=sum(d > 0 for d in diffs), seeds=len(diffs))
 
 
-def _order(summary: dict) -> list[dict]:
-  return sorted(summary.values(), key=lambda s: (s['attention'] == 'mla', -s['elements_formula']))
+def _order(summary: dict) -> list[tuple[str, dict]]:
+  """(row, summary) in the table's order: the GQA family by falling cache, then MLA."""
+  return sorted(summary.items(),
+                key=lambda rs: (rs[1]['attention'] == 'mla', -rs[1]['elements_formula']))
 
 
 def _setup_line(summary: dict, setup: dict) -> str:
@@ -95,66 +123,81 @@ def _setup_line(summary: dict, setup: dict) -> str:
           f"d_h = {m['head_dim']}, vocabulary {m['vocab_size']} (chance recall "
           f"{2 / m['vocab_size']:.3f}), {first['seq_len']} tokens per example, "
           f"{first['steps']} steps ({first['train_tokens'] / 1e6:.2f}M tokens) per run, "
-          f"{setup['seeds']} seeds per point")
+          f"{setup['seeds']} seed{'s' if setup['seeds'] > 1 else ''} per point")
+
+
+def _protocol(setup: dict) -> str:
+  if len(setup['lrs']) == 1:
+    return (f"Every run was trained at lr {setup['lrs'][0]:g} (one rate given: no sweep); "
+            f"the reported seeds are 1 .. {setup['seeds']}.")
+  return (f"For each row and N (key-value pairs per example), seed 0 was trained at each rate "
+          f"of {setup['lrs']} and the rate with the best validation recall was kept; the "
+          f"reported seeds (1 .. {setup['seeds']}) were then trained at that rate.")
 
 
 def markdown(summary: dict, sweep: dict, comparisons: list[dict], setup: dict) -> str:
   kvs = [str(k) for k in setup['kv_pairs']]
+  test_examples = next(iter(summary.values()))['test_examples']
   lines = [
       '# Recall vs KV-cache size: multi-query associative recall (Zoology) per attention', '',
       f"`{setup['command']}` on {setup['machine']}, {setup['date']}"
       f"{' (QUICK: a pipeline check; the numbers mean nothing)' if setup['quick'] else ''}.",
       f'{_setup_line(summary, setup)}. Every row has the same width, depth, query heads, '
       'data (per seed) and schedule; only the attention differs, and the SwiGLU width d_ff '
-      "is set per row to match MHA's parameter count. For each row and N (key-value pairs "
-      f"per example), seed 0 was trained at each rate of {setup['lrs']} and the rate with the "
-      'best validation recall was kept; the reported seeds (1 .. '
-      f"{setup['seeds']}) were then trained at that rate. Recall = exact-match accuracy at the "
-      f"answer positions of {next(iter(summary.values()))['test_examples']} test examples (a "
+      f"is set per row to match MHA's parameter count. {_protocol(setup)} Recall = "
+      f'exact-match accuracy at the answer positions of {test_examples} test examples (a '
       'held-out stream, not the validation set that chose the rate), mean ± std (sample) over '
       'those seeds.', '',
       '| mechanism | KV cache per token | elements (formula) | elements (measured) | '
-      'bytes bf16 | d_ff | params | ' + ' | '.join(f'recall, N={k}' for k in kvs) + ' |',
-      '|---|---|--:|--:|--:|--:|--:|' + '--:|' * len(kvs),
+      'bytes bf16 | bytes int8 | bytes fp8 | d_ff | params | '
+      + ' | '.join(f'recall, N={k}' for k in kvs) + ' |',
+      '|---|---|--:|--:|--:|--:|--:|--:|--:|' + '--:|' * len(kvs),
   ]
   mha_params = summary.get('mha', {}).get('params')
-  for s in _order(summary):
+  for _, s in _order(summary):
     params = f"{s['params']:,}"
     if mha_params:
       params += f" ({100 * (s['params'] / mha_params - 1):+.1f}%)"
     cells = []
     for k in kvs:
       c = s['by_kv'].get(k)
+      diverged = f"; {len(c['diverged'])} diverged" if c and c['diverged'] else ''
       cells.append('n/a' if c is None else
-                   f"{c['accuracy']:.3f} ± {c['accuracy_std']:.3f} (lr {c['lr']:g})")
+                   f"{c['accuracy']:.3f} ± {c['accuracy_std']:.3f} (lr {c['lr']:g}{diverged})")
     lines.append(f"| {s['mechanism']} | {s['formula']} | {s['elements_formula']:,} | "
-                 f"{s['elements_measured']:,} | {s['bytes_bf16']:,} | {s['d_ff']} | {params} | "
-                 + ' | '.join(cells) + ' |')
+                 f"{s['elements_measured']:,} | {s['bytes_bf16']:,} | {s['bytes_int8']:,} | "
+                 f"{s['bytes_fp8']:,} | {s['d_ff']} | {params} | " + ' | '.join(cells) + ' |')
   exact = all(s['elements_formula'] == s['elements_measured'] for s in summary.values())
+  wall = (f"; the whole grid took {setup['full_wall_s'] / 60:.0f} minutes of wall time"
+          if setup.get('full_wall_s') else '')
   lines += [
       '', f"Measured cache = formula for every row: **{'yes' if exact else 'NO'}** (elements "
       'per token of the caches a bfloat16 prefill and decode step return, counted from the '
-      f"arrays). {setup['runs_total']} runs, each on one core, {setup['jobs']} at a time"
-      + (f"; the whole grid took {setup['full_wall_s'] / 60:.0f} minutes of wall time."
-         if setup.get('full_wall_s') else '.'), '',
-      '## Learning-rate sweep (seed 0, validation recall; the chosen rate in bold)', '',
-      '| mechanism | N | ' + ' | '.join(f'lr {lr:g}' for lr in setup['lrs']) + ' |',
-      '|---|--:|' + '--:|' * len(setup['lrs']),
+      'arrays). Bytes int8 / fp8: the same caches stored 8-bit (ModelConfig.cache_dtype), '
+      'their float32 per-token scales included (one per token and array; per KV head for '
+      f"MHA / GQA / MQA). {setup['runs_total']} runs, each on one core, {setup['jobs']} at a "
+      f"time, {setup['cpu_s'] / 60:.0f} CPU minutes in all{wall}.", '',
   ]
-  for s in _order(summary):
-    row = next(r for r, v in summary.items() if v is s)
-    for k in kvs:
-      got = sweep.get(row, {}).get(k, {})
-      chosen = s['by_kv'].get(k, {}).get('lr')
-      cells = []
-      for lr in setup['lrs']:
-        value = got.get(f'{lr:g}')
-        text = 'n/a' if value is None else f'{value:.3f}'
-        cells.append(f'**{text}**' if chosen is not None and f'{lr:g}' == f'{chosen:g}'
-                     else text)
-      lines.append(f"| {s['mechanism']} | {k} | " + ' | '.join(cells) + ' |')
+  if sweep:
+    lines += [
+        '## Learning-rate sweep (seed 0, validation recall; the chosen rate in bold)', '',
+        '| mechanism | N | ' + ' | '.join(f'lr {lr:g}' for lr in setup['lrs']) + ' |',
+        '|---|--:|' + '--:|' * len(setup['lrs']),
+    ]
+    for row, s in _order(summary):
+      for k in kvs:
+        got = sweep.get(row, {}).get(k, {})
+        chosen = s['by_kv'].get(k, {}).get('lr')
+        cells = []
+        for lr in setup['lrs']:
+          value = got.get(f'{lr:g}', 'n/a')
+          text = 'diverged' if value is None else value if value == 'n/a' else f'{value:.3f}'
+          cells.append(f'**{text}**' if chosen is not None and f'{lr:g}' == f'{chosen:g}'
+                       else text)
+        lines.append(f"| {s['mechanism']} | {k} | " + ' | '.join(cells) + ' |')
+    lines.append('')
   lines += [
-      '', '## Which orderings are resolved', '',
+      '## Which orderings are resolved', '',
       'Resolved = the two rows\' mean ± std intervals do not overlap. "Seeds agreeing" counts '
       'the seeds (same data for both rows) where the first row recalls more.', '',
       '| comparison | N | recall gap (1st − 2nd) | spread (std + std) | seeds agreeing | '
@@ -209,8 +252,8 @@ def plot(summary: dict, setup: dict, path: pathlib.Path) -> None:
   fig.legend(handles, labels, loc='lower center', ncol=len(labels), fontsize=7)
   fig.suptitle(f"{'QUICK pipeline check: ' if setup['quick'] else ''}MQAR recall vs KV cache, "
                'parameters matched (dotted: chance)', fontsize=10)
-  fig.text(0.5, 0.075, _setup_line(summary, setup), ha='center', fontsize=7, color='gray',
-           wrap=True)
+  fig.text(0.5, 0.075, textwrap.fill(_setup_line(summary, setup), 120), ha='center',
+           va='center', fontsize=7, color='gray')
   fig.tight_layout(rect=(0, 0.1, 1, 1))
   fig.savefig(path, dpi=120)
   plt.close(fig)
