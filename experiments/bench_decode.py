@@ -33,10 +33,8 @@ from absl import app, flags
 from flax import nnx
 
 import mla_jax
-from experiments.timing import decode_step_cost, machine_limits, median_seconds
-from mla_jax import quant
-from mla_jax.cache import measured_per_token
-from mla_jax.quant import QuantArray
+from experiments import timing
+from experiments.timing import machine_limits, median_seconds
 
 FLAGS = flags.FLAGS
 flags.DEFINE_bool('quick', False, 'tiny sizes, for a smoke run')
@@ -57,88 +55,14 @@ flags.DEFINE_integer('runs', 7, 'timed runs per row (median reported)')
 flags.DEFINE_string('out', 'bench_decode.json', 'where to write the JSON results')
 
 
-def configs(d_model: int, n_heads: int, n_layers: int, dtype: str, impls=('einsum',),
-            cache_dtypes=(None,)) -> dict:
-  """The benchmark's rows: every variant at d_c = 4 d_h, d_r = d_h / 2 for MLA, under each
-  attention_impl (fused: the Pallas decode kernels; MLA naive has none, so einsum only) and
-  each cache dtype (None: the compute dtype)."""
-  d_h = d_model // n_heads
-  base = dict(d_model=d_model, n_heads=n_heads, n_layers=n_layers, vocab_size=256,
-              max_seq_len=1 << 20, dtype=dtype, param_dtype=dtype)
-  mla = dict(attention='mla', kv_lora_rank=4 * d_h, qk_rope_head_dim=d_h // 2)
-  rows = {
-      'MHA': dict(attention='mha'), 'GQA (G=2)': dict(attention='gqa', n_kv_heads=2),
-      'MQA': dict(attention='mqa'), 'MLA naive': dict(**mla, mla_decode='naive'),
-      'MLA absorbed': dict(**mla, mla_decode='absorbed'),
-  }
-  out = {}
-  for name, fields in rows.items():
-    for impl in impls:
-      if impl == 'fused' and name == 'MLA naive':
-        continue
-      for cache_dtype in cache_dtypes:
-        label = name if len(impls) == 1 else f'{name} [{"kernel" if impl == "fused" else impl}]'
-        if len(cache_dtypes) > 1:
-          label += f' {cache_dtype or dtype} cache'
-        out[label] = mla_jax.ModelConfig(**base, **fields, attention_impl=impl,
-                                         cache_dtype=cache_dtype)
-  return out
-
-
 def resolve_cache_dtypes(names) -> tuple[str | None, ...]:
   return tuple(None if name == 'none' else name for name in names)
-
-
-def random_caches(caches, key):
-  """Caches filled with standard normal values: an 8-bit cache holds them quantized."""
-  is_quant = lambda x: isinstance(x, QuantArray)
-  leaves, treedef = jax.tree.flatten(caches, is_leaf=is_quant)
-  filled = []
-  for x, k in zip(leaves, jax.random.split(key, len(leaves)), strict=True):
-    if is_quant(x):
-      filled.append(quant.quantize(jax.random.normal(k, x.shape), x.values.dtype, x.axis))
-    else:
-      filled.append(jax.random.normal(k, x.shape, x.dtype))
-  return jax.tree.unflatten(treedef, filled)
 
 
 def resolve_impls(impls) -> tuple[str, ...]:
   if list(impls) == ['auto']:
     return ('einsum',) if jax.default_backend() == 'cpu' else ('einsum', 'fused')
   return tuple(impls)
-
-
-def bench_row(name, cfg, batch, context, limits, runs):
-  model = mla_jax.Transformer(cfg, rngs=nnx.Rngs(0))
-  graphdef, state = nnx.split(model)
-  n_params = sum(x.size for x in jax.tree.leaves(state))
-  caches = model.init_cache(batch, context)
-  elements_per_token, cache_bytes_per_token = measured_per_token(caches, batch, context)
-  caches = random_caches(caches, jax.random.key(1))
-  cache_bytes = sum(x.nbytes for x in jax.tree.leaves(caches))
-  tokens = jnp.ones((batch,), jnp.int32)
-  positions = jnp.full((batch,), context - 1, jnp.int32)
-  box = [caches]
-
-  def step():
-    logits, box[0] = mla_jax.decode_step(graphdef, state, box[0], tokens, positions)
-    return logits
-
-  seconds = median_seconds(step, runs)
-  read, flops = decode_step_cost(cfg, n_params, batch, context, cache_bytes_per_token)
-  limit = max(read / limits['copy_bytes_per_s'], flops / limits['matmul_flops_per_s'])
-  return {
-      'variant': name, 'impl': cfg.attention_impl, 'cache_dtype': str(cfg.cache_storage_dtype),
-      'batch': batch, 'context': context, 'params': n_params,
-      'ms_per_token': 1e3 * seconds, 'tokens_per_s': batch / seconds,
-      'cache_elements_per_token': elements_per_token,
-      'cache_elements_per_token_formula': mla_jax.cache_elements_per_token(cfg),
-      'cache_bytes_per_token': cache_bytes_per_token,
-      'cache_bytes_per_token_formula': mla_jax.cache_bytes_per_token(cfg),
-      'cache_mib': cache_bytes / 2**20,
-      'bytes_read': read, 'flops': flops, 'limit_ms': 1e3 * limit,
-      'fraction_of_limit': limit / seconds,
-  }
 
 
 def python_overhead_check(runs: int) -> dict:
@@ -186,10 +110,10 @@ def main(argv):
   rows = []
   for batch in batches:
     for context in contexts:
-      for name, cfg in configs(dtype=FLAGS.dtype, impls=resolve_impls(FLAGS.impls),
+      for name, cfg in timing.decode_configs(dtype=FLAGS.dtype, impls=resolve_impls(FLAGS.impls),
                                cache_dtypes=resolve_cache_dtypes(FLAGS.cache_dtypes),
                                **size).items():
-        rows.append(bench_row(name, cfg, batch, context, limits, FLAGS.runs))
+        rows.append(timing.decode_row(name, cfg, batch, context, limits, FLAGS.runs))
         print(f"{name:30s} b={batch} ctx={context:6d} {rows[-1]['ms_per_token']:9.2f} ms "
               f"fraction {rows[-1]['fraction_of_limit']:.2f}", flush=True)
   overhead = python_overhead_check(FLAGS.runs)

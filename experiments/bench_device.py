@@ -55,7 +55,7 @@ def commands(out: pathlib.Path, quick: bool) -> dict[str, tuple[list[str], int]]
     return {
         'check': ([*py, 'experiments.device_check', f'--out={out / "check.json"}', '--quick'],
                   600),
-        'train': ([*py, 'experiments.bench_train', '--size=peer', '--variants=mha,mla',
+        'train': ([*py, 'experiments.bench_train', '--size=tiny', '--variants=mha,mla',
                         '--impls=einsum,fused', '--direct_steps=2', '--loop=false',
                         f'--out={out / "train.json"}'], 900),
         'decode': ([*py, 'experiments.bench_decode', '--quick', '--impls=einsum,fused',
@@ -81,7 +81,7 @@ def run_part(name: str, command: list[str], limit: int, out: pathlib.Path) -> di
                             timeout=limit).returncode
     except subprocess.TimeoutExpired:
       code = 'timeout'
-  result = {'part': name, 'command': ' '.join(command[1:]), 'exit': code,
+  result = {'part': name, 'command': ' '.join(command[2:]), 'exit': code,
             'seconds': time.perf_counter() - start}
   data = out / f'{name}.json'
   if data.exists():

@@ -7,7 +7,8 @@ r"""Training throughput: the train step alone, inside the training loop, and bes
 
 Sizes: `default` is each variant's configs/<name>.py as it trains; `peer` is the same model at
 batch 16 x 256 (the CPU comparison with PyTorch); `large` is d_model 1024, 8 layers, 16 heads of
-64, SwiGLU 2752, vocab 256, batch 32 x 1024, MLA d_c 256 and d_r 32 (the GPU comparison).
+64, SwiGLU 2752, vocab 256, batch 32 x 1024, MLA d_c 256 and d_r 32 (the GPU comparison);
+`tiny` is configs/<name>.py:tiny (a smoke run).
 
 For each variant and attention_impl: the train step's jit compile time; the step called
 directly on one fixed batch (median of timed calls); with --loop, the trainer's own loop over
@@ -37,7 +38,8 @@ from mla_jax.model import param_count
 
 FLAGS = flags.FLAGS
 flags.DEFINE_list('variants', ['mha', 'gqa', 'mqa', 'mla'], 'configs/<name>.py to measure')
-flags.DEFINE_enum('size', 'default', ('default', 'peer', 'large'), 'model and batch (docstring)')
+flags.DEFINE_enum('size', 'default', ('default', 'peer', 'large', 'tiny'),
+                  'model and batch (docstring)')
 flags.DEFINE_list('impls', ['auto'], 'attention_impl values to time (auto: the platform default)')
 flags.DEFINE_integer('direct_steps', 8, 'timed direct calls of the train step')
 flags.DEFINE_bool('loop', True, 'also time the training loop over real data')
@@ -50,7 +52,8 @@ flags.DEFINE_string('out', 'bench_train.json', 'where to write the JSON results'
 
 def config_for(variant: str, size: str, impl: str):
   """The training config of one row (see the module docstring)."""
-  config = importlib.import_module(f'configs.{variant}').get_config()
+  module = importlib.import_module(f'configs.{variant}')
+  config = module.get_config('tiny' if size == 'tiny' else '')
   m = config.model
   if size in ('peer', 'large'):
     config.data.update(batch_size=16, seq_len=256)

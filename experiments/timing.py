@@ -1,5 +1,6 @@
 """What the benchmarks share: timing a jitted function, the machine's copy bandwidth and matmul
-rate, the train step timed alone, and the bytes and flops a decode step must spend. Benchmarks
+rate, the train step timed alone, and the bytes and flops a decode step must spend, and the decode
+benchmark's rows (configs and one timed row). Benchmarks
 live here in experiments/, outside the package: mla_jax never imports them.
 """
 
@@ -10,9 +11,13 @@ import time
 import jax
 import jax.numpy as jnp
 import numpy as np
+from flax import nnx
 
-from mla_jax import tasks, trainer, variants
+import mla_jax
+from mla_jax import quant, tasks, trainer, variants
+from mla_jax.cache import measured_per_token
 from mla_jax.config import ModelConfig
+from mla_jax.quant import QuantArray
 
 
 def median_seconds(fn, runs: int) -> float:
@@ -83,3 +88,79 @@ def decode_step_cost(cfg: ModelConfig, n_params: int, batch: int, context: int,
   flops += batch * cfg.n_layers * variants.get(cfg.attention).decode_flops(cfg, context)
   read = weights * itemsize + batch * context * cache_bytes_per_token
   return float(read), float(flops)
+
+
+def decode_configs(d_model: int, n_heads: int, n_layers: int, dtype: str, impls=('einsum',),
+            cache_dtypes=(None,)) -> dict:
+  """The benchmark's rows: every variant at d_c = 4 d_h, d_r = d_h / 2 for MLA, under each
+  attention_impl (fused: the Pallas decode kernels; MLA naive has none, so einsum only) and
+  each cache dtype (None: the compute dtype)."""
+  d_h = d_model // n_heads
+  base = dict(d_model=d_model, n_heads=n_heads, n_layers=n_layers, vocab_size=256,
+              max_seq_len=1 << 20, dtype=dtype, param_dtype=dtype)
+  mla = dict(attention='mla', kv_lora_rank=4 * d_h, qk_rope_head_dim=d_h // 2)
+  rows = {
+      'MHA': dict(attention='mha'), 'GQA (G=2)': dict(attention='gqa', n_kv_heads=2),
+      'MQA': dict(attention='mqa'), 'MLA naive': dict(**mla, mla_decode='naive'),
+      'MLA absorbed': dict(**mla, mla_decode='absorbed'),
+  }
+  out = {}
+  for name, fields in rows.items():
+    for impl in impls:
+      if impl == 'fused' and name == 'MLA naive':
+        continue
+      for cache_dtype in cache_dtypes:
+        label = name if len(impls) == 1 else f'{name} [{"kernel" if impl == "fused" else impl}]'
+        if len(cache_dtypes) > 1:
+          label += f' {cache_dtype or dtype} cache'
+        out[label] = mla_jax.ModelConfig(**base, **fields, attention_impl=impl,
+                                         cache_dtype=cache_dtype)
+  return out
+
+
+def random_caches(caches, key):
+  """Caches filled with standard normal values: an 8-bit cache holds them quantized."""
+  is_quant = lambda x: isinstance(x, QuantArray)
+  leaves, treedef = jax.tree.flatten(caches, is_leaf=is_quant)
+  filled = []
+  for x, k in zip(leaves, jax.random.split(key, len(leaves)), strict=True):
+    if is_quant(x):
+      filled.append(quant.quantize(jax.random.normal(k, x.shape), x.values.dtype, x.axis))
+    else:
+      filled.append(jax.random.normal(k, x.shape, x.dtype))
+  return jax.tree.unflatten(treedef, filled)
+
+
+def decode_row(name, cfg, batch, context, limits, runs):
+  """One decode benchmark row: the median step time of `cfg` at batch x context over a random
+  cache, its measured cache size beside the formula, and the fraction of the machine's limit."""
+  model = mla_jax.Transformer(cfg, rngs=nnx.Rngs(0))
+  graphdef, state = nnx.split(model)
+  n_params = sum(x.size for x in jax.tree.leaves(state))
+  caches = model.init_cache(batch, context)
+  elements_per_token, cache_bytes_per_token = measured_per_token(caches, batch, context)
+  caches = random_caches(caches, jax.random.key(1))
+  cache_bytes = sum(x.nbytes for x in jax.tree.leaves(caches))
+  tokens = jnp.ones((batch,), jnp.int32)
+  positions = jnp.full((batch,), context - 1, jnp.int32)
+  box = [caches]
+
+  def step():
+    logits, box[0] = mla_jax.decode_step(graphdef, state, box[0], tokens, positions)
+    return logits
+
+  seconds = median_seconds(step, runs)
+  read, flops = decode_step_cost(cfg, n_params, batch, context, cache_bytes_per_token)
+  limit = max(read / limits['copy_bytes_per_s'], flops / limits['matmul_flops_per_s'])
+  return {
+      'variant': name, 'impl': cfg.attention_impl, 'cache_dtype': str(cfg.cache_storage_dtype),
+      'batch': batch, 'context': context, 'params': n_params,
+      'ms_per_token': 1e3 * seconds, 'tokens_per_s': batch / seconds,
+      'cache_elements_per_token': elements_per_token,
+      'cache_elements_per_token_formula': mla_jax.cache_elements_per_token(cfg),
+      'cache_bytes_per_token': cache_bytes_per_token,
+      'cache_bytes_per_token_formula': mla_jax.cache_bytes_per_token(cfg),
+      'cache_mib': cache_bytes / 2**20,
+      'bytes_read': read, 'flops': flops, 'limit_ms': 1e3 * limit,
+      'fraction_of_limit': limit / seconds,
+  }

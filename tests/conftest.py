@@ -60,3 +60,18 @@ def corpus(tmp_path_factory):
     lines = [' '.join(rng.choice(WORDS, size=8)) + '.' for _ in range(250)]
     (folder / f'part{i}.txt').write_text('\n'.join(lines))
   return str(folder / '*.txt')
+
+
+def pytest_addoption(parser):
+  parser.addoption('--long', action='store_true',
+                   help='also run the tests marked long (whole experiment pipelines, random '
+                   'kills: minutes each), which the default run and CI skip')
+
+
+def pytest_collection_modifyitems(config, items):
+  if config.getoption('--long'):
+    return
+  skip = pytest.mark.skip(reason='long: run with --long')
+  for item in items:
+    if 'long' in item.keywords:
+      item.add_marker(skip)

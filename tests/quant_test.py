@@ -247,6 +247,7 @@ def test_fused_decode_with_an_8bit_cache_equals_the_einsum_path(name):
 
 
 @pytest.mark.slow
+@pytest.mark.long
 def test_cache_quantization_quick_pipeline(corpus, tmp_path):
   """--quick trains tiny runs, scores through the cache and writes its report into the workdir,
   never over the committed results; the float32 cache's perplexity equals a full forward's."""
@@ -276,17 +277,17 @@ def test_cache_quantization_quick_pipeline(corpus, tmp_path):
 def test_decode_benchmark_counts_the_scales():
   """bench_decode's rows per cache dtype: bytes per token (and so the limit) with the scales,
   the 8-bit cache filled with quantized random values."""
-  from experiments import bench_decode
-  rows = bench_decode.configs(64, 4, 1, 'float32', cache_dtypes=(None, 'int8'))
+  from experiments import timing
+  rows = timing.decode_configs(64, 4, 1, 'float32', cache_dtypes=(None, 'int8'))
   assert 'MLA absorbed int8 cache' in rows and 'MHA float32 cache' in rows
   limits = {'copy_bytes_per_s': 1e9, 'matmul_flops_per_s': 1e9}
-  row = bench_decode.bench_row('MLA absorbed int8 cache', rows['MLA absorbed int8 cache'],
+  row = timing.decode_row('MLA absorbed int8 cache', rows['MLA absorbed int8 cache'],
                                batch=2, context=16, limits=limits, runs=1)
   cfg = rows['MLA absorbed int8 cache']
   assert row['cache_bytes_per_token'] == row['cache_bytes_per_token_formula'] == 64 + 8 + 8
   assert row['cache_dtype'] == 'int8' and row['cache_elements_per_token'] == 64 + 8
-  read, _ = bench_decode.step_cost(cfg, row['params'], 2, 16, 64 + 8 + 8)
+  read, _ = timing.decode_step_cost(cfg, row['params'], 2, 16, 64 + 8 + 8)
   assert row['bytes_read'] == read
-  caches = bench_decode.random_caches(mla_jax.Transformer(cfg, rngs=nnx.Rngs(0)).init_cache(
+  caches = timing.random_caches(mla_jax.Transformer(cfg, rngs=nnx.Rngs(0)).init_cache(
       1, 8), jax.random.key(0))
   assert caches[0].c_kv.values.dtype == jnp.int8 and np.all(caches[0].c_kv.scale > 0)

@@ -203,6 +203,7 @@ def _latest_logged_step(workdir: pathlib.Path) -> int:
 
 
 @pytest.mark.slow
+@pytest.mark.long
 def test_random_kills_end_bit_for_bit_like_an_uninterrupted_run(corpus, jax_cache, tmp_path):
   """Seven lives killed with SIGKILL, each resuming the last: five at random instants of the
   training loop (once a random step is logged, after a random delay, which lands in a step,

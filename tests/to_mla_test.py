@@ -379,6 +379,7 @@ def experiment(workdir, *args):
 
 
 @pytest.mark.slow
+@pytest.mark.long
 def test_quick_experiment_end_to_end_and_resumed(corpus, tmp_path):
   """One source and one cache size: every task's cache is its formula, the exact embedding
   scores the source's perplexity, the report lands in the workdir (never in the committed
