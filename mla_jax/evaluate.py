@@ -5,14 +5,16 @@ r"""Perplexity of a run on its validation split or on any text file.
 
 Bits are per byte with --tokenizer=byte (the default: tokens are bytes); --tokenizer=ids reads a
 .npy of token ids made by a converted checkpoint's own tokenizer (then bits are per token).
-Writes eval.json in the workdir and prints one line. The logic is mla_jax.evaluator.
+Writes eval.json in the workdir and prints one line. The logic is mla_jax.evaluator. A run
+trained on MQAR (data.task='mqar') is scored on its held-out recall set instead (recall
+accuracy and loss at the answers, as the trainer validates it).
 """
 
 
 import jax
 from absl import flags
 
-from mla_jax import cli, data, evaluator, sharding
+from mla_jax import cli, data, evaluator, sharding, tasks
 from mla_jax import workdir as wd
 from mla_jax.errors import InputError
 
@@ -39,6 +41,8 @@ def main():
   wd.check_writable(FLAGS.workdir, 'eval.json')  # before scoring, not after
   mesh = sharding.make_mesh(config.mesh)
   model, cfg = wd.load_workdir(FLAGS.workdir, FLAGS.step, mesh=mesh)
+  if not FLAGS.data and config.get('data', {}).get('task') == 'mqar':
+    return _recall(config, model, mesh)
   if FLAGS.data:
     tokens = evaluator.read_tokens(FLAGS.data, FLAGS.tokenizer, cfg.vocab_size)
     source = FLAGS.data
@@ -62,6 +66,17 @@ def main():
   print(f"{source}: perplexity {result['perplexity']:.4f}, {result[f'bits_per_{unit}']:.4f} "
         f"bits per {unit}, loss {result['loss']:.5f} nats over {result['tokens']} tokens "
         f'({jax.device_count()} devices, {jax.process_count()} processes)')
+
+
+def _recall(config, model, mesh) -> None:
+  """An MQAR run: recall accuracy and loss on its held-out set, as the trainer validates."""
+  task = tasks.MQAR(config)
+  result = task.validate(model, mesh)
+  if jax.process_index():
+    return
+  result.update(source='mqar heldout', workdir=FLAGS.workdir)
+  wd.write_json(FLAGS.workdir, 'eval.json', result)
+  print(f'mqar heldout: {task.describe(result)}')
 
 
 if __name__ == '__main__':

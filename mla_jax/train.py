@@ -18,7 +18,7 @@ import jax
 from absl import flags
 from ml_collections import config_flags
 
-from mla_jax import cli, trainer
+from mla_jax import cli, tasks, trainer
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file('config', None, 'a configs/*.py file (optionally :arg)')
@@ -35,8 +35,7 @@ def main():
   cli.initialize_distributed()
   result = trainer.train_and_evaluate(FLAGS.config, FLAGS.workdir, init_from=FLAGS.init_from)
   if result and jax.process_index() == 0:
-    print(f"validation: perplexity {result['perplexity']:.4f}, "
-          f"{result['bits_per_byte']:.4f} bits per byte over {result['tokens']} tokens")
+    print(f'validation: {tasks.task_class(FLAGS.config).describe(result)}')
 
 
 if __name__ == '__main__':

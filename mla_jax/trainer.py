@@ -28,7 +28,7 @@ import ml_collections
 import optax
 from flax import nnx
 
-from mla_jax import data, evaluator, sharding
+from mla_jax import sharding, tasks
 from mla_jax import workdir as wd
 from mla_jax.config import ConfigError, ModelConfig
 from mla_jax.errors import Error
@@ -75,14 +75,24 @@ def init_state(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh):
   return graphdef, sharding.place(state, shardings), shardings
 
 
-def loss_fn(model, batch_bt):
-  """Mean next-token cross-entropy (float32) over windows [b, seq_len + 1]."""
-  logits = model(batch_bt[:, :-1])
-  return optax.softmax_cross_entropy_with_integer_labels(logits, batch_bt[:, 1:]).mean()
+def loss_fn(model, batch):
+  """Weighted mean cross-entropy (float32), sum(weights * NLL) / sum(weights), over a batch
+  {'inputs', 'targets', 'weights'} [b, seq_len].
+
+  All-ones weights (text) take the plain mean instead: the same value, but XLA fuses the
+  product into the sum and rounds the last bit differently, and text losses stay bit for bit
+  what they were before batches carried weights (the gradients agree either way).
+  """
+  logits = model(batch['inputs'])
+  nll = optax.softmax_cross_entropy_with_integer_labels(logits, batch['targets'])
+  weights = batch['weights']
+  weighted = jnp.sum(nll * weights) / jnp.sum(weights)
+  return jnp.where(jnp.all(weights == 1), nll.mean(), weighted)
 
 
 def train_step(graphdef, state, batch_abt):
-  """One optimizer step over microbatches [accum, b, seq_len + 1]; -> (state, metrics)."""
+  """One optimizer step over microbatches {'inputs', 'targets', 'weights'} [accum, b,
+  seq_len]; -> (state, metrics). Each microbatch's loss counts equally."""
   model, opt = nnx.merge(graphdef, state)
   model_def, params = nnx.split(model)
   grad_fn = jax.value_and_grad(lambda p, micro: loss_fn(nnx.merge(model_def, p), micro))
@@ -93,7 +103,7 @@ def train_step(graphdef, state, batch_abt):
 
   zeros = (jnp.zeros((), jnp.float32), jax.tree.map(jnp.zeros_like, params))
   (loss, grads), _ = jax.lax.scan(accumulate, zeros, batch_abt)
-  n = batch_abt.shape[0]
+  n = batch_abt['inputs'].shape[0]
   loss, grads = loss / n, jax.tree.map(lambda g: g / n, grads)
   opt.update(model, grads)
   metrics = {'loss': loss, 'grad_norm': optax.tree.norm(grads)}
@@ -110,9 +120,10 @@ def jit_train_step(graphdef, state_shardings, batch_sharding):
 
 
 def batch_layout(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh):
-  """(sharding, global shape [accum, b, seq_len + 1], this process's rows of each b)."""
+  """(sharding, global shape [accum, b, seq_len] of each array of a batch, this process's
+  rows of each b)."""
   accum, batch = config.opt.grad_accum_steps, config.data.batch_size
-  shape = (accum, batch // accum, config.data.seq_len + 1)
+  shape = (accum, batch // accum, config.data.seq_len)
   layout = sharding.named_sharding(mesh, (None, 'batch', None), shape)
   return layout, shape, sharding.local_rows(layout, shape, axis=1)
 
@@ -301,20 +312,15 @@ def _check_determinism(config: ml_collections.ConfigDict) -> None:
 
 def _check(config: ml_collections.ConfigDict) -> tuple:
   """Everything about a config that can be checked before anything is written: the training
-  settings, the model, the mesh's split of the batch and the model, the data and its ids.
-  -> (data splits, mesh)."""
+  settings, the model, the mesh's split of the batch and the model, the task's data (a
+  corpus and its ids, or MQAR's held-out set). -> (task, mesh)."""
   _validate(config)
   _check_determinism(config)
-  cfg = ModelConfig.from_dict(config.model)
+  ModelConfig.from_dict(config.model)  # a bad model config fails here
   mesh = sharding.make_mesh(config.mesh)
   batch_layout(config, mesh)
   sharding.state_shardings(nnx.eval_shape(lambda: create_state(config)), mesh)
-  splits = data.load_splits(config.data)
-  for split, tokens in splits.items():
-    if tokens.max() >= cfg.vocab_size:
-      raise ConfigError(f'the {split} split has token id {tokens.max()} but model.vocab_size='
-                        f'{cfg.vocab_size}; raise vocab_size (bytes need 256)')
-  return splits, mesh
+  return tasks.load(config), mesh
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
@@ -329,7 +335,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   try:
     workdir = pathlib.Path(workdir)
     wd.check_workdir(workdir)  # a file, or read-only: before the corpus is loaded
-    splits, mesh = _check(config)
+    task, mesh = _check(config)
     resolve_init_from(config, workdir, init_from, ModelConfig.from_dict(config.model))
     wd.check_config(workdir, config)  # and again under the lock, by write_config
     # The activation constraints (sharding.constrain) read the mesh set here.
@@ -343,26 +349,23 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
       run = _init_or_resume(config, ckpts, best, mesh)  # a damaged checkpoint stops it here
       wd.write_config(workdir, config)
       wd.fault('start')
-      return _loop(config, workdir, splits, mesh, ckpts, best, run, preempt, final_eval)
+      return _loop(config, workdir, task, mesh, ckpts, best, run, preempt, final_eval)
   finally:
     preempt.close()
 
 
-def _loop(config, workdir, splits, mesh, ckpts, best, run, preempt, final_eval) -> dict:
+def _loop(config, workdir, task, mesh, ckpts, best, run, preempt, final_eval) -> dict:
   graphdef, state, shardings, start, best_loss = run
   step_sharding, batch_shape, rows = batch_layout(config, mesh)
   train_step_fn = jit_train_step(graphdef, shardings, step_sharding)
-  t, accum = config.train, config.opt.grad_accum_steps
+  t = config.train
   end = t.steps if not t.stop_after_steps else min(t.steps, start + t.stop_after_steps)
   if start >= end:
     print(f'{workdir} is complete at step {start}; evaluate it with python -m '
           f'mla_jax.evaluate --workdir={workdir}', file=sys.stderr)
     return {}
-  batches = data.train_batches(splits['train'], config.data.seq_len, config.data.batch_size,
-                               config.seed, start, accum=accum, rows=rows)
-  validate = functools.partial(evaluator.perplexity, tokens=splits['val'],
-                               seq_len=config.eval.seq_len, stride=config.eval.stride,
-                               batch_size=config.eval.batch_size, mesh=mesh)
+  batches = task.train_batches(start, rows)
+  validate = functools.partial(task.validate, mesh=mesh)
   schedule = learning_rate(config.opt, t.steps)
   log = _Log(workdir, t.steps, start)
   pending, window_start, window_tokens = [], time.perf_counter(), 0
@@ -370,8 +373,7 @@ def _loop(config, workdir, splits, mesh, ckpts, best, run, preempt, final_eval) 
   if start == 0 and config.get('init_from'):  # where the given parameters start from
     model = nnx.merge(graphdef, state)[0]
     last_eval, evaluated_at = validate(model), 0
-    log.write(0, {'val_loss': last_eval['loss'], 'val_perplexity': last_eval['perplexity'],
-                  'val_bits_per_byte': last_eval['bits_per_byte']})
+    log.write(0, {f'val_{k}': last_eval[k] for k in task.logged})
     best_loss = last_eval['loss']
     wd.save(best, 0, nnx.state(model), meta={'step': 0, 'val_loss': best_loss})
     window_start = time.perf_counter()
@@ -379,7 +381,8 @@ def _loop(config, workdir, splits, mesh, ckpts, best, run, preempt, final_eval) 
   try:
     step = start
     while step < end:
-      batch = sharding.global_batch(next(batches), step_sharding, batch_shape)
+      batch = {k: sharding.global_batch(x, step_sharding, batch_shape)
+               for k, x in next(batches).items()}
       state, metrics = train_step_fn(state, batch)
       step += 1
       # Read once per step: a SIGTERM that arrives while this step validates or saves stops
@@ -402,9 +405,7 @@ def _loop(config, workdir, splits, mesh, ckpts, best, run, preempt, final_eval) 
         model, opt = nnx.merge(graphdef, state)
       if evaluate_now:
         last_eval, evaluated_at = validate(model), step
-        log.write(step, {'val_loss': last_eval['loss'], 'val_perplexity':
-                         last_eval['perplexity'], 'val_bits_per_byte':
-                         last_eval['bits_per_byte']})
+        log.write(step, {f'val_{k}': last_eval[k] for k in task.logged})
         if last_eval['loss'] < best_loss:
           best_loss = last_eval['loss']
           # best/ before checkpoints/: a run resumed from checkpoint s finds best/ up to date

@@ -30,7 +30,7 @@ import json, sys
 import numpy as np
 from flax import nnx
 from configs import gqa, mha, mla
-from mla_jax import data, decode, sharding, trainer
+from mla_jax import data, decode, sharding, tasks, trainer
 from mla_jax import workdir as wd
 CORPUS = {corpus!r}
 
@@ -68,7 +68,9 @@ def test_five_steps_match_one_device_on_every_mesh(corpus):
                                      config.data.batch_size, config.seed, rows=rows)
         out = []
         for i in range(5):
-          state, metrics = step(state, sharding.global_batch(sampler[i], layout, shape))
+          batch = {{k: sharding.global_batch(x, layout, shape)
+                    for k, x in tasks.text_batch(sampler[i]).items()}}
+          state, metrics = step(state, batch)
           out.append(float(metrics['loss']))
       result[f'{{name}} {{sizes}}'] = out
   print(json.dumps(result))

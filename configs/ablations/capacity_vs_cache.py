@@ -65,10 +65,11 @@ def _shared(quick: bool) -> ConfigDict:
   return c
 
 
-def _apply_row(c: ConfigDict, name: str) -> ConfigDict:
+def apply_row(c: ConfigDict, name: str) -> ConfigDict:
+  """The row's attention on config c (in place): G KV heads, or d_c = k d_h and d_r = d_h / 2."""
   attention, k = ROWS[name]
   m = c.model
-  head_dim = m.d_model // m.n_heads
+  head_dim = m.head_dim or m.d_model // m.n_heads
   m.attention = attention
   if attention == 'gqa':
     m.n_kv_heads = k
@@ -82,9 +83,12 @@ def get_config(arg: str = 'mla4') -> ConfigDict:
   name, _, mode = arg.partition(',')
   if name not in ROWS or mode not in ('', 'quick'):
     raise ValueError(f'unknown row {arg!r}: use one of {sorted(ROWS)}, optionally with ",quick"')
-  quick = mode == 'quick'
-  reference = _apply_row(_shared(quick), REFERENCE)
-  target = param_count(ModelConfig.from_dict(reference.model))
-  c = _apply_row(_shared(quick), name)
+  return matched_row(lambda: _shared(mode == 'quick'), name)
+
+
+def matched_row(shared, name: str) -> ConfigDict:
+  """Row `name` on the config shared() makes, its SwiGLU width matching REFERENCE's count."""
+  target = param_count(ModelConfig.from_dict(apply_row(shared(), REFERENCE).model))
+  c = apply_row(shared(), name)
   c.model.d_ff = matched_d_ff(c.model, target)
   return c

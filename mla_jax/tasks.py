@@ -1,0 +1,99 @@
+"""What the trainer learns from and how it validates: config.data.task.
+
+  text  next-token prediction on a corpus (data.py); every position is scored (weights 1);
+        validation is perplexity over the held-out split (evaluator.perplexity)
+  mqar  multi-query associative recall (mqar.py, config.data.mqar); only the answers are
+        scored; validation is recall accuracy and loss on a fixed held-out set
+
+Either way a training batch is {'inputs', 'targets', 'weights'}, each [accum, rows, seq_len]
+(int32, int32, float32), served by grain from a sampler that is a function of (seed, step):
+the trainer's loss is sum(weights * NLL) / sum(weights) per microbatch for every task.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from mla_jax import data, evaluator, mqar
+from mla_jax.config import ConfigError
+
+TASKS = ('text', 'mqar')
+
+
+def text_batch(windows: np.ndarray) -> dict:
+  """Windows [..., seq_len + 1] -> inputs, next-token targets, and weights 1 everywhere."""
+  return {'inputs': windows[..., :-1], 'targets': windows[..., 1:],
+          'weights': np.ones(windows[..., 1:].shape, np.float32)}
+
+
+class Text:
+  """The corpus of config.data, loaded here (a bad corpus, or ids the model's vocabulary
+  cannot hold, fail before a run is written)."""
+
+  logged = ('loss', 'perplexity', 'bits_per_byte')  # validation metrics, in log order
+
+  def __init__(self, config):
+    self.config = config
+    self.splits = data.load_splits(config.data)
+    vocab_size = config.model.vocab_size
+    for split, tokens in self.splits.items():
+      if tokens.max() >= vocab_size:
+        raise ConfigError(f'the {split} split has token id {tokens.max()} but model.vocab_size='
+                          f'{vocab_size}; raise vocab_size (bytes need 256)')
+
+  def train_batches(self, start_step: int, rows: slice):
+    d = self.config.data
+    sampler = data.WindowSampler(self.splits['train'], d.seq_len, d.batch_size,
+                                 self.config.seed, self.config.opt.grad_accum_steps, rows)
+    return data.prefetched(sampler, start_step, text_batch)
+
+  def validate(self, model, mesh=None) -> dict:
+    e = self.config.eval
+    return evaluator.perplexity(model, self.splits['val'], e.seq_len, e.stride, e.batch_size,
+                               mesh)
+
+  @staticmethod
+  def describe(result: dict) -> str:
+    return (f"perplexity {result['perplexity']:.4f}, {result['bits_per_byte']:.4f} bits per "
+            f"byte over {result['tokens']} tokens")
+
+
+class MQAR:
+  """MQAR over the model's vocabulary at data.seq_len; the held-out set (data.mqar.val_examples
+  from the HELDOUT stream of data.mqar.val_seed) is the same for every training seed."""
+
+  logged = ('loss', 'accuracy')
+
+  def __init__(self, config):
+    self.config, m = config, config.data.mqar
+    self.task = mqar.MQAR(config.model.vocab_size, config.data.seq_len, m.num_kv_pairs,
+                          m.power_a)
+    if m.val_examples < 1:
+      raise mqar.MQARError(f'data.mqar.val_examples={m.val_examples} must be >= 1')
+    self.heldout = self.task.heldout(m.val_examples, min(config.eval.batch_size,
+                                                         m.val_examples), m.val_seed)
+
+  def train_batches(self, start_step: int, rows: slice):
+    c = self.config
+    sampler = mqar.Sampler(self.task, c.data.batch_size, c.seed, c.opt.grad_accum_steps, rows)
+    return data.prefetched(sampler, start_step)
+
+  def validate(self, model, mesh=None) -> dict:
+    return mqar.evaluate(model, self.heldout, mesh)
+
+  @staticmethod
+  def describe(result: dict) -> str:
+    return (f"recall accuracy {result['accuracy']:.4f} over {result['answers']} answers, "
+            f"loss {result['loss']:.4f}")
+
+
+def task_class(config) -> type[Text] | type[MQAR]:
+  name = config.data.get('task', 'text')  # configs written before tasks existed are text
+  if name not in TASKS:
+    raise ConfigError(f'data.task={name!r} is unknown; use one of {TASKS}')
+  return Text if name == 'text' else MQAR
+
+
+def load(config) -> Text | MQAR:
+  """The task of config.data.task, its data loaded (or its held-out set drawn)."""
+  return task_class(config)(config)
