@@ -61,6 +61,24 @@ def checkpoint_steps(folder) -> list[int]:
   return sorted(int(p.name) for p in folder.iterdir() if p.name.isdigit() and p.is_dir())
 
 
+# Task settings sections of config.data (mla_jax.tasks): each matters only to its own task.
+_TASK_SECTIONS = ('mqar',)
+
+
+def _comparable(section: str, value):
+  """A recorded config section as the code reads it now, so that a run recorded before a field
+  existed still resumes: model fields added since take their ModelConfig defaults, a data
+  section without a task is text, and a task's settings count only for the task that runs."""
+  if value is None:
+    return value
+  if section == 'model':
+    return ModelConfig.from_dict(value).to_dict()
+  if section == 'data':
+    value = {'task': 'text', **value}
+    return {k: v for k, v in value.items() if k not in _TASK_SECTIONS or k == value['task']}
+  return value
+
+
 def check_config(workdir, config: ml_collections.ConfigDict) -> None:
   """Refuses a config that differs from the run in workdir in seed, model, data or opt. A
   workdir without a checkpoint holds no run yet (a start that failed or was killed before its
@@ -70,7 +88,7 @@ def check_config(workdir, config: ml_collections.ConfigDict) -> None:
     return
   old, new = _read_json(path), json.loads(config.to_json_best_effort())
   for section in ('seed', 'model', 'data', 'opt'):
-    if old.get(section) != new.get(section):
+    if _comparable(section, old.get(section)) != _comparable(section, new.get(section)):
       raise WorkdirError(f'{path.parent} holds a run whose {section!r} differs from this '
                          'config; resume with the same config or use a new --workdir')
 

@@ -9,6 +9,7 @@ import sys
 import numpy as np
 import pytest
 
+from configs import base
 from configs import mla as mla_config
 from mla_jax import trainer
 from mla_jax import workdir as wd
@@ -176,3 +177,23 @@ def test_bfloat16_compute_trains_like_float32(corpus, tmp_path):
   assert all(np.isfinite(b)) and b[-1] < b[0] - 0.3
   np.testing.assert_allclose(a, b, atol=0.05)
   assert a != b  # really computed in bfloat16
+
+
+def test_a_run_recorded_before_newer_config_fields_still_resumes(tmp_path):
+  """config.json written before model fields, data.task and its settings existed: the same
+  run resumes (they take their defaults); a real change is still refused."""
+  config = base.get_config()
+  recorded = json.loads(config.to_json_best_effort())
+  for field in ('rope_block', 'kv_norm', 'cache_dtype'):
+    del recorded['model'][field]
+  del recorded['data']['task'], recorded['data']['mqar']
+  (tmp_path / 'config.json').write_text(json.dumps(recorded))
+  (tmp_path / 'checkpoints' / '5').mkdir(parents=True)
+  wd.check_config(tmp_path, config)  # no error
+  config.model.n_layers += 1
+  with pytest.raises(wd.WorkdirError, match="'model' differs"):
+    wd.check_config(tmp_path, config)
+  config = base.get_config()
+  config.data.task = 'mqar'
+  with pytest.raises(wd.WorkdirError, match="'data' differs"):
+    wd.check_config(tmp_path, config)
