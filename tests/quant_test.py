@@ -185,11 +185,12 @@ def trained(corpus, tmp_path_factory):
 # ~9.5 per position. The bounds are about 2.3x the largest: room for another machine's
 # rounding, tight enough that a scale lost, applied twice or on the wrong axis (errors of
 # order one) fails. Greedy generation is decided by the top two logits, and these tiny models
-# have near ties: the leading agreement was 5-64 tokens for int8 (5: mla_q) and 20-64 for fp8.
-# So N = 4, and the stronger check: the 8-bit cache's generation may leave the float32 one
-# only at a step where the float32 logits' top two are within twice the error bound.
+# have near ties: the leading agreement was 5-64 tokens for int8 (5: mla_q) and 20-64 for fp8,
+# and 3 for mla_exact (the exact-embedding shape: no latent norm, a wide rope key), which left
+# at a near tie. So N = 3, and the stronger check: the 8-bit cache's generation may leave the
+# float32 one only at a step where the float32 logits' top two are within twice the bound.
 LOGIT_BOUND = {'int8': 0.08, 'float8_e4m3fn': 0.4}
-GREEDY_AGREE = 4
+GREEDY_AGREE = 3
 
 
 @pytest.mark.slow
@@ -208,11 +209,11 @@ def test_8bit_cache_decodes_close_to_the_float32_cache(trained, name):
     error = np.abs(mla_jax.logits_through_cache(m, tokens, prefill_len=8) - ref_logits).max()
     assert 0 < error <= LOGIT_BOUND[cache_dtype], (cache_dtype, error)
     got = np.asarray(mla_jax.generate(m, prompt, max_new_tokens=64))[0]
-    np.testing.assert_array_equal(got[:GREEDY_AGREE], ref_tokens[:GREEDY_AGREE])
     if (got != ref_tokens).any():
       first = int(np.argmax(got != ref_tokens))
       gap = top2[first, 1] - top2[first, 0]
-      assert gap <= 2 * LOGIT_BOUND[cache_dtype], (cache_dtype, first, gap)
+      assert first >= GREEDY_AGREE and gap <= 2 * LOGIT_BOUND[cache_dtype], (
+          cache_dtype, first, gap)
 
 
 # --- the decode kernels read the 8-bit cache --------------------------------------------------
@@ -221,7 +222,7 @@ def test_8bit_cache_decodes_close_to_the_float32_cache(trained, name):
 # cover both formats on both cache classes, MHA's transposed einsum values against the kernel's
 # [b, g, s, k], and MLA's naive path (fused prefill and decode through mla_jax.fused).
 KERNEL_CASES = {'mha': 'int8', 'gqa': 'float8_e4m3fn', 'mqa': 'int8', 'mla': 'int8',
-                'mla_q': 'float8_e4m3fn', 'mla_naive': 'float8_e4m3fn'}
+                'mla_q': 'float8_e4m3fn', 'mla_naive': 'float8_e4m3fn', 'mla_exact': 'int8'}
 
 
 @pytest.mark.slow
