@@ -82,6 +82,7 @@ def _cli(workdir, *args):
       cwd=ROOT, capture_output=True, text=True, timeout=600)
 
 
+@pytest.mark.long
 @pytest.mark.slow
 def test_quick_pipeline_end_to_end(corpus, tmp_path):
   """Every row, 2 seeds: cache measured = formula, params matched, report written outside the

@@ -193,6 +193,7 @@ LOGIT_BOUND = {'int8': 0.08, 'float8_e4m3fn': 0.4}
 GREEDY_AGREE = 3
 
 
+@pytest.mark.long
 @pytest.mark.slow
 @pytest.mark.parametrize('name', sorted(VARIANTS))
 def test_8bit_cache_decodes_close_to_the_float32_cache(trained, name):

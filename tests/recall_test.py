@@ -130,6 +130,7 @@ def _cli(workdir, *args):
 QUICK_ROWS = ('mha', 'gqa2', 'mqa', 'mla4')
 
 
+@pytest.mark.long
 @pytest.mark.slow
 def test_quick_pipeline_end_to_end(tmp_path):
   """Learning rates swept on seed 0, seed 1 at the chosen rate, cache measured = formula,

@@ -162,6 +162,7 @@ PHASES = ('start', 'checkpoints:before', 'checkpoints:during', 'checkpoints:writ
 CHAIN = dict(steps=12, eval_every=2, checkpoint_every=3, keep_checkpoints=2)
 
 
+@pytest.mark.long
 @pytest.mark.slow
 def test_a_kill_at_every_phase_of_a_save_resumes_exactly(corpus, jax_cache, tmp_path):
   """One life killed with SIGKILL at each phase in turn, each resuming the last: start-up;

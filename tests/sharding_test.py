@@ -53,6 +53,7 @@ def run_python(code: str, corpus: str, devices: int = 8, timeout: int = 600):
   return json.loads(out.stdout.strip().splitlines()[-1])
 
 
+@pytest.mark.long
 def test_five_steps_match_one_device_on_every_mesh(corpus):
   losses = run_python(f'''
   result = {{}}
@@ -210,6 +211,7 @@ def _losses(workdir):
   return [r['loss'] for r in rows if 'loss' in r]
 
 
+@pytest.mark.long
 def test_two_processes_train_and_evaluate_like_one(corpus, tmp_path):
   train = ['mla_jax.train', '--config=configs/mla.py:tiny', f'--config.data.files={corpus}',
            '--config.train.steps=3', '--config.train.eval_every=100']
