@@ -29,7 +29,6 @@ import functools
 import json
 import math
 import pathlib
-import platform
 import sys
 import time
 
@@ -42,6 +41,7 @@ from flax import nnx
 
 import mla_jax
 from configs import gqa, mha, mla, mqa
+from experiments import runner
 from mla_jax import cli, data, evaluator, trainer
 from mla_jax import workdir as wd
 from mla_jax.model import with_config
@@ -220,16 +220,6 @@ def markdown(results: dict, setup: dict) -> str:
   return '\n'.join(lines) + '\n'
 
 
-def _machine() -> str:
-  cpu = platform.processor() or platform.machine()
-  cpuinfo = pathlib.Path('/proc/cpuinfo')
-  if cpuinfo.exists():
-    names = [line.split(':', 1)[1].strip() for line in cpuinfo.read_text().splitlines()
-             if line.startswith('model name')]
-    cpu = names[0] if names else cpu
-  return f'{cpu} ({jax.devices()[0].platform}), Python {platform.python_version()}'
-
-
 def options() -> dict:
   opts = {k: getattr(FLAGS, k) for k in QUICK}
   if FLAGS.quick:  # the quick sizes, unless a flag was given explicitly
@@ -266,7 +256,8 @@ def main(argv):
             f"greedy {r['greedy_leading']} [{r['perplexity_s']:.0f} s + {r['generate_s']:.0f} s]",
             flush=True)
   setup = dict(command=' '.join(['python -m experiments.cache_quantization', *sys.argv[1:]]),
-               quick=FLAGS.quick, machine=_machine(), date=datetime.date.today().isoformat(),
+               quick=FLAGS.quick, machine=runner.machine(),
+               date=datetime.date.today().isoformat(),
                wall_s=time.perf_counter() - start, options=opts,
                cache_dtypes=FLAGS.cache_dtypes, data=FLAGS.data_files or 'shakespeare',
                jax=jax.__version__)

@@ -29,7 +29,7 @@ import optax
 from absl import app, flags
 from flax import nnx
 
-from experiments import torch_peer
+from experiments import timing, torch_peer
 from mla_jax import cli, sharding, tasks, trainer
 from mla_jax.config import ModelConfig
 
@@ -138,12 +138,7 @@ def jax_ops(config, steps: int = 2) -> dict:
 
   mesh = sharding.make_mesh(config.mesh)
   with jax.set_mesh(mesh):
-    graphdef, state, shardings = trainer.init_state(config, mesh)
-    batch_sharding, shape, _ = trainer.batch_layout(config, mesh)
-    step = trainer.jit_train_step(graphdef, shardings, batch_sharding)
-    windows = np.random.default_rng(0).integers(0, 256, (*shape[:-1], shape[-1] + 1),
-                                                dtype=np.int32)
-    batch = jax.device_put(tasks.text_batch(windows), batch_sharding)
+    state, step, batch = timing.fixed_batch_step(config, mesh)
     instructions, bodies = _hlo_index(step.lower(state, batch).compile().as_text())
     for _ in range(2):
       state, metrics = step(state, batch)

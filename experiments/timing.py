@@ -49,16 +49,22 @@ def machine_limits(runs: int, mib: int = 1024, dtype: str = 'float32', n: int = 
           'matmul_flops_per_s': 2 * n**3 / matmul_s, 'dtype': dtype}
 
 
+def fixed_batch_step(config, mesh) -> tuple:
+  """(initial state, the jitted train step, one fixed random text batch) on `mesh`: the train
+  step as the trainer builds it, to time or profile alone. Call under jax.set_mesh(mesh)."""
+  graphdef, state, shardings = trainer.init_state(config, mesh)
+  batch_sharding, shape, _ = trainer.batch_layout(config, mesh)
+  step = trainer.jit_train_step(graphdef, shardings, batch_sharding)
+  windows = np.random.default_rng(0).integers(0, 256, (*shape[:-1], shape[-1] + 1),
+                                              dtype=np.int32)
+  return state, step, jax.device_put(tasks.text_batch(windows), batch_sharding)
+
+
 def time_train_step(config, mesh, steps: int) -> dict:
   """Compile time, median step time and compiled HLO text of the train step on `mesh`, called
   directly on one fixed batch (nothing else running)."""
   with jax.set_mesh(mesh):
-    graphdef, state, shardings = trainer.init_state(config, mesh)
-    batch_sharding, shape, _ = trainer.batch_layout(config, mesh)
-    step = trainer.jit_train_step(graphdef, shardings, batch_sharding)
-    windows = np.random.default_rng(0).integers(0, 256, (*shape[:-1], shape[-1] + 1),
-                                                dtype=np.int32)
-    batch = jax.device_put(tasks.text_batch(windows), batch_sharding)
+    state, step, batch = fixed_batch_step(config, mesh)
     start = time.perf_counter()
     compiled = step.lower(state, batch).compile()
     compile_s = time.perf_counter() - start  # the timed calls below compile once more, untimed
