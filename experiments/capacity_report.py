@@ -31,6 +31,28 @@ COMPARISONS = [
 ]
 
 
+def name(geometry: str) -> str:
+  """The report's file name: the small geometry keeps the original name."""
+  return NAME if geometry == 'small' else f'{NAME}_{geometry}'
+
+
+def best_rate(results: list[dict]) -> float:
+  """The rate whose seed-0 run has the lowest validation loss; diverged runs are out."""
+  finished = [r for r in results if not r.get('diverged')]
+  if not finished:
+    raise ValueError(f"{results[0]['row']}: every rate diverged (non-finite loss); rerun with "
+                     'lower --lrs')
+  return min(finished, key=lambda r: r['loss'])['lr']
+
+
+def sweep_table(sweep: list[dict]) -> dict[str, dict[str, float | None]]:
+  """row -> {rate: validation loss of seed 0 (None: diverged)}."""
+  table: dict = {}
+  for r in sweep:
+    table.setdefault(r['row'], {})[f"{r['lr']:g}"] = None if r.get('diverged') else r['loss']
+  return table
+
+
 def mechanism(r: dict) -> str:
   m = r['model']
   if r['attention'] == 'gqa':
@@ -45,13 +67,23 @@ def _mean_std(xs: list[float]) -> tuple[float, float]:
 
 
 def summarize(results: list[dict]) -> dict[str, dict]:
-  """Per row: the seed-independent facts once, and loss / perplexity as mean and std."""
+  """Per row: the seed-independent facts once, and loss / perplexity as mean and std over the
+  seeds that trained to the end (`diverged` lists those a non-finite loss stopped)."""
   rows: dict[str, list[dict]] = {}
+  diverged: dict[str, list[int]] = {}
   for r in sorted(results, key=lambda r: r['seed']):
-    rows.setdefault(r['row'], []).append(r)
+    if r.get('diverged'):
+      diverged.setdefault(r['row'], []).append(r['seed'])
+    else:
+      rows.setdefault(r['row'], []).append(r)
+  if set(diverged) - set(rows):
+    raise ValueError(f'{sorted(set(diverged) - set(rows))}: every seed diverged at the chosen '
+                     'rate (non-finite loss); rerun with lower --lrs')
   summary = {}
   for row, runs in rows.items():
     first = runs[0]
+    if len({r['lr'] for r in runs}) > 1:
+      raise ValueError(f"{row}: seeds trained at different rates: {[r['lr'] for r in runs]}")
     for key in ('params', 'cache_elements_measured', 'cache_bytes_bf16_measured',
                 *BYTES_8BIT):
       if any(r.get(key) != first.get(key) for r in runs):
@@ -66,7 +98,8 @@ def summarize(results: list[dict]) -> dict[str, dict]:
         elements_measured=first['cache_elements_measured'],
         bytes_bf16=first['cache_bytes_bf16_measured'], params=first['params'],
         **{short: first.get(key) for key, short in BYTES_8BIT.items()},
-        d_ff=first['d_ff'], seeds=[r['seed'] for r in runs], losses=[r['loss'] for r in runs],
+        d_ff=first['d_ff'], lr=first.get('lr'), diverged=diverged.get(row, []),
+        seeds=[r['seed'] for r in runs], losses=[r['loss'] for r in runs],
         loss=loss, loss_std=loss_std, perplexity=ppl, perplexity_std=ppl_std,
         tokens_per_s=statistics.fmean(speeds) if speeds else None,
         train_tokens=first['train_tokens'], model=first['model'])
@@ -104,20 +137,35 @@ def _setup_line(summary: dict) -> str:
           f"{len(next(iter(summary.values()))['seeds'])} seeds")
 
 
-def markdown(summary: dict, comparisons: list[dict], setup: dict) -> str:
+def _protocol(setup: dict) -> str:
+  lrs = setup.get('lrs')
+  if not lrs:  # a report from before the sweep: one rate for every row
+    return 'Every row at base.py\'s learning rate (3e-3); no row is tuned.'
+  if len(lrs) == 1:
+    return f'Every row at lr {lrs[0]:g} (one rate given: no sweep).'
+  rates = ', '.join(f'{lr:g}' for lr in lrs)
+  return (f'Each row at its own learning rate: seed 0 trained at each of {rates} '
+          'and the rate with the lowest validation loss chosen (table below); the seeds '
+          'reported are fresh ones (1, 2, ...) at that rate, never the run that chose it.')
+
+
+def markdown(summary: dict, sweep: dict, comparisons: list[dict], setup: dict) -> str:
+  geometry = setup.get('geometry', 'small')
   lines = [
-      '# Capacity vs KV-cache size (DeepSeek-V2 Table 1, Tables 8-9 in miniature)', '',
+      '# Capacity vs KV-cache size (DeepSeek-V2 Table 1, Tables 8-9 in miniature)'
+      + ('' if geometry == 'small' else f': {geometry} geometry'), '',
       f"`{setup['command']}` on {setup['machine']}, {setup['date']}"
       f"{' (QUICK: a pipeline check; the numbers mean nothing)' if setup['quick'] else ''}.",
       f'{_setup_line(summary)}. Every row has the same width, depth, query heads, '
-      'data order (per seed), tokens, optimizer and learning rate; only the attention '
+      'data order (per seed), tokens, optimizer and schedule; only the attention '
       'differs, and the SwiGLU width d_ff is set per row to match MHA\'s parameter count. '
+      f'{_protocol(setup)} '
       'Validation: three held-out plays, every byte scored once. Loss is nats per byte, '
       'mean ± std (sample) over seeds.', '',
       '| mechanism | paper | KV cache per token | elements (formula) | elements (measured) '
-      '| bytes bf16 | bytes int8 | bytes fp8 | d_ff | params | val loss | val perplexity '
+      '| bytes bf16 | bytes int8 | bytes fp8 | d_ff | params | lr | val loss | val perplexity '
       '| train tokens/s |',
-      '|---|---|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|',
+      '|---|---|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|',
   ]
   mha_params = summary.get('mha', {}).get('params')
   for s in sorted(summary.values(), key=lambda s: (s['attention'] == 'mla',
@@ -127,11 +175,11 @@ def markdown(summary: dict, comparisons: list[dict], setup: dict) -> str:
       params += f" ({100 * (s['params'] / mha_params - 1):+.1f}%)"
     speed = f"{s['tokens_per_s']:,.0f}" if s['tokens_per_s'] else 'n/a'
     int8, fp8 = (f'{s[k]:,}' if s.get(k) else 'n/a' for k in ('bytes_int8', 'bytes_fp8'))
+    lr = f"{s['lr']:g}" if s.get('lr') else '3e-3'
     lines.append(
         f"| {s['mechanism']} | {s['paper']} | {s['formula']} | {s['elements_formula']:,} | "
         f"{s['elements_measured']:,} | {s['bytes_bf16']:,} | {int8} | {fp8} | {s['d_ff']} | "
-        f"{params} | "
-        f"{s['loss']:.4f} ± {s['loss_std']:.4f} | {s['perplexity']:.3f} ± "
+        f"{params} | {lr} | {s['loss']:.4f} ± {s['loss_std']:.4f} | {s['perplexity']:.3f} ± "
         f"{s['perplexity_std']:.3f} | {speed} |")
   exact = all(s['elements_formula'] == s['elements_measured'] for s in summary.values())
   lines += [
@@ -152,6 +200,22 @@ def markdown(summary: dict, comparisons: list[dict], setup: dict) -> str:
   for c in comparisons:
     lines.append(f"| {c['claim']} | {c['gap']:+.4f} | {c['spread']:.4f} | "
                  f"{c['seeds_agreeing']}/{c['seeds']} | {c['verdict']} |")
+  diverged = {row: s['diverged'] for row, s in summary.items() if s.get('diverged')}
+  if diverged:
+    lines += ['', 'Seeds stopped by a non-finite loss at the chosen rate (not in the means): '
+              + ', '.join(f'{row} {seeds}' for row, seeds in diverged.items()) + '.']
+  if sweep:
+    rates = sorted({lr for by_rate in sweep.values() for lr in by_rate}, key=float)
+    lines += ['', '## Learning-rate sweep (seed 0, validation loss; the chosen rate in bold)',
+              '', '| row | ' + ' | '.join(f'lr {lr}' for lr in rates) + ' |',
+              '|---|' + '--:|' * len(rates)]
+    for row, s in summary.items():
+      cells = []
+      for lr in rates:
+        loss = sweep.get(row, {}).get(lr, 'n/a')
+        text = 'diverged' if loss is None else loss if loss == 'n/a' else f'{loss:.4f}'
+        cells.append(f'**{text}**' if s.get('lr') and f"{s['lr']:g}" == lr else text)
+      lines.append(f"| {s['mechanism']} | " + ' | '.join(cells) + ' |')
   return '\n'.join(lines) + '\n'
 
 
@@ -198,20 +262,23 @@ def plot(summary: dict, setup: dict, path: pathlib.Path) -> None:
   plt.close(fig)
 
 
-def write(results: list[dict], setup: dict, out: pathlib.Path) -> list[pathlib.Path]:
-  """Writes capacity_vs_cache.{md,json,png} into `out`; returns their paths."""
+def write(results: list[dict], sweep: list[dict], setup: dict,
+          out: pathlib.Path) -> list[pathlib.Path]:
+  """Writes capacity_vs_cache[_<geometry>].{md,json,png} into `out`; returns their paths."""
   setup = {**setup, 'date': datetime.date.today().isoformat()}
   summary = summarize(results)
+  table = sweep_table(sweep)
   comparisons = []
   for better, worse, claim in COMPARISONS:
     c = compare(summary, better, worse)
     if c:
       comparisons.append({**c, 'claim': claim})
   out.mkdir(parents=True, exist_ok=True)
-  paths = [out / f'{NAME}.{ext}' for ext in ('md', 'json', 'png')]
-  paths[0].write_text(markdown(summary, comparisons, setup))
-  per_run = [{k: v for k, v in r.items() if k != 'model'} for r in results]
+  paths = [out / f"{name(setup.get('geometry', 'small'))}.{ext}" for ext in ('md', 'json', 'png')]
+  paths[0].write_text(markdown(summary, table, comparisons, setup))
+  strip = lambda runs: [{k: v for k, v in r.items() if k != 'model'} for r in runs]
   paths[1].write_text(json.dumps(dict(setup=setup, rows=summary, comparisons=comparisons,
-                                      runs=per_run), indent=1))
+                                      sweep=table, runs=strip(results),
+                                      sweep_runs=strip(sweep)), indent=1))
   plot(summary, setup, paths[2])
   return paths

@@ -6,25 +6,26 @@ several numbers of key-value pairs, each at its best learning rate, over seeds.
   python -m experiments.recall_vs_cache --workdir=runs/r64 --seq_len=64 --kv_pairs=8 \
       --lrs=1e-2 --seeds=3 --steps=1000                  # a smaller grid: ~1 CPU hour
 
-Protocol (Zoology's best of up to four learning rates, then seeds): for each row and N, seed 0
-is trained at each rate of --lrs and the rate with the best recall on the validation set (the
-trainer's held-out set, val_seed 0) is chosen; then --seeds fresh seeds (1, 2, ...) are trained
-at that rate and reported, as mean ± std, on a separate test set (val_seed TEST_SEED). The run
-that chose the rate is never among those reported. With one rate there is nothing to choose
-and no sweep is trained. A run whose loss turns non-finite is recorded as diverged: the sweep
-passes over its rate, and the report counts diverged seeds apart.
+Protocol (experiments/sweep.py: Zoology's best of up to four learning rates, then seeds): for
+each row and N, seed 0 is trained at each rate of --lrs and the rate with the best recall on
+the validation set (the trainer's held-out set, val_seed 0) is chosen; then --seeds fresh
+seeds (1, 2, ...) are trained at that rate and reported, as mean ± std, on a separate test set
+(val_seed TEST_SEED). The run that chose the rate is never among those reported. With one
+rate there is nothing to choose and no sweep is trained. A run whose loss turns non-finite is
+recorded as diverged: the sweep passes over its rate, and the report counts diverged seeds
+apart.
 
 Each run is an ordinary mla_jax workdir, workdir/<row>/seq<T>_kv<N>_steps<S>/lr<rate>/seed<k>,
 trained in its own process pinned to one core (experiments/runner.py): finished runs are never
 redone, an interrupted one resumes from its last checkpoint, and runs of other settings
-(another --seq_len, --steps or --lrs) sit beside them without mixing. Each run's decode cache
-is counted from the arrays a bfloat16 prefill + decode step returns and must equal the formula;
-the bytes per token of int8 and float8_e4m3fn caches (their float32 scales included) are
-measured the same way. The CPU time left is estimated before anything trains (--dry_run
-prints the plan and the estimate only: shrink --kv_pairs, --lrs, --seeds, --steps or --rows
-until it fits a budget). The report (recall_vs_cache.md / .json / .png) goes to
---results_dir: experiments/results for the full protocol, the workdir for --quick (which
-never overwrites the committed results).
+(another --seq_len, --steps or --lrs) sit beside them without mixing. Each reported run's
+decode cache (a sweep run's is not measured) is counted from the arrays a bfloat16 prefill +
+decode step returns and must equal the formula; the bytes per token of int8 and float8_e4m3fn
+caches (their float32 scales included) are measured the same way. The CPU time left is
+estimated before anything trains (--dry_run prints the plan and the estimate only: shrink
+--kv_pairs, --lrs, --seeds, --steps or --rows until it fits a budget). The report
+(recall_vs_cache.md / .json / .png) goes to --results_dir: experiments/results for the full
+protocol, the workdir for --quick (which never overwrites the committed results).
 """
 
 from __future__ import annotations
@@ -44,6 +45,7 @@ from absl import flags
 from configs.ablations import capacity_vs_cache as capacity
 from configs.ablations import recall_vs_cache as ablation
 from experiments import recall_report, runner
+from experiments import sweep as sweep_lib
 from mla_jax import cli, tasks, trainer
 from mla_jax import workdir as wd
 from mla_jax.errors import InputError
@@ -95,8 +97,8 @@ def run_path(row: str, seq_len: int, kv_pairs: int, steps: int, lr: float,
 
 
 def _worker(spec: str) -> None:
-  """Trains one run, scores it on the validation and test sets, measures its decode cache;
-  writes result.json last."""
+  """Trains one run, scores it on the validation and test sets, measures its decode cache
+  (not for a sweep run); writes result.json last."""
   row, seq_len, kv, steps, lr, seed = spec.split(':')
   seq_len, kv, steps, lr, seed = int(seq_len), int(kv), int(steps), float(lr), int(seed)
   # The seeds of a row and setting compile the same programs: the persistent cache compiles
@@ -123,15 +125,10 @@ def _worker(spec: str) -> None:
   test_config.data.mqar.val_seed = ablation.TEST_SEED
   test = tasks.MQAR(test_config).validate(model)
   eval_s = time.perf_counter() - start
+  # A sweep run (seed 0) is read only for its validation score: its cache is not measured.
   start = time.perf_counter()
-  formula, by_formula = runner.cache_formula(cfg)
   prompt = val_task.heldout[0]['inputs'][0][:cfg.max_seq_len // 2]
-  elements, nbytes = runner.measure_decode_cache(model, prompt)
-  if elements != by_formula:
-    raise AssertionError(f'{row}: the decode cache holds {elements} elements per token, the '
-                         f'formula {formula} gives {by_formula}')
-  bytes_8bit = {name: runner.measure_decode_cache(model, prompt, name)[1]
-                for name in ('int8', 'float8_e4m3fn')}
+  cache = runner.measure_caches(model, prompt) if seed else {}
   cache_s = time.perf_counter() - start
   rows = [json.loads(line) for line in (run_dir / 'metrics.jsonl').open()]
   speeds = [r['tokens_per_s'] for r in rows if 'tokens_per_s' in r][1:]  # the first compiles
@@ -143,11 +140,8 @@ def _worker(spec: str) -> None:
       power_a=d.mqar.power_a, val_accuracy=val['accuracy'], val_loss=val['loss'],
       accuracy=test['accuracy'], loss=test['loss'], answers=test['answers'],
       test_examples=d.mqar.val_examples, train_tokens=steps * d.batch_size * d.seq_len,
-      tokens_per_s=float(np.median(speeds)) if speeds else None, cache_formula=formula,
-      cache_elements_formula=by_formula, cache_elements_measured=elements,
-      cache_bytes_bf16_measured=nbytes, cache_bytes_int8_measured=bytes_8bit['int8'],
-      cache_bytes_fp8_measured=bytes_8bit['float8_e4m3fn'], train_s=train_s, eval_s=eval_s,
-      cache_s=cache_s, cpu_s=usage.ru_utime + usage.ru_stime, jax=jax.__version__))
+      tokens_per_s=float(np.median(speeds)) if speeds else None, **cache, train_s=train_s,
+      eval_s=eval_s, cache_s=cache_s, cpu_s=usage.ru_utime + usage.ru_stime, jax=jax.__version__))
 
 
 def _task(run: tuple) -> runner.Task:
@@ -187,39 +181,16 @@ def runs_of_setting(seq_len: int, steps: int) -> list[tuple]:
   return out
 
 
-def _train(runs: list[tuple], what: str) -> int:
-  """Trains the unfinished runs; -> how many."""
-  todo = [r for r in runs if _read(r) is None]
-  print(f'{what}: {len(runs) - len(todo)} of {len(runs)} runs already finished in '
-        f'{FLAGS.workdir}; training {len(todo)}', flush=True)
-  runner.run_tasks([_task(r) for r in runs], FLAGS.jobs)
-  return len(todo)
-
-
-def _final(sweep: list[tuple], cells: list[tuple], lrs: list[float], seeds: int) -> list[tuple]:
-  """The reported runs: seeds 1 .. `seeds` of every cell at its chosen rate (the sweep must
-  be finished). Seed by seed: an interrupted run has every row and N at the lower seeds."""
-  try:
-    chosen = {cell: recall_report.best_rate([_read((*cell, lr, 0)) for lr in lrs]) if sweep
-              else lrs[0] for cell in cells}
-  except ValueError as e:  # every rate of a cell diverged
-    raise InputError(str(e)) from None
-  return [(*cell, chosen[cell], seed) for seed in range(1, seeds + 1) for cell in cells]
-
-
 def _estimate(sweep: list[tuple], cells: list[tuple], lrs: list[float], seeds: int,
               jobs: int) -> str:
   """The CPU time left to train, in words (an upper bound while the rates are not chosen)."""
-  left = sum(_read(r) is None for r in sweep)
-  if left:  # the rates are not chosen yet: every reported run may be left
-    left, bound = left + len(cells) * seeds, 'at most '
-  else:
-    left, bound = sum(_read(r) is None for r in _final(sweep, cells, lrs, seeds)), ''
+  left, upper = sweep_lib.left_to_train(sweep, cells, lrs, seeds, _read,
+                                        recall_report.best_rate)
   if not left:
     return 'nothing left to train'
   seconds, basis = cpu_estimate(left, cells[0][1], cells[0][3])
-  return (f'{left} to train, {bound}~{seconds / 60:.0f} CPU minutes (~{seconds / 60 / jobs:.0f} '
-          f'min on {jobs} cores; {basis})')
+  return (f"{left} to train, {'at most ' if upper else ''}~{seconds / 60:.0f} CPU minutes "
+          f'(~{seconds / 60 / jobs:.0f} min on {jobs} cores; {basis})')
 
 
 def _settings() -> tuple:
@@ -259,9 +230,7 @@ def main():
   seq_len, kv_pairs, steps, lrs, seeds = _settings()
   start = time.perf_counter()
   cells = [(row, seq_len, kv, steps) for kv in kv_pairs for row in FLAGS.rows]
-  # Rate by rate: the two runs at a time are of different rows (or N), and a row's cache
-  # programs, compiled by its first run, are in the compilation cache for its other rates.
-  sweep = [(*cell, lr, 0) for lr in lrs for cell in cells] if len(lrs) > 1 else []
+  sweep = sweep_lib.sweep_runs(cells, lrs)
   jobs = min(FLAGS.jobs or len(runner.available_cores()), len(runner.available_cores()))
   print(f'{len(FLAGS.rows)} rows x N = {kv_pairs} at {seq_len} tokens, {steps} steps: '
         f'{len(sweep)} sweep runs (seed 0 at each of {len(lrs)} rates) + {len(cells) * seeds} '
@@ -269,9 +238,11 @@ def main():
         flush=True)
   if FLAGS.dry_run:
     return
-  trained = _train(sweep, 'learning-rate sweep')
-  final = _final(sweep, cells, lrs, seeds)
-  trained += _train(final, 'seeds at the chosen rates')
+  trained = sweep_lib.train(sweep, 'learning-rate sweep', _task, _read, FLAGS.jobs,
+                            FLAGS.workdir)
+  final = sweep_lib.final_runs(cells, lrs, seeds, _read, recall_report.best_rate)
+  trained += sweep_lib.train(final, 'seeds at the chosen rates', _task, _read, FLAGS.jobs,
+                             FLAGS.workdir)
   results = [_read(r) for r in final]
   out = pathlib.Path(FLAGS.results_dir or (FLAGS.workdir if FLAGS.quick
                                            else runner.ROOT / 'experiments' / 'results'))

@@ -71,6 +71,21 @@ def measure_decode_cache(model, prompt, cache_dtype=None) -> tuple[int, int]:
   return measured_per_token(caches, batch, max_len)
 
 
+def measure_caches(model, prompt) -> dict:
+  """The decode cache of a trained model, as the experiments report it: the formula (Table 1)
+  and elements per token measured from the arrays (which must agree), and the bytes per token
+  in bfloat16 and in the 8-bit formats (their float32 scales included)."""
+  formula, by_formula = cache_formula(model.cfg)
+  elements, nbytes = measure_decode_cache(model, prompt)
+  if elements != by_formula:
+    raise AssertionError(f'{model.cfg.attention}: the decode cache holds {elements} elements '
+                         f'per token, the formula {formula} gives {by_formula}')
+  return dict(cache_formula=formula, cache_elements_formula=by_formula,
+              cache_elements_measured=elements, cache_bytes_bf16_measured=nbytes,
+              cache_bytes_int8_measured=measure_decode_cache(model, prompt, 'int8')[1],
+              cache_bytes_fp8_measured=measure_decode_cache(model, prompt, 'float8_e4m3fn')[1])
+
+
 @dataclasses.dataclass
 class Task:
   """One worker process: `args` after `python -m`, its log, the tasks it waits for, and

@@ -5,8 +5,8 @@ r"""MHA / GQA converted to MLA (mla_jax.to_mla) against MLA trained from scratch
 
 Sources: configs/mha.py and configs/gqa.py at their defaults, trained into WORKDIR/mha and
 WORKDIR/gqa unless already there (an interrupted one resumes). For each source and each cache
-size 1/F of the source's (--fractions, default 2, 4, 8), with d_r = the largest even number <=
-min(d_h / 2, cache / 4) and d_c = cache - d_r per layer:
+size 1/F of the source's (--fractions, default 2, 4, 8; SOURCE:F for one source only), with
+d_r = the largest even number <= min(d_h / 2, cache / 4) and d_c = cache - d_r per layer:
 
   source     the source's validation perplexity; `exact`: its exact MLA embedding's (equal);
   2norm      converted with MHA2MLA's 2-norm pair selection and calibration statistics
@@ -50,7 +50,8 @@ FLAGS = flags.FLAGS
 flags.DEFINE_string('workdir', None, 'where the runs live (one folder per task)')
 flags.DEFINE_bool('quick', False, "tiny models ('tiny' configs, 40 steps): checks the pipeline")
 flags.DEFINE_list('sources', ['mha', 'gqa'], 'source attentions (configs/<name>.py)')
-flags.DEFINE_list('fractions', ['2', '4', '8'], 'cache sizes: 1/F of the source cache')
+flags.DEFINE_list('fractions', ['2', '4', '8'], 'cache sizes: 1/F of the source cache, for '
+                  'every source (F) or one (SOURCE:F, e.g. gqa:2)')
 flags.DEFINE_float('finetune_fraction', 0.05, "fine-tuning tokens as a fraction of the source's")
 flags.DEFINE_integer('calibration_batches', 4, 'training batches for the conversion statistics')
 flags.DEFINE_integer('jobs', 0, 'tasks at a time, one core each (0: one per available core)')
@@ -110,6 +111,18 @@ def scratch_folder(d_c: int, d_r: int) -> str:
   return f'scratch-c{d_c}-r{d_r}'
 
 
+def grid() -> list[tuple[str, int]]:
+  """(source, fraction) pairs from --sources and --fractions (F: every source; S:F: source S)."""
+  pairs = []
+  for item in FLAGS.fractions:
+    source, _, fraction = item.rpartition(':')
+    if not fraction.isdigit() or int(fraction) < 2 or (source and source not in FLAGS.sources):
+      raise SystemExit(f'error: --fractions={item}: give F or SOURCE:F with F an integer >= 2 and '
+                       f'SOURCE among --sources={FLAGS.sources}')
+    pairs += [(s, int(fraction)) for s in ([source] if source else FLAGS.sources)]
+  return [p for i, p in enumerate(pairs) if p not in pairs[:i]]
+
+
 def tasks() -> list[runner.Task]:
   out = []
   common = [f'--workdir={FLAGS.workdir}', f'--quick={FLAGS.quick}',
@@ -124,15 +137,14 @@ def tasks() -> list[runner.Task]:
   for source in FLAGS.sources:
     task(f'{source}/source', source)
   shapes = set()  # the long trainings first: they need no source
-  for fraction in FLAGS.fractions:
-    for source in FLAGS.sources:
-      d_c, d_r = shape(ModelConfig.from_dict(source_config(source).model), int(fraction))
-      if (d_c, d_r) not in shapes:  # one run per MLA: the sources' configs differ only there
-        shapes.add((d_c, d_r))
-        task(f'{source}/{fraction}/scratch', scratch_folder(d_c, d_r))
+  for source, fraction in sorted(grid(), key=lambda p: p[1]):
+    d_c, d_r = shape(ModelConfig.from_dict(source_config(source).model), fraction)
+    if (d_c, d_r) not in shapes:  # one run per MLA: the sources' configs differ only there
+      shapes.add((d_c, d_r))
+      task(f'{source}/{fraction}/scratch', scratch_folder(d_c, d_r))
   for source in FLAGS.sources:
     task(f'{source}/exact', f'{source}-exact', [f'{source}/source'])
-    for fraction in FLAGS.fractions:
+    for fraction in [f for s, f in grid() if s == source]:
       for variant in VARIANTS:
         task(f'{source}/{fraction}/{variant}', f'{source}-c{fraction}-{variant}',
              [f'{source}/source'])
@@ -252,13 +264,11 @@ def main(argv):
     jax.config.update('jax_persistent_cache_min_compile_time_secs', 0.5)
     return run_task(FLAGS.worker)
   unknown = sorted(set(FLAGS.sources) - set(CONFIGS))
-  fractions_ok = all(f.isdigit() and int(f) >= 2 for f in FLAGS.fractions)
-  if unknown or not fractions_ok or not 0 < FLAGS.finetune_fraction <= 1:
+  if unknown or not 0 < FLAGS.finetune_fraction <= 1:
     raise SystemExit(f'error: --sources must be among {sorted(CONFIGS)} (unknown: {unknown}), '
-                     f'--fractions integers >= 2, --finetune_fraction in (0, 1]')
-  for source in FLAGS.sources:  # a cache too small to split is refused before anything runs
-    for fraction in FLAGS.fractions:
-      mla_model_section(source, int(fraction))
+                     f'--finetune_fraction in (0, 1]')
+  for source, fraction in grid():  # a cache too small to split is refused before anything runs
+    mla_model_section(source, fraction)
   start = time.perf_counter()
   all_tasks = tasks()
   todo = [t for t in all_tasks if not t.done.exists()]

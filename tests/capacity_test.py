@@ -11,6 +11,7 @@ import pytest
 
 from configs.ablations import capacity_vs_cache as ablation
 from experiments import capacity_report
+from experiments.runner import cache_formula
 from mla_jax.config import ModelConfig
 from mla_jax.model import param_count
 
@@ -21,14 +22,24 @@ FULL_CACHE = {'mha': 2 * 8 * 16 * 4, 'gqa4': 2 * 4 * 16 * 4, 'gqa2': 2 * 2 * 16 
               'mla8': (128 + 8) * 4}
 QUICK_CACHE = {'mha': 2 * 8 * 8 * 2, 'gqa4': 2 * 4 * 8 * 2, 'gqa2': 2 * 2 * 8 * 2,
                'mqa': 2 * 8 * 2, 'mla2': (16 + 4) * 2, 'mla4': (32 + 4) * 2, 'mla8': (64 + 4) * 2}
+# Geometry 'paper': l = 4, n_h = 4, d_h = 32, d_r = 16.
+PAPER_CACHE = {'mha': 2 * 4 * 32 * 4, 'gqa2': 2 * 2 * 32 * 4, 'mqa': 2 * 32 * 4,
+               'mla2': (64 + 16) * 4, 'mla4': (128 + 16) * 4, 'mla8': (256 + 16) * 4}
 # An 8-bit cache's float32 scales (quick): per token, 2 arrays x G KV heads (MLA: 1) x 2 layers.
 QUICK_SCALES = {'mha': 2 * 8 * 2, 'gqa4': 2 * 4 * 2, 'gqa2': 2 * 2 * 2, 'mqa': 2 * 2,
                 'mla2': 2 * 2, 'mla4': 2 * 2, 'mla8': 2 * 2}
 
 
-@pytest.mark.parametrize('mode', ['', ',quick'])
+MODES = ['', ',quick', ',paper', ',paper,quick']
+
+
+def _rows(mode):
+  return ablation.GEOMETRIES['paper' if 'paper' in mode else 'small'][1]
+
+
+@pytest.mark.parametrize('mode', MODES)
 def test_rows_differ_only_in_attention_and_mlp_width(mode):
-  configs = {row: ablation.get_config(row + mode) for row in ablation.ROWS}
+  configs = {row: ablation.get_config(row + mode) for row in _rows(mode)}
   reference = configs['mha']
   for row, c in configs.items():
     for section in ('data', 'opt', 'train', 'eval'):
@@ -37,25 +48,35 @@ def test_rows_differ_only_in_attention_and_mlp_width(mode):
     assert {k: c.model[k] for k in same} == {k: reference.model[k] for k in same}
 
 
-@pytest.mark.parametrize('mode', ['', ',quick'])
+@pytest.mark.parametrize('mode', MODES)
 def test_parameters_matched_within_two_percent(mode):
   counts = {row: param_count(ModelConfig.from_dict(ablation.get_config(row + mode).model))
-            for row in ablation.ROWS}
+            for row in _rows(mode)}
   for row, n in counts.items():
     assert abs(n / counts['mha'] - 1) < 0.02, (row, n, counts['mha'])
-  widths = {row: ablation.get_config(row + mode).model.d_ff for row in ablation.ROWS}
-  assert widths['mqa'] > widths['gqa2'] > widths['gqa4'] > widths['mha'] > widths['mla8']
+  widths = {row: ablation.get_config(row + mode).model.d_ff for row in _rows(mode)}
+  assert widths['mqa'] > widths['gqa2'] > widths['mha'] > widths['mla8']
 
 
-def test_cache_formula_matches_table_1_by_hand():
-  from experiments.capacity_vs_cache import cache_formula
-  for row, expected in FULL_CACHE.items():
-    assert cache_formula(ModelConfig.from_dict(ablation.get_config(row).model))[1] == expected
+@pytest.mark.parametrize('geometry, expected', [('', FULL_CACHE), (',paper', PAPER_CACHE)])
+def test_cache_formula_matches_table_1_by_hand(geometry, expected):
+  assert list(expected) == list(_rows(geometry))
+  for row, elements in expected.items():
+    cfg = ModelConfig.from_dict(ablation.get_config(row + geometry).model)
+    assert cache_formula(cfg)[1] == elements
 
 
-def test_unknown_row_is_a_clear_error():
+def test_paper_geometry_has_the_papers_head_shape():
+  """d_h >= 32, d_r = d_h / 2, d_c = 4 d_h: MLA's cache is GQA's with 2.25 groups."""
+  m = ModelConfig.from_dict(ablation.get_config('mla4,paper').model)
+  assert m.head_dim == 32 and m.qk_rope_head_dim == 16 and m.kv_lora_rank == 4 * 32
+  assert cache_formula(m)[1] / (2 * m.head_dim * m.n_layers) == 2.25
+
+
+@pytest.mark.parametrize('arg', ['mla3', 'gqa4,paper', 'mha,paper,paper', 'mha,big'])
+def test_unknown_row_is_a_clear_error(arg):
   with pytest.raises(ValueError, match='unknown row'):
-    ablation.get_config('mla3')
+    ablation.get_config(arg)
 
 
 def _row(losses, seeds=None):
@@ -82,14 +103,17 @@ def _cli(workdir, *args):
       cwd=ROOT, capture_output=True, text=True, timeout=600)
 
 
-@pytest.mark.long
+QUICK_ROWS = ('mha', 'mla4')
+
+
 @pytest.mark.slow
 def test_quick_pipeline_end_to_end(corpus, tmp_path):
-  """Every row, 2 seeds: cache measured = formula, params matched, report written outside the
-  repo; a run removed and redone gives the same loss bit for bit, and nothing else is redone."""
+  """Rates swept on seed 0, seeds 1-2 at each row's lowest-loss rate: cache measured = formula,
+  params matched, report written outside the repo; a run removed and redone gives the same
+  loss bit for bit, and nothing else is redone."""
   committed = ROOT / 'experiments' / 'results' / 'capacity_vs_cache.json'
   before = committed.stat().st_mtime_ns if committed.exists() else None
-  args = ('--quick', '--seeds=2', f'--data_files={corpus}')
+  args = ('--quick', f"--rows={','.join(QUICK_ROWS)}", '--seeds=2', f'--data_files={corpus}')
   run = _cli(tmp_path, *args)
   assert run.returncode == 0, run.stderr[-3000:]
   report = json.loads((tmp_path / 'capacity_vs_cache.json').read_text())
@@ -97,31 +121,44 @@ def test_quick_pipeline_end_to_end(corpus, tmp_path):
   assert 'capacity_vs_cache.md' in run.stdout
   assert (committed.stat().st_mtime_ns if committed.exists() else None) == before
   rows = report['rows']
-  assert set(rows) == set(ablation.ROWS)
+  assert set(rows) == set(QUICK_ROWS) == set(report['sweep'])
   for row, r in rows.items():
     assert r['elements_measured'] == r['elements_formula'] == QUICK_CACHE[row], row
     assert r['bytes_bf16'] == 2 * r['elements_measured']
     assert r['bytes_int8'] == r['bytes_fp8'] == QUICK_CACHE[row] + 4 * QUICK_SCALES[row], row
     assert abs(r['params'] / rows['mha']['params'] - 1) < 0.02
-    assert r['seeds'] == [0, 1] and all(0 < x < math.log(256) for x in r['losses'])
-  assert len(report['comparisons']) == len(capacity_report.COMPARISONS)
+    assert r['seeds'] == [1, 2] and all(0 < x < math.log(256) for x in r['losses'])
+    swept = report['sweep'][row]
+    assert set(swept) == {f'{lr:g}' for lr in ablation.QUICK_LEARNING_RATES}
+    assert swept[f"{r['lr']:g}"] == min(swept.values())
+  assert len(report['sweep_runs']) == len(QUICK_ROWS) * len(ablation.QUICK_LEARNING_RATES)
+  assert [(c['better'], c['worse']) for c in report['comparisons']] == [('mla4', 'mha')]
 
-  redo = tmp_path / 'mla4' / 'seed1'
-  kept = tmp_path / 'mqa' / 'seed0' / 'result.json'
+  chosen = f"{rows['mla4']['lr']:g}"
+  redo = tmp_path / 'small' / 'mla4' / f'lr{chosen}' / 'seed2'
+  kept = tmp_path / 'small' / 'mha' / 'lr0.003' / 'seed0' / 'result.json'
   kept_mtime = kept.stat().st_mtime_ns
   old = json.loads((redo / 'result.json').read_text())
   for path in sorted(redo.rglob('*'), reverse=True):
     path.unlink() if path.is_file() else path.rmdir()
   run = _cli(tmp_path, *args)
   assert run.returncode == 0, run.stderr[-3000:]
-  assert '13 of 14 runs already finished' in run.stdout
+  assert '4 of 4 runs already finished' in run.stdout  # the sweep
+  assert '3 of 4 runs already finished' in run.stdout  # the seeds at the chosen rates
   new = json.loads((redo / 'result.json').read_text())
   assert new['loss'] == old['loss'] and new['cache_elements_measured'] == 72
   assert kept.stat().st_mtime_ns == kept_mtime
 
 
-def test_bad_rows_flag_is_one_line(tmp_path):
-  run = _cli(tmp_path, '--rows=mha,mla3')
+@pytest.mark.parametrize('args, message', [
+    (['--rows=mha,mla3'], 'error: unknown rows'),
+    (['--geometry=paper', '--rows=gqa4'], 'error: unknown rows'),
+    (['--lrs=fast'], 'error: --lrs takes'),
+    (['--lrs=1e-3,1e-3'], 'error: --lrs='),
+    (['--seeds=0'], 'error: unknown rows [] or --seeds=0'),
+])
+def test_bad_flags_are_one_line_and_write_nothing(args, message, tmp_path):
+  run = _cli(tmp_path, *args)
   assert run.returncode != 0
-  assert run.stderr.strip().splitlines()[-1].startswith('error: unknown rows')
+  assert run.stderr.strip().splitlines()[-1].startswith(message), run.stderr
   assert not any(tmp_path.iterdir())

@@ -127,10 +127,9 @@ def _cli(workdir, *args):
 
 
 # One row of each kind (every row's cache is checked against its formula by every run).
-QUICK_ROWS = ('mha', 'gqa2', 'mqa', 'mla4')
+QUICK_ROWS = ('mha', 'mqa', 'mla4')
 
 
-@pytest.mark.long
 @pytest.mark.slow
 def test_quick_pipeline_end_to_end(tmp_path):
   """Learning rates swept on seed 0, seed 1 at the chosen rate, cache measured = formula,
@@ -141,7 +140,7 @@ def test_quick_pipeline_end_to_end(tmp_path):
   rows_flag = f"--rows={','.join(QUICK_ROWS)}"
   run = _cli(tmp_path, '--quick', rows_flag)
   assert run.returncode == 0, run.stderr[-3000:]
-  assert '12 to train, at most ~' in run.stdout and 'recall_vs_cache.md' in run.stdout
+  assert '9 to train, at most ~' in run.stdout and 'recall_vs_cache.md' in run.stdout
   assert (committed.stat().st_mtime_ns if committed.exists() else None) == before
   report = json.loads((tmp_path / 'recall_vs_cache.json').read_text())
   assert (tmp_path / 'recall_vs_cache.png').stat().st_size > 10_000
@@ -169,8 +168,8 @@ def test_quick_pipeline_end_to_end(tmp_path):
     path.unlink() if path.is_file() else path.rmdir()
   run = _cli(tmp_path, '--quick', rows_flag)
   assert run.returncode == 0, run.stderr[-3000:]
-  assert '8 of 8 runs already finished' in run.stdout  # the sweep
-  assert '3 of 4 runs already finished' in run.stdout  # the seeds at the chosen rates
+  assert '6 of 6 runs already finished' in run.stdout  # the sweep
+  assert '2 of 3 runs already finished' in run.stdout  # the seeds at the chosen rates
   new = json.loads((redo / 'result.json').read_text())
   assert (new['accuracy'], new['val_accuracy']) == (old['accuracy'], old['val_accuracy'])
   assert kept.stat().st_mtime_ns == kept_mtime

@@ -409,3 +409,20 @@ def test_quick_experiment_end_to_end_and_resumed(corpus, tmp_path):
   assert '6 of 7 tasks already finished' in run.stdout
   new = json.loads(redo.read_text())
   assert new['before'] == old['before'] and new['after']['loss'] == old['after']['loss']
+
+
+def test_fractions_apply_to_every_source_or_to_one():
+  code = ("from absl import flags; from experiments import to_mla; "
+          "flags.FLAGS(['x', '--workdir=w', '--fractions=2,gqa:8,mha:2']); print(to_mla.grid())")
+  run = subprocess.run([sys.executable, '-c', code], cwd=ROOT, capture_output=True, text=True)
+  assert run.returncode == 0, run.stderr
+  assert run.stdout.strip() == "[('mha', 2), ('gqa', 2), ('gqa', 8)]"
+
+
+@pytest.mark.parametrize('args', [['--fractions=1'], ['--fractions=gqa:x'],
+                                  ['--sources=mha', '--fractions=gqa:2']])
+def test_bad_fractions_are_one_line_and_write_nothing(args, tmp_path):
+  run = experiment(tmp_path, *args)
+  assert run.returncode != 0
+  assert run.stderr.strip().splitlines()[-1].startswith('error: --fractions='), run.stderr
+  assert not any(tmp_path.iterdir())
