@@ -1,10 +1,10 @@
 r"""Recall vs KV-cache size: every row of configs/ablations/recall_vs_cache.py trained on MQAR at
 several numbers of key-value pairs, each at its best learning rate, over seeds.
 
-  python -m experiments.recall_vs_cache --workdir=runs/recall          # the full protocol
-  python -m experiments.recall_vs_cache --workdir=/tmp/rvc --quick     # the pipeline, minutes
-  python -m experiments.recall_vs_cache --workdir=runs/r64 --seq_len=64 --kv_pairs=8 \
-      --lrs=1e-2 --seeds=3 --steps=1000                  # a smaller grid: ~1 CPU hour
+  python -m experiments.recall_vs_cache --workdir=runs/recall      # the CPU grid: ~2.5 h, 2 cores
+  python -m experiments.recall_vs_cache --workdir=/tmp/rvc --quick # the pipeline, minutes
+  python -m experiments.recall_vs_cache --workdir=runs/zoology --seq_len=256 \
+      --kv_pairs=8,16,32,64 --lrs=2.2e-3,4.6e-3,1e-2,2.2e-2       # Zoology's grid (accelerator)
 
 Protocol (experiments/sweep.py: Zoology's best of up to four learning rates, then seeds): for
 each row and N, seed 0 is trained at each rate of --lrs and the rate with the best recall on

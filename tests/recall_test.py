@@ -29,7 +29,7 @@ QUICK_SCALES = {'mha': 2 * 8 * 2, 'gqa4': 2 * 4 * 2, 'gqa2': 2 * 2 * 2, 'mqa': 2
                 'mla2': 2 * 2, 'mla4': 2 * 2, 'mla8': 2 * 2}
 
 
-@pytest.mark.parametrize('mode', ['', ',quick', ',seq64'])
+@pytest.mark.parametrize('mode', ['', ',quick', ',seq256'])
 def test_rows_differ_only_in_attention_and_mlp_width_and_match_parameters(mode):
   configs = {row: ablation.get_config(f'{row},kv8{mode}') for row in capacity.ROWS}
   reference = configs['mha']
@@ -41,7 +41,7 @@ def test_rows_differ_only_in_attention_and_mlp_width_and_match_parameters(mode):
     assert {k: c.model[k] for k in same} == {k: reference.model[k] for k in same}
     assert abs(counts[row] / counts['mha'] - 1) < 0.02, (row, counts)
   assert reference.data.task == 'mqar' and reference.data.mqar.num_kv_pairs == 8
-  seq_len = {'': ablation.SEQ_LEN, ',quick': ablation.QUICK_SEQ_LEN, ',seq64': 64}[mode]
+  seq_len = {'': ablation.SEQ_LEN, ',quick': ablation.QUICK_SEQ_LEN, ',seq256': 256}[mode]
   assert reference.data.seq_len == reference.model.max_seq_len == seq_len
   assert reference.eval.seq_len == reference.eval.stride == seq_len
 

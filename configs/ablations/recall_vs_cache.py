@@ -31,12 +31,17 @@ from ml_collections import ConfigDict
 from configs import base
 from configs.ablations import capacity_vs_cache as capacity
 
-SEQ_LEN = 256
-KV_PAIRS = (8, 16, 32, 64)  # difficulties at SEQ_LEN (Zoology's 256-token grid)
+# The grid is cut to fit this project's 2-core CPU in under 3 hours (105 runs, ~2.5 h; the
+# experiment prints its estimate): 64-token examples and two rates. Zoology's grid is 256
+# tokens, N = 8, 16, 32, 64 and four rates (~32 CPU hours here; for an accelerator:
+# --seq_len=256 --kv_pairs=8,16,32,64 --lrs=2.2e-3,4.6e-3,1e-2,2.2e-2). Here MHA at 64 tokens
+# and lr 1e-2 (1200 steps) passed 0.96 recall with 8 pairs at step 600, and reached 0.51 with
+# 16: N = 4, 8, 16 spans easy to hard for the largest cache.
+SEQ_LEN = 64
+KV_PAIRS = (4, 8, 16)  # difficulties at SEQ_LEN
 STEPS = 1000
-# Log-spaced, as Zoology sweeps 4 rates, and high for runs this short. Here MHA at 64 tokens and
-# lr 1e-2 (1200 steps) passed 0.96 recall with 8 pairs at step 600, and reached 0.51 with 16.
-LEARNING_RATES = (2.2e-3, 4.6e-3, 1e-2, 2.2e-2)
+# Log-spaced and high for runs this short (Zoology sweeps four).
+LEARNING_RATES = (4.6e-3, 1e-2)
 QUICK_SEQ_LEN, QUICK_KV_PAIRS, QUICK_STEPS = 32, (4,), 20
 QUICK_LEARNING_RATES = (3e-3, 1e-2)
 TEST_SEED = 1  # the held-out set that results are reported on (val_seed 0 picks the rate)
