@@ -7,9 +7,10 @@ from __future__ import annotations
 
 import datetime
 import json
-import math
 import pathlib
 import statistics
+
+from experiments import stats
 
 NAME = 'capacity_vs_cache'
 # The paper's words for each mechanism's capability (DeepSeek-V2 Table 1).
@@ -62,10 +63,6 @@ def mechanism(r: dict) -> str:
   return {'mha': f"MHA (G={m['n_heads']})", 'mqa': 'MQA (G=1)'}[r['attention']]
 
 
-def _mean_std(xs: list[float]) -> tuple[float, float]:
-  return statistics.fmean(xs), (statistics.stdev(xs) if len(xs) > 1 else 0.0)
-
-
 def summarize(results: list[dict]) -> dict[str, dict]:
   """Per row: the seed-independent facts once, and loss / perplexity as mean and std over the
   seeds that trained to the end (`diverged` lists those a non-finite loss stopped)."""
@@ -88,8 +85,8 @@ def summarize(results: list[dict]) -> dict[str, dict]:
                 *BYTES_8BIT):
       if any(r.get(key) != first.get(key) for r in runs):
         raise ValueError(f'{row}: {key} differs between seeds: {[r[key] for r in runs]}')
-    loss, loss_std = _mean_std([r['loss'] for r in runs])
-    ppl, ppl_std = _mean_std([r['perplexity'] for r in runs])
+    loss, loss_std = stats.mean_std([r['loss'] for r in runs])
+    ppl, ppl_std = stats.mean_std([r['perplexity'] for r in runs])
     speeds = [r['tokens_per_s'] for r in runs if r['tokens_per_s']]
     summary[row] = dict(
         mechanism=mechanism(first), attention=first['attention'],
@@ -107,26 +104,14 @@ def summarize(results: list[dict]) -> dict[str, dict]:
 
 
 def compare(summary: dict, better: str, worse: str) -> dict | None:
-  """Is `better` lower in validation loss than `worse`, beyond the seed spread?
-
-  Resolved means the mean ± std intervals do not overlap. The seeds are paired (seed k gives
-  every row the same data order), so the per-seed differences are reported too.
-  """
+  """Is `better` lower in validation loss than `worse`, beyond the seed spread (stats)?"""
   if better not in summary or worse not in summary:
     return None
   a, b = summary[better], summary[worse]
-  paired = dict(zip(a['seeds'], a['losses'], strict=True))
-  diffs = [lb - paired[s] for s, lb in zip(b['seeds'], b['losses'], strict=True) if s in paired]
-  gap = b['loss'] - a['loss']
-  spread = a['loss_std'] + b['loss_std']
-  if len(a['seeds']) < 2 or abs(gap) <= spread:
-    verdict = 'not resolved'
-  else:
-    verdict = 'resolved, as the paper says' if gap > 0 else 'resolved, the opposite'
-  return dict(better=better, worse=worse, gap=gap, spread=spread, verdict=verdict,
-              seeds_agreeing=sum(d > 0 for d in diffs), seeds=len(diffs),
-              paired_mean=statistics.fmean(diffs) if diffs else math.nan,
-              paired_std=statistics.stdev(diffs) if len(diffs) > 1 else 0.0)
+  return dict(better=better, worse=worse, **stats.beyond_spread(
+      dict(zip(a['seeds'], a['losses'], strict=True)),
+      dict(zip(b['seeds'], b['losses'], strict=True)), higher_is_better=False,
+      as_expected='resolved, as the paper says'))
 
 
 def _setup_line(summary: dict) -> str:

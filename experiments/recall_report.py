@@ -8,9 +8,9 @@ from __future__ import annotations
 import datetime
 import json
 import pathlib
-import statistics
 import textwrap
 
+from experiments import stats
 from experiments.capacity_report import MARKERS, PAPER, mechanism
 
 NAME = 'recall_vs_cache'
@@ -28,10 +28,6 @@ COMPARISONS = [
     ('mla8', 'mla2', 'MLA with a larger latent (d_c = 8 d_h vs 2 d_h)'),
     ('mha', 'mla4', 'MHA vs MLA d_c = 4 d_h: 3.6x the cache'),
 ]
-
-
-def _mean_std(xs: list[float]) -> tuple[float, float]:
-  return statistics.fmean(xs), (statistics.stdev(xs) if len(xs) > 1 else 0.0)
 
 
 def summarize(results: list[dict]) -> dict[str, dict]:
@@ -65,8 +61,8 @@ def summarize(results: list[dict]) -> dict[str, dict]:
       cell['diverged'].append(r['seed'])
   for s in summary.values():
     for cell in s['by_kv'].values():
-      cell['accuracy'], cell['accuracy_std'] = _mean_std(cell['accuracies'])
-      cell['loss'], cell['loss_std'] = _mean_std(cell['losses'])
+      cell['accuracy'], cell['accuracy_std'] = stats.mean_std(cell['accuracies'])
+      cell['loss'], cell['loss_std'] = stats.mean_std(cell['losses'])
   return summary
 
 
@@ -98,16 +94,10 @@ def compare(summary: dict, better: str, worse: str, kv: str) -> dict | None:
   a, b = summary[better]['by_kv'].get(kv), summary[worse]['by_kv'].get(kv)
   if a is None or b is None:
     return None
-  paired = dict(zip(a['seeds'], a['accuracies'], strict=True))
-  diffs = [paired[s] - acc for s, acc in zip(b['seeds'], b['accuracies'], strict=True)
-           if s in paired]
-  gap, spread = a['accuracy'] - b['accuracy'], a['accuracy_std'] + b['accuracy_std']
-  if len(a['seeds']) < 2 or abs(gap) <= spread:
-    verdict = 'not resolved'
-  else:
-    verdict = 'resolved, as expected' if gap > 0 else 'resolved, the opposite'
-  return dict(better=better, worse=worse, kv_pairs=int(kv), gap=gap, spread=spread,
-              verdict=verdict, seeds_agreeing=sum(d > 0 for d in diffs), seeds=len(diffs))
+  return dict(better=better, worse=worse, kv_pairs=int(kv), **stats.beyond_spread(
+      dict(zip(a['seeds'], a['accuracies'], strict=True)),
+      dict(zip(b['seeds'], b['accuracies'], strict=True)), higher_is_better=True,
+      as_expected='resolved, as expected'))
 
 
 def _order(summary: dict) -> list[tuple[str, dict]]:
