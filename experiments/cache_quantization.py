@@ -191,14 +191,19 @@ def markdown(results: dict, setup: dict) -> str:
   o, quick = setup['options'], setup['quick']
   lines = [
       '# What an 8-bit decode cache costs', '',
-      f"`{setup['command']}` on {setup['machine']}, {setup['date']}, "
-      f"{setup['wall_s'] / 60:.1f} minutes"
+      f"`{setup['command']}` on {setup['machine']}, {setup['date']}: the measurements took "
+      f"{_measure_s(results) / 60:.0f} minutes (summed over variants; a variant measured by an "
+      'earlier invocation is read back, not measured again)'
       f"{' (QUICK: tiny models, a pipeline check; the numbers mean nothing)' if quick else ''}.",
       '',
       f"Validation perplexity computed through the decode cache: {o['window']}-token windows "
       f"(stride {o['window']}), each prefilled with {o['prefill']} tokens and then decoded one "
-      f"token per step, {o['batch']} windows at a time. Argmax agreement: the share of scored "
-      'tokens whose next-token argmax equals the reference cache\'s (teacher-forced). Greedy: '
+      f"token per step, {o['batch']} windows at a time, over "
+      + (f"the first {o['max_windows']} windows of the validation split" if o['max_windows']
+         else 'the whole validation split')
+      + f" ({next(iter(results.values()))[0]['tokens']:,} tokens scored). Argmax agreement: "
+      'the share of scored tokens whose next-token argmax equals the reference cache\'s '
+      '(teacher-forced). Greedy: '
       f"{o['gen_tokens']} tokens from each of {o['prompts']} fixed {o['prompt_len']}-token "
       'validation prompts; the leading tokens that equal the reference cache\'s generation, per '
       'prompt. Bytes per token: all layers, the 8-bit caches\' float32 scales included. '
@@ -218,6 +223,10 @@ def markdown(results: dict, setup: dict) -> str:
                 f"{v} {rows[0]['perplexity']:.6f} vs {rows[0]['full_forward_perplexity']:.6f}"
                 for v, rows in results.items()) + '.']
   return '\n'.join(lines) + '\n'
+
+
+def _measure_s(results: dict) -> float:
+  return sum(r['perplexity_s'] + r['generate_s'] for rows in results.values() for r in rows)
 
 
 def options() -> dict:
