@@ -108,12 +108,12 @@ QUICK_ROWS = ('mha', 'mla4')
 
 @pytest.mark.slow
 def test_quick_pipeline_end_to_end(corpus, tmp_path):
-  """Rates swept on seed 0, seeds 1-2 at each row's lowest-loss rate: cache measured = formula,
+  """Rates swept on seed 0, seed 1 at each row's lowest-loss rate: cache measured = formula,
   params matched, report written outside the repo; a run removed and redone gives the same
   loss bit for bit, and nothing else is redone."""
   committed = ROOT / 'experiments' / 'results' / 'capacity_vs_cache.json'
   before = committed.stat().st_mtime_ns if committed.exists() else None
-  args = ('--quick', f"--rows={','.join(QUICK_ROWS)}", '--seeds=2', f'--data_files={corpus}')
+  args = ('--quick', f"--rows={','.join(QUICK_ROWS)}", '--seeds=1', f'--data_files={corpus}')
   run = _cli(tmp_path, *args)
   assert run.returncode == 0, run.stderr[-3000:]
   report = json.loads((tmp_path / 'capacity_vs_cache.json').read_text())
@@ -127,7 +127,7 @@ def test_quick_pipeline_end_to_end(corpus, tmp_path):
     assert r['bytes_bf16'] == 2 * r['elements_measured']
     assert r['bytes_int8'] == r['bytes_fp8'] == QUICK_CACHE[row] + 4 * QUICK_SCALES[row], row
     assert abs(r['params'] / rows['mha']['params'] - 1) < 0.02
-    assert r['seeds'] == [1, 2] and all(0 < x < math.log(256) for x in r['losses'])
+    assert r['seeds'] == [1] and 0 < r['loss'] < math.log(256)
     swept = report['sweep'][row]
     assert set(swept) == {f'{lr:g}' for lr in ablation.QUICK_LEARNING_RATES}
     assert swept[f"{r['lr']:g}"] == min(swept.values())
@@ -135,7 +135,7 @@ def test_quick_pipeline_end_to_end(corpus, tmp_path):
   assert [(c['better'], c['worse']) for c in report['comparisons']] == [('mla4', 'mha')]
 
   chosen = f"{rows['mla4']['lr']:g}"
-  redo = tmp_path / 'small' / 'mla4' / f'lr{chosen}' / 'seed2'
+  redo = tmp_path / 'small' / 'mla4' / f'lr{chosen}' / 'seed1'
   kept = tmp_path / 'small' / 'mha' / 'lr0.003' / 'seed0' / 'result.json'
   kept_mtime = kept.stat().st_mtime_ns
   old = json.loads((redo / 'result.json').read_text())
@@ -144,7 +144,7 @@ def test_quick_pipeline_end_to_end(corpus, tmp_path):
   run = _cli(tmp_path, *args)
   assert run.returncode == 0, run.stderr[-3000:]
   assert '4 of 4 runs already finished' in run.stdout  # the sweep
-  assert '3 of 4 runs already finished' in run.stdout  # the seeds at the chosen rates
+  assert '1 of 2 runs already finished' in run.stdout  # the seeds at the chosen rates
   new = json.loads((redo / 'result.json').read_text())
   assert new['loss'] == old['loss'] and new['cache_elements_measured'] == 72
   assert kept.stat().st_mtime_ns == kept_mtime
