@@ -36,7 +36,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-from absl import app, flags
+from absl import flags
 from flax import nnx
 
 import mla_jax
@@ -236,9 +236,7 @@ def options() -> dict:
   return opts
 
 
-def main(argv):
-  del argv
-  cli.quiet_logging()
+def main():
   start = time.perf_counter()
   opts = options()
   for name in FLAGS.cache_dtypes:
@@ -280,4 +278,4 @@ def main(argv):
 
 
 if __name__ == '__main__':
-  app.run(main, flags_parser=cli.parse_flags)
+  cli.run(main)

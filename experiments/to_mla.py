@@ -36,7 +36,7 @@ import sys
 import time
 
 import jax
-from absl import app, flags
+from absl import flags
 
 from configs import finetune
 from configs import gqa as gqa_config
@@ -256,10 +256,8 @@ def _convert(out: pathlib.Path, source: pathlib.Path, *args) -> pathlib.Path:
 
 
 # --- main --------------------------------------------------------------------------------------
-def main(argv):
-  del argv
+def main():
   if FLAGS.worker:
-    cli.quiet_logging()
     jax.config.update('jax_compilation_cache_dir', str(path('xla_cache')))
     jax.config.update('jax_persistent_cache_min_compile_time_secs', 0.5)
     return run_task(FLAGS.worker)
@@ -294,4 +292,4 @@ def main(argv):
 
 
 if __name__ == '__main__':
-  app.run(main, flags_parser=cli.parse_flags)
+  cli.run(main)

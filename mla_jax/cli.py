@@ -8,12 +8,13 @@ Exit codes: 2 for a bad flag or config file (nothing ran), 1 for bad input found
 from __future__ import annotations
 
 import logging as std_logging
+import signal
 import sys
 from collections.abc import Callable
 
 from absl import app, flags, logging
 
-from mla_jax.errors import Error
+from mla_jax.errors import Error, Preempted
 
 
 def _config_error(argv, e: Exception) -> str:
@@ -64,7 +65,7 @@ def quiet_logging():
 
 def run(main: Callable[[], None]) -> None:
   """The entry point of a `python -m mla_jax.X` command: parse flags, run main(), and print an
-  mla_jax.Error as one line with exit status 1."""
+  mla_jax.Error as one line with exit status 1 (a run stopped by SIGTERM: its line, 143)."""
   def wrapped(argv):
     del argv  # parse_flags refused extra arguments
     quiet_logging()
@@ -72,6 +73,9 @@ def run(main: Callable[[], None]) -> None:
       main()
     except Error as e:
       sys.exit(f'error: {e}')
+    except Preempted as e:
+      print(e, file=sys.stderr, flush=True)
+      sys.exit(128 + signal.SIGTERM)
 
   app.run(wrapped, flags_parser=parse_flags)
 

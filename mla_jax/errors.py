@@ -14,6 +14,12 @@ class Error(Exception):
   """Bad input; the message says what is wrong and how to fix it."""
 
 
+class Preempted(Exception):
+  """A run stopped by SIGTERM after checkpointing its step: not finished, and not the user's
+  mistake. Entry points (mla_jax.cli.run) print the message and exit 143 (128 + SIGTERM), so
+  that a script or an experiment worker never takes the run for a finished one."""
+
+
 class InputError(Error, ValueError):
   """A bad argument to a library function (tokens, prompts, sampling settings)."""
 

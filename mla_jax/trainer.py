@@ -31,7 +31,7 @@ from flax import nnx
 from mla_jax import sharding, tasks
 from mla_jax import workdir as wd
 from mla_jax.config import ConfigError, ModelConfig
-from mla_jax.errors import Error
+from mla_jax.errors import Error, Preempted
 from mla_jax.model import Transformer
 
 
@@ -327,7 +327,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
                        final_eval: bool = True, init_from: str | None = None) -> dict:
   """Trains (or resumes) the run in workdir, a new one from init_from's parameters if given;
   returns the validation metrics of the step it stopped at, or {} if it did not validate
-  there (stopped early, or by SIGTERM).
+  there (stopped early by train.stop_after_steps, or already complete). A SIGTERM checkpoints
+  the step in progress and raises mla_jax.errors.Preempted.
 
   Nothing is written before every check has passed; the workdir is locked while training.
   """
@@ -414,10 +415,8 @@ def _loop(config, workdir, task, mesh, ckpts, best, run, preempt, final_eval) ->
       if save_now:
         wd.save(ckpts, step, nnx.state(model), nnx.state(opt),
                 {'step': step, 'best_val_loss': best_loss})
-      if stop:
-        print(f'stopped at step {step} by SIGTERM; run the same command to resume',
-              file=sys.stderr)
-        return {}
+      if stop:  # an exception, so that no caller takes the run for a finished one
+        raise Preempted(f'stopped at step {step} by SIGTERM; run the same command to resume')
       if not pending:  # a window starts after any logging, validation or saving
         window_start = time.perf_counter()
   finally:

@@ -524,11 +524,21 @@ def test_sigterm_during_a_save_stops_after_the_next_step_saved(corpus, jax_cache
   result = run('train', *train_args(tmp_path, corpus, steps=1000, checkpoint_every=1000,
                                     eval_every=3),
                env=child_env(jax_cache, 'best:before:TERM'))
-  assert result.returncode == 0, result.stderr[-3000:]
+  assert result.returncode == 128 + signal.SIGTERM, result.stderr[-3000:]
   assert saved_steps(tmp_path / 'checkpoints') == [4]
   assert result.stderr.strip().splitlines()[-1] == (
       'stopped at step 4 by SIGTERM; run the same command to resume')
   assert result.stdout == ''  # no "validation: ..." line
+
+
+def test_a_preempted_run_raises_so_no_caller_takes_it_for_finished(corpus, monkeypatch,
+                                                                     tmp_path):
+  """In the library, SIGTERM checkpoints the step and raises Preempted (an experiment worker
+  that returned normally would record a half-trained run as its result)."""
+  monkeypatch.setenv(FAULT, 'checkpoints:before:TERM')  # SIGTERM while step 2 is being saved
+  with pytest.raises(mla_jax.errors.Preempted, match='stopped at step 3 by SIGTERM'):
+    trainer.train_and_evaluate(tiny(corpus, checkpoint_every=2), str(tmp_path))
+  assert saved_steps(tmp_path / 'checkpoints') == [2, 3]
 
 
 def test_sigterm_during_start_up_says_there_is_nothing_to_save(corpus, jax_cache, tmp_path):
