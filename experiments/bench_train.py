@@ -29,7 +29,7 @@ import tempfile
 
 import jax
 import numpy as np
-from absl import app, flags
+from absl import flags
 
 from experiments.timing import machine_limits, time_train_step
 from mla_jax import cli, sharding, trainer
@@ -122,9 +122,7 @@ def format_table(rows) -> str:
   return '\n'.join(lines)
 
 
-def main(argv):
-  del argv
-  cli.quiet_logging()
+def main():
   dtype = str(ModelConfig.from_dict(config_for('mha', FLAGS.size, 'auto').model).compute_dtype)
   measured = machine_limits(5, mib=256, dtype=dtype,
                             n=2048 if jax.default_backend() == 'cpu' else 8192)
@@ -145,4 +143,4 @@ def main(argv):
 
 
 if __name__ == '__main__':
-  app.run(main, flags_parser=cli.parse_flags)
+  cli.run(main)

@@ -89,7 +89,7 @@ def summarize(results: list[dict]) -> dict[str, dict]:
     ppl, ppl_std = stats.mean_std([r['perplexity'] for r in runs])
     speeds = [r['tokens_per_s'] for r in runs if r['tokens_per_s']]
     summary[row] = dict(
-        mechanism=mechanism(first), attention=first['attention'],
+        row=row, mechanism=mechanism(first), attention=first['attention'],
         paper=PAPER.get(first['attention'], '-'), formula=first['cache_formula'],
         elements_formula=first['cache_elements_formula'],
         elements_measured=first['cache_elements_measured'],
@@ -114,12 +114,17 @@ def compare(summary: dict, better: str, worse: str) -> dict | None:
       as_expected='resolved, as the paper says'))
 
 
-def _setup_line(summary: dict) -> str:
-  m = next(iter(summary.values()))['model']
-  tokens = next(iter(summary.values()))['train_tokens']
+def _setup_line(summary: dict, setup: dict) -> str:
+  first = next(iter(summary.values()))
+  m, tokens = first['model'], first['train_tokens']
   return (f"d_model {m['d_model']}, {m['n_layers']} layers, {m['n_heads']} query heads of "
           f"d_h = {m['head_dim']}, {tokens / 1e6:.2f}M training tokens (bytes) per run, "
-          f"{len(next(iter(summary.values()))['seeds'])} seeds")
+          f"{setup.get('seeds', len(first['seeds']))} seeds")
+
+
+def _order(summary: dict) -> list[dict]:
+  """The GQA family by cache, largest first, then MLA likewise."""
+  return sorted(summary.values(), key=lambda s: (s['attention'] == 'mla', -s['elements_formula']))
 
 
 def _protocol(setup: dict) -> str:
@@ -141,7 +146,7 @@ def markdown(summary: dict, sweep: dict, comparisons: list[dict], setup: dict) -
       + ('' if geometry == 'small' else f': {geometry} geometry'), '',
       f"`{setup['command']}` on {setup['machine']}, {setup['date']}"
       f"{' (QUICK: a pipeline check; the numbers mean nothing)' if setup['quick'] else ''}.",
-      f'{_setup_line(summary)}. Every row has the same width, depth, query heads, '
+      f'{_setup_line(summary, setup)}. Every row has the same width, depth, query heads, '
       'data order (per seed), tokens, optimizer and schedule; only the attention '
       'differs, and the SwiGLU width d_ff is set per row to match MHA\'s parameter count. '
       f'{_protocol(setup)} '
@@ -153,8 +158,7 @@ def markdown(summary: dict, sweep: dict, comparisons: list[dict], setup: dict) -
       '|---|---|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|',
   ]
   mha_params = summary.get('mha', {}).get('params')
-  for s in sorted(summary.values(), key=lambda s: (s['attention'] == 'mla',
-                                                   -s['elements_formula'])):
+  for s in _order(summary):
     params = f"{s['params']:,}"
     if mha_params:
       params += f" ({100 * (s['params'] / mha_params - 1):+.1f}%)"
@@ -174,8 +178,8 @@ def markdown(summary: dict, sweep: dict, comparisons: list[dict], setup: dict) -
       'their float32 per-token scales included (one per token and array; per KV head for '
       'MHA / GQA / MQA). Tokens/s: each run on one core, '
       f"{setup['jobs']} runs at a time."
-      + (f" The whole sweep took {setup['full_sweep_wall_s'] / 60:.0f} minutes of wall time."
-         if setup.get('full_sweep_wall_s') else ''), '',
+      + (f" The whole protocol (sweep and seeds) took {setup['full_wall_s'] / 60:.0f} minutes "
+         'of wall time.' if setup.get('full_wall_s') else ''), '',
       '## Which orderings are resolved', '',
       'Resolved = the two rows\' mean ± std intervals do not overlap. "Seeds agreeing" counts '
       'the seeds (same data order for both rows) where the first row has the lower loss.', '',
@@ -194,10 +198,10 @@ def markdown(summary: dict, sweep: dict, comparisons: list[dict], setup: dict) -
     lines += ['', '## Learning-rate sweep (seed 0, validation loss; the chosen rate in bold)',
               '', '| row | ' + ' | '.join(f'lr {lr}' for lr in rates) + ' |',
               '|---|' + '--:|' * len(rates)]
-    for row, s in summary.items():
+    for s in _order(summary):
       cells = []
       for lr in rates:
-        loss = sweep.get(row, {}).get(lr, 'n/a')
+        loss = sweep.get(s['row'], {}).get(lr, 'n/a')
         text = 'diverged' if loss is None else loss if loss == 'n/a' else f'{loss:.4f}'
         cells.append(f'**{text}**' if s.get('lr') and f"{s['lr']:g}" == lr else text)
       lines.append(f"| {s['mechanism']} | " + ' | '.join(cells) + ' |')
@@ -238,7 +242,7 @@ def plot(summary: dict, setup: dict, path: pathlib.Path) -> None:
   ax.set_ylabel('validation loss (nats per byte), mean ± std over seeds')
   ax.set_title(f"{'QUICK pipeline check: ' if setup['quick'] else ''}byte-level Shakespeare, "
                'parameters matched', fontsize=10)
-  ax.text(0.01, 0.01, _setup_line(summary), transform=ax.transAxes, fontsize=7,
+  ax.text(0.01, 0.01, _setup_line(summary, setup), transform=ax.transAxes, fontsize=7,
           color='gray')
   ax.grid(alpha=0.3, which='both')
   ax.legend(fontsize=8)

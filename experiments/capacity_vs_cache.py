@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import json
 import pathlib
-import resource
 import sys
 import time
 
@@ -92,7 +91,7 @@ def _worker(spec: str) -> None:
     trainer.train_and_evaluate(config, str(run_dir), final_eval=False)
   except trainer.TrainingError as e:  # a rate too high: the sweep passes over it
     wd.write_json(run_dir, RESULT, dict(row=row, lr=lr, seed=seed, diverged=str(e),
-                                        cpu_s=_cpu_s()))
+                                        cpu_s=runner.cpu_s()))
     return
   train_s = time.perf_counter() - start
   model, cfg = wd.load_workdir(run_dir)
@@ -110,13 +109,8 @@ def _worker(spec: str) -> None:
       params=param_count(cfg), d_ff=cfg.d_ff, model=cfg.to_dict(),
       train_tokens=config.train.steps * config.data.batch_size * config.data.seq_len,
       tokens_per_s=float(np.median(speeds)) if speeds else None, **cache, train_s=train_s,
-      eval_s=eval_s, cpu_s=_cpu_s(), jax=jax.__version__)
+      eval_s=eval_s, cpu_s=runner.cpu_s(), jax=jax.__version__)
   wd.write_json(run_dir, RESULT, result)
-
-
-def _cpu_s() -> float:
-  usage = resource.getrusage(resource.RUSAGE_SELF)
-  return usage.ru_utime + usage.ru_stime
 
 
 def _task(run: tuple) -> runner.Task:
@@ -138,18 +132,13 @@ def _read(run: tuple) -> dict | None:
 
 
 def _settings() -> tuple[list[str], list[float]]:
-  rows = FLAGS.rows or list(ablation.GEOMETRIES[FLAGS.geometry][1])
+  rows = list(dict.fromkeys(FLAGS.rows or ablation.GEOMETRIES[FLAGS.geometry][1]))
   unknown = sorted(set(rows) - set(ablation.GEOMETRIES[FLAGS.geometry][1]))
-  try:
-    lrs = sorted(float(x) for x in FLAGS.lrs or (ablation.QUICK_LEARNING_RATES if FLAGS.quick
-                                                  else ablation.LEARNING_RATES))
-  except ValueError as e:
-    raise InputError(f'--lrs takes comma-separated numbers ({e})') from None
+  lrs = sweep_lib.rates(FLAGS.lrs or (ablation.QUICK_LEARNING_RATES if FLAGS.quick
+                                      else ablation.LEARNING_RATES))
   if unknown or FLAGS.seeds < 1:
     raise InputError(f'unknown rows {unknown} or --seeds={FLAGS.seeds} < 1; the rows of '
                      f'--geometry={FLAGS.geometry} are {ablation.GEOMETRIES[FLAGS.geometry][1]}')
-  if not lrs or not all(lr > 0 for lr in lrs) or len(set(lrs)) != len(lrs):
-    raise InputError(f'--lrs={lrs} must be distinct positive rates')
   return rows, lrs
 
 
@@ -174,18 +163,14 @@ def main():
                                            else runner.ROOT / 'experiments' / 'results'))
   name = capacity_report.name(FLAGS.geometry)
   wall_s = time.perf_counter() - start
-  if trained == len(sweep) + len(final):
-    full_wall_s = wall_s  # every run trained by this invocation: the protocol's wall time
-  else:  # a report-only or resumed invocation keeps the last full figure, if any
-    previous = out / f'{name}.json'
-    full_wall_s = (json.loads(previous.read_text())['setup'].get('full_sweep_wall_s')
-                   if previous.exists() else None)
+  grid = dict(quick=FLAGS.quick, geometry=FLAGS.geometry, rows=rows, seeds=FLAGS.seeds, lrs=lrs,
+              data=FLAGS.data_files or 'shakespeare')
   setup = dict(command=' '.join(['python -m experiments.capacity_vs_cache', *sys.argv[1:]]),
-               quick=FLAGS.quick, geometry=FLAGS.geometry, seeds=FLAGS.seeds, lrs=lrs,
-               jobs=jobs, machine=runner.machine(), wall_s=wall_s,
+               **grid, jobs=jobs, machine=runner.machine(), wall_s=wall_s,
                runs_trained=trained, runs_total=len(sweep) + len(final),
                cpu_s=sum(_read(r)['cpu_s'] for r in sweep + final),
-               full_sweep_wall_s=full_wall_s, data=FLAGS.data_files or 'shakespeare')
+               full_wall_s=runner.full_wall_s(out / f'{name}.json', wall_s,
+                                              trained == len(sweep) + len(final), grid))
   try:
     paths = capacity_report.write([_read(r) for r in final], [_read(r) for r in sweep], setup,
                                   out)

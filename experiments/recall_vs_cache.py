@@ -33,7 +33,6 @@ from __future__ import annotations
 import copy
 import json
 import pathlib
-import resource
 import statistics
 import sys
 import time
@@ -111,10 +110,9 @@ def _worker(spec: str) -> None:
   try:
     trainer.train_and_evaluate(config, str(run_dir), final_eval=False)
   except trainer.TrainingError as e:  # a rate too high: the sweep passes over it
-    usage = resource.getrusage(resource.RUSAGE_SELF)
     wd.write_json(run_dir, recall_report.RESULT, dict(
         row=row, seq_len=seq_len, kv_pairs=kv, steps=steps, lr=lr, seed=seed, diverged=str(e),
-        cpu_s=usage.ru_utime + usage.ru_stime))
+        cpu_s=runner.cpu_s()))
     return
   train_s = time.perf_counter() - start
   model, cfg = wd.load_workdir(run_dir)
@@ -132,7 +130,6 @@ def _worker(spec: str) -> None:
   cache_s = time.perf_counter() - start
   rows = [json.loads(line) for line in (run_dir / 'metrics.jsonl').open()]
   speeds = [r['tokens_per_s'] for r in rows if 'tokens_per_s' in r][1:]  # the first compiles
-  usage = resource.getrusage(resource.RUSAGE_SELF)
   d = config.data
   wd.write_json(run_dir, recall_report.RESULT, dict(
       row=row, seq_len=seq_len, kv_pairs=kv, steps=steps, lr=lr, seed=seed,
@@ -141,7 +138,7 @@ def _worker(spec: str) -> None:
       accuracy=test['accuracy'], loss=test['loss'], answers=test['answers'],
       test_examples=d.mqar.val_examples, train_tokens=steps * d.batch_size * d.seq_len,
       tokens_per_s=float(np.median(speeds)) if speeds else None, **cache, train_s=train_s,
-      eval_s=eval_s, cache_s=cache_s, cpu_s=usage.ru_utime + usage.ru_stime, jax=jax.__version__))
+      eval_s=eval_s, cache_s=cache_s, cpu_s=runner.cpu_s(), jax=jax.__version__))
 
 
 def _task(run: tuple) -> runner.Task:
@@ -202,18 +199,17 @@ def _settings() -> tuple:
   try:
     kv_pairs = [int(k) for k in FLAGS.kv_pairs or (ablation.QUICK_KV_PAIRS if quick
                                                     else ablation.KV_PAIRS)]
-    lrs = [float(x) for x in FLAGS.lrs or (ablation.QUICK_LEARNING_RATES if quick
-                                           else ablation.LEARNING_RATES)]
   except ValueError as e:
-    raise InputError(f'--kv_pairs and --lrs take comma-separated numbers ({e})') from None
-  unknown = sorted(set(FLAGS.rows) - set(capacity.ROWS))
-  if unknown or not FLAGS.rows or not kv_pairs:
+    raise InputError(f'--kv_pairs takes comma-separated numbers ({e})') from None
+  lrs = sweep_lib.rates(FLAGS.lrs or (ablation.QUICK_LEARNING_RATES if quick
+                                      else ablation.LEARNING_RATES))
+  rows = list(dict.fromkeys(FLAGS.rows))
+  unknown = sorted(set(rows) - set(capacity.ROWS))
+  if unknown or not rows or not kv_pairs:
     raise InputError(f'unknown rows {unknown} or none given (--rows={FLAGS.rows}, '
                      f'--kv_pairs={kv_pairs}); rows are {sorted(capacity.ROWS)}')
-  if (seeds < 1 or steps < 1 or not lrs or not all(lr > 0 for lr in lrs)
-      or len(set(lrs)) != len(lrs)):
-    raise InputError(f'--seeds={seeds} and --steps={steps} must be >= 1 and --lrs={lrs} '
-                     'distinct positive rates')
+  if seeds < 1 or steps < 1:
+    raise InputError(f'--seeds={seeds} and --steps={steps} must be >= 1')
   # An impossible N fails here, before anything is trained. (The shared config, not a row's:
   # matching a row's parameters starts jax, and the workers are forked from this process.)
   for kv in kv_pairs:
@@ -221,43 +217,39 @@ def _settings() -> tuple:
       tasks.MQAR(ablation.shared(kv, seq_len, quick))
     except ValueError as e:
       raise InputError(f'--kv_pairs={kv} at --seq_len={seq_len}: {e}') from None
-  return seq_len, kv_pairs, steps, sorted(lrs), seeds
+  return rows, seq_len, kv_pairs, steps, lrs, seeds
 
 
 def main():
   if FLAGS.worker:
     return _worker(FLAGS.worker)
-  seq_len, kv_pairs, steps, lrs, seeds = _settings()
+  rows, seq_len, kv_pairs, steps, lrs, seeds = _settings()
   start = time.perf_counter()
-  cells = [(row, seq_len, kv, steps) for kv in kv_pairs for row in FLAGS.rows]
+  cells = [(row, seq_len, kv, steps) for kv in kv_pairs for row in rows]
   sweep = sweep_lib.sweep_runs(cells, lrs)
   jobs = min(FLAGS.jobs or len(runner.available_cores()), len(runner.available_cores()))
-  print(f'{len(FLAGS.rows)} rows x N = {kv_pairs} at {seq_len} tokens, {steps} steps: '
+  print(f'{len(rows)} rows x N = {kv_pairs} at {seq_len} tokens, {steps} steps: '
         f'{len(sweep)} sweep runs (seed 0 at each of {len(lrs)} rates) + {len(cells) * seeds} '
         f'reported runs (seeds 1-{seeds}); {_estimate(sweep, cells, lrs, seeds, jobs)}',
         flush=True)
   if FLAGS.dry_run:
     return
-  trained = sweep_lib.train(sweep, 'learning-rate sweep', _task, _read, FLAGS.jobs,
-                            FLAGS.workdir)
+  trained = sweep_lib.train(sweep, 'learning-rate sweep', _task, _read, jobs, FLAGS.workdir)
   final = sweep_lib.final_runs(cells, lrs, seeds, _read, recall_report.best_rate)
-  trained += sweep_lib.train(final, 'seeds at the chosen rates', _task, _read, FLAGS.jobs,
+  trained += sweep_lib.train(final, 'seeds at the chosen rates', _task, _read, jobs,
                              FLAGS.workdir)
   results = [_read(r) for r in final]
   out = pathlib.Path(FLAGS.results_dir or (FLAGS.workdir if FLAGS.quick
                                            else runner.ROOT / 'experiments' / 'results'))
   wall_s = time.perf_counter() - start
-  if trained == len(sweep) + len(final):
-    full_wall_s = wall_s  # every run trained by this invocation: the whole grid's wall time
-  else:  # a report-only or resumed invocation keeps the last full figure, if any
-    previous = out / f'{recall_report.NAME}.json'
-    full_wall_s = (json.loads(previous.read_text())['setup'].get('full_wall_s')
-                   if previous.exists() else None)
+  grid = dict(quick=FLAGS.quick, rows=rows, seq_len=seq_len, steps=steps, seeds=seeds, lrs=lrs,
+              kv_pairs=kv_pairs)
   setup = dict(command=' '.join(['python -m experiments.recall_vs_cache', *sys.argv[1:]]),
-               quick=FLAGS.quick, seq_len=seq_len, steps=steps, seeds=seeds, lrs=lrs,
-               kv_pairs=kv_pairs, jobs=jobs, machine=runner.machine(), wall_s=wall_s,
+               **grid, jobs=jobs, machine=runner.machine(), wall_s=wall_s,
                runs_total=len(sweep) + len(final),
-               cpu_s=sum(_read(r)['cpu_s'] for r in sweep + final), full_wall_s=full_wall_s,
+               cpu_s=sum(_read(r)['cpu_s'] for r in sweep + final),
+               full_wall_s=runner.full_wall_s(out / f'{recall_report.NAME}.json', wall_s,
+                                              trained == len(sweep) + len(final), grid),
                test_seed=ablation.TEST_SEED)
   try:
     paths = recall_report.write(results, [_read(r) for r in sweep], setup, out)

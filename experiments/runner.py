@@ -13,6 +13,7 @@ import json
 import os
 import pathlib
 import platform
+import resource
 import subprocess
 import sys
 import time
@@ -84,6 +85,25 @@ def measure_caches(model, prompt) -> dict:
               cache_elements_measured=elements, cache_bytes_bf16_measured=nbytes,
               cache_bytes_int8_measured=measure_decode_cache(model, prompt, 'int8')[1],
               cache_bytes_fp8_measured=measure_decode_cache(model, prompt, 'float8_e4m3fn')[1])
+
+
+def cpu_s() -> float:
+  """CPU seconds this process has used (user + system)."""
+  usage = resource.getrusage(resource.RUSAGE_SELF)
+  return usage.ru_utime + usage.ru_stime
+
+
+def full_wall_s(previous: pathlib.Path, wall_s: float, ran_all: bool, grid: dict) -> float | None:
+  """The wall time of the whole grid: this invocation's if it ran every task, else the figure
+  an earlier report of the same grid (`grid`: the setup entries that define it) recorded;
+  None when there is none (a grid that spanned several invocations has no single wall time)."""
+  if ran_all:
+    return wall_s
+  if not previous.exists():
+    return None
+  setup = json.loads(previous.read_text())['setup']
+  same = all(setup.get(k) == json.loads(json.dumps(v)) for k, v in grid.items())  # as stored
+  return setup.get('full_wall_s') if same else None
 
 
 @dataclasses.dataclass

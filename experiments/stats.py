@@ -24,7 +24,7 @@ def beyond_spread(better: dict[int, float], worse: dict[int, float], higher_is_b
   (a, a_std), (b, b_std) = mean_std(list(better.values())), mean_std(list(worse.values()))
   gap, spread = sign * (a - b), a_std + b_std
   diffs = [sign * (better[s] - worse[s]) for s in worse if s in better]
-  if len(better) < 2 or abs(gap) <= spread:
+  if min(len(better), len(worse)) < 2 or abs(gap) <= spread:
     verdict = 'not resolved'
   else:
     verdict = as_expected if gap > 0 else 'resolved, the opposite'

@@ -23,6 +23,19 @@ from mla_jax.errors import InputError
 Run = tuple  # (*cell, lr, seed)
 
 
+def rates(values: list[str]) -> list[float]:
+  """--lrs, parsed: distinct positive numbers (to the 6 significant digits that name the run
+  folders), sorted."""
+  try:
+    lrs = sorted(float(x) for x in values)
+  except ValueError:
+    lrs = []
+  if not lrs or not all(lr > 0 for lr in lrs) or len({f'{lr:g}' for lr in lrs}) != len(lrs):
+    raise InputError(f'--lrs takes distinct positive numbers, comma-separated (got '
+                     f"{','.join(map(str, values))}; rates are told apart to 6 digits)")
+  return lrs
+
+
 def sweep_runs(cells: list[tuple], lrs: list[float]) -> list[Run]:
   """Seed 0 of every cell at every rate; rate by rate, so the runs that train side by side
   are of different cells, and a cell's later rates find its programs compiled."""

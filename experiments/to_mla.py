@@ -45,6 +45,7 @@ from experiments import runner, to_mla_report
 from mla_jax import cli, converter, data, evaluator, trainer, variants
 from mla_jax import workdir as wd
 from mla_jax.config import ModelConfig
+from mla_jax.errors import InputError
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string('workdir', None, 'where the runs live (one folder per task)')
@@ -117,7 +118,7 @@ def grid() -> list[tuple[str, int]]:
   for item in FLAGS.fractions:
     source, _, fraction = item.rpartition(':')
     if not fraction.isdigit() or int(fraction) < 2 or (source and source not in FLAGS.sources):
-      raise SystemExit(f'error: --fractions={item}: give F or SOURCE:F with F an integer >= 2 and '
+      raise InputError(f'--fractions={item}: give F or SOURCE:F with F an integer >= 2 and '
                        f'SOURCE among --sources={FLAGS.sources}')
     pairs += [(s, int(fraction)) for s in ([source] if source else FLAGS.sources)]
   return [p for i, p in enumerate(pairs) if p not in pairs[:i]]
@@ -263,7 +264,7 @@ def main():
     return run_task(FLAGS.worker)
   unknown = sorted(set(FLAGS.sources) - set(CONFIGS))
   if unknown or not 0 < FLAGS.finetune_fraction <= 1:
-    raise SystemExit(f'error: --sources must be among {sorted(CONFIGS)} (unknown: {unknown}), '
+    raise InputError(f'--sources must be among {sorted(CONFIGS)} (unknown: {unknown}), '
                      f'--finetune_fraction in (0, 1]')
   for source, fraction in grid():  # a cache too small to split is refused before anything runs
     mla_model_section(source, fraction)
@@ -277,16 +278,15 @@ def main():
   out = pathlib.Path(FLAGS.results_dir or (FLAGS.workdir if FLAGS.quick
                                            else runner.ROOT / 'experiments' / 'results'))
   wall_s = time.perf_counter() - start
-  previous = out / f'{to_mla_report.NAME}.json'
-  full_wall_s = wall_s if len(todo) == len(all_tasks) else (
-      json.loads(previous.read_text())['setup'].get('full_wall_s') if previous.exists()
-      else None)
-  setup = dict(command=' '.join(['python -m experiments.to_mla', *sys.argv[1:]]),
-               quick=FLAGS.quick, jobs=FLAGS.jobs or len(runner.available_cores()),
-               machine=runner.machine(), wall_s=wall_s, tasks_run=len(todo),
-               full_wall_s=full_wall_s, data=FLAGS.data_files or 'shakespeare',
-               finetune_fraction=FLAGS.finetune_fraction,
-               calibration_batches=FLAGS.calibration_batches)
+  grid_setup = dict(quick=FLAGS.quick, sources=FLAGS.sources, fractions=grid(),
+                    data=FLAGS.data_files or 'shakespeare',
+                    finetune_fraction=FLAGS.finetune_fraction,
+                    calibration_batches=FLAGS.calibration_batches)
+  setup = dict(command=' '.join(['python -m experiments.to_mla', *sys.argv[1:]]), **grid_setup,
+               jobs=FLAGS.jobs or len(runner.available_cores()), machine=runner.machine(),
+               wall_s=wall_s, tasks_run=len(todo),
+               full_wall_s=runner.full_wall_s(out / f'{to_mla_report.NAME}.json', wall_s,
+                                              len(todo) == len(all_tasks), grid_setup))
   paths = to_mla_report.write(results, setup, out)
   print('wrote ' + ', '.join(str(p) for p in paths))
 

@@ -415,7 +415,7 @@ def _loop(config, workdir, task, mesh, ckpts, best, run, preempt, final_eval) ->
       if save_now:
         wd.save(ckpts, step, nnx.state(model), nnx.state(opt),
                 {'step': step, 'best_val_loss': best_loss})
-      if stop:  # an exception, so that no caller takes the run for a finished one
+      if stop and step < end:  # an exception, so that no caller takes the run for finished
         raise Preempted(f'stopped at step {step} by SIGTERM; run the same command to resume')
       if not pending:  # a window starts after any logging, validation or saving
         window_start = time.perf_counter()

@@ -55,7 +55,8 @@ def test_parameters_matched_within_two_percent(mode):
   for row, n in counts.items():
     assert abs(n / counts['mha'] - 1) < 0.02, (row, n, counts['mha'])
   widths = {row: ablation.get_config(row + mode).model.d_ff for row in _rows(mode)}
-  assert widths['mqa'] > widths['gqa2'] > widths['mha'] > widths['mla8']
+  assert widths['mqa'] > widths['gqa2'] > widths.get('gqa4', widths['mha']) >= widths['mha']
+  assert widths['mha'] > widths['mla8']
 
 
 @pytest.mark.parametrize('geometry, expected', [('', FULL_CACHE), (',paper', PAPER_CACHE)])
@@ -80,9 +81,7 @@ def test_unknown_row_is_a_clear_error(arg):
 
 
 def _row(losses, seeds=None):
-  mean = float(np.mean(losses))
-  std = float(np.std(losses, ddof=1)) if len(losses) > 1 else 0.0
-  return dict(losses=losses, seeds=seeds or list(range(len(losses))), loss=mean, loss_std=std)
+  return dict(losses=losses, seeds=seeds or list(range(len(losses))))
 
 
 @pytest.mark.parametrize('better, worse, verdict, agreeing', [
@@ -90,6 +89,7 @@ def _row(losses, seeds=None):
     ([1.10, 1.11, 1.12], [1.00, 1.01, 1.02], 'resolved, the opposite', 0),
     ([1.00, 1.05, 1.10], [1.02, 1.07, 1.08], 'not resolved', 2),
     ([1.00], [1.10], 'not resolved', 1),  # one seed has no spread to go beyond
+    ([1.00, 1.01, 1.02], [1.50], 'not resolved', 1),  # nor has one side with one seed
 ])
 def test_verdicts(better, worse, verdict, agreeing):
   c = capacity_report.compare({'a': _row(better), 'b': _row(worse)}, 'a', 'b')
@@ -154,7 +154,9 @@ def test_quick_pipeline_end_to_end(corpus, tmp_path):
     (['--rows=mha,mla3'], 'error: unknown rows'),
     (['--geometry=paper', '--rows=gqa4'], 'error: unknown rows'),
     (['--lrs=fast'], 'error: --lrs takes'),
-    (['--lrs=1e-3,1e-3'], 'error: --lrs='),
+    (['--lrs=1e-3,0.001'], 'error: --lrs takes'),
+    (['--lrs=1e-3,1.0000001e-3'], 'error: --lrs takes'),  # one run folder for both
+    (['--lrs=-1e-3'], 'error: --lrs takes'),
     (['--seeds=0'], 'error: unknown rows [] or --seeds=0'),
 ])
 def test_bad_flags_are_one_line_and_write_nothing(args, message, tmp_path):
@@ -162,3 +164,53 @@ def test_bad_flags_are_one_line_and_write_nothing(args, message, tmp_path):
   assert run.returncode != 0
   assert run.stderr.strip().splitlines()[-1].startswith(message), run.stderr
   assert not any(tmp_path.iterdir())
+
+
+def _result(row, seed, lr, loss=None):
+  """A run's result.json as the worker writes it (loss None: diverged)."""
+  if loss is None:
+    return dict(row=row, seed=seed, lr=lr, diverged='non-finite loss at step 3', cpu_s=1.0)
+  return dict(row=row, seed=seed, lr=lr, loss=loss, perplexity=math.exp(loss),
+              attention='mha', model=dict(n_heads=8, head_dim=16, d_model=128, n_layers=4),
+              params=1000, d_ff=384, cache_formula='2·n_h·d_h·l', cache_elements_formula=1024,
+              cache_elements_measured=1024, cache_bytes_bf16_measured=2048,
+              cache_bytes_int8_measured=1280, cache_bytes_fp8_measured=1280, tokens_per_s=1.0,
+              train_tokens=100)
+
+
+def test_best_rate_is_the_lowest_validation_loss_among_runs_that_finished():
+  sweep = [_result('mha', 0, 1.5e-3, 2.0), _result('mha', 0, 3e-3, 1.9),
+           _result('mha', 0, 6e-3)]
+  assert capacity_report.best_rate(sweep) == 3e-3
+  with pytest.raises(ValueError, match='every rate diverged'):
+    capacity_report.best_rate([_result('mha', 0, 6e-3)])
+
+
+def test_summary_leaves_diverged_seeds_out_and_names_them():
+  runs = [_result('mha', 1, 3e-3, 1.9), _result('mha', 2, 3e-3), _result('mha', 3, 3e-3, 2.1)]
+  s = capacity_report.summarize(runs)['mha']
+  assert s['seeds'] == [1, 3] and s['diverged'] == [2] and s['lr'] == 3e-3
+  assert math.isclose(s['loss'], 2.0)
+  with pytest.raises(ValueError, match='every seed diverged'):
+    capacity_report.summarize([_result('mqa', 1, 3e-3)])
+
+
+def test_report_marks_the_chosen_rate_and_a_diverged_one():
+  sweep = [_result('mha', 0, 3e-3, 1.9), _result('mha', 0, 6e-3)]
+  summary = capacity_report.summarize([_result('mha', 1, 3e-3, 1.95)])
+  md = capacity_report.markdown(summary, capacity_report.sweep_table(sweep), [],
+                                dict(command='x', machine='m', date='d', quick=False, jobs=2,
+                                     lrs=[3e-3, 6e-3], seeds=1))
+  assert '| MHA (G=8) | **1.9000** | diverged |' in md
+  assert '| 3e-3 |' not in md and '| 0.003 | 1.9500 ± 0.0000 |' in md
+
+
+@pytest.mark.parametrize('lrs, chosen', [([3e-3], 3e-3), ([3e-3, 6e-3], 6e-3)])
+def test_reported_runs_are_fresh_seeds_at_the_chosen_rate(lrs, chosen):
+  from experiments import sweep
+  losses = {3e-3: 2.0, 6e-3: 1.9}
+  read = lambda run: _result(run[0], run[2], run[1], losses[run[1]])
+  assert sweep.sweep_runs([('mha',)], lrs) == ([] if len(lrs) == 1 else
+                                               [('mha', 3e-3, 0), ('mha', 6e-3, 0)])
+  final = sweep.final_runs([('mha',)], lrs, 3, read, capacity_report.best_rate)
+  assert final == [('mha', chosen, 1), ('mha', chosen, 2), ('mha', chosen, 3)]
