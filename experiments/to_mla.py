@@ -24,7 +24,8 @@ Every task is a worker process pinned to one core, --jobs at a time (experiments
 each writes result.json last, and a task with one is not redone, so an interrupted run resumes
 (trainings from their last checkpoints). The report (to_mla.md / .json / .png) goes to
 --results_dir: experiments/results for the full run, the workdir for --quick (which never
-overwrites the committed results).
+overwrites the committed results). --report_only writes it from the tasks finished so far,
+marked partial, and trains nothing.
 """
 
 from __future__ import annotations
@@ -59,6 +60,8 @@ flags.DEFINE_integer('jobs', 0, 'tasks at a time, one core each (0: one per avai
 flags.DEFINE_string('results_dir', None,
                     'where the report goes (default: experiments/results; with --quick, workdir)')
 flags.DEFINE_string('data_files', '', 'a glob of text files instead of the Shakespeare corpus')
+flags.DEFINE_bool('report_only', False, 'write the report from the tasks finished so far '
+                  '(the others shown as -), training nothing')
 flags.DEFINE_string('worker', None, 'internal: the task this process runs')
 flags.mark_flag_as_required('workdir')
 
@@ -272,9 +275,14 @@ def main():
   all_tasks = tasks()
   todo = [t for t in all_tasks if not t.done.exists()]
   print(f'{len(all_tasks) - len(todo)} of {len(all_tasks)} tasks already finished in '
-        f'{FLAGS.workdir}; running {len(todo)}', flush=True)
-  runner.run_tasks(all_tasks, FLAGS.jobs)
-  results = [json.loads(t.done.read_text()) for t in all_tasks]
+        f"{FLAGS.workdir}; {'reporting those' if FLAGS.report_only else f'running {len(todo)}'}",
+        flush=True)
+  if FLAGS.report_only:
+    finished = [t for t in all_tasks if t.done.exists()]
+  else:
+    runner.run_tasks(all_tasks, FLAGS.jobs)
+    finished = all_tasks
+  results = [json.loads(t.done.read_text()) for t in finished]
   out = pathlib.Path(FLAGS.results_dir or (FLAGS.workdir if FLAGS.quick
                                            else runner.ROOT / 'experiments' / 'results'))
   wall_s = time.perf_counter() - start
@@ -284,9 +292,11 @@ def main():
                     calibration_batches=FLAGS.calibration_batches)
   setup = dict(command=' '.join(['python -m experiments.to_mla', *sys.argv[1:]]), **grid_setup,
                jobs=FLAGS.jobs or len(runner.available_cores()), machine=runner.machine(),
-               wall_s=wall_s, tasks_run=len(todo),
+               wall_s=wall_s, tasks_run=0 if FLAGS.report_only else len(todo),
+               tasks_finished=len(finished), tasks_total=len(all_tasks),
                full_wall_s=runner.full_wall_s(out / f'{to_mla_report.NAME}.json', wall_s,
-                                              len(todo) == len(all_tasks), grid_setup))
+                                              len(todo) == len(all_tasks)
+                                              and not FLAGS.report_only, grid_setup))
   paths = to_mla_report.write(results, setup, out)
   print('wrote ' + ', '.join(str(p) for p in paths))
 

@@ -89,6 +89,9 @@ def markdown(results: list[dict], setup: dict) -> str:
       lines.append('| ' + ' | '.join(cells) + ' |')
     lines.append('')
   lines += [f"Measured cache = formula everywhere: **{'yes' if all_exact else 'NO'}**."]
+  if setup.get('tasks_finished', 0) < setup.get('tasks_total', 0):
+    lines.append(f"**Partial report**: {setup['tasks_finished']} of {setup['tasks_total']} tasks "
+                 'had finished (--report_only); a - marks a cell not yet run.')
   if setup.get('full_wall_s'):
     lines.append(f"The whole run took {setup['full_wall_s'] / 60:.0f} minutes of wall time "
                  f"({setup['jobs']} tasks at a time, one core each).")
@@ -103,7 +106,7 @@ def plot(results: list[dict], setup: dict, path: pathlib.Path) -> None:
   matplotlib.use('Agg')
   import matplotlib.pyplot as plt
 
-  sources = _by_source(results)
+  sources = _by_source(results) or {'(nothing finished yet)': {}}
   fig, axes = plt.subplots(1, len(sources), figsize=(6 * len(sources), 4.5), squeeze=False)
   styles = {('2norm', 'before'): ('C1', ':', 'o'), ('2norm', 'after'): ('C1', '-', 'o'),
             ('uniform', 'before'): ('C2', ':', 's'), ('uniform', 'after'): ('C2', '-', 's'),

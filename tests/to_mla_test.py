@@ -426,3 +426,13 @@ def test_bad_fractions_are_one_line_and_write_nothing(args, tmp_path):
   assert run.returncode != 0
   assert run.stderr.strip().splitlines()[-1].startswith('error: --fractions='), run.stderr
   assert not any(tmp_path.iterdir())
+
+
+def test_report_only_reports_what_has_finished_and_trains_nothing(tmp_path):
+  run = experiment(tmp_path, '--quick', '--sources=gqa', '--fractions=4', '--report_only')
+  assert run.returncode == 0, run.stderr[-3000:]
+  assert '0 of 7 tasks already finished' in run.stdout
+  report = json.loads((tmp_path / 'to_mla.json').read_text())
+  assert report['results'] == [] and report['setup']['tasks_total'] == 7
+  assert '**Partial report**: 0 of 7 tasks' in (tmp_path / 'to_mla.md').read_text()
+  assert sorted(p.name for p in tmp_path.iterdir()) == ['to_mla.json', 'to_mla.md', 'to_mla.png']
