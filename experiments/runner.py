@@ -132,6 +132,9 @@ def run_tasks(tasks: list[Task], jobs: int = 0, report=print) -> None:
   failed = []
   while todo or running:
     for slot in [s for s in range(jobs) if s not in running]:
+      for task in [t for t in todo if t.done.exists()]:  # finished meanwhile by another process
+        todo.remove(task)
+        finished.add(task.name)
       ready = [t for t in todo if set(t.after) <= finished]
       if not ready or failed:
         break
