@@ -139,7 +139,8 @@ def test_out_of_vocabulary_prompt():
     mla_jax.generate(tiny_model(), np.full((1, 3), 300), max_new_tokens=2)
 
 
-@pytest.mark.parametrize('name', ['gqa', 'mla'])
+# The unjitted path is slow: MLA in the default run, GQA with --long.
+@pytest.mark.parametrize('name', [pytest.param('gqa', marks=pytest.mark.long), 'mla'])
 def test_jit_and_no_jit_agree(name):
   model = tiny_model(**VARIANTS[name])
   tokens = jnp.asarray(_prompts())

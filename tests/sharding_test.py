@@ -125,6 +125,7 @@ def test_decode_with_sharded_batch_and_caches_matches_one_device(corpus):
   assert result['mla spec'] == [['data', 'fsdp']]  # c_kv [b, s, c]: batch only
 
 
+@pytest.mark.long  # minutes of 8-device subprocesses; the decode test keeps meshes in CI
 def test_checkpoint_restores_under_other_meshes(corpus, tmp_path):
   saved = tmp_path / 'saved.npz'
   run_python(f'''
