@@ -80,10 +80,7 @@ def _worker(spec: str) -> None:
   """Trains, evaluates and (not for a sweep run) measures one run; writes result.json last."""
   row, lr, seed = spec.split(':')
   lr, seed = float(lr), int(seed)
-  cli.quiet_logging()
-  # Seeds of a row compile the same programs: the persistent cache compiles them once.
-  jax.config.update('jax_compilation_cache_dir', str(pathlib.Path(FLAGS.workdir) / 'xla_cache'))
-  jax.config.update('jax_persistent_cache_min_compile_time_secs', 0.5)
+  runner.share_compilations(FLAGS.workdir)
   config = run_config(row, lr, seed)
   run_dir = run_path(row, lr, seed)
   start = time.perf_counter()

@@ -100,10 +100,7 @@ def _worker(spec: str) -> None:
   (not for a sweep run); writes result.json last."""
   row, seq_len, kv, steps, lr, seed = spec.split(':')
   seq_len, kv, steps, lr, seed = int(seq_len), int(kv), int(steps), float(lr), int(seed)
-  # The seeds of a row and setting compile the same programs: the persistent cache compiles
-  # them once.
-  jax.config.update('jax_compilation_cache_dir', str(pathlib.Path(FLAGS.workdir) / 'xla_cache'))
-  jax.config.update('jax_persistent_cache_min_compile_time_secs', 0.5)
+  runner.share_compilations(FLAGS.workdir)
   config = run_config(row, seq_len, kv, steps, lr, seed, FLAGS.quick)
   run_dir = run_path(row, seq_len, kv, steps, lr, seed)
   start = time.perf_counter()

@@ -19,6 +19,7 @@ import sys
 import time
 from collections.abc import Callable
 
+import jax
 import jax.numpy as jnp
 from flax import nnx
 
@@ -70,6 +71,14 @@ def measure_decode_cache(model, prompt, cache_dtype=None) -> tuple[int, int]:
   next_tokens = jnp.argmax(logits, -1).astype(jnp.int32)
   _, caches = decode.decode_step(graphdef, state, caches, next_tokens, lengths)
   return measured_per_token(caches, batch, max_len)
+
+
+def share_compilations(workdir) -> None:
+  """Worker processes of one experiment share a persistent compilation cache in
+  workdir/xla_cache: runs of the same shape (the seeds of a row, a row's cache programs)
+  compile their programs once."""
+  jax.config.update('jax_compilation_cache_dir', str(pathlib.Path(workdir) / 'xla_cache'))
+  jax.config.update('jax_persistent_cache_min_compile_time_secs', 0.5)
 
 
 def measure_caches(model, prompt) -> dict:

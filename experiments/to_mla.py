@@ -141,14 +141,15 @@ def tasks() -> list[runner.Task]:
   for source in FLAGS.sources:
     task(f'{source}/source', source)
   shapes = set()  # the long trainings first: they need no source
-  for source, fraction in sorted(grid(), key=lambda p: p[1]):
+  pairs = grid()
+  for source, fraction in sorted(pairs, key=lambda p: p[1]):
     d_c, d_r = shape(ModelConfig.from_dict(source_config(source).model), fraction)
     if (d_c, d_r) not in shapes:  # one run per MLA: the sources' configs differ only there
       shapes.add((d_c, d_r))
       task(f'{source}/{fraction}/scratch', scratch_folder(d_c, d_r))
   for source in FLAGS.sources:
     task(f'{source}/exact', f'{source}-exact', [f'{source}/source'])
-    for fraction in [f for s, f in grid() if s == source]:
+    for fraction in [f for s, f in pairs if s == source]:
       for variant in VARIANTS:
         task(f'{source}/{fraction}/{variant}', f'{source}-c{fraction}-{variant}',
              [f'{source}/source'])
@@ -262,8 +263,7 @@ def _convert(out: pathlib.Path, source: pathlib.Path, *args) -> pathlib.Path:
 # --- main --------------------------------------------------------------------------------------
 def main():
   if FLAGS.worker:
-    jax.config.update('jax_compilation_cache_dir', str(path('xla_cache')))
-    jax.config.update('jax_persistent_cache_min_compile_time_secs', 0.5)
+    runner.share_compilations(FLAGS.workdir)
     return run_task(FLAGS.worker)
   unknown = sorted(set(FLAGS.sources) - set(CONFIGS))
   if unknown or not 0 < FLAGS.finetune_fraction <= 1:
