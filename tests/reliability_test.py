@@ -541,6 +541,14 @@ def test_a_preempted_run_raises_so_no_caller_takes_it_for_finished(corpus, monke
   assert saved_steps(tmp_path / 'checkpoints') == [2, 3]
 
 
+def test_a_sigterm_read_in_the_last_step_completes_the_run(corpus, monkeypatch, tmp_path):
+  """SIGTERM while step 5 saves is read in step 6, the last: the run is complete, not
+  preempted, and says so by returning."""
+  monkeypatch.setenv(FAULT, 'checkpoints:before:TERM')
+  trainer.train_and_evaluate(tiny(corpus, steps=6, checkpoint_every=5), str(tmp_path))
+  assert saved_steps(tmp_path / 'checkpoints') == [5, 6]
+
+
 def test_sigterm_during_start_up_says_there_is_nothing_to_save(corpus, jax_cache, tmp_path):
   result = run('train', *train_args(tmp_path, corpus), env=child_env(jax_cache, 'start:TERM'))
   assert result.returncode == 128 + signal.SIGTERM
