@@ -68,7 +68,16 @@ def pytest_addoption(parser):
                    'kills: minutes each), which the default run and CI skip')
 
 
+# The experiment pipelines are the longest tests in the default run (minutes each). Started
+# first, they overlap the hundreds of short tests on the other workers instead of running on
+# alone at the end; xdist hands tests out in collection order.
+FIRST = ('capacity_test.py::test_quick_pipeline_end_to_end',
+         'recall_test.py::test_quick_pipeline_end_to_end')
+
+
+@pytest.hookimpl(trylast=True)  # after pytest's own reordering by fixture scope
 def pytest_collection_modifyitems(config, items):
+  items.sort(key=lambda item: not item.nodeid.endswith(FIRST))  # stable: the rest keep order
   if config.getoption('--long'):
     return
   skip = pytest.mark.skip(reason='long: run with --long')

@@ -140,7 +140,8 @@ def test_out_of_vocabulary_prompt():
 
 
 # The unjitted path is slow: MLA in the default run, GQA with --long.
-@pytest.mark.parametrize('name', [pytest.param('gqa', marks=pytest.mark.long), 'mla'])
+@pytest.mark.long  # every decode test above runs jitted; this one re-traces eagerly (minutes)
+@pytest.mark.parametrize('name', ['gqa', 'mla'])
 def test_jit_and_no_jit_agree(name):
   model = tiny_model(**VARIANTS[name])
   tokens = jnp.asarray(_prompts())

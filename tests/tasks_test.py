@@ -81,6 +81,7 @@ def mqar_runs(tmp_path_factory):
 
 
 @pytest.mark.slow
+@pytest.mark.long
 def test_mqar_run_validates_recall_and_resumes_exactly(mqar_runs):
   whole, split, last = mqar_runs
   losses, val = _metrics(whole)
@@ -96,6 +97,7 @@ def test_mqar_run_validates_recall_and_resumes_exactly(mqar_runs):
 
 
 @pytest.mark.slow
+@pytest.mark.long
 def test_evaluate_cli_scores_an_mqar_run_on_its_heldout_set(mqar_runs):
   whole, _, last = mqar_runs
   run = subprocess.run([sys.executable, '-m', 'mla_jax.evaluate', f'--workdir={whole}'],

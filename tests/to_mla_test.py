@@ -334,6 +334,7 @@ def val_losses(workdir):
 
 
 @pytest.mark.slow
+@pytest.mark.long
 def test_finetuning_starts_from_the_converted_parameters_and_resumes(trained, tmp_path):
   converted, _ = wd.load_workdir(trained / 'mla')
   config = wd.read_config(trained / 'mla')
