@@ -13,6 +13,10 @@ p = H. MLA's absorbed decode is, in this language, MQA over the latent: one grou
 (c_kv, k_rope) and whose "value" is c_kv, with W_UK folded into the query and W_UV into the
 output (docs/design.md#3-mla). Shape letters are listed in layers.py.
 
+A whole sequence without a cache (the training forward) takes `causal_attention` instead: the
+same arithmetic with the queries in blocks that skip the masked keys, in heads-first layout,
+which is what makes the einsum path fast where attention is not fused (XLA's CPU backend).
+
 In every probs-times-values einsum the cached array is the first operand and is contracted
 along the axis it stores contiguously: written the other way, XLA's CPU dot copies (transposes)
 the whole cache on every decode step (see cache.py and the README's decode benchmark).
@@ -61,6 +65,37 @@ def attention_weights(q_parts, k_parts, visible_bts, scale: float, k_scales=None
                for q, k, k_scale in zip(q_parts, k_parts, k_scales, strict=True))
   scores = jnp.where(visible_bts[:, None, None], scores * scale, _MASKED)
   return jax.nn.softmax(scores, axis=-1)
+
+
+# Query blocks of a whole-sequence (training) forward; see causal_attention. Two measured best
+# on a 2-core CPU (experiments/results/cpu_profile.md): four cut more masked work but make the
+# dots too small to run efficiently.
+QUERY_BLOCKS = 2
+
+
+def causal_attention(q_bgpte, k_bgse, v_bgsv, scale: float):
+  """softmax(q k^T * scale, causal) v -> [b, g, p, t, v] float32, for a whole sequence at
+  positions 0 .. t - 1 without a cache (training and evaluation forwards).
+
+  The same arithmetic as attention_weights plus the value product, arranged for speed where
+  attention is not fused (the einsum path; XLA's CPU backend): the queries go in QUERY_BLOCKS
+  blocks along t, and a block reads only the keys up to its last position, so the masked
+  upper-right part of the scores (a quarter of them with two blocks) is never computed; and
+  the heads lead, [b, g, p, t, .], so both dots produce their outputs in the layout the next
+  op reads instead of transposing arrays the size of the scores. A masked score adds exactly
+  0 to the softmax (exp of _MASKED underflows), so the skipped keys change nothing.
+  """
+  t = q_bgpte.shape[3]
+  blocks = QUERY_BLOCKS if t % QUERY_BLOCKS == 0 else 1
+  out = []
+  for lo, hi in ((i * t // blocks, (i + 1) * t // blocks) for i in range(blocks)):
+    scores = jnp.einsum('bgpte,bgse->bgpts', q_bgpte[:, :, :, lo:hi], k_bgse[:, :, :hi],
+                        preferred_element_type=jnp.float32)
+    visible_ts = jnp.arange(hi)[None, :] <= jnp.arange(lo, hi)[:, None]
+    probs = jax.nn.softmax(jnp.where(visible_ts, scores * scale, _MASKED), axis=-1)
+    out.append(jnp.einsum('bgpts,bgsv->bgptv', probs.astype(v_bgsv.dtype), v_bgsv[:, :, :hi],
+                          preferred_element_type=jnp.float32))
+  return out[0] if blocks == 1 else jnp.concatenate(out, axis=3)
 
 
 def weigh(x_bgpts, scale_bgs):
@@ -128,12 +163,17 @@ class GQAttention(nnx.Module):
     if cfg.fused:
       o = self._fused(q, k, v, cache, positions_bt, whole, scale)
     else:
-      o = self._einsum(q, k, v, cache, positions_bt, scale)
+      o = self._einsum(q, k, v, cache, positions_bt, whole, scale)
     return jnp.einsum('bthk,hkd->btd', o.astype(x_btd.dtype), w(self.w_o)), cache
 
-  def _einsum(self, q_bthk, k_btgk, v_btgk, cache, positions_bt, scale):
+  def _einsum(self, q_bthk, k_btgk, v_btgk, cache, positions_bt, whole, scale):
     b, t, h, _ = q_bthk.shape
     g = self.cfg.n_kv_heads
+    if whole and cache is None:
+      heads_first = lambda x: x.reshape(b, t, g, -1, x.shape[-1]).transpose(0, 2, 3, 1, 4)
+      o = causal_attention(heads_first(q_bthk), heads_first(k_btgk)[:, :, 0],
+                           heads_first(v_btgk)[:, :, 0], scale)
+      return o.transpose(0, 3, 1, 2, 4).reshape(b, t, h, -1)
     if cache is None:  # the keys and values are this sequence's own, heads-major like a cache
       keys_bgsk, k_scale, values, v_scale = (k_btgk.transpose(0, 2, 1, 3), None,
                                              v_btgk.transpose(0, 2, 1, 3), None)
@@ -245,7 +285,8 @@ class MLAttention(nnx.Module):
       o = self._naive_fused(q_nope, q_rope, c_kv, k_rope, mask, scale)
     else:
       latent = (c_kv, None, k_rope, None) if cache is None else cache.read(cfg.compute_dtype)
-      mask = _mask(positions_bt, cache, latent[0].shape[1])
+      # None: a whole sequence without a cache (causal_attention)
+      mask = None if whole and cache is None else _mask(positions_bt, cache, latent[0].shape[1])
       path = self._absorbed if absorbed else self._naive
       o = path(q_nope, q_rope, latent, mask, scale)
     return jnp.einsum('bthv,hvd->btd', o, self._w(self.w_o)), cache
@@ -273,6 +314,9 @@ class MLAttention(nnx.Module):
       if c_kv_scale is not None:
         k_nope = k_nope * c_kv_scale[:, None, :, None].astype(k_nope.dtype)
       q, k = jnp.concatenate([q_nope, q], axis=-1), jnp.concatenate([k_nope, k], axis=-1)
+    if mask is None:  # a whole sequence: every head its own group of one
+      o = causal_attention(q.transpose(0, 2, 1, 3)[:, :, None], k, v, scale)[:, :, 0]
+      return o.transpose(0, 2, 1, 3).astype(q_nope.dtype)
     probs = attention_weights((q[:, :, :, None],), (k,), mask, scale)[:, :, 0]
     return jnp.einsum('bhsv,bhts->bthv', v, probs.astype(v.dtype),
                       preferred_element_type=jnp.float32).astype(q_nope.dtype)

@@ -96,19 +96,46 @@ def test_mla_matches_the_paper_equations(q_lora_rank):
 
 
 def _logits_from_embeddings(model, x_btd):
-  """The model's forward pass with the token embeddings as the differentiable input."""
-  positions = jnp.broadcast_to(jnp.arange(x_btd.shape[1]), x_btd.shape[:2])
+  """The model's forward pass with the token embeddings as the differentiable input, as a
+  whole sequence (positions None)."""
   for block in model.blocks:
-    x_btd, _ = block(x_btd, positions)
+    x_btd, _ = block(x_btd, None)
   return model.logits(model.final_norm(x_btd))
 
 
 @pytest.mark.parametrize('name', sorted(VARIANTS))
 def test_causality_by_gradients(name):
+  """On the training path (a whole sequence, causal_attention's query blocks); the masked path
+  at explicit positions equals it (the test below)."""
   model = tiny_model(**VARIANTS[name])
   x = model.embed(jax.random.randint(jax.random.key(0), (1, T), 0, 256))
-  for t in (0, 4, T - 1):
+  for t in (0, 4, 5, T - 1):  # 4 and 5: the last of the first query block, the first of the next
     grad = jax.grad(lambda x, t=t: _logits_from_embeddings(model, x)[0, t].sum())(x)
     per_position = np.abs(np.asarray(grad[0])).sum(-1)
     assert np.all(per_position[t + 1:] == 0.0), (t, per_position)
     assert np.all(per_position[:t + 1] > 0.0), (t, per_position)
+
+
+# GQA's code path covers MHA and MQA (H and 1 groups); mla_exact has no nope part (d_n = 0).
+@pytest.mark.slow
+@pytest.mark.parametrize('name', ['gqa', 'mla', 'mla_exact'])
+def test_whole_sequence_attention_equals_attention_at_explicit_positions(name):
+  """A whole sequence (positions None) runs causal_attention: queries in blocks, each reading
+  the keys up to its end, in heads-first layout. Explicit positions run the masked reference
+  (attention_weights): the same logits and gradients, with T even (two query blocks)."""
+  model = tiny_model(seed=3, attention_impl='einsum', **VARIANTS[name])
+  tokens = jax.random.randint(jax.random.key(1), (B, T + 1), 0, 256)
+  positions = jnp.broadcast_to(jnp.arange(T), (B, T))
+  graphdef, params = nnx.split(model, nnx.Param)
+
+  @jax.jit
+  @jax.grad
+  def grads(params, positions):
+    logits = nnx.merge(graphdef, params)(tokens[:, :-1], positions)
+    return -jnp.take_along_axis(jax.nn.log_softmax(logits), tokens[:, 1:, None], -1).mean()
+
+  np.testing.assert_allclose(model(tokens[:, :-1]), model(tokens[:, :-1], positions),
+                             atol=1e-5, rtol=0)
+  whole, positioned = grads(params, None), grads(params, positions)
+  for a, b in zip(jax.tree.leaves(whole), jax.tree.leaves(positioned), strict=True):
+    np.testing.assert_allclose(a, b, atol=1e-5 * float(np.abs(b).max()), rtol=0)
