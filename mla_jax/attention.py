@@ -91,7 +91,7 @@ def causal_attention(q_bgpte, k_bgse, v_bgsv, scale: float):
   for lo, hi in ((i * t // blocks, (i + 1) * t // blocks) for i in range(blocks)):
     scores = jnp.einsum('bgpte,bgse->bgpts', q_bgpte[:, :, :, lo:hi], k_bgse[:, :, :hi],
                         preferred_element_type=jnp.float32)
-    visible_ts = jnp.arange(hi)[None, :] <= jnp.arange(lo, hi)[:, None]
+    visible_ts = visible(jnp.arange(lo, hi)[None], jnp.arange(hi)[None])[0]
     probs = jax.nn.softmax(jnp.where(visible_ts, scores * scale, _MASKED), axis=-1)
     out.append(jnp.einsum('bgpts,bgsv->bgptv', probs.astype(v_bgsv.dtype), v_bgsv[:, :, :hi],
                           preferred_element_type=jnp.float32))
