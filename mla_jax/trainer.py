@@ -110,39 +110,13 @@ def train_step(graphdef, state, batch_abt):
   return nnx.state((model, opt)), metrics
 
 
-# XLA:CPU runs dots as YNNPACK fusions by default; this option keeps them on Eigen, which is
-# faster for the train step's shapes on the 2-core CPU (experiments/results/cpu_profile.md).
-# It is experimental: a jaxlib that does not know it gets no options (see _cpu_options).
-EIGEN_DOTS = {'xla_cpu_experimental_ynn_fusion_type': ''}
-
-
-def _cpu_options() -> dict:
-  """EIGEN_DOTS on a CPU whose XLA accepts them, else no options."""
-  return accepted(EIGEN_DOTS) if jax.default_backend() == 'cpu' else {}
-
-
-@functools.cache
-def _accepts(options: frozenset) -> bool:
-  try:
-    jax.jit(lambda x: x + 1, compiler_options=dict(options)).lower(jnp.float32(0)).compile()
-  except jax.errors.JaxRuntimeError:  # 'No such compile option'
-    return False
-  return True
-
-
-def accepted(options: dict) -> dict:
-  """`options` if this backend's XLA compiles with them, else {} (an unknown option is an
-  error at compile time, and experimental ones come and go between jaxlib versions)."""
-  return options if _accepts(frozenset(options.items())) else {}
-
-
 def jit_train_step(graphdef, state_shardings, batch_sharding):
   """train_step for one model under jit: state in and out laid out alike (and donated),
   batches split over the batch axes, metrics replicated."""
   replicated = jax.sharding.NamedSharding(batch_sharding.mesh, jax.sharding.PartitionSpec())
   return jax.jit(functools.partial(train_step, graphdef), donate_argnums=0,
                  in_shardings=(state_shardings, batch_sharding),
-                 out_shardings=(state_shardings, replicated), compiler_options=_cpu_options())
+                 out_shardings=(state_shardings, replicated))
 
 
 def batch_layout(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh):

@@ -286,6 +286,7 @@ def cli(module, *args):
 
 
 @pytest.mark.slow
+@pytest.mark.long
 def test_cli_convert_then_evaluate_generate_export(trained, tmp_path):
   """The commands on a converted run; the exact conversion scores what the source scores."""
   run = cli('convert', f'--workdir={trained / "gqa"}', f'--to_mla={tmp_path / "exact"}')

@@ -199,13 +199,3 @@ def test_a_run_recorded_before_newer_config_fields_still_resumes(tmp_path):
   with pytest.raises(wd.WorkdirError, match="'data' differs"):
     wd.check_config(tmp_path, config)
 
-
-def test_the_cpu_train_step_keeps_dots_on_eigen_where_xla_knows_the_option():
-  """trainer.EIGEN_DOTS (measured faster on a CPU) is set on CPU train steps; an option this
-  XLA does not know is dropped instead of failing the compile."""
-  import jax
-  assert trainer.accepted({'xla_no_such_option': ''}) == {}
-  if jax.default_backend() == 'cpu':
-    assert trainer.accepted(trainer.EIGEN_DOTS) == trainer.EIGEN_DOTS == trainer._cpu_options()
-  else:
-    assert trainer._cpu_options() == {}
