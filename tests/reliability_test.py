@@ -140,6 +140,7 @@ def reference(corpus, tmp_path_factory):
 
 # --- 1. kills ---------------------------------------------------------------------------
 
+@pytest.mark.long
 def test_leftovers_of_a_kill_between_the_two_saves_do_not_block_resuming(corpus, reference,
                                                                           tmp_path):
   """A run killed after saving best/5 but before checkpoints/5 had been written (the old
@@ -262,6 +263,7 @@ def test_failed_starts_leave_nothing_and_the_corrected_command_runs(corpus, refe
   assert_same_run(tmp_path / 'run', reference)
 
 
+@pytest.mark.long
 def test_a_workdir_without_a_checkpoint_holds_no_run(corpus, reference, tmp_path):
   """What a start killed before its first save leaves (another config, metrics rows, a
   best/ checkpoint) does not hold back a new command: it starts afresh over it."""
@@ -333,6 +335,7 @@ def test_a_checkpoint_missing_files_is_damaged_and_one_without_checksums_loads(
 # --- 5. one trainer per workdir ----------------------------------------------------------
 
 @pytest.mark.slow
+@pytest.mark.long
 def test_a_second_trainer_on_a_workdir_is_refused(corpus, jax_cache, tmp_path):
   first = subprocess.Popen(
       [sys.executable, '-m', 'mla_jax.train',
@@ -507,6 +510,7 @@ def test_generate_refuses_what_it_would_get_wrong(args, words, reference):
 
 # --- 9. metrics and SIGTERM --------------------------------------------------------------
 
+@pytest.mark.long
 def test_a_resumed_run_logs_each_step_once(corpus, reference, tmp_path):
   """Rows a killed run logged after its last checkpoint (and one it was cut off writing)
   are dropped when the run resumes, not repeated."""

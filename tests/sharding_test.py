@@ -84,6 +84,7 @@ def test_five_steps_match_one_device_on_every_mesh(corpus):
                                  err_msg=f'{name} {sizes}')
 
 
+@pytest.mark.long
 def test_decode_with_sharded_batch_and_caches_matches_one_device(corpus):
   result = run_python('''
   from mla_jax.model import Transformer
@@ -125,7 +126,7 @@ def test_decode_with_sharded_batch_and_caches_matches_one_device(corpus):
   assert result['mla spec'] == [['data', 'fsdp']]  # c_kv [b, s, c]: batch only
 
 
-@pytest.mark.long  # minutes of 8-device subprocesses; the decode test keeps meshes in CI
+@pytest.mark.long  # minutes of 8-device subprocesses
 def test_checkpoint_restores_under_other_meshes(corpus, tmp_path):
   saved = tmp_path / 'saved.npz'
   run_python(f'''

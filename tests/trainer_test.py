@@ -135,6 +135,7 @@ def test_bad_input_is_one_clear_line(case, trained, corpus, tmp_path):
       assert after == before
 
 
+@pytest.mark.long  # reliability_test's SIGTERM-during-a-save test stays in the default run
 def test_sigterm_saves_and_exits_cleanly(corpus, tmp_path):
   import signal
   import time
