@@ -55,6 +55,7 @@ def test_the_doc_variant_cache_is_measured_and_half_of_mqa(shared_kv):
   assert 2 * elements == mla_jax.cache_elements_per_token(tiny_config(attention='mqa'))
 
 
+@pytest.mark.long
 def test_the_doc_variant_is_causal(shared_kv):
   model = mla_jax.Transformer(tiny_config(attention='shared_kv'), rngs=nnx.Rngs(1))
   x = model.embed(jax.random.randint(jax.random.key(0), (1, 8), 0, 256))

@@ -157,6 +157,7 @@ def test_sigterm_saves_and_exits_cleanly(corpus, tmp_path):
   assert (step and step == len(losses(tmp_path)[0])) or step >= 1
 
 
+@pytest.mark.long
 def test_gradient_accumulation_matches_one_big_batch(corpus, tmp_path):
   """Two microbatches of 4 average to the gradient of the batch of 8: same losses."""
   one = tiny(corpus, steps=4, eval_every=100, checkpoint_every=100)
@@ -169,6 +170,7 @@ def test_gradient_accumulation_matches_one_big_batch(corpus, tmp_path):
   assert a[0] != a[-1]
 
 
+@pytest.mark.long
 def test_bfloat16_compute_trains_like_float32(corpus, tmp_path):
   f32 = tiny(corpus, steps=6, eval_every=100, checkpoint_every=100)
   bf16 = tiny(corpus, steps=6, eval_every=100, checkpoint_every=100)
