@@ -3,7 +3,8 @@
 Two implementations of the same math, chosen by ModelConfig.attention_impl (cfg.fused):
 the explicit einsum path below, which is the reference and the test oracle, and the fused
 path: flash attention for training and prefill (mla_jax.fused) and split-KV flash-decoding
-Pallas kernels for one-token decode steps (mla_jax.kernels). Modules are called with
+Pallas kernels for one-token decode steps (mla_jax.kernels; where the head widths do not fit
+the compiled kernel, kernels.fits, the step takes the einsum path). Modules are called with
 positions_bt=None for a whole sequence at positions 0 .. t - 1 (training), which lets fused
 attention use its causal mode; with explicit positions, masks are built from them.
 
@@ -191,6 +192,8 @@ class GQAttention(nnx.Module):
   def _fused(self, q_bthk, k_btgk, v_btgk, cache, positions_bt, whole, scale):
     b, t, h, _ = q_bthk.shape
     if cache is not None and t == 1:  # a decode step: the split-KV flash-decoding kernel
+      if not kernels.fits((q_bthk.shape[-1],), v_btgk.shape[-1], _interpret()):
+        return self._einsum(q_bthk, k_btgk, v_btgk, cache, positions_bt, whole, scale)
       g = self.cfg.n_kv_heads
       k, k_scale, v, v_scale = cache.read()  # 8-bit values stay 8-bit: the kernel scales them
       o_bgpk = kernels.gqa_decode(q_bthk.reshape(b, g, h // g, -1), k, v, positions_bt[:, 0] + 1,
@@ -276,9 +279,10 @@ class MLAttention(nnx.Module):
       cache = cache.write(c_kv, k_rope, positions_bt)
     scale = ((n + cfg.qk_rope_head_dim)**-0.5 * rope.softmax_mscale(cfg.rope_scaling)**2)
     absorbed = cache is not None and cfg.mla_decode == 'absorbed'
-    if cfg.fused and absorbed and x_btd.shape[1] == 1:  # a decode step: the flash-decoding kernel
+    absorbed_step = absorbed and x_btd.shape[1] == 1  # a decode step: the flash-decoding kernel
+    if cfg.fused and absorbed_step and self._kernel_fits():
       o = self._absorbed_kernel(q_nope, q_rope, cache, positions_bt, scale)
-    elif cfg.fused:
+    elif cfg.fused and not absorbed_step:
       if cache is not None:  # flash attention takes no scales: dequantize what it reads
         c_kv, k_rope = (quant.dequantize(x, q.dtype) for x in (cache.c_kv, cache.k_rope))
       mask = _fused_mask(positions_bt, whole, cache, c_kv.shape[1])
@@ -347,6 +351,13 @@ class MLAttention(nnx.Module):
       k = jnp.concatenate([jnp.einsum('bsc,chn->bshn', c_kv, self._w(self.w_uk)), k], axis=-1)
       q = jnp.concatenate([q_nope, q], axis=-1)
     return fused_attention(q, k, v, mask, scale).astype(q_nope.dtype)
+
+  def _kernel_fits(self) -> bool:
+    """Whether the decode kernel takes this model's latent and rope widths (else the absorbed
+    einsum path runs the step: same math, see kernels.fits)."""
+    c, r = self.cfg.kv_lora_rank, self.cfg.qk_rope_head_dim
+    key_dims = (c, r) if self.cfg.qk_nope_head_dim else (r,)
+    return kernels.fits(key_dims, c, _interpret())
 
   def _absorbed_kernel(self, q_nope, q_rope, cache, positions_bt, scale):
     """One decode step of the absorbed path through the Pallas kernel, which reads each

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from mla_jax.attention import attention_weights
-from mla_jax.kernels import gqa_decode, mla_decode
+from mla_jax.kernels import fits, gqa_decode, mla_decode
 
 B, H, C, R, S = 8, 4, 32, 16, 37  # MLA: batch, heads, d_c, d_r, allocated context
 G, K = 2, 16  # GQA: KV groups, head dim
@@ -292,3 +292,14 @@ def test_errors_name_the_problem():
   if jax.default_backend() == 'cpu':
     with pytest.raises(ValueError, match='einsum decode path'):
       mla_decode(q_lat, q_rope, c_kv, k_rope, lengths, SCALE)  # not interpreted
+
+
+def test_fits_says_which_widths_the_compiled_kernels_take():
+  """The model's decode step asks kernels.fits before calling a kernel (else the einsum path):
+  it must agree with the Triton checks above, and accept anything interpreted or on Mosaic."""
+  assert fits((512, 64), 512, backend='triton')  # DeepSeek-V2's d_c, d_r
+  assert fits((16,), 16, backend='triton')
+  for key_dims, value_dim in [((8,), 16), ((12,), 16), ((32, 8), 32), ((24, 16), 24)]:
+    assert not fits(key_dims, value_dim, backend='triton')
+    assert fits(key_dims, value_dim, backend='mosaic')
+    assert fits(key_dims, value_dim, interpret=True)

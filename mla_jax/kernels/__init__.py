@@ -4,5 +4,6 @@ from __future__ import annotations
 
 from mla_jax.kernels.gqa_decode import gqa_decode
 from mla_jax.kernels.mla_decode import mla_decode
+from mla_jax.kernels.split_kv import fits
 
-__all__ = ['gqa_decode', 'mla_decode']
+__all__ = ['fits', 'gqa_decode', 'mla_decode']

@@ -364,6 +364,15 @@ def _is_pow2(n: int) -> bool:
   return n > 0 and n & (n - 1) == 0
 
 
+def fits(key_dims, value_dim: int, interpret: bool = False, backend: str = 'auto') -> bool:
+  """Whether the kernels take heads of these widths (each score part's, the value's) on this
+  backend. Compiled Triton needs powers of two >= 16 (tl.arange and tl.dot); the interpreter
+  and Mosaic take any. The model's decode step takes the einsum path where this is False."""
+  if interpret or resolve_backend(backend, interpret) != 'triton':
+    return True
+  return all(_is_pow2(n) and n >= 16 for n in (*key_dims, value_dim))
+
+
 def _triton_config(b, g, p, s, dims, block_s, num_splits, block_h, num_warps, num_stages,
                    interpret):
   """Defaults and checks for the Triton backend -> (rows, block_s, num_splits, block_h,
