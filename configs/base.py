@@ -71,9 +71,12 @@ def get_config(arg: str = '') -> ConfigDict:
   t.checkpoint_every = 50
   t.keep_checkpoints = 3  # the last K; the best by validation loss is kept apart
   t.eval_every = 200  # validation on the whole held-out split (and at the end)
-  # Bit-exact resume on GPU: deterministic reductions (XLA_FLAGS --xla_gpu_deterministic_ops,
-  # set by python -m mla_jax.train before jax starts). No effect on a CPU, which always is.
-  t.deterministic = True
+  # True: bit-exact resume on GPU, through deterministic reductions (XLA_FLAGS
+  # --xla_gpu_deterministic_ops, set by python -m mla_jax.train before jax starts). Off by
+  # default: under that flag cuDNN's flash attention cannot be used (mla_jax/fused.py), which
+  # costs most of the GPU training speed (docs/benchmarks.md, "GPU / TPU"). No effect on a
+  # CPU, which is always deterministic.
+  t.deterministic = False
 
   c.eval = e = ConfigDict()
   e.seq_len = 256  # window length for perplexity

@@ -11,6 +11,11 @@ Two things the public jax.nn.dot_product_attention does not do, handled here:
   Hopper accepts that directly (through jax's cuDNN module: the public wrapper checks equal
   widths); otherwise the narrower side is zero-padded (zeros add nothing to a dot product)
   and the padding sliced off the output.
+- Deterministic GPU ops (XLA_FLAGS --xla_gpu_deterministic_ops=true, which train.deterministic
+  sets): with that flag XLA asks cuDNN for its deterministic flash-attention backward, and on
+  jax 0.11.2 with an H200 (2026-11-30) the train step then fails to compile (an IndexError
+  from XLA). Under the flag the fused path takes XLA's own attention, which is deterministic;
+  experiments.bench_device measures what that costs.
 - Masks are by position. `is_causal` aligns the query block with the top-left of the key block,
   which is right only for a whole sequence from position 0 (training): there cuDNN skips the
   masked blocks. Chunked prefill (queries at p0 .. p0 + t - 1 reading cache slots 0 .. s - 1)
@@ -19,14 +24,23 @@ Two things the public jax.nn.dot_product_attention does not do, handled here:
 
 from __future__ import annotations
 
+import os
+
 import jax
 import jax.numpy as jnp
 
 _CUDNN_DTYPES = (jnp.bfloat16, jnp.float16)
+DETERMINISTIC_FLAG = '--xla_gpu_deterministic_ops=true'
+
+
+def deterministic_gpu_ops() -> bool:
+  """Whether XLA was asked for deterministic GPU ops (it reads XLA_FLAGS once, at start)."""
+  return DETERMINISTIC_FLAG in os.environ.get('XLA_FLAGS', '')
 
 
 def _cudnn_usable(q, v) -> bool:
-  return (jax.default_backend() == 'gpu' and q.dtype in _CUDNN_DTYPES
+  return (jax.default_backend() == 'gpu' and not deterministic_gpu_ops()
+          and q.dtype in _CUDNN_DTYPES
           and q.shape[-1] % 8 == 0 and v.shape[-1] % 8 == 0 and max(q.shape[-1], v.shape[-1])
           <= 256)
 
@@ -53,6 +67,9 @@ def fused_attention(q_bthe, k_bsge, v_bsgv, visible_bts, scale: float):
   group (h a multiple of g; query head i reads group i // (h / g)). visible_bts None: causal
   over a whole sequence from position 0; else the [b, t, s] mask of attention.visible."""
   e, ev = q_bthe.shape[-1], v_bsgv.shape[-1]
+  # A cache stored narrower than the compute dtype (cache_dtype='bfloat16' under float32) is
+  # read in the compute dtype, as the einsum path reads it: the attention calls want one dtype.
+  k_bsge, v_bsgv = k_bsge.astype(q_bthe.dtype), v_bsgv.astype(q_bthe.dtype)
   cudnn = _cudnn_usable(q_bthe, v_bsgv)
   if cudnn and e != ev:
     out = _cudnn_unequal_widths(q_bthe, k_bsge, v_bsgv, visible_bts, scale)

@@ -28,7 +28,7 @@ import ml_collections
 import optax
 from flax import nnx
 
-from mla_jax import sharding, tasks
+from mla_jax import fused, sharding, tasks
 from mla_jax import workdir as wd
 from mla_jax.config import ConfigError, ModelConfig
 from mla_jax.errors import Error, Preempted
@@ -291,20 +291,17 @@ def _check_finite(fetched, last_good_step) -> None:
           'or start a new --workdir')
 
 
-DETERMINISTIC_FLAG = '--xla_gpu_deterministic_ops=true'
-
-
 def request_determinism(config: ml_collections.ConfigDict) -> None:
   """Asks XLA for deterministic GPU reductions when config.train.deterministic: it must run
   before jax starts its backends (XLA reads XLA_FLAGS once), as the train command does."""
-  if config.train.get('deterministic', True) and DETERMINISTIC_FLAG not in os.environ.get(
-      'XLA_FLAGS', ''):
-    os.environ['XLA_FLAGS'] = f"{os.environ.get('XLA_FLAGS', '')} {DETERMINISTIC_FLAG}".strip()
+  if config.train.get('deterministic', False) and not fused.deterministic_gpu_ops():
+    os.environ['XLA_FLAGS'] = (f"{os.environ.get('XLA_FLAGS', '')} "
+                               f'{fused.DETERMINISTIC_FLAG}').strip()
 
 
 def _check_determinism(config: ml_collections.ConfigDict) -> None:
-  if (config.train.get('deterministic', True) and jax.default_backend() == 'gpu'
-      and DETERMINISTIC_FLAG not in os.environ.get('XLA_FLAGS', '')):
+  if (config.train.get('deterministic', False) and jax.default_backend() == 'gpu'
+      and not fused.deterministic_gpu_ops()):
     raise ConfigError('train.deterministic needs XLA_FLAGS=--xla_gpu_deterministic_ops=true '
                       'before jax starts (python -m mla_jax.train sets it); set it, or '
                       'train.deterministic=False to give up bit-exact resume on GPU')

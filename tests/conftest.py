@@ -4,7 +4,9 @@ that needs no network. The suite runs unchanged on a CPU, a GPU or a TPU."""
 
 import os
 
-# Before jax starts its backends: exact resume must hold on a GPU too (see train.deterministic).
+# Before jax starts its backends: exact resume must hold on a GPU too (train.deterministic).
+# Under this flag the fused path uses XLA's attention, not cuDNN's (mla_jax/fused.py); the
+# device report (experiments.bench_device) checks cuDNN's against the einsum path.
 os.environ['XLA_FLAGS'] = (os.environ.get('XLA_FLAGS', '') +
                            ' --xla_gpu_deterministic_ops=true').strip()
 

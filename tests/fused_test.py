@@ -69,3 +69,18 @@ def test_narrower_values_are_padded_not_dropped():
   einsum, fused = _pair('mla')
   assert einsum.cfg.v_head_dim < einsum.cfg.qk_nope_head_dim + einsum.cfg.qk_rope_head_dim
   np.testing.assert_allclose(fused(TOKENS), einsum(TOKENS), atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize('name', ['gqa', 'mla_exact'])
+def test_fused_prefill_reads_a_cache_narrower_than_the_compute_dtype(name):
+  """cache_dtype='bfloat16' under float32 compute: fused prefill reads the cache in the compute
+  dtype (flash attention wants one dtype for q, k and v). The einsum path instead rounds the
+  probabilities to the cache's dtype for the value product, so the two differ by bfloat16
+  rounding: fused must be no further than the einsum path from the float32-cache logits."""
+  einsum = tiny_model(seed=1, attention_impl='einsum', **VARIANTS[name])
+  through = lambda model, **fields: mla_jax.logits_through_cache(
+      with_config(model, **fields), TOKENS[0], prefill_len=7)
+  want = through(einsum)
+  errors = {impl: np.abs(through(einsum, attention_impl=impl, cache_dtype='bfloat16') - want).max()
+            for impl in ('einsum', 'fused')}
+  assert errors['einsum'] > 1e-4 and errors['fused'] <= errors['einsum'], errors

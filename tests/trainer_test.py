@@ -34,13 +34,14 @@ def cli(module, *args):
 
 @pytest.fixture(scope='module')
 def trained(corpus, tmp_path_factory):
-  """A 10-step run done in one go, and the same run stopped after 5 steps and resumed."""
+  """A 10-step run done in one go, and the same run stopped after 5 steps and resumed, with
+  train.deterministic as a user asks for bit-exact resume (conftest sets its XLA flag)."""
   whole = tmp_path_factory.mktemp('whole')
-  trainer.train_and_evaluate(tiny(corpus), str(whole))
+  trainer.train_and_evaluate(tiny(corpus, deterministic=True), str(whole))
   split = tmp_path_factory.mktemp('split')
-  trainer.train_and_evaluate(tiny(corpus, stop_after_steps=5), str(split))
+  trainer.train_and_evaluate(tiny(corpus, stop_after_steps=5, deterministic=True), str(split))
   assert wd.manager(split / 'checkpoints').latest_step() == 5
-  last = trainer.train_and_evaluate(tiny(corpus), str(split))
+  last = trainer.train_and_evaluate(tiny(corpus, deterministic=True), str(split))
   return whole, split, last
 
 
