@@ -6,6 +6,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import json
+import os
 import pathlib
 import shutil
 import subprocess
@@ -177,8 +178,11 @@ def test_cli_import_evaluate_generate_export(tmp_path):
   g = golden(name)
   text = tmp_path / 'text.txt'
   text.write_bytes(bytes(g['tokens'].astype(np.uint8)))
+  # float32 at the precision the comparison claims, in the commands too (conftest sets it for
+  # this process only): a GPU's default float32 matmuls round operands to TF32
+  env = {**os.environ, 'JAX_DEFAULT_MATMUL_PRECISION': 'highest'}
   run = lambda *args: subprocess.run([sys.executable, '-m', *args], capture_output=True,
-                                     text=True, check=True)
+                                     text=True, check=True, env=env)
   work = tmp_path / 'run'
   run('mla_jax.convert', f'--hf_dir={FIXTURES / name}', f'--workdir={work}')
   out = run('mla_jax.evaluate', f'--workdir={work}', f'--data={text}', '--tokenizer=byte',

@@ -81,7 +81,8 @@ def test_fp8_error_is_within_e4m3_rounding():
 def test_zero_cache_slots_and_zero_tokens_read_back_as_zeros():
   """A written all-zero token, and the never-written slots, hold scale 0 and value 0: no NaN
   reaches attention (whose masks hide the unwritten slots anyway)."""
-  cfg = tiny_config(attention='mha', cache_dtype='int8')  # MHA: values stored [b, g, k, s]
+  # MHA on the einsum path: values stored [b, g, k, s]
+  cfg = tiny_config(attention='mha', cache_dtype='int8', attention_impl='einsum')
   k = np.zeros((1, 1, 4, 16), np.float32)
   k[..., 0, :] = 3.0  # head 0 nonzero, the other heads all zero
   write = jax.jit(lambda k: KVCache.init(cfg, 1, 4, jnp.int8).write(k, k, jnp.asarray([[1]])))
