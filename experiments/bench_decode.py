@@ -107,25 +107,40 @@ def main(argv):
   on_cpu = jax.default_backend() == 'cpu'
   limits = machine_limits(FLAGS.runs, mib=256 if FLAGS.quick else 1024, dtype=FLAGS.dtype,
                           n=FLAGS.matmul_n or (2048 if on_cpu else 8192))
-  rows = []
+  rows, failures = [], []
+  meta = {'machine': limits, 'device': str(jax.devices()[0]), 'dtype': FLAGS.dtype, **size}
+
+  def save(**extra):  # after every row: a run stopped at its time limit keeps what it measured
+    with open(FLAGS.out, 'w') as f:
+      json.dump({**meta, 'rows': rows, 'failures': failures,
+                 'table': format_table(rows, limits), **extra}, f, indent=1)
+
   for batch in batches:
     for context in contexts:
       for name, cfg in timing.decode_configs(dtype=FLAGS.dtype, impls=resolve_impls(FLAGS.impls),
                                cache_dtypes=resolve_cache_dtypes(FLAGS.cache_dtypes),
                                **size).items():
-        rows.append(timing.decode_row(name, cfg, batch, context, limits, FLAGS.runs))
+        try:
+          rows.append(timing.decode_row(name, cfg, batch, context, limits, FLAGS.runs))
+        except Exception as e:  # a row that fails here (out of memory, a kernel this device
+          # cannot compile) is reported, and the other rows still run
+          failures.append({'variant': name, 'batch': batch, 'context': context,
+                           'error': f'{type(e).__name__}: {str(e)[:400]}'})
+          print(f"{name:30s} b={batch} ctx={context:6d} FAILED {failures[-1]['error']}",
+                flush=True)
+          continue
         print(f"{name:30s} b={batch} ctx={context:6d} {rows[-1]['ms_per_token']:9.2f} ms "
               f"fraction {rows[-1]['fraction_of_limit']:.2f}", flush=True)
+        save()
   overhead = python_overhead_check(FLAGS.runs)
-  table = format_table(rows, limits)
-  print(table)
+  print(format_table(rows, limits))
   print(f"\nno Python per token: generate {overhead['generate_ms_per_token']:.3f} ms/token vs "
         f"one jitted forward {overhead['jitted_forward_ms']:.3f} ms "
         f"(ratio {overhead['ratio']:.2f}; 1-layer d=64 model, context 128)")
-  with open(FLAGS.out, 'w') as f:
-    json.dump({'machine': limits, 'rows': rows, 'python_overhead': overhead, 'table': table,
-               'device': str(jax.devices()[0]), 'dtype': FLAGS.dtype, **size}, f, indent=1)
+  save(python_overhead=overhead)
   print(f'wrote {FLAGS.out}')
+  if failures:
+    raise SystemExit(f'error: {len(failures)} rows failed (listed in {FLAGS.out})')
 
 
 if __name__ == '__main__':

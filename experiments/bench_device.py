@@ -3,7 +3,7 @@ r"""The accelerator report: one command that checks and times mla_jax on whateve
   python -m experiments.bench_device --out=experiments/results/device        # < 8 min, H200
   python -m experiments.bench_device --out=/tmp/device --quick               # CPU smoke run
 
-Four parts, each in its own process (a crash or a memory blow-up of one does not lose the
+Parts, each in its own process (a crash or a memory blow-up of one does not lose the
 others; each has a time limit), their JSON collected into OUT/report.json and OUT/report.md:
 1. check: the fused paths against the einsum path on this device, for every variant
    (experiments/device_check.py): float32 at 'highest' matmul precision and bfloat16.
@@ -13,11 +13,14 @@ others; each has a time limit), their JSON collected into OUT/report.json and OU
 3. decode: the decode benchmark in bfloat16 at batch 8 and 32, contexts 4k / 16k / 64k, every
    variant through the einsum path and the Pallas kernels, with the fraction of the bandwidth
    limit.
-4. environment: jax, jaxlib, flax and device versions.
+4. train_deterministic: the fused rows of 2. under deterministic GPU ops, which is what
+   bit-exact resume (train.deterministic=True) costs: XLA's attention instead of cuDNN's.
+And the environment: jax, jaxlib, flax and device versions.
 """
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import pathlib
 import subprocess
@@ -32,7 +35,8 @@ from mla_jax import cli
 FLAGS = flags.FLAGS
 flags.DEFINE_string('out', None, 'a folder for report.json, report.md and each part\'s JSON')
 flags.DEFINE_bool('quick', False, 'tiny sizes: checks the pipeline (on a CPU too)')
-flags.DEFINE_list('parts', ['check', 'train', 'decode'], 'which parts to run')
+flags.DEFINE_list('parts', ['check', 'train', 'decode', 'train_deterministic'],
+                  'which parts to run, in order')
 flags.DEFINE_float('peak_tflops', 0.0, 'peak for MFU (0: 989 on H100/H200, else measured)')
 flags.mark_flag_as_required('out')
 
@@ -51,6 +55,10 @@ def _peak() -> float:
 def commands(out: pathlib.Path, quick: bool) -> dict[str, tuple[list[str], int]]:
   """part -> (command, time limit in seconds)."""
   py = (sys.executable, '-m')
+  has_torch = all(importlib.util.find_spec(m) for m in ('torch', 'transformers'))
+  peer = ['--peer'] if has_torch else []
+  large = ['--size=large', '--variants=mha,mla', '--direct_steps=10', '--loop=false',
+           f'--peak_tflops={_peak()}']
   if quick:
     return {
         'check': ([*py, 'experiments.device_check', f'--out={out / "check.json"}', '--quick'],
@@ -60,15 +68,22 @@ def commands(out: pathlib.Path, quick: bool) -> dict[str, tuple[list[str], int]]
                         f'--out={out / "train.json"}'], 900),
         'decode': ([*py, 'experiments.bench_decode', '--quick', '--impls=einsum,fused',
                          '--runs=2', f'--out={out / "decode.json"}'], 900),
+        'train_deterministic': ([*py, 'experiments.bench_train', '--size=tiny',
+                                 '--variants=mla', '--impls=fused', '--direct_steps=2',
+                                 '--loop=false', '--deterministic=true',
+                                 f'--out={out / "train_deterministic.json"}'], 900),
     }
   return {
-      'check': ([*py, 'experiments.device_check', f'--out={out / "check.json"}'], 120),
-      'train': ([*py, 'experiments.bench_train', '--size=large', '--variants=mha,mla',
-                      '--impls=einsum,fused', '--direct_steps=10', '--loop=false', '--peer',
-                      f'--peak_tflops={_peak()}', f'--out={out / "train.json"}'], 240),
+      'check': ([*py, 'experiments.device_check', f'--out={out / "check.json"}'], 150),
+      'train': ([*py, 'experiments.bench_train', *large, '--impls=einsum,fused', *peer,
+                 f'--out={out / "train.json"}'], 200),
       'decode': ([*py, 'experiments.bench_decode', '--dtype=bfloat16', '--batches=8,32',
                        '--contexts=4096,16384,65536', '--impls=einsum,fused', '--runs=5',
-                       f'--out={out / "decode.json"}'], 240),
+                       f'--out={out / "decode.json"}'], 200),
+      # What bit-exact resume (train.deterministic=True) costs against the default.
+      'train_deterministic': ([*py, 'experiments.bench_train', *large, '--impls=fused',
+                               '--deterministic=true',
+                               f'--out={out / "train_deterministic.json"}'], 90),
   }
 
 
@@ -109,6 +124,7 @@ def markdown(env: dict, parts: list[dict]) -> str:
     result = p.get('result', {})
     if 'table' in result:
       lines += [result['table'], '']
+    lines += [f"- failed: {f}" for f in result.get('failures', [])]
   return '\n'.join(lines)
 
 

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import importlib
 import json
+import os
 import pathlib
 import tempfile
 
@@ -48,6 +49,8 @@ flags.DEFINE_integer('window', 8, 'steps per timed window of the training loop')
 flags.DEFINE_bool('peer', False, "also time transformers' model on the same config")
 flags.DEFINE_float('peak_tflops', 0.0, 'the peak for MFU (0: the matmul rate measured now)')
 flags.DEFINE_string('out', 'bench_train.json', 'where to write the JSON results')
+flags.DEFINE_bool('deterministic', False, 'deterministic GPU ops, as train.deterministic=True '
+                  'gives the train command (bit-exact resume; no cuDNN attention)')
 
 
 def config_for(variant: str, size: str, impl: str):
@@ -63,6 +66,7 @@ def config_for(variant: str, size: str, impl: str):
     if m.attention == 'mla':
       m.update(kv_lora_rank=256, qk_rope_head_dim=32)
   m.attention_impl = impl
+  config.train.deterministic = FLAGS.deterministic
   return config
 
 
@@ -123,23 +127,41 @@ def format_table(rows) -> str:
 
 
 def main():
-  dtype = str(ModelConfig.from_dict(config_for('mha', FLAGS.size, 'auto').model).compute_dtype)
+  config = config_for('mha', FLAGS.size, 'auto')
+  trainer.request_determinism(config)  # before jax starts its backends: XLA reads its flags once
+  if FLAGS.peer:  # torch shares the device: jax must not take 75% of its memory up front
+    os.environ.setdefault('XLA_PYTHON_CLIENT_PREALLOCATE', 'false')
+  dtype = str(ModelConfig.from_dict(config.model).compute_dtype)
   measured = machine_limits(5, mib=256, dtype=dtype,
                             n=2048 if jax.default_backend() == 'cpu' else 8192)
   peak = FLAGS.peak_tflops * 1e12 or measured['matmul_flops_per_s']
-  rows = []
+  rows, failures = [], []
+
+  def save():  # after every row: a run stopped at its time limit keeps what it measured
+    pathlib.Path(FLAGS.out).write_text(json.dumps(
+        {'device': str(jax.devices()[0]), 'size': FLAGS.size, 'peak_flops': peak,
+         'measured_matmul_flops_per_s': measured['matmul_flops_per_s'],
+         'deterministic': FLAGS.deterministic, 'rows': rows, 'failures': failures,
+         'table': format_table(rows)}, indent=1))
+
   for variant in FLAGS.variants:
     for impl in FLAGS.impls:
-      rows.append(bench_row(variant, impl, peak))
+      try:
+        rows.append(bench_row(variant, impl, peak))
+      except Exception as e:  # a row that fails here (out of memory, a fused path this device
+        # refuses) is reported, and the other rows still run
+        failures.append({'variant': variant, 'impl': impl,
+                         'error': f'{type(e).__name__}: {str(e)[:400]}'})
+        print(f'{variant} {impl}: FAILED {failures[-1]["error"]}', flush=True)
+        continue
       print(rows[-1], flush=True)
-  table = format_table(rows)
+      save()
   print(f"MFU against {peak / 1e12:.1f} TFLOP/s ({'given' if FLAGS.peak_tflops else 'measured'}"
-        f', {dtype})\n' + table)
-  pathlib.Path(FLAGS.out).write_text(json.dumps(
-      {'device': str(jax.devices()[0]), 'size': FLAGS.size, 'peak_flops': peak,
-       'measured_matmul_flops_per_s': measured['matmul_flops_per_s'], 'rows': rows,
-       'table': table}, indent=1))
+        f', {dtype})\n' + format_table(rows))
+  save()
   print(f'wrote {FLAGS.out}')
+  if failures:
+    raise SystemExit(f'error: {len(failures)} rows failed (listed in {FLAGS.out})')
 
 
 if __name__ == '__main__':

@@ -66,7 +66,8 @@ def format_table(rows) -> str:
            '|---|---:|---:|---:|---:|---:|---|']
   lines += [f"| {r['variant']} | {r['f32_logits']:.1e} | {r['f32_cache']:.1e} | "
             f"{r['bf16_einsum']:.1e} | {r['bf16_fused']:.1e} | {r['bf16_ratio']:.2f} | "
-            f"{'yes' if r['ok'] else 'NO'} |" for r in rows]
+            f"{'yes' if r['ok'] else 'NO'} |" if 'error' not in r else
+            f"| {r['variant']} | failed: {r['error'][:120]} | | | | | NO |" for r in rows]
   return '\n'.join(lines)
 
 
@@ -74,8 +75,16 @@ def main(argv):
   del argv
   size = (dict(d_model=64, n_layers=2, n_heads=4, d_ff=128) if FLAGS.quick else
           dict(d_model=512, n_layers=2, n_heads=8, d_ff=1024))
-  tokens = np.random.default_rng(0).integers(0, 256, 24 if FLAGS.quick else 200)
-  rows = [check_variant(name, size, tokens) for name in variants.names()]
+  # 96 tokens: a prefill chunk of 8, then 88 decode steps through the kernels
+  tokens = np.random.default_rng(0).integers(0, 256, 24 if FLAGS.quick else 96)
+  rows = []
+  for name in variants.names():
+    try:
+      rows.append(check_variant(name, size, tokens))
+      print(rows[-1], flush=True)
+    except Exception as e:  # reported as a failed row; the other variants still run
+      rows.append({'variant': name, 'ok': False, 'error': f'{type(e).__name__}: {str(e)[:400]}'})
+      print(f"{name}: FAILED {rows[-1]['error']}", flush=True)
   table = format_table(rows)
   print(table)
   pathlib.Path(FLAGS.out).write_text(json.dumps(
