@@ -290,8 +290,9 @@ def manager(directory, keep: int | None = None) -> ocp.CheckpointManager:
 
 def save(mngr: ocp.CheckpointManager, step: int, params, opt_state=None, meta=None) -> None:
   """Saves checkpoint `step`, then its checksums. A step that exists already (a resumed run
-  repeating a step that a killed run had saved) is kept if intact and replaced if not: runs
-  are deterministic, so the kept one holds the same numbers."""
+  repeating a step that a killed run had saved) is kept if intact and replaced if not: the
+  kept one is the same step of the same run (bit for bit on a CPU or with train.deterministic;
+  up to the order of GPU reductions otherwise)."""
   folder = pathlib.Path(mngr.directory)
   if step in mngr.all_steps():
     if intact(folder / str(step)):
