@@ -84,7 +84,10 @@ def causal_attention(q_bgpte, k_bgse, v_bgsv, scale: float):
   upper-right part of the scores (a quarter of them with two blocks) is never computed; and
   the heads lead, [b, g, p, t, .], so both dots produce their outputs in the layout the next
   op reads instead of transposing arrays the size of the scores. A masked score adds exactly
-  0 to the softmax (exp of _MASKED underflows), so the skipped keys change nothing.
+  0 to the softmax (exp of _MASKED underflows), so the skipped keys change nothing. The
+  softmax's division comes after the value product, on [t, v] instead of [t, s] (one pass
+  over the scores fewer each way; -3 to -5% of the CPU train step), with the row maximum held
+  constant for the gradient: a softmax does not depend on it.
   """
   t = q_bgpte.shape[3]
   blocks = QUERY_BLOCKS if t % QUERY_BLOCKS == 0 else 1
@@ -93,9 +96,11 @@ def causal_attention(q_bgpte, k_bgse, v_bgsv, scale: float):
     scores = jnp.einsum('bgpte,bgse->bgpts', q_bgpte[:, :, :, lo:hi], k_bgse[:, :, :hi],
                         preferred_element_type=jnp.float32)
     visible_ts = visible(jnp.arange(lo, hi)[None], jnp.arange(hi)[None])[0]
-    probs = jax.nn.softmax(jnp.where(visible_ts, scores * scale, _MASKED), axis=-1)
-    out.append(jnp.einsum('bgpts,bgsv->bgptv', probs.astype(v_bgsv.dtype), v_bgsv[:, :, :hi],
-                          preferred_element_type=jnp.float32))
+    scores = jnp.where(visible_ts, scores * scale, _MASKED)
+    unnormalized = jnp.exp(scores - jax.lax.stop_gradient(jnp.max(scores, axis=-1, keepdims=True)))
+    o = jnp.einsum('bgpts,bgsv->bgptv', unnormalized.astype(v_bgsv.dtype), v_bgsv[:, :, :hi],
+                   preferred_element_type=jnp.float32)
+    out.append(o / jnp.sum(unnormalized, axis=-1, keepdims=True))
   return out[0] if blocks == 1 else jnp.concatenate(out, axis=3)
 
 
