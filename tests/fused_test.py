@@ -11,6 +11,7 @@ from conftest import VARIANTS, tiny_model
 from flax import nnx
 
 import mla_jax
+from mla_jax import kernels
 from mla_jax.model import with_config
 
 TOKENS = np.random.default_rng(0).integers(0, 256, (2, 20))
@@ -84,3 +85,19 @@ def test_fused_prefill_reads_a_cache_narrower_than_the_compute_dtype(name):
   errors = {impl: np.abs(through(einsum, attention_impl=impl, cache_dtype='bfloat16') - want).max()
             for impl in ('einsum', 'fused')}
   assert errors['einsum'] > 1e-4 and errors['fused'] <= errors['einsum'], errors
+
+
+@pytest.mark.parametrize('name', ['gqa', 'mla', 'mla_exact'])
+def test_a_decode_step_the_kernel_cannot_take_runs_the_einsum_path(name, monkeypatch):
+  """Where kernels.fits says no (a GPU and head widths Triton does not take), the fused
+  model's decode steps run the einsum path, whatever cache layout the fused path chose."""
+  def refuse(*args, **kwargs):
+    raise AssertionError('a decode kernel was called')
+
+  monkeypatch.setattr(kernels, 'fits', lambda *args, **kwargs: False)
+  monkeypatch.setattr(kernels, 'gqa_decode', refuse)
+  monkeypatch.setattr(kernels, 'mla_decode', refuse)
+  einsum, fused = _pair(name)
+  np.testing.assert_allclose(mla_jax.logits_through_cache(fused, TOKENS[0], prefill_len=7),
+                             mla_jax.logits_through_cache(einsum, TOKENS[0], prefill_len=7),
+                             atol=1e-5, rtol=0)
