@@ -87,7 +87,7 @@ def test_fused_prefill_reads_a_cache_narrower_than_the_compute_dtype(name):
   assert errors['einsum'] > 1e-4 and errors['fused'] <= errors['einsum'], errors
 
 
-@pytest.mark.parametrize('name', ['gqa', 'mla', 'mla_exact'])
+@pytest.mark.parametrize('name', ['gqa', 'mla', pytest.param('mla_exact', marks=pytest.mark.long)])
 def test_a_decode_step_the_kernel_cannot_take_runs_the_einsum_path(name, monkeypatch):
   """Where kernels.fits says no (a GPU and head widths Triton does not take), the fused
   model's decode steps run the einsum path, whatever cache layout the fused path chose."""
