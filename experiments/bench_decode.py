@@ -128,6 +128,7 @@ def main(argv):
                            'error': f'{type(e).__name__}: {str(e)[:400]}'})
           print(f"{name:30s} b={batch} ctx={context:6d} FAILED {failures[-1]['error']}",
                 flush=True)
+          save()
           continue
         print(f"{name:30s} b={batch} ctx={context:6d} {rows[-1]['ms_per_token']:9.2f} ms "
               f"fraction {rows[-1]['fraction_of_limit']:.2f}", flush=True)

@@ -153,6 +153,7 @@ def main():
         failures.append({'variant': variant, 'impl': impl,
                          'error': f'{type(e).__name__}: {str(e)[:400]}'})
         print(f'{variant} {impl}: FAILED {failures[-1]["error"]}', flush=True)
+        save()
         continue
       print(rows[-1], flush=True)
       save()

@@ -78,6 +78,11 @@ def main(argv):
   # 96 tokens: a prefill chunk of 8, then 88 decode steps through the kernels
   tokens = np.random.default_rng(0).integers(0, 256, 24 if FLAGS.quick else 96)
   rows = []
+
+  def save():  # after every row: a run stopped at its time limit keeps what it checked
+    pathlib.Path(FLAGS.out).write_text(json.dumps(
+        {'device': str(jax.devices()[0]), 'rows': rows, 'table': format_table(rows)}, indent=1))
+
   for name in variants.names():
     try:
       rows.append(check_variant(name, size, tokens))
@@ -85,10 +90,10 @@ def main(argv):
     except Exception as e:  # reported as a failed row; the other variants still run
       rows.append({'variant': name, 'ok': False, 'error': f'{type(e).__name__}: {str(e)[:400]}'})
       print(f"{name}: FAILED {rows[-1]['error']}", flush=True)
-  table = format_table(rows)
-  print(table)
-  pathlib.Path(FLAGS.out).write_text(json.dumps(
-      {'device': str(jax.devices()[0]), 'rows': rows, 'table': table}, indent=1))
+    save()
+  print(format_table(rows))
+  if any('error' in r for r in rows):
+    raise SystemExit(f'error: a variant failed to run (listed in {FLAGS.out})')
   if not all(r['ok'] for r in rows):
     raise SystemExit('error: a fused path disagrees with the einsum path on this device')
 

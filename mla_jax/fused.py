@@ -34,8 +34,12 @@ DETERMINISTIC_FLAG = '--xla_gpu_deterministic_ops=true'
 
 
 def deterministic_gpu_ops() -> bool:
-  """Whether XLA was asked for deterministic GPU ops (it reads XLA_FLAGS once, at start)."""
-  return DETERMINISTIC_FLAG in os.environ.get('XLA_FLAGS', '')
+  """Whether XLA was asked for deterministic GPU ops (it reads XLA_FLAGS once, at start): the
+  flag's last setting, bare or =true / =1 / =false / =0, as XLA parses it."""
+  name = DETERMINISTIC_FLAG.split('=')[0]
+  values = [f.partition('=')[2] for f in os.environ.get('XLA_FLAGS', '').split()
+            if f.partition('=')[0] == name]
+  return bool(values) and values[-1].lower() in ('', 'true', '1')
 
 
 def _cudnn_usable(q, v) -> bool:

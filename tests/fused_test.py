@@ -101,3 +101,14 @@ def test_a_decode_step_the_kernel_cannot_take_runs_the_einsum_path(name, monkeyp
   np.testing.assert_allclose(mla_jax.logits_through_cache(fused, TOKENS[0], prefill_len=7),
                              mla_jax.logits_through_cache(einsum, TOKENS[0], prefill_len=7),
                              atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize('flags, on', [
+    ('', False), ('--xla_gpu_deterministic_ops=true', True), ('--xla_gpu_deterministic_ops', True),
+    ('--xla_gpu_deterministic_ops=true --xla_gpu_deterministic_ops=false', False),
+    ('--a=1 --xla_gpu_deterministic_ops=1', True), ('--xla_gpu_deterministic_ops_x=true', False)])
+def test_deterministic_ops_are_read_as_xla_reads_its_flags(flags, on, monkeypatch):
+  """Under XLA's deterministic GPU ops the fused path avoids cuDNN (mla_jax/fused.py): the
+  flag's last setting counts, bare or with a value."""
+  monkeypatch.setenv('XLA_FLAGS', flags)
+  assert mla_jax.fused.deterministic_gpu_ops() == on
