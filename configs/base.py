@@ -73,8 +73,8 @@ def get_config(arg: str = '') -> ConfigDict:
   t.eval_every = 200  # validation on the whole held-out split (and at the end)
   # True: bit-exact resume on GPU, through deterministic reductions (XLA_FLAGS
   # --xla_gpu_deterministic_ops, set by python -m mla_jax.train before jax starts). Off by
-  # default: under that flag cuDNN's flash attention cannot be used (mla_jax/fused.py), which
-  # costs most of the GPU training speed (docs/benchmarks.md, "GPU / TPU"). No effect on a
+  # default: under that flag the fused path takes XLA's attention instead of cuDNN's flash
+  # attention (mla_jax/fused.py; docs/benchmarks.md, "On an NVIDIA H200"). No effect on a
   # CPU, which is always deterministic.
   t.deterministic = False
 

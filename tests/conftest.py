@@ -6,7 +6,7 @@ import os
 
 # Before jax starts its backends: exact resume must hold on a GPU too (train.deterministic).
 # Under this flag the fused path uses XLA's attention, not cuDNN's (mla_jax/fused.py); the
-# device report (experiments.bench_device) checks cuDNN's against the einsum path.
+# device report's check part (experiments.device_check) compares cuDNN's with the einsum path.
 os.environ['XLA_FLAGS'] = (os.environ.get('XLA_FLAGS', '') +
                            ' --xla_gpu_deterministic_ops=true').strip()
 
