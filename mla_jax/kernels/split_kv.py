@@ -364,13 +364,19 @@ def _is_pow2(n: int) -> bool:
   return n > 0 and n & (n - 1) == 0
 
 
+def _triton_takes(n: int) -> bool:
+  """A width (or block size) compiled Triton takes: tl.arange and tl.dot want powers of two
+  >= 16."""
+  return _is_pow2(n) and n >= 16
+
+
 def fits(key_dims, value_dim: int, interpret: bool = False, backend: str = 'auto') -> bool:
   """Whether the kernels take heads of these widths (each score part's, the value's) on this
   backend. Compiled Triton needs powers of two >= 16 (tl.arange and tl.dot); the interpreter
   and Mosaic take any. The model's decode step takes the einsum path where this is False."""
   if interpret or resolve_backend(backend, interpret) != 'triton':
     return True
-  return all(_is_pow2(n) and n >= 16 for n in (*key_dims, value_dim))
+  return all(_triton_takes(n) for n in (*key_dims, value_dim))
 
 
 def _triton_config(b, g, p, s, dims, block_s, num_splits, block_h, num_warps, num_stages,
@@ -384,7 +390,7 @@ def _triton_config(b, g, p, s, dims, block_s, num_splits, block_h, num_warps, nu
     fixes = {'block_s': 'pick e.g. 64', 'block_h': 'pick e.g. 16',
              **{name: 'use the einsum decode path for this model' for name in dims}}
     for name, n in {'block_s': block_s, 'block_h': block_h, **dims}.items():
-      if not _is_pow2(n) or n < 16:
+      if not _triton_takes(n):
         raise ValueError(f'{name}={n} must be a power of two >= 16 for the Triton backend '
                          f'(tl.arange and tl.dot need it); {fixes[name]}.')
   rows = max(rows, block_h)
