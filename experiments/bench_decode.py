@@ -24,6 +24,7 @@ time; the decode kernels (fused rows) read the 8-bit values directly.
 
 from __future__ import annotations
 
+import functools
 import json
 
 import jax
@@ -120,18 +121,13 @@ def main(argv):
       for name, cfg in timing.decode_configs(dtype=FLAGS.dtype, impls=resolve_impls(FLAGS.impls),
                                cache_dtypes=resolve_cache_dtypes(FLAGS.cache_dtypes),
                                **size).items():
-        try:
-          rows.append(timing.decode_row(name, cfg, batch, context, limits, FLAGS.runs))
-        except Exception as e:  # a row that fails here (out of memory, a kernel this device
-          # cannot compile) is reported, and the other rows still run
-          failures.append({'variant': name, 'batch': batch, 'context': context,
-                           'error': f'{type(e).__name__}: {str(e)[:400]}'})
-          print(f"{name:30s} b={batch} ctx={context:6d} FAILED {failures[-1]['error']}",
-                flush=True)
-          save()
-          continue
-        print(f"{name:30s} b={batch} ctx={context:6d} {rows[-1]['ms_per_token']:9.2f} ms "
-              f"fraction {rows[-1]['fraction_of_limit']:.2f}", flush=True)
+        row = timing.attempt(
+            functools.partial(timing.decode_row, name, cfg, batch, context, limits, FLAGS.runs),
+            {'variant': name, 'batch': batch, 'context': context}, failures)
+        if row is not None:
+          rows.append(row)
+          print(f"{name:30s} b={batch} ctx={context:6d} {row['ms_per_token']:9.2f} ms "
+                f"fraction {row['fraction_of_limit']:.2f}", flush=True)
         save()
   overhead = python_overhead_check(FLAGS.runs)
   print(format_table(rows, limits))

@@ -22,6 +22,7 @@ is a lookup) against --peak_tflops, or against the matmul rate measured in the r
 
 from __future__ import annotations
 
+import functools
 import importlib
 import json
 import os
@@ -32,7 +33,7 @@ import jax
 import numpy as np
 from absl import flags
 
-from experiments.timing import machine_limits, time_train_step
+from experiments.timing import attempt, machine_limits, time_train_step
 from mla_jax import cli, sharding, trainer
 from mla_jax.config import ModelConfig
 from mla_jax.model import param_count
@@ -146,16 +147,11 @@ def main():
 
   for variant in FLAGS.variants:
     for impl in FLAGS.impls:
-      try:
-        rows.append(bench_row(variant, impl, peak))
-      except Exception as e:  # a row that fails here (out of memory, a fused path this device
-        # refuses) is reported, and the other rows still run
-        failures.append({'variant': variant, 'impl': impl,
-                         'error': f'{type(e).__name__}: {str(e)[:400]}'})
-        print(f'{variant} {impl}: FAILED {failures[-1]["error"]}', flush=True)
-        save()
-        continue
-      print(rows[-1], flush=True)
+      row = attempt(functools.partial(bench_row, variant, impl, peak),
+                    {'variant': variant, 'impl': impl}, failures)
+      if row is not None:
+        rows.append(row)
+        print(row, flush=True)
       save()
   print(f"MFU against {peak / 1e12:.1f} TFLOP/s ({'given' if FLAGS.peak_tflops else 'measured'}"
         f', {dtype})\n' + format_table(rows))

@@ -12,6 +12,7 @@ worse). Part of experiments.bench_device; runs on a CPU too (kernels interpreted
 
 from __future__ import annotations
 
+import functools
 import json
 import pathlib
 
@@ -21,6 +22,7 @@ from absl import app, flags
 from flax import nnx
 
 import mla_jax
+from experiments.timing import attempt
 from mla_jax import cli, variants
 from mla_jax.model import with_config
 
@@ -89,22 +91,20 @@ def main(argv):
           dict(d_model=512, n_layers=2, n_heads=8, d_ff=1024))
   # 96 tokens: a prefill chunk of 8, then 88 decode steps through the kernels
   tokens = np.random.default_rng(0).integers(0, 256, 24 if FLAGS.quick else 96)
-  rows = []
+  rows, failures = [], []
 
   def save():  # after every row: a run stopped at its time limit keeps what it checked
     pathlib.Path(FLAGS.out).write_text(json.dumps(
         {'device': str(jax.devices()[0]), 'rows': rows, 'table': format_table(rows)}, indent=1))
 
   for name in variants.names():
-    try:
-      rows.append(check_variant(name, size, tokens))
-      print(rows[-1], flush=True)
-    except Exception as e:  # reported as a failed row; the other variants still run
-      rows.append({'variant': name, 'ok': False, 'error': f'{type(e).__name__}: {str(e)[:400]}'})
-      print(f"{name}: FAILED {rows[-1]['error']}", flush=True)
+    row = attempt(functools.partial(check_variant, name, size, tokens), {'variant': name},
+                  failures)
+    rows.append({**failures[-1], 'ok': False} if row is None else row)  # failed: not ok
+    print(rows[-1], flush=True)
     save()
   print(format_table(rows))
-  if any('error' in r for r in rows):
+  if failures:
     raise SystemExit(f'error: a variant failed to run (listed in {FLAGS.out})')
   if not all(r['ok'] for r in rows):
     raise SystemExit('error: a fused path disagrees with the einsum path on this device')

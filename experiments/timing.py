@@ -1,7 +1,7 @@
 """What the benchmarks share: timing a jitted function, the machine's copy bandwidth and matmul
 rate, the train step timed alone, and the bytes and flops a decode step must spend, and the decode
-benchmark's rows (configs and one timed row). Benchmarks
-live here in experiments/, outside the package: mla_jax never imports them.
+benchmark's rows (configs and one timed row), and running one row without losing the others to
+its failure. Benchmarks live here in experiments/, outside the package: mla_jax never imports them.
 """
 
 from __future__ import annotations
@@ -18,6 +18,18 @@ from mla_jax import quant, tasks, trainer, variants
 from mla_jax.cache import measured_per_token
 from mla_jax.config import ModelConfig
 from mla_jax.quant import QuantArray
+
+
+def attempt(make_row, where: dict, failures: list):
+  """make_row(), or None after appending {**where, 'error': ...} to failures (and printing it):
+  one row that fails on a device (out of memory, a kernel it cannot compile) must not lose the
+  run's other rows."""
+  try:
+    return make_row()
+  except Exception as e:
+    failures.append({**where, 'error': f'{type(e).__name__}: {str(e)[:400]}'})
+    print(f"{where}: FAILED {failures[-1]['error']}", flush=True)
+    return None
 
 
 def median_seconds(fn, runs: int) -> float:
