@@ -41,11 +41,6 @@ def tiny(corpus, **train):
   return config
 
 
-@pytest.fixture(scope='module')
-def jax_cache(tmp_path_factory):
-  return str(tmp_path_factory.mktemp('jax_cache'))
-
-
 def run(module, *args, env=None, **kwargs):
   return subprocess.run([sys.executable, '-m', f'mla_jax.{module}', *args], cwd=ROOT,
                         capture_output=True, text=True, timeout=600, env=env, **kwargs)
@@ -56,10 +51,9 @@ def train_args(workdir, corpus, **train):
           f'--config.data.files={corpus}', *(f'--config.train.{k}={v}' for k, v in train.items())]
 
 
-def child_env(jax_cache, fault=None):
-  env = dict(os.environ, JAX_COMPILATION_CACHE_DIR=jax_cache,
-             JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS='0',
-             JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES='0')
+def child_env(fault=None):
+  """The children share the suite's compilation cache (conftest) through the environment."""
+  env = dict(os.environ)
   env.pop(FAULT, None)
   if fault:
     env[FAULT] = fault
@@ -71,10 +65,10 @@ def saved_steps(folder) -> list[int]:
   return sorted(int(p.name) for p in pathlib.Path(folder).glob('*') if p.name.isdigit())
 
 
-def run_to_the_end(workdir, corpus, jax_cache, **train):
+def run_to_the_end(workdir, corpus, **train):
   """An uninterrupted run by the same command as the killed ones (the pytest process sets
   its own jax options)."""
-  result = run('train', *train_args(workdir, corpus, **train), env=child_env(jax_cache))
+  result = run('train', *train_args(workdir, corpus, **train), env=child_env())
   assert result.returncode == 0, result.stderr[-3000:]
 
 
@@ -165,24 +159,24 @@ CHAIN = dict(steps=12, eval_every=2, checkpoint_every=3, keep_checkpoints=2)
 
 @pytest.mark.long
 @pytest.mark.slow
-def test_a_kill_at_every_phase_of_a_save_resumes_exactly(corpus, jax_cache, tmp_path):
+def test_a_kill_at_every_phase_of_a_save_resumes_exactly(corpus, tmp_path):
   """One life killed with SIGKILL at each phase in turn, each resuming the last: start-up;
   the save of checkpoints/3 (best/2 saved before it each time, since no checkpoint is left
   to resume from); checkpoints/6 killed after (resumed from the unverified checkpoints/3);
   then best/8 four times (resumed from 6). The last life finds best/8 saved and intact."""
   reference = tmp_path / 'reference'
-  run_to_the_end(reference, corpus, jax_cache, **CHAIN)
+  run_to_the_end(reference, corpus, **CHAIN)
   workdir = tmp_path / 'run'
   for phase in PHASES:
     result = run('train', *train_args(workdir, corpus, **CHAIN),
-                 env=child_env(jax_cache, phase))
+                 env=child_env(phase))
     assert result.returncode == -signal.SIGKILL, (phase, result.stderr[-3000:])
     if phase.endswith(':during'):  # really killed in mid-save
       folder = workdir / phase.split(':')[0]
       assert list(folder.glob('*.orbax-checkpoint-tmp*')), phase
   assert saved_steps(workdir / 'checkpoints') == [3, 6]
   assert wd.intact(workdir / 'checkpoints' / '3') is None  # killed before its checksums
-  result = run('train', *train_args(workdir, corpus, **CHAIN), env=child_env(jax_cache))
+  result = run('train', *train_args(workdir, corpus, **CHAIN), env=child_env())
   assert result.returncode == 0, result.stderr[-3000:]
   assert 'resuming from step 6' in result.stderr
   assert_same_run(workdir, reference)
@@ -206,21 +200,21 @@ def _latest_logged_step(workdir: pathlib.Path) -> int:
 
 @pytest.mark.slow
 @pytest.mark.long
-def test_random_kills_end_bit_for_bit_like_an_uninterrupted_run(corpus, jax_cache, tmp_path):
+def test_random_kills_end_bit_for_bit_like_an_uninterrupted_run(corpus, tmp_path):
   """Seven lives killed with SIGKILL, each resuming the last: five at random instants of the
   training loop (once a random step is logged, after a random delay, which lands in a step,
   a validation or a save) and two in the middle of a save (of best/, then checkpoints/). The
   run ends as if it had never been interrupted."""
   rng = random.Random(1234)
   reference = tmp_path / 'reference'
-  run_to_the_end(reference, corpus, jax_cache, **RANDOM)
+  run_to_the_end(reference, corpus, **RANDOM)
   workdir = tmp_path / 'run'
   args = train_args(workdir, corpus, **RANDOM)
   mid_save = {1: 'best:during', 3: 'checkpoints:during'}
   for life in range(7):
     fault = mid_save.get(life)
     proc = subprocess.Popen([sys.executable, '-m', 'mla_jax.train', *args], cwd=ROOT,
-                            env=child_env(jax_cache, fault), stdout=subprocess.DEVNULL,
+                            env=child_env(fault), stdout=subprocess.DEVNULL,
                             stderr=subprocess.PIPE, text=True)
     if not fault:
       start = max(saved_steps(workdir / 'checkpoints'), default=0)
@@ -236,7 +230,7 @@ def test_random_kills_end_bit_for_bit_like_an_uninterrupted_run(corpus, jax_cach
     assert max(saved_steps(workdir / 'checkpoints'), default=0) < RANDOM['steps']
     if fault:  # really killed in mid-save
       assert list((workdir / fault.split(':')[0]).glob('*.orbax-checkpoint-tmp*'))
-  result = run('train', *args, env=child_env(jax_cache))
+  result = run('train', *args, env=child_env())
   assert result.returncode == 0, result.stderr[-3000:]
   assert_same_run(workdir, reference)
 
@@ -336,12 +330,12 @@ def test_a_checkpoint_missing_files_is_damaged_and_one_without_checksums_loads(
 
 @pytest.mark.slow
 @pytest.mark.long
-def test_a_second_trainer_on_a_workdir_is_refused(corpus, jax_cache, tmp_path):
+def test_a_second_trainer_on_a_workdir_is_refused(corpus, tmp_path):
   first = subprocess.Popen(
       [sys.executable, '-m', 'mla_jax.train',
        *train_args(tmp_path, corpus, steps=100000, checkpoint_every=100000,
                    eval_every=100000)],
-      cwd=ROOT, env=child_env(jax_cache), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+      cwd=ROOT, env=child_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
       text=True)
   try:
     deadline = time.time() + 300
@@ -521,13 +515,13 @@ def test_a_resumed_run_logs_each_step_once(corpus, reference, tmp_path):
   assert_same_run(tmp_path, reference)
 
 
-def test_sigterm_during_a_save_stops_after_the_next_step_saved(corpus, jax_cache, tmp_path):
+def test_sigterm_during_a_save_stops_after_the_next_step_saved(corpus, tmp_path):
   """SIGTERM arriving while step 3 saves best/3 (after validating): the run finishes step 4,
   saves it and says how to resume; it neither skips the save nor prints step 3's validation
   as if it were final."""
   result = run('train', *train_args(tmp_path, corpus, steps=1000, checkpoint_every=1000,
                                     eval_every=3),
-               env=child_env(jax_cache, 'best:before:TERM'))
+               env=child_env('best:before:TERM'))
   assert result.returncode == 128 + signal.SIGTERM, result.stderr[-3000:]
   assert saved_steps(tmp_path / 'checkpoints') == [4]
   assert result.stderr.strip().splitlines()[-1] == (
@@ -553,8 +547,8 @@ def test_a_sigterm_read_in_the_last_step_completes_the_run(corpus, monkeypatch, 
   assert saved_steps(tmp_path / 'checkpoints') == [5, 6]
 
 
-def test_sigterm_during_start_up_says_there_is_nothing_to_save(corpus, jax_cache, tmp_path):
-  result = run('train', *train_args(tmp_path, corpus), env=child_env(jax_cache, 'start:TERM'))
+def test_sigterm_during_start_up_says_there_is_nothing_to_save(corpus, tmp_path):
+  result = run('train', *train_args(tmp_path, corpus), env=child_env('start:TERM'))
   assert result.returncode == 128 + signal.SIGTERM
   assert result.stderr.strip().splitlines()[-1] == (
       'SIGTERM before the first step: nothing to save')

@@ -158,7 +158,8 @@ def test_checkpoint_restores_under_other_meshes(corpus, tmp_path):
 
 
 def _cli(args, devices=8, **kw):
-  env = {**os.environ, 'XLA_FLAGS': f'--xla_force_host_platform_device_count={devices}',
+  flags = f"{os.environ.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count={devices}"
+  env = {**os.environ, 'XLA_FLAGS': flags.strip(),
          'JAX_PLATFORMS': 'cpu'}
   return subprocess.Popen([sys.executable, '-m', *args], cwd=ROOT, env=env, text=True,
                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, **kw)
