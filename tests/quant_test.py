@@ -283,7 +283,7 @@ def test_decode_benchmark_counts_the_scales():
   from experiments import timing
   rows = timing.decode_configs(64, 4, 1, 'float32', cache_dtypes=(None, 'int8'))
   assert 'MLA absorbed int8 cache' in rows and 'MHA float32 cache' in rows
-  limits = {'copy_bytes_per_s': 1e9, 'matmul_flops_per_s': 1e9}
+  limits = {'stream_bytes_per_s': 1e9, 'matmul_flops_per_s': 1e9}
   row = timing.decode_row('MLA absorbed int8 cache', rows['MLA absorbed int8 cache'],
                                batch=2, context=16, limits=limits, runs=1)
   cfg = rows['MLA absorbed int8 cache']
