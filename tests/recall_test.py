@@ -157,6 +157,10 @@ def test_quick_pipeline_end_to_end(tmp_path):
     assert set(swept) == {f'{lr:g}' for lr in ablation.QUICK_LEARNING_RATES}
     assert swept[f"{cell['lr']:g}"] == max(swept.values())
   assert len(report['sweep_runs']) == len(QUICK_ROWS) * len(ablation.QUICK_LEARNING_RATES)
+  markdown = (tmp_path / 'recall_vs_cache.md').read_text()
+  for r in rows.values():  # the per-seed table: each reported run's own recall
+    cell = r['by_kv'][kv]
+    assert f"| {r['mechanism']} | {kv} | {cell['lr']:g} | {cell['accuracies'][0]:.3f} |" in markdown
 
   setting = f'seq{ablation.QUICK_SEQ_LEN}_kv{kv}_steps{ablation.QUICK_STEPS}'
   chosen = f"{rows['mla4']['by_kv'][kv]['lr']:g}"
