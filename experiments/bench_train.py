@@ -33,7 +33,7 @@ import jax
 import numpy as np
 from absl import flags
 
-from experiments.timing import attempt, machine_limits, time_train_step
+from experiments.timing import attempt, attention_kernel, machine_limits, time_train_step
 from mla_jax import cli, sharding, trainer
 from mla_jax.config import ModelConfig
 from mla_jax.model import param_count
@@ -105,6 +105,8 @@ def bench_row(variant: str, impl: str, peak_flops: float) -> dict:
   else:
     timed = time_train_step(config, sharding.make_mesh(config.mesh), FLAGS.direct_steps)
     step_s, row['compile_s'] = timed['step_s'], timed['compile_s']
+  row['attention_kernel'] = (attention_kernel(config, sharding.make_mesh(config.mesh))
+                             if cfg.fused else 'einsum')
   row['tokens_per_s'] = tokens / step_s
   row['mfu'] = row['tokens_per_s'] * flops_per_token(cfg, config.data.seq_len) / peak_flops
   if FLAGS.loop:
@@ -119,7 +121,8 @@ def format_table(rows) -> str:
            '|---|---|---:|---|---:|---:|---:|---:|---:|---:|---:|']
   for r in rows:
     opt = lambda key, fmt, r=r: format(r[key], fmt) if key in r else '-'
-    lines.append(f"| {r['variant']} | {r['impl']}{' (fused)' if r['fused'] else ''} | "
+    kernel = f" ({r['attention_kernel']})" if r['fused'] else ''
+    lines.append(f"| {r['variant']} | {r['impl']}{kernel} | "
                  f"{r['params'] / 1e6:.2f}M | {r['dtype']} | {r['compile_s']:.1f} | "
                  f"{r['tokens_per_s']:.0f} | {r['mfu']:.1%} | {opt('loop_tokens_per_s', '.0f')} "
                  f"| {opt('loop_vs_direct', '.2f')} | {opt('torch_tokens_per_s', '.0f')} | "

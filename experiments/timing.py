@@ -79,6 +79,17 @@ def fixed_batch_step(config, mesh) -> tuple:
   return state, step, jax.device_put(tasks.text_batch(windows), batch_sharding)
 
 
+def attention_kernel(config, mesh) -> str:
+  """Which fused attention the train step of `config` calls: 'cudnn' where its program holds
+  cuDNN's flash attention (custom calls named __cudnn$fmha...), else 'xla'. mla_jax.fused
+  chooses while tracing (cuDNN, or XLA's attention where cuDNN refuses the dtype, widths or
+  flags), so lowering the step, without compiling it, shows the choice."""
+  with jax.set_mesh(mesh):
+    state, step, batch = fixed_batch_step(config, mesh)
+    program = step.lower(state, batch).as_text()
+  return 'cudnn' if '__cudnn$fmha' in program else 'xla'
+
+
 def time_train_step(config, mesh, steps: int) -> dict:
   """Compile time, median step time and compiled HLO text of the train step on `mesh`, called
   directly on one fixed batch (nothing else running)."""
