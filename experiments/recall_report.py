@@ -137,7 +137,9 @@ def markdown(summary: dict, sweep: dict, comparisons: list[dict], setup: dict) -
       f"is set per row to match MHA's parameter count. {_protocol(setup)} Recall = "
       f'exact-match accuracy at the answer positions of {test_examples} test examples (a '
       'held-out stream, not the validation set that chose the rate), mean ± std (sample) over '
-      'those seeds.', '',
+      'those seeds. A model that finds the N values in its context but not which key each '
+      'belongs to recalls about 1/N, so 1/N, not chance, is the floor of recall by '
+      'association.', '',
       '| mechanism | KV cache per token | elements (formula) | elements (measured) | '
       'bytes bf16 | bytes int8 | bytes fp8 | d_ff | params | '
       + ' | '.join(f'recall, N={k}' for k in kvs) + ' |',
@@ -248,6 +250,7 @@ def plot(summary: dict, setup: dict, path: pathlib.Path) -> None:
         ax.errorbar(s['elements_measured'], c['accuracy'], yerr=c['accuracy_std'], color=color,
                     marker=MARKERS[s['attention']], markersize=7, capsize=4, linestyle='none')
     ax.axhline(chance, color='gray', linestyle=':', linewidth=1)
+    ax.axhline(1 / int(k), color='gray', linestyle='--', linewidth=1)
     ax.set_xscale('log')
     ax.set_xticks(ticks, [str(t) for t in ticks], fontsize=7, rotation=45)
     ax.minorticks_off()
@@ -261,7 +264,8 @@ def plot(summary: dict, setup: dict, path: pathlib.Path) -> None:
   handles, labels = axes[0][0].get_legend_handles_labels()
   fig.legend(handles, labels, loc='lower center', ncol=len(labels), fontsize=7)
   fig.suptitle(f"{'QUICK pipeline check: ' if setup['quick'] else ''}MQAR recall vs KV cache, "
-               'parameters matched (dotted: chance)', fontsize=10)
+               'parameters matched (dotted: chance; dashed: 1/N, the values without their keys)',
+               fontsize=10)
   fig.text(0.5, 0.075, textwrap.fill(_setup_line(summary, setup), 120), ha='center',
            va='center', fontsize=7, color='gray')
   fig.tight_layout(rect=(0, 0.1, 1, 1))
