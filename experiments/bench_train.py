@@ -95,7 +95,9 @@ def bench_row(variant: str, impl: str, peak_flops: float) -> dict:
   tokens = config.data.batch_size * config.data.seq_len
   row = {'variant': variant, 'impl': impl, 'fused': cfg.fused, 'params': param_count(cfg),
          'dtype': str(cfg.compute_dtype), 'batch': config.data.batch_size,
-         'seq_len': config.data.seq_len}
+         'seq_len': config.data.seq_len,  # first: a failure here loses no timing
+         'attention_kernel': (attention_kernel(config, sharding.make_mesh(config.mesh))
+                              if cfg.fused else 'einsum')}
   if FLAGS.peer:
     from experiments import torch_peer  # torch and transformers: the dev extra
     side_by_side = torch_peer.time_side_by_side(config, steps=FLAGS.direct_steps)
@@ -105,8 +107,6 @@ def bench_row(variant: str, impl: str, peak_flops: float) -> dict:
   else:
     timed = time_train_step(config, sharding.make_mesh(config.mesh), FLAGS.direct_steps)
     step_s, row['compile_s'] = timed['step_s'], timed['compile_s']
-  row['attention_kernel'] = (attention_kernel(config, sharding.make_mesh(config.mesh))
-                             if cfg.fused else 'einsum')
   row['tokens_per_s'] = tokens / step_s
   row['mfu'] = row['tokens_per_s'] * flops_per_token(cfg, config.data.seq_len) / peak_flops
   if FLAGS.loop:

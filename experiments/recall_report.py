@@ -138,8 +138,8 @@ def markdown(summary: dict, sweep: dict, comparisons: list[dict], setup: dict) -
       f'exact-match accuracy at the answer positions of {test_examples} test examples (a '
       'held-out stream, not the validation set that chose the rate), mean ± std (sample) over '
       'those seeds. A model that finds the N values in its context but not which key each '
-      'belongs to recalls about 1/N, so 1/N, not chance, is the floor of recall by '
-      'association.', '',
+      'belongs to recalls about 1/N: recall well above 1/N, not above chance, is the evidence '
+      'of recall by association.', '',
       '| mechanism | KV cache per token | elements (formula) | elements (measured) | '
       'bytes bf16 | bytes int8 | bytes fp8 | d_ff | params | '
       + ' | '.join(f'recall, N={k}' for k in kvs) + ' |',

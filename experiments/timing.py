@@ -83,10 +83,12 @@ def attention_kernel(config, mesh) -> str:
   """Which fused attention the train step of `config` calls: 'cudnn' where its program holds
   cuDNN's flash attention (custom calls named __cudnn$fmha...), else 'xla'. mla_jax.fused
   chooses while tracing (cuDNN, or XLA's attention where cuDNN refuses the dtype, widths or
-  flags), so lowering the step, without compiling it, shows the choice."""
+  flags), so on one device the lowered step shows the choice without compiling; on a mesh of
+  several, cuDNN's call is custom-partitioned and named only in the compiled program."""
   with jax.set_mesh(mesh):
     state, step, batch = fixed_batch_step(config, mesh)
-    program = step.lower(state, batch).as_text()
+    lowered = step.lower(state, batch)
+    program = (lowered.compile() if mesh.size > 1 else lowered).as_text()
   return 'cudnn' if '__cudnn$fmha' in program else 'xla'
 
 

@@ -233,12 +233,13 @@ def test_fused_decode_with_an_8bit_cache_equals_the_einsum_path(name):
   """The kernels apply the cache's scales as they read (float32 compute, atol 1e-5); fused
   prefill dequantizes. The einsum path folds the scales into scores and probabilities.
 
-  One layer, so the two paths write the same 8-bit cache: in a second layer the keys and
-  values come from the first layer's attention output, which the two paths compute in a
-  different order, and on a GPU a difference in the last float32 bit can round a value to the
-  next 8-bit level (a step of max|x| / 127). That is quantization, not a kernel reading its
-  cache wrongly; it is the likely cause of the one MLA-exact row that differed by 1.3e-3 on
-  an H200 with two layers (experiments/results/h200/suite.md)."""
+  One layer, so the two paths compute the keys and values they quantize by the same
+  projections: in a second layer those come from the first layer's attention output, which
+  the two paths compute in a different order, and on a GPU a difference in the last float32
+  bit can round a value to the next 8-bit level (a step of max|x| / 127). That would be
+  quantization, not a kernel reading its cache wrongly; it is the suspected cause (not
+  reproduced) of the one MLA-exact row that differed by 1.3e-3 on an H200 with two layers
+  (experiments/results/h200/suite.md)."""
   assert set(KERNEL_CASES) == set(VARIANTS)
   einsum = tiny_model(seed=1, n_layers=1, attention_impl='einsum',
                       cache_dtype=KERNEL_CASES[name], **VARIANTS[name])
