@@ -1,7 +1,7 @@
 r"""Recall vs KV-cache size: every row of configs/ablations/recall_vs_cache.py trained on MQAR at
 several numbers of key-value pairs, each at its best learning rate, over seeds.
 
-  python -m experiments.recall_vs_cache --workdir=runs/recall      # the CPU grid: ~2.5 h, 2 cores
+  python -m experiments.recall_vs_cache --workdir=runs/recall      # the CPU grid: ~2 h, 2 cores
   python -m experiments.recall_vs_cache --workdir=/tmp/rvc --quick # the pipeline, minutes
   python -m experiments.recall_vs_cache --workdir=runs/zoology --seq_len=256 \
       --kv_pairs=8,16,32,64 --lrs=2.2e-3,4.6e-3,1e-2,2.2e-2       # Zoology's grid (accelerator)
