@@ -22,6 +22,7 @@ BYTES_8BIT = {'cache_bytes_int8_measured': 'bytes_int8', 'cache_bytes_fp8_measur
 # (row expected to be better, row expected to be worse, what the paper says).
 COMPARISONS = [
     ('mha', 'gqa4', 'MHA "strong" vs GQA "moderate" (Table 8: MHA beats GQA with 8 groups)'),
+    ('mha', 'gqa2', 'MHA "strong" vs GQA with 2 groups (the paper geometry\'s GQA row)'),
     ('gqa4', 'gqa2', 'GQA with more groups vs fewer (more cache, more capacity)'),
     ('gqa2', 'mqa', 'GQA "moderate" vs MQA "weak" (Table 8: GQA beats MQA)'),
     ('mha', 'mqa', 'MHA "strong" vs MQA "weak" (Table 8)'),
