@@ -209,6 +209,16 @@ def markdown(summary: dict, sweep: dict, comparisons: list[dict], setup: dict) -
   return '\n'.join(lines) + '\n'
 
 
+def families(summary: dict) -> tuple:
+  """(legend label, colour, attention kinds) of the plots' two lines; the MLA label names the
+  latent widths the summary has, as multiples of d_h."""
+  ratios = sorted({s['model']['kv_lora_rank'] // (s['model']['head_dim'] or
+                                                    s['model']['d_model'] // s['model']['n_heads'])
+                   for s in summary.values() if s['attention'] == 'mla'})
+  return (('GQA family (MHA, GQA, MQA)', 'C0', ('mha', 'gqa', 'mqa')),
+          (f"MLA family (d_c = {', '.join(map(str, ratios))} d_h)", 'C3', ('mla',)))
+
+
 def plot(summary: dict, setup: dict, path: pathlib.Path) -> None:
   try:
     import matplotlib
@@ -218,9 +228,7 @@ def plot(summary: dict, setup: dict, path: pathlib.Path) -> None:
   import matplotlib.pyplot as plt
 
   fig, ax = plt.subplots(figsize=(7.5, 5))
-  families = (('GQA family (MHA, GQA, MQA)', 'C0', ('mha', 'gqa', 'mqa')),
-              ('MLA family (d_c = 2, 4, 8 d_h)', 'C3', ('mla',)))
-  for label, color, kinds in families:
+  for label, color, kinds in families(summary):
     rows = sorted((s for s in summary.values() if s['attention'] in kinds),
                   key=lambda s: s['elements_measured'])
     if not rows:

@@ -11,7 +11,7 @@ import pathlib
 import textwrap
 
 from experiments import stats
-from experiments.capacity_report import MARKERS, PAPER, mechanism
+from experiments.capacity_report import MARKERS, PAPER, families, mechanism
 
 NAME = 'recall_vs_cache'
 RESULT = 'result.json'  # a run's results, written last: a run that has one is finished
@@ -230,12 +230,10 @@ def plot(summary: dict, setup: dict, path: pathlib.Path) -> None:
   kvs = [str(k) for k in setup['kv_pairs']]
   fig, axes = plt.subplots(1, len(kvs), figsize=(max(7.5, 4.2 * len(kvs)), 5.2),
                            sharey=True, squeeze=False)
-  families = (('GQA family (MHA, GQA, MQA)', 'C0', ('mha', 'gqa', 'mqa')),
-              ('MLA family (d_c = 2, 4, 8 d_h)', 'C3', ('mla',)))
   ticks = sorted({s['elements_measured'] for s in summary.values()})
   chance = 2 / next(iter(summary.values()))['model']['vocab_size']
   for ax, k in zip(axes[0], kvs, strict=True):
-    for label, color, kinds in families:
+    for label, color, kinds in families(summary):
       rows = sorted((s for s in summary.values() if s['attention'] in kinds and k in s['by_kv']),
                     key=lambda s: s['elements_measured'])
       if not rows:

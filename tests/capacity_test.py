@@ -67,6 +67,18 @@ def test_cache_formula_matches_table_1_by_hand(geometry, expected):
     assert cache_formula(cfg)[1] == elements
 
 
+def test_plot_legend_names_the_latent_widths_present():
+  """The MLA line's label lists the d_c / d_h ratios of the rows run, not a fixed 2, 4, 8."""
+  def row(name, geometry):
+    c = ablation.get_config(name + (',paper' if geometry == 'paper' else ''))
+    return {'attention': c.model.attention, 'model': c.model.to_dict()}
+  labels = lambda names, geometry: [label for label, _, _ in capacity_report.families(
+      {n: row(n, geometry) for n in names})]
+  assert labels(['mha', 'mla4'], 'paper')[1] == 'MLA family (d_c = 4 d_h)'
+  assert labels(['mha', 'mla8', 'mla2', 'mla4'], 'small')[1] == 'MLA family (d_c = 2, 4, 8 d_h)'
+  assert labels(['mha', 'gqa2'], 'small')[0] == 'GQA family (MHA, GQA, MQA)'
+
+
 def test_paper_geometry_has_the_papers_head_shape():
   """d_h >= 32, d_r = d_h / 2, d_c = 4 d_h: MLA's cache is GQA's with 2.25 groups."""
   m = ModelConfig.from_dict(ablation.get_config('mla4,paper').model)
