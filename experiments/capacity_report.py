@@ -55,6 +55,15 @@ def sweep_table(sweep: list[dict]) -> dict[str, dict[str, float | None]]:
   return table
 
 
+def edge(rates: dict[str, float | None], lr: float) -> str | None:
+  """'lowest' / 'highest' when the chosen rate lr is at that end of the rates a row's sweep
+  tried (a diverged rate counts: it is worse), else None: the choice is bracketed."""
+  tried = sorted(map(float, rates))
+  if len(tried) < 2 or tried[0] < lr < tried[-1]:
+    return None
+  return 'lowest' if lr == tried[0] else 'highest'
+
+
 def mechanism(r: dict) -> str:
   m = r['model']
   if r['attention'] == 'gqa':
@@ -206,6 +215,11 @@ def markdown(summary: dict, sweep: dict, comparisons: list[dict], setup: dict) -
         text = 'diverged' if loss is None else loss if loss == 'n/a' else f'{loss:.4f}'
         cells.append(f'**{text}**' if s.get('lr') and f"{s['lr']:g}" == lr else text)
       lines.append(f"| {s['mechanism']} | " + ' | '.join(cells) + ' |')
+    ends = [f"{s['mechanism']} at {s['lr']:g} (the {s['edge']} rate)"
+            for s in _order(summary) if s.get('edge')]
+    lines += ['', f"**Not bracketed** (chosen at an end of the sweep: a better rate may lie "
+              f"beyond it): {'; '.join(ends)}." if ends else
+              "Every row's chosen rate has a worse rate on each side in the sweep (bracketed)."]
   return '\n'.join(lines) + '\n'
 
 
@@ -266,6 +280,9 @@ def write(results: list[dict], sweep: list[dict], setup: dict,
   setup = {**setup, 'date': datetime.date.today().isoformat()}
   summary = summarize(results)
   table = sweep_table(sweep)
+  for row, s in summary.items():
+    if row in table:
+      s['edge'] = edge(table[row], s['lr'])
   comparisons = []
   for better, worse, claim in COMPARISONS:
     c = compare(summary, better, worse)

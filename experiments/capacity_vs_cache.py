@@ -48,7 +48,7 @@ flags.DEFINE_enum('geometry', 'small', list(ablation.GEOMETRIES),
                   'small: 8 heads of d_h = 16; paper: 4 heads of d_h = 32 (d_r = 16)')
 flags.DEFINE_list('rows', None, "rows to run (default: every row of the geometry)")
 flags.DEFINE_list('lrs', None, 'learning rates to choose from with seed 0 (default: the '
-                  "config's LEARNING_RATES; with --quick, its QUICK_LEARNING_RATES)")
+                  "config's LEARNING_RATES of the geometry; with --quick, QUICK_LEARNING_RATES)")
 flags.DEFINE_integer('seeds', 3, 'seeds 1 .. N trained at the chosen rate and reported')
 flags.DEFINE_bool('quick', False, 'a tiny model and 20 steps: checks the pipeline, not MLA')
 flags.DEFINE_integer('jobs', 0, 'runs at a time, one core each (0: one per available core)')
@@ -132,7 +132,7 @@ def _settings() -> tuple[list[str], list[float]]:
   rows = list(dict.fromkeys(FLAGS.rows or ablation.GEOMETRIES[FLAGS.geometry][1]))
   unknown = sorted(set(rows) - set(ablation.GEOMETRIES[FLAGS.geometry][1]))
   lrs = sweep_lib.rates(FLAGS.lrs or (ablation.QUICK_LEARNING_RATES if FLAGS.quick
-                                      else ablation.LEARNING_RATES))
+                                      else ablation.LEARNING_RATES[FLAGS.geometry]))
   if unknown or FLAGS.seeds < 1:
     raise InputError(f'unknown rows {unknown} or --seeds={FLAGS.seeds} < 1; the rows of '
                      f'--geometry={FLAGS.geometry} are {ablation.GEOMETRIES[FLAGS.geometry][1]}')

@@ -217,6 +217,19 @@ def test_report_marks_the_chosen_rate_and_a_diverged_one():
   assert '| 3e-3 |' not in md and '| 0.003 | 1.9500 ± 0.0000 |' in md
 
 
+def test_report_flags_a_chosen_rate_at_an_end_of_the_sweep(tmp_path):
+  assert capacity_report.edge({'0.003': 1.9, '0.006': 1.8, '0.012': 1.85}, 6e-3) is None
+  assert capacity_report.edge({'0.003': 1.9, '0.006': 1.8}, 6e-3) == 'highest'
+  assert capacity_report.edge({'0.003': 1.9, '0.006': None}, 3e-3) == 'lowest'
+  sweep = [_result('mha', 0, 3e-3, 1.9), _result('mha', 0, 6e-3, 1.8)]
+  runs = [_result('mha', 1, 6e-3, 1.85)]
+  setup = dict(command='x', machine='m', quick=False, jobs=2, lrs=[3e-3, 6e-3], seeds=1)
+  md_path, json_path, _ = capacity_report.write(runs, sweep, setup, tmp_path)
+  md, report = md_path.read_text(), json.loads(json_path.read_text())
+  assert '**Not bracketed**' in md and 'MHA (G=8) at 0.006 (the highest rate)' in md
+  assert report['rows']['mha']['edge'] == 'highest'
+
+
 @pytest.mark.parametrize('lrs, chosen', [([3e-3], 3e-3), ([3e-3, 6e-3], 6e-3)])
 def test_reported_runs_are_fresh_seeds_at_the_chosen_rate(lrs, chosen):
   from experiments import sweep
