@@ -33,9 +33,16 @@ COMPARISONS = [
 ]
 
 
-def name(geometry: str) -> str:
-  """The report's file name: the small geometry keeps the original name."""
-  return NAME if geometry == 'small' else f'{NAME}_{geometry}'
+def name(geometry: str, match: str = 'params') -> str:
+  """The report's file name: the small geometry with parameters matched keeps the original."""
+  return '_'.join([NAME] + [geometry] * (geometry != 'small') + [match] * (match != 'params'))
+
+
+def _matching(setup: dict) -> str:
+  if setup.get('match', 'params') == 'mlp':
+    return ('every row has MHA\'s SwiGLU width d_ff, so the parameter counts differ (the '
+            'control for the usual matching)')
+  return 'the SwiGLU width d_ff is set per row to match MHA\'s parameter count'
 
 
 def best_rate(results: list[dict]) -> float:
@@ -153,12 +160,13 @@ def markdown(summary: dict, sweep: dict, comparisons: list[dict], setup: dict) -
   geometry = setup.get('geometry', 'small')
   lines = [
       '# Capacity vs KV-cache size (DeepSeek-V2 Table 1, Tables 8-9 in miniature)'
-      + ('' if geometry == 'small' else f': {geometry} geometry'), '',
+      + ('' if geometry == 'small' else f': {geometry} geometry')
+      + (', MLP widths matched' if setup.get('match') == 'mlp' else ''), '',
       f"`{setup['command']}` on {setup['machine']}, {setup['date']}"
       f"{' (QUICK: a pipeline check; the numbers mean nothing)' if setup['quick'] else ''}.",
       f'{_setup_line(summary, setup)}. Every row has the same width, depth, query heads, '
       'data order (per seed), tokens, optimizer and schedule; only the attention '
-      'differs, and the SwiGLU width d_ff is set per row to match MHA\'s parameter count. '
+      f'differs, and {_matching(setup)}. '
       f'{_protocol(setup)} '
       'Validation: three held-out plays, every byte scored once. Loss is nats per byte, '
       'mean ± std (sample) over seeds.', '',
@@ -264,7 +272,8 @@ def plot(summary: dict, setup: dict, path: pathlib.Path) -> None:
   ax.set_xlabel(f'KV cache per token (elements, all {n_layers} layers; log scale)')
   ax.set_ylabel('validation loss (nats per byte), mean ± std over seeds')
   ax.set_title(f"{'QUICK pipeline check: ' if setup['quick'] else ''}byte-level Shakespeare, "
-               'parameters matched', fontsize=10)
+               + ('MLP widths matched' if setup.get('match') == 'mlp' else 'parameters matched'),
+               fontsize=10)
   ax.text(0.01, 0.01, _setup_line(summary, setup), transform=ax.transAxes, fontsize=7,
           color='gray')
   ax.grid(alpha=0.3, which='both')
@@ -289,7 +298,8 @@ def write(results: list[dict], sweep: list[dict], setup: dict,
     if c:
       comparisons.append({**c, 'claim': claim})
   out.mkdir(parents=True, exist_ok=True)
-  paths = [out / f"{name(setup.get('geometry', 'small'))}.{ext}" for ext in ('md', 'json', 'png')]
+  stem = name(setup.get('geometry', 'small'), setup.get('match', 'params'))
+  paths = [out / f'{stem}.{ext}' for ext in ('md', 'json', 'png')]
   paths[0].write_text(markdown(summary, table, comparisons, setup))
   strip = lambda runs: [{k: v for k, v in r.items() if k != 'model'} for r in runs]
   paths[1].write_text(json.dumps(dict(setup=setup, rows=summary, comparisons=comparisons,

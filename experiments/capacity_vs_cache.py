@@ -4,6 +4,8 @@ best learning rate, then 3 seeds.
   python -m experiments.capacity_vs_cache --workdir=runs/capacity                  # ~3 h, 2 cores
   python -m experiments.capacity_vs_cache --workdir=runs/capacity --geometry=paper # ~2.5 h
   python -m experiments.capacity_vs_cache --workdir=/tmp/cvc --quick               # minutes
+  python -m experiments.capacity_vs_cache --workdir=runs/capacity --geometry=paper --match=mlp \
+      --lrs=6e-3    # the control: every row at MHA's MLP width, parameter counts free
 
 Protocol (experiments/sweep.py): seed 0 of every row is trained at each rate of --lrs and the
 rate with the lowest validation loss is the row's; then seeds 1 .. --seeds are trained at it
@@ -11,14 +13,14 @@ and reported (mean ± std). The run that chose the rate is not among those repor
 rate there is no sweep. A run whose loss turns non-finite is recorded as diverged, and the
 sweep passes over its rate.
 
-Each run is an ordinary mla_jax workdir, workdir/<geometry>/<row>/lr<rate>/seed<k>, trained in
+Each run is an ordinary mla_jax workdir, workdir/<geometry>[-mlp]/<row>/lr<rate>/seed<k>, trained in
 its own process pinned to one CPU core, --jobs at a time (experiments/runner.py): an
 interrupted run resumes from its last checkpoint, and a finished one (result.json) is not
 redone. Each run scores the validation split with mla_jax.evaluator.perplexity; a reported
 run also prefills and decodes with the trained model in bfloat16, counts the elements and
 bytes per token of the caches the decode loop returns (which must equal the formula), and the
 bytes per token of int8 and float8_e4m3fn caches (ModelConfig.cache_dtype; their float32
-per-token scales included). The report (capacity_vs_cache[_paper].md / .json / .png) goes to
+per-token scales included). The report (capacity_vs_cache[_paper][_mlp].md / .json / .png) goes to
 --results_dir: experiments/results for the full run, the workdir for --quick (which never
 overwrites the committed results).
 """
@@ -46,6 +48,9 @@ FLAGS = flags.FLAGS
 flags.DEFINE_string('workdir', None, 'where the runs live (geometry / row / rate / seed)')
 flags.DEFINE_enum('geometry', 'small', list(ablation.GEOMETRIES),
                   'small: 8 heads of d_h = 16; paper: 4 heads of d_h = 32 (d_r = 16)')
+flags.DEFINE_enum('match', 'params', ['params', 'mlp'],
+                  "params: each row's SwiGLU width matches MHA's parameter count; mlp: every "
+                  "row has MHA's SwiGLU width (the control for what the matching gives)")
 flags.DEFINE_list('rows', None, "rows to run (default: every row of the geometry)")
 flags.DEFINE_list('lrs', None, 'learning rates to choose from with seed 0 (default: the '
                   "config's LEARNING_RATES of the geometry; with --quick, QUICK_LEARNING_RATES)")
@@ -63,6 +68,7 @@ RESULT = 'result.json'
 
 def run_config(row: str, lr: float, seed: int):
   options = ''.join(f',{o}' for o, on in (('paper', FLAGS.geometry == 'paper'),
+                                          ('mlp', FLAGS.match == 'mlp'),
                                           ('quick', FLAGS.quick)) if on)
   config = ablation.get_config(row + options)
   config.opt.lr = lr
@@ -73,7 +79,8 @@ def run_config(row: str, lr: float, seed: int):
 
 
 def run_path(row: str, lr: float, seed: int) -> pathlib.Path:
-  return pathlib.Path(FLAGS.workdir) / FLAGS.geometry / row / f'lr{lr:g}' / f'seed{seed}'
+  variant = FLAGS.geometry + ('' if FLAGS.match == 'params' else f'-{FLAGS.match}')
+  return pathlib.Path(FLAGS.workdir) / variant / row / f'lr{lr:g}' / f'seed{seed}'
 
 
 def _worker(spec: str) -> None:
@@ -116,7 +123,8 @@ def _task(run: tuple) -> runner.Task:
   return runner.Task(
       f'{row} lr{lr:g} seed{seed}',
       ['experiments.capacity_vs_cache', f'--workdir={FLAGS.workdir}', f'--worker={row}:{lr!r}:'
-       f'{seed}', f'--geometry={FLAGS.geometry}', f'--quick={FLAGS.quick}',
+       f'{seed}', f'--geometry={FLAGS.geometry}', f'--match={FLAGS.match}',
+       f'--quick={FLAGS.quick}',
        f'--data_files={FLAGS.data_files}'],
       path / 'log.txt', path / RESULT,
       describe=lambda r: 'diverged' if r.get('diverged') else
@@ -158,10 +166,10 @@ def main():
                              FLAGS.workdir)
   out = pathlib.Path(FLAGS.results_dir or (FLAGS.workdir if FLAGS.quick
                                            else runner.ROOT / 'experiments' / 'results'))
-  name = capacity_report.name(FLAGS.geometry)
+  name = capacity_report.name(FLAGS.geometry, FLAGS.match)
   wall_s = time.perf_counter() - start
-  grid = dict(quick=FLAGS.quick, geometry=FLAGS.geometry, rows=rows, seeds=FLAGS.seeds, lrs=lrs,
-              data=FLAGS.data_files or 'shakespeare')
+  grid = dict(quick=FLAGS.quick, geometry=FLAGS.geometry, match=FLAGS.match, rows=rows,
+              seeds=FLAGS.seeds, lrs=lrs, data=FLAGS.data_files or 'shakespeare')
   setup = dict(command=' '.join(['python -m experiments.capacity_vs_cache', *sys.argv[1:]]),
                **grid, jobs=jobs, machine=runner.machine(), wall_s=wall_s,
                runs_trained=trained, runs_total=len(sweep) + len(final),

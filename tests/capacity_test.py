@@ -59,6 +59,27 @@ def test_parameters_matched_within_two_percent(mode):
   assert widths['mha'] > widths['mla8']
 
 
+@pytest.mark.parametrize('geometry', ['', ',paper'])
+def test_mlp_matching_keeps_mhas_width_and_lets_parameters_differ(geometry):
+  """',mlp': the control for the matching. Every row has MHA's d_ff, so a row whose attention
+  has fewer parameters (MQA) is smaller than MHA and one with more (MLA here) larger."""
+  configs = {row: ablation.get_config(f'{row}{geometry},mlp') for row in _rows(geometry)}
+  mha_width = ablation.get_config('mha' + geometry).model.d_ff
+  assert {c.model.d_ff for c in configs.values()} == {mha_width}
+  counts = {row: param_count(ModelConfig.from_dict(c.model)) for row, c in configs.items()}
+  assert counts['mqa'] < counts['gqa2'] < counts['mha'] < counts['mla4']
+  matched = ablation.get_config(f'mla4{geometry}')
+  assert {k: v for k, v in configs['mla4'].model.items() if k != 'd_ff'} == {
+      k: v for k, v in matched.model.items() if k != 'd_ff'}
+
+
+def test_report_names_say_the_geometry_and_the_matching():
+  assert capacity_report.name('small') == 'capacity_vs_cache'
+  assert capacity_report.name('paper') == 'capacity_vs_cache_paper'
+  assert capacity_report.name('paper', 'mlp') == 'capacity_vs_cache_paper_mlp'
+  assert capacity_report.name('small', 'mlp') == 'capacity_vs_cache_mlp'
+
+
 @pytest.mark.parametrize('geometry, expected', [('', FULL_CACHE), (',paper', PAPER_CACHE)])
 def test_cache_formula_matches_table_1_by_hand(geometry, expected):
   assert list(expected) == list(_rows(geometry))
@@ -86,7 +107,8 @@ def test_paper_geometry_has_the_papers_head_shape():
   assert cache_formula(m)[1] / (2 * m.head_dim * m.n_layers) == 2.25
 
 
-@pytest.mark.parametrize('arg', ['mla3', 'gqa4,paper', 'mha,paper,paper', 'mha,big'])
+@pytest.mark.parametrize('arg', ['mla3', 'gqa4,paper', 'mha,paper,paper', 'mha,big',
+                                 'mqa,mlp,mlp'])
 def test_unknown_row_is_a_clear_error(arg):
   with pytest.raises(ValueError, match='unknown row'):
     ablation.get_config(arg)
@@ -160,6 +182,23 @@ def test_quick_pipeline_end_to_end(corpus, tmp_path):
   new = json.loads((redo / 'result.json').read_text())
   assert new['loss'] == old['loss'] and new['cache_elements_measured'] == 72
   assert kept.stat().st_mtime_ns == kept_mtime
+
+
+@pytest.mark.slow
+def test_quick_mlp_matching_runs_apart_from_the_matched_runs(corpus, tmp_path):
+  """--match=mlp: its runs and report sit beside the matched ones', never in their place."""
+  run = _cli(tmp_path, '--quick', '--match=mlp', '--rows=mqa', '--lrs=3e-3', '--seeds=1',
+             f'--data_files={corpus}')
+  assert run.returncode == 0, run.stderr[-3000:]
+  assert (tmp_path / 'small-mlp' / 'mqa' / 'lr0.003' / 'seed1' / 'result.json').exists()
+  assert not (tmp_path / 'small').exists() and not (tmp_path / 'capacity_vs_cache.json').exists()
+  report = json.loads((tmp_path / 'capacity_vs_cache_mlp.json').read_text())
+  mqa = report['rows']['mqa']
+  assert mqa['d_ff'] == ablation.get_config('mha,quick').model.d_ff
+  assert mqa['params'] == param_count(ModelConfig.from_dict(
+      ablation.get_config('mqa,mlp,quick').model))
+  md = (tmp_path / 'capacity_vs_cache_mlp.md').read_text()
+  assert 'MLP widths matched' in md and "every row has MHA's SwiGLU width" in md
 
 
 @pytest.mark.parametrize('args, message', [

@@ -1,7 +1,7 @@
 """Capacity vs KV-cache size (DeepSeek-V2 Table 1, with Tables 8 and 9 in miniature).
 
 One config per row; `arg` is the row name, optionally followed by ',paper' (the second
-geometry) and ',quick':
+geometry), ',mlp' (MLP widths matched instead of parameter counts) and ',quick':
 
   python -m mla_jax.train --config=configs/ablations/capacity_vs_cache.py:mla4 --workdir=runs/x
   python -m mla_jax.train --config=configs/ablations/capacity_vs_cache.py:mla4,paper ...
@@ -31,6 +31,10 @@ Parameters are matched to the MHA row by the SwiGLU width alone (`matched_d_ff`,
 multiple of 8: within 0.7%): attention with fewer parameters gets a wider MLP. The learning
 rate is the experiment's: every row at the best of its geometry's LEARNING_RATES
 (experiments/sweep.py); base.py's 3e-3 when a row is trained on its own.
+
+With ',mlp' every row keeps MHA's SwiGLU width and the parameter counts differ instead: the
+control that tells whether a row's loss comes from its attention or from the MLP width the
+matching gave it.
 """
 
 from ml_collections import ConfigDict
@@ -106,10 +110,15 @@ def get_config(arg: str = 'mla4') -> ConfigDict:
   name, *options = arg.split(',')
   geometry = 'paper' if 'paper' in options else 'small'
   if (name not in GEOMETRIES[geometry][1] or len(set(options)) != len(options)
-      or not set(options) <= {'paper', 'quick'}):
-    raise ValueError(f'unknown row {arg!r}: use ROW[,paper][,quick] with ROW one of '
+      or not set(options) <= {'paper', 'mlp', 'quick'}):
+    raise ValueError(f'unknown row {arg!r}: use ROW[,paper][,mlp][,quick] with ROW one of '
                      f'{sorted(ROWS)} (not gqa4 with paper: 4 heads make it MHA)')
-  return matched_row(lambda: _shared('quick' in options, geometry), name)
+  shared = lambda: _shared('quick' in options, geometry)
+  if 'mlp' in options:
+    c = apply_row(shared(), name)
+    c.model.d_ff = matched_row(shared, REFERENCE).model.d_ff
+    return c
+  return matched_row(shared, name)
 
 
 def matched_row(shared, name: str) -> ConfigDict:
