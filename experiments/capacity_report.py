@@ -285,7 +285,8 @@ def plot(summary: dict, setup: dict, path: pathlib.Path) -> None:
 
 def write(results: list[dict], sweep: list[dict], setup: dict,
           out: pathlib.Path) -> list[pathlib.Path]:
-  """Writes capacity_vs_cache[_<geometry>].{md,json,png} into `out`; returns their paths."""
+  """Writes capacity_vs_cache[_<geometry>][_<match>].{md,json,png} into `out` (name());
+  returns their paths."""
   setup = {**setup, 'date': datetime.date.today().isoformat()}
   summary = summarize(results)
   table = sweep_table(sweep)
