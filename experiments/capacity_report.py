@@ -38,11 +38,17 @@ def name(geometry: str, match: str = 'params') -> str:
   return '_'.join([NAME] + [geometry] * (geometry != 'small') + [match] * (match != 'params'))
 
 
-def _matching(setup: dict) -> str:
-  if setup.get('match', 'params') == 'mlp':
-    return ('every row has MHA\'s SwiGLU width d_ff, so the parameter counts differ (the '
-            'control for the usual matching)')
-  return 'the SwiGLU width d_ff is set per row to match MHA\'s parameter count'
+# --match -> (the plots' and titles' short name, the report's sentence).
+MATCHING = {
+    'params': ('parameters matched',
+               'the SwiGLU width d_ff is set per row to match MHA\'s parameter count'),
+    'mlp': ('MLP widths matched', 'every row has MHA\'s SwiGLU width d_ff, so the parameter '
+            'counts differ (the control for the usual matching)'),
+}
+
+
+def _matching(setup: dict) -> tuple[str, str]:
+  return MATCHING[setup.get('match', 'params')]
 
 
 def best_rate(results: list[dict]) -> float:
@@ -161,12 +167,12 @@ def markdown(summary: dict, sweep: dict, comparisons: list[dict], setup: dict) -
   lines = [
       '# Capacity vs KV-cache size (DeepSeek-V2 Table 1, Tables 8-9 in miniature)'
       + ('' if geometry == 'small' else f': {geometry} geometry')
-      + (', MLP widths matched' if setup.get('match') == 'mlp' else ''), '',
+      + ('' if setup.get('match', 'params') == 'params' else f', {_matching(setup)[0]}'), '',
       f"`{setup['command']}` on {setup['machine']}, {setup['date']}"
       f"{' (QUICK: a pipeline check; the numbers mean nothing)' if setup['quick'] else ''}.",
       f'{_setup_line(summary, setup)}. Every row has the same width, depth, query heads, '
       'data order (per seed), tokens, optimizer and schedule; only the attention '
-      f'differs, and {_matching(setup)}. '
+      f'differs, and {_matching(setup)[1]}. '
       f'{_protocol(setup)} '
       'Validation: three held-out plays, every byte scored once. Loss is nats per byte, '
       'mean ± std (sample) over seeds.', '',
@@ -272,8 +278,7 @@ def plot(summary: dict, setup: dict, path: pathlib.Path) -> None:
   ax.set_xlabel(f'KV cache per token (elements, all {n_layers} layers; log scale)')
   ax.set_ylabel('validation loss (nats per byte), mean ± std over seeds')
   ax.set_title(f"{'QUICK pipeline check: ' if setup['quick'] else ''}byte-level Shakespeare, "
-               + ('MLP widths matched' if setup.get('match') == 'mlp' else 'parameters matched'),
-               fontsize=10)
+               + _matching(setup)[0], fontsize=10)
   ax.text(0.01, 0.01, _setup_line(summary, setup), transform=ax.transAxes, fontsize=7,
           color='gray')
   ax.grid(alpha=0.3, which='both')

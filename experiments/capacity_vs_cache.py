@@ -48,7 +48,7 @@ FLAGS = flags.FLAGS
 flags.DEFINE_string('workdir', None, 'where the runs live (geometry / row / rate / seed)')
 flags.DEFINE_enum('geometry', 'small', list(ablation.GEOMETRIES),
                   'small: 8 heads of d_h = 16; paper: 4 heads of d_h = 32 (d_r = 16)')
-flags.DEFINE_enum('match', 'params', ['params', 'mlp'],
+flags.DEFINE_enum('match', 'params', list(capacity_report.MATCHING),
                   "params: each row's SwiGLU width matches MHA's parameter count; mlp: every "
                   "row has MHA's SwiGLU width (the control for what the matching gives)")
 flags.DEFINE_list('rows', None, "rows to run (default: every row of the geometry)")
