@@ -16,7 +16,10 @@ sweep passes over its rate.
 Each run is an ordinary mla_jax workdir, workdir/<geometry>[-mlp]/<row>/lr<rate>/seed<k>, trained in
 its own process pinned to one CPU core, --jobs at a time (experiments/runner.py): an
 interrupted run resumes from its last checkpoint, and a finished one (result.json) is not
-redone. Each run scores the validation split with mla_jax.evaluator.perplexity; a reported
+redone. Every finished run is also recorded in capacity_vs_cache.ledger.jsonl beside the
+report, and a workdir that lacks a run the ledger holds gets its result back: a clone on a
+fresh machine continues a grid that another machine started (to redo a finished run, delete
+its folder and its ledger line). Each run scores the validation split with mla_jax.evaluator.perplexity; a reported
 run also prefills and decodes with the trained model in bfloat16, counts the elements and
 bytes per token of the caches the decode loop returns (which must equal the formula), and the
 bytes per token of int8 and float8_e4m3fn caches (ModelConfig.cache_dtype; their float32
@@ -64,6 +67,7 @@ flags.DEFINE_string('worker', None, 'internal: ROW:RATE:SEED, the run this proce
 flags.mark_flag_as_required('workdir')
 
 RESULT = 'result.json'
+LEDGER = 'capacity_vs_cache.ledger.jsonl'  # every geometry's and matching's runs
 
 
 def run_config(row: str, lr: float, seed: int):
@@ -152,20 +156,21 @@ def main():
     return _worker(FLAGS.worker)
   rows, lrs = _settings()
   start = time.perf_counter()
+  out = runner.results_dir(FLAGS.results_dir, FLAGS.workdir, FLAGS.quick)
+  ledger = runner.Ledger(out / LEDGER, FLAGS.workdir)
+  restored = ledger.sync()
   cells = [(row,) for row in rows]
   sweep = sweep_lib.sweep_runs(cells, lrs)
   best = capacity_report.best_rate
   left, upper = sweep_lib.left_to_train(sweep, cells, lrs, FLAGS.seeds, _read, best)
   print(f'{len(rows)} rows ({FLAGS.geometry} geometry): {len(sweep)} sweep runs (seed 0 at each '
         f'of {len(lrs)} rates) + {len(cells) * FLAGS.seeds} reported runs (seeds '
-        f"1-{FLAGS.seeds}); {'at most ' if upper else ''}{left} to train", flush=True)
+        f"1-{FLAGS.seeds}); {'at most ' if upper else ''}{left} to train"
+        f'{runner.restored_words(restored, ledger)}', flush=True)
   jobs = min(FLAGS.jobs or len(runner.available_cores()), len(runner.available_cores()))
-  trained = sweep_lib.train(sweep, 'learning-rate sweep', _task, _read, jobs, FLAGS.workdir)
+  trained = sweep_lib.train(sweep, 'learning-rate sweep', _task, _read, jobs, ledger)
   final = sweep_lib.final_runs(cells, lrs, FLAGS.seeds, _read, best)
-  trained += sweep_lib.train(final, 'seeds at the chosen rates', _task, _read, jobs,
-                             FLAGS.workdir)
-  out = pathlib.Path(FLAGS.results_dir or (FLAGS.workdir if FLAGS.quick
-                                           else runner.ROOT / 'experiments' / 'results'))
+  trained += sweep_lib.train(final, 'seeds at the chosen rates', _task, _read, jobs, ledger)
   name = capacity_report.name(FLAGS.geometry, FLAGS.match)
   wall_s = time.perf_counter() - start
   grid = dict(quick=FLAGS.quick, geometry=FLAGS.geometry, match=FLAGS.match, rows=rows,

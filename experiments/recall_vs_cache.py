@@ -18,7 +18,10 @@ apart.
 Each run is an ordinary mla_jax workdir, workdir/<row>/seq<T>_kv<N>_steps<S>/lr<rate>/seed<k>,
 trained in its own process pinned to one core (experiments/runner.py): finished runs are never
 redone, an interrupted one resumes from its last checkpoint, and runs of other settings
-(another --seq_len, --steps or --lrs) sit beside them without mixing. Each reported run's
+(another --seq_len, --steps or --lrs) sit beside them without mixing. Every finished run is
+also recorded in recall_vs_cache.ledger.jsonl beside the report, and a workdir that lacks a
+run the ledger holds gets its result back: a clone on a fresh machine continues a grid that
+another machine started (to redo a finished run, delete its folder and its ledger line). Each reported run's
 decode cache (a sweep run's is not measured) is counted from the arrays a bfloat16 prefill +
 decode step returns and must equal the formula; the bytes per token of int8 and float8_e4m3fn
 caches (their float32 scales included) are measured the same way. The CPU time left is
@@ -222,22 +225,23 @@ def main():
     return _worker(FLAGS.worker)
   rows, seq_len, kv_pairs, steps, lrs, seeds = _settings()
   start = time.perf_counter()
+  out = runner.results_dir(FLAGS.results_dir, FLAGS.workdir, FLAGS.quick)
+  ledger = runner.Ledger(out / f'{recall_report.NAME}.ledger.jsonl', FLAGS.workdir)
+  restored = 0 if FLAGS.dry_run else ledger.sync()
   cells = [(row, seq_len, kv, steps) for kv in kv_pairs for row in rows]
   sweep = sweep_lib.sweep_runs(cells, lrs)
   jobs = min(FLAGS.jobs or len(runner.available_cores()), len(runner.available_cores()))
   print(f'{len(rows)} rows x N = {kv_pairs} at {seq_len} tokens, {steps} steps: '
         f'{len(sweep)} sweep runs (seed 0 at each of {len(lrs)} rates) + {len(cells) * seeds} '
-        f'reported runs (seeds 1-{seeds}); {_estimate(sweep, cells, lrs, seeds, jobs)}',
+        f'reported runs (seeds 1-{seeds}); {_estimate(sweep, cells, lrs, seeds, jobs)}'
+        f'{runner.restored_words(restored, ledger)}',
         flush=True)
   if FLAGS.dry_run:
     return
-  trained = sweep_lib.train(sweep, 'learning-rate sweep', _task, _read, jobs, FLAGS.workdir)
+  trained = sweep_lib.train(sweep, 'learning-rate sweep', _task, _read, jobs, ledger)
   final = sweep_lib.final_runs(cells, lrs, seeds, _read, recall_report.best_rate)
-  trained += sweep_lib.train(final, 'seeds at the chosen rates', _task, _read, jobs,
-                             FLAGS.workdir)
+  trained += sweep_lib.train(final, 'seeds at the chosen rates', _task, _read, jobs, ledger)
   results = [_read(r) for r in final]
-  out = pathlib.Path(FLAGS.results_dir or (FLAGS.workdir if FLAGS.quick
-                                           else runner.ROOT / 'experiments' / 'results'))
   wall_s = time.perf_counter() - start
   grid = dict(quick=FLAGS.quick, rows=rows, seq_len=seq_len, steps=steps, seeds=seeds, lrs=lrs,
               kv_pairs=kv_pairs)

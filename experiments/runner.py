@@ -1,5 +1,6 @@
-"""What the multi-run experiments share: worker processes pinned one per CPU core, the
-machine's description, and the decode cache measured from the arrays a decode step returns.
+"""What the multi-run experiments share: worker processes pinned one per CPU core, a ledger
+of the finished runs that travels with the committed results, the machine's description, and
+the decode cache measured from the arrays a decode step returns.
 
 One core per run makes the numbers independent of how many runs share the machine (XLA sizes
 its thread pool by the cores a process may use), and on this project's 2-core CPU two one-core
@@ -24,7 +25,9 @@ import jax.numpy as jnp
 from flax import nnx
 
 from mla_jax import decode, variants
+from mla_jax import workdir as wd
 from mla_jax.cache import measured_per_token
+from mla_jax.errors import InputError
 from mla_jax.model import with_config
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -115,6 +118,61 @@ def full_wall_s(previous: pathlib.Path, wall_s: float, ran_all: bool, grid: dict
   return setup.get('full_wall_s') if same else None
 
 
+def results_dir(flag: str | None, workdir: str, quick: bool) -> pathlib.Path:
+  """Where an experiment's report (and its ledger) goes: --results_dir if given, else the
+  committed experiments/results, or the workdir for --quick (never the committed results)."""
+  return pathlib.Path(flag or (workdir if quick else ROOT / 'experiments' / 'results'))
+
+
+class Ledger:
+  """Every finished run's result file, one JSON line each (its path under the workdir and its
+  contents), kept beside the reports. A workdir stays on the machine that trained it; the
+  ledger is committed with the results, so a grid that spans sessions on fresh machines
+  resumes from it instead of training its finished runs again. The reports are computed from
+  the result files alone, so a restored run reports exactly what it reported when it ran."""
+
+  def __init__(self, path: pathlib.Path, workdir: str):
+    self.path, self.root = pathlib.Path(path), pathlib.Path(workdir)
+
+  def _held(self) -> dict[str, dict]:
+    held = {}
+    lines = self.path.read_text().splitlines() if self.path.exists() else []
+    for number, line in enumerate(lines, 1):
+      try:
+        entry = json.loads(line)
+        held[entry['file']] = entry['result']
+      except (ValueError, KeyError, TypeError):
+        raise InputError(f'{self.path} line {number} is not a ledger entry ({line[:60]!r}); '
+                         'remove the line (its run will be trained again)') from None
+    return held
+
+  def sync(self) -> int:
+    """Writes back the result files the workdir lacks, then records those the ledger lacks;
+    -> how many were written back."""
+    held = self._held()
+    restored = [key for key in held if not (self.root / key).exists()]
+    for key in restored:
+      (self.root / key).parent.mkdir(parents=True, exist_ok=True)
+      wd.write_json((self.root / key).parent, pathlib.Path(key).name, held[key])
+    for done in sorted(self.root.rglob('result.json')):
+      if done.relative_to(self.root).as_posix() not in held:
+        self.record(done)
+    return len(restored)
+
+  def record(self, done: pathlib.Path) -> None:
+    """Appends one finished run (a single write, so runs finishing side by side do not
+    interleave)."""
+    entry = dict(file=done.relative_to(self.root).as_posix(),
+                 result=json.loads(done.read_text()))
+    self.path.parent.mkdir(parents=True, exist_ok=True)
+    with self.path.open('a') as f:
+      f.write(json.dumps(entry, sort_keys=True) + '\n')
+
+
+def restored_words(restored: int, ledger: Ledger) -> str:
+  return f' ({restored} finished runs restored from {ledger.path})' if restored else ''
+
+
 @dataclasses.dataclass
 class Task:
   """One worker process: `args` after `python -m`, its log, the tasks it waits for, and
@@ -129,10 +187,12 @@ class Task:
   describe: Callable[[dict], str] | None = None
 
 
-def run_tasks(tasks: list[Task], jobs: int = 0, report=print) -> None:
+def run_tasks(tasks: list[Task], jobs: int = 0, report=print,
+              ledger: Ledger | None = None) -> None:
   """Runs the unfinished tasks, each on its own core, `jobs` at a time (0: one per core), in
-  list order as soon as the tasks they wait for are done. A failure stops new starts; the
-  running ones finish; then SystemExit with each failure's last log line."""
+  list order as soon as the tasks they wait for are done, recording each finished one in
+  `ledger`. A failure stops new starts; the running ones finish; then SystemExit with each
+  failure's last log line."""
   cores = available_cores()
   jobs = min(jobs or len(cores), len(cores))
   todo = [t for t in tasks if not t.done.exists()]
@@ -169,6 +229,8 @@ def run_tasks(tasks: list[Task], jobs: int = 0, report=print) -> None:
                       f'(full log: {task.log})')
         continue
       finished.add(task.name)
+      if ledger:
+        ledger.record(task.done)
       words = f': {task.describe(json.loads(task.done.read_text()))}' if task.describe else ''
       report(f'[{len(finished)}/{len(tasks)}] {task.name}{words} in '
              f'{time.perf_counter() - started:.0f} s')

@@ -9,8 +9,9 @@ the chosen rate and reported. The run that chose a rate is never among those rep
 choice does not flatter the reported numbers. With one rate there is nothing to choose: no
 sweep, seeds 1 .. N at that rate.
 
-Runs are experiments/runner.py tasks: finished ones (a result file) are never redone, so a
-protocol interrupted anywhere resumes where it stopped.
+Runs are experiments/runner.py tasks: finished ones (a result file, in the workdir or in the
+committed ledger) are never redone, so a protocol interrupted anywhere, even one continued
+on another machine, resumes where it stopped.
 """
 
 from __future__ import annotations
@@ -67,10 +68,11 @@ def left_to_train(sweep: list[Run], cells: list[tuple], lrs: list[float], seeds:
 
 
 def train(runs: list[Run], what: str, task: Callable[[Run], runner.Task],
-          read: Callable[[Run], dict | None], jobs: int, workdir: str) -> int:
-  """Trains the unfinished runs (runner.run_tasks); -> how many there were."""
+          read: Callable[[Run], dict | None], jobs: int, ledger: runner.Ledger) -> int:
+  """Trains the unfinished runs (runner.run_tasks), recording each in the ledger; -> how many
+  there were."""
   todo = [r for r in runs if read(r) is None]
   print(f'{what}: {len(runs) - len(todo)} of {len(runs)} runs already finished in '
-        f'{workdir}; training {len(todo)}', flush=True)
-  runner.run_tasks([task(r) for r in runs], jobs)
+        f'{ledger.root}; training {len(todo)}', flush=True)
+  runner.run_tasks([task(r) for r in runs], jobs, ledger=ledger)
   return len(todo)

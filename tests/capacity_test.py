@@ -10,9 +10,10 @@ import numpy as np
 import pytest
 
 from configs.ablations import capacity_vs_cache as ablation
-from experiments import capacity_report
+from experiments import capacity_report, runner
 from experiments.runner import cache_formula
 from mla_jax.config import ModelConfig
+from mla_jax.errors import InputError
 from mla_jax.model import param_count
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -143,8 +144,9 @@ QUICK_ROWS = ('mha', 'mla4')
 @pytest.mark.slow
 def test_quick_pipeline_end_to_end(corpus, tmp_path):
   """Rates swept on seed 0, seed 1 at each row's lowest-loss rate: cache measured = formula,
-  params matched, report written outside the repo; a run removed and redone gives the same
-  loss bit for bit, and nothing else is redone."""
+  params matched, report written outside the repo; a run removed (folder and ledger line)
+  and redone gives the same loss bit for bit, and nothing else is redone; a fresh workdir
+  with only the ledger trains nothing and reports the same."""
   committed = ROOT / 'experiments' / 'results' / 'capacity_vs_cache.json'
   before = committed.stat().st_mtime_ns if committed.exists() else None
   args = ('--quick', f"--rows={','.join(QUICK_ROWS)}", '--seeds=1', f'--data_files={corpus}')
@@ -175,6 +177,11 @@ def test_quick_pipeline_end_to_end(corpus, tmp_path):
   old = json.loads((redo / 'result.json').read_text())
   for path in sorted(redo.rglob('*'), reverse=True):
     path.unlink() if path.is_file() else path.rmdir()
+  ledger = tmp_path / 'capacity_vs_cache.ledger.jsonl'
+  lines = ledger.read_text().splitlines()
+  assert len(lines) == 6  # every run, once
+  gone = (redo / 'result.json').relative_to(tmp_path).as_posix()
+  ledger.write_text(''.join(f'{line}\n' for line in lines if json.loads(line)['file'] != gone))
   run = _cli(tmp_path, *args)
   assert run.returncode == 0, run.stderr[-3000:]
   assert '4 of 4 runs already finished' in run.stdout  # the sweep
@@ -182,6 +189,15 @@ def test_quick_pipeline_end_to_end(corpus, tmp_path):
   new = json.loads((redo / 'result.json').read_text())
   assert new['loss'] == old['loss'] and new['cache_elements_measured'] == 72
   assert kept.stat().st_mtime_ns == kept_mtime
+
+  fresh = tmp_path / 'fresh'  # another machine: a clone holding only the committed ledger
+  fresh.mkdir()
+  (fresh / ledger.name).write_text(ledger.read_text())
+  run = _cli(fresh, *args)
+  assert run.returncode == 0, run.stderr[-3000:]
+  assert '6 finished runs restored' in run.stdout and 'training 0' in run.stdout
+  again = json.loads((fresh / 'capacity_vs_cache.json').read_text())
+  assert again['runs'] == json.loads((tmp_path / 'capacity_vs_cache.json').read_text())['runs']
 
 
 @pytest.mark.slow
@@ -199,6 +215,24 @@ def test_quick_mlp_matching_runs_apart_from_the_matched_runs(corpus, tmp_path):
       ablation.get_config('mqa,mlp,quick').model))
   md = (tmp_path / 'capacity_vs_cache_mlp.md').read_text()
   assert 'MLP widths matched' in md and "every row has MHA's SwiGLU width" in md
+
+
+def test_ledger_restores_a_fresh_workdir_and_records_only_what_it_lacks(tmp_path):
+  trained, fresh, path = tmp_path / 'a', tmp_path / 'b', tmp_path / 'results' / 'x.jsonl'
+  run = trained / 'small' / 'mha' / 'lr0.006' / 'seed1'
+  run.mkdir(parents=True)
+  (run / 'result.json').write_text(json.dumps(dict(loss=1.8163, seed=1)))
+  assert runner.Ledger(path, trained).sync() == 0
+  assert runner.Ledger(path, fresh).sync() == 1
+  restored = fresh / 'small' / 'mha' / 'lr0.006' / 'seed1' / 'result.json'
+  assert json.loads(restored.read_text()) == dict(loss=1.8163, seed=1)
+  assert runner.Ledger(path, fresh).sync() == 0 and len(path.read_text().splitlines()) == 1
+  (fresh / 'small' / 'mqa').mkdir()
+  (fresh / 'small' / 'mqa' / 'result.json').write_text('{"loss": 2.0}')
+  assert runner.Ledger(path, fresh).sync() == 0 and len(path.read_text().splitlines()) == 2
+  path.write_text(path.read_text() + '{"file": "small/gqa2/result.json"\n')  # cut short
+  with pytest.raises(InputError, match=r'x\.jsonl line 3 is not a ledger entry'):
+    runner.Ledger(path, fresh).sync()
 
 
 @pytest.mark.parametrize('args, message', [

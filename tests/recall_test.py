@@ -133,7 +133,8 @@ QUICK_ROWS = ('mha', 'mla4')
 @pytest.mark.slow
 def test_quick_pipeline_end_to_end(tmp_path):
   """Learning rates swept on seed 0, seed 1 at the chosen rate, cache measured = formula,
-  report outside the repository; a removed run is redone bit for bit, nothing else; one rate
+  report outside the repository; a removed run (and the ledger) is redone bit for bit, nothing
+  else, and the ledger is written again from the workdir; one rate
   trains no sweep and reuses a finished run."""
   committed = ROOT / 'experiments' / 'results' / 'recall_vs_cache.json'
   before = committed.stat().st_mtime_ns if committed.exists() else None
@@ -170,6 +171,7 @@ def test_quick_pipeline_end_to_end(tmp_path):
   old = json.loads((redo / 'result.json').read_text())
   for path in sorted(redo.rglob('*'), reverse=True):
     path.unlink() if path.is_file() else path.rmdir()
+  (tmp_path / 'recall_vs_cache.ledger.jsonl').unlink()  # else the run would be restored from it
   run = _cli(tmp_path, '--quick', rows_flag)
   assert run.returncode == 0, run.stderr[-3000:]
   assert '4 of 4 runs already finished' in run.stdout  # the sweep
@@ -177,6 +179,7 @@ def test_quick_pipeline_end_to_end(tmp_path):
   new = json.loads((redo / 'result.json').read_text())
   assert (new['accuracy'], new['val_accuracy']) == (old['accuracy'], old['val_accuracy'])
   assert kept.stat().st_mtime_ns == kept_mtime
+  assert len((tmp_path / 'recall_vs_cache.ledger.jsonl').read_text().splitlines()) == 6
 
   run = _cli(tmp_path, '--quick', '--rows=mla4', f'--lrs={chosen}', f'--results_dir={tmp_path}/one')
   assert run.returncode == 0, run.stderr[-3000:]
