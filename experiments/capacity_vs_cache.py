@@ -13,19 +13,19 @@ and reported (mean ± std). The run that chose the rate is not among those repor
 rate there is no sweep. A run whose loss turns non-finite is recorded as diverged, and the
 sweep passes over its rate.
 
-Each run is an ordinary mla_jax workdir, workdir/<geometry>[-mlp]/<row>/lr<rate>/seed<k>, trained in
-its own process pinned to one CPU core, --jobs at a time (experiments/runner.py): an
+Each run is an ordinary mla_jax workdir, workdir/<geometry>[-mlp][-quick]/<row>/lr<rate>/seed<k>,
+trained in its own process pinned to one CPU core, --jobs at a time (experiments/runner.py): an
 interrupted run resumes from its last checkpoint, and a finished one (result.json) is not
 redone. Every finished run is also recorded in capacity_vs_cache.ledger.jsonl beside the
 report, and a workdir that lacks a run the ledger holds gets its result back: a clone on a
-fresh machine continues a grid that another machine started (to redo a finished run, delete
-its folder and its ledger line). Each run scores the validation split with mla_jax.evaluator.perplexity; a reported
-run also prefills and decodes with the trained model in bfloat16, counts the elements and
-bytes per token of the caches the decode loop returns (which must equal the formula), and the
-bytes per token of int8 and float8_e4m3fn caches (ModelConfig.cache_dtype; their float32
-per-token scales included). The report (capacity_vs_cache[_paper][_mlp].md / .json / .png) goes to
---results_dir: experiments/results for the full run, the workdir for --quick (which never
-overwrites the committed results).
+fresh machine continues a grid that another machine started (to redo a finished run, delete its
+folder and its ledger line). Each run scores the validation split with
+mla_jax.evaluator.perplexity; a reported run also prefills and decodes with the trained model
+in bfloat16, counts the elements and bytes per token of the caches the decode loop returns
+(which must equal the formula), and the bytes per token of int8 and float8_e4m3fn caches
+(ModelConfig.cache_dtype; their float32 per-token scales included). The report
+(capacity_vs_cache[_paper][_mlp].md / .json / .png) goes to --results_dir: experiments/results
+for the full run, the workdir for --quick (which never overwrites the committed results).
 """
 
 from __future__ import annotations
@@ -83,7 +83,10 @@ def run_config(row: str, lr: float, seed: int):
 
 
 def run_path(row: str, lr: float, seed: int) -> pathlib.Path:
-  variant = FLAGS.geometry + ('' if FLAGS.match == 'params' else f'-{FLAGS.match}')
+  """Everything that fixes a run is in its path (a --quick run is another model, so it never
+  passes for a full one), but the corpus: --data_files takes its own --results_dir."""
+  variant = (FLAGS.geometry + ('' if FLAGS.match == 'params' else f'-{FLAGS.match}')
+             + ('-quick' if FLAGS.quick else ''))
   return pathlib.Path(FLAGS.workdir) / variant / row / f'lr{lr:g}' / f'seed{seed}'
 
 
@@ -145,6 +148,9 @@ def _settings() -> tuple[list[str], list[float]]:
   unknown = sorted(set(rows) - set(ablation.GEOMETRIES[FLAGS.geometry][1]))
   lrs = sweep_lib.rates(FLAGS.lrs or (ablation.QUICK_LEARNING_RATES if FLAGS.quick
                                       else ablation.LEARNING_RATES[FLAGS.geometry]))
+  if FLAGS.data_files and not (FLAGS.results_dir or FLAGS.quick):
+    raise InputError('--data_files needs --results_dir (and a workdir of its own): a report and '
+                     'ledger on another corpus must not replace the committed Shakespeare ones')
   if unknown or FLAGS.seeds < 1:
     raise InputError(f'unknown rows {unknown} or --seeds={FLAGS.seeds} < 1; the rows of '
                      f'--geometry={FLAGS.geometry} are {ablation.GEOMETRIES[FLAGS.geometry][1]}')

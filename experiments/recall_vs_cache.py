@@ -15,20 +15,21 @@ rate there is nothing to choose and no sweep is trained. A run whose loss turns 
 recorded as diverged: the sweep passes over its rate, and the report counts diverged seeds
 apart.
 
-Each run is an ordinary mla_jax workdir, workdir/<row>/seq<T>_kv<N>_steps<S>/lr<rate>/seed<k>,
-trained in its own process pinned to one core (experiments/runner.py): finished runs are never
-redone, an interrupted one resumes from its last checkpoint, and runs of other settings
-(another --seq_len, --steps or --lrs) sit beside them without mixing. Every finished run is
-also recorded in recall_vs_cache.ledger.jsonl beside the report, and a workdir that lacks a
-run the ledger holds gets its result back: a clone on a fresh machine continues a grid that
-another machine started (to redo a finished run, delete its folder and its ledger line). Each reported run's
-decode cache (a sweep run's is not measured) is counted from the arrays a bfloat16 prefill +
-decode step returns and must equal the formula; the bytes per token of int8 and float8_e4m3fn
-caches (their float32 scales included) are measured the same way. The CPU time left is
-estimated before anything trains (--dry_run prints the plan and the estimate only: shrink
---kv_pairs, --lrs, --seeds, --steps or --rows until it fits a budget). The report
-(recall_vs_cache.md / .json / .png) goes to --results_dir: experiments/results for the full
-protocol, the workdir for --quick (which never overwrites the committed results).
+Each run is an ordinary mla_jax workdir,
+workdir/<row>/seq<T>_kv<N>_steps<S>[_quick]/lr<rate>/seed<k>, trained in its own process pinned
+to one core (experiments/runner.py): finished runs are never redone, an interrupted one resumes
+from its last checkpoint, and runs of other settings (another --seq_len, --steps or --lrs) sit
+beside them without mixing. Every finished run is also recorded in recall_vs_cache.ledger.jsonl
+beside the report, and a workdir that lacks a run the ledger holds gets its result back: a
+clone on a fresh machine continues a grid that another machine started (to redo a finished run,
+delete its folder and its ledger line). Each reported run's decode cache (a sweep run's is not
+measured) is counted from the arrays a bfloat16 prefill + decode step returns and must equal
+the formula; the bytes per token of int8 and float8_e4m3fn caches (their float32 scales
+included) are measured the same way. The CPU time left is estimated before anything trains
+(--dry_run prints the plan and the estimate only: shrink --kv_pairs, --lrs, --seeds, --steps or
+--rows until it fits a budget). The report (recall_vs_cache.md / .json / .png) goes to
+--results_dir: experiments/results for the full protocol, the workdir for --quick (which never
+overwrites the committed results).
 """
 
 from __future__ import annotations
@@ -92,9 +93,15 @@ def run_config(row: str, seq_len: int, kv_pairs: int, steps: int, lr: float, see
   return config
 
 
+def setting_name(seq_len: int, kv_pairs: int | str, steps: int) -> str:
+  """The folder of one difficulty; a --quick run is another model, so it never passes for a
+  full one."""
+  return f"seq{seq_len}_kv{kv_pairs}_steps{steps}{'_quick' if FLAGS.quick else ''}"
+
+
 def run_path(row: str, seq_len: int, kv_pairs: int, steps: int, lr: float,
              seed: int) -> pathlib.Path:
-  return (pathlib.Path(FLAGS.workdir) / row / f'seq{seq_len}_kv{kv_pairs}_steps{steps}'
+  return (pathlib.Path(FLAGS.workdir) / row / setting_name(seq_len, kv_pairs, steps)
           / f'lr{lr:g}' / f'seed{seed}')
 
 
@@ -171,7 +178,7 @@ def cpu_estimate(runs: int, seq_len: int, steps: int) -> tuple[float, str]:
 def runs_of_setting(seq_len: int, steps: int) -> list[tuple]:
   """Every run in the workdir at this seq_len and steps (any row, N, rate, seed)."""
   out = []
-  for path in pathlib.Path(FLAGS.workdir).glob(f'*/seq{seq_len}_kv*_steps{steps}/lr*/seed*'):
+  for path in pathlib.Path(FLAGS.workdir).glob(f"*/{setting_name(seq_len, '*', steps)}/lr*/seed*"):
     row, setting, lr, seed = path.parts[-4:]
     kv = int(setting.split('_kv')[1].split('_')[0])
     out.append((row, seq_len, kv, steps, float(lr[2:]), int(seed[4:])))
@@ -227,7 +234,7 @@ def main():
   start = time.perf_counter()
   out = runner.results_dir(FLAGS.results_dir, FLAGS.workdir, FLAGS.quick)
   ledger = runner.Ledger(out / f'{recall_report.NAME}.ledger.jsonl', FLAGS.workdir)
-  restored = 0 if FLAGS.dry_run else ledger.sync()
+  restored = ledger.sync()  # before the estimate (--dry_run too), which counts what it restores
   cells = [(row, seq_len, kv, steps) for kv in kv_pairs for row in rows]
   sweep = sweep_lib.sweep_runs(cells, lrs)
   jobs = min(FLAGS.jobs or len(runner.available_cores()), len(runner.available_cores()))

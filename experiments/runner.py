@@ -9,7 +9,9 @@ runs train ~40% more tokens per second than one two-core run at these sizes.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import fcntl
 import json
 import os
 import pathlib
@@ -131,42 +133,67 @@ class Ledger:
   resumes from it instead of training its finished runs again. The reports are computed from
   the result files alone, so a restored run reports exactly what it reported when it ran."""
 
+  RESULT = 'result.json'  # the file every experiment's run writes last
+
   def __init__(self, path: pathlib.Path, workdir: str):
     self.path, self.root = pathlib.Path(path), pathlib.Path(workdir)
 
-  def _held(self) -> dict[str, dict]:
+  def _parse(self, text: str) -> dict[str, dict]:
     held = {}
-    lines = self.path.read_text().splitlines() if self.path.exists() else []
-    for number, line in enumerate(lines, 1):
+    for number, line in enumerate(text.splitlines(), 1):
+      if not line.strip():
+        continue
       try:
         entry = json.loads(line)
-        held[entry['file']] = entry['result']
-      except (ValueError, KeyError, TypeError):
+        file, result = entry['file'], entry['result']
+        parts = pathlib.PurePosixPath(file).parts
+        ok = (isinstance(result, dict) and parts[-1] == self.RESULT and '..' not in parts
+              and not pathlib.PurePosixPath(file).is_absolute())
+      except (ValueError, KeyError, TypeError, IndexError):
+        ok = False
+      if not ok:
         raise InputError(f'{self.path} line {number} is not a ledger entry ({line[:60]!r}); '
-                         'remove the line (its run will be trained again)') from None
+                         'delete that line: its run is then recorded again from a workdir '
+                         'that has it, or trained again')
+      held[file] = result
     return held
+
+  @contextlib.contextmanager
+  def _locked(self):
+    """(the ledger open for appending, what it holds), this process alone: two experiments on
+    one workdir, or a sync beside a run finishing, never write a run twice."""
+    self.path.parent.mkdir(parents=True, exist_ok=True)
+    with self.path.open('a+') as f:
+      fcntl.flock(f, fcntl.LOCK_EX)
+      f.seek(0)
+      yield f, self._parse(f.read())
 
   def sync(self) -> int:
     """Writes back the result files the workdir lacks, then records those the ledger lacks;
     -> how many were written back."""
-    held = self._held()
-    restored = [key for key in held if not (self.root / key).exists()]
-    for key in restored:
-      (self.root / key).parent.mkdir(parents=True, exist_ok=True)
-      wd.write_json((self.root / key).parent, pathlib.Path(key).name, held[key])
-    for done in sorted(self.root.rglob('result.json')):
-      if done.relative_to(self.root).as_posix() not in held:
-        self.record(done)
+    done = sorted(self.root.rglob(self.RESULT))
+    if not done and not self.path.exists():
+      return 0
+    with self._locked() as (f, held):
+      restored = [key for key in held if not (self.root / key).exists()]
+      for key in restored:
+        (self.root / key).parent.mkdir(parents=True, exist_ok=True)
+        wd.write_json((self.root / key).parent, self.RESULT, held[key])
+      for path in done:
+        self._append(f, held, path)
     return len(restored)
 
   def record(self, done: pathlib.Path) -> None:
-    """Appends one finished run (a single write, so runs finishing side by side do not
-    interleave)."""
-    entry = dict(file=done.relative_to(self.root).as_posix(),
-                 result=json.loads(done.read_text()))
-    self.path.parent.mkdir(parents=True, exist_ok=True)
-    with self.path.open('a') as f:
-      f.write(json.dumps(entry, sort_keys=True) + '\n')
+    """Records one finished run, unless the ledger holds it."""
+    with self._locked() as (f, held):
+      self._append(f, held, done)
+
+  def _append(self, f, held: dict, done: pathlib.Path) -> None:
+    key = done.relative_to(self.root).as_posix()
+    if key not in held:
+      f.write(json.dumps(dict(file=key, result=json.loads(done.read_text())), sort_keys=True)
+              + '\n')
+      held[key] = True
 
 
 def restored_words(restored: int, ledger: Ledger) -> str:
@@ -229,7 +256,7 @@ def run_tasks(tasks: list[Task], jobs: int = 0, report=print,
                       f'(full log: {task.log})')
         continue
       finished.add(task.name)
-      if ledger:
+      if ledger is not None:
         ledger.record(task.done)
       words = f': {task.describe(json.loads(task.done.read_text()))}' if task.describe else ''
       report(f'[{len(finished)}/{len(tasks)}] {task.name}{words} in '

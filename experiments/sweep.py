@@ -10,8 +10,8 @@ choice does not flatter the reported numbers. With one rate there is nothing to 
 sweep, seeds 1 .. N at that rate.
 
 Runs are experiments/runner.py tasks: finished ones (a result file, in the workdir or in the
-committed ledger) are never redone, so a protocol interrupted anywhere, even one continued
-on another machine, resumes where it stopped.
+ledger beside the report) are never redone, so a protocol interrupted anywhere, even one
+continued on another machine from the committed ledger, resumes where it stopped.
 """
 
 from __future__ import annotations

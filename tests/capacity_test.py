@@ -171,8 +171,8 @@ def test_quick_pipeline_end_to_end(corpus, tmp_path):
   assert [(c['better'], c['worse']) for c in report['comparisons']] == [('mla4', 'mha')]
 
   chosen = f"{rows['mla4']['lr']:g}"
-  redo = tmp_path / 'small' / 'mla4' / f'lr{chosen}' / 'seed1'
-  kept = tmp_path / 'small' / 'mha' / 'lr0.003' / 'seed0' / 'result.json'
+  redo = tmp_path / 'small-quick' / 'mla4' / f'lr{chosen}' / 'seed1'
+  kept = tmp_path / 'small-quick' / 'mha' / 'lr0.003' / 'seed0' / 'result.json'
   kept_mtime = kept.stat().st_mtime_ns
   old = json.loads((redo / 'result.json').read_text())
   for path in sorted(redo.rglob('*'), reverse=True):
@@ -206,8 +206,9 @@ def test_quick_mlp_matching_runs_apart_from_the_matched_runs(corpus, tmp_path):
   run = _cli(tmp_path, '--quick', '--match=mlp', '--rows=mqa', '--lrs=3e-3', '--seeds=1',
              f'--data_files={corpus}')
   assert run.returncode == 0, run.stderr[-3000:]
-  assert (tmp_path / 'small-mlp' / 'mqa' / 'lr0.003' / 'seed1' / 'result.json').exists()
-  assert not (tmp_path / 'small').exists() and not (tmp_path / 'capacity_vs_cache.json').exists()
+  assert (tmp_path / 'small-mlp-quick' / 'mqa' / 'lr0.003' / 'seed1' / 'result.json').exists()
+  assert not (tmp_path / 'small-quick').exists()
+  assert not (tmp_path / 'capacity_vs_cache.json').exists()
   report = json.loads((tmp_path / 'capacity_vs_cache_mlp.json').read_text())
   mqa = report['rows']['mqa']
   assert mqa['d_ff'] == ablation.get_config('mha,quick').model.d_ff
@@ -229,10 +230,18 @@ def test_ledger_restores_a_fresh_workdir_and_records_only_what_it_lacks(tmp_path
   assert runner.Ledger(path, fresh).sync() == 0 and len(path.read_text().splitlines()) == 1
   (fresh / 'small' / 'mqa').mkdir()
   (fresh / 'small' / 'mqa' / 'result.json').write_text('{"loss": 2.0}')
+  runner.Ledger(path, fresh).record(fresh / 'small' / 'mqa' / 'result.json')
   assert runner.Ledger(path, fresh).sync() == 0 and len(path.read_text().splitlines()) == 2
-  path.write_text(path.read_text() + '{"file": "small/gqa2/result.json"\n')  # cut short
-  with pytest.raises(InputError, match=r'x\.jsonl line 3 is not a ledger entry'):
-    runner.Ledger(path, fresh).sync()
+  path.write_text(path.read_text() + '\n')  # a blank line, as a hand edit leaves one, is fine
+  assert runner.Ledger(path, fresh).sync() == 0
+  good = path.read_text()
+  for bad in ('{"file": "small/gqa2/result.json"',  # cut short
+              '{"file": "../../x/result.json", "result": {}}',  # outside the workdir
+              '{"file": "small/gqa2/result.json", "result": null}'):
+    path.write_text(good + bad + '\n')
+    with pytest.raises(InputError, match=r'x\.jsonl line 4 is not a ledger entry'):
+      runner.Ledger(path, fresh).sync()
+  assert not (tmp_path / 'x').exists()
 
 
 @pytest.mark.parametrize('args, message', [
@@ -243,6 +252,7 @@ def test_ledger_restores_a_fresh_workdir_and_records_only_what_it_lacks(tmp_path
     (['--lrs=1e-3,1.0000001e-3'], 'error: --lrs takes'),  # one run folder for both
     (['--lrs=-1e-3'], 'error: --lrs takes'),
     (['--seeds=0'], 'error: unknown rows [] or --seeds=0'),
+    (['--data_files=plays/*.txt'], 'error: --data_files needs --results_dir'),
 ])
 def test_bad_flags_are_one_line_and_write_nothing(args, message, tmp_path):
   run = _cli(tmp_path, *args)

@@ -163,7 +163,7 @@ def test_quick_pipeline_end_to_end(tmp_path):
     cell = r['by_kv'][kv]
     assert f"| {r['mechanism']} | {kv} | {cell['lr']:g} | {cell['accuracies'][0]:.3f} |" in markdown
 
-  setting = f'seq{ablation.QUICK_SEQ_LEN}_kv{kv}_steps{ablation.QUICK_STEPS}'
+  setting = f'seq{ablation.QUICK_SEQ_LEN}_kv{kv}_steps{ablation.QUICK_STEPS}_quick'
   chosen = f"{rows['mla4']['by_kv'][kv]['lr']:g}"
   redo = tmp_path / 'mla4' / setting / f'lr{chosen}' / 'seed1'
   kept = next((tmp_path / 'mha').rglob('result.json'))
