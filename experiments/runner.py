@@ -191,9 +191,8 @@ class Ledger:
   def _append(self, f, held: dict, done: pathlib.Path) -> None:
     key = done.relative_to(self.root).as_posix()
     if key not in held:
-      f.write(json.dumps(dict(file=key, result=json.loads(done.read_text())), sort_keys=True)
-              + '\n')
-      held[key] = True
+      held[key] = json.loads(done.read_text())
+      f.write(json.dumps(dict(file=key, result=held[key]), sort_keys=True) + '\n')
 
 
 def restored_words(restored: int, ledger: Ledger) -> str:
