@@ -1,8 +1,8 @@
 r"""Capacity vs KV-cache size: every row of configs/ablations/capacity_vs_cache.py, each at its
 best learning rate, then 3 seeds.
 
-  python -m experiments.capacity_vs_cache --workdir=runs/capacity                  # ~3.5 h, 2 cores
-  python -m experiments.capacity_vs_cache --workdir=runs/capacity --geometry=paper # ~3.5 h (6 rows)
+  python -m experiments.capacity_vs_cache --workdir=runs/capacity                  # 2-3.5 h
+  python -m experiments.capacity_vs_cache --workdir=runs/capacity --geometry=paper # 6 rows: as long
   python -m experiments.capacity_vs_cache --workdir=/tmp/cvc --quick               # minutes
   python -m experiments.capacity_vs_cache --workdir=runs/capacity --geometry=paper --match=mlp \
       --lrs=6e-3    # the control: every row at MHA's MLP width, parameter counts free
