@@ -120,7 +120,7 @@ def _worker(spec: str) -> None:
       params=param_count(cfg), d_ff=cfg.d_ff, model=cfg.to_dict(),
       train_tokens=config.train.steps * config.data.batch_size * config.data.seq_len,
       tokens_per_s=float(np.median(speeds)) if speeds else None, **cache, train_s=train_s,
-      eval_s=eval_s, cpu_s=runner.cpu_s(), jax=jax.__version__)
+      eval_s=eval_s, cpu_s=runner.cpu_s(), jax=jax.__version__, machine=runner.machine())
   wd.write_json(run_dir, RESULT, result)
 
 

@@ -145,7 +145,8 @@ def _worker(spec: str) -> None:
       accuracy=test['accuracy'], loss=test['loss'], answers=test['answers'],
       test_examples=d.mqar.val_examples, train_tokens=steps * d.batch_size * d.seq_len,
       tokens_per_s=float(np.median(speeds)) if speeds else None, **cache, train_s=train_s,
-      eval_s=eval_s, cache_s=cache_s, cpu_s=runner.cpu_s(), jax=jax.__version__))
+      eval_s=eval_s, cache_s=cache_s, cpu_s=runner.cpu_s(), jax=jax.__version__,
+      machine=runner.machine()))
 
 
 def _task(run: tuple) -> runner.Task:

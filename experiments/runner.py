@@ -49,12 +49,20 @@ def pin_to(core: int):
 
 
 def machine() -> str:
+  """The CPU, its widest vector extension and the cores this process may use. The extension
+  is named because the same run on two hosts can differ in the last bits (the matmul
+  libraries pick their kernels from the CPU), which 200 steps of training carry to ~1e-3 in
+  a loss (docs/results.md, "Reproducing it")."""
   cpu = platform.processor() or platform.machine()
   cpuinfo = pathlib.Path('/proc/cpuinfo')
   if cpuinfo.exists():
-    names = [line.split(':', 1)[1].strip() for line in cpuinfo.read_text().splitlines()
-             if line.startswith('model name')]
-    cpu = names[0] if names else cpu
+    lines = cpuinfo.read_text().splitlines()
+    names = [line.split(':', 1)[1].strip() for line in lines if line.startswith('model name')]
+    flags = next((set(line.split(':', 1)[1].split()) for line in lines
+                  if line.startswith('flags')), set())
+    isa = next((name for flag, name in (('avx512f', 'AVX-512'), ('avx2', 'AVX2'))
+                if flag in flags), None)
+    cpu = (names[0] if names else cpu) + (f' ({isa})' if isa else '')
   return f'{cpu}, {len(available_cores())} cores available, Python {platform.python_version()}'
 
 
