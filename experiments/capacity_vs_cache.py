@@ -5,7 +5,7 @@ best learning rate, then 3 seeds.
   python -m experiments.capacity_vs_cache --workdir=runs/capacity --geometry=paper # 6 rows: as long
   python -m experiments.capacity_vs_cache --workdir=/tmp/cvc --quick               # minutes
   python -m experiments.capacity_vs_cache --workdir=runs/capacity --geometry=paper --match=mlp \
-      --lrs=6e-3    # the control: every row at MHA's MLP width, parameter counts free
+      --rows=mha,gqa2,mqa,mla4 --lrs=6e-3   # the control: every row at MHA's MLP width
 
 Protocol (experiments/sweep.py): seed 0 of every row is trained at each rate of --lrs and the
 rate with the lowest validation loss is the row's; then seeds 1 .. --seeds are trained at it
