@@ -66,7 +66,6 @@ flags.DEFINE_string('data_files', '', 'a glob of text files instead of the Shake
 flags.DEFINE_string('worker', None, 'internal: ROW:RATE:SEED, the run this process trains')
 flags.mark_flag_as_required('workdir')
 
-RESULT = 'result.json'
 LEDGER = 'capacity_vs_cache.ledger.jsonl'  # every geometry's and matching's runs
 
 
@@ -101,7 +100,7 @@ def _worker(spec: str) -> None:
   try:
     trainer.train_and_evaluate(config, str(run_dir), final_eval=False)
   except trainer.TrainingError as e:  # a rate too high: the sweep passes over it
-    wd.write_json(run_dir, RESULT, dict(row=row, lr=lr, seed=seed, diverged=str(e),
+    wd.write_json(run_dir, runner.RESULT, dict(row=row, lr=lr, seed=seed, diverged=str(e),
                                         cpu_s=runner.cpu_s()))
     return
   train_s = time.perf_counter() - start
@@ -121,7 +120,7 @@ def _worker(spec: str) -> None:
       train_tokens=config.train.steps * config.data.batch_size * config.data.seq_len,
       tokens_per_s=float(np.median(speeds)) if speeds else None, **cache, train_s=train_s,
       eval_s=eval_s, cpu_s=runner.cpu_s(), jax=jax.__version__, machine=runner.machine())
-  wd.write_json(run_dir, RESULT, result)
+  wd.write_json(run_dir, runner.RESULT, result)
 
 
 def _task(run: tuple) -> runner.Task:
@@ -133,13 +132,13 @@ def _task(run: tuple) -> runner.Task:
        f'{seed}', f'--geometry={FLAGS.geometry}', f'--match={FLAGS.match}',
        f'--quick={FLAGS.quick}',
        f'--data_files={FLAGS.data_files}'],
-      path / 'log.txt', path / RESULT,
+      path / 'log.txt', path / runner.RESULT,
       describe=lambda r: 'diverged' if r.get('diverged') else
       f"val loss {r['loss']:.4f} (perplexity {r['perplexity']:.3f})")
 
 
 def _read(run: tuple) -> dict | None:
-  path = run_path(*run) / RESULT
+  path = run_path(*run) / runner.RESULT
   return json.loads(path.read_text()) if path.exists() else None
 
 

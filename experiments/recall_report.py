@@ -14,7 +14,6 @@ from experiments import stats
 from experiments.capacity_report import MARKERS, PAPER, families, mechanism
 
 NAME = 'recall_vs_cache'
-RESULT = 'result.json'  # a run's results, written last: a run that has one is finished
 # Summary key -> result key of the per-row facts every run of a row must agree on.
 ROW_FACTS = {'params': 'params', 'elements_measured': 'cache_elements_measured',
              'bytes_bf16': 'cache_bytes_bf16_measured', 'bytes_int8': 'cache_bytes_int8_measured',

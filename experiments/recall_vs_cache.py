@@ -117,7 +117,7 @@ def _worker(spec: str) -> None:
   try:
     trainer.train_and_evaluate(config, str(run_dir), final_eval=False)
   except trainer.TrainingError as e:  # a rate too high: the sweep passes over it
-    wd.write_json(run_dir, recall_report.RESULT, dict(
+    wd.write_json(run_dir, runner.RESULT, dict(
         row=row, seq_len=seq_len, kv_pairs=kv, steps=steps, lr=lr, seed=seed, diverged=str(e),
         cpu_s=runner.cpu_s()))
     return
@@ -138,7 +138,7 @@ def _worker(spec: str) -> None:
   rows = [json.loads(line) for line in (run_dir / 'metrics.jsonl').open()]
   speeds = [r['tokens_per_s'] for r in rows if 'tokens_per_s' in r][1:]  # the first compiles
   d = config.data
-  wd.write_json(run_dir, recall_report.RESULT, dict(
+  wd.write_json(run_dir, runner.RESULT, dict(
       row=row, seq_len=seq_len, kv_pairs=kv, steps=steps, lr=lr, seed=seed,
       attention=cfg.attention, params=param_count(cfg), d_ff=cfg.d_ff, model=cfg.to_dict(),
       power_a=d.mqar.power_a, val_accuracy=val['accuracy'], val_loss=val['loss'],
@@ -156,13 +156,13 @@ def _task(run: tuple) -> runner.Task:
       f'{row} seq{seq_len} kv{kv} lr{lr:g} seed{seed}',
       ['experiments.recall_vs_cache', f'--workdir={FLAGS.workdir}', f'--quick={FLAGS.quick}',
        f'--worker={row}:{seq_len}:{kv}:{steps}:{lr!r}:{seed}'],
-      path / 'log.txt', path / recall_report.RESULT,
+      path / 'log.txt', path / runner.RESULT,
       describe=lambda r: 'diverged' if r.get('diverged') else
       f"recall {r['val_accuracy']:.3f} (validation), {r['accuracy']:.3f} (test)")
 
 
 def _read(run: tuple) -> dict | None:
-  path = run_path(*run) / recall_report.RESULT
+  path = run_path(*run) / runner.RESULT
   return json.loads(path.read_text()) if path.exists() else None
 
 

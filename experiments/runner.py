@@ -33,6 +33,9 @@ from mla_jax.errors import InputError
 from mla_jax.model import with_config
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
+# A run's results, written last by every experiment's worker: a run that has one is finished
+# (Task.done), and the ledger keeps these files.
+RESULT = 'result.json'
 
 
 def available_cores() -> list[int]:
@@ -141,8 +144,6 @@ class Ledger:
   resumes from it instead of training its finished runs again. The reports are computed from
   the result files alone, so a restored run reports exactly what it reported when it ran."""
 
-  RESULT = 'result.json'  # the file every experiment's run writes last
-
   def __init__(self, path: pathlib.Path, workdir: str):
     self.path, self.root = pathlib.Path(path), pathlib.Path(workdir)
 
@@ -154,10 +155,10 @@ class Ledger:
       try:
         entry = json.loads(line)
         file, result = entry['file'], entry['result']
-        parts = pathlib.PurePosixPath(file).parts
-        ok = (isinstance(result, dict) and parts[-1] == self.RESULT and '..' not in parts
-              and not pathlib.PurePosixPath(file).is_absolute())
-      except (ValueError, KeyError, TypeError, IndexError):
+        posix = pathlib.PurePosixPath(file)
+        ok = (isinstance(result, dict) and posix.name == RESULT and '..' not in posix.parts
+              and not posix.is_absolute())
+      except (ValueError, KeyError, TypeError):
         ok = False
       if not ok:
         raise InputError(f'{self.path} line {number} is not a ledger entry ({line[:60]!r}); '
@@ -179,14 +180,14 @@ class Ledger:
   def sync(self) -> int:
     """Writes back the result files the workdir lacks, then records those the ledger lacks;
     -> how many were written back."""
-    done = sorted(self.root.rglob(self.RESULT))
+    done = sorted(self.root.rglob(RESULT))
     if not done and not self.path.exists():
       return 0
     with self._locked() as (f, held):
       restored = [key for key in held if not (self.root / key).exists()]
       for key in restored:
         (self.root / key).parent.mkdir(parents=True, exist_ok=True)
-        wd.write_json((self.root / key).parent, self.RESULT, held[key])
+        wd.write_json((self.root / key).parent, RESULT, held[key])
       for path in done:
         self._append(f, held, path)
     return len(restored)

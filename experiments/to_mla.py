@@ -72,7 +72,6 @@ VARIANTS = {'2norm': ('2norm', True, 'calibrated', True),
             'uniform': ('uniform', True, 'calibrated', True),
             'weights': ('2norm', False, 'calibrated', False),
             'unit': ('2norm', True, 'unit', False)}
-RESULT = 'result.json'
 
 
 # --- configs -----------------------------------------------------------------------------------
@@ -136,7 +135,7 @@ def tasks() -> list[runner.Task]:
 
   def task(name, folder, after=()):
     out.append(runner.Task(name, ['experiments.to_mla', f'--worker={name}', *common],
-                           path(folder, 'log.txt'), path(folder, RESULT), tuple(after)))
+                           path(folder, 'log.txt'), path(folder, runner.RESULT), tuple(after)))
 
   for source in FLAGS.sources:
     task(f'{source}/source', source)
@@ -157,7 +156,7 @@ def tasks() -> list[runner.Task]:
 
 
 def _write_result(folder: pathlib.Path, result: dict) -> None:
-  wd.write_json(folder, RESULT, {**result, 'jax': jax.__version__})
+  wd.write_json(folder, runner.RESULT, {**result, 'jax': jax.__version__})
 
 
 def _cache(model, prompt) -> dict:
