@@ -41,7 +41,7 @@ from mla_jax import kernels, quant, rope
 from mla_jax.cache import KVCache, LatentCache
 from mla_jax.config import ModelConfig
 from mla_jax.fused import fused_attention
-from mla_jax.layers import RMSNorm, weight
+from mla_jax.layers import RMSNorm, dense, weight
 
 _MASKED = float(jnp.finfo(jnp.float32).min)  # finite: a fully masked row gives no NaN
 
@@ -158,11 +158,11 @@ class GQAttention(nnx.Module):
     w = lambda p: p[...].astype(cfg.compute_dtype)
     positions_bt, whole = resolve_positions(x_btd, positions_bt)
     cos, sin = rope.rope_angles(positions_bt, cfg.head_dim, cfg.rope_theta, cfg.rope_scaling)
-    q = rope.apply_rope(jnp.einsum('btd,dhk->bthk', x_btd, w(self.w_q)), cos, sin,
+    q = rope.apply_rope(dense(x_btd, w(self.w_q)), cos, sin,
                         cfg.rope_layout)
-    k = rope.apply_rope(jnp.einsum('btd,dgk->btgk', x_btd, w(self.w_k)), cos, sin,
+    k = rope.apply_rope(dense(x_btd, w(self.w_k)), cos, sin,
                         cfg.rope_layout)
-    v = jnp.einsum('btd,dgk->btgk', x_btd, w(self.w_v))
+    v = dense(x_btd, w(self.w_v))
     scale = cfg.head_dim**-0.5 * rope.softmax_mscale(cfg.rope_scaling)**2
     if cache is not None:
       cache = cache.write(k, v, positions_bt)
@@ -170,7 +170,7 @@ class GQAttention(nnx.Module):
       o = self._fused(q, k, v, cache, positions_bt, whole, scale)
     else:
       o = self._einsum(q, k, v, cache, positions_bt, whole, scale)
-    return jnp.einsum('bthk,hkd->btd', o.astype(x_btd.dtype), w(self.w_o)), cache
+    return dense(o.astype(x_btd.dtype), w(self.w_o), 2), cache
 
   def _einsum(self, q_bthk, k_btgk, v_btgk, cache, positions_bt, whole, scale):
     b, t, h, _ = q_bthk.shape
@@ -260,9 +260,9 @@ class MLAttention(nnx.Module):
 
   def _queries(self, x_btd):
     if self.cfg.q_lora_rank:
-      c_q = self.q_norm(jnp.einsum('btd,dq->btq', x_btd, self._w(self.w_dq)))
-      return jnp.einsum('btq,qhe->bthe', c_q, self._w(self.w_uq))
-    return jnp.einsum('btd,dhe->bthe', x_btd, self._w(self.w_q))
+      c_q = self.q_norm(dense(x_btd, self._w(self.w_dq)))
+      return dense(c_q, self._w(self.w_uq))
+    return dense(x_btd, self._w(self.w_q))
 
   def __call__(self, x_btd, positions_bt=None, cache: LatentCache | None = None):
     """Without a cache (training) the naive path runs: at t = s it does less arithmetic than
@@ -277,7 +277,7 @@ class MLAttention(nnx.Module):
                                 cfg.rope_theta, cfg.rope_scaling)
     q = self._queries(x_btd)
     q_nope, q_rope = q[..., :n], self._rope(q[..., n:], cos, sin)
-    kv = jnp.einsum('btd,de->bte', x_btd, self._w(self.w_dkv))
+    kv = dense(x_btd, self._w(self.w_dkv))
     c_kv = self.kv_norm(kv[..., :c]) if cfg.kv_norm else kv[..., :c]
     k_rope = self._rope(kv[..., c:], cos, sin)
     if cache is not None:
@@ -298,7 +298,7 @@ class MLAttention(nnx.Module):
       mask = None if whole and cache is None else _mask(positions_bt, cache, latent[0].shape[1])
       path = self._absorbed if absorbed else self._naive
       o = path(q_nope, q_rope, latent, mask, scale)
-    return jnp.einsum('bthv,hvd->btd', o, self._w(self.w_o)), cache
+    return dense(o, self._w(self.w_o), 2), cache
 
   def _naive(self, q_nope, q_rope, latent, mask, scale):
     """Up-projects per-head keys and values from the latent, then ordinary MHA. latent:
@@ -311,7 +311,7 @@ class MLAttention(nnx.Module):
     in full anyway.
     """
     c_kv, c_kv_scale, k_rope, k_rope_scale = latent
-    v = jnp.einsum('bsc,chv->bhsv', c_kv, self._w(self.w_uv))
+    v = dense(c_kv, self._w(self.w_uv)).transpose(0, 2, 1, 3)
     b, h, s, _ = v.shape
     k_rope_h = jnp.broadcast_to(k_rope[:, None], (b, h, s, k_rope.shape[-1]))
     if c_kv_scale is not None:
@@ -319,7 +319,7 @@ class MLAttention(nnx.Module):
       k_rope_h = k_rope_h.astype(v.dtype) * k_rope_scale[:, None, :, None].astype(v.dtype)
     q, k = q_rope, k_rope_h.astype(v.dtype)
     if self.cfg.qk_nope_head_dim:
-      k_nope = jnp.einsum('bsc,chn->bhsn', c_kv, self._w(self.w_uk))
+      k_nope = dense(c_kv, self._w(self.w_uk)).transpose(0, 2, 1, 3)
       if c_kv_scale is not None:
         k_nope = k_nope * c_kv_scale[:, None, :, None].astype(k_nope.dtype)
       q, k = jnp.concatenate([q_nope, q], axis=-1), jnp.concatenate([k_nope, k], axis=-1)
@@ -348,12 +348,12 @@ class MLAttention(nnx.Module):
   def _naive_fused(self, q_nope, q_rope, c_kv, k_rope, mask, scale):
     """The naive path through fused attention: the two query (and key) halves concatenated,
     the one rope key broadcast to every head."""
-    v = jnp.einsum('bsc,chv->bshv', c_kv, self._w(self.w_uv))
+    v = dense(c_kv, self._w(self.w_uv))
     b, s, h, _ = v.shape
     k_rope_h = jnp.broadcast_to(k_rope[:, :, None], (b, s, h, k_rope.shape[-1]))
     q, k = q_rope, k_rope_h
     if self.cfg.qk_nope_head_dim:
-      k = jnp.concatenate([jnp.einsum('bsc,chn->bshn', c_kv, self._w(self.w_uk)), k], axis=-1)
+      k = jnp.concatenate([dense(c_kv, self._w(self.w_uk)), k], axis=-1)
       q = jnp.concatenate([q_nope, q], axis=-1)
     return fused_attention(q, k, v, mask, scale).astype(q_nope.dtype)
 

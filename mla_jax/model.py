@@ -18,7 +18,7 @@ from mla_jax import variants
 from mla_jax.cache import check_dtype
 from mla_jax.config import ModelConfig
 from mla_jax.errors import check_token_ids
-from mla_jax.layers import MLP, Embed, RMSNorm, weight
+from mla_jax.layers import MLP, Embed, RMSNorm, dense, weight
 from mla_jax.sharding import constrain
 
 # Between blocks the residual stream is split by batch and whole along d_model (under fsdp the
@@ -79,8 +79,7 @@ class Transformer(nnx.Module):
   def logits(self, h_btd):
     if self.cfg.tie_embeddings:
       return self.embed.attend(h_btd)
-    return jnp.einsum('btd,dV->btV', h_btd, self.lm_head[...].astype(h_btd.dtype),
-                      preferred_element_type=jnp.float32)
+    return dense(h_btd, self.lm_head[...].astype(h_btd.dtype), out_dtype=jnp.float32)
 
   def init_cache(self, batch_size: int, max_len: int, dtype=None) -> list:
     """Per-layer caches as the decode loop allocates them: in cfg.cache_dtype (default: the
