@@ -1,16 +1,15 @@
-r"""The CPU train step's two speed changes, each on and off, beside transformers' model.
+r"""The CPU train step's speed changes, each on and off, beside transformers' model.
 
+  python -m experiments.cpu_ab --variants=mla,mha --out=DIR                # 2 threads
   taskset -c 1 python -m experiments.cpu_ab --variants=mla,mha --out=DIR   # CPU s per step
 
-Four builds of the same train step, compiled from the same state in one process and timed
+Builds of the same train step, compiled from the same state in one process and timed
 alternately (torch_peer.compare) with the torch peer:
-  masked   the training forward at explicit positions: the masked [b, g, p, t, s] softmax of
-           attention_weights (the path every training step took before causal_attention)
-  blocks   a whole sequence, as the trainer runs it: attention.causal_attention (query
-           blocks that skip the masked keys, heads-first)
-  +eigen   the same compiled with EIGEN_DOTS: XLA:CPU's dots on Eigen rather than YNNPACK
-           (an experimental XLA option, not set by the trainer: its effect was not stable
-           across measurements, docs/benchmarks.md)
+  einsum    every projection as the 3-D einsum it was before layers.dense, XLA's defaults
+  dense     the projections as layers.dense does them (one [b * t, in] . [in, out] matmul:
+            the same bits), XLA's defaults
+  trainer   dense compiled as the trainer compiles it: trainer.cpu_compiler_options()
+            (Eigen dots, 512-bit vectors), what `python -m mla_jax.train` runs on a CPU
 Pinned to one core, the CPU seconds per step do not depend on what else runs on the machine
 (experiments/results/cpu_profile.md); the first step of each build also prints its loss and
 gradient norm, which agree across builds to float rounding.
@@ -23,10 +22,11 @@ import os
 import pathlib
 
 import jax
+import jax.numpy as jnp
 from absl import flags
 
-from experiments import timing, torch_peer
-from mla_jax import attention, cli, sharding
+from experiments import runner, timing, torch_peer
+from mla_jax import attention, cli, layers, model, sharding, trainer
 from mla_jax.config import ModelConfig
 
 FLAGS = flags.FLAGS
@@ -35,28 +35,32 @@ flags.DEFINE_integer('blocks', 3, 'alternating blocks')
 flags.DEFINE_integer('block_steps', 2, 'steps of each build per block')
 flags.DEFINE_string('out', None, 'folder for cpu_ab.json (optional)')
 
-EIGEN_DOTS = {'xla_cpu_experimental_ynn_fusion_type': ''}
-# name: (traced as a whole sequence, compiled with EIGEN_DOTS)
-BUILDS = {'masked': (False, False), 'blocks': (True, False), 'masked+eigen': (False, True),
-          'blocks+eigen': (True, True)}
+def _einsum(x, w, n_in: int = 1, out_dtype=None):
+  """layers.dense as it was: the einsum over x's own axes (the same product, XLA:CPU's slow
+  transposes in its gradient)."""
+  return jnp.tensordot(x, w, n_in, preferred_element_type=out_dtype)
+
+
+# name: (the projection function, XLA compiler options; None: the trainer's)
+BUILDS = {'einsum': (_einsum, {}), 'dense': (layers.dense, {}), 'trainer': (layers.dense, None)}
+_USERS = (layers, attention, model)  # the modules that call dense
 
 
 def builds(config) -> dict[str, torch_peer.Step]:
   """The train step of each BUILDS entry, on one fixed batch, each with its own state."""
   mesh = sharding.make_mesh(config.mesh)
-  resolve = attention.resolve_positions
   steps = {}
   with jax.set_mesh(mesh):
     state, _, batch = timing.fixed_batch_step(config, mesh)
-    for name, (whole, eigen) in BUILDS.items():
-      step = timing.fixed_batch_step(config, mesh)[1]
-      if not whole:  # traced with positions given: the masked path (restored right after)
-        attention.resolve_positions = lambda x, p: (resolve(x, p)[0], False)
+    for name, (project, options) in BUILDS.items():
+      step = timing.fixed_batch_step(config, mesh, compiler_options=options)[1]
+      for module in _USERS:  # traced with this projection (restored right after)
+        module.dense = project
       try:
-        compiled = step.lower(state, batch).compile(
-            compiler_options=EIGEN_DOTS if eigen else {})
+        compiled = step.lower(state, batch).compile()
       finally:
-        attention.resolve_positions = resolve
+        for module in _USERS:
+          module.dense = layers.dense
       holder = [jax.tree.map(lambda x: x.copy(), state)]
       holder[0], metrics = compiled(holder[0], batch)
       print(f"{config.model.attention} {name}: first step loss {float(metrics['loss']):.7f}, "
@@ -91,7 +95,9 @@ def main():
     path = pathlib.Path(FLAGS.out) / 'cpu_ab.json'
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps({'cores': cores, 'batch': batch, 'seq_len': seq_len,
-                                'jax': jax.__version__, 'results': results}, indent=1))
+                                'jax': jax.__version__, 'machine': runner.machine(),
+                                'trainer_options': trainer.cpu_compiler_options(),
+                                'results': results}, indent=1))
     print(f'wrote {path}')
 
 

@@ -68,12 +68,13 @@ def machine_limits(runs: int, mib: int = 1024, dtype: str = 'float32', n: int = 
           'matmul_flops_per_s': 2 * n**3 / matmul_s, 'dtype': dtype}
 
 
-def fixed_batch_step(config, mesh) -> tuple:
+def fixed_batch_step(config, mesh, compiler_options=None) -> tuple:
   """(initial state, the jitted train step, one fixed random text batch) on `mesh`: the train
-  step as the trainer builds it, to time or profile alone. Call under jax.set_mesh(mesh)."""
+  step as the trainer builds it (compiler_options: see trainer.jit_train_step), to time or
+  profile alone. Call under jax.set_mesh(mesh)."""
   graphdef, state, shardings = trainer.init_state(config, mesh)
   batch_sharding, shape, _ = trainer.batch_layout(config, mesh)
-  step = trainer.jit_train_step(graphdef, shardings, batch_sharding)
+  step = trainer.jit_train_step(graphdef, shardings, batch_sharding, compiler_options)
   windows = np.random.default_rng(0).integers(0, 256, (*shape[:-1], shape[-1] + 1),
                                               dtype=np.int32)
   return state, step, jax.device_put(tasks.text_batch(windows), batch_sharding)

@@ -8,6 +8,7 @@ from conftest import VARIANTS, tiny_config, tiny_model
 from flax import nnx
 
 from mla_jax.attention import GQAttention, MLAttention
+from mla_jax.layers import dense
 
 B, T = 2, 10
 
@@ -139,3 +140,25 @@ def test_whole_sequence_attention_equals_attention_at_explicit_positions(name):
   whole, positioned = grads(params, None), grads(params, positions)
   for a, b in zip(jax.tree.leaves(whole), jax.tree.leaves(positioned), strict=True):
     np.testing.assert_allclose(a, b, atol=1e-5 * float(np.abs(b).max()), rtol=0)
+
+
+@pytest.mark.parametrize('x_shape,w_shape,n_in', [((2, 10, 64), (64, 4, 16), 1),
+                                                   ((2, 10, 4, 16), (4, 16, 64), 2)])
+def test_dense_is_the_einsum_it_replaced(x_shape, w_shape, n_in):
+  """layers.dense flattens the token axes into one for XLA:CPU's dots: on a CPU the value and
+  both gradients are the einsum's bit for bit, elsewhere the same product at float32."""
+  kx, kw, kg = jax.random.split(jax.random.key(0), 3)
+  x, w = jax.random.normal(kx, x_shape), jax.random.normal(kw, w_shape)
+  out_shape = x_shape[:x.ndim - n_in] + w_shape[n_in:]
+  dy = jax.random.normal(kg, out_shape)
+  einsum = lambda x, w: jnp.tensordot(x, w, n_in)
+  value_and_grads = lambda f: jax.jit(lambda x, w: (f(x, w), *jax.grad(
+      lambda x, w: jnp.sum(f(x, w) * dy), argnums=(0, 1))(x, w)))(x, w)
+  ours = value_and_grads(lambda x, w: dense(x, w, n_in))
+  reference = value_and_grads(einsum)
+  for a, b in zip(ours, reference, strict=True):
+    assert a.shape == b.shape
+    if jax.default_backend() == 'cpu':
+      np.testing.assert_array_equal(a, b)
+    else:
+      np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)

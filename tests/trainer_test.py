@@ -203,3 +203,17 @@ def test_a_run_recorded_before_newer_config_fields_still_resumes(tmp_path):
   with pytest.raises(wd.WorkdirError, match="'data' differs"):
     wd.check_config(tmp_path, config)
 
+
+
+def test_cpu_compiler_options_fall_back_where_xla_lacks_them(monkeypatch):
+  """The trainer's XLA:CPU options are experimental: a jax whose XLA lacks one trains with
+  XLA's defaults instead of failing to compile."""
+  trainer.cpu_compiler_options.cache_clear()
+  assert trainer.cpu_compiler_options() in ({}, trainer.CPU_COMPILER_OPTIONS)
+  monkeypatch.setattr(trainer, 'CPU_COMPILER_OPTIONS',
+                      {**trainer.CPU_COMPILER_OPTIONS, 'xla_cpu_no_such_option': 1})
+  trainer.cpu_compiler_options.cache_clear()
+  try:
+    assert trainer.cpu_compiler_options() == {}
+  finally:
+    trainer.cpu_compiler_options.cache_clear()
