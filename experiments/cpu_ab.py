@@ -1,13 +1,15 @@
-r"""The CPU train step's speed changes, each on and off, beside transformers' model.
+r"""The CPU train step's speed changes, added one at a time, beside transformers' model.
 
   python -m experiments.cpu_ab --variants=mla,mha --out=DIR                # 2 threads
   taskset -c 1 python -m experiments.cpu_ab --variants=mla,mha --out=DIR   # CPU s per step
 
 Builds of the same train step, compiled from the same state in one process and timed
 alternately (torch_peer.compare) with the torch peer:
-  einsum    every projection as the 3-D einsum it was before layers.dense, XLA's defaults
-  dense     the projections as layers.dense does them (one [b * t, in] . [in, out] matmul:
-            the same bits), XLA's defaults
+  einsum    every projection contracted over x's own axes (jnp.tensordot: the form of the
+            einsums before layers.dense, with their weight gradients' slow transposes), XLA's
+            defaults
+  dense     the projections as layers.dense does them (one [b * t, in] . [in, out] matmul),
+            XLA's defaults
   trainer   dense compiled as the trainer compiles it: trainer.cpu_compiler_options()
             (Eigen dots, 512-bit vectors), what `python -m mla_jax.train` runs on a CPU
 Pinned to one core, the CPU seconds per step do not depend on what else runs on the machine
@@ -35,9 +37,9 @@ flags.DEFINE_integer('blocks', 3, 'alternating blocks')
 flags.DEFINE_integer('block_steps', 2, 'steps of each build per block')
 flags.DEFINE_string('out', None, 'folder for cpu_ab.json (optional)')
 
+
 def _einsum(x, w, n_in: int = 1, out_dtype=None):
-  """layers.dense as it was: the einsum over x's own axes (the same product, XLA:CPU's slow
-  transposes in its gradient)."""
+  """The product of layers.dense over x's own axes, as the einsums before it took it."""
   return jnp.tensordot(x, w, n_in, preferred_element_type=out_dtype)
 
 
@@ -54,13 +56,14 @@ def builds(config) -> dict[str, torch_peer.Step]:
     state, _, batch = timing.fixed_batch_step(config, mesh)
     for name, (project, options) in BUILDS.items():
       step = timing.fixed_batch_step(config, mesh, compiler_options=options)[1]
+      saved = {module: module.dense for module in _USERS}
       for module in _USERS:  # traced with this projection (restored right after)
         module.dense = project
       try:
         compiled = step.lower(state, batch).compile()
       finally:
-        for module in _USERS:
-          module.dense = layers.dense
+        for module, dense in saved.items():
+          module.dense = dense
       holder = [jax.tree.map(lambda x: x.copy(), state)]
       holder[0], metrics = compiled(holder[0], batch)
       print(f"{config.model.attention} {name}: first step loss {float(metrics['loss']):.7f}, "

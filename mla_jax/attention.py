@@ -158,11 +158,9 @@ class GQAttention(nnx.Module):
     w = lambda p: p[...].astype(cfg.compute_dtype)
     positions_bt, whole = resolve_positions(x_btd, positions_bt)
     cos, sin = rope.rope_angles(positions_bt, cfg.head_dim, cfg.rope_theta, cfg.rope_scaling)
-    q = rope.apply_rope(dense(x_btd, w(self.w_q)), cos, sin,
-                        cfg.rope_layout)
-    k = rope.apply_rope(dense(x_btd, w(self.w_k)), cos, sin,
-                        cfg.rope_layout)
-    v = dense(x_btd, w(self.w_v))
+    q = rope.apply_rope(dense(x_btd, w(self.w_q)), cos, sin, cfg.rope_layout)  # [b, t, h, k]
+    k = rope.apply_rope(dense(x_btd, w(self.w_k)), cos, sin, cfg.rope_layout)  # [b, t, g, k]
+    v = dense(x_btd, w(self.w_v))  # [b, t, g, k]
     scale = cfg.head_dim**-0.5 * rope.softmax_mscale(cfg.rope_scaling)**2
     if cache is not None:
       cache = cache.write(k, v, positions_bt)
@@ -170,7 +168,7 @@ class GQAttention(nnx.Module):
       o = self._fused(q, k, v, cache, positions_bt, whole, scale)
     else:
       o = self._einsum(q, k, v, cache, positions_bt, whole, scale)
-    return dense(o.astype(x_btd.dtype), w(self.w_o), 2), cache
+    return dense(o.astype(x_btd.dtype), w(self.w_o), n_in=2), cache
 
   def _einsum(self, q_bthk, k_btgk, v_btgk, cache, positions_bt, whole, scale):
     b, t, h, _ = q_bthk.shape
@@ -277,7 +275,7 @@ class MLAttention(nnx.Module):
                                 cfg.rope_theta, cfg.rope_scaling)
     q = self._queries(x_btd)
     q_nope, q_rope = q[..., :n], self._rope(q[..., n:], cos, sin)
-    kv = dense(x_btd, self._w(self.w_dkv))
+    kv = dense(x_btd, self._w(self.w_dkv))  # [b, t, c + r]
     c_kv = self.kv_norm(kv[..., :c]) if cfg.kv_norm else kv[..., :c]
     k_rope = self._rope(kv[..., c:], cos, sin)
     if cache is not None:
@@ -298,7 +296,7 @@ class MLAttention(nnx.Module):
       mask = None if whole and cache is None else _mask(positions_bt, cache, latent[0].shape[1])
       path = self._absorbed if absorbed else self._naive
       o = path(q_nope, q_rope, latent, mask, scale)
-    return dense(o, self._w(self.w_o), 2), cache
+    return dense(o, self._w(self.w_o), n_in=2), cache
 
   def _naive(self, q_nope, q_rope, latent, mask, scale):
     """Up-projects per-head keys and values from the latent, then ordinary MHA. latent:
@@ -311,7 +309,7 @@ class MLAttention(nnx.Module):
     in full anyway.
     """
     c_kv, c_kv_scale, k_rope, k_rope_scale = latent
-    v = dense(c_kv, self._w(self.w_uv)).transpose(0, 2, 1, 3)
+    v = dense(c_kv, self._w(self.w_uv)).transpose(0, 2, 1, 3)  # [b, h, s, v]
     b, h, s, _ = v.shape
     k_rope_h = jnp.broadcast_to(k_rope[:, None], (b, h, s, k_rope.shape[-1]))
     if c_kv_scale is not None:

@@ -36,12 +36,12 @@ def dense(x, w, n_in: int = 1, out_dtype=None):
   """x [..., *in] . w [*in, *out] -> [..., *out]: a projection by a weight, contracting the
   last n_in axes of x with the first n_in of w (every linear layer of the model).
 
-  It is the einsum (same bits, forward and gradients) with the token axes flattened into one,
-  [b * t, in] . [in, out]. That is for XLA's CPU backend: the 3-D einsum's weight gradient
-  contracts over two token axes, b and t, a dot XLA:CPU's GEMMs do not take, so XLA first
-  transposed the wider operand inside a slow elementwise fusion (the SwiGLU backward alone was
-  15% of the train step). Over one token axis the dots read their operands in place: SwiGLU
-  forward + backward 380 -> 242 ms on one core of this CPU, torch 181.
+  The einsum's product, with the token axes flattened into one: [b * t, in] . [in, out]. That
+  is for XLA's CPU backend: a 3-D einsum's weight gradient contracts over two token axes, b
+  and t, which XLA:CPU's dots do not take as they are, so it first transposed the wider
+  operand inside a slow elementwise fusion (the SwiGLU backward alone was 15% of the train
+  step; experiments/results/cpu_profile.md). Over one axis the dots read their operands in
+  place. The results are the einsum's to float32 rounding, and the SwiGLU MLP's bit for bit.
   """
   k = math.prod(w.shape[:n_in])
   assert x.shape[x.ndim - n_in:] == w.shape[:n_in], (x.shape, w.shape)

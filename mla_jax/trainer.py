@@ -111,23 +111,36 @@ def train_step(graphdef, state, batch_abt):
 
 
 # XLA:CPU options for the train step: dots on Eigen rather than YNNPACK, and 512-bit vectors
-# where the CPU has them (XLA prefers 256). On this project's 2-core AVX-512 CPU they made the
-# step 9-14% faster in three A/B runs (docs/benchmarks.md, `python -m experiments.cpu_ab`).
-# Both are experimental XLA options: a jax that lacks them trains with its defaults.
+# where the CPU has them (XLA's default is narrower). On the 2026-12-01 host (Intel Xeon,
+# AVX-512, 2 cores) they gave 9-14% more tokens/s on 2 threads and 5-9% less CPU time per step
+# (docs/benchmarks.md, `python -m experiments.cpu_ab`). Both are experimental XLA options: one
+# this jax lacks is left out, and the step compiles with XLA's default for it.
 CPU_COMPILER_OPTIONS = {'xla_cpu_experimental_ynn_fusion_type': '',
                         'xla_cpu_prefer_vector_width': 512}
 
 
 @functools.cache
+def _cpu_options_taken() -> tuple:
+  """The (name, value) pairs of CPU_COMPILER_OPTIONS that this jax's XLA compiles with, tried
+  one at a time on a one-device CPU mesh of their own (whatever mesh the caller is under)."""
+  cpu = jax.local_devices(backend='cpu')[0]
+  mesh = jax.make_mesh((1,), ('x',), axis_types=(jax.sharding.AxisType.Auto,), devices=[cpu])
+  taken = []
+  with jax.set_mesh(mesh):
+    zero = jax.device_put(jnp.zeros(()), cpu)
+    for name, value in CPU_COMPILER_OPTIONS.items():
+      try:
+        jax.jit(jnp.negative, compiler_options={name: value}).lower(zero).compile()
+      except jax.errors.JaxRuntimeError:  # 'No such compile option', or a value it refuses
+        continue
+      taken.append((name, value))
+  return tuple(taken)
+
+
 def cpu_compiler_options() -> dict:
-  """CPU_COMPILER_OPTIONS where this jax's XLA takes them, else none."""
-  cpu = jax.devices('cpu')[0]
-  try:
-    jax.jit(jnp.negative, compiler_options=CPU_COMPILER_OPTIONS).lower(
-        jax.device_put(jnp.zeros(()), cpu)).compile()
-  except jax.errors.JaxRuntimeError:
-    return {}
-  return dict(CPU_COMPILER_OPTIONS)
+  """The XLA options the train step is compiled with on a CPU mesh: CPU_COMPILER_OPTIONS,
+  less any this jax lacks."""
+  return dict(_cpu_options_taken())
 
 
 def jit_train_step(graphdef, state_shardings, batch_sharding, compiler_options=None):

@@ -15,7 +15,7 @@ import jax
 import numpy as np
 import pytest
 
-from mla_jax import sharding
+from mla_jax import sharding, trainer
 
 pytestmark = pytest.mark.slow  # every case starts jax in a subprocess with 8 devices
 
@@ -51,6 +51,25 @@ def run_python(code: str, corpus: str, devices: int = 8, timeout: int = 600):
                        timeout=timeout, env={**os.environ, 'JAX_PLATFORMS': 'cpu'})
   assert out.returncode == 0, out.stderr[-3000:]
   return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def test_the_cpu_train_step_compiles_first_under_a_mesh_of_several_devices(corpus):
+  """The trainer's XLA:CPU options are looked up once, on a one-device mesh of their own,
+  whatever mesh the first train step is built under (as the train command builds it)."""
+  losses = run_python('''
+  config = tiny(mla)
+  mesh = mesh_of((8, 1, 1))
+  with jax.set_mesh(mesh):
+    graphdef, state, shardings = trainer.init_state(config, mesh)
+    layout, shape, rows = trainer.batch_layout(config, mesh)
+    step = trainer.jit_train_step(graphdef, shardings, layout)
+    windows = np.random.default_rng(0).integers(0, 256, (*shape[:-1], shape[-1] + 1))
+    batch = jax.device_put(tasks.text_batch(windows.astype(np.int32)), layout)
+    state, metrics = step(state, batch)
+  print(json.dumps([float(metrics['loss']), trainer.cpu_compiler_options()]))
+  ''', corpus)
+  assert 5.0 < losses[0] < 6.0  # about ln 256 at the start
+  assert losses[1].items() <= trainer.CPU_COMPILER_OPTIONS.items()
 
 
 @pytest.mark.long
