@@ -112,7 +112,7 @@ def train_step(graphdef, state, batch_abt):
 
 # XLA:CPU options for the train step: dots on Eigen rather than YNNPACK, and 512-bit vectors
 # where the CPU has them (XLA's default is narrower). On the 2026-12-01 host (Intel Xeon,
-# AVX-512, 2 cores) they gave 9-14% more tokens/s on 2 threads and 5-9% less CPU time per step
+# AVX-512, 2 cores) they gave 9-14% more tokens/s on 2 threads and 5-10% less CPU time per step
 # (docs/benchmarks.md, `python -m experiments.cpu_ab`). Both are experimental XLA options: one
 # this jax lacks is left out, and the step compiles with XLA's default for it.
 CPU_COMPILER_OPTIONS = {'xla_cpu_experimental_ynn_fusion_type': '',
