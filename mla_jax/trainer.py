@@ -155,7 +155,7 @@ def jit_train_step(graphdef, state_shardings, batch_sharding, compiler_options=N
   return jax.jit(functools.partial(train_step, graphdef), donate_argnums=0,
                  in_shardings=(state_shardings, batch_sharding),
                  out_shardings=(state_shardings, replicated),
-                 compiler_options=compiler_options or None)
+                 compiler_options=compiler_options)
 
 
 def batch_layout(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh):
