@@ -7,11 +7,13 @@ Builds of the same train step, compiled from the same state in one process and t
 alternately (torch_peer.compare) with the torch peer:
   einsum    every projection contracted over x's own axes (jnp.tensordot: the form of the
             einsums before layers.dense, with their weight gradients' slow transposes), XLA's
-            defaults
+            defaults, attention on the einsum path (attention_impl='einsum')
   dense     the projections as layers.dense does them (one [b * t, in] . [in, out] matmul),
-            XLA's defaults
-  trainer   dense compiled as the trainer compiles it: trainer.cpu_compiler_options()
-            (Eigen dots, 512-bit vectors), what `python -m mla_jax.train` runs on a CPU
+            XLA's defaults, einsum attention
+  options   dense compiled as the trainer compiles it: trainer.cpu_compiler_options()
+            (Eigen dots, 512-bit vectors), einsum attention
+  trainer   options with attention_impl='auto': the C++ CPU attention kernel
+            (mla_jax.kernels.cpu_attention), what `python -m mla_jax.train` runs on a CPU
 Pinned to one core, the CPU seconds per step do not depend on what else runs on the machine
 (experiments/results/cpu_profile.md); the first step of each build also prints its loss and
 gradient norm, which agree across builds to float rounding.
@@ -30,6 +32,7 @@ from absl import flags
 from experiments import runner, timing, torch_peer
 from mla_jax import attention, cli, layers, model, sharding, trainer
 from mla_jax.config import ModelConfig
+from mla_jax.kernels import cpu_attention
 
 FLAGS = flags.FLAGS
 flags.DEFINE_list('variants', ['mla', 'mha'], 'configs/<name>.py to time')
@@ -43,19 +46,23 @@ def _einsum(x, w, n_in: int = 1, out_dtype=None):
   return jnp.tensordot(x, w, n_in, preferred_element_type=out_dtype)
 
 
-# name: (the projection function, XLA compiler options; None: the trainer's)
-BUILDS = {'einsum': (_einsum, {}), 'dense': (layers.dense, {}), 'trainer': (layers.dense, None)}
+# name: (the projection function, XLA compiler options (None: the trainer's), attention_impl)
+BUILDS = {'einsum': (_einsum, {}, 'einsum'), 'dense': (layers.dense, {}, 'einsum'),
+          'options': (layers.dense, None, 'einsum'), 'trainer': (layers.dense, None, 'auto')}
 _USERS = (layers, attention, model)  # the modules that call dense
 
 
 def builds(config) -> dict[str, torch_peer.Step]:
-  """The train step of each BUILDS entry, on one fixed batch, each with its own state."""
+  """The train step of each BUILDS entry, on one fixed batch, each with its own copy of one
+  initial state."""
   mesh = sharding.make_mesh(config.mesh)
   steps = {}
   with jax.set_mesh(mesh):
     state, _, batch = timing.fixed_batch_step(config, mesh)
-    for name, (project, options) in BUILDS.items():
-      step = timing.fixed_batch_step(config, mesh, compiler_options=options)[1]
+    for name, (project, options, attention_impl) in BUILDS.items():
+      build_config = config.copy_and_resolve_references()
+      build_config.model.attention_impl = attention_impl
+      step = timing.fixed_batch_step(build_config, mesh, compiler_options=options)[1]
       saved = {module: module.dense for module in _USERS}
       for module in _USERS:  # traced with this projection (restored right after)
         module.dense = project
@@ -100,6 +107,7 @@ def main():
     path.write_text(json.dumps({'cores': cores, 'batch': batch, 'seq_len': seq_len,
                                 'jax': jax.__version__, 'machine': runner.machine(),
                                 'trainer_options': trainer.cpu_compiler_options(),
+                                'cpu_kernel': cpu_attention.available(),
                                 'results': results}, indent=1))
     print(f'wrote {path}')
 

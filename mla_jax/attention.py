@@ -17,6 +17,8 @@ output (docs/design.md#3-mla). Shape letters are listed in layers.py.
 A whole sequence without a cache (the training forward) takes `causal_attention` instead: the
 same arithmetic with the queries in blocks that skip the masked keys, in heads-first layout,
 which is what makes the einsum path fast where attention is not fused (XLA's CPU backend).
+With attention_impl='auto' on a CPU it hands the work to a fused C++ kernel
+(mla_jax.kernels.cpu_attention) where that applies.
 
 In every probs-times-values einsum the cached array is the first operand and is contracted
 along the axis it stores contiguously: written the other way, XLA's CPU dot copies (transposes)
@@ -41,6 +43,7 @@ from mla_jax import kernels, quant, rope
 from mla_jax.cache import KVCache, LatentCache
 from mla_jax.config import ModelConfig
 from mla_jax.fused import fused_attention
+from mla_jax.kernels import cpu_attention
 from mla_jax.layers import RMSNorm, dense, weight
 
 _MASKED = float(jnp.finfo(jnp.float32).min)  # finite: a fully masked row gives no NaN
@@ -74,9 +77,13 @@ def attention_weights(q_parts, k_parts, visible_bts, scale: float, k_scales=None
 QUERY_BLOCKS = 2
 
 
-def causal_attention(q_bgpte, k_bgse, v_bgsv, scale: float):
+def causal_attention(q_bgpte, k_bgse, v_bgsv, scale: float, kernel: bool = False):
   """softmax(q k^T * scale, causal) v -> [b, g, p, t, v] float32, for a whole sequence at
   positions 0 .. t - 1 without a cache (training and evaluation forwards).
+
+  kernel: take the C++ CPU kernel (ModelConfig.cpu_kernel) where it applies
+  (kernels.cpu_attention.applies: built, float32, one device); its results equal these to
+  float32 rounding. Otherwise:
 
   The same arithmetic as attention_weights plus the value product, arranged for speed where
   attention is not fused (the einsum path; XLA's CPU backend): the queries go in QUERY_BLOCKS
@@ -89,6 +96,8 @@ def causal_attention(q_bgpte, k_bgse, v_bgsv, scale: float):
   over the scores fewer each way; -3 to -5% of the CPU train step), with the row maximum held
   constant for the gradient: a softmax does not depend on it.
   """
+  if kernel and cpu_attention.applies(q_bgpte, k_bgse, v_bgsv):
+    return cpu_attention.causal_attention(q_bgpte, k_bgse, v_bgsv, scale)
   t = q_bgpte.shape[3]
   blocks = QUERY_BLOCKS if t % QUERY_BLOCKS == 0 else 1
   out = []
@@ -176,7 +185,7 @@ class GQAttention(nnx.Module):
     if whole and cache is None:
       heads_first = lambda x: x.reshape(b, t, g, -1, x.shape[-1]).transpose(0, 2, 3, 1, 4)
       o = causal_attention(heads_first(q_bthk), heads_first(k_btgk)[:, :, 0],
-                           heads_first(v_btgk)[:, :, 0], scale)
+                           heads_first(v_btgk)[:, :, 0], scale, self.cfg.cpu_kernel)
       return o.transpose(0, 3, 1, 2, 4).reshape(b, t, h, -1)
     if cache is None:  # the keys and values are this sequence's own, heads-major like a cache
       keys_bgsk, k_scale, values, v_scale = (k_btgk.transpose(0, 2, 1, 3), None,
@@ -322,7 +331,8 @@ class MLAttention(nnx.Module):
         k_nope = k_nope * c_kv_scale[:, None, :, None].astype(k_nope.dtype)
       q, k = jnp.concatenate([q_nope, q], axis=-1), jnp.concatenate([k_nope, k], axis=-1)
     if mask is None:  # a whole sequence: every head its own group of one
-      o = causal_attention(q.transpose(0, 2, 1, 3)[:, :, None], k, v, scale)[:, :, 0]
+      o = causal_attention(q.transpose(0, 2, 1, 3)[:, :, None], k, v, scale,
+                           self.cfg.cpu_kernel)[:, :, 0]
       return o.transpose(0, 2, 1, 3).astype(q_nope.dtype)
     probs = attention_weights((q[:, :, :, None],), (k,), mask, scale)[:, :, 0]
     return jnp.einsum('bhsv,bhts->bthv', v, probs.astype(v.dtype),

@@ -110,7 +110,8 @@ class ModelConfig:
   kv_norm: bool = True
   # 'einsum': the explicit reference path; 'fused': flash attention for training and prefill
   # (mla_jax.fused) and Pallas flash-decoding kernels for decode steps (mla_jax.kernels);
-  # 'auto': fused on GPU / TPU, einsum on a CPU.
+  # 'auto': fused on GPU / TPU; on a CPU, einsum, except a whole sequence's attention (the
+  # training forward), which takes the C++ kernel mla_jax.kernels.cpu_attention when it builds.
   attention_impl: str = 'auto'
   rope_theta: float = 10000.0
   rope_layout: str = 'interleaved'  # 'interleaved' pairs (2i, 2i+1); 'half' pairs (i, i + d/2)
@@ -191,6 +192,12 @@ class ModelConfig:
   def fused(self) -> bool:
     """Whether attention runs fused (attention_impl 'fused', or 'auto' on an accelerator)."""
     return self.attention_impl == 'fused' or (self.attention_impl == 'auto' and not _on_cpu())
+
+  @property
+  def cpu_kernel(self) -> bool:
+    """Whether a whole sequence's attention may take the C++ CPU kernel
+    (mla_jax.kernels.cpu_attention): attention_impl 'auto' on a CPU."""
+    return self.attention_impl == 'auto' and _on_cpu()
 
   @property
   def params_dtype(self):

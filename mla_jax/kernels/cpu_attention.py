@@ -1,0 +1,132 @@
+"""Causal flash attention on XLA's CPU backend: cpu_attention.cc, built on first use.
+
+XLA:CPU has no fused attention: it runs the einsum path's batched dots one thread each and
+walks the [b, h, t, s] scores several times over, forward and backward (docs/benchmarks.md).
+cpu_attention.cc is the fused kernel for the one case a training step needs (a whole sequence
+at positions 0 .. t - 1, float32), called through XLA's FFI, with a flash backward.
+
+It is compiled once per machine with the C++ compiler found on PATH into
+~/.cache/mla_jax/kernels (MLA_JAX_KERNEL_CACHE overrides) and loaded from there; `available()`
+is False where that cannot be done (no compiler, another platform), and attention takes the
+einsum path. MLA_JAX_CPU_KERNEL=0 turns it off.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import hashlib
+import os
+import pathlib
+import platform
+import shutil
+import subprocess
+import tempfile
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+SOURCE = pathlib.Path(__file__).with_name('cpu_attention.cc')
+FLAGS = ('-O3', '-march=native', '-shared', '-fPIC', '-std=c++17')
+_FORWARD, _BACKWARD = 'mla_causal_attention_forward', 'mla_causal_attention_backward'
+
+
+def _cpu_signature() -> str:
+  """What -march=native compiles for: the CPU's model and feature flags."""
+  try:
+    info = pathlib.Path('/proc/cpuinfo').read_text().splitlines()
+    return '\n'.join(sorted({ln for ln in info if ln.startswith(('model name', 'flags'))}))
+  except OSError:
+    return platform.processor()
+
+
+def library_path(cache_dir: str | None = None) -> pathlib.Path:
+  """Where this source, jax version, compiler flags and CPU's build lives."""
+  cache_dir = cache_dir or os.environ.get('MLA_JAX_KERNEL_CACHE') or os.path.join(
+      os.path.expanduser('~'), '.cache', 'mla_jax', 'kernels')
+  key = hashlib.sha256('\0'.join([SOURCE.read_text(), jax.__version__, ' '.join(FLAGS),
+                                  _cpu_signature()]).encode()).hexdigest()[:16]
+  return pathlib.Path(cache_dir) / f'cpu_attention-{key}.so'
+
+
+def build(target: pathlib.Path) -> None:
+  """Compiles the kernel into target (written under a temporary name, then renamed, so
+  processes building at once never load a half-written library)."""
+  compiler = os.environ.get('CXX') or shutil.which('g++') or shutil.which('c++')
+  if compiler is None:
+    raise RuntimeError('no C++ compiler on PATH (set CXX)')
+  target.parent.mkdir(parents=True, exist_ok=True)
+  fd, tmp = tempfile.mkstemp(dir=target.parent, suffix='.so.tmp')
+  os.close(fd)
+  try:
+    subprocess.run([compiler, *FLAGS, '-isystem', jax.ffi.include_dir(), str(SOURCE), '-o',
+                    tmp], check=True, capture_output=True, text=True)
+    os.replace(tmp, target)
+  finally:
+    if os.path.exists(tmp):
+      os.remove(tmp)
+
+
+@functools.cache
+def available() -> bool:
+  """Whether the kernel is built, loaded and registered with XLA's CPU backend."""
+  if os.environ.get('MLA_JAX_CPU_KERNEL', '1') == '0':
+    return False
+  try:
+    path = library_path()
+    if not path.exists():
+      build(path)
+    lib = ctypes.cdll.LoadLibrary(str(path))
+  except (OSError, RuntimeError, subprocess.CalledProcessError):
+    return False
+  jax.ffi.register_ffi_target(_FORWARD, jax.ffi.pycapsule(lib.MlaCausalAttentionForward),
+                              platform='cpu')
+  jax.ffi.register_ffi_target(_BACKWARD, jax.ffi.pycapsule(lib.MlaCausalAttentionBackward),
+                              platform='cpu')
+  return True
+
+
+def applies(*arrays) -> bool:
+  """Whether the kernel can take these attention inputs: it is available, they are float32,
+  and the computation runs on one device (XLA would run a custom call of a sharded step whole
+  on every device: the einsum path shards instead)."""
+  mesh = jax.sharding.get_abstract_mesh()
+  return (all(x.dtype == jnp.float32 for x in arrays) and (mesh.empty or mesh.size == 1)
+          and available())
+
+
+def _forward(q_npte, k_nte, v_ntw, scale: float):
+  n, p, t, _ = q_npte.shape
+  out = (jax.ShapeDtypeStruct((n, p, t, v_ntw.shape[-1]), jnp.float32),
+         jax.ShapeDtypeStruct((n, p, t), jnp.float32))
+  return jax.ffi.ffi_call(_FORWARD, out, vmap_method='sequential')(q_npte, k_nte, v_ntw,
+                                                                  scale=np.float32(scale))
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
+def _attention(q_npte, k_nte, v_ntw, scale: float):
+  return _forward(q_npte, k_nte, v_ntw, scale)[0]
+
+
+def _attention_fwd(q_npte, k_nte, v_ntw, scale):
+  o, lse = _forward(q_npte, k_nte, v_ntw, scale)
+  return o, (q_npte, k_nte, v_ntw, o, lse)
+
+
+def _attention_bwd(scale, residuals, do_nptw):
+  shapes = tuple(jax.ShapeDtypeStruct(x.shape, jnp.float32) for x in residuals[:3])
+  return jax.ffi.ffi_call(_BACKWARD, shapes, vmap_method='sequential')(
+      *residuals, do_nptw, scale=np.float32(scale))
+
+
+_attention.defvjp(_attention_fwd, _attention_bwd)
+
+
+def causal_attention(q_bgpte, k_bgse, v_bgsv, scale: float):
+  """attention.causal_attention's result [b, g, p, t, v] float32, from the kernel (float32
+  inputs, t = s)."""
+  b, g, p, t, e = q_bgpte.shape
+  o = _attention(q_bgpte.reshape(b * g, p, t, e), k_bgse.reshape(b * g, t, e),
+                 v_bgsv.reshape(b * g, t, v_bgsv.shape[-1]), scale)
+  return o.reshape(b, g, p, t, -1)

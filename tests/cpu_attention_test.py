@@ -1,0 +1,121 @@
+"""The C++ CPU attention kernel (mla_jax.kernels.cpu_attention) against the einsum path:
+attention alone at awkward shapes, then every variant's model, logits and gradients, with
+attention_impl='auto' (the kernel, on a CPU) against 'einsum'."""
+
+import os
+import pathlib
+import shutil
+import subprocess
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from conftest import VARIANTS, tiny_model
+from flax import nnx
+
+from mla_jax import attention
+from mla_jax.kernels import cpu_attention
+from mla_jax.model import with_config
+
+pytestmark = pytest.mark.skipif(jax.default_backend() != 'cpu', reason='a CPU kernel')
+TOKENS = np.random.default_rng(0).integers(0, 256, (2, 40))
+
+
+def _built():
+  if not cpu_attention.available():
+    pytest.skip('the CPU attention kernel did not build here (no C++ compiler?)')
+
+
+def test_the_kernel_builds_where_there_is_a_compiler():
+  if shutil.which('g++') is None and shutil.which('c++') is None and 'CXX' not in os.environ:
+    pytest.skip('no C++ compiler on PATH')
+  assert cpu_attention.available()
+
+
+# (b, g, p, t, e, v): MHA at the default model's widths; queries sharing a key head (GQA,
+# MQA); MLA's naive path (e = d_n + d_r wider than v); widths and lengths that are neither
+# vector (16) nor tile (32) multiples; one token; more than two tiles past 512.
+SHAPES = [(2, 4, 1, 256, 32, 32), (2, 1, 8, 64, 16, 16), (2, 2, 3, 37, 20, 7),
+          (3, 2, 1, 100, 48, 32), (1, 1, 1, 1, 8, 8), (1, 2, 1, 545, 64, 64)]
+
+
+@pytest.mark.parametrize('shape', SHAPES, ids=['x'.join(map(str, s)) for s in SHAPES])
+def test_kernel_equals_the_einsum_path(shape):
+  _built()
+  b, g, p, t, e, v = shape
+  rng = np.random.default_rng(t)
+  q, k = (jnp.asarray(2 * rng.standard_normal(s), jnp.float32)
+          for s in ((b, g, p, t, e), (b, g, t, e)))
+  values = jnp.asarray(rng.standard_normal((b, g, t, v)), jnp.float32)
+  do = jnp.asarray(rng.standard_normal((b, g, p, t, v)), jnp.float32)
+  scale = e**-0.5
+
+  def run(kernel):
+    attend = lambda *x: attention.causal_attention(*x, scale, kernel)
+    grads = jax.grad(lambda *x: jnp.sum(attend(*x) * do), argnums=(0, 1, 2))
+    return jax.jit(attend)(q, k, values), jax.jit(grads)(q, k, values)
+
+  (o_kernel, g_kernel), (o_einsum, g_einsum) = run(True), run(False)
+  np.testing.assert_allclose(o_kernel, o_einsum, atol=1e-5, rtol=0)
+  for got, want in zip(g_kernel, g_einsum, strict=True):
+    np.testing.assert_allclose(got, want, atol=1e-5 * float(jnp.max(jnp.abs(want))), rtol=0)
+
+
+def test_kernel_is_deterministic_and_leaves_other_rows_alone():
+  """Twice the same bits; and a query row's output and gradients depend on keys up to its own
+  position only (a later key's change moves nothing before it)."""
+  _built()
+  rng = np.random.default_rng(0)
+  q, k, v = (jnp.asarray(rng.standard_normal(s), jnp.float32)
+             for s in ((2, 2, 1, 70, 16), (2, 2, 70, 16), (2, 2, 70, 16)))
+  loss = lambda *x: jnp.sum(cpu_attention.causal_attention(*x, 0.25)[:, :, :, :50])
+  grad = jax.jit(jax.grad(loss, argnums=(0, 1, 2)))
+  first, second = grad(q, k, v), grad(q, k, v)
+  for a, b in zip(first, second, strict=True):
+    np.testing.assert_array_equal(a, b)
+  moved = grad(q, k.at[:, :, 50:].add(1.0), v.at[:, :, 50:].add(1.0))
+  for a, b in zip(first, moved, strict=True):
+    np.testing.assert_array_equal(a, b)
+  np.testing.assert_array_equal(first[1][:, :, 50:], 0.0)
+
+
+def _logits_and_grads(model):
+  """A jitted (logits, gradients of a loss on them) of model, and its lowered text."""
+  graphdef, params = nnx.split(model, nnx.Param)
+
+  def run(params):
+    logits = nnx.merge(graphdef, params)(TOKENS)
+    return logits, jax.grad(lambda p: jnp.mean(nnx.merge(graphdef, p)(TOKENS) ** 2))(params)
+
+  logits, grads = jax.jit(run)(params)
+  return logits, jax.tree.leaves(grads), jax.jit(run).lower(params).as_text()
+
+
+# GQA's code path stands for MHA and MQA (H and 1 groups), and mla for mla_q and mla_naive,
+# which train exactly as it does; the others run with --long.
+@pytest.mark.parametrize('name', [
+    pytest.param(n, marks=pytest.mark.long) if n in ('mha', 'mqa', 'mla_q', 'mla_naive') else n
+    for n in sorted(VARIANTS)])
+def test_auto_takes_the_kernel_and_equals_einsum(name):
+  """For every variant: 'auto' on a CPU lowers to the kernel's call, and its logits and
+  gradients are the einsum path's (float32, atol 1e-5; gradients 1e-5 of their largest)."""
+  _built()
+  einsum = tiny_model(seed=1, attention_impl='einsum', **VARIANTS[name])
+  auto = with_config(einsum, attention_impl='auto')
+  assert auto.cfg.cpu_kernel and not einsum.cfg.cpu_kernel
+  logits, grads, lowered = _logits_and_grads(auto)
+  want_logits, want_grads, einsum_lowered = _logits_and_grads(einsum)
+  assert 'mla_causal_attention' in lowered and 'mla_causal_attention' not in einsum_lowered
+  np.testing.assert_allclose(logits, want_logits, atol=1e-5, rtol=0)
+  for got, want in zip(grads, want_grads, strict=True):
+    np.testing.assert_allclose(got, want, atol=1e-5 * float(jnp.max(jnp.abs(want))), rtol=0)
+
+
+def test_a_failed_build_leaves_nothing_behind(tmp_path, monkeypatch):
+  """A compiler that fails raises, and leaves no library (whole or half-written) to load."""
+  monkeypatch.setenv('CXX', '/bin/false')
+  target = cpu_attention.library_path(str(tmp_path))
+  with pytest.raises(subprocess.CalledProcessError):
+    cpu_attention.build(target)
+  assert list(pathlib.Path(tmp_path).iterdir()) == []
