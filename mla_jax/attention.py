@@ -77,13 +77,26 @@ def attention_weights(q_parts, k_parts, visible_bts, scale: float, k_scales=None
 QUERY_BLOCKS = 2
 
 
-def causal_attention(q_bgpte, k_bgse, v_bgsv, scale: float, kernel: bool = False):
-  """softmax(q k^T * scale, causal) v -> [b, g, p, t, v] float32, for a whole sequence at
-  positions 0 .. t - 1 without a cache (training and evaluation forwards).
+def whole_sequence_attention(q_btgpe, k_btge, v_btgv, scale: float, kernel: bool):
+  """softmax(q k^T * scale, causal) v -> [b, t, g, p, v] float32, for a whole sequence at
+  positions 0 .. t - 1 without a cache (training and evaluation forwards), in the projections'
+  token-major layout: queries [b, t, g, p, e], keys [b, t, g, e], values [b, t, g, v].
 
-  kernel: take the C++ CPU kernel (ModelConfig.cpu_kernel) where it applies
-  (kernels.cpu_attention.applies: built, float32, one device); its results equal these to
-  float32 rounding. Otherwise:
+  kernel (ModelConfig.cpu_kernel): the C++ CPU kernel where it applies
+  (kernels.cpu_attention.applies: built, float32, one device), which reads this layout as it
+  is; its results equal causal_attention's to float32 rounding. Otherwise causal_attention,
+  heads first.
+  """
+  if kernel and cpu_attention.applies(q_btgpe, k_btge, v_btgv):
+    return cpu_attention.causal_attention(q_btgpe, k_btge, v_btgv, scale)
+  o = causal_attention(q_btgpe.transpose(0, 2, 3, 1, 4), k_btge.transpose(0, 2, 1, 3),
+                       v_btgv.transpose(0, 2, 1, 3), scale)
+  return o.transpose(0, 3, 1, 2, 4)
+
+
+def causal_attention(q_bgpte, k_bgse, v_bgsv, scale: float):
+  """softmax(q k^T * scale, causal) v -> [b, g, p, t, v] float32, for a whole sequence at
+  positions 0 .. t - 1 without a cache: whole_sequence_attention's einsum path.
 
   The same arithmetic as attention_weights plus the value product, arranged for speed where
   attention is not fused (the einsum path; XLA's CPU backend): the queries go in QUERY_BLOCKS
@@ -96,8 +109,6 @@ def causal_attention(q_bgpte, k_bgse, v_bgsv, scale: float, kernel: bool = False
   over the scores fewer each way; -3 to -5% of the CPU train step), with the row maximum held
   constant for the gradient: a softmax does not depend on it.
   """
-  if kernel and cpu_attention.applies(q_bgpte, k_bgse, v_bgsv):
-    return cpu_attention.causal_attention(q_bgpte, k_bgse, v_bgsv, scale)
   t = q_bgpte.shape[3]
   blocks = QUERY_BLOCKS if t % QUERY_BLOCKS == 0 else 1
   out = []
@@ -183,10 +194,8 @@ class GQAttention(nnx.Module):
     b, t, h, _ = q_bthk.shape
     g = self.cfg.n_kv_heads
     if whole and cache is None:
-      heads_first = lambda x: x.reshape(b, t, g, -1, x.shape[-1]).transpose(0, 2, 3, 1, 4)
-      o = causal_attention(heads_first(q_bthk), heads_first(k_btgk)[:, :, 0],
-                           heads_first(v_btgk)[:, :, 0], scale, self.cfg.cpu_kernel)
-      return o.transpose(0, 3, 1, 2, 4).reshape(b, t, h, -1)
+      return whole_sequence_attention(q_bthk.reshape(b, t, g, h // g, -1), k_btgk, v_btgk,
+                                      scale, self.cfg.cpu_kernel).reshape(b, t, h, -1)
     if cache is None:  # the keys and values are this sequence's own, heads-major like a cache
       keys_bgsk, k_scale, values, v_scale = (k_btgk.transpose(0, 2, 1, 3), None,
                                              v_btgk.transpose(0, 2, 1, 3), None)
@@ -318,22 +327,22 @@ class MLAttention(nnx.Module):
     in full anyway.
     """
     c_kv, c_kv_scale, k_rope, k_rope_scale = latent
-    v = dense(c_kv, self._w(self.w_uv)).transpose(0, 2, 1, 3)  # [b, h, s, v]
-    b, h, s, _ = v.shape
-    k_rope_h = jnp.broadcast_to(k_rope[:, None], (b, h, s, k_rope.shape[-1]))
+    v = dense(c_kv, self._w(self.w_uv))  # [b, s, h, v]
+    b, s, h, _ = v.shape
+    k_rope_h = jnp.broadcast_to(k_rope[:, :, None], (b, s, h, k_rope.shape[-1]))
     if c_kv_scale is not None:
-      v = v * c_kv_scale[:, None, :, None].astype(v.dtype)
-      k_rope_h = k_rope_h.astype(v.dtype) * k_rope_scale[:, None, :, None].astype(v.dtype)
+      v = v * c_kv_scale[:, :, None, None].astype(v.dtype)
+      k_rope_h = k_rope_h.astype(v.dtype) * k_rope_scale[:, :, None, None].astype(v.dtype)
     q, k = q_rope, k_rope_h.astype(v.dtype)
     if self.cfg.qk_nope_head_dim:
-      k_nope = dense(c_kv, self._w(self.w_uk)).transpose(0, 2, 1, 3)
+      k_nope = dense(c_kv, self._w(self.w_uk))
       if c_kv_scale is not None:
-        k_nope = k_nope * c_kv_scale[:, None, :, None].astype(k_nope.dtype)
+        k_nope = k_nope * c_kv_scale[:, :, None, None].astype(k_nope.dtype)
       q, k = jnp.concatenate([q_nope, q], axis=-1), jnp.concatenate([k_nope, k], axis=-1)
     if mask is None:  # a whole sequence: every head its own group of one
-      o = causal_attention(q.transpose(0, 2, 1, 3)[:, :, None], k, v, scale,
-                           self.cfg.cpu_kernel)[:, :, 0]
-      return o.transpose(0, 2, 1, 3).astype(q_nope.dtype)
+      o = whole_sequence_attention(q[:, :, :, None], k, v, scale, self.cfg.cpu_kernel)
+      return o[:, :, :, 0].astype(q_nope.dtype)
+    k, v = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)  # heads first, as a cache's
     probs = attention_weights((q[:, :, :, None],), (k,), mask, scale)[:, :, 0]
     return jnp.einsum('bhsv,bhts->bthv', v, probs.astype(v.dtype),
                       preferred_element_type=jnp.float32).astype(q_nope.dtype)

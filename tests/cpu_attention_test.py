@@ -1,4 +1,5 @@
-"""The C++ CPU attention kernel (mla_jax.kernels.cpu_attention) against the einsum path:
+"""The C++ CPU attention kernel (mla_jax.kernels.cpu_attention) against the einsum path
+(attention.whole_sequence_attention with and without it):
 attention alone at awkward shapes, then every variant's model, logits and gradients, with
 attention_impl='auto' (the kernel, on a CPU) against 'einsum'."""
 
@@ -46,13 +47,13 @@ def test_kernel_equals_the_einsum_path(shape):
   b, g, p, t, e, v = shape
   rng = np.random.default_rng(t)
   q, k = (jnp.asarray(2 * rng.standard_normal(s), jnp.float32)
-          for s in ((b, g, p, t, e), (b, g, t, e)))
-  values = jnp.asarray(rng.standard_normal((b, g, t, v)), jnp.float32)
-  do = jnp.asarray(rng.standard_normal((b, g, p, t, v)), jnp.float32)
+          for s in ((b, t, g, p, e), (b, t, g, e)))
+  values = jnp.asarray(rng.standard_normal((b, t, g, v)), jnp.float32)
+  do = jnp.asarray(rng.standard_normal((b, t, g, p, v)), jnp.float32)
   scale = e**-0.5
 
   def run(kernel):
-    attend = lambda *x: attention.causal_attention(*x, scale, kernel)
+    attend = lambda *x: attention.whole_sequence_attention(*x, scale, kernel)
     grads = jax.grad(lambda *x: jnp.sum(attend(*x) * do), argnums=(0, 1, 2))
     return jax.jit(attend)(q, k, values), jax.jit(grads)(q, k, values)
 
@@ -68,16 +69,16 @@ def test_kernel_is_deterministic_and_leaves_other_rows_alone():
   _built()
   rng = np.random.default_rng(0)
   q, k, v = (jnp.asarray(rng.standard_normal(s), jnp.float32)
-             for s in ((2, 2, 1, 70, 16), (2, 2, 70, 16), (2, 2, 70, 16)))
-  loss = lambda *x: jnp.sum(cpu_attention.causal_attention(*x, 0.25)[:, :, :, :50])
+             for s in ((2, 70, 2, 1, 16), (2, 70, 2, 16), (2, 70, 2, 16)))
+  loss = lambda *x: jnp.sum(cpu_attention.causal_attention(*x, 0.25)[:, :50])
   grad = jax.jit(jax.grad(loss, argnums=(0, 1, 2)))
   first, second = grad(q, k, v), grad(q, k, v)
   for a, b in zip(first, second, strict=True):
     np.testing.assert_array_equal(a, b)
-  moved = grad(q, k.at[:, :, 50:].add(1.0), v.at[:, :, 50:].add(1.0))
+  moved = grad(q, k.at[:, 50:].add(1.0), v.at[:, 50:].add(1.0))
   for a, b in zip(first, moved, strict=True):
     np.testing.assert_array_equal(a, b)
-  np.testing.assert_array_equal(first[1][:, :, 50:], 0.0)
+  np.testing.assert_array_equal(first[1][:, 50:], 0.0)
 
 
 def _logits_and_grads(model):

@@ -4,15 +4,17 @@
 // over [b, h, t, s] score arrays; torch's CPU sdpa runs one fused kernel. This is that kernel
 // for the one case the training step needs: a whole sequence, queries and keys at positions
 // 0 .. t - 1, no cache. Built on first use by mla_jax/kernels/cpu_attention.py and called
-// through XLA's FFI; the heads run in parallel on XLA's own intra-op threads. Shapes (row-major, as the FFI hands them over):
-//   q [n, p, t, e]   (n = batch x key/value heads, p = query heads per key/value head)
-//   k [n, t, e], v [n, t, w]   o [n, p, t, w], lse [n, p, t] (the softmax's log-normaliser)
+// through XLA's FFI; the heads run in parallel on XLA's own intra-op threads. The arrays
+// come in the model's token-major layout (row-major, as the FFI hands them over):
+//   q [b, t, g, p, e]   (g key/value heads, p query heads per key/value head)
+//   k [b, t, g, e], v [b, t, g, w]   o [b, t, g, p, w], lse [b, g, p, t] (log-normaliser)
 // Per query row i: s_j = scale q_i . k_j for j <= i, o_i = sum_j exp(s_j - m) v_j / sum_j
 // exp(s_j - m) with m = max_j s_j: the einsum path's arithmetic, in query tiles of TQ rows
 // that read only the keys up to the tile's last row. The backward recomputes the
 // probabilities from lse (flash attention's backward): dv = P^T do, dp = do v^T,
 // ds = P (dp - rowsum(do o)) scale, dq = ds k, dk = ds^T q. Every sum runs in a fixed order
-// on one thread per (n, p) (forward) or n (backward): results do not depend on the threads.
+// on one thread per query head (forward) or key/value head (backward): results do not depend
+// on the number of threads.
 
 #include <algorithm>
 #include <atomic>
@@ -148,21 +150,43 @@ void CopyPadded(const float* src, int64_t rows, int64_t cols, int64_t lds, float
   }
 }
 
-// src [rows, cols] -> dst [cols, ldd] transposed, zeros beyond rows in each dst row.
-void Transpose(const float* src, int64_t rows, int64_t cols, float* dst, int64_t ldd) {
+// src [rows, cols] (row stride lds) -> dst [cols, ldd] transposed, zeros past rows.
+void Transpose(const float* src, int64_t rows, int64_t cols, int64_t lds, float* dst,
+               int64_t ldd) {
   std::fill(dst, dst + cols * ldd, 0.0f);
   for (int64_t r = 0; r < rows; ++r)
-    for (int64_t c = 0; c < cols; ++c) dst[c * ldd + r] = src[r * cols + c];
+    for (int64_t c = 0; c < cols; ++c) dst[c * ldd + r] = src[r * lds + c];
 }
 
-// One (n, p) head: o [t, w] and lse [t] from q [t, e], k, v.
-void ForwardHead(const float* q, const float* kt, const float* vp, int64_t t, int64_t e,
-                 int64_t w, float scale, float* o, float* lse, std::vector<float>& s) {
+// The arrays' sizes and one head's row strides: q, o, dq, do [b, t, g, p, .] and k, v, dk,
+// dv [b, t, g, .] as the model holds them (token-major: no transposes to heads-first).
+struct Dims {
+  int64_t b, t, g, p, e, w;
+  int64_t ldq() const { return g * p * e; }  // from one token's query to the next's
+  int64_t ldo() const { return g * p * w; }
+  int64_t ldk() const { return g * e; }
+  int64_t ldv() const { return g * w; }
+  // the first row of head (batch i, group j, query head h of the group)
+  int64_t q(int64_t i, int64_t j, int64_t h) const { return i * t * ldq() + (j * p + h) * e; }
+  int64_t o(int64_t i, int64_t j, int64_t h) const { return i * t * ldo() + (j * p + h) * w; }
+  int64_t k(int64_t i, int64_t j) const { return i * t * ldk() + j * e; }
+  int64_t v(int64_t i, int64_t j) const { return i * t * ldv() + j * w; }
+};
+
+Dims GetDims(ffi::Span<const int64_t> qd, ffi::Span<const int64_t> vd) {
+  return Dims{qd[0], qd[1], qd[2], qd[3], qd[4], vd[3]};
+}
+
+// One query head: o (row stride ldo) and lse [t] from q (row stride ldq) and its group's
+// keys, transposed (kt [e, tp]), and values (vp [t, wp]).
+void ForwardHead(const float* q, int64_t ldq, const float* kt, const float* vp, int64_t t,
+                 int64_t e, int64_t w, float scale, float* o, int64_t ldo, float* lse,
+                 std::vector<float>& s) {
   const int64_t tp = Pad(t), wp = Pad(w);
   std::vector<float> out(kTQ * wp);
   for (int64_t i0 = 0; i0 < t; i0 += kTQ) {
     const int64_t rows = std::min(kTQ, t - i0), cols = i0 + rows, ncols = Pad(cols);
-    Gemm<false>(rows, ncols, e, q + i0 * e, e, 1, kt, tp, s.data(), tp);
+    Gemm<false>(rows, ncols, e, q + i0 * ldq, ldq, 1, kt, tp, s.data(), tp);
     float m_row[kTQ], l_row[kTQ];
     for (int64_t r = 0; r < rows; ++r) {
       float* srow = s.data() + r * tp;
@@ -182,7 +206,7 @@ void ForwardHead(const float* q, const float* kt, const float* vp, int64_t t, in
     }
     Gemm<false>(rows, wp, cols, s.data(), tp, 1, vp, wp, out.data(), wp);
     for (int64_t r = 0; r < rows; ++r) {
-      for (int64_t c = 0; c < w; ++c) o[(i0 + r) * w + c] = out[r * wp + c] / l_row[r];
+      for (int64_t c = 0; c < w; ++c) o[(i0 + r) * ldo + c] = out[r * wp + c] / l_row[r];
       lse[i0 + r] = m_row[r] + std::log(l_row[r]);
     }
   }
@@ -191,21 +215,21 @@ void ForwardHead(const float* q, const float* kt, const float* vp, int64_t t, in
 ffi::Error Forward(ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> k, ffi::Buffer<ffi::F32> v,
                    float scale, ffi::ThreadPool pool, ffi::ResultBuffer<ffi::F32> o,
                    ffi::ResultBuffer<ffi::F32> lse) {
-  auto qd = q.dimensions(), vd = v.dimensions();
-  if (qd.size() != 4 || vd.size() != 3) {
-    return ffi::Error::InvalidArgument("cpu_attention: q [n, p, t, e], v [n, t, w] expected");
+  if (q.dimensions().size() != 5 || k.dimensions().size() != 4 || v.dimensions().size() != 4) {
+    return ffi::Error::InvalidArgument(
+        "cpu_attention: q [b, t, g, p, e], k [b, t, g, e], v [b, t, g, w] expected");
   }
-  const int64_t n = qd[0], p = qd[1], t = qd[2], e = qd[3], w = vd[2];
-  const int64_t tp = Pad(t), wp = Pad(w);
-  const float *qp = q.typed_data(), *kp = k.typed_data(), *vp = v.typed_data();
-  float *op = o->typed_data(), *lp = lse->typed_data();
-  ParallelFor(pool, n * p, [&](int64_t h) {
-    const int64_t g = h / p;
-    std::vector<float> kt(e * tp), vpad(t * wp), s(kTQ * tp);
-    Transpose(kp + g * t * e, t, e, kt.data(), tp);
-    CopyPadded(vp + g * t * w, t, w, w, vpad.data(), wp, t);
-    ForwardHead(qp + h * t * e, kt.data(), vpad.data(), t, e, w, scale, op + h * t * w,
-                lp + h * t, s);
+  const Dims d = GetDims(q.dimensions(), v.dimensions());
+  const int64_t tp = Pad(d.t), wp = Pad(d.w);
+  const float *qa = q.typed_data(), *ka = k.typed_data(), *va = v.typed_data();
+  float *oa = o->typed_data(), *la = lse->typed_data();
+  ParallelFor(pool, d.b * d.g * d.p, [&](int64_t head) {  // lse [b, g, p, t]
+    const int64_t i = head / (d.g * d.p), j = head / d.p % d.g, h = head % d.p;
+    std::vector<float> kt(d.e * tp), vpad(d.t * wp), s(kTQ * tp);
+    Transpose(ka + d.k(i, j), d.t, d.e, d.ldk(), kt.data(), tp);
+    CopyPadded(va + d.v(i, j), d.t, d.w, d.ldv(), vpad.data(), wp, d.t);
+    ForwardHead(qa + d.q(i, j, h), d.ldq(), kt.data(), vpad.data(), d.t, d.e, d.w, scale,
+                oa + d.o(i, j, h), d.ldo(), la + head * d.t, s);
   });
   return ffi::Error::Success();
 }
@@ -213,59 +237,55 @@ ffi::Error Forward(ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> k, ffi::Buffer
 ffi::Error Backward(ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> k, ffi::Buffer<ffi::F32> v,
                     ffi::Buffer<ffi::F32> o, ffi::Buffer<ffi::F32> lse,
                     ffi::Buffer<ffi::F32> dout, float scale, ffi::ThreadPool pool,
-                    ffi::ResultBuffer<ffi::F32> dq,
-                    ffi::ResultBuffer<ffi::F32> dk, ffi::ResultBuffer<ffi::F32> dv) {
-  auto qd = q.dimensions(), vd = v.dimensions();
-  const int64_t n = qd[0], p = qd[1], t = qd[2], e = qd[3], w = vd[2];
-  const int64_t tp = Pad(t), wp = Pad(w), ep = Pad(e);
+                    ffi::ResultBuffer<ffi::F32> dq, ffi::ResultBuffer<ffi::F32> dk,
+                    ffi::ResultBuffer<ffi::F32> dv) {
+  const Dims d = GetDims(q.dimensions(), v.dimensions());
+  const int64_t t = d.t, e = d.e, w = d.w, tp = Pad(t), wp = Pad(w), ep = Pad(e);
+  const int64_t ldq = d.ldq(), ldo = d.ldo();
   const float *qa = q.typed_data(), *ka = k.typed_data(), *va = v.typed_data();
   const float *oa = o.typed_data(), *la = lse.typed_data(), *doa = dout.typed_data();
   float *dqa = dq->typed_data(), *dka = dk->typed_data(), *dva = dv->typed_data();
-  ParallelFor(pool, n, [&](int64_t g) {
-    {
-      std::vector<float> kt(e * tp), vt(w * tp), kpad(t * ep), s(kTQ * tp), ds(kTQ * tp),
-          qtile(kTQ * ep), dotile(kTQ * wp), dqtile(kTQ * ep), dkacc(t * ep), dvacc(t * wp);
-      Transpose(ka + g * t * e, t, e, kt.data(), tp);
-      Transpose(va + g * t * w, t, w, vt.data(), tp);
-      CopyPadded(ka + g * t * e, t, e, e, kpad.data(), ep, t);
-      std::fill(dkacc.begin(), dkacc.end(), 0.0f);
-      std::fill(dvacc.begin(), dvacc.end(), 0.0f);
-      for (int64_t hp = 0; hp < p; ++hp) {
-        const int64_t h = g * p + hp;
-        const float *qh = qa + h * t * e, *oh = oa + h * t * w, *doh = doa + h * t * w;
-        for (int64_t i0 = 0; i0 < t; i0 += kTQ) {
-          const int64_t rows = std::min(kTQ, t - i0), cols = i0 + rows, ncols = Pad(cols);
-          Gemm<false>(rows, ncols, e, qh + i0 * e, e, 1, kt.data(), tp, s.data(), tp);
-          Gemm<false>(rows, ncols, w, doh + i0 * w, w, 1, vt.data(), tp, ds.data(), tp);
-          for (int64_t r = 0; r < rows; ++r) {
-            const int64_t i = i0 + r, len = i + 1;
-            float delta = 0.0f;  // rowsum(do o)
-            for (int64_t c = 0; c < w; ++c) delta += doh[i * w + c] * oh[i * w + c];
-            const float l = la[h * t + i];
-            float *srow = s.data() + r * tp, *dsrow = ds.data() + r * tp;
-            for (int64_t j = len; j < ncols; ++j) srow[j] = -INFINITY;
-            for (int64_t j = 0; j < ncols; j += kLanes) {
-              vf x = Load(srow + j);
-              vf pj = Exp(x * scale - l);
-              pj = x == Splat(-INFINITY) ? vf{} : pj;
-              Store(srow + j, pj);
-              Store(dsrow + j, pj * (Load(dsrow + j) - delta) * scale);
-            }
+  ParallelFor(pool, d.b * d.g, [&](int64_t group) {  // one key/value head and its queries
+    const int64_t i = group / d.g, j = group % d.g;
+    std::vector<float> kt(e * tp), vt(w * tp), kpad(t * ep), s(kTQ * tp), ds(kTQ * tp),
+        qtile(kTQ * ep), dotile(kTQ * wp), dqtile(kTQ * ep), dkacc(t * ep), dvacc(t * wp);
+    Transpose(ka + d.k(i, j), t, e, d.ldk(), kt.data(), tp);
+    Transpose(va + d.v(i, j), t, w, d.ldv(), vt.data(), tp);
+    CopyPadded(ka + d.k(i, j), t, e, d.ldk(), kpad.data(), ep, t);
+    for (int64_t h = 0; h < d.p; ++h) {
+      const float *qh = qa + d.q(i, j, h), *oh = oa + d.o(i, j, h), *doh = doa + d.o(i, j, h);
+      const float* lh = la + (group * d.p + h) * t;
+      for (int64_t i0 = 0; i0 < t; i0 += kTQ) {
+        const int64_t rows = std::min(kTQ, t - i0), cols = i0 + rows, ncols = Pad(cols);
+        Gemm<false>(rows, ncols, e, qh + i0 * ldq, ldq, 1, kt.data(), tp, s.data(), tp);
+        Gemm<false>(rows, ncols, w, doh + i0 * ldo, ldo, 1, vt.data(), tp, ds.data(), tp);
+        for (int64_t r = 0; r < rows; ++r) {
+          const int64_t row = i0 + r, len = row + 1;
+          float delta = 0.0f;  // rowsum(do o)
+          for (int64_t c = 0; c < w; ++c) delta += doh[row * ldo + c] * oh[row * ldo + c];
+          float *srow = s.data() + r * tp, *dsrow = ds.data() + r * tp;
+          for (int64_t col = len; col < ncols; ++col) srow[col] = -INFINITY;
+          for (int64_t col = 0; col < ncols; col += kLanes) {
+            vf x = Load(srow + col);
+            vf pj = Exp(x * scale - lh[row]);
+            pj = x == Splat(-INFINITY) ? vf{} : pj;
+            Store(srow + col, pj);
+            Store(dsrow + col, pj * (Load(dsrow + col) - delta) * scale);
           }
-          CopyPadded(qh + i0 * e, rows, e, e, qtile.data(), ep, rows);
-          CopyPadded(doh + i0 * w, rows, w, w, dotile.data(), wp, rows);
-          // dq = ds k; dv += P^T do; dk += ds^T q (only keys < cols are touched)
-          Gemm<false>(rows, ep, cols, ds.data(), tp, 1, kpad.data(), ep, dqtile.data(), ep);
-          for (int64_t r = 0; r < rows; ++r)
-            std::memcpy(dqa + h * t * e + (i0 + r) * e, dqtile.data() + r * ep, e * 4);
-          Gemm<true>(cols, wp, rows, s.data(), 1, tp, dotile.data(), wp, dvacc.data(), wp);
-          Gemm<true>(cols, ep, rows, ds.data(), 1, tp, qtile.data(), ep, dkacc.data(), ep);
         }
+        CopyPadded(qh + i0 * ldq, rows, e, ldq, qtile.data(), ep, rows);
+        CopyPadded(doh + i0 * ldo, rows, w, ldo, dotile.data(), wp, rows);
+        // dq = ds k; dv += P^T do; dk += ds^T q (only keys < cols are touched)
+        Gemm<false>(rows, ep, cols, ds.data(), tp, 1, kpad.data(), ep, dqtile.data(), ep);
+        for (int64_t r = 0; r < rows; ++r)
+          std::memcpy(dqa + d.q(i, j, h) + (i0 + r) * ldq, dqtile.data() + r * ep, e * 4);
+        Gemm<true>(cols, wp, rows, s.data(), 1, tp, dotile.data(), wp, dvacc.data(), wp);
+        Gemm<true>(cols, ep, rows, ds.data(), 1, tp, qtile.data(), ep, dkacc.data(), ep);
       }
-      for (int64_t j = 0; j < t; ++j) {
-        std::memcpy(dka + g * t * e + j * e, dkacc.data() + j * ep, e * 4);
-        std::memcpy(dva + g * t * w + j * w, dvacc.data() + j * wp, w * 4);
-      }
+    }
+    for (int64_t row = 0; row < t; ++row) {
+      std::memcpy(dka + d.k(i, j) + row * d.ldk(), dkacc.data() + row * ep, e * 4);
+      std::memcpy(dva + d.v(i, j) + row * d.ldv(), dvacc.data() + row * wp, w * 4);
     }
   });
   return ffi::Error::Success();

@@ -96,37 +96,39 @@ def applies(*arrays) -> bool:
           and available())
 
 
-def _forward(q_npte, k_nte, v_ntw, scale: float):
-  n, p, t, _ = q_npte.shape
-  out = (jax.ShapeDtypeStruct((n, p, t, v_ntw.shape[-1]), jnp.float32),
-         jax.ShapeDtypeStruct((n, p, t), jnp.float32))
-  return jax.ffi.ffi_call(_FORWARD, out, vmap_method='sequential')(q_npte, k_nte, v_ntw,
+def _forward(q_btgpe, k_btge, v_btgw, scale: float):
+  b, t, g, p, _ = q_btgpe.shape
+  out = (jax.ShapeDtypeStruct((b, t, g, p, v_btgw.shape[-1]), jnp.float32),
+         jax.ShapeDtypeStruct((b, g, p, t), jnp.float32))
+  return jax.ffi.ffi_call(_FORWARD, out, vmap_method='sequential')(q_btgpe, k_btge, v_btgw,
                                                                   scale=np.float32(scale))
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
-def _attention(q_npte, k_nte, v_ntw, scale: float):
-  return _forward(q_npte, k_nte, v_ntw, scale)[0]
+def _attention(q_btgpe, k_btge, v_btgw, scale: float):
+  return _forward(q_btgpe, k_btge, v_btgw, scale)[0]
 
 
-def _attention_fwd(q_npte, k_nte, v_ntw, scale):
-  o, lse = _forward(q_npte, k_nte, v_ntw, scale)
-  return o, (q_npte, k_nte, v_ntw, o, lse)
+def _attention_fwd(q_btgpe, k_btge, v_btgw, scale):
+  o, lse = _forward(q_btgpe, k_btge, v_btgw, scale)
+  return o, (q_btgpe, k_btge, v_btgw, o, lse)
 
 
-def _attention_bwd(scale, residuals, do_nptw):
+def _attention_bwd(scale, residuals, do_btgpw):
   shapes = tuple(jax.ShapeDtypeStruct(x.shape, jnp.float32) for x in residuals[:3])
   return jax.ffi.ffi_call(_BACKWARD, shapes, vmap_method='sequential')(
-      *residuals, do_nptw, scale=np.float32(scale))
+      *residuals, do_btgpw, scale=np.float32(scale))
 
 
 _attention.defvjp(_attention_fwd, _attention_bwd)
 
 
-def causal_attention(q_bgpte, k_bgse, v_bgsv, scale: float):
-  """attention.causal_attention's result [b, g, p, t, v] float32, from the kernel (float32
-  inputs, t = s)."""
-  b, g, p, t, e = q_bgpte.shape
-  o = _attention(q_bgpte.reshape(b * g, p, t, e), k_bgse.reshape(b * g, t, e),
-                 v_bgsv.reshape(b * g, t, v_bgsv.shape[-1]), scale)
-  return o.reshape(b, g, p, t, -1)
+def causal_attention(q_btgpe, k_btge, v_btgw, scale: float):
+  """softmax(q k^T * scale, causal) v -> [b, t, g, p, w] float32 for a whole sequence, in the
+  model's token-major layout: queries [b, t, g, p, e] (p query heads per key/value head),
+  keys [b, t, g, e], values [b, t, g, w], all float32. Builds and registers the kernel first
+  if no call has yet."""
+  if not available():
+    raise RuntimeError('the CPU attention kernel is not available (no C++ compiler on PATH, '
+                       'or MLA_JAX_CPU_KERNEL=0): check applies() first')
+  return _attention(q_btgpe, k_btge, v_btgw, scale)

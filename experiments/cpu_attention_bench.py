@@ -1,0 +1,95 @@
+r"""One layer's causal attention on a CPU, forward and forward + backward: the einsum path, the
+C++ kernel (mla_jax.kernels.cpu_attention), both as attention.whole_sequence_attention (with
+the einsum path's transposes to heads-first), and torch's sdpa, timed alternately in one
+process.
+
+  python -m experiments.cpu_attention_bench --out=DIR
+
+Shapes: the default model at batch 16 x 256 (8 heads): MHA (query/key and value width 32) and
+MLA's naive training path (query/key 48 = d_n 32 + d_r 16, values 32; torch's sdpa takes
+unequal widths on its math path, not its flash kernel). float32. The "ms" columns are the
+median wall time of a call, the JSON's "cpu_ms" its CPU time summed over threads
+(torch_peer.compare: blocks of calls, alternating).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import pathlib
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from absl import flags
+
+from experiments import runner, torch_peer
+from mla_jax import attention, cli
+from mla_jax.kernels import cpu_attention
+
+FLAGS = flags.FLAGS
+flags.DEFINE_integer('blocks', 4, 'alternating blocks')
+flags.DEFINE_integer('block_steps', 5, 'calls of each per block')
+flags.DEFINE_string('out', None, 'folder for cpu_attention_bench.json (optional)')
+
+BATCH, HEADS, T = 16, 8, 256
+SHAPES = {'mha': (32, 32), 'mla': (48, 32)}  # (query/key width, value width)
+
+
+def _calls(e: int, v: int) -> dict[str, torch_peer.Step]:
+  """{'<impl> fwd' / '<impl> fwd+bwd': a blocking call} for einsum, kernel and torch."""
+  import torch
+
+  rng = np.random.default_rng(0)
+  q, k, values, do = (rng.standard_normal(s).astype(np.float32) for s in (
+      (BATCH, HEADS, T, e), (BATCH, HEADS, T, e), (BATCH, HEADS, T, v), (BATCH, HEADS, T, v)))
+  # ours in the model's token-major layout [b, t, heads, (1,) .]; torch's heads first
+  token_major = lambda x: jnp.asarray(x.transpose(0, 2, 1, 3))
+  args = [token_major(q)[:, :, :, None], token_major(k), token_major(values)]
+  cot = token_major(do)[:, :, :, None]
+  calls = {}
+  for name, kernel in (('einsum', False), ('kernel', True)):
+    attend = lambda *x, kernel=kernel: attention.whole_sequence_attention(*x, e**-0.5, kernel)
+    fwd = jax.jit(attend)
+    grad = jax.jit(jax.grad(lambda *x, f=attend: jnp.sum(f(*x) * cot), argnums=(0, 1, 2)))
+    calls[f'{name} fwd'] = lambda f=fwd: jax.block_until_ready(f(*args))
+    calls[f'{name} fwd+bwd'] = lambda f=grad: jax.block_until_ready(f(*args))
+  tq, tk, tv = (torch.tensor(x, requires_grad=True) for x in (q, k, values))
+  tdo = torch.tensor(do)
+  sdpa = lambda: torch.nn.functional.scaled_dot_product_attention(tq, tk, tv, is_causal=True)
+  calls['torch fwd'] = sdpa
+  calls['torch fwd+bwd'] = lambda: sdpa().backward(tdo)
+  return calls
+
+
+def main():
+  import torch
+
+  if not cpu_attention.available():
+    sys.exit('error: the CPU attention kernel did not build here: put a C++ compiler on PATH '
+             '(or name one in CXX)')
+  cores = len(os.sched_getaffinity(0))
+  torch.set_num_threads(cores)
+  results = {}
+  for variant, (e, v) in SHAPES.items():
+    timed = torch_peer.compare(_calls(e, v), BATCH * T, FLAGS.blocks, FLAGS.block_steps)
+    results[variant] = {name: {'ms': 1e3 * r['step_s'], 'cpu_ms': 1e3 * r['cpu_s']}
+                        for name, r in timed.items() if not name.startswith('ratio_')}
+  print(f'ms per call, one layer ({cores} core(s), batch {BATCH}, {HEADS} heads, {T} tokens, '
+        'float32):')
+  names = list(results['mha'])
+  print('| | ' + ' | '.join(names) + ' |')
+  print('|---|' + '---:|' * len(names))
+  for variant, row in results.items():
+    print(f'| {variant} | ' + ' | '.join(f"{row[n]['ms']:.1f}" for n in names) + ' |')
+  if FLAGS.out:
+    path = pathlib.Path(FLAGS.out) / 'cpu_attention_bench.json'
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps({'cores': cores, 'jax': jax.__version__, 'torch': torch.__version__,
+                                'machine': runner.machine(), 'calls': results}, indent=1))
+    print(f'wrote {path}')
+
+
+if __name__ == '__main__':
+  cli.run(main)
