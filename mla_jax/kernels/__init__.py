@@ -1,4 +1,6 @@
-"""Pallas flash-decoding kernels: absorbed MLA and MHA / GQA / MQA, split-KV (split_kv.py)."""
+"""Pallas flash-decoding kernels: absorbed MLA and MHA / GQA / MQA, split-KV (split_kv.py).
+
+cpu_attention (imported by attention.py) is the C++ causal attention for training on a CPU."""
 
 from __future__ import annotations
 
