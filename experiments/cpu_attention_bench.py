@@ -59,7 +59,8 @@ def _calls(e: int, v: int) -> dict[str, torch_peer.Step]:
   tdo = torch.tensor(do)
   sdpa = lambda: torch.nn.functional.scaled_dot_product_attention(tq, tk, tv, is_causal=True)
   calls['torch fwd'] = sdpa
-  calls['torch fwd+bwd'] = lambda: sdpa().backward(tdo)
+  # gradients returned, not accumulated into .grad: the same work as jax.grad's
+  calls['torch fwd+bwd'] = lambda: torch.autograd.grad(sdpa(), (tq, tk, tv), tdo)
   return calls
 
 

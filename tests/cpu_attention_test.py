@@ -120,3 +120,22 @@ def test_a_failed_build_leaves_nothing_behind(tmp_path, monkeypatch):
   with pytest.raises(subprocess.CalledProcessError):
     cpu_attention.build(target)
   assert list(pathlib.Path(tmp_path).iterdir()) == []
+
+
+def test_without_a_kernel_the_model_takes_the_einsum_path(tmp_path, monkeypatch):
+  """A compiler that fails: available() is False (no crash), and 'auto' lowers to the einsum
+  path. Bad inputs for the kernel (bfloat16, a mesh of several devices) are refused by
+  applies() even where it is built."""
+  x = jnp.zeros((1, 4, 1, 1, 8), jnp.float32)
+  with jax.sharding.use_abstract_mesh(jax.sharding.AbstractMesh((2,), ('data',))):
+    assert not cpu_attention.applies(x, x, x)
+  assert not cpu_attention.applies(x.astype(jnp.bfloat16), x, x)
+  monkeypatch.setenv('CXX', '/bin/false')
+  monkeypatch.setenv('MLA_JAX_KERNEL_CACHE', str(tmp_path))
+  cpu_attention.available.cache_clear()
+  try:
+    assert not cpu_attention.available() and not cpu_attention.applies(x, x, x)
+    model = tiny_model(seed=1, attention_impl='auto', **VARIANTS['gqa'])
+    assert 'mla_causal_attention' not in _logits_and_grads(model)[2]
+  finally:
+    cpu_attention.available.cache_clear()  # the next caller builds or loads the real one

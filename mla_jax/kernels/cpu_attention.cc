@@ -278,14 +278,14 @@ ffi::Error Backward(ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> k, ffi::Buffe
         // dq = ds k; dv += P^T do; dk += ds^T q (only keys < cols are touched)
         Gemm<false>(rows, ep, cols, ds.data(), tp, 1, kpad.data(), ep, dqtile.data(), ep);
         for (int64_t r = 0; r < rows; ++r)
-          std::memcpy(dqa + d.q(i, j, h) + (i0 + r) * ldq, dqtile.data() + r * ep, e * 4);
+          std::memcpy(dqa + d.q(i, j, h) + (i0 + r) * ldq, dqtile.data() + r * ep, e * sizeof(float));
         Gemm<true>(cols, wp, rows, s.data(), 1, tp, dotile.data(), wp, dvacc.data(), wp);
         Gemm<true>(cols, ep, rows, ds.data(), 1, tp, qtile.data(), ep, dkacc.data(), ep);
       }
     }
     for (int64_t row = 0; row < t; ++row) {
-      std::memcpy(dka + d.k(i, j) + row * d.ldk(), dkacc.data() + row * ep, e * 4);
-      std::memcpy(dva + d.v(i, j) + row * d.ldv(), dvacc.data() + row * wp, w * 4);
+      std::memcpy(dka + d.k(i, j) + row * d.ldk(), dkacc.data() + row * ep, e * sizeof(float));
+      std::memcpy(dva + d.v(i, j) + row * d.ldv(), dvacc.data() + row * wp, w * sizeof(float));
     }
   });
   return ffi::Error::Success();

@@ -5,10 +5,10 @@ walks the [b, h, t, s] scores several times over, forward and backward (docs/ben
 cpu_attention.cc is the fused kernel for the one case a training step needs (a whole sequence
 at positions 0 .. t - 1, float32), called through XLA's FFI, with a flash backward.
 
-It is compiled once per machine with the C++ compiler found on PATH into
+It is compiled once per machine with the C++ compiler found on PATH (or CXX) into
 ~/.cache/mla_jax/kernels (MLA_JAX_KERNEL_CACHE overrides) and loaded from there; `available()`
-is False where that cannot be done (no compiler, another platform), and attention takes the
-einsum path. MLA_JAX_CPU_KERNEL=0 turns it off.
+is False where that cannot be done (no compiler, a failed build or load: logged once as a
+warning), and attention takes the einsum path. MLA_JAX_CPU_KERNEL=0 turns it off.
 """
 
 from __future__ import annotations
@@ -25,7 +25,9 @@ import tempfile
 
 import jax
 import jax.numpy as jnp
+import jaxlib
 import numpy as np
+from absl import logging
 
 SOURCE = pathlib.Path(__file__).with_name('cpu_attention.cc')
 FLAGS = ('-O3', '-march=native', '-shared', '-fPIC', '-std=c++17')
@@ -33,20 +35,25 @@ _FORWARD, _BACKWARD = 'mla_causal_attention_forward', 'mla_causal_attention_back
 
 
 def _cpu_signature() -> str:
-  """What -march=native compiles for: the CPU's model and feature flags."""
+  """What -march=native compiles for: the CPU's model and features (x86: model name, flags;
+  ARM: implementer, part, Features), so a shared home folder never hands one CPU's build to
+  another."""
+  keys = ('model name', 'flags', 'CPU implementer', 'CPU part', 'Features')
   try:
     info = pathlib.Path('/proc/cpuinfo').read_text().splitlines()
-    return '\n'.join(sorted({ln for ln in info if ln.startswith(('model name', 'flags'))}))
   except OSError:
-    return platform.processor()
+    info = []
+  return '\n'.join([platform.machine(), platform.processor(),
+                    *sorted({ln for ln in info if ln.startswith(keys)})])
 
 
 def library_path(cache_dir: str | None = None) -> pathlib.Path:
-  """Where this source, jax version, compiler flags and CPU's build lives."""
+  """Where the build of this source, jax and jaxlib (the FFI headers), compiler flags and
+  CPU lives."""
   cache_dir = cache_dir or os.environ.get('MLA_JAX_KERNEL_CACHE') or os.path.join(
       os.path.expanduser('~'), '.cache', 'mla_jax', 'kernels')
-  key = hashlib.sha256('\0'.join([SOURCE.read_text(), jax.__version__, ' '.join(FLAGS),
-                                  _cpu_signature()]).encode()).hexdigest()[:16]
+  key = hashlib.sha256('\0'.join([SOURCE.read_text(), jax.__version__, jaxlib.__version__,
+                                  ' '.join(FLAGS), _cpu_signature()]).encode()).hexdigest()[:16]
   return pathlib.Path(cache_dir) / f'cpu_attention-{key}.so'
 
 
@@ -61,7 +68,7 @@ def build(target: pathlib.Path) -> None:
   os.close(fd)
   try:
     subprocess.run([compiler, *FLAGS, '-isystem', jax.ffi.include_dir(), str(SOURCE), '-o',
-                    tmp], check=True, capture_output=True, text=True)
+                    tmp], check=True, capture_output=True, text=True, timeout=600)
     os.replace(tmp, target)
   finally:
     if os.path.exists(tmp):
@@ -77,13 +84,21 @@ def available() -> bool:
     path = library_path()
     if not path.exists():
       build(path)
-    lib = ctypes.cdll.LoadLibrary(str(path))
-  except (OSError, RuntimeError, subprocess.CalledProcessError):
+    try:
+      lib = ctypes.cdll.LoadLibrary(str(path))
+    except OSError:  # a damaged file in the cache: build it again, once
+      build(path)
+      lib = ctypes.cdll.LoadLibrary(str(path))
+    jax.ffi.register_ffi_target(_FORWARD, jax.ffi.pycapsule(lib.MlaCausalAttentionForward),
+                                platform='cpu')
+    jax.ffi.register_ffi_target(_BACKWARD, jax.ffi.pycapsule(lib.MlaCausalAttentionBackward),
+                                platform='cpu')
+  except Exception as e:  # any failure means the einsum path, never a crashed run
+    lines = str(getattr(e, 'stderr', None) or e).strip().splitlines()
+    errors = [ln for ln in lines if 'error' in ln] or lines or [type(e).__name__]
+    logging.warning('the CPU attention kernel is unavailable, so attention takes the einsum '
+                    'path: %s', errors[0])
     return False
-  jax.ffi.register_ffi_target(_FORWARD, jax.ffi.pycapsule(lib.MlaCausalAttentionForward),
-                              platform='cpu')
-  jax.ffi.register_ffi_target(_BACKWARD, jax.ffi.pycapsule(lib.MlaCausalAttentionBackward),
-                              platform='cpu')
   return True
 
 
@@ -97,7 +112,10 @@ def applies(*arrays) -> bool:
 
 
 def _forward(q_btgpe, k_btge, v_btgw, scale: float):
-  b, t, g, p, _ = q_btgpe.shape
+  b, t, g, p, e = q_btgpe.shape
+  if k_btge.shape != (b, t, g, e) or v_btgw.shape[:3] != (b, t, g):
+    raise ValueError(f'cpu_attention: q {q_btgpe.shape} [b, t, g, p, e] needs k [b, t, g, e] '
+                     f'and v [b, t, g, w]; got k {k_btge.shape}, v {v_btgw.shape}')
   out = (jax.ShapeDtypeStruct((b, t, g, p, v_btgw.shape[-1]), jnp.float32),
          jax.ShapeDtypeStruct((b, g, p, t), jnp.float32))
   return jax.ffi.ffi_call(_FORWARD, out, vmap_method='sequential')(q_btgpe, k_btge, v_btgw,
