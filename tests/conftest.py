@@ -73,6 +73,13 @@ def tiny_model(seed=0, **overrides):
   return mla_jax.Transformer(tiny_config(**overrides), rngs=nnx.Rngs(seed))
 
 
+def variant_params(long: tuple[str, ...] = ()) -> list:
+  """Every variant's name for parametrize, those in `long` run only with --long (CI's 20
+  minutes)."""
+  return [pytest.param(name, marks=pytest.mark.long) if name in long else name
+          for name in sorted(VARIANTS)]
+
+
 @pytest.fixture(params=sorted(VARIANTS))
 def variant(request):
   return VARIANTS[request.param]

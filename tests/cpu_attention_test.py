@@ -12,7 +12,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import VARIANTS, tiny_model
+from conftest import VARIANTS, tiny_model, variant_params
 from flax import nnx
 
 from mla_jax import attention
@@ -95,9 +95,7 @@ def _logits_and_grads(model):
 
 # GQA's code path stands for MHA and MQA (H and 1 groups), and mla for mla_q and mla_naive,
 # which train exactly as it does; the others run with --long.
-@pytest.mark.parametrize('name', [
-    pytest.param(n, marks=pytest.mark.long) if n in ('mha', 'mqa', 'mla_q', 'mla_naive') else n
-    for n in sorted(VARIANTS)])
+@pytest.mark.parametrize('name', variant_params(('mha', 'mqa', 'mla_q', 'mla_naive')))
 def test_auto_takes_the_kernel_and_equals_einsum(name):
   """For every variant: 'auto' on a CPU lowers to the kernel's call, and its logits and
   gradients are the einsum path's (float32, atol 1e-5; gradients 1e-5 of their largest)."""

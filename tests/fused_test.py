@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-from conftest import VARIANTS, tiny_model
+from conftest import VARIANTS, tiny_model, variant_params
 from flax import nnx
 
 import mla_jax
@@ -32,16 +32,10 @@ def _grads(model):
   return jax.tree.leaves(jax.grad(loss)(params))
 
 
-def _names(long: tuple[str, ...]) -> list:
-  """Every variant, those in `long` only with --long (CI's 20 minutes)."""
-  return [pytest.param(name, marks=pytest.mark.long) if name in long else name
-          for name in sorted(VARIANTS)]
-
-
 # MHA and MQA run GQA's code path with H and 1 groups, so GQA stands for them in the default
 # run. Query compression (mla_q) changes no attention code, and mla_naive trains exactly as mla
 # (mla_decode only picks the cached path), so mla stands for them in training.
-@pytest.mark.parametrize('name', _names(('mha', 'mqa', 'mla_q', 'mla_naive')))
+@pytest.mark.parametrize('name', variant_params(('mha', 'mqa', 'mla_q', 'mla_naive')))
 def test_fused_equals_einsum_logits_and_gradients(name):
   einsum, fused = _pair(name)
   assert fused.cfg.fused and not einsum.cfg.fused
@@ -51,7 +45,7 @@ def test_fused_equals_einsum_logits_and_gradients(name):
     np.testing.assert_allclose(g_fused, g_einsum, atol=1e-5 * scale, rtol=0)
 
 
-@pytest.mark.parametrize('name', _names(('mha', 'mqa', 'mla_q')))
+@pytest.mark.parametrize('name', variant_params(('mha', 'mqa', 'mla_q')))
 def test_fused_equals_einsum_through_the_cache_and_in_generation(name):
   einsum, fused = _pair(name)
   tokens = TOKENS[0]
