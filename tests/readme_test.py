@@ -8,7 +8,7 @@ import pathlib
 import re
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
-README_MAX_LINES = 200
+README_MAX_LINES = 120
 # [text](target) and ![alt](target), with an optional "title"; code is stripped first.
 LINK = re.compile(r'!?\[[^\]]*\]\(\s*<?([^)\s>]+)>?(?:\s+"[^"]*")?\s*\)')
 FENCE = re.compile(r'^(```|~~~).*?^\1', flags=re.M | re.S)
