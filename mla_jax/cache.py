@@ -1,23 +1,20 @@
-"""Decode caches as pytrees, with their size accounting beside them (DeepSeek-V2 Table 1).
-
-Elements per token, all l layers: MHA 2 H d_h l, GQA 2 G d_h l, MQA 2 d_h l, MLA (d_c + d_r) l.
+"""Decode caches as pytrees: one per layer, written at each sequence's own positions and read
+by attention through one method, `read`. Their sizes per token are the variants' formulas
+(mla_jax.variants, DeepSeek-V2 Table 1), which the tests measure against what is allocated.
 
 KVCache stores keys heads-major, k [b, g, s, k], not token-major [b, s, g, k]: a decode step
-reads each head's keys as one contiguous [s, k] block (on this project's CPU, q.k over an
-8 x 16k x 16 x 64 cache streamed at 1.9 GB/s with [b, s, g, k] keys and 25 GB/s with
-[b, g, s, k]). Values are stored [b, g, s, k] too, except for MHA (one query head per KV head),
-where they are stored transposed, [b, g, k, s]: p.v is then a matrix-vector product contracted
-along the contiguous axis (35 -> 17 ms for that cache). With several query heads per KV head
-(GQA, MQA) p.v is a matrix product, which XLA's CPU dot wants as [s, k] and would otherwise
-transpose, copying the whole cache every step. README, decode benchmark, has the numbers.
-LatentCache stores MLA's compressed c_kv and the ONE rope key shared by all heads: nothing
-per head is cached.
+then reads each head's keys as one contiguous [s, k] block. Values are stored [b, g, s, k] too,
+except for MHA when every read of the cache is an einsum (attention_op.AttentionOp
+.einsum_cache_layout): one query head per KV head makes p.v a matrix-vector product, which
+XLA's CPU dot runs fastest contracted along the contiguous axis, so the values are stored
+transposed, [b, g, k, s]. With several query heads per KV head (GQA, MQA) p.v is a matrix
+product, which XLA's CPU dot wants as [s, k] and would otherwise transpose, copying the whole
+cache every step (docs/benchmarks.md has the measurements). LatentCache stores MLA's
+compressed c_kv and the ONE rope key shared by all heads: nothing per head is cached.
 
-Either cache stores its arrays in the compute dtype, another float dtype, or 8-bit with per-token
-scales (mla_jax.quant: int8 / float8_e4m3fn, a QuantArray per array). Each cache quantizes on
-write (`store`) and hands attention what it reads through one method, `read`; elements per
-token stay the paper's count of cached values, and `scales_per_token` counts the float32 scales
-an 8-bit cache adds (mla_jax.variants.cache_bytes_per_token adds them up).
+Either cache stores its arrays in the compute dtype, another float dtype, or 8-bit with
+per-token scales (mla_jax.quant: int8 / float8_e4m3fn, a QuantArray per array), quantized on
+write (`store`).
 """
 
 from __future__ import annotations
@@ -51,10 +48,15 @@ def check_dtype(dtype) -> None:
         f"({', '.join(quant.QUANTIZED_DTYPES)}), or pass a float dtype")
 
 
-def values_transposed(cfg: ModelConfig) -> bool:
-  """Whether a KVCache stores values [b, g, k, s]: for MHA on the einsum path, see the module
-  docstring (fused attention and the decode kernels read [b, g, s, k])."""
-  return cfg.n_kv_heads == cfg.n_heads and not cfg.fused
+def storage_dtype(cfg: ModelConfig) -> jnp.dtype:
+  """The dtype the decode loop allocates caches in: cfg.cache_dtype, else the compute dtype."""
+  return cfg.compute_dtype if cfg.cache_dtype is None else jnp.dtype(cfg.cache_dtype)
+
+
+def values_transposed(cfg: ModelConfig, einsum_reads: bool) -> bool:
+  """Whether a KVCache stores values [b, g, k, s]: MHA whose cache only einsums read (the
+  module docstring; flash attention and the decode kernels read [b, g, s, k])."""
+  return cfg.n_kv_heads == cfg.n_heads and einsum_reads
 
 
 def write_at(buf, new_bt, positions_bt, seq_axis: int):
@@ -108,23 +110,16 @@ class KVCache:
   v_transposed: bool = False
 
   @classmethod
-  def init(cls, cfg: ModelConfig, batch: int, max_len: int, dtype) -> KVCache:
+  def init(cls, cfg: ModelConfig, batch: int, max_len: int, dtype,
+           einsum_reads: bool = True) -> KVCache:
+    """An empty cache; einsum_reads: whether only einsums read it (values_transposed)."""
     g, k = cfg.n_kv_heads, cfg.head_dim
-    transposed = values_transposed(cfg)
+    transposed = values_transposed(cfg, einsum_reads)
     k_axes = ('batch', 'kv_heads', 'seq', 'head_dim')  # sharded like the keys' heads
     v_axes = ('batch', 'kv_heads', 'head_dim', 'seq') if transposed else k_axes
     v_shape = (batch, g, k, max_len) if transposed else (batch, g, max_len, k)
     return cls(zeros((batch, g, max_len, k), dtype, k_axes, feature_axis=3),
                zeros(v_shape, dtype, v_axes, feature_axis=2 if transposed else 3), transposed)
-
-  @staticmethod
-  def elements_per_token(cfg: ModelConfig) -> int:
-    return 2 * cfg.n_kv_heads * cfg.head_dim
-
-  @staticmethod
-  def scales_per_token(cfg: ModelConfig) -> int:
-    """Float32 scales per token of an 8-bit cache: keys and values, one per KV head."""
-    return 2 * cfg.n_kv_heads
 
   def write(self, k_btgk, v_btgk, positions_bt) -> KVCache:
     """Stores new keys/values at each sequence's own positions [b, t]."""
@@ -156,16 +151,6 @@ class LatentCache:
                      feature_axis=2),
                zeros((batch, max_len, cfg.qk_rope_head_dim), dtype,
                      ('batch', 'seq', 'head_dim'), feature_axis=2))
-
-  @staticmethod
-  def elements_per_token(cfg: ModelConfig) -> int:
-    return cfg.kv_lora_rank + cfg.qk_rope_head_dim
-
-  @staticmethod
-  def scales_per_token(cfg: ModelConfig) -> int:
-    """Float32 scales per token of an 8-bit cache: one for c_kv, one for k_rope."""
-    del cfg
-    return 2
 
   def write(self, c_kv_btc, k_rope_btr, positions_bt) -> LatentCache:
     """Stores new latents and rope keys at each sequence's own positions [b, t]."""

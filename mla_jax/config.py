@@ -3,7 +3,8 @@
 Every module reads its sizes from here. Configs from files or flags (ml_collections ConfigDicts)
 are converted once, at the edge, with `ModelConfig.from_dict`; a bad combination fails at
 construction with one line naming the field and the fix. What each attention variant needs of
-the config (its defaults and checks) lives with the variant, in mla_jax.variants.
+the config (its defaults and checks) lives with the variant, in mla_jax.variants, which is
+pure data; how attention runs is decided when a model is built (mla_jax.attention_op).
 """
 
 from __future__ import annotations
@@ -13,25 +14,20 @@ import math
 from collections.abc import Mapping
 from typing import Any
 
-import jax
 import jax.numpy as jnp
 
-from mla_jax.errors import Error
+from mla_jax import platform, variants
+from mla_jax.errors import ConfigError
 
 ROPE_LAYOUTS = ('interleaved', 'half')
 MLA_DECODE_PATHS = ('absorbed', 'naive')
-ATTENTION_IMPLS = ('auto', 'einsum', 'fused')
+ATTENTION_IMPLS = ('auto', 'einsum', 'kernels')
 DTYPES = ('float32', 'bfloat16', 'float16')
 COMPUTE_DTYPES = ('auto', *DTYPES)  # auto: bfloat16 on an accelerator, float32 on a CPU
 CACHE_DTYPES = (*DTYPES, 'int8', 'float8_e4m3fn')
 
 
-class ConfigError(Error, ValueError):
-  """An invalid configuration (model or training); the message names the field and the fix."""
-
-
-def _on_cpu() -> bool:
-  return jax.default_backend() == 'cpu'
+__all__ = ['ConfigError', 'ModelConfig', 'YarnScaling']
 
 
 def _check_types(obj) -> None:
@@ -108,10 +104,10 @@ class ModelConfig:
   # kv_norm=False drops the RMSNorm on the latent c_kv. Neither has a Hugging Face equivalent.
   rope_block: int | None = None
   kv_norm: bool = True
-  # 'einsum': the explicit reference path; 'fused': flash attention for training and prefill
-  # (mla_jax.fused) and Pallas flash-decoding kernels for decode steps (mla_jax.kernels);
-  # 'auto': fused on GPU / TPU; on a CPU, einsum, except a whole sequence's attention (the
-  # training forward), which takes the C++ kernel mla_jax.kernels.cpu_attention when it builds.
+  # 'einsum': the explicit reference path everywhere; 'kernels': the platform's kernels (flash
+  # attention or the C++ CPU kernel for whole sequences, flash attention for prefill, Pallas for
+  # decode steps); 'auto': the platform's default. mla_jax.attention_op resolves it once, when a
+  # model is built, and records what runs (Transformer.op; config.json's "kernels").
   attention_impl: str = 'auto'
   rope_theta: float = 10000.0
   rope_layout: str = 'interleaved'  # 'interleaved' pairs (2i, 2i+1); 'half' pairs (i, i + d/2)
@@ -143,20 +139,20 @@ class ModelConfig:
       set_('head_dim', self.d_model // self.n_heads)
     if self.d_ff is None:
       set_('d_ff', 64 * math.ceil(8 * self.d_model / 3 / 64))
-    from mla_jax import variants  # the registry imports the modules, which import this one
     variant = variants.get(self.attention)
     for name, value in variant.configure(self).items():
       set_(name, value)
-    if self.cache_dtype in ('int8', 'float8_e4m3fn') and not hasattr(variant.cache,
-                                                                     'scales_per_token'):
-      raise ConfigError(f'cache_dtype={self.cache_dtype!r}: the {self.attention!r} cache has no '
-                        '8-bit format (no scales_per_token); use a float cache_dtype')
+    if self.cache_dtype in ('int8', 'float8_e4m3fn') and not variant.quantized_cache:
+      raise ConfigError(f'cache_dtype={self.cache_dtype!r}: attention={self.attention!r} has no '
+                        '8-bit cache; use a float cache_dtype')
     rot = variant.rope_dim(self)
     if rot % 2:
       raise ConfigError(f'the rotary dimension ({rot}) must be even for RoPE pairs; '
                         'change head_dim or qk_rope_head_dim')
 
   def _check_choices(self):
+    if self.attention_impl == 'fused':  # its name before 2026-12-07, in older config.json files
+      object.__setattr__(self, 'attention_impl', 'kernels')
     for name, allowed in (('rope_layout', ROPE_LAYOUTS), ('mla_decode', MLA_DECODE_PATHS),
                           ('attention_impl', ATTENTION_IMPLS), ('dtype', COMPUTE_DTYPES),
                           ('param_dtype', DTYPES), ('cache_dtype', (None, *CACHE_DTYPES))):
@@ -178,30 +174,12 @@ class ModelConfig:
 
   # --- derived quantities -------------------------------------------------------------
   @property
-  def compute_dtype(self):
+  def compute_dtype(self) -> jnp.dtype:
+    """dtype as a jnp dtype ('auto': bfloat16 on an accelerator, float32 on a CPU)."""
     if self.dtype == 'auto':
-      return jnp.dtype(jnp.float32 if _on_cpu() else jnp.bfloat16)
+      return jnp.dtype(jnp.bfloat16 if platform.is_accelerator(platform.current())
+                       else jnp.float32)
     return jnp.dtype(self.dtype)
-
-  @property
-  def cache_storage_dtype(self):
-    """The dtype the decode loop allocates its caches in (cache_dtype, else compute_dtype)."""
-    return self.compute_dtype if self.cache_dtype is None else jnp.dtype(self.cache_dtype)
-
-  @property
-  def fused(self) -> bool:
-    """Whether attention runs fused (attention_impl 'fused', or 'auto' on an accelerator)."""
-    return self.attention_impl == 'fused' or (self.attention_impl == 'auto' and not _on_cpu())
-
-  @property
-  def cpu_kernel(self) -> bool:
-    """Whether a whole sequence's attention may take the C++ CPU kernel
-    (mla_jax.kernels.cpu_attention): attention_impl 'auto' on a CPU."""
-    return self.attention_impl == 'auto' and _on_cpu()
-
-  @property
-  def params_dtype(self):
-    return jnp.dtype(self.param_dtype)
 
   def to_dict(self) -> dict[str, Any]:
     return dataclasses.asdict(self)

@@ -1,10 +1,10 @@
-"""Fused (flash) attention for training and prefill: attention_impl='fused'.
+"""Flash attention for whole sequences and prefill: the 'cudnn' and 'xla' kernels of
+mla_jax.attention_op, which decides between them when a model is built (`cudnn_takes`).
 
-One function, `fused_attention`, computes softmax(q k^T * scale + mask) v through the
-platform's fused attention: cuDNN's flash attention on NVIDIA GPUs (bfloat16 / float16 inputs,
-head dims a multiple of 8 up to 256), XLA's jax.nn.dot_product_attention elsewhere (on a CPU
-it is the same einsum-softmax-einsum as the reference path, which is what makes the two
-comparable in tests). The explicit einsum path in attention.py stays the reference.
+`flash_attention` computes softmax(q k^T * scale + mask) v through cuDNN's flash attention on
+NVIDIA GPUs (bfloat16 / float16 inputs, head dims a multiple of 8 up to 256) or XLA's
+jax.nn.dot_product_attention (on a CPU the same einsum-softmax-einsum as the reference path,
+which is what makes the two comparable in tests).
 
 Two things the public jax.nn.dot_product_attention does not do, handled here:
 - MLA's value heads are narrower than its query/key heads (d_v < d_n + d_r). cuDNN >= 9.10 on
@@ -13,9 +13,7 @@ Two things the public jax.nn.dot_product_attention does not do, handled here:
   and the padding sliced off the output.
 - Deterministic GPU ops (XLA_FLAGS --xla_gpu_deterministic_ops=true, which train.deterministic
   sets): with that flag XLA asks cuDNN for its deterministic flash-attention backward, and on
-  jax 0.11.2 with an H200 (2026-11-30) the train step then fails to compile (an IndexError
-  from XLA). Under the flag the fused path takes XLA's own attention, which is deterministic;
-  experiments.bench_device measures what that costs.
+  jax 0.11.2 the train step then fails to compile (an IndexError from XLA). Under the flag attention takes XLA's own kernel, which is deterministic.
 - Masks are by position. `is_causal` aligns the query block with the top-left of the key block,
   which is right only for a whole sequence from position 0 (training): there cuDNN skips the
   masked blocks. Chunked prefill (queries at p0 .. p0 + t - 1 reading cache slots 0 .. s - 1)
@@ -42,11 +40,10 @@ def deterministic_gpu_ops() -> bool:
   return bool(values) and values[-1].lower() in ('', 'true', '1')
 
 
-def _cudnn_usable(q, v) -> bool:
-  return (jax.default_backend() == 'gpu' and not deterministic_gpu_ops()
-          and q.dtype in _CUDNN_DTYPES
-          and q.shape[-1] % 8 == 0 and v.shape[-1] % 8 == 0 and max(q.shape[-1], v.shape[-1])
-          <= 256)
+def cudnn_takes(platform: str, dtype, widths: tuple[int, int]) -> bool:
+  """Whether cuDNN's flash attention runs queries/keys and values of these widths."""
+  return (platform == 'gpu' and not deterministic_gpu_ops() and dtype in _CUDNN_DTYPES
+          and all(w % 8 == 0 for w in widths) and max(widths) <= 256)
 
 
 def _cudnn_unequal_widths(q, k, v, mask, scale):
@@ -66,22 +63,24 @@ def _pad_last(x, width: int):
   return x if extra == 0 else jnp.pad(x, [(0, 0)] * (x.ndim - 1) + [(0, extra)])
 
 
-def fused_attention(q_bthe, k_bsge, v_bsgv, visible_bts, scale: float):
+def flash_attention(q_bthe, k_bsge, v_bsgv, mask_bts, scale: float, implementation: str):
   """[b, t, h, v]: heads [b, t, h, e] reading the KV groups [b, s, g, e] / [b, s, g, v] of their
-  group (h a multiple of g; query head i reads group i // (h / g)). visible_bts None: causal
-  over a whole sequence from position 0; else the [b, t, s] mask of attention.visible."""
+  group (h a multiple of g; query head i reads group i // (h / g)). mask_bts None: causal
+  over a whole sequence from position 0; else a [b, t, s] attention_op.causal_mask.
+  implementation: 'cudnn' (falls back to 'xla' where cuDNN refuses the shapes at trace time)
+  or 'xla'."""
   e, ev = q_bthe.shape[-1], v_bsgv.shape[-1]
   # A cache stored narrower than the compute dtype (cache_dtype='bfloat16' under float32) is
   # read in the compute dtype, as the einsum path reads it: the attention calls want one dtype.
   k_bsge, v_bsgv = k_bsge.astype(q_bthe.dtype), v_bsgv.astype(q_bthe.dtype)
-  cudnn = _cudnn_usable(q_bthe, v_bsgv)
+  cudnn = implementation == 'cudnn'
   if cudnn and e != ev:
-    out = _cudnn_unequal_widths(q_bthe, k_bsge, v_bsgv, visible_bts, scale)
+    out = _cudnn_unequal_widths(q_bthe, k_bsge, v_bsgv, mask_bts, scale)
     if out is not None:
       return out
   width = max(e, ev)
   q, k, v = (_pad_last(q_bthe, width), _pad_last(k_bsge, width), _pad_last(v_bsgv, width))
-  mask = None if visible_bts is None else visible_bts[:, None]
+  mask = None if mask_bts is None else mask_bts[:, None]
   out = None
   if cudnn:
     try:

@@ -28,7 +28,7 @@ def weight(rngs: nnx.Rngs, cfg: ModelConfig, shape: tuple[int, ...], axes: tuple
   """
   assert len(shape) == len(axes), (shape, axes)
   std = scale / math.sqrt(fan_in)
-  value = std * jax.random.normal(rngs.params(), shape, cfg.params_dtype)
+  value = std * jax.random.normal(rngs.params(), shape, jnp.dtype(cfg.param_dtype))
   return nnx.Param(value, axes=axes)
 
 
@@ -54,7 +54,7 @@ class RMSNorm(nnx.Module):
 
   def __init__(self, dim: int, cfg: ModelConfig, axis: str = 'embed'):
     self.eps = cfg.norm_eps
-    self.scale = nnx.Param(jnp.ones((dim,), cfg.params_dtype), axes=(axis,))
+    self.scale = nnx.Param(jnp.ones((dim,), jnp.dtype(cfg.param_dtype)), axes=(axis,))
 
   def __call__(self, x):
     xf = x.astype(jnp.float32)

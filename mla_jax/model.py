@@ -1,7 +1,8 @@
 """Decoder-only, pre-RMSNorm transformer over any attention variant.
 
 block(x) = x + Attn(RMSNorm(x)); then x + SwiGLU(RMSNorm(x)). Final RMSNorm, then the LM head
-(or the tied embedding). Logits are float32 whatever the compute dtype.
+(or the tied embedding). Logits are float32 whatever the compute dtype. The attention kernels
+are chosen once, when the model is built (Transformer.op, mla_jax.attention_op).
 """
 
 from __future__ import annotations
@@ -14,8 +15,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx, traverse_util
 
-from mla_jax import variants
-from mla_jax.cache import check_dtype
+from mla_jax import attention_op, variants
+from mla_jax.cache import check_dtype, storage_dtype
 from mla_jax.config import ModelConfig
 from mla_jax.errors import check_token_ids
 from mla_jax.layers import MLP, Embed, RMSNorm, dense, weight
@@ -28,9 +29,9 @@ RESIDUAL = ('batch', None, None)
 
 class Block(nnx.Module):
 
-  def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
+  def __init__(self, cfg: ModelConfig, op: attention_op.AttentionOp, rngs: nnx.Rngs):
     self.attn_norm = RMSNorm(cfg.d_model, cfg)
-    self.attn = variants.get(cfg.attention).module(cfg, rngs)
+    self.attn = variants.get(cfg.attention).module_class()(cfg, op, rngs)
     self.mlp_norm = RMSNorm(cfg.d_model, cfg)
     self.mlp = MLP(cfg, rngs)
 
@@ -43,12 +44,18 @@ class Block(nnx.Module):
 
 
 class Transformer(nnx.Module):
-  """`model(tokens)` -> float32 logits [b, t, V]; `forward` + `logits` for cached decoding."""
+  """`model(tokens)` -> float32 logits [b, t, V]; `forward` + `logits` for cached decoding.
 
-  def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+  op: the attention kernels (attention_op.AttentionOp); None resolves cfg.attention_impl for
+  the platform of `mesh` (None: the mesh set with jax.set_mesh, else one default device).
+  """
+
+  def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs,
+               op: attention_op.AttentionOp | None = None, mesh=None):
     self.cfg = cfg
+    self.op = attention_op.resolve(cfg, mesh) if op is None else op
     self.embed = Embed(cfg, rngs)
-    self.blocks = nnx.List([Block(cfg, rngs) for _ in range(cfg.n_layers)])
+    self.blocks = nnx.List([Block(cfg, self.op, rngs) for _ in range(cfg.n_layers)])
     self.final_norm = RMSNorm(cfg.d_model, cfg)
     if not cfg.tie_embeddings:
       self.lm_head = weight(rngs, cfg, (cfg.d_model, cfg.vocab_size), ('embed', 'vocab'),
@@ -57,7 +64,8 @@ class Transformer(nnx.Module):
   def __call__(self, tokens_bt, positions_bt=None):
     """positions_bt None: each row is a whole sequence at positions 0 .. t - 1."""
     if not isinstance(tokens_bt, jax.core.Tracer):  # eager call: check the ids (under jit the
-      check_token_ids(tokens_bt, self.cfg.vocab_size)  # caller's edge does it on the host)
+      # caller's edge does it on the host)
+      check_token_ids(tokens_bt, self.cfg.vocab_size, shape='[batch, time]')
     h, _ = self.forward(tokens_bt, positions_bt)
     return self.logits(h)
 
@@ -86,16 +94,15 @@ class Transformer(nnx.Module):
     compute dtype; 'int8' / 'float8_e4m3fn' give 8-bit caches with per-token scales), or in
     the float `dtype` given. An 8-bit dtype given here is refused: it would have no scales."""
     if dtype is None:
-      dtype = self.cfg.cache_storage_dtype
+      dtype = storage_dtype(self.cfg)
     else:
       check_dtype(dtype)
-    cache = variants.get(self.cfg.attention).cache
-    return [cache.init(self.cfg, batch_size, max_len, dtype) for _ in range(self.cfg.n_layers)]
+    return [block.attn.init_cache(batch_size, max_len, dtype) for block in self.blocks]
 
 
-def abstract(cfg: ModelConfig):
+def abstract(cfg: ModelConfig, op: attention_op.AttentionOp | None = None):
   """(graphdef, abstract state) of a Transformer: shapes and dtypes, nothing allocated."""
-  return nnx.split(nnx.eval_shape(lambda: Transformer(cfg, rngs=nnx.Rngs(0))))
+  return nnx.split(nnx.eval_shape(lambda: Transformer(cfg, rngs=nnx.Rngs(0), op=op)))
 
 
 def param_shapes(cfg: ModelConfig) -> dict[tuple, tuple[int, ...]]:
@@ -109,15 +116,18 @@ def param_count(cfg: ModelConfig) -> int:
   return sum(math.prod(shape) for shape in param_shapes(cfg).values())
 
 
-def with_params(cfg: ModelConfig, params: dict) -> Transformer:
+def with_params(cfg: ModelConfig, params: dict,
+                op: attention_op.AttentionOp | None = None) -> Transformer:
   """A Transformer of cfg holding `params`, a nested dict as nnx.to_pure_dict gives."""
-  graphdef, state = abstract(cfg)
+  graphdef, state = abstract(cfg, op)
   nnx.replace_by_pure_dict(state, params)
   return nnx.merge(graphdef, state)
 
 
-def with_config(model: Transformer, **changes) -> Transformer:
-  """The same parameters under a changed config: another mla_decode path, compute dtype or
-  rope layout (the parameter shapes must not change)."""
+def with_config(model: Transformer, op: attention_op.AttentionOp | None = None,
+                **changes) -> Transformer:
+  """The same parameters under a changed config: another mla_decode path, compute dtype,
+  attention_impl or rope layout (the parameter shapes must not change); its kernels resolved
+  anew, or `op`."""
   return with_params(dataclasses.replace(model.cfg, **changes),
-                     nnx.to_pure_dict(nnx.state(model, nnx.Param)))
+                     nnx.to_pure_dict(nnx.state(model, nnx.Param)), op)

@@ -1,46 +1,68 @@
-"""The registry of attention variants: all that the package asks about an attention, in one
-entry per name that ModelConfig.attention accepts.
+"""The registry of attention variants: what each variant IS, as data, one entry per name that
+ModelConfig.attention accepts. It imports nothing of the model (the module is named, and
+imported when a model is built), so the config can hold it without an import cycle.
 
-  module           the nnx.Module: module(cfg, rngs)(x_btd, positions_bt, cache) -> (y_btd, cache)
-  cache            its decode cache: cache.init(cfg, batch, max_len, dtype),
-                   cache.elements_per_token(cfg) for one layer (DeepSeek-V2 Table 1), and
-                   cache.scales_per_token(cfg), the float32 scales an 8-bit cache adds
+  module           the nnx.Module, as 'package.module:Class' (or the class itself):
+                   module(cfg, op, rngs)(x_btd, positions_bt, cache) -> (y_btd, cache), and
+                   module.init_cache(batch, max_len, dtype) for the decode loop
   configure        its checks and derived defaults for the config fields it reads
   rope_dim         its rotary width (RoPE pairs need it even)
+  cache_elements   cached values per token in one layer (DeepSeek-V2 Table 1)
+  cache_scales     the float32 scales per token and layer an 8-bit cache adds (None: the
+                   variant has no 8-bit cache, and cache_dtype 'int8' is refused)
   decode_flops     attention flops of one query token against s cached keys, one layer
   cache_formula    the cache size as the paper writes it, for reports
   hf_architecture  what mla_jax.hf exports it as (None: exporting it is refused)
+  flash_widths     (query/key width, value width) of the attention it runs through
+                   op.causal and op.flash (flash attention, the CPU kernel); None: it calls
+                   neither, and runs the einsum path whatever attention_impl says
+  decode_widths    (the score parts' widths, the value's width) of its Pallas decode kernel
+                   calls (op.gqa_decode / op.mla_decode); None: no decode kernel
   example          config fields of a small working instance (d_model 64, 4 heads of 16):
                    the tests build every registered variant from it
 
-The model, the config checks, the decode benchmark, the experiments and the Hugging Face export
-all ask here, so a new variant is one module, one `register` call and one config file
-(docs/extending.md walks through it). An unknown name is a ConfigError everywhere.
+A variant outside mla_jax registers itself when its module is imported; a config names it as
+'package.module:name', and every command imports that module when it reads the name (from
+flags or from a workdir's config.json). docs/extending.md walks through one.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import importlib
 from collections.abc import Callable
 from typing import Any
 
-from mla_jax.attention import GQAttention, MLAttention
-from mla_jax.cache import KVCache, LatentCache
-from mla_jax.config import ConfigError, ModelConfig
-from mla_jax.quant import is_quantized
+import jax.numpy as jnp
 
+from mla_jax.errors import ConfigError
 
 @dataclasses.dataclass(frozen=True)
 class Variant:
   name: str
-  module: Callable[..., Any]
-  cache: type
-  configure: Callable[[ModelConfig], dict[str, Any]]
-  rope_dim: Callable[[ModelConfig], int]
-  decode_flops: Callable[[ModelConfig, int], float]
+  module: str | type
+  configure: Callable[[Any], dict[str, Any]]
+  rope_dim: Callable[[Any], int]
+  cache_elements: Callable[[Any], int]
+  decode_flops: Callable[[Any, int], float]
   cache_formula: str
+  cache_scales: Callable[[Any], int] | None = None
   hf_architecture: str | None = None
+  flash_widths: Callable[[Any], tuple[int, int]] | None = None
+  decode_widths: Callable[[Any], tuple[tuple[int, ...], int]] | None = None
   example: dict[str, Any] = dataclasses.field(default_factory=dict)
+
+  @property
+  def quantized_cache(self) -> bool:
+    """Whether the variant has an 8-bit cache (cache_dtype 'int8' / 'float8_e4m3fn')."""
+    return self.cache_scales is not None
+
+  def module_class(self) -> type:
+    """The attention module, imported on first use."""
+    if not isinstance(self.module, str):
+      return self.module
+    path, _, name = self.module.partition(':')
+    return getattr(importlib.import_module(path), name)
 
 
 _REGISTRY: dict[str, Variant] = {}
@@ -63,23 +85,35 @@ def names() -> tuple[str, ...]:
 
 
 def get(name: str) -> Variant:
-  if name not in _REGISTRY:
-    raise ConfigError(f'attention={name!r} is unknown; use one of {names()}')
-  return _REGISTRY[name]
+  """The variant of ModelConfig.attention: a registered name, or 'package.module:name' of a
+  variant that registers itself when its module is imported."""
+  path, colon, short = name.rpartition(':')
+  if colon and short not in _REGISTRY:
+    try:
+      importlib.import_module(path)
+    except ImportError as e:
+      raise ConfigError(f'attention={name!r}: cannot import {path!r} ({e}); put its package on '
+                        'PYTHONPATH or install it') from None
+  key = short if colon else name
+  if key not in _REGISTRY:
+    where = f' (importing {path!r} did not register it)' if colon else ''
+    raise ConfigError(f'attention={name!r} is unknown{where}; use one of {names()}, or '
+                      "'package.module:name' of a variant registered in that module")
+  return _REGISTRY[key]
 
 
-def cache_elements_per_token(cfg: ModelConfig) -> int:
+def cache_elements_per_token(cfg) -> int:
   """The paper's Table 1 formula: cached elements per token over all layers."""
-  return get(cfg.attention).cache.elements_per_token(cfg) * cfg.n_layers
+  return get(cfg.attention).cache_elements(cfg) * cfg.n_layers
 
 
-def cache_bytes_per_token(cfg: ModelConfig) -> int:
+def cache_bytes_per_token(cfg) -> int:
   """Bytes per token over all layers of the cache the decode loop allocates: the elements in
   cfg.cache_dtype (default: the compute dtype), plus an 8-bit cache's float32 scales."""
-  cache, dtype = get(cfg.attention).cache, cfg.cache_storage_dtype
-  per_layer = cache.elements_per_token(cfg) * dtype.itemsize
-  if is_quantized(dtype):
-    per_layer += cache.scales_per_token(cfg) * 4
+  variant, dtype = get(cfg.attention), jnp.dtype(cfg.cache_dtype or cfg.compute_dtype)
+  per_layer = variant.cache_elements(cfg) * dtype.itemsize
+  if dtype.itemsize == 1:
+    per_layer += variant.cache_scales(cfg) * 4
   return per_layer * cfg.n_layers
 
 
@@ -88,7 +122,7 @@ MLA_ONLY = ('q_lora_rank', 'kv_lora_rank', 'qk_nope_head_dim', 'qk_rope_head_dim
             'rope_block')
 
 
-def no_mla_fields(cfg: ModelConfig) -> None:
+def no_mla_fields(cfg) -> None:
   for name in MLA_ONLY:
     if getattr(cfg, name):
       raise ConfigError(f"{name} applies only to attention='mla', not {cfg.attention!r}; "
@@ -130,8 +164,13 @@ def _gqa_flops(cfg, s):
   return 2 * cfg.n_heads * s * 2 * cfg.head_dim  # q.k and p.v
 
 
-_GQA_FAMILY = dict(module=GQAttention, cache=KVCache, rope_dim=lambda cfg: cfg.head_dim,
-                   decode_flops=_gqa_flops, hf_architecture='LlamaForCausalLM')
+# Keys and values, one float32 scale each per token and KV head (mla_jax.quant).
+_GQA_FAMILY = dict(module='mla_jax.attention:GQAttention', rope_dim=lambda cfg: cfg.head_dim,
+                   cache_elements=lambda cfg: 2 * cfg.n_kv_heads * cfg.head_dim,
+                   cache_scales=lambda cfg: 2 * cfg.n_kv_heads, decode_flops=_gqa_flops,
+                   hf_architecture='LlamaForCausalLM',
+                   flash_widths=lambda cfg: (cfg.head_dim, cfg.head_dim),
+                   decode_widths=lambda cfg: ((cfg.head_dim,), cfg.head_dim))
 register(Variant('mha', configure=_configure_mha, cache_formula='2·n_h·d_h·l', **_GQA_FAMILY))
 register(Variant('gqa', configure=_configure_gqa, cache_formula='2·n_g·d_h·l',
                  example={'n_kv_heads': 2}, **_GQA_FAMILY))
@@ -163,7 +202,20 @@ def _mla_flops(cfg, s):
   return 2 * s * c * h * (n + v) + 2 * h * s * (n + r + v)
 
 
-register(Variant('mla', module=MLAttention, cache=LatentCache, configure=_configure_mla,
-                 rope_dim=lambda cfg: cfg.qk_rope_head_dim, decode_flops=_mla_flops,
+def _mla_flash_widths(cfg):  # the naive path: per-head keys [d_n + d_r], values [d_v]
+  return cfg.qk_nope_head_dim + cfg.qk_rope_head_dim, cfg.v_head_dim
+
+
+def _mla_decode_widths(cfg):  # the absorbed path: scores on c_kv and k_rope, values c_kv
+  c, r = cfg.kv_lora_rank, cfg.qk_rope_head_dim
+  return ((c, r) if cfg.qk_nope_head_dim else (r,)), c
+
+
+# c_kv and k_rope each get their own float32 scale per token (mla_jax.quant).
+register(Variant('mla', module='mla_jax.attention:MLAttention', configure=_configure_mla,
+                 rope_dim=lambda cfg: cfg.qk_rope_head_dim,
+                 cache_elements=lambda cfg: cfg.kv_lora_rank + cfg.qk_rope_head_dim,
+                 cache_scales=lambda cfg: 2, decode_flops=_mla_flops,
                  cache_formula='(d_c + d_r)·l', hf_architecture='DeepseekV3ForCausalLM',
+                 flash_widths=_mla_flash_widths, decode_widths=_mla_decode_widths,
                  example={'kv_lora_rank': 32, 'qk_rope_head_dim': 8}))

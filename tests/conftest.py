@@ -65,7 +65,9 @@ VARIANTS.update(
 
 
 def tiny_config(**overrides) -> mla_jax.ModelConfig:
-  base = dict(vocab_size=256, d_model=64, n_layers=2, n_heads=4, d_ff=128, max_seq_len=128)
+  """A small model on the einsum reference path (each kernel is tested against it by name)."""
+  base = dict(vocab_size=256, d_model=64, n_layers=2, n_heads=4, d_ff=128, max_seq_len=128,
+              attention_impl='einsum')
   return mla_jax.ModelConfig(**{**base, **overrides})
 
 

@@ -1,7 +1,6 @@
-"""The C++ CPU attention kernel (mla_jax.kernels.cpu_attention) against the einsum path
-(attention.whole_sequence_attention with and without it):
-attention alone at awkward shapes, then every variant's model, logits and gradients, with
-attention_impl='auto' (the kernel, on a CPU) against 'einsum'."""
+"""The C++ CPU attention kernel (mla_jax.kernels.cpu_attention, AttentionOp.whole='cpu_kernel')
+against the einsum path: attention alone at awkward shapes, then every variant's model, logits
+and gradients, with attention_impl='kernels' on a CPU against 'einsum'."""
 
 import os
 import pathlib
@@ -15,7 +14,8 @@ import pytest
 from conftest import VARIANTS, tiny_model, variant_params
 from flax import nnx
 
-from mla_jax import attention
+from mla_jax import attention_op
+from mla_jax.attention_op import AttentionOp
 from mla_jax.kernels import cpu_attention
 from mla_jax.model import with_config
 
@@ -53,7 +53,8 @@ def test_kernel_equals_the_einsum_path(shape):
   scale = e**-0.5
 
   def run(kernel):
-    attend = lambda *x: attention.whole_sequence_attention(*x, scale, kernel)
+    op = AttentionOp('cpu', whole='cpu_kernel' if kernel else 'einsum')
+    attend = lambda *x: op.causal(*x, scale)
     grads = jax.grad(lambda *x: jnp.sum(attend(*x) * do), argnums=(0, 1, 2))
     return jax.jit(attend)(q, k, values), jax.jit(grads)(q, k, values)
 
@@ -96,13 +97,14 @@ def _logits_and_grads(model):
 # GQA's code path stands for MHA and MQA (H and 1 groups), and mla for mla_q and mla_naive,
 # which train exactly as it does; the others run with --long.
 @pytest.mark.parametrize('name', variant_params(('mha', 'mqa', 'mla_q', 'mla_naive')))
-def test_auto_takes_the_kernel_and_equals_einsum(name):
-  """For every variant: 'auto' on a CPU lowers to the kernel's call, and its logits and
-  gradients are the einsum path's (float32, atol 1e-5; gradients 1e-5 of their largest)."""
+def test_kernels_take_the_cpu_kernel_and_equal_einsum(name):
+  """For every variant: attention_impl='kernels' on a CPU lowers to the kernel's call, and its
+  logits and gradients are the einsum path's (float32, atol 1e-5; gradients 1e-5 of their
+  largest)."""
   _built()
-  einsum = tiny_model(seed=1, attention_impl='einsum', **VARIANTS[name])
-  auto = with_config(einsum, attention_impl='auto')
-  assert auto.cfg.cpu_kernel and not einsum.cfg.cpu_kernel
+  einsum = tiny_model(seed=1, **VARIANTS[name])
+  auto = with_config(einsum, attention_impl='kernels')
+  assert (auto.op.whole, einsum.op.whole) == ('cpu_kernel', 'einsum')
   logits, grads, lowered = _logits_and_grads(auto)
   want_logits, want_grads, einsum_lowered = _logits_and_grads(einsum)
   assert 'mla_causal_attention' in lowered and 'mla_causal_attention' not in einsum_lowered
@@ -120,20 +122,22 @@ def test_a_failed_build_leaves_nothing_behind(tmp_path, monkeypatch):
   assert list(pathlib.Path(tmp_path).iterdir()) == []
 
 
-def test_without_a_kernel_the_model_takes_the_einsum_path(tmp_path, monkeypatch):
-  """A compiler that fails: available() is False (no crash), and 'auto' lowers to the einsum
-  path. Bad inputs for the kernel (bfloat16, a mesh of several devices) are refused by
-  applies() even where it is built."""
-  x = jnp.zeros((1, 4, 1, 1, 8), jnp.float32)
-  with jax.sharding.use_abstract_mesh(jax.sharding.AbstractMesh((2,), ('data',))):
-    assert not cpu_attention.applies(x, x, x)
-  assert not cpu_attention.applies(x.astype(jnp.bfloat16), x, x)
+def test_without_a_kernel_the_model_takes_the_einsum_path(tmp_path, monkeypatch, caplog):
+  """A compiler that fails: available() is False (no crash), the model is built on the einsum
+  path and says so once, when it is built. bfloat16 and a mesh of several devices, which the
+  kernel does not take, resolve to the einsum path even where it is built."""
+  _built()
+  assert tiny_model(attention_impl='kernels', dtype='bfloat16').op.whole == 'einsum'
+  mesh = jax.sharding.AbstractMesh((2,), ('data',))
+  assert attention_op.resolve(tiny_model().cfg.__class__(attention_impl='kernels'),
+                              mesh).whole == 'einsum'
   monkeypatch.setenv('CXX', '/bin/false')
   monkeypatch.setenv('MLA_JAX_KERNEL_CACHE', str(tmp_path))
   cpu_attention.available.cache_clear()
   try:
-    assert not cpu_attention.available() and not cpu_attention.applies(x, x, x)
-    model = tiny_model(seed=1, attention_impl='auto', **VARIANTS['gqa'])
+    model = tiny_model(seed=1, attention_impl='kernels', **VARIANTS['gqa'])
+    assert not cpu_attention.available() and model.op.whole == 'einsum'
+    assert 'C++ CPU kernel is unavailable' in caplog.text
     assert 'mla_causal_attention' not in _logits_and_grads(model)[2]
   finally:
     cpu_attention.available.cache_clear()  # the next caller builds or loads the real one

@@ -1,6 +1,6 @@
 """Pallas flash-decoding kernels: absorbed MLA and MHA / GQA / MQA, split-KV (split_kv.py).
 
-cpu_attention (imported by attention.py) is the C++ causal attention for training on a CPU."""
+cpu_attention is the C++ causal attention for whole sequences on a CPU (mla_jax.attention_op)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,5 @@
-"""Causal flash attention on XLA's CPU backend: cpu_attention.cc, built on first use.
+"""Causal flash attention on XLA's CPU backend: cpu_attention.cc, built when a model that runs it
+is built (mla_jax.attention_op.resolve, before anything is traced).
 
 XLA:CPU has no fused attention: it runs the einsum path's batched dots one thread each and
 walks the [b, h, t, s] scores several times over, forward and backward (docs/benchmarks.md).
@@ -8,7 +9,7 @@ at positions 0 .. t - 1, float32), called through XLA's FFI, with a flash backwa
 It is compiled once per machine with the C++ compiler found on PATH (or CXX) into
 ~/.cache/mla_jax/kernels (MLA_JAX_KERNEL_CACHE overrides) and loaded from there; `available()`
 is False where that cannot be done (no compiler, a failed build or load: logged once as a
-warning), and attention takes the einsum path. MLA_JAX_CPU_KERNEL=0 turns it off.
+warning), and the model is built on the einsum path. MLA_JAX_CPU_KERNEL=0 turns it off.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ import pathlib
 import platform
 import shutil
 import subprocess
+import sys
 import tempfile
 
 import jax
@@ -64,6 +66,9 @@ def build(target: pathlib.Path) -> None:
   if compiler is None:
     raise RuntimeError('no C++ compiler on PATH (set CXX)')
   target.parent.mkdir(parents=True, exist_ok=True)
+  # Said where it happens (when a model is built, not inside a trace): seconds, once per host.
+  print(f'mla_jax: compiling the CPU attention kernel into {target}', file=sys.stderr,
+        flush=True)
   fd, tmp = tempfile.mkstemp(dir=target.parent, suffix='.so.tmp')
   os.close(fd)
   try:
@@ -100,15 +105,6 @@ def available() -> bool:
                     'path: %s', errors[0])
     return False
   return True
-
-
-def applies(*arrays) -> bool:
-  """Whether the kernel can take these attention inputs: it is available, they are float32,
-  and the computation runs on one device (XLA would run a custom call of a sharded step whole
-  on every device: the einsum path shards instead)."""
-  mesh = jax.sharding.get_abstract_mesh()
-  return (all(x.dtype == jnp.float32 for x in arrays) and (mesh.empty or mesh.size == 1)
-          and available())
 
 
 def _forward(q_btgpe, k_btge, v_btgw, scale: float):
@@ -148,5 +144,5 @@ def causal_attention(q_btgpe, k_btge, v_btgw, scale: float):
   if no call has yet."""
   if not available():
     raise RuntimeError('the CPU attention kernel is not available (no C++ compiler on PATH, '
-                       'or MLA_JAX_CPU_KERNEL=0): check applies() first')
+                       'or MLA_JAX_CPU_KERNEL=0): resolve the model with attention_op.resolve')
   return _attention(q_btgpe, k_btge, v_btgw, scale)

@@ -43,8 +43,8 @@ Precision.HIGHEST: the Triton lowering maps the default precision to TF32.
 
 Backends: 'triton' (Pallas Triton GPU backend; power-of-two blocks, >= 16 rows for tl.dot,
 query rows padded to a power of two >= 16), 'mosaic' (Pallas TPU: scalar-prefetched lengths
-drive the block index maps; blocks of whole (8, 128) tiles), or 'auto' by
-jax.default_backend(). interpret=True runs either on CPU ('mosaic' in TPU interpret mode).
+drive the block index maps; blocks of whole (8, 128) tiles), or 'auto' by the platform
+(mla_jax.platform; models choose explicitly, mla_jax.attention_op). interpret=True runs either on CPU ('mosaic' in TPU interpret mode).
 """
 
 from __future__ import annotations
@@ -58,6 +58,8 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 from jax.experimental.pallas import triton as plgpu
+
+from mla_jax import platform
 
 _MASKED = float(jnp.finfo(jnp.float32).min)  # finite: exp(_MASKED - m) is 0, never NaN
 
@@ -351,12 +353,12 @@ def resolve_backend(backend: str, interpret: bool) -> str:
     raise ValueError(f'backend={backend!r} is not one of {BACKENDS}; pass one of those.')
   if backend != 'auto':
     return backend
-  platform = jax.default_backend()
-  if platform == 'tpu':
+  name = platform.current()
+  if name == 'tpu':
     return 'mosaic'
-  if platform == 'gpu' or interpret:
+  if name == 'gpu' or interpret:
     return 'triton'
-  raise ValueError(f"No Pallas decode kernel for the '{platform}' backend; run on a GPU or TPU, "
+  raise ValueError(f"No Pallas decode kernel for the '{name}' backend; run on a GPU or TPU, "
                    'pass interpret=True, or use the einsum decode path.')
 
 
