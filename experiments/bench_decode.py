@@ -1,7 +1,7 @@
 r"""Decode benchmark: time per generated token and cache size for every attention variant.
 
-  python -m experiments.bench_decode                  # the table in docs/benchmarks.md
-  python -m experiments.bench_decode --quick          # a small smoke version
+  python -m experiments.bench_decode      # experiments/results/bench_decode/bench_decode.json
+  python -m experiments.bench_decode --quick --out=/tmp/bd     # a small smoke version
 
 Every variant shares d_model, head count and layers (float32 by default): MHA, GQA (G=2), MQA,
 MLA naive and MLA absorbed (d_c = 4 d_h, d_r = d_h / 2, no query compression). Caches are filled
@@ -20,13 +20,12 @@ dtype), a float dtype, or 'int8' / 'float8_e4m3fn' (8-bit values with float32 pe
 mla_jax.quant). Bytes per token, and so the limit, count the scales. On a CPU the einsum path
 converts an 8-bit cache's values to the compute dtype as dot operands, which XLA:CPU writes
 out as a temporary (one layer's values, unscaled): there an 8-bit cache saves memory, not
-time; the decode kernels (fused rows) read the 8-bit values directly.
+time; the decode kernels (kernels rows) read the 8-bit values directly.
 """
 
 from __future__ import annotations
 
 import functools
-import json
 
 import jax
 import jax.numpy as jnp
@@ -35,11 +34,11 @@ from absl import app, flags
 from flax import nnx
 
 import mla_jax
-from experiments import timing
+from experiments import common, tables, timing
 from experiments.timing import machine_limits, median_seconds
+from mla_jax import cli
 
 FLAGS = flags.FLAGS
-flags.DEFINE_bool('quick', False, 'tiny sizes, for a smoke run')
 flags.DEFINE_list('contexts', ['1024', '4096', '16384'], 'context lengths')
 flags.DEFINE_list('batches', ['1', '8'], 'batch sizes')
 flags.DEFINE_integer('d_model', 1024, 'model width')
@@ -49,12 +48,11 @@ flags.DEFINE_string('dtype', 'float32', 'compute and parameter dtype (and the ca
 flags.DEFINE_list('cache_dtypes', ['none'], "cache storage of each row: none (the compute "
                   "dtype), float32, bfloat16, int8 or float8_e4m3fn (8-bit with scales)")
 flags.DEFINE_list('impls', ['auto'], "attention_impl of each row: einsum (the XLA einsum path), "
-                  "fused (the Pallas decode kernels), or auto: einsum on a CPU (where kernels "
+                  "kernels (the Pallas decode kernels), or auto: einsum on a CPU (where they "
                   "only run interpreted), both elsewhere")
 flags.DEFINE_integer('matmul_n', 0, 'size of the matmul that measures the peak rate (0: 2048 '
                      'on a CPU, 8192 elsewhere)')
 flags.DEFINE_integer('runs', 7, 'timed runs per row (median reported)')
-flags.DEFINE_string('out', 'bench_decode.json', 'where to write the JSON results')
 
 
 def resolve_cache_dtypes(names) -> tuple[str | None, ...]:
@@ -63,7 +61,7 @@ def resolve_cache_dtypes(names) -> tuple[str | None, ...]:
 
 def resolve_impls(impls) -> tuple[str, ...]:
   if list(impls) == ['auto']:
-    return ('einsum',) if jax.default_backend() == 'cpu' else ('einsum', 'fused')
+    return ('einsum',) if jax.default_backend() == 'cpu' else ('einsum', 'kernels')
   return tuple(impls)
 
 
@@ -83,21 +81,9 @@ def python_overhead_check(runs: int) -> dict:
           'ratio': per_token / one}
 
 
-def format_table(rows, limits) -> str:
-  lines = [f"bandwidth {limits['stream_bytes_per_s'] / 1e9:.1f} GB/s (read-only sum "
-           f"{limits['read_bytes_per_s'] / 1e9:.1f}, in-place copy "
-           f"{limits['copy_bytes_per_s'] / 1e9:.1f} read + write), "
-           f"matmul {limits['matmul_flops_per_s'] / 1e9:.0f} GFLOP/s ({limits['dtype']})", '',
-           '| variant | batch | context | ms/token | tokens/s | cache elem/token (formula) '
-           '| cache B/token (with scales) | cache MiB | limit ms | fraction of limit |',
-           '|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|']
-  for r in rows:
-    lines.append(
-        f"| {r['variant']} | {r['batch']} | {r['context']} | {r['ms_per_token']:.2f} | "
-        f"{r['tokens_per_s']:.1f} | {r['cache_elements_per_token']} "
-        f"({r['cache_elements_per_token_formula']}) | {r['cache_bytes_per_token']} | "
-        f"{r['cache_mib']:.0f} | {r['limit_ms']:.2f} | {r['fraction_of_limit']:.2f} |")
-  return '\n'.join(lines)
+def format_table(payload: dict) -> str:
+  return '\n'.join([tables.machine_limits_line(payload['machine']), '',
+                    *tables.bench_decode_table(payload)])
 
 
 def main(argv):
@@ -114,10 +100,10 @@ def main(argv):
   rows, failures = [], []
   meta = {'machine': limits, 'device': str(jax.devices()[0]), 'dtype': FLAGS.dtype, **size}
 
+  path = common.out_dir('bench_decode') / 'bench_decode.json'
+
   def save(**extra):  # after every row: a run stopped at its time limit keeps what it measured
-    with open(FLAGS.out, 'w') as f:
-      json.dump({**meta, 'rows': rows, 'failures': failures,
-                 'table': format_table(rows, limits), **extra}, f, indent=1)
+    common.write_json(path, {**meta, 'rows': rows, 'failures': failures, **extra})
 
   for batch in batches:
     for context in contexts:
@@ -133,15 +119,15 @@ def main(argv):
                 f"fraction {row['fraction_of_limit']:.2f}", flush=True)
         save()
   overhead = python_overhead_check(FLAGS.runs)
-  print(format_table(rows, limits))
+  print(format_table({**meta, 'rows': rows}))
   print(f"\nno Python per token: generate {overhead['generate_ms_per_token']:.3f} ms/token vs "
         f"one jitted forward {overhead['jitted_forward_ms']:.3f} ms "
         f"(ratio {overhead['ratio']:.2f}; 1-layer d=64 model, context 128)")
   save(python_overhead=overhead)
-  print(f'wrote {FLAGS.out}')
+  print(f'wrote {path}')
   if failures:
-    raise SystemExit(f'error: {len(failures)} rows failed (listed in {FLAGS.out})')
+    raise SystemExit(f'error: {len(failures)} rows failed (listed in {path})')
 
 
 if __name__ == '__main__':
-  app.run(main)
+  app.run(main, flags_parser=cli.parse_flags)

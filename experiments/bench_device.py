@@ -1,10 +1,11 @@
 r"""The accelerator report: one command that checks and times mla_jax on whatever device is here.
 
-  python -m experiments.bench_device --out=experiments/results/device        # < 8 min, H200
-  python -m experiments.bench_device --out=/tmp/device --quick               # CPU smoke run
+  python -m experiments.bench_device --out=experiments/results/h200        # < 8 min, H200
+  python -m experiments.bench_device --out=/tmp/device --quick              # CPU smoke run
 
 Parts, each in its own process (a crash or a memory blow-up of one does not lose the
-others; each has a time limit), their JSON collected into OUT/report.json and OUT/report.md:
+others; each has a time limit), each writing OUT/<part>/, their JSON collected into
+OUT/report.json and OUT/report.md (tables rendered by experiments/tables.py):
 1. check: the fused paths against the einsum path on this device, for every variant
    (experiments/device_check.py): float32 at 'highest' matmul precision and bfloat16.
 2. train: training throughput at the large config (d_model 1024, 8 layers, 16 heads of 64,
@@ -30,17 +31,21 @@ import time
 import jax
 from absl import app, flags
 
+from experiments import common, tables
 from mla_jax import cli
 
 FLAGS = flags.FLAGS
-flags.DEFINE_string('out', None, 'a folder for report.json, report.md and each part\'s JSON')
-flags.DEFINE_bool('quick', False, 'tiny sizes: checks the pipeline (on a CPU too)')
 flags.DEFINE_list('parts', ['check', 'train', 'decode', 'train_deterministic'],
                   'which parts to run, in order')
 flags.DEFINE_float('peak_tflops', 0.0, 'peak for MFU (0: 989 on H100/H200, else measured)')
-flags.mark_flag_as_required('out')
 
-ROOT = pathlib.Path(__file__).resolve().parents[1]
+ROOT = common.ROOT
+# part -> (the script it runs, which writes <script>.json into OUT/<part>/, and its table)
+PARTS = {'check': ('device_check', tables.device_check_table),
+         'train': ('bench_train', tables.bench_train_table),
+         'decode': ('bench_decode', lambda p: [tables.machine_limits_line(p['machine']), '',
+                                               *tables.bench_decode_table(p)]),
+         'train_deterministic': ('bench_train', tables.bench_train_table)}
 # Nominal dense bfloat16 peaks (TFLOP/s) for MFU; other devices use the measured matmul rate.
 PEAKS = {'H100': 989.0, 'H200': 989.0}
 
@@ -61,29 +66,29 @@ def commands(out: pathlib.Path, quick: bool) -> dict[str, tuple[list[str], int]]
            f'--peak_tflops={_peak()}']
   if quick:
     return {
-        'check': ([*py, 'experiments.device_check', f'--out={out / "check.json"}', '--quick'],
+        'check': ([*py, 'experiments.device_check', f'--out={out / "check"}', '--quick'],
                   600),
         'train': ([*py, 'experiments.bench_train', '--size=tiny', '--variants=mha,mla',
-                        '--impls=einsum,fused', '--direct_steps=2', '--loop=false',
-                        f'--out={out / "train.json"}'], 900),
-        'decode': ([*py, 'experiments.bench_decode', '--quick', '--impls=einsum,fused',
-                         '--runs=2', f'--out={out / "decode.json"}'], 900),
+                        '--impls=einsum,kernels', '--direct_steps=2', '--loop=false',
+                        f'--out={out / "train"}'], 900),
+        'decode': ([*py, 'experiments.bench_decode', '--quick', '--impls=einsum,kernels',
+                         '--runs=2', f'--out={out / "decode"}'], 900),
         'train_deterministic': ([*py, 'experiments.bench_train', '--size=tiny',
-                                 '--variants=mla', '--impls=fused', '--direct_steps=2',
+                                 '--variants=mla', '--impls=kernels', '--direct_steps=2',
                                  '--loop=false', '--deterministic=true',
-                                 f'--out={out / "train_deterministic.json"}'], 900),
+                                 f'--out={out / "train_deterministic"}'], 900),
     }
   return {
-      'check': ([*py, 'experiments.device_check', f'--out={out / "check.json"}'], 150),
-      'train': ([*py, 'experiments.bench_train', *large, '--impls=einsum,fused', *peer,
-                 f'--out={out / "train.json"}'], 200),
+      'check': ([*py, 'experiments.device_check', f'--out={out / "check"}'], 150),
+      'train': ([*py, 'experiments.bench_train', *large, '--impls=einsum,kernels', *peer,
+                 f'--out={out / "train"}'], 200),
       'decode': ([*py, 'experiments.bench_decode', '--dtype=bfloat16', '--batches=8,32',
-                       '--contexts=4096,16384,65536', '--impls=einsum,fused', '--runs=5',
-                       f'--out={out / "decode.json"}'], 200),
+                       '--contexts=4096,16384,65536', '--impls=einsum,kernels', '--runs=5',
+                       f'--out={out / "decode"}'], 200),
       # What bit-exact resume (train.deterministic=True) costs against the default.
-      'train_deterministic': ([*py, 'experiments.bench_train', *large, '--impls=fused',
+      'train_deterministic': ([*py, 'experiments.bench_train', *large, '--impls=kernels',
                                '--deterministic=true',
-                               f'--out={out / "train_deterministic.json"}'], 90),
+                               f'--out={out / "train_deterministic"}'], 90),
   }
 
 
@@ -98,7 +103,7 @@ def run_part(name: str, command: list[str], limit: int, out: pathlib.Path) -> di
       code = 'timeout'
   result = {'part': name, 'command': ' '.join(command[2:]), 'exit': code,
             'seconds': time.perf_counter() - start}
-  data = out / f'{name}.json'
+  data = out / name / f'{PARTS[name][0]}.json'
   if data.exists():
     result['result'] = json.loads(data.read_text())
   print(f"{name}: exit {code} in {result['seconds']:.0f} s", flush=True)
@@ -122,22 +127,22 @@ def markdown(env: dict, parts: list[dict]) -> str:
     lines += [f"## {p['part']} (exit {p['exit']}, {p['seconds']:.0f} s)", '',
               f"`python -m {p['command']}`", '']
     result = p.get('result', {})
-    if 'table' in result:
-      lines += [result['table'], '']
+    if result.get('rows'):
+      lines += [*PARTS[p['part']][1](result), '']
     lines += [f"- failed: {f}" for f in result.get('failures', [])]
   return '\n'.join(lines)
 
 
 def main(argv):
   del argv
-  out = pathlib.Path(FLAGS.out)
+  out = common.out_dir('bench_device')
   out.mkdir(parents=True, exist_ok=True)
   env = environment()
   print(f"{env['device_kind']} ({env['platform']} x {env['device_count']}), jax {env['jax']}",
         flush=True)
   todo = commands(out, FLAGS.quick)
   parts = [run_part(name, *todo[name], out) for name in FLAGS.parts]
-  (out / 'report.json').write_text(json.dumps({'environment': env, 'parts': parts}, indent=1))
+  common.write_json(out / 'report.json', {'environment': env, 'parts': parts})
   (out / 'report.md').write_text(markdown(env, parts))
   print(f'wrote {out / "report.md"}')
   if any(p['exit'] != 0 for p in parts):

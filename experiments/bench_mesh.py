@@ -1,6 +1,7 @@
 r"""The train step under several meshes on simulated CPU devices: step time and collectives.
 
-  python -m experiments.bench_mesh --out=experiments/results/bench_mesh.json
+  python -m experiments.bench_mesh          # experiments/results/bench_mesh/bench_mesh.json
+  python -m experiments.bench_mesh --quick --out=/tmp/mesh   # tiny configs, 2 meshes, 1 step
 
 For each variant's default config and each mesh (data, fsdp, tensor): the median time of the
 train step called directly, its ratio to pure data parallelism, and what the compiled HLO
@@ -14,15 +15,13 @@ compare layouts, not hardware.
 
 from __future__ import annotations
 
-import importlib
-import json
-import pathlib
 import re
 
 import jax
 from absl import app, flags
 
-from experiments.bench_train import time_train_step
+from experiments import common, tables
+from experiments.timing import time_train_step
 from mla_jax import cli, sharding
 from mla_jax.config import ModelConfig
 from mla_jax.model import param_count
@@ -33,7 +32,6 @@ flags.DEFINE_list('variants', ['mha', 'mla'], 'configs/<name>.py to measure')
 flags.DEFINE_multi_string('mesh', ['8,1,1', '1,8,1', '2,4,1', '2,2,2'],
                           'a mesh as data,fsdp,tensor; repeat the flag (the first is the baseline)')
 flags.DEFINE_integer('steps', 3, 'timed calls of the train step per mesh')
-flags.DEFINE_string('out', 'bench_mesh.json', 'where to write the JSON results')
 
 COLLECTIVES = ('all-gather', 'reduce-scatter', 'all-reduce', 'collective-permute', 'all-to-all')
 _DTYPE_BYTES = {'f32': 4, 'bf16': 2, 'f16': 2, 's32': 4, 'u32': 4, 'pred': 1, 's8': 1, 'u8': 1}
@@ -62,13 +60,15 @@ def main(argv):
   cli.quiet_logging()
   jax.config.update('jax_num_cpu_devices', FLAGS.devices)
   rows = []
+  meshes = FLAGS.mesh[:2] if FLAGS.quick else FLAGS.mesh
+  steps = 1 if FLAGS.quick else FLAGS.steps
   for name in FLAGS.variants:
-    config = importlib.import_module(f'configs.{name}').get_config()
+    config = common.load_config(name, 'tiny' if FLAGS.quick else '')
     param_bytes = 4 * param_count(ModelConfig.from_dict(config.model))
     baseline = None
-    for mesh_arg in FLAGS.mesh:
+    for mesh_arg in meshes:
       sizes = dict(zip(sharding.MESH_AXES, map(int, mesh_arg.split(',')), strict=True))
-      timed = time_train_step(config, sharding.make_mesh(sizes), FLAGS.steps)
+      timed = time_train_step(config, sharding.make_mesh(sizes), steps)
       counts, gathered = collectives(timed['hlo'])
       baseline = baseline or timed['step_s']
       rows.append({'variant': name, 'mesh': sizes, 'step_s': timed['step_s'],
@@ -76,20 +76,11 @@ def main(argv):
                    'compile_s': timed['compile_s'], 'collectives': counts,
                    'all_gathered_bytes': gathered, 'gathered_vs_params': gathered / param_bytes})
       print(rows[-1], flush=True)
-  lines = ['| variant | mesh (data, fsdp, tensor) | step (s) | vs data parallel | all-gather | '
-           'reduce-scatter | all-reduce | other | gathered / param bytes |',
-           '|---|---|--:|--:|--:|--:|--:|--:|--:|']
-  for r in rows:
-    c = r['collectives']
-    other = c['collective-permute'] + c['all-to-all']
-    lines.append(f"| {r['variant']} | {tuple(r['mesh'].values())} | {r['step_s']:.2f} | "
-                 f"{r['vs_data_parallel']:.2f} | {c['all-gather']} | {c['reduce-scatter']} | "
-                 f"{c['all-reduce']} | {other} | {r['gathered_vs_params']:.2f} |")
-  print('\n'.join(lines))
-  pathlib.Path(FLAGS.out).write_text(json.dumps(
-      {'devices': f'{FLAGS.devices} simulated {jax.devices()[0].platform} devices',
-       'rows': rows}, indent=1))
-  print(f'wrote {FLAGS.out}')
+  payload = {'devices': f'{FLAGS.devices} simulated {jax.devices()[0].platform} devices',
+             'rows': rows}
+  print('\n'.join(tables.bench_mesh_table(payload)))
+  path = common.write_json(common.out_dir('bench_mesh') / 'bench_mesh.json', payload)
+  print(f'wrote {path}')
 
 
 if __name__ == '__main__':

@@ -1,6 +1,7 @@
 r"""Training throughput: the train step alone, inside the training loop, and beside PyTorch.
 
-  python -m experiments.bench_train --out=experiments/results/bench_train.json
+  python -m experiments.bench_train              # experiments/results/bench_train/bench_train.json
+  python -m experiments.bench_train --quick --out=/tmp/bt       # tiny configs: a smoke run
   python -m experiments.bench_train --size=peer --variants=mha,mla --peer --loop=false
   python -m experiments.bench_train --size=large --variants=mha,mla --impls=einsum,fused \
       --peer --loop=false                                        # the accelerator report's rows
@@ -8,7 +9,7 @@ r"""Training throughput: the train step alone, inside the training loop, and bes
 Sizes: `default` is each variant's configs/<name>.py as it trains; `peer` is the same model at
 batch 16 x 256 (the CPU comparison with PyTorch); `large` is d_model 1024, 8 layers, 16 heads of
 64, SwiGLU 2752, vocab 256, batch 32 x 1024, MLA d_c 256 and d_r 32 (the GPU comparison);
-`tiny` is configs/<name>.py:tiny (a smoke run).
+`tiny` is configs/<name>.py:tiny (a smoke run; what --quick runs).
 
 For each variant and attention_impl: the train step's jit compile time; the step called
 directly on one fixed batch (median of timed calls); with --loop, the trainer's own loop over
@@ -23,7 +24,6 @@ is a lookup) against --peak_tflops, or against the matmul rate measured in the r
 from __future__ import annotations
 
 import functools
-import importlib
 import json
 import os
 import pathlib
@@ -33,8 +33,9 @@ import jax
 import numpy as np
 from absl import flags
 
+from experiments import common, tables
 from experiments.timing import attempt, attention_kernel, machine_limits, time_train_step
-from mla_jax import cli, sharding, trainer
+from mla_jax import cli, sharding, training
 from mla_jax.config import ModelConfig
 from mla_jax.model import param_count
 
@@ -49,15 +50,13 @@ flags.DEFINE_string('data_files', '', 'a text glob for the loop instead of the d
 flags.DEFINE_integer('window', 8, 'steps per timed window of the training loop')
 flags.DEFINE_bool('peer', False, "also time transformers' model on the same config")
 flags.DEFINE_float('peak_tflops', 0.0, 'the peak for MFU (0: the matmul rate measured now)')
-flags.DEFINE_string('out', 'bench_train.json', 'where to write the JSON results')
 flags.DEFINE_bool('deterministic', False, 'deterministic GPU ops, as train.deterministic=True '
                   'gives the train command (bit-exact resume; no cuDNN attention)')
 
 
 def config_for(variant: str, size: str, impl: str):
   """The training config of one row (see the module docstring)."""
-  module = importlib.import_module(f'configs.{variant}')
-  config = module.get_config('tiny' if size == 'tiny' else '')
+  config = common.load_config(variant, 'tiny' if size == 'tiny' else '')
   m = config.model
   if size in ('peer', 'large'):
     config.data.update(batch_size=16, seq_len=256)
@@ -83,21 +82,20 @@ def _loop_tokens_per_s(config, window: int, data_files: str) -> float:
       config.data.files = data_files
     config.train.update(steps=3 * window, log_every=window, checkpoint_every=10**9,
                         eval_every=10**9)
-    trainer.train_and_evaluate(config, workdir, final_eval=False)
+    training.train_and_evaluate(config, workdir, final_eval=False)
     rows = [json.loads(line)
             for line in pathlib.Path(workdir, 'metrics.jsonl').read_text().splitlines()]
   return float(np.median([r['tokens_per_s'] for r in rows[1:] if 'tokens_per_s' in r]))
 
 
 def bench_row(variant: str, impl: str, peak_flops: float) -> dict:
-  config = config_for(variant, FLAGS.size, impl)
+  config = config_for(variant, size(), impl)
   cfg = ModelConfig.from_dict(config.model)
   tokens = config.data.batch_size * config.data.seq_len
-  row = {'variant': variant, 'impl': impl, 'fused': cfg.fused, 'params': param_count(cfg),
+  row = {'variant': variant, 'impl': impl, 'params': param_count(cfg),
          'dtype': str(cfg.compute_dtype), 'batch': config.data.batch_size,
          'seq_len': config.data.seq_len,  # first: a failure here loses no timing
-         'attention_kernel': (attention_kernel(config, sharding.make_mesh(config.mesh))
-                              if cfg.fused else 'einsum')}
+         'attention_kernel': attention_kernel(config, sharding.make_mesh(config.mesh))}
   if FLAGS.peer:
     from experiments import torch_peer  # torch and transformers: the dev extra
     side_by_side = torch_peer.time_side_by_side(config, steps=FLAGS.direct_steps)
@@ -115,24 +113,13 @@ def bench_row(variant: str, impl: str, peak_flops: float) -> dict:
   return row
 
 
-def format_table(rows) -> str:
-  lines = ['| variant | impl | params | dtype | compile (s) | step alone (tokens/s) | MFU | '
-           'loop (tokens/s) | loop / alone | torch (tokens/s) | ours / torch |',
-           '|---|---|---:|---|---:|---:|---:|---:|---:|---:|---:|']
-  for r in rows:
-    opt = lambda key, fmt, r=r: format(r[key], fmt) if key in r else '-'
-    kernel = f" ({r['attention_kernel']})" if r['fused'] else ''
-    lines.append(f"| {r['variant']} | {r['impl']}{kernel} | "
-                 f"{r['params'] / 1e6:.2f}M | {r['dtype']} | {r['compile_s']:.1f} | "
-                 f"{r['tokens_per_s']:.0f} | {r['mfu']:.1%} | {opt('loop_tokens_per_s', '.0f')} "
-                 f"| {opt('loop_vs_direct', '.2f')} | {opt('torch_tokens_per_s', '.0f')} | "
-                 f"{opt('ratio_vs_torch', '.2f')} |")
-  return '\n'.join(lines)
+def size() -> str:
+  return 'tiny' if FLAGS.quick else FLAGS.size
 
 
 def main():
-  config = config_for('mha', FLAGS.size, 'auto')
-  trainer.request_determinism(config)  # before jax starts its backends: XLA reads its flags once
+  config = config_for('mha', size(), 'auto')
+  training.request_determinism(config)  # before jax starts its backends: XLA reads its flags once
   if FLAGS.peer:  # torch shares the device: jax must not take 75% of its memory up front
     os.environ.setdefault('XLA_PYTHON_CLIENT_PREALLOCATE', 'false')
   dtype = str(ModelConfig.from_dict(config.model).compute_dtype)
@@ -141,12 +128,13 @@ def main():
   peak = FLAGS.peak_tflops * 1e12 or measured['matmul_flops_per_s']
   rows, failures = [], []
 
+  path = common.out_dir('bench_train') / 'bench_train.json'
+
   def save():  # after every row: a run stopped at its time limit keeps what it measured
-    pathlib.Path(FLAGS.out).write_text(json.dumps(
-        {'device': str(jax.devices()[0]), 'size': FLAGS.size, 'peak_flops': peak,
-         'measured_matmul_flops_per_s': measured['matmul_flops_per_s'],
-         'deterministic': FLAGS.deterministic, 'rows': rows, 'failures': failures,
-         'table': format_table(rows)}, indent=1))
+    common.write_json(path, {
+        'device': str(jax.devices()[0]), 'size': size(), 'peak_flops': peak,
+        'measured_matmul_flops_per_s': measured['matmul_flops_per_s'],
+        'deterministic': FLAGS.deterministic, 'rows': rows, 'failures': failures})
 
   for variant in FLAGS.variants:
     for impl in FLAGS.impls:
@@ -157,11 +145,11 @@ def main():
         print(row, flush=True)
       save()
   print(f"MFU against {peak / 1e12:.1f} TFLOP/s ({'given' if FLAGS.peak_tflops else 'measured'}"
-        f', {dtype})\n' + format_table(rows))
+        f', {dtype})\n' + '\n'.join(tables.bench_train_table({'rows': rows})))
   save()
-  print(f'wrote {FLAGS.out}')
+  print(f'wrote {path}')
   if failures:
-    raise SystemExit(f'error: {len(failures)} rows failed (listed in {FLAGS.out})')
+    raise SystemExit(f'error: {len(failures)} rows failed (listed in {path})')
 
 
 if __name__ == '__main__':

@@ -4,7 +4,7 @@ cache dtype, for the four default runs (configs/{mha,gqa,mqa,mla}.py).
   python -m experiments.cache_quantization --workdir=runs/quant            # see README timing
   python -m experiments.cache_quantization --workdir=/tmp/cq --quick       # ~1-2 min, tiny
 
-A run missing from workdir/<variant> is trained there first (mla_jax.trainer; an interrupted
+A run missing from workdir/<variant> is trained there first (mla_jax.training; an interrupted
 one resumes, a finished one is reused). Then, for each cache dtype (ModelConfig.cache_dtype;
 the reference is the float32 cache):
 - validation perplexity THROUGH the decode cache: the held-out split in windows of --window
@@ -18,8 +18,8 @@ the reference is the float32 cache):
 The float32 row's perplexity is checked against a full forward (mla_jax.evaluator) on the same
 windows: they must agree to float32 rounding, or the cache path is wrong.
 
-The report (cache_quantization.md / .json) goes to --results_dir: experiments/results for the
-full run, the workdir for --quick (which must never overwrite the committed results).
+The report (cache_quantization.md / .json) goes to --out: experiments/results/
+cache_quantization/ for the full run, the workdir for --quick (never the committed results).
 """
 
 from __future__ import annotations
@@ -29,7 +29,6 @@ import functools
 import json
 import math
 import pathlib
-import sys
 import time
 
 import jax
@@ -40,9 +39,8 @@ from absl import flags
 from flax import nnx
 
 import mla_jax
-from configs import gqa, mha, mla, mqa
-from experiments import runner
-from mla_jax import cli, data, evaluator, trainer
+from experiments import common, report, tables
+from mla_jax import cli, data, evaluator, training
 from mla_jax import workdir as wd
 from mla_jax.model import with_config
 
@@ -51,8 +49,6 @@ flags.DEFINE_string('workdir', None, 'where the runs live (one folder per varian
 flags.DEFINE_list('variants', ['mha', 'gqa', 'mqa', 'mla'], 'configs/<variant>.py runs')
 flags.DEFINE_list('cache_dtypes', ['float32', 'bfloat16', 'int8', 'float8_e4m3fn'],
                   'cache dtypes to compare; the first is the reference')
-flags.DEFINE_bool('quick', False, 'tiny models (configs/<v>.py:tiny), a few windows: a check '
-                  'of the pipeline, not of quantization')
 flags.DEFINE_integer('window', 256, 'tokens scored per validation window (stride = window)')
 flags.DEFINE_integer('batch', 64, 'windows decoded at once')
 flags.DEFINE_integer('prefill', 8, 'tokens of each window prefilled before decoding 1 by 1')
@@ -60,14 +56,10 @@ flags.DEFINE_integer('max_windows', 0, '>0: only the first N windows (0: the who
 flags.DEFINE_integer('prompts', 4, 'fixed validation prompts for greedy agreement')
 flags.DEFINE_integer('prompt_len', 64, 'tokens per prompt')
 flags.DEFINE_integer('gen_tokens', 256, 'greedy tokens generated per prompt')
-flags.DEFINE_string('results_dir', None,
-                    'where the report goes (default: experiments/results; with --quick, workdir)')
 flags.DEFINE_string('data_files', '', 'a glob of text files instead of the Shakespeare corpus')
 flags.mark_flag_as_required('workdir')
 
-ROOT = pathlib.Path(__file__).resolve().parents[1]
 NAME = 'cache_quantization'
-CONFIGS = {'mha': mha, 'gqa': gqa, 'mqa': mqa, 'mla': mla}
 # --quick: small enough for a test, big enough to exercise batching, padding and the pulled-
 # back last window.
 QUICK = dict(window=32, batch=8, prefill=4, max_windows=20, prompts=2, prompt_len=8,
@@ -75,9 +67,7 @@ QUICK = dict(window=32, batch=8, prefill=4, max_windows=20, prompts=2, prompt_le
 
 
 def run_config(variant: str, quick: bool, data_files: str = ''):
-  if variant not in CONFIGS:
-    raise SystemExit(f'error: unknown variant {variant!r}; use some of {sorted(CONFIGS)}')
-  config = CONFIGS[variant].get_config('tiny' if quick else '')
+  config = common.load_config(variant, 'tiny' if quick else '')
   if data_files:
     config.data.files = data_files
   return config
@@ -86,7 +76,7 @@ def run_config(variant: str, quick: bool, data_files: str = ''):
 def trained_model(variant: str, run_dir: pathlib.Path, quick: bool, data_files: str = ''):
   """(model, config) of run_dir, trained there first if it is not finished."""
   config = run_config(variant, quick, data_files)
-  trainer.train_and_evaluate(config, str(run_dir), final_eval=False)  # no-op when finished
+  training.train_and_evaluate(config, str(run_dir), final_eval=False)  # no-op when finished
   model, _ = wd.load_workdir(run_dir)
   return model, config
 
@@ -187,48 +177,6 @@ def _covered(windows, val) -> int:
   return min(len(val), len(windows) * windows.shape[1] - (len(windows) - 1))
 
 
-def markdown(results: dict, setup: dict) -> str:
-  o, quick = setup['options'], setup['quick']
-  lines = [
-      '# What an 8-bit decode cache costs', '',
-      f"`{setup['command']}` on {setup['machine']}, {setup['date']}: the measurements took "
-      f"{_measure_s(results) / 60:.0f} minutes (summed over variants; a variant measured by an "
-      'earlier invocation is read back, not measured again)'
-      f"{' (QUICK: tiny models, a pipeline check; the numbers mean nothing)' if quick else ''}.",
-      '',
-      f"Validation perplexity computed through the decode cache: {o['window']}-token windows "
-      f"(stride {o['window']}), each prefilled with {o['prefill']} tokens and then decoded one "
-      f"token per step, {o['batch']} windows at a time, over "
-      + (f"the first {o['max_windows']} windows of the validation split" if o['max_windows']
-         else 'the whole validation split')
-      + f" ({next(iter(results.values()))[0]['tokens']:,} tokens scored). Argmax agreement: "
-      'the share of scored tokens whose next-token argmax equals the reference cache\'s '
-      '(teacher-forced). Greedy: '
-      f"{o['gen_tokens']} tokens from each of {o['prompts']} fixed {o['prompt_len']}-token "
-      'validation prompts; the leading tokens that equal the reference cache\'s generation, per '
-      'prompt. Bytes per token: all layers, the 8-bit caches\' float32 scales included. '
-      f"Reference: the {setup['cache_dtypes'][0]} cache.", '',
-      '| variant | cache dtype | bytes/token | val perplexity | vs reference | argmax agreement '
-      '| greedy leading tokens (per prompt) |',
-      '|---|---|--:|--:|--:|--:|---|',
-  ]
-  for variant, rows in results.items():
-    for r in rows:
-      lines.append(
-          f"| {variant} | {r['cache_dtype']} | {r['bytes_per_token']:,} | "
-          f"{r['perplexity']:.4f} | {r['perplexity_change_pct']:+.3f}% | "
-          f"{100 * r['argmax_agreement']:.2f}% | {', '.join(map(str, r['greedy_leading']))} |")
-  lines += ['', 'Check: the reference rows\' perplexity through the cache vs a full forward '
-            '(mla_jax.evaluator, same windows): ' + '; '.join(
-                f"{v} {rows[0]['perplexity']:.6f} vs {rows[0]['full_forward_perplexity']:.6f}"
-                for v, rows in results.items()) + '.']
-  return '\n'.join(lines) + '\n'
-
-
-def _measure_s(results: dict) -> float:
-  return sum(r['perplexity_s'] + r['generate_s'] for rows in results.values() for r in rows)
-
-
 def options() -> dict:
   opts = {k: getattr(FLAGS, k) for k in QUICK}
   if FLAGS.quick:  # the quick sizes, unless a flag was given explicitly
@@ -262,18 +210,13 @@ def main():
             f"({r['perplexity_change_pct']:+.3f}%) argmax {100 * r['argmax_agreement']:.2f}% "
             f"greedy {r['greedy_leading']} [{r['perplexity_s']:.0f} s + {r['generate_s']:.0f} s]",
             flush=True)
-  setup = dict(command=' '.join(['python -m experiments.cache_quantization', *sys.argv[1:]]),
-               quick=FLAGS.quick, machine=runner.machine(),
+  setup = dict(command=common.command(), quick=FLAGS.quick, machine=common.machine(),
                date=datetime.date.today().isoformat(),
                wall_s=time.perf_counter() - start, options=opts,
                cache_dtypes=FLAGS.cache_dtypes, data=FLAGS.data_files or 'shakespeare',
                jax=jax.__version__)
-  out = pathlib.Path(FLAGS.results_dir or (FLAGS.workdir if FLAGS.quick
-                                           else ROOT / 'experiments' / 'results'))
-  out.mkdir(parents=True, exist_ok=True)
-  paths = [out / f'{NAME}.md', out / f'{NAME}.json']
-  paths[0].write_text(markdown(results, setup))
-  paths[1].write_text(json.dumps(dict(setup=setup, results=results), indent=1))
+  paths = report.write(common.out_dir(NAME, FLAGS.workdir), NAME,
+                       dict(setup=setup, results=results), tables.cache_quantization_report)
   print('wrote ' + ', '.join(str(p) for p in paths))
 
 

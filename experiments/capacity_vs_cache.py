@@ -7,192 +7,348 @@ best learning rate, then 3 seeds.
   python -m experiments.capacity_vs_cache --workdir=runs/capacity --geometry=paper --match=mlp \
       --rows=mha,gqa2,mqa,mla4 --lrs=6e-3   # the control: every row at MHA's MLP width
 
-Protocol (experiments/sweep.py): seed 0 of every row is trained at each rate of --lrs and the
-rate with the lowest validation loss is the row's; then seeds 1 .. --seeds are trained at it
-and reported (mean ± std). The run that chose the rate is not among those reported. With one
-rate there is no sweep. A run whose loss turns non-finite is recorded as diverged, and the
-sweep passes over its rate.
-
-Each run is an ordinary mla_jax workdir, workdir/<geometry>[-mlp][-quick]/<row>/lr<rate>/seed<k>,
-trained in its own process pinned to one CPU core, --jobs at a time (experiments/runner.py): an
-interrupted run resumes from its last checkpoint, and a finished one (result.json) is not
-redone. Every finished run is also recorded in capacity_vs_cache.ledger.jsonl beside the
-report, and a workdir that lacks a run the ledger holds gets its result back: a clone on a
-fresh machine continues a grid that another machine started (to redo a finished run, delete its
-folder and its ledger line). Each run scores the validation split with
-mla_jax.evaluator.perplexity; a reported run also prefills and decodes with the trained model
-in bfloat16, counts the elements and bytes per token of the caches the decode loop returns
-(which must equal the formula), and the bytes per token of int8 and float8_e4m3fn caches
-(ModelConfig.cache_dtype; their float32 per-token scales included). The report
-(capacity_vs_cache[_paper][_mlp].md / .json / .png) goes to --results_dir: experiments/results
-for the full run, the workdir for --quick (which never overwrites the committed results).
+The protocol, the worker and the ledger are experiments/sweep.py's: seed 0 of every row at each
+rate of --lrs, the rate with the lowest validation loss is the row's, then seeds 1 .. --seeds
+at it, reported as mean ± std. Runs live in workdir/<geometry>[-mlp][-quick]/<row>/lr<rate>/
+seed<k>. Each run scores the validation split with mla_jax.evaluator.perplexity. The report
+(capacity_vs_cache[_paper][_mlp].md / .json / .png) goes to --out: experiments/results/
+capacity_vs_cache/ for the full run, the workdir for --quick.
 """
 
 from __future__ import annotations
 
-import json
 import pathlib
-import sys
-import time
+import statistics
 
-import jax
-import numpy as np
 from absl import flags
 
 from configs.ablations import capacity_vs_cache as ablation
-from experiments import capacity_report, runner
-from experiments import sweep as sweep_lib
-from mla_jax import cli, data, evaluator, trainer
-from mla_jax import workdir as wd
+from experiments import report, stats, sweep
+from mla_jax import cli, data, evaluator
 from mla_jax.errors import InputError
-from mla_jax.model import param_count
 
+NAME = 'capacity_vs_cache'
+# --match -> (the plots' and titles' short name, the report's sentence).
+MATCHING = {
+    'params': ('parameters matched',
+               'the SwiGLU width d_ff is set per row to match MHA\'s parameter count'),
+    'mlp': ('MLP widths matched', 'every row has MHA\'s SwiGLU width d_ff, so the parameter '
+            'counts differ (the control for the usual matching)'),
+}
 FLAGS = flags.FLAGS
-flags.DEFINE_string('workdir', None, 'where the runs live (geometry / row / rate / seed)')
 flags.DEFINE_enum('geometry', 'small', list(ablation.GEOMETRIES),
                   'small: 8 heads of d_h = 16; paper: 4 heads of d_h = 32 (d_r = 16)')
-flags.DEFINE_enum('match', 'params', list(capacity_report.MATCHING),
+flags.DEFINE_enum('match', 'params', list(MATCHING),
                   "params: each row's SwiGLU width matches MHA's parameter count; mlp: every "
                   "row has MHA's SwiGLU width (the control for what the matching gives)")
-flags.DEFINE_list('rows', None, "rows to run (default: every row of the geometry)")
-flags.DEFINE_list('lrs', None, 'learning rates to choose from with seed 0 (default: the '
-                  "config's LEARNING_RATES of the geometry; with --quick, QUICK_LEARNING_RATES)")
-flags.DEFINE_integer('seeds', 3, 'seeds 1 .. N trained at the chosen rate and reported')
-flags.DEFINE_bool('quick', False, 'a tiny model and 20 steps: checks the pipeline, not MLA')
-flags.DEFINE_integer('jobs', 0, 'runs at a time, one core each (0: one per available core)')
-flags.DEFINE_string('results_dir', None,
-                    'where the report goes (default: experiments/results; with --quick, workdir)')
 flags.DEFINE_string('data_files', '', 'a glob of text files instead of the Shakespeare corpus')
-flags.DEFINE_string('worker', None, 'internal: ROW:RATE:SEED, the run this process trains')
-flags.mark_flag_as_required('workdir')
 
-LEDGER = 'capacity_vs_cache.ledger.jsonl'  # every geometry's and matching's runs
-
-
-def run_config(row: str, lr: float, seed: int):
-  options = ''.join(f',{o}' for o, on in (('paper', FLAGS.geometry == 'paper'),
-                                          ('mlp', FLAGS.match == 'mlp'),
-                                          ('quick', FLAGS.quick)) if on)
-  config = ablation.get_config(row + options)
-  config.opt.lr = lr
-  config.seed = seed
-  if FLAGS.data_files:
-    config.data.files = FLAGS.data_files
-  return config
-
-
-def run_path(row: str, lr: float, seed: int) -> pathlib.Path:
-  """Everything that fixes a run is in its path (a --quick run is another model, so it never
-  passes for a full one), but the corpus: --data_files takes its own --results_dir."""
-  variant = (FLAGS.geometry + ('' if FLAGS.match == 'params' else f'-{FLAGS.match}')
-             + ('-quick' if FLAGS.quick else ''))
-  return pathlib.Path(FLAGS.workdir) / variant / row / f'lr{lr:g}' / f'seed{seed}'
+# 8-bit caches' measured bytes per token (scales included): result key -> summary key. Runs
+# from before they were measured have none (shown as n/a).
+BYTES_8BIT = {'cache_bytes_int8_measured': 'bytes_int8', 'cache_bytes_fp8_measured': 'bytes_fp8'}
+# (row expected to be better, row expected to be worse, what the paper says).
+COMPARISONS = [
+    ('mha', 'gqa4', 'MHA "strong" vs GQA "moderate" (Table 8: MHA beats GQA with 8 groups)'),
+    ('mha', 'gqa2', 'MHA "strong" vs GQA with 2 groups (the paper geometry\'s GQA row)'),
+    ('gqa4', 'gqa2', 'GQA with more groups vs fewer (more cache, more capacity)'),
+    ('gqa2', 'mqa', 'GQA "moderate" vs MQA "weak" (Table 8: GQA beats MQA)'),
+    ('mha', 'mqa', 'MHA "strong" vs MQA "weak" (Table 8)'),
+    ('mla4', 'mha', 'MLA "stronger" vs MHA "strong" (Table 9: MLA beats MHA)'),
+    ('mla4', 'gqa2', 'MLA vs GQA at a similar cache (Table 1: MLA = GQA with 2.25 groups)'),
+    ('mla8', 'mla4', 'MLA with a larger latent (d_c = 8 d_h vs 4 d_h)'),
+    ('mla4', 'mla2', 'MLA with a larger latent (d_c = 4 d_h vs 2 d_h)'),
+]
 
 
-def _worker(spec: str) -> None:
-  """Trains, evaluates and (not for a sweep run) measures one run; writes result.json last."""
-  row, lr, seed = spec.split(':')
-  lr, seed = float(lr), int(seed)
-  runner.share_compilations(FLAGS.workdir)
-  config = run_config(row, lr, seed)
-  run_dir = run_path(row, lr, seed)
-  start = time.perf_counter()
-  try:
-    trainer.train_and_evaluate(config, str(run_dir), final_eval=False)
-  except trainer.TrainingError as e:  # a rate too high: the sweep passes over it
-    wd.write_json(run_dir, runner.RESULT, dict(row=row, lr=lr, seed=seed, diverged=str(e),
-                                        cpu_s=runner.cpu_s()))
-    return
-  train_s = time.perf_counter() - start
-  model, cfg = wd.load_workdir(run_dir)
-  val = data.load_splits(config.data)['val']
-  start = time.perf_counter()
-  e = config.eval
-  result = evaluator.perplexity(model, val, e.seq_len, e.stride, e.batch_size)
-  eval_s = time.perf_counter() - start
-  # A sweep run (seed 0) is read only for its validation loss: its cache is not measured.
-  cache = runner.measure_caches(model, val[:cfg.max_seq_len // 2]) if seed else {}
-  rows = [json.loads(line) for line in (run_dir / 'metrics.jsonl').open()]
-  speeds = [r['tokens_per_s'] for r in rows if 'tokens_per_s' in r][1:]  # the first compiles
-  result.update(
-      row=row, lr=lr, seed=seed, geometry=FLAGS.geometry, attention=cfg.attention,
-      params=param_count(cfg), d_ff=cfg.d_ff, model=cfg.to_dict(),
-      train_tokens=config.train.steps * config.data.batch_size * config.data.seq_len,
-      tokens_per_s=float(np.median(speeds)) if speeds else None, **cache, train_s=train_s,
-      eval_s=eval_s, cpu_s=runner.cpu_s(), jax=jax.__version__, machine=runner.machine())
-  wd.write_json(run_dir, runner.RESULT, result)
+def name(geometry: str, match: str = 'params') -> str:
+  """The report's file name: the small geometry with parameters matched keeps the original."""
+  return '_'.join([NAME] + [geometry] * (geometry != 'small') + [match] * (match != 'params'))
 
 
-def _task(run: tuple) -> runner.Task:
-  row, lr, seed = run
-  path = run_path(*run)
-  return runner.Task(
-      f'{row} lr{lr:g} seed{seed}',
-      ['experiments.capacity_vs_cache', f'--workdir={FLAGS.workdir}', f'--worker={row}:{lr!r}:'
-       f'{seed}', f'--geometry={FLAGS.geometry}', f'--match={FLAGS.match}',
-       f'--quick={FLAGS.quick}',
-       f'--data_files={FLAGS.data_files}'],
-      path / 'log.txt', path / runner.RESULT,
-      describe=lambda r: 'diverged' if r.get('diverged') else
-      f"val loss {r['loss']:.4f} (perplexity {r['perplexity']:.3f})")
+class CapacityVsCache(sweep.Sweep):
+  name = NAME
+
+  def plan(self) -> sweep.Plan:
+    rows_of = ablation.GEOMETRIES[FLAGS.geometry][1]
+    rows = list(dict.fromkeys(FLAGS.rows or rows_of))
+    unknown = sorted(set(rows) - set(rows_of))
+    lrs = sweep.rates(FLAGS.lrs or (ablation.QUICK_LEARNING_RATES if FLAGS.quick
+                                    else ablation.LEARNING_RATES[FLAGS.geometry]))
+    seeds = 3 if FLAGS.seeds is None else FLAGS.seeds
+    if FLAGS.data_files and not (FLAGS.out or FLAGS.quick):
+      raise InputError('--data_files needs --out (and a workdir of its own): a report and '
+                       'ledger on another corpus must not replace the committed Shakespeare ones')
+    if unknown or seeds < 1:
+      raise InputError(f'unknown rows {unknown} or --seeds={seeds} < 1; the rows of '
+                       f'--geometry={FLAGS.geometry} are {rows_of}')
+    grid = dict(quick=FLAGS.quick, geometry=FLAGS.geometry, match=FLAGS.match, rows=rows,
+                seeds=seeds, lrs=lrs, data=FLAGS.data_files or 'shakespeare')
+    return sweep.Plan([(row,) for row in rows], lrs, seeds, grid,
+                      f'{len(rows)} rows ({FLAGS.geometry} geometry)',
+                      name(FLAGS.geometry, FLAGS.match))
+
+  def config(self, run):
+    row, lr, seed = run
+    options = ''.join(f',{o}' for o, on in (('paper', FLAGS.geometry == 'paper'),
+                                            ('mlp', FLAGS.match == 'mlp'),
+                                            ('quick', FLAGS.quick)) if on)
+    config = ablation.get_config(row + options)
+    config.opt.lr, config.seed = lr, seed
+    if FLAGS.data_files:
+      config.data.files = FLAGS.data_files
+    return config
+
+  def path(self, run) -> pathlib.Path:
+    """A --quick run is another model, so it never passes for a full one; --data_files takes
+    its own --out."""
+    row, lr, seed = run
+    variant = (FLAGS.geometry + ('' if FLAGS.match == 'params' else f'-{FLAGS.match}')
+               + ('-quick' if FLAGS.quick else ''))
+    return pathlib.Path(FLAGS.workdir) / variant / row / f'lr{lr:g}' / f'seed{seed}'
+
+  def fields(self, run) -> dict:
+    row, lr, seed = run
+    return dict(row=row, lr=lr, seed=seed, geometry=FLAGS.geometry)
+
+  def measure(self, run, config, model):
+    val = data.load_splits(config.data)['val']
+    e = config.eval
+    return (evaluator.perplexity(model, val, e.seq_len, e.stride, e.batch_size),
+            val[:model.cfg.max_seq_len // 2])
+
+  def best(self, results: list[dict]) -> float:
+    return best_rate(results)
+
+  def describe(self, r: dict) -> str:
+    return ('diverged' if r.get('diverged') else
+            f"val loss {r['loss']:.4f} (perplexity {r['perplexity']:.3f})")
+
+  def report(self, results, swept, setup, out):
+    summary = summarize(results)
+    table = sweep_table(swept)
+    for row, s in summary.items():
+      if row in table:
+        s['edge'] = edge(table[row], s['lr'])
+    comparisons = [c for better, worse, claim in COMPARISONS
+                   if (c := compare(summary, better, worse, claim))]
+    strip = lambda runs: [{k: v for k, v in r.items() if k != 'model'} for r in runs]
+    payload = dict(setup=setup, rows=summary, comparisons=comparisons, sweep=table,
+                   runs=strip(results), sweep_runs=strip(swept))
+    stem = name(setup['geometry'], setup['match'])
+    return report.write(out, stem, payload, render, plot)
 
 
-def _read(run: tuple) -> dict | None:
-  path = run_path(*run) / runner.RESULT
-  return json.loads(path.read_text()) if path.exists() else None
+# --- the summary ---------------------------------------------------------------------------
+def best_rate(results: list[dict]) -> float:
+  """The rate whose seed-0 run has the lowest validation loss; diverged runs are out."""
+  finished = [r for r in results if not r.get('diverged')]
+  if not finished:
+    raise ValueError(f"{results[0]['row']}: every rate diverged (non-finite loss); rerun with "
+                     'lower --lrs')
+  return min(finished, key=lambda r: r['loss'])['lr']
 
 
-def _settings() -> tuple[list[str], list[float]]:
-  rows = list(dict.fromkeys(FLAGS.rows or ablation.GEOMETRIES[FLAGS.geometry][1]))
-  unknown = sorted(set(rows) - set(ablation.GEOMETRIES[FLAGS.geometry][1]))
-  lrs = sweep_lib.rates(FLAGS.lrs or (ablation.QUICK_LEARNING_RATES if FLAGS.quick
-                                      else ablation.LEARNING_RATES[FLAGS.geometry]))
-  if FLAGS.data_files and not (FLAGS.results_dir or FLAGS.quick):
-    raise InputError('--data_files needs --results_dir (and a workdir of its own): a report and '
-                     'ledger on another corpus must not replace the committed Shakespeare ones')
-  if unknown or FLAGS.seeds < 1:
-    raise InputError(f'unknown rows {unknown} or --seeds={FLAGS.seeds} < 1; the rows of '
-                     f'--geometry={FLAGS.geometry} are {ablation.GEOMETRIES[FLAGS.geometry][1]}')
-  return rows, lrs
+def sweep_table(swept: list[dict]) -> dict[str, dict[str, float | None]]:
+  """row -> {rate: validation loss of seed 0 (None: diverged)}."""
+  table: dict = {}
+  for r in swept:
+    table.setdefault(r['row'], {})[f"{r['lr']:g}"] = None if r.get('diverged') else r['loss']
+  return table
 
 
-def main():
-  if FLAGS.worker:
-    return _worker(FLAGS.worker)
-  rows, lrs = _settings()
-  start = time.perf_counter()
-  out = runner.results_dir(FLAGS.results_dir, FLAGS.workdir, FLAGS.quick)
-  ledger = runner.Ledger(out / LEDGER, FLAGS.workdir)
-  restored = ledger.sync()
-  cells = [(row,) for row in rows]
-  sweep = sweep_lib.sweep_runs(cells, lrs)
-  best = capacity_report.best_rate
-  left, upper = sweep_lib.left_to_train(sweep, cells, lrs, FLAGS.seeds, _read, best)
-  print(f'{len(rows)} rows ({FLAGS.geometry} geometry): {len(sweep)} sweep runs (seed 0 at each '
-        f'of {len(lrs)} rates) + {len(cells) * FLAGS.seeds} reported runs (seeds '
-        f"1-{FLAGS.seeds}); {'at most ' if upper else ''}{left} to train"
-        f'{runner.restored_words(restored, ledger)}', flush=True)
-  jobs = min(FLAGS.jobs or len(runner.available_cores()), len(runner.available_cores()))
-  trained = sweep_lib.train(sweep, 'learning-rate sweep', _task, _read, jobs, ledger)
-  final = sweep_lib.final_runs(cells, lrs, FLAGS.seeds, _read, best)
-  trained += sweep_lib.train(final, 'seeds at the chosen rates', _task, _read, jobs, ledger)
-  name = capacity_report.name(FLAGS.geometry, FLAGS.match)
-  wall_s = time.perf_counter() - start
-  grid = dict(quick=FLAGS.quick, geometry=FLAGS.geometry, match=FLAGS.match, rows=rows,
-              seeds=FLAGS.seeds, lrs=lrs, data=FLAGS.data_files or 'shakespeare')
-  setup = dict(command=' '.join(['python -m experiments.capacity_vs_cache', *sys.argv[1:]]),
-               **grid, jobs=jobs, machine=runner.machine(), wall_s=wall_s,
-               runs_trained=trained, runs_total=len(sweep) + len(final),
-               cpu_s=sum(_read(r)['cpu_s'] for r in sweep + final),
-               full_wall_s=runner.full_wall_s(out / f'{name}.json', wall_s,
-                                              trained == len(sweep) + len(final), grid))
-  try:
-    paths = capacity_report.write([_read(r) for r in final], [_read(r) for r in sweep], setup,
-                                  out)
-  except ValueError as e:  # every seed of a row diverged
-    raise InputError(str(e)) from None
-  print('wrote ' + ', '.join(str(p) for p in paths))
+def edge(rates: dict[str, float | None], lr: float) -> str | None:
+  """'lowest' / 'highest' when the chosen rate lr is at that end of the rates a row's sweep
+  tried (a diverged rate counts: it is worse), else None: the choice is bracketed."""
+  tried = sorted(map(float, rates))
+  if len(tried) < 2 or tried[0] < lr < tried[-1]:
+    return None
+  return 'lowest' if lr == tried[0] else 'highest'
+
+
+def summarize(results: list[dict]) -> dict[str, dict]:
+  """Per row: the seed-independent facts once, and loss / perplexity as mean and std over the
+  seeds that trained to the end (`diverged` lists those a non-finite loss stopped)."""
+  rows: dict[str, list[dict]] = {}
+  diverged: dict[str, list[int]] = {}
+  for r in sorted(results, key=lambda r: r['seed']):
+    if r.get('diverged'):
+      diverged.setdefault(r['row'], []).append(r['seed'])
+    else:
+      rows.setdefault(r['row'], []).append(r)
+  if set(diverged) - set(rows):
+    raise ValueError(f'{sorted(set(diverged) - set(rows))}: every seed diverged at the chosen '
+                     'rate (non-finite loss); rerun with lower --lrs')
+  summary = {}
+  for row, runs in rows.items():
+    first = runs[0]
+    if len({r['lr'] for r in runs}) > 1:
+      raise ValueError(f"{row}: seeds trained at different rates: {[r['lr'] for r in runs]}")
+    for key in ('params', 'cache_elements_measured', 'cache_bytes_bf16_measured',
+                *BYTES_8BIT):
+      if any(r.get(key) != first.get(key) for r in runs):
+        raise ValueError(f'{row}: {key} differs between seeds: {[r[key] for r in runs]}')
+    loss, loss_std = stats.mean_std([r['loss'] for r in runs])
+    ppl, ppl_std = stats.mean_std([r['perplexity'] for r in runs])
+    speeds = [r['tokens_per_s'] for r in runs if r['tokens_per_s']]
+    summary[row] = dict(
+        row=row, mechanism=report.mechanism(first), attention=first['attention'],
+        paper=report.PAPER.get(first['attention'], '-'), formula=first['cache_formula'],
+        elements_formula=first['cache_elements_formula'],
+        elements_measured=first['cache_elements_measured'],
+        bytes_bf16=first['cache_bytes_bf16_measured'], params=first['params'],
+        **{short: first.get(key) for key, short in BYTES_8BIT.items()},
+        d_ff=first['d_ff'], lr=first.get('lr'), diverged=diverged.get(row, []),
+        seeds=[r['seed'] for r in runs], losses=[r['loss'] for r in runs],
+        loss=loss, loss_std=loss_std, perplexity=ppl, perplexity_std=ppl_std,
+        tokens_per_s=statistics.fmean(speeds) if speeds else None,
+        train_tokens=first['train_tokens'], model=first['model'])
+  return summary
+
+
+def compare(summary: dict, better: str, worse: str, claim: str = '') -> dict | None:
+  """Is `better` lower in validation loss than `worse`, beyond the seed spread?"""
+  if better not in summary or worse not in summary:
+    return None
+  seeds = lambda s: dict(zip(s['seeds'], s['losses'], strict=True))
+  return report.compare(seeds(summary[better]), seeds(summary[worse]), claim, False,
+                        'resolved, as the paper says', better=better, worse=worse)
+
+
+# --- the report ----------------------------------------------------------------------------
+def _setup_line(summary: dict, setup: dict) -> str:
+  first = next(iter(summary.values()))
+  m, tokens = first['model'], first['train_tokens']
+  return (f"d_model {m['d_model']}, {m['n_layers']} layers, {m['n_heads']} query heads of "
+          f"d_h = {m['head_dim']}, {tokens / 1e6:.2f}M training tokens (bytes) per run, "
+          f"{setup.get('seeds', len(first['seeds']))} seeds")
+
+
+def _protocol(setup: dict) -> str:
+  lrs = setup.get('lrs')
+  if not lrs:  # a report from before the sweep: one rate for every row
+    return 'Every row at base.py\'s learning rate (3e-3); no row is tuned.'
+  if len(lrs) == 1:
+    return f'Every row at lr {lrs[0]:g} (one rate given: no sweep).'
+  rates = ', '.join(f'{lr:g}' for lr in lrs)
+  return (f'Each row at its own learning rate: seed 0 trained at each of {rates} '
+          'and the rate with the lowest validation loss chosen (table below); the seeds '
+          'reported are fresh ones (1, 2, ...) at that rate, never the run that chose it.')
+
+
+def summary_table(payload: dict) -> list[str]:
+  """The main table: one line per row, the GQA family by falling cache, then MLA."""
+  summary = payload['rows']
+  lines = []
+  for _, s in report.by_cache(summary):
+    speed = f"{s['tokens_per_s']:,.0f}" if s['tokens_per_s'] else 'n/a'
+    int8, fp8 = (f'{s[k]:,}' if s.get(k) else 'n/a' for k in ('bytes_int8', 'bytes_fp8'))
+    lines.append([
+        s['mechanism'], s['paper'], s['formula'], f"{s['elements_formula']:,}",
+        f"{s['elements_measured']:,}", f"{s['bytes_bf16']:,}", int8, fp8, s['d_ff'],
+        report.params_vs_mha(summary, s), f"{s['lr']:g}" if s.get('lr') else '3e-3',
+        f"{s['loss']:.4f} ± {s['loss_std']:.4f}",
+        f"{s['perplexity']:.3f} ± {s['perplexity_std']:.3f}", speed])
+  return report.table(
+      ['mechanism', 'paper', 'KV cache per token', 'elements (formula)', 'elements (measured)',
+       'bytes bf16', 'bytes int8', 'bytes fp8', 'd_ff', 'params', 'lr', 'val loss',
+       'val perplexity', 'train tokens/s'], 'lll' + 'r' * 11, lines)
+
+
+def comparisons_table(payload: dict) -> list[str]:
+  return report.table(
+      ['comparison', 'loss gap (2nd − 1st)', 'spread (std + std)', 'seeds agreeing', 'verdict'],
+      'lrrrl', ([c['claim'], f"{c['gap']:+.4f}", f"{c['spread']:.4f}",
+                 f"{c['seeds_agreeing']}/{c['seeds']}", c['verdict']]
+                for c in payload['comparisons']))
+
+
+def sweep_lines(payload: dict) -> list[str]:
+  summary, table = payload['rows'], payload['sweep']
+  rates = sorted({lr for by_rate in table.values() for lr in by_rate}, key=float)
+  lines = []
+  for _, s in report.by_cache(summary):
+    cells = []
+    for lr in rates:
+      loss = table.get(s['row'], {}).get(lr, 'n/a')
+      text = 'diverged' if loss is None else loss if loss == 'n/a' else f'{loss:.4f}'
+      cells.append(f'**{text}**' if s.get('lr') and f"{s['lr']:g}" == lr else text)
+    lines.append([s['mechanism'], *cells])
+  return report.table(['row', *(f'lr {lr}' for lr in rates)], 'l' + 'r' * len(rates), lines)
+
+
+def render(payload: dict) -> str:
+  summary, setup = payload['rows'], payload['setup']
+  geometry, matching = setup.get('geometry', 'small'), MATCHING[setup.get('match', 'params')]
+  lines = [
+      '# Capacity vs KV-cache size (DeepSeek-V2 Table 1, Tables 8-9 in miniature)'
+      + ('' if geometry == 'small' else f': {geometry} geometry')
+      + ('' if setup.get('match', 'params') == 'params' else f', {matching[0]}'), '',
+      f"`{setup['command']}` on {setup['machine']}, {setup['date']}"
+      f"{report.QUICK_NOTE if setup['quick'] else ''}.",
+      f'{_setup_line(summary, setup)}. Every row has the same width, depth, query heads, '
+      'data order (per seed), tokens, optimizer and schedule; only the attention '
+      f'differs, and {matching[1]}. {_protocol(setup)} '
+      'Validation: three held-out plays, every byte scored once. Loss is nats per byte, '
+      'mean ± std (sample) over seeds.', '', *summary_table(payload), '',
+      report.exact_cache(summary) + report.CACHE_NOTE + ' Tokens/s: each run on one core, '
+      f"{setup['jobs']} runs at a time."
+      + (f" The whole protocol (sweep and seeds) took {setup['full_wall_s'] / 60:.0f} minutes "
+         'of wall time.' if setup.get('full_wall_s') else ''), '',
+      '## Which orderings are resolved', '',
+      report.RESOLVED_NOTE.format(' order', 'has the lower loss'), '',
+      *comparisons_table(payload),
+  ]
+  diverged = {row: s['diverged'] for row, s in summary.items() if s.get('diverged')}
+  if diverged:
+    lines += ['', 'Seeds stopped by a non-finite loss at the chosen rate (not in the means): '
+              + ', '.join(f'{row} {seeds}' for row, seeds in diverged.items()) + '.']
+  if payload['sweep']:
+    ends = [f"{s['mechanism']} at {s['lr']:g} (the {s['edge']} rate)"
+            for _, s in report.by_cache(summary) if s.get('edge')]
+    lines += ['', '## Learning-rate sweep (seed 0, validation loss; the chosen rate in bold)',
+              '', *sweep_lines(payload), '',
+              f"**Not bracketed** (chosen at an end of the sweep: a better rate may lie "
+              f"beyond it): {'; '.join(ends)}." if ends else
+              "Every row's chosen rate has a worse rate on each side in the sweep (bracketed)."]
+  return '\n'.join(lines) + '\n'
+
+
+def plot(payload: dict, path: pathlib.Path) -> None:
+  plt = report.pyplot()
+  summary, setup = payload['rows'], payload['setup']
+  fig, ax = plt.subplots(figsize=(7.5, 5))
+  for label, color, kinds in report.families(summary):
+    rows = sorted((s for s in summary.values() if s['attention'] in kinds),
+                  key=lambda s: s['elements_measured'])
+    if not rows:
+      continue
+    ax.plot([s['elements_measured'] for s in rows], [s['loss'] for s in rows], '-',
+            color=color, alpha=0.6, label=label)
+    for s in rows:
+      ax.errorbar(s['elements_measured'], s['loss'], yerr=s['loss_std'], color=color,
+                  marker=report.MARKERS[s['attention']], markersize=8, capsize=4,
+                  linestyle='none')
+      ax.annotate(s['mechanism'], (s['elements_measured'], s['loss']), fontsize=8,
+                  xytext=(6, 6), textcoords='offset points')
+  for kind, marker in report.MARKERS.items():
+    ax.plot([], [], marker, color='gray', linestyle='none', label=kind.upper())
+  ax.set_xscale('log')
+  ticks = sorted({s['elements_measured'] for s in summary.values()})
+  ax.set_xticks(ticks, [str(t) for t in ticks], fontsize=7, rotation=45)
+  ax.minorticks_off()
+  n_layers = next(iter(summary.values()))['model']['n_layers']
+  ax.set_xlabel(f'KV cache per token (elements, all {n_layers} layers; log scale)')
+  ax.set_ylabel('validation loss (nats per byte), mean ± std over seeds')
+  ax.set_title(f"{'QUICK pipeline check: ' if setup['quick'] else ''}byte-level Shakespeare, "
+               + MATCHING[setup.get('match', 'params')][0], fontsize=10)
+  ax.text(0.01, 0.01, _setup_line(summary, setup), transform=ax.transAxes, fontsize=7,
+          color='gray')
+  ax.grid(alpha=0.3, which='both')
+  ax.legend(fontsize=8)
+  fig.tight_layout()
+  fig.savefig(path, dpi=120)
+  plt.close(fig)
 
 
 if __name__ == '__main__':
-  cli.run(main)
+  cli.run(lambda: sweep.main(CapacityVsCache()))

@@ -3,20 +3,18 @@ C++ kernel (mla_jax.kernels.cpu_attention), both as attention.whole_sequence_att
 the einsum path's transposes to heads-first), and torch's sdpa, timed alternately in one
 process.
 
-  python -m experiments.cpu_attention_bench --out=DIR
+  python -m experiments.cpu_attention_bench             # experiments/results/cpu_attention_bench/
+  python -m experiments.cpu_attention_bench --quick --out=/tmp/attn
 
 Shapes: the default model at batch 16 x 256 (8 heads): MHA (query/key and value width 32) and
 MLA's naive training path (query/key 48 = d_n 32 + d_r 16, values 32; torch's sdpa takes
 unequal widths on its math path, not its flash kernel). float32. The "ms" columns are the
 median wall time of a call, the JSON's "cpu_ms" its CPU time summed over threads
-(torch_peer.compare: blocks of calls, alternating).
+(timing.compare: blocks of calls, alternating). --quick: batch 2 x 64 tokens.
 """
 
 from __future__ import annotations
 
-import json
-import os
-import pathlib
 import sys
 
 import jax
@@ -24,26 +22,25 @@ import jax.numpy as jnp
 import numpy as np
 from absl import flags
 
-from experiments import runner, torch_peer
+from experiments import common, tables, timing
 from mla_jax import attention, cli
 from mla_jax.kernels import cpu_attention
 
 FLAGS = flags.FLAGS
 flags.DEFINE_integer('blocks', 4, 'alternating blocks')
 flags.DEFINE_integer('block_steps', 5, 'calls of each per block')
-flags.DEFINE_string('out', None, 'folder for cpu_attention_bench.json (optional)')
 
-BATCH, HEADS, T = 16, 8, 256
+HEADS = 8
 SHAPES = {'mha': (32, 32), 'mla': (48, 32)}  # (query/key width, value width)
 
 
-def _calls(e: int, v: int) -> dict[str, torch_peer.Step]:
+def _calls(e: int, v: int, batch: int, t: int) -> dict[str, timing.Step]:
   """{'<impl> fwd' / '<impl> fwd+bwd': a blocking call} for einsum, kernel and torch."""
   import torch
 
   rng = np.random.default_rng(0)
   q, k, values, do = (rng.standard_normal(s).astype(np.float32) for s in (
-      (BATCH, HEADS, T, e), (BATCH, HEADS, T, e), (BATCH, HEADS, T, v), (BATCH, HEADS, T, v)))
+      (batch, HEADS, t, e), (batch, HEADS, t, e), (batch, HEADS, t, v), (batch, HEADS, t, v)))
   # ours in the model's token-major layout [b, t, heads, (1,) .]; torch's heads first
   token_major = lambda x: jnp.asarray(x.transpose(0, 2, 1, 3))
   args = [token_major(q)[:, :, :, None], token_major(k), token_major(values)]
@@ -70,26 +67,21 @@ def main():
   if not cpu_attention.available():
     sys.exit('error: the CPU attention kernel did not build here: put a C++ compiler on PATH '
              '(or name one in CXX)')
-  cores = len(os.sched_getaffinity(0))
+  cores = len(common.available_cores())
   torch.set_num_threads(cores)
+  batch, t = (2, 64) if FLAGS.quick else (16, 256)
   results = {}
   for variant, (e, v) in SHAPES.items():
-    timed = torch_peer.compare(_calls(e, v), BATCH * T, FLAGS.blocks, FLAGS.block_steps)
+    timed = timing.compare(_calls(e, v, batch, t), batch * t, FLAGS.blocks, FLAGS.block_steps)
     results[variant] = {name: {'ms': 1e3 * r['step_s'], 'cpu_ms': 1e3 * r['cpu_s']}
                         for name, r in timed.items() if not name.startswith('ratio_')}
-  print(f'ms per call, one layer ({cores} core(s), batch {BATCH}, {HEADS} heads, {T} tokens, '
+  payload = dict(cores=cores, batch=batch, heads=HEADS, tokens=t, calls=results)
+  print(f'ms per call, one layer ({cores} core(s), batch {batch}, {HEADS} heads, {t} tokens, '
         'float32):')
-  names = list(results['mha'])
-  print('| | ' + ' | '.join(names) + ' |')
-  print('|---|' + '---:|' * len(names))
-  for variant, row in results.items():
-    print(f'| {variant} | ' + ' | '.join(f"{row[n]['ms']:.1f}" for n in names) + ' |')
-  if FLAGS.out:
-    path = pathlib.Path(FLAGS.out) / 'cpu_attention_bench.json'
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps({'cores': cores, 'jax': jax.__version__, 'torch': torch.__version__,
-                                'machine': runner.machine(), 'calls': results}, indent=1))
-    print(f'wrote {path}')
+  print('\n'.join(tables.cpu_attention_bench_table(payload)))
+  path = common.write_json(common.out_dir('cpu_attention_bench') / 'cpu_attention_bench.json',
+                           payload)
+  print(f'wrote {path}')
 
 
 if __name__ == '__main__':

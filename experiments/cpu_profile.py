@@ -4,7 +4,7 @@ r"""Where the train step's time goes on CPU, ours (XLA) and the transformers pee
 
 Two views, each measured for both frameworks in one process:
   phases  forward (loss), forward + backward, and the optimizer update (clip + AdamW) alone
-          on fixed gradients, timed alternately (see torch_peer.compare).
+          on fixed gradients, timed alternately (see timing.compare).
   ops     one profiled step: XLA's per-thunk trace (--xla_cpu_enable_xprof_traceme, set
           here before jax starts) grouped by kind (matmul, elementwise, with a transpose or
           a reduction inside) and by the source einsum or primitive; torch.profiler's
@@ -30,7 +30,7 @@ from absl import app, flags
 from flax import nnx
 
 from experiments import timing, torch_peer
-from mla_jax import cli, sharding, tasks, trainer
+from mla_jax import cli, sharding, tasks, training
 from mla_jax.config import ModelConfig
 
 FLAGS = flags.FLAGS
@@ -42,15 +42,15 @@ flags.DEFINE_integer('top', 30, 'rows of the per-op tables')
 
 
 # --- phases ------------------------------------------------------------------------------
-def jax_phases(config) -> dict[str, torch_peer.Step]:
+def jax_phases(config) -> dict[str, timing.Step]:
   """forward, forward + backward and the optimizer update of the trainer's step, each jitted
   on its own (unsharded: one CPU device)."""
-  graphdef, state, _ = trainer.init_state(config, sharding.make_mesh(config.mesh))
+  graphdef, state, _ = training.init_state(config, sharding.make_mesh(config.mesh))
   model_def, params = nnx.split(nnx.merge(graphdef, state)[0])
   batch = jax.tree.map(jax.numpy.asarray, tasks.text_batch(np.random.default_rng(0).integers(
       0, config.model.vocab_size, (config.data.batch_size, config.data.seq_len + 1))))
-  loss = jax.jit(lambda p, b: trainer.loss_fn(nnx.merge(model_def, p), b))
-  grad = jax.jit(jax.value_and_grad(lambda p, b: trainer.loss_fn(nnx.merge(model_def, p), b)))
+  loss = jax.jit(lambda p, b: training.loss_fn(nnx.merge(model_def, p), b))
+  grad = jax.jit(jax.value_and_grad(lambda p, b: training.loss_fn(nnx.merge(model_def, p), b)))
   grads = grad(params, batch)[1]
 
   @jax.jit
@@ -70,7 +70,7 @@ def jax_phases(config) -> dict[str, torch_peer.Step]:
           'update': run_update}
 
 
-def torch_phases(model_cfg, batch: int, seq_len: int, **opt) -> dict[str, torch_peer.Step]:
+def torch_phases(model_cfg, batch: int, seq_len: int, **opt) -> dict[str, timing.Step]:
   """The same three phases of torch_peer.torch_step's model and optimizer."""
   import torch
 
@@ -193,7 +193,7 @@ def main(argv):
     opt = torch_peer.opt_kwargs(config)
     phases = {f'jax {k}': v for k, v in jax_phases(config).items()}
     phases.update({f'torch {k}': v for k, v in torch_phases(*args, **opt).items()})
-    timed = torch_peer.compare(phases, FLAGS.batch * FLAGS.seq_len, FLAGS.blocks, 2)
+    timed = timing.compare(phases, FLAGS.batch * FLAGS.seq_len, FLAGS.blocks, 2)
     print(f'== {variant}: phases, median ms (min) over {FLAGS.blocks} alternating blocks')
     for name in phases:
       print(f"  {name:24s} {1e3 * timed[name]['step_s']:7.0f} "

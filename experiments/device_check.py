@@ -1,6 +1,6 @@
 r"""The fused paths against the einsum path on this device, for every registered variant.
 
-  python -m experiments.device_check --out=check.json [--quick]
+  python -m experiments.device_check --out=DIR [--quick]       # DIR/device_check.json
 
 float32 (matmuls at 'highest' precision): fused and einsum logits, and logits through the decode
 cache (prefill + one-token steps: the Pallas kernels), must agree within 1e-5 as on a CPU.
@@ -13,8 +13,6 @@ worse). Part of experiments.bench_device; runs on a CPU too (kernels interpreted
 from __future__ import annotations
 
 import functools
-import json
-import pathlib
 
 import jax
 import numpy as np
@@ -22,16 +20,14 @@ from absl import app, flags
 from flax import nnx
 
 import mla_jax
+from experiments import common, tables
 from experiments.timing import attempt
 from mla_jax import cli, variants
 from mla_jax.model import with_config
 
 FLAGS = flags.FLAGS
-flags.DEFINE_string('out', 'check.json', 'where to write the JSON results')
-flags.DEFINE_bool('quick', False, 'a smaller model and sequence')
 
-FLOAT32_ATOL = 1e-5
-BF16_RATIO = 2.0
+FLOAT32_ATOL, BF16_RATIO = tables.FLOAT32_ATOL, tables.BF16_RATIO
 
 
 def _max_error(a, b) -> float:
@@ -74,17 +70,6 @@ def check_variant(name: str, size: dict, tokens: np.ndarray) -> dict:
   return row
 
 
-def format_table(rows) -> str:
-  lines = [f'| variant | f32 logits | f32 through cache | bf16 einsum err | bf16 fused err | '
-           f'ratio | ok (f32 <= {FLOAT32_ATOL:g}, ratio <= {BF16_RATIO:g}) |',
-           '|---|---:|---:|---:|---:|---:|---|']
-  lines += [f"| {r['variant']} | {r['f32_logits']:.1e} | {r['f32_cache']:.1e} | "
-            f"{r['bf16_einsum']:.1e} | {r['bf16_fused']:.1e} | {r['bf16_ratio']:.2f} | "
-            f"{'yes' if r['ok'] else 'NO'} |" if 'error' not in r else
-            f"| {r['variant']} | failed: {r['error'][:120]} | | | | | NO |" for r in rows]
-  return '\n'.join(lines)
-
-
 def main(argv):
   del argv
   size = (dict(d_model=64, n_layers=2, n_heads=4, d_ff=128) if FLAGS.quick else
@@ -93,9 +78,10 @@ def main(argv):
   tokens = np.random.default_rng(0).integers(0, 256, 24 if FLAGS.quick else 96)
   rows, failures = [], []
 
+  path = common.out_dir('device_check') / 'device_check.json'
+
   def save():  # after every row: a run stopped at its time limit keeps what it checked
-    pathlib.Path(FLAGS.out).write_text(json.dumps(
-        {'device': str(jax.devices()[0]), 'rows': rows, 'table': format_table(rows)}, indent=1))
+    common.write_json(path, {'device': str(jax.devices()[0]), 'rows': rows})
 
   for name in variants.names():
     row = attempt(functools.partial(check_variant, name, size, tokens), {'variant': name},
@@ -103,9 +89,9 @@ def main(argv):
     rows.append({**failures[-1], 'ok': False} if row is None else row)  # failed: not ok
     print(rows[-1], flush=True)
     save()
-  print(format_table(rows))
+  print('\n'.join(tables.device_check_table({'rows': rows})))
   if failures:
-    raise SystemExit(f'error: a variant failed to run (listed in {FLAGS.out})')
+    raise SystemExit(f'error: a variant failed to run (listed in {path})')
   if not all(r['ok'] for r in rows):
     raise SystemExit('error: a fused path disagrees with the einsum path on this device')
 

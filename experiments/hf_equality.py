@@ -1,6 +1,6 @@
 r"""How close converted checkpoints come to transformers: one row per golden fixture.
 
-  python -m experiments.hf_equality --out=experiments/results/hf_equality.json
+  python -m experiments.hf_equality      # experiments/results/hf_equality/hf_equality.json
 
 For each fixture of tests/hf_fixtures (recorded with transformers, float32 eager attention):
 the largest |logit error| of the full forward and of the decode cache (every position, one
@@ -23,6 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 from absl import app, flags
 
+from experiments import common, tables
 from mla_jax import cli, decode, evaluator, hf
 from mla_jax.model import with_config
 
@@ -94,34 +95,22 @@ def main(argv):
   del argv
   cli.quiet_logging()
   rows = [row(d) for d in sorted(FIXTURES.iterdir()) if (d / 'golden.safetensors').is_file()]
-  fmt = lambda r, k: f'{r[k]:.1e}' if k in r else '-'
-  greedy = lambda r: ' / '.join(('yes' if r[k] else 'NO') for k in (
-      'absorbed_greedy_equal', 'naive_greedy_equal', 'cache_greedy_equal') if k in r)
-  print('| fixture | attention | rope | forward | cache (absorbed) | cache (naive) | greedy '
-        '| perplexity mla_jax / transformers |')
-  print('|---|---|---|---:|---:|---:|---|---:|')
-  for r in rows:
-    cache = fmt(r, 'cache_err') if 'cache_err' in r else fmt(r, 'absorbed_err')
-    print(f"| {r['fixture']} | {r['attention']} | {r['rope_layout']}"
-          f"{' + YaRN' if r['yarn'] else ''} | {fmt(r, 'forward_err')} | {cache} | "
-          f"{fmt(r, 'naive_err')} | {greedy(r)} | "
-          f"{r['ppl_mla_jax']:.4f} / {r['ppl_transformers']:.4f} |")
   worst = max(max(v for k, v in r.items() if k.endswith('_err')) for r in rows)
-  print(f'worst |logit error| over every fixture, path and position: {worst:.2e}')
   result = dict(rows=rows, worst_err=worst)
+  print('\n'.join(tables.hf_equality_table(result)))
+  print(f'worst |logit error| over every fixture, path and position: {worst:.2e}')
+  path = common.out_dir('hf_equality') / 'hf_equality.json'
   if FLAGS.trained:
     result['trained'] = [trained_row(w) for w in FLAGS.trained]
-    print('\n| run | exported as | attention | max logit error | perplexity mla_jax / '
-          'transformers |')
-    print('|---|---|---|---:|---:|')
-    for r in result['trained']:
-      print(f"| {r['workdir']} | {r['architecture']} | {r['attention']} ({r['rope_layout']}) | "
-            f"{r['max_err']:.1e} | {r['ppl_mla_jax']:.4f} / {r['ppl_transformers']:.4f} |")
-  if FLAGS.out:
-    pathlib.Path(FLAGS.out).write_text(json.dumps(result, indent=1))
+    print('\n' + '\n'.join(tables.hf_trained_table(result)))
+  elif path.exists() and 'trained' in (previous := json.loads(path.read_text())):
+    # The trained rows need runs this machine may not have: kept, with where they came from.
+    result['trained'] = previous['trained']
+    result['trained_from'] = previous.get('provenance', 'before provenance was recorded')
+  common.write_json(path, result)
+  print(f'wrote {path}')
 
 
 if __name__ == '__main__':
-  flags.DEFINE_string('out', None, 'also write the rows as JSON here')
   flags.DEFINE_list('trained', [], 'workdirs to export and check in transformers (dev extra)')
-  app.run(main)
+  app.run(main, flags_parser=cli.parse_flags)

@@ -1,28 +1,28 @@
-r"""Loss curves of training runs, from their metrics.jsonl, as one PNG.
+r"""Loss curves of training runs, from their metrics.jsonl, as one PNG (loss_curves.png in --out,
+default experiments/results/plot_loss/).
 
-  python -m experiments.plot_loss runs/mha runs/gqa runs/mqa runs/mla \
-      --out=experiments/results/loss_curves.png
+  python -m experiments.plot_loss --workdirs=runs/mha,runs/gqa,runs/mqa,runs/mla
 
 Needs matplotlib (the `dev` extra).
 """
 
-import argparse
 import json
 import pathlib
 
-import matplotlib
+from absl import flags
 
-matplotlib.use('Agg')
-import matplotlib.pyplot as plt
+from experiments import common, report
+from mla_jax import cli
+
+FLAGS = flags.FLAGS
+flags.DEFINE_list('workdirs', None, 'the training runs to plot')
+flags.mark_flag_as_required('workdirs')
 
 
 def main():
-  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  parser.add_argument('workdirs', nargs='+')
-  parser.add_argument('--out', default='loss_curves.png')
-  args = parser.parse_args()
+  plt = report.pyplot()
   fig, ax = plt.subplots(figsize=(7, 4.5))
-  for workdir in args.workdirs:
+  for workdir in FLAGS.workdirs:
     rows = [json.loads(line) for line in (pathlib.Path(workdir) / 'metrics.jsonl').open()]
     train = [(r['step'], r['loss']) for r in rows if 'loss' in r]
     val = [(r['step'], r['val_loss']) for r in rows if 'val_loss' in r]
@@ -36,9 +36,11 @@ def main():
   ax.grid(alpha=0.3)
   ax.legend(fontsize=8, ncol=2)
   fig.tight_layout()
-  fig.savefig(args.out, dpi=120)
-  print(f'wrote {args.out}')
+  out = common.out_dir('plot_loss')
+  out.mkdir(parents=True, exist_ok=True)
+  fig.savefig(out / 'loss_curves.png', dpi=120)
+  print(f"wrote {out / 'loss_curves.png'}")
 
 
 if __name__ == '__main__':
-  main()
+  cli.run(main)

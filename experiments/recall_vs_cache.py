@@ -6,74 +6,40 @@ several numbers of key-value pairs, each at its best learning rate, over seeds.
   python -m experiments.recall_vs_cache --workdir=runs/zoology --seq_len=256 \
       --kv_pairs=8,16,32,64 --lrs=2.2e-3,4.6e-3,1e-2,2.2e-2       # Zoology's grid (accelerator)
 
-Protocol (experiments/sweep.py: Zoology's best of up to four learning rates, then seeds): for
-each row and N, seed 0 is trained at each rate of --lrs and the rate with the best recall on
-the validation set (the trainer's held-out set, val_seed 0) is chosen; then --seeds fresh
-seeds (1, 2, ...) are trained at that rate and reported, as mean ± std, on a separate test set
-(val_seed TEST_SEED). The run that chose the rate is never among those reported. With one
-rate there is nothing to choose and no sweep is trained. A run whose loss turns non-finite is
-recorded as diverged: the sweep passes over its rate, and the report counts diverged seeds
-apart.
-
-Each run is an ordinary mla_jax workdir,
-workdir/<row>/seq<T>_kv<N>_steps<S>[_quick]/lr<rate>/seed<k>, trained in its own process pinned
-to one core (experiments/runner.py): finished runs are never redone, an interrupted one resumes
-from its last checkpoint, and runs of other settings (another --seq_len, --steps or --lrs) sit
-beside them without mixing. Every finished run is also recorded in recall_vs_cache.ledger.jsonl
-beside the report, and a workdir that lacks a run the ledger holds gets its result back: a
-clone on a fresh machine continues a grid that another machine started (to redo a finished run,
-delete its folder and its ledger line). Each reported run's decode cache (a sweep run's is not
-measured) is counted from the arrays a bfloat16 prefill + decode step returns and must equal
-the formula; the bytes per token of int8 and float8_e4m3fn caches (their float32 scales
-included) are measured the same way. The CPU time left is estimated before anything trains
-(--dry_run prints the plan and the estimate only: shrink --kv_pairs, --lrs, --seeds, --steps or
---rows until it fits a budget). The report (recall_vs_cache.md / .json / .png) goes to
---results_dir: experiments/results for the full protocol, the workdir for --quick (which never
-overwrites the committed results).
+The protocol, the worker and the ledger are experiments/sweep.py's (Zoology's best of up to
+four learning rates, then seeds): for each row and N, seed 0 at each rate of --lrs, the rate
+with the best recall on the validation set (the trainer's held-out set, val_seed 0) is kept,
+then --seeds fresh seeds at it, reported as mean ± std on a separate test set (val_seed
+TEST_SEED). A diverged seed is counted apart. Runs live in
+workdir/<row>/seq<T>_kv<N>_steps<S>[_quick]/lr<rate>/seed<k>, so runs of other settings sit
+beside them without mixing. The CPU time left is estimated before anything trains (--dry_run
+prints the plan and the estimate only). The report (recall_vs_cache.md / .json / .png) goes to
+--out: experiments/results/recall_vs_cache/ for the full protocol, the workdir for --quick.
 """
 
 from __future__ import annotations
 
 import copy
-import json
 import pathlib
 import statistics
-import sys
-import time
+import textwrap
 
-import jax
-import numpy as np
 from absl import flags
 
 from configs.ablations import capacity_vs_cache as capacity
 from configs.ablations import recall_vs_cache as ablation
-from experiments import recall_report, runner
-from experiments import sweep as sweep_lib
-from mla_jax import cli, tasks, trainer
-from mla_jax import workdir as wd
+from experiments import report, stats, sweep
+from mla_jax import cli, tasks
 from mla_jax.errors import InputError
-from mla_jax.model import param_count
 
+NAME = 'recall_vs_cache'
 FLAGS = flags.FLAGS
-flags.DEFINE_string('workdir', None, 'where the runs live (row / setting / rate / seed)')
-flags.DEFINE_list('rows', list(capacity.ROWS), 'rows to run')
 flags.DEFINE_integer('seq_len', None, 'tokens per example (default: the config\'s SEQ_LEN; '
                      'with --quick, its QUICK_SEQ_LEN)')
 flags.DEFINE_list('kv_pairs', None, 'difficulties: key-value pairs per example (default: the '
                   'config\'s KV_PAIRS; with --quick, QUICK_KV_PAIRS)')
-flags.DEFINE_list('lrs', None, 'learning rates to choose from with seed 0 (default: the '
-                  'config\'s; with --quick, its quick ones)')
-flags.DEFINE_integer('seeds', None, 'seeds 1 .. N trained at the chosen rate and reported '
-                     '(default: 3; with --quick, 1)')
 flags.DEFINE_integer('steps', None, 'training steps per run (default: the config\'s STEPS; '
                      'with --quick, QUICK_STEPS)')
-flags.DEFINE_bool('quick', False, 'a tiny model and 20 steps: checks the pipeline, not MLA')
-flags.DEFINE_bool('dry_run', False, 'print the plan and its CPU-time estimate; train nothing')
-flags.DEFINE_integer('jobs', 0, 'runs at a time, one core each (0: one per available core)')
-flags.DEFINE_string('results_dir', None,
-                    'where the report goes (default: experiments/results; with --quick, workdir)')
-flags.DEFINE_string('worker', None, 'internal: ROW:T:N:STEPS:RATE:SEED, the run to train')
-flags.mark_flag_as_required('workdir')
 
 # CPU seconds of one training step of the full-size rows at batch 32, T tokens per example:
 # 32 T (A + B T) (attention makes it quadratic in T), fitted to one core of this project's
@@ -82,15 +48,19 @@ flags.mark_flag_as_required('workdir')
 # less once the compilation cache holds its programs). Only for the estimate printed
 # before training: once runs of a setting have finished, their measured CPU time is used.
 STEP_A_S, STEP_B_S, RUN_OVERHEAD_S = 4.4e-5, 3.75e-7, 30.0
-
-
-def run_config(row: str, seq_len: int, kv_pairs: int, steps: int, lr: float, seed: int,
-               quick: bool):
-  config = ablation.get_config(f'{row},kv{kv_pairs},seq{seq_len}' + (',quick' if quick else ''))
-  ablation.set_steps(config, steps)
-  config.opt.lr = lr
-  config.seed = seed
-  return config
+# Summary key -> result key of the per-row facts every run of a row must agree on.
+ROW_FACTS = {'params': 'params', 'elements_measured': 'cache_elements_measured',
+             'bytes_bf16': 'cache_bytes_bf16_measured', 'bytes_int8': 'cache_bytes_int8_measured',
+             'bytes_fp8': 'cache_bytes_fp8_measured'}
+# (row expected to recall better, row expected to recall worse, why).
+COMPARISONS = [
+    ('mha', 'mqa', 'MHA (G=8) vs MQA (G=1): 8x the cache'),
+    ('gqa2', 'mqa', 'GQA (G=2) vs MQA: 2x the cache'),
+    ('mla2', 'mqa', 'MLA d_c = 2 d_h vs MQA: 1.25x the cache'),
+    ('mla4', 'gqa2', 'MLA d_c = 4 d_h vs GQA (G=2): a similar cache'),
+    ('mla8', 'mla2', 'MLA with a larger latent (d_c = 8 d_h vs 2 d_h)'),
+    ('mha', 'mla4', 'MHA vs MLA d_c = 4 d_h: 3.6x the cache'),
+]
 
 
 def setting_name(seq_len: int, kv_pairs: int | str, steps: int) -> str:
@@ -99,173 +69,347 @@ def setting_name(seq_len: int, kv_pairs: int | str, steps: int) -> str:
   return f"seq{seq_len}_kv{kv_pairs}_steps{steps}{'_quick' if FLAGS.quick else ''}"
 
 
-def run_path(row: str, seq_len: int, kv_pairs: int, steps: int, lr: float,
-             seed: int) -> pathlib.Path:
-  return (pathlib.Path(FLAGS.workdir) / row / setting_name(seq_len, kv_pairs, steps)
-          / f'lr{lr:g}' / f'seed{seed}')
+class RecallVsCache(sweep.Sweep):
+  name = NAME
 
-
-def _worker(spec: str) -> None:
-  """Trains one run, scores it on the validation and test sets, measures its decode cache
-  (not for a sweep run); writes result.json last."""
-  row, seq_len, kv, steps, lr, seed = spec.split(':')
-  seq_len, kv, steps, lr, seed = int(seq_len), int(kv), int(steps), float(lr), int(seed)
-  runner.share_compilations(FLAGS.workdir)
-  config = run_config(row, seq_len, kv, steps, lr, seed, FLAGS.quick)
-  run_dir = run_path(row, seq_len, kv, steps, lr, seed)
-  start = time.perf_counter()
-  try:
-    trainer.train_and_evaluate(config, str(run_dir), final_eval=False)
-  except trainer.TrainingError as e:  # a rate too high: the sweep passes over it
-    wd.write_json(run_dir, runner.RESULT, dict(
-        row=row, seq_len=seq_len, kv_pairs=kv, steps=steps, lr=lr, seed=seed, diverged=str(e),
-        cpu_s=runner.cpu_s()))
-    return
-  train_s = time.perf_counter() - start
-  model, cfg = wd.load_workdir(run_dir)
-  start = time.perf_counter()
-  val_task = tasks.MQAR(config)
-  val = val_task.validate(model)
-  test_config = copy.deepcopy(config)
-  test_config.data.mqar.val_seed = ablation.TEST_SEED
-  test = tasks.MQAR(test_config).validate(model)
-  eval_s = time.perf_counter() - start
-  # A sweep run (seed 0) is read only for its validation score: its cache is not measured.
-  start = time.perf_counter()
-  prompt = val_task.heldout[0]['inputs'][0][:cfg.max_seq_len // 2]
-  cache = runner.measure_caches(model, prompt) if seed else {}
-  cache_s = time.perf_counter() - start
-  rows = [json.loads(line) for line in (run_dir / 'metrics.jsonl').open()]
-  speeds = [r['tokens_per_s'] for r in rows if 'tokens_per_s' in r][1:]  # the first compiles
-  d = config.data
-  wd.write_json(run_dir, runner.RESULT, dict(
-      row=row, seq_len=seq_len, kv_pairs=kv, steps=steps, lr=lr, seed=seed,
-      attention=cfg.attention, params=param_count(cfg), d_ff=cfg.d_ff, model=cfg.to_dict(),
-      power_a=d.mqar.power_a, val_accuracy=val['accuracy'], val_loss=val['loss'],
-      accuracy=test['accuracy'], loss=test['loss'], answers=test['answers'],
-      test_examples=d.mqar.val_examples, train_tokens=steps * d.batch_size * d.seq_len,
-      tokens_per_s=float(np.median(speeds)) if speeds else None, **cache, train_s=train_s,
-      eval_s=eval_s, cache_s=cache_s, cpu_s=runner.cpu_s(), jax=jax.__version__,
-      machine=runner.machine()))
-
-
-def _task(run: tuple) -> runner.Task:
-  row, seq_len, kv, steps, lr, seed = run
-  path = run_path(*run)
-  return runner.Task(
-      f'{row} seq{seq_len} kv{kv} lr{lr:g} seed{seed}',
-      ['experiments.recall_vs_cache', f'--workdir={FLAGS.workdir}', f'--quick={FLAGS.quick}',
-       f'--worker={row}:{seq_len}:{kv}:{steps}:{lr!r}:{seed}'],
-      path / 'log.txt', path / runner.RESULT,
-      describe=lambda r: 'diverged' if r.get('diverged') else
-      f"recall {r['val_accuracy']:.3f} (validation), {r['accuracy']:.3f} (test)")
-
-
-def _read(run: tuple) -> dict | None:
-  path = run_path(*run) / runner.RESULT
-  return json.loads(path.read_text()) if path.exists() else None
-
-
-def cpu_estimate(runs: int, seq_len: int, steps: int) -> tuple[float, str]:
-  """(CPU seconds, how it was estimated) to train `runs` runs: from the finished runs of this
-  setting in the workdir if there are any, else from the step-time model above."""
-  measured = [r['cpu_s'] for r in map(_read, runs_of_setting(seq_len, steps)) if r]
-  if measured:
-    return runs * statistics.median(measured), f'the median of {len(measured)} finished runs'
-  per_step = 32 * seq_len * (STEP_A_S + STEP_B_S * seq_len)
-  return runs * (steps * per_step + RUN_OVERHEAD_S), 'a step-time model of the full-size rows'
-
-
-def runs_of_setting(seq_len: int, steps: int) -> list[tuple]:
-  """Every run in the workdir at this seq_len and steps (any row, N, rate, seed)."""
-  out = []
-  for path in pathlib.Path(FLAGS.workdir).glob(f"*/{setting_name(seq_len, '*', steps)}/lr*/seed*"):
-    row, setting, lr, seed = path.parts[-4:]
-    kv = int(setting.split('_kv')[1].split('_')[0])
-    out.append((row, seq_len, kv, steps, float(lr[2:]), int(seed[4:])))
-  return out
-
-
-def _estimate(sweep: list[tuple], cells: list[tuple], lrs: list[float], seeds: int,
-              jobs: int) -> str:
-  """The CPU time left to train, in words (an upper bound while the rates are not chosen)."""
-  left, upper = sweep_lib.left_to_train(sweep, cells, lrs, seeds, _read,
-                                        recall_report.best_rate)
-  if not left:
-    return 'nothing left to train'
-  seconds, basis = cpu_estimate(left, cells[0][1], cells[0][3])
-  return (f"{left} to train, {'at most ' if upper else ''}~{seconds / 60:.0f} CPU minutes "
-          f'(~{seconds / 60 / jobs:.0f} min on {jobs} cores; {basis})')
-
-
-def _settings() -> tuple:
-  quick = FLAGS.quick
-  pick = lambda flag, full, short: flag if flag is not None else (short if quick else full)
-  seq_len = pick(FLAGS.seq_len, ablation.SEQ_LEN, ablation.QUICK_SEQ_LEN)
-  steps = pick(FLAGS.steps, ablation.STEPS, ablation.QUICK_STEPS)
-  seeds = pick(FLAGS.seeds, 3, 1)
-  try:
-    kv_pairs = [int(k) for k in FLAGS.kv_pairs or (ablation.QUICK_KV_PAIRS if quick
-                                                    else ablation.KV_PAIRS)]
-  except ValueError as e:
-    raise InputError(f'--kv_pairs takes comma-separated numbers ({e})') from None
-  lrs = sweep_lib.rates(FLAGS.lrs or (ablation.QUICK_LEARNING_RATES if quick
-                                      else ablation.LEARNING_RATES))
-  rows = list(dict.fromkeys(FLAGS.rows))
-  unknown = sorted(set(rows) - set(capacity.ROWS))
-  if unknown or not rows or not kv_pairs:
-    raise InputError(f'unknown rows {unknown} or none given (--rows={FLAGS.rows}, '
-                     f'--kv_pairs={kv_pairs}); rows are {sorted(capacity.ROWS)}')
-  if seeds < 1 or steps < 1:
-    raise InputError(f'--seeds={seeds} and --steps={steps} must be >= 1')
-  # An impossible N fails here, before anything is trained. (The shared config, not a row's:
-  # matching a row's parameters starts jax, and the workers are forked from this process.)
-  for kv in kv_pairs:
+  def plan(self) -> sweep.Plan:
+    quick = FLAGS.quick
+    pick = lambda flag, full, short: flag if flag is not None else (short if quick else full)
+    seq_len = pick(FLAGS.seq_len, ablation.SEQ_LEN, ablation.QUICK_SEQ_LEN)
+    steps = pick(FLAGS.steps, ablation.STEPS, ablation.QUICK_STEPS)
+    seeds = pick(FLAGS.seeds, 3, 1)
     try:
-      tasks.MQAR(ablation.shared(kv, seq_len, quick))
+      kv_pairs = [int(k) for k in FLAGS.kv_pairs or (ablation.QUICK_KV_PAIRS if quick
+                                                      else ablation.KV_PAIRS)]
     except ValueError as e:
-      raise InputError(f'--kv_pairs={kv} at --seq_len={seq_len}: {e}') from None
-  return rows, seq_len, kv_pairs, steps, lrs, seeds
+      raise InputError(f'--kv_pairs takes comma-separated numbers ({e})') from None
+    lrs = sweep.rates(FLAGS.lrs or (ablation.QUICK_LEARNING_RATES if quick
+                                    else ablation.LEARNING_RATES))
+    rows = list(dict.fromkeys(FLAGS.rows or capacity.ROWS))
+    unknown = sorted(set(rows) - set(capacity.ROWS))
+    if unknown or not rows or not kv_pairs:
+      raise InputError(f'unknown rows {unknown} or none given (--rows={FLAGS.rows}, '
+                       f'--kv_pairs={kv_pairs}); rows are {sorted(capacity.ROWS)}')
+    if seeds < 1 or steps < 1:
+      raise InputError(f'--seeds={seeds} and --steps={steps} must be >= 1')
+    # An impossible N fails here, before anything is trained. (The shared config, not a row's:
+    # matching a row's parameters starts jax, and the workers are forked from this process.)
+    for kv in kv_pairs:
+      try:
+        tasks.MQAR(ablation.shared(kv, seq_len, quick))
+      except ValueError as e:
+        raise InputError(f'--kv_pairs={kv} at --seq_len={seq_len}: {e}') from None
+    grid = dict(quick=quick, rows=rows, seq_len=seq_len, steps=steps, seeds=seeds, lrs=lrs,
+                kv_pairs=kv_pairs, test_seed=ablation.TEST_SEED)
+    return sweep.Plan([(row, seq_len, kv, steps) for kv in kv_pairs for row in rows], lrs, seeds,
+                      grid, f'{len(rows)} rows x N = {kv_pairs} at {seq_len} tokens, {steps} steps',
+                      NAME)
+
+  def config(self, run):
+    row, seq_len, kv, steps, lr, seed = run
+    config = ablation.get_config(f'{row},kv{kv},seq{seq_len}' + (',quick' if FLAGS.quick else ''))
+    ablation.set_steps(config, steps)
+    config.opt.lr, config.seed = lr, seed
+    return config
+
+  def path(self, run) -> pathlib.Path:
+    row, seq_len, kv, steps, lr, seed = run
+    return (pathlib.Path(FLAGS.workdir) / row / setting_name(seq_len, kv, steps)
+            / f'lr{lr:g}' / f'seed{seed}')
+
+  def fields(self, run) -> dict:
+    row, seq_len, kv, steps, lr, seed = run
+    return dict(row=row, seq_len=seq_len, kv_pairs=kv, steps=steps, lr=lr, seed=seed)
+
+  def measure(self, run, config, model):
+    """Recall on the validation set (which chose the rate) and on the test set (reported)."""
+    val_task = tasks.MQAR(config)
+    val = val_task.validate(model)
+    test_config = copy.deepcopy(config)
+    test_config.data.mqar.val_seed = ablation.TEST_SEED
+    test = tasks.MQAR(test_config).validate(model)
+    mqar = config.data.mqar
+    scores = dict(power_a=mqar.power_a, val_accuracy=val['accuracy'], val_loss=val['loss'],
+                  accuracy=test['accuracy'], loss=test['loss'], answers=test['answers'],
+                  test_examples=mqar.val_examples)
+    return scores, val_task.heldout[0]['inputs'][0][:model.cfg.max_seq_len // 2]
+
+  def best(self, results: list[dict]) -> float:
+    return best_rate(results)
+
+  def describe(self, r: dict) -> str:
+    return ('diverged' if r.get('diverged') else
+            f"recall {r['val_accuracy']:.3f} (validation), {r['accuracy']:.3f} (test)")
+
+  def estimate(self, plan: sweep.Plan, left: int, upper: bool, jobs: int) -> str:
+    """The CPU time left to train (an upper bound while the rates are not chosen): from the
+    finished runs of this setting in the workdir if there are any, else from the step-time
+    model above."""
+    if not left:
+      return 'nothing left to train'
+    _, seq_len, _, steps = plan.cells[0]
+    measured = [r['cpu_s'] for r in map(self.read, self.runs_of_setting(seq_len, steps)) if r]
+    if measured:
+      seconds, basis = left * statistics.median(measured), (f'the median of {len(measured)} '
+                                                            'finished runs')
+    else:
+      per_step = 32 * seq_len * (STEP_A_S + STEP_B_S * seq_len)
+      seconds, basis = left * (steps * per_step + RUN_OVERHEAD_S), ('a step-time model of the '
+                                                                    'full-size rows')
+    return (f"{left} to train, {'at most ' if upper else ''}~{seconds / 60:.0f} CPU minutes "
+            f'(~{seconds / 60 / jobs:.0f} min on {jobs} cores; {basis})')
+
+  def runs_of_setting(self, seq_len: int, steps: int) -> list[tuple]:
+    """Every run in the workdir at this seq_len and steps (any row, N, rate, seed)."""
+    out = []
+    pattern = f"*/{setting_name(seq_len, '*', steps)}/lr*/seed*"
+    for path in pathlib.Path(FLAGS.workdir).glob(pattern):
+      row, setting, lr, seed = path.parts[-4:]
+      kv = int(setting.split('_kv')[1].split('_')[0])
+      out.append((row, seq_len, kv, steps, float(lr[2:]), int(seed[4:])))
+    return out
+
+  def report(self, results, swept, setup, out):
+    summary = summarize(results)
+    comparisons = [c for kv in setup['kv_pairs'] for better, worse, claim in COMPARISONS
+                   if (c := compare(summary, better, worse, str(kv), claim))]
+    strip = lambda rs: [{k: v for k, v in r.items() if k != 'model'} for r in rs]
+    payload = dict(setup=setup, rows=summary, sweep=sweep_table(swept),
+                   comparisons=comparisons, runs=strip(results), sweep_runs=strip(swept))
+    return report.write(out, NAME, payload, render, plot)
 
 
-def main():
-  if FLAGS.worker:
-    return _worker(FLAGS.worker)
-  rows, seq_len, kv_pairs, steps, lrs, seeds = _settings()
-  start = time.perf_counter()
-  out = runner.results_dir(FLAGS.results_dir, FLAGS.workdir, FLAGS.quick)
-  ledger = runner.Ledger(out / f'{recall_report.NAME}.ledger.jsonl', FLAGS.workdir)
-  restored = ledger.sync()  # before the estimate (--dry_run too), which counts what it restores
-  cells = [(row, seq_len, kv, steps) for kv in kv_pairs for row in rows]
-  sweep = sweep_lib.sweep_runs(cells, lrs)
-  jobs = min(FLAGS.jobs or len(runner.available_cores()), len(runner.available_cores()))
-  print(f'{len(rows)} rows x N = {kv_pairs} at {seq_len} tokens, {steps} steps: '
-        f'{len(sweep)} sweep runs (seed 0 at each of {len(lrs)} rates) + {len(cells) * seeds} '
-        f'reported runs (seeds 1-{seeds}); {_estimate(sweep, cells, lrs, seeds, jobs)}'
-        f'{runner.restored_words(restored, ledger)}',
-        flush=True)
-  if FLAGS.dry_run:
-    return
-  trained = sweep_lib.train(sweep, 'learning-rate sweep', _task, _read, jobs, ledger)
-  final = sweep_lib.final_runs(cells, lrs, seeds, _read, recall_report.best_rate)
-  trained += sweep_lib.train(final, 'seeds at the chosen rates', _task, _read, jobs, ledger)
-  results = [_read(r) for r in final]
-  wall_s = time.perf_counter() - start
-  grid = dict(quick=FLAGS.quick, rows=rows, seq_len=seq_len, steps=steps, seeds=seeds, lrs=lrs,
-              kv_pairs=kv_pairs)
-  setup = dict(command=' '.join(['python -m experiments.recall_vs_cache', *sys.argv[1:]]),
-               **grid, jobs=jobs, machine=runner.machine(), wall_s=wall_s,
-               runs_total=len(sweep) + len(final),
-               cpu_s=sum(_read(r)['cpu_s'] for r in sweep + final),
-               full_wall_s=runner.full_wall_s(out / f'{recall_report.NAME}.json', wall_s,
-                                              trained == len(sweep) + len(final), grid),
-               test_seed=ablation.TEST_SEED)
-  try:
-    paths = recall_report.write(results, [_read(r) for r in sweep], setup, out)
-  except ValueError as e:  # every seed of a row diverged
-    raise InputError(str(e)) from None
-  print('wrote ' + ', '.join(str(p) for p in paths))
+# --- the summary ---------------------------------------------------------------------------
+def best_rate(results: list[dict]) -> float:
+  """The rate whose run has the best validation recall (then the lower validation loss);
+  runs that diverged are out."""
+  finished = [r for r in results if not r.get('diverged')]
+  if not finished:
+    r = results[0]
+    raise ValueError(f"{r['row']} kv{r['kv_pairs']}: every rate diverged (non-finite loss); "
+                     'rerun with lower --lrs')
+  return max(finished, key=lambda r: (r['val_accuracy'], -r['val_loss']))['lr']
+
+
+def sweep_table(swept: list[dict]) -> dict[str, dict[str, dict[str, float]]]:
+  """row -> N -> {rate: validation recall of seed 0}."""
+  table: dict = {}
+  for r in swept:
+    table.setdefault(r['row'], {}).setdefault(str(r['kv_pairs']), {})[f"{r['lr']:g}"] = \
+        None if r.get('diverged') else r['val_accuracy']
+  return table
+
+
+def summarize(results: list[dict]) -> dict[str, dict]:
+  """Per row: the seed- and N-independent facts once, and per N the test recall over the
+  seeds that trained to the end (`diverged` lists those stopped by a non-finite loss)."""
+  summary: dict[str, dict] = {}
+  finished = [r for r in results if not r.get('diverged')]
+  for r in sorted(finished, key=lambda r: (r['row'], r['kv_pairs'], r['seed'])):
+    s = summary.setdefault(r['row'], dict(
+        mechanism=report.mechanism(r), attention=r['attention'],
+        paper=report.PAPER[r['attention']], formula=r['cache_formula'],
+        elements_formula=r['cache_elements_formula'],
+        **{short: r[key] for short, key in ROW_FACTS.items()}, d_ff=r['d_ff'],
+        model=r['model'], steps=r['steps'], train_tokens=r['train_tokens'], seq_len=r['seq_len'],
+        test_examples=r['test_examples'], by_kv={}))
+    differ = [short for short, key in ROW_FACTS.items() if s[short] != r[key]]
+    if differ or (s['steps'], s['seq_len']) != (r['steps'], r['seq_len']):
+      raise ValueError(f"{r['row']}: {differ or 'steps or seq_len'} differ between runs")
+    cell = s['by_kv'].setdefault(str(r['kv_pairs']), dict(lr=r['lr'], seeds=[], accuracies=[],
+                                                          losses=[], diverged=[]))
+    if cell['lr'] != r['lr']:
+      raise ValueError(f"{r['row']} kv{r['kv_pairs']}: seeds trained at different rates")
+    cell['seeds'].append(r['seed'])
+    cell['accuracies'].append(r['accuracy'])
+    cell['losses'].append(r['loss'])
+  for r in results:
+    if r.get('diverged'):
+      cell = summary.get(r['row'], {}).get('by_kv', {}).get(str(r['kv_pairs']))
+      if cell is None:
+        raise ValueError(f"{r['row']} kv{r['kv_pairs']}: every seed diverged at lr {r['lr']:g} "
+                         '(non-finite loss); rerun with lower --lrs')
+      cell['diverged'].append(r['seed'])
+  for s in summary.values():
+    for cell in s['by_kv'].values():
+      cell['accuracy'], cell['accuracy_std'] = stats.mean_std(cell['accuracies'])
+      cell['loss'], cell['loss_std'] = stats.mean_std(cell['losses'])
+  return summary
+
+
+def compare(summary: dict, better: str, worse: str, kv: str, claim: str = '') -> dict | None:
+  """Does `better` recall more than `worse` at N = kv, beyond the seed spread?"""
+  a = summary.get(better, {}).get('by_kv', {}).get(kv)
+  b = summary.get(worse, {}).get('by_kv', {}).get(kv)
+  if a is None or b is None:
+    return None
+  seeds = lambda c: dict(zip(c['seeds'], c['accuracies'], strict=True))
+  return report.compare(seeds(a), seeds(b), claim, True, 'resolved, as expected',
+                        better=better, worse=worse, kv_pairs=int(kv))
+
+
+# --- the report ----------------------------------------------------------------------------
+def _setup_line(summary: dict, setup: dict) -> str:
+  first = next(iter(summary.values()))
+  m = first['model']
+  return (f"d_model {m['d_model']}, {m['n_layers']} layers, {m['n_heads']} query heads of "
+          f"d_h = {m['head_dim']}, vocabulary {m['vocab_size']} (chance recall "
+          f"{2 / m['vocab_size']:.3f}), {first['seq_len']} tokens per example, "
+          f"{first['steps']} steps ({first['train_tokens'] / 1e6:.2f}M tokens) per run, "
+          f"{setup['seeds']} seed{'s' if setup['seeds'] > 1 else ''} per point")
+
+
+def _protocol(setup: dict) -> str:
+  if len(setup['lrs']) == 1:
+    return (f"Every run was trained at lr {setup['lrs'][0]:g} (one rate given: no sweep); "
+            f"the reported seeds are 1 .. {setup['seeds']}.")
+  return (f"For each row and N (key-value pairs per example), seed 0 was trained at each rate "
+          f"of {setup['lrs']} and the rate with the best validation recall was kept; the "
+          f"reported seeds (1 .. {setup['seeds']}) were then trained at that rate.")
+
+
+def summary_table(payload: dict) -> list[str]:
+  summary, kvs = payload['rows'], [str(k) for k in payload['setup']['kv_pairs']]
+  lines = []
+  for _, s in report.by_cache(summary):
+    cells = []
+    for k in kvs:
+      c = s['by_kv'].get(k)
+      diverged = f"; {len(c['diverged'])} diverged" if c and c['diverged'] else ''
+      cells.append('n/a' if c is None else
+                   f"{c['accuracy']:.3f} ± {c['accuracy_std']:.3f} (lr {c['lr']:g}{diverged})")
+    lines.append([s['mechanism'], s['formula'], f"{s['elements_formula']:,}",
+                  f"{s['elements_measured']:,}", f"{s['bytes_bf16']:,}", f"{s['bytes_int8']:,}",
+                  f"{s['bytes_fp8']:,}", s['d_ff'], report.params_vs_mha(summary, s), *cells])
+  return report.table(
+      ['mechanism', 'KV cache per token', 'elements (formula)', 'elements (measured)',
+       'bytes bf16', 'bytes int8', 'bytes fp8', 'd_ff', 'params',
+       *(f'recall, N={k}' for k in kvs)], 'll' + 'r' * (7 + len(kvs)), lines)
+
+
+def per_seed_table(payload: dict) -> list[str]:
+  summary, setup = payload['rows'], payload['setup']
+  seeds = list(range(1, setup['seeds'] + 1))
+  lines = []
+  for _, s in report.by_cache(summary):
+    for k in map(str, setup['kv_pairs']):
+      c = s['by_kv'].get(k)
+      if c is None:
+        continue
+      by_seed = dict(zip(c['seeds'], c['accuracies'], strict=True))
+      lines.append([s['mechanism'], k, f"{c['lr']:g}", *(
+          f'{by_seed[seed]:.3f}' if seed in by_seed else
+          'diverged' if seed in c['diverged'] else 'n/a' for seed in seeds)])
+  return report.table(['mechanism', 'N', 'lr', *(f'seed {seed}' for seed in seeds)],
+                      'lrr' + 'r' * len(seeds), lines)
+
+
+def sweep_lines(payload: dict) -> list[str]:
+  summary, setup, table = payload['rows'], payload['setup'], payload['sweep']
+  lines = []
+  for row, s in report.by_cache(summary):
+    for k in map(str, setup['kv_pairs']):
+      got = table.get(row, {}).get(k, {})
+      chosen = s['by_kv'].get(k, {}).get('lr')
+      cells = []
+      for lr in setup['lrs']:
+        value = got.get(f'{lr:g}', 'n/a')
+        text = 'diverged' if value is None else value if value == 'n/a' else f'{value:.3f}'
+        cells.append(f'**{text}**' if chosen is not None and f'{lr:g}' == f'{chosen:g}'
+                     else text)
+      lines.append([s['mechanism'], k, *cells])
+  return report.table(['mechanism', 'N', *(f'lr {lr:g}' for lr in setup['lrs'])],
+                      'lr' + 'r' * len(setup['lrs']), lines)
+
+
+def comparisons_table(payload: dict) -> list[str]:
+  return report.table(
+      ['comparison', 'N', 'recall gap (1st − 2nd)', 'spread (std + std)', 'seeds agreeing',
+       'verdict'], 'lrrrrl',
+      ([c['claim'], c['kv_pairs'], f"{c['gap']:+.3f}", f"{c['spread']:.3f}",
+        f"{c['seeds_agreeing']}/{c['seeds']}", c['verdict']] for c in payload['comparisons']))
+
+
+def render(payload: dict) -> str:
+  summary, setup = payload['rows'], payload['setup']
+  test_examples = next(iter(summary.values()))['test_examples']
+  wall = (f"; the whole grid took {setup['full_wall_s'] / 60:.0f} minutes of wall time"
+          if setup.get('full_wall_s') else '')
+  lines = [
+      '# Recall vs KV-cache size: multi-query associative recall (Zoology) per attention', '',
+      f"`{setup['command']}` on {setup['machine']}, {setup['date']}"
+      f"{report.QUICK_NOTE if setup['quick'] else ''}.",
+      f'{_setup_line(summary, setup)}. Every row has the same width, depth, query heads, '
+      'data (per seed) and schedule; only the attention differs, and the SwiGLU width d_ff '
+      f"is set per row to match MHA's parameter count. {_protocol(setup)} Recall = "
+      f'exact-match accuracy at the answer positions of {test_examples} test examples (a '
+      'held-out stream, not the validation set that chose the rate), mean ± std (sample) over '
+      'those seeds. A model that finds the N values in its context but not which key each '
+      'belongs to recalls about 1/N: recall well above 1/N, not above chance, is the evidence '
+      'of recall by association.', '', *summary_table(payload), '',
+      report.exact_cache(summary) + report.CACHE_NOTE + f" {setup['runs_total']} runs, each on "
+      f"one core, {setup['jobs']} at a time, {setup['cpu_s'] / 60:.0f} CPU minutes in "
+      f'all{wall}.', '',
+      '## Recall per seed', '',
+      'Test recall of every reported run, at its row\'s chosen rate: a mean ± std of a few seeds '
+      'hides whether every seed recalls a little or some recall fully and others not at all.',
+      '', *per_seed_table(payload), '',
+  ]
+  if payload['sweep']:
+    lines += ['## Learning-rate sweep (seed 0, validation recall; the chosen rate in bold)', '',
+              *sweep_lines(payload), '']
+  lines += ['## Which orderings are resolved', '',
+            report.RESOLVED_NOTE.format('', 'recalls more'), '', *comparisons_table(payload)]
+  return '\n'.join(lines) + '\n'
+
+
+def plot(payload: dict, path: pathlib.Path) -> None:
+  plt = report.pyplot()
+  summary, setup = payload['rows'], payload['setup']
+  kvs = [str(k) for k in setup['kv_pairs']]
+  fig, axes = plt.subplots(1, len(kvs), figsize=(max(7.5, 4.2 * len(kvs)), 5.2),
+                           sharey=True, squeeze=False)
+  ticks = sorted({s['elements_measured'] for s in summary.values()})
+  chance = 2 / next(iter(summary.values()))['model']['vocab_size']
+  for ax, k in zip(axes[0], kvs, strict=True):
+    for label, color, kinds in report.families(summary):
+      rows = sorted((s for s in summary.values() if s['attention'] in kinds and k in s['by_kv']),
+                    key=lambda s: s['elements_measured'])
+      if not rows:
+        continue
+      xs = [s['elements_measured'] for s in rows]
+      ax.plot(xs, [s['by_kv'][k]['accuracy'] for s in rows], '-', color=color, alpha=0.6,
+              label=label)
+      for s in rows:
+        c = s['by_kv'][k]
+        ax.plot([s['elements_measured']] * len(c['accuracies']), c['accuracies'], '.',
+                color=color, alpha=0.35, markersize=5)  # each seed, under its mean
+        ax.errorbar(s['elements_measured'], c['accuracy'], yerr=c['accuracy_std'], color=color,
+                    marker=report.MARKERS[s['attention']], markersize=7, capsize=4,
+                    linestyle='none')
+    ax.axhline(chance, color='gray', linestyle=':', linewidth=1)
+    ax.axhline(1 / int(k), color='gray', linestyle='--', linewidth=1)
+    ax.set_xscale('log')
+    ax.set_xticks(ticks, [str(t) for t in ticks], fontsize=7, rotation=45)
+    ax.minorticks_off()
+    ax.set_title(f'N = {k} key-value pairs', fontsize=10)
+    ax.set_xlabel('KV cache per token (elements; log scale)', fontsize=8)
+    ax.grid(alpha=0.3)
+  axes[0][0].set_ylabel('test recall (exact match): mean ± std and each seed (dots)')
+  axes[0][0].set_ylim(-0.03, 1.03)
+  for kind, marker in report.MARKERS.items():
+    axes[0][0].plot([], [], marker, color='gray', linestyle='none', label=kind.upper())
+  handles, labels = axes[0][0].get_legend_handles_labels()
+  fig.legend(handles, labels, loc='lower center', ncol=len(labels), fontsize=7)
+  fig.suptitle(f"{'QUICK pipeline check: ' if setup['quick'] else ''}MQAR recall vs KV cache, "
+               'parameters matched (dotted: chance; dashed: 1/N, the values without their keys)',
+               fontsize=10)
+  fig.text(0.5, 0.075, textwrap.fill(_setup_line(summary, setup), 120), ha='center',
+           va='center', fontsize=7, color='gray')
+  fig.tight_layout(rect=(0, 0.1, 1, 1))
+  fig.savefig(path, dpi=120)
+  plt.close(fig)
 
 
 if __name__ == '__main__':
-  cli.run(main)
+  cli.run(lambda: sweep.main(RecallVsCache()))

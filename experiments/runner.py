@@ -1,6 +1,6 @@
 """What the multi-run experiments share: worker processes pinned one per CPU core, a ledger
-of the finished runs that travels with the committed results, the machine's description, and
-the decode cache measured from the arrays a decode step returns.
+of the finished runs that travels with the committed results, and the decode cache measured
+from the arrays a decode step returns.
 
 One core per run makes the numbers independent of how many runs share the machine (XLA sizes
 its thread pool by the cores a process may use), and on this project's 2-core CPU two one-core
@@ -15,7 +15,6 @@ import fcntl
 import json
 import os
 import pathlib
-import platform
 import resource
 import subprocess
 import sys
@@ -26,6 +25,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from experiments import common
 from mla_jax import decode, variants
 from mla_jax import workdir as wd
 from mla_jax.cache import measured_per_token
@@ -38,35 +38,11 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 RESULT = 'result.json'
 
 
-def available_cores() -> list[int]:
-  if hasattr(os, 'sched_getaffinity'):
-    return sorted(os.sched_getaffinity(0))
-  return list(range(os.cpu_count() or 1))
-
-
 def pin_to(core: int):
   """Runs in the child before exec (this process has no threads): its one core, inherited."""
   if not hasattr(os, 'sched_setaffinity'):
     return None
   return lambda: os.sched_setaffinity(0, {core})
-
-
-def machine() -> str:
-  """The CPU, its widest vector extension and the cores this process may use. The extension
-  is named because the same run on two hosts can differ in the last bits (the matmul
-  libraries pick their kernels from the CPU), which 200 steps of training carry to ~1e-3 in
-  a loss (docs/results.md, "Reproducing it")."""
-  cpu = platform.processor() or platform.machine()
-  cpuinfo = pathlib.Path('/proc/cpuinfo')
-  if cpuinfo.exists():
-    lines = cpuinfo.read_text().splitlines()
-    names = [line.split(':', 1)[1].strip() for line in lines if line.startswith('model name')]
-    flags = next((set(line.split(':', 1)[1].split()) for line in lines
-                  if line.startswith('flags')), set())
-    isa = next((name for flag, name in (('avx512f', 'AVX-512'), ('avx2', 'AVX2'))
-                if flag in flags), None)
-    cpu = (names[0] if names else cpu) + (f' ({isa})' if isa else '')
-  return f'{cpu}, {len(available_cores())} cores available, Python {platform.python_version()}'
 
 
 def cache_formula(cfg) -> tuple[str, int]:
@@ -129,12 +105,6 @@ def full_wall_s(previous: pathlib.Path, wall_s: float, ran_all: bool, grid: dict
   setup = json.loads(previous.read_text())['setup']
   same = all(setup.get(k) == json.loads(json.dumps(v)) for k, v in grid.items())  # as stored
   return setup.get('full_wall_s') if same else None
-
-
-def results_dir(flag: str | None, workdir: str, quick: bool) -> pathlib.Path:
-  """Where an experiment's report (and its ledger) goes: --results_dir if given, else the
-  committed experiments/results, or the workdir for --quick (never the committed results)."""
-  return pathlib.Path(flag or (workdir if quick else ROOT / 'experiments' / 'results'))
 
 
 class Ledger:
@@ -204,10 +174,6 @@ class Ledger:
       f.write(json.dumps(dict(file=key, result=held[key]), sort_keys=True) + '\n')
 
 
-def restored_words(restored: int, ledger: Ledger) -> str:
-  return f' ({restored} finished runs restored from {ledger.path})' if restored else ''
-
-
 @dataclasses.dataclass
 class Task:
   """One worker process: `args` after `python -m`, its log, the tasks it waits for, and
@@ -228,7 +194,7 @@ def run_tasks(tasks: list[Task], jobs: int = 0, report=print,
   list order as soon as the tasks they wait for are done, recording each finished one in
   `ledger`. A failure stops new starts; the running ones finish; then SystemExit with each
   failure's last log line."""
-  cores = available_cores()
+  cores = common.available_cores()
   jobs = min(jobs or len(cores), len(cores))
   todo = [t for t in tasks if not t.done.exists()]
   finished = {t.name for t in tasks if t.done.exists()}

@@ -1,27 +1,119 @@
-"""The learning-rate protocol the capacity experiments share (Zoology's, and what a fair
-comparison of architectures needs: each row at its own best rate).
+"""The sweep protocol the multi-run experiments are declared in (capacity_vs_cache,
+recall_vs_cache): cells, a config per run, a measure, a summary, comparisons. An experiment
+subclasses `Sweep` and calls `main(TheSweep())`; the runner, the one worker and the report
+writer (experiments/report.py) are here and nowhere else.
 
-A *cell* is everything that fixes a run but its rate and seed (a row, and for recall the
-difficulty); a *run* is (*cell, lr, seed). With more than one rate, seed 0 of every cell is
-trained at every rate (the sweep) and the cell's rate is chosen from those runs by the
-experiment's `best` (validation loss, or validation recall); then seeds 1 .. N are trained at
-the chosen rate and reported. The run that chose a rate is never among those reported, so the
-choice does not flatter the reported numbers. With one rate there is nothing to choose: no
-sweep, seeds 1 .. N at that rate.
+The learning-rate protocol (Zoology's, and what a fair comparison of architectures needs: each
+row at its own best rate). A *cell* is everything that fixes a run but its rate and seed (a
+row, and for recall the difficulty); a *run* is (*cell, lr, seed). With more than one rate,
+seed 0 of every cell is trained at every rate (the sweep) and the cell's rate is chosen from
+those runs by the experiment's `best` (validation loss, or validation recall); then seeds
+1 .. N are trained at the chosen rate and reported. The run that chose a rate is never among
+those reported, so the choice does not flatter the reported numbers. With one rate there is
+nothing to choose: no sweep, seeds 1 .. N at that rate.
 
-Runs are experiments/runner.py tasks: finished ones (a result file, in the workdir or in the
-ledger beside the report) are never redone, so a protocol interrupted anywhere, even one
-continued on another machine from the committed ledger, resumes where it stopped.
+Each run is an ordinary mla_jax workdir, trained by `work` in its own process pinned to one
+core (experiments/runner.py): it trains (a non-finite loss is recorded as diverged, and the
+sweep passes over that rate), loads the trained model, calls the experiment's `measure`,
+measures the decode cache (not for a sweep run, which is read only for its score) and writes
+result.json last. Finished runs (a result file, in the workdir or in the ledger beside the
+report) are never redone, so a protocol interrupted anywhere, even one continued on another
+machine from the committed ledger, resumes where it stopped.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import datetime
+import json
+import pathlib
+import sys
+import time
 from collections.abc import Callable
 
-from experiments import runner
+import numpy as np
+from absl import flags
+
+from experiments import common, runner
+from mla_jax import training
+from mla_jax import workdir as wd
 from mla_jax.errors import InputError
+from mla_jax.model import param_count
+
+flags.DEFINE_string('workdir', None, 'where the runs live (one workdir per run)')
+flags.DEFINE_list('rows', None, 'rows to run (default: every row of the experiment)')
+flags.DEFINE_list('lrs', None, "learning rates to choose from with seed 0 (default: the "
+                  "experiment config's; with --quick, its quick ones)")
+flags.DEFINE_integer('seeds', None, 'seeds 1 .. N trained at the chosen rate and reported '
+                     '(default: 3; with --quick, the experiment\'s quick number)')
+flags.DEFINE_integer('jobs', 0, 'runs at a time, one core each (0: one per available core)')
+flags.DEFINE_bool('dry_run', False, 'print the plan and what is left to train; train nothing')
+flags.DEFINE_string('worker', None, 'internal: the run (JSON) this process trains')
+flags.mark_flag_as_required('workdir')
+FLAGS = flags.FLAGS
 
 Run = tuple  # (*cell, lr, seed)
+
+
+@dataclasses.dataclass(frozen=True)
+class Plan:
+  """What the flags ask for: the cells, rates and seeds; `grid` (recorded in the report, and
+  what makes two reports the same grid); `words` (the plan line's start); `stem` (the
+  report's file name)."""
+
+  cells: list[tuple]
+  lrs: list[float]
+  seeds: int
+  grid: dict
+  words: str
+  stem: str
+
+
+class Sweep:
+  """An experiment's declaration. `name` is its module under experiments/ and its results
+  folder; the methods say what one run is and how it is scored and reported."""
+
+  name: str
+
+  def plan(self) -> Plan:
+    raise NotImplementedError
+
+  def config(self, run: Run):
+    """The run's training config (ml_collections)."""
+    raise NotImplementedError
+
+  def path(self, run: Run) -> pathlib.Path:
+    """The run's workdir: everything that fixes a run is in its path."""
+    raise NotImplementedError
+
+  def fields(self, run: Run) -> dict:
+    """The run's own entries in its result (row, lr, seed, ...)."""
+    raise NotImplementedError
+
+  def measure(self, run: Run, config, model) -> tuple[dict, np.ndarray]:
+    """(scores of the trained model, a prompt to measure its decode cache with)."""
+    raise NotImplementedError
+
+  def best(self, results: list[dict]) -> float:
+    """The rate a cell's seed-0 runs choose (ValueError: every rate diverged)."""
+    raise NotImplementedError
+
+  def describe(self, result: dict) -> str:
+    """A finished run in the progress line."""
+    raise NotImplementedError
+
+  def report(self, results: list[dict], sweep: list[dict], setup: dict,
+             out: pathlib.Path) -> list[pathlib.Path]:
+    """Writes the report (experiments/report.write) from the reported and the sweep runs."""
+    raise NotImplementedError
+
+  def estimate(self, plan: Plan, left: int, upper: bool, jobs: int) -> str:
+    """What is left to train, in words."""
+    return f"{'at most ' if upper else ''}{left} to train"
+
+  def read(self, run: Run) -> dict | None:
+    path = self.path(run) / runner.RESULT
+    return json.loads(path.read_text()) if path.exists() else None
 
 
 def rates(values: list[str]) -> list[float]:
@@ -56,23 +148,99 @@ def final_runs(cells: list[tuple], lrs: list[float], seeds: int,
   return [(*cell, chosen[cell], seed) for seed in range(1, seeds + 1) for cell in cells]
 
 
-def left_to_train(sweep: list[Run], cells: list[tuple], lrs: list[float], seeds: int,
-                  read: Callable[[Run], dict | None],
+def left_to_train(sweep: list[Run], plan: Plan, read: Callable[[Run], dict | None],
                   best: Callable[[list[dict]], float]) -> tuple[int, bool]:
   """(runs left, whether that is an upper bound: while the sweep is unfinished the rates are
   not chosen, and every reported run may be left)."""
   left = sum(read(r) is None for r in sweep)
   if left:
-    return left + len(cells) * seeds, True
-  return sum(read(r) is None for r in final_runs(cells, lrs, seeds, read, best)), False
+    return left + len(plan.cells) * plan.seeds, True
+  final = final_runs(plan.cells, plan.lrs, plan.seeds, read, best)
+  return sum(read(r) is None for r in final), False
 
 
-def train(runs: list[Run], what: str, task: Callable[[Run], runner.Task],
-          read: Callable[[Run], dict | None], jobs: int, ledger: runner.Ledger) -> int:
-  """Trains the unfinished runs (runner.run_tasks), recording each in the ledger; -> how many
-  there were."""
-  todo = [r for r in runs if read(r) is None]
+def work(sweep: Sweep, run: Run) -> None:
+  """The one worker: trains the run, scores it, measures its cache; result.json last."""
+  runner.share_compilations(FLAGS.workdir)
+  config, run_dir, fields = sweep.config(run), sweep.path(run), sweep.fields(run)
+  start = time.perf_counter()
+  try:
+    training.train_and_evaluate(config, str(run_dir), final_eval=False)
+  except training.TrainingError as e:  # a rate too high: the sweep passes over it
+    wd.write_json(run_dir, runner.RESULT, dict(fields, diverged=str(e), cpu_s=runner.cpu_s()))
+    return
+  train_s = time.perf_counter() - start
+  model, cfg = wd.load_workdir(run_dir)
+  start = time.perf_counter()
+  scores, prompt = sweep.measure(run, config, model)
+  eval_s = time.perf_counter() - start
+  start = time.perf_counter()
+  cache = runner.measure_caches(model, prompt) if fields['seed'] else {}
+  cache_s = time.perf_counter() - start
+  rows = [json.loads(line) for line in (run_dir / 'metrics.jsonl').open()]
+  speeds = [r['tokens_per_s'] for r in rows if 'tokens_per_s' in r][1:]  # the first compiles
+  d = config.data
+  wd.write_json(run_dir, runner.RESULT, dict(
+      **scores, **fields, attention=cfg.attention, params=param_count(cfg), d_ff=cfg.d_ff,
+      model=cfg.to_dict(), train_tokens=config.train.steps * d.batch_size * d.seq_len,
+      tokens_per_s=float(np.median(speeds)) if speeds else None, **cache, train_s=train_s,
+      eval_s=eval_s, cache_s=cache_s, cpu_s=runner.cpu_s(), machine=common.machine(),
+      commit=common.commit(), versions=common.versions()))
+
+
+def _train(runs: list[Run], what: str, sweep: Sweep, jobs: int, ledger: runner.Ledger) -> int:
+  """Trains the unfinished runs, recording each in the ledger; -> how many there were."""
+  todo = [r for r in runs if sweep.read(r) is None]
   print(f'{what}: {len(runs) - len(todo)} of {len(runs)} runs already finished in '
         f'{ledger.root}; training {len(todo)}', flush=True)
+  workdir = pathlib.Path(FLAGS.workdir).resolve()
+
+  def task(run: Run) -> runner.Task:
+    path = sweep.path(run)
+    name = ' '.join(f'{k}={v}' for k, v in sweep.fields(run).items())
+    # the worker parses this process's flags, so it builds the same plan's run
+    args = [f'experiments.{sweep.name}', *sys.argv[1:], f'--workdir={workdir}',
+            f'--worker={json.dumps(run)}']
+    return runner.Task(name, args, path / 'log.txt', path / runner.RESULT,
+                       describe=sweep.describe)
+
   runner.run_tasks([task(r) for r in runs], jobs, ledger=ledger)
   return len(todo)
+
+
+def main(sweep: Sweep) -> None:
+  """The experiment's command: its plan, then the sweep, the reported seeds and the report."""
+  if FLAGS.worker:
+    return work(sweep, tuple(json.loads(FLAGS.worker)))
+  plan = sweep.plan()
+  start = time.perf_counter()
+  out = common.out_dir(sweep.name, FLAGS.workdir)
+  ledger = runner.Ledger(out / f'{sweep.name}.ledger.jsonl', FLAGS.workdir)
+  restored = ledger.sync()  # before the plan line, which counts what it restores
+  swept = sweep_runs(plan.cells, plan.lrs)
+  jobs = min(FLAGS.jobs or len(common.available_cores()), len(common.available_cores()))
+  left, upper = left_to_train(swept, plan, sweep.read, sweep.best)
+  print(f'{plan.words}: {len(swept)} sweep runs (seed 0 at each of {len(plan.lrs)} rates) + '
+        f'{len(plan.cells) * plan.seeds} reported runs (seeds 1-{plan.seeds}); '
+        f'{sweep.estimate(plan, left, upper, jobs)}'
+        + (f' ({restored} finished runs restored from {ledger.path})' if restored else ''),
+        flush=True)
+  if FLAGS.dry_run:
+    return
+  trained = _train(swept, 'learning-rate sweep', sweep, jobs, ledger)
+  final = final_runs(plan.cells, plan.lrs, plan.seeds, sweep.read, sweep.best)
+  trained += _train(final, 'seeds at the chosen rates', sweep, jobs, ledger)
+  wall_s = time.perf_counter() - start
+  total = len(swept) + len(final)
+  setup = dict(
+      command=common.command(), **plan.grid, jobs=jobs, machine=common.machine(),
+      date=datetime.date.today().isoformat(), wall_s=wall_s, runs_trained=trained, runs_total=total,
+      cpu_s=sum(sweep.read(r)['cpu_s'] for r in swept + final),
+      full_wall_s=runner.full_wall_s(out / f'{plan.stem}.json', wall_s, trained == total,
+                                     plan.grid))
+  try:
+    paths = sweep.report([sweep.read(r) for r in final], [sweep.read(r) for r in swept],
+                         setup, out)
+  except ValueError as e:  # every seed of a row diverged
+    raise InputError(str(e)) from None
+  print('wrote ' + ', '.join(str(p) for p in paths))

@@ -1,12 +1,14 @@
-"""What the benchmarks share: timing a jitted function, the machine's copy bandwidth and matmul
-rate, the train step timed alone, and the bytes and flops a decode step must spend, and the decode
-benchmark's rows (configs and one timed row), and running one row without losing the others to
-its failure. Benchmarks live here in experiments/, outside the package: mla_jax never imports them.
+"""Every timer the benchmarks use: a jitted function's median time, named steps timed
+alternately (the A/B timer), the machine's copy bandwidth and matmul rate, the train step timed
+alone, the bytes and flops a decode step must spend and the decode benchmark's rows, and
+running one row without losing the others to its failure. Benchmarks live here in
+experiments/, outside the package: mla_jax never imports them.
 """
 
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
@@ -14,8 +16,8 @@ import numpy as np
 from flax import nnx
 
 import mla_jax
-from mla_jax import quant, tasks, trainer, variants
-from mla_jax.cache import measured_per_token
+from mla_jax import quant, tasks, training, variants
+from mla_jax.cache import measured_per_token, storage_dtype
 from mla_jax.config import ModelConfig
 from mla_jax.quant import QuantArray
 
@@ -40,6 +42,55 @@ def median_seconds(fn, runs: int) -> float:
     jax.block_until_ready(fn())
     times.append(time.perf_counter() - start)
   return float(np.median(times))
+
+
+Step = Callable[[], None]  # one synchronous call (a training step, an attention call)
+
+
+def timed(step: Step, n: int) -> list[tuple[float, float]]:
+  """(wall, process CPU) seconds of n calls."""
+  times = []
+  for _ in range(n):
+    start, cpu = time.perf_counter(), time.process_time()
+    step()
+    times.append((time.perf_counter() - start, time.process_time() - cpu))
+  return times
+
+
+def summary(times: list[tuple[float, float]], tokens: int) -> dict:
+  """Median wall step time and tokens/s; also the CPU seconds per step, summed over this
+  process's threads: on a shared machine it moves less with other load than wall time."""
+  wall, cpu = np.asarray(times).T
+  step_s = float(np.median(wall))
+  return {'step_s': step_s, 'tokens_per_s': tokens / step_s, 'steps': len(wall),
+          'step_s_min': float(np.min(wall)), 'step_s_max': float(np.max(wall)),
+          'cpu_s': float(np.median(cpu))}
+
+
+def compare(steps: dict[str, Step], tokens: int, blocks: int, block_steps: int,
+            warmup: int = 2) -> dict:
+  """The A/B timer: named steps timed alternately, every block running block_steps of each in
+  turn, so load from other processes on a shared machine hits them alike.
+
+  -> {name: summary over all blocks}, plus 'ratio_<a>_over_<b>' (tokens/s) for each later
+  name b against the first name a, and its spread over the blocks (min, max of per-block
+  median ratios)."""
+  for step in steps.values():
+    timed(step, warmup)
+  times: dict[str, list[list[tuple[float, float]]]] = {name: [] for name in steps}
+  for _ in range(blocks):
+    for name, step in steps.items():
+      times[name].append(timed(step, block_steps))
+  out = {name: summary([x for block in t for x in block], tokens) for name, t in times.items()}
+  first, *rest = steps
+  for name in rest:
+    per_block = [np.median(np.asarray(b)[:, 0]) / np.median(np.asarray(a)[:, 0])
+                 for a, b in zip(times[first], times[name], strict=True)]
+    out[f'ratio_{first}_over_{name}'] = {
+        'ratio': out[first]['tokens_per_s'] / out[name]['tokens_per_s'],
+        'cpu_ratio': out[name]['cpu_s'] / out[first]['cpu_s'],
+        'block_min': float(np.min(per_block)), 'block_max': float(np.max(per_block))}
+  return out
 
 
 def machine_limits(runs: int, mib: int = 1024, dtype: str = 'float32', n: int = 2048) -> dict:
@@ -70,27 +121,31 @@ def machine_limits(runs: int, mib: int = 1024, dtype: str = 'float32', n: int = 
 
 def fixed_batch_step(config, mesh, compiler_options=None) -> tuple:
   """(initial state, the jitted train step, one fixed random text batch) on `mesh`: the train
-  step as the trainer builds it (compiler_options: see trainer.jit_train_step), to time or
+  step as the trainer builds it (compiler_options: see training.jit_train_step), to time or
   profile alone. Call under jax.set_mesh(mesh)."""
-  graphdef, state, shardings = trainer.init_state(config, mesh)
-  batch_sharding, shape, _ = trainer.batch_layout(config, mesh)
-  step = trainer.jit_train_step(graphdef, shardings, batch_sharding, compiler_options)
+  graphdef, state, shardings = training.init_state(config, mesh)
+  batch_sharding, shape, _ = training.batch_layout(config, mesh)
+  step = training.jit_train_step(graphdef, shardings, batch_sharding, compiler_options)
   windows = np.random.default_rng(0).integers(0, 256, (*shape[:-1], shape[-1] + 1),
                                               dtype=np.int32)
   return state, step, jax.device_put(tasks.text_batch(windows), batch_sharding)
 
 
+# A custom call's name in the train step's program -> the attention kernel it is.
+KERNEL_CALLS = {'__cudnn$fmha': 'cudnn', 'mla_causal_attention_forward': 'cpu_kernel'}
+
+
 def attention_kernel(config, mesh) -> str:
-  """Which fused attention the train step of `config` calls: 'cudnn' where its program holds
-  cuDNN's flash attention (custom calls named __cudnn$fmha...), else 'xla'. mla_jax.fused
-  chooses while tracing (cuDNN, or XLA's attention where cuDNN refuses the dtype, widths or
-  flags), so on one device the lowered step shows the choice without compiling; on a mesh of
-  several, cuDNN's call is custom-partitioned and named only in the compiled program."""
+  """Which attention kernel the train step of `config` calls, read from its program: 'cudnn'
+  (cuDNN's flash attention), 'cpu_kernel' (mla_jax.kernels.cpu_attention's custom call), or
+  'xla' (no kernel: XLA's own ops). On one device the lowered step shows the choice without
+  compiling; on a mesh of several, cuDNN's call is custom-partitioned and named only in the
+  compiled program."""
   with jax.set_mesh(mesh):
     state, step, batch = fixed_batch_step(config, mesh)
     lowered = step.lower(state, batch)
     program = (lowered.compile() if mesh.size > 1 else lowered).as_text()
-  return 'cudnn' if '__cudnn$fmha' in program else 'xla'
+  return next((kernel for call, kernel in KERNEL_CALLS.items() if call in program), 'xla')
 
 
 def time_train_step(config, mesh, steps: int) -> dict:
@@ -132,7 +187,7 @@ def decode_step_cost(cfg: ModelConfig, n_params: int, batch: int, context: int,
 def decode_configs(d_model: int, n_heads: int, n_layers: int, dtype: str, impls=('einsum',),
             cache_dtypes=(None,)) -> dict:
   """The benchmark's rows: every variant at d_c = 4 d_h, d_r = d_h / 2 for MLA, under each
-  attention_impl (fused: the Pallas decode kernels; MLA naive has none, so einsum only) and
+  attention_impl (kernels: the Pallas decode kernels; MLA naive has none, so einsum only) and
   each cache dtype (None: the compute dtype)."""
   d_h = d_model // n_heads
   base = dict(d_model=d_model, n_heads=n_heads, n_layers=n_layers, vocab_size=256,
@@ -146,10 +201,11 @@ def decode_configs(d_model: int, n_heads: int, n_layers: int, dtype: str, impls=
   out = {}
   for name, fields in rows.items():
     for impl in impls:
-      if impl == 'fused' and name == 'MLA naive':
+      if impl in ('kernels', 'fused') and name == 'MLA naive':
         continue
       for cache_dtype in cache_dtypes:
-        label = name if len(impls) == 1 else f'{name} [{"kernel" if impl == "fused" else impl}]'
+        kind = 'kernel' if impl in ('kernels', 'fused') else impl
+        label = name if len(impls) == 1 else f'{name} [{kind}]'
         if len(cache_dtypes) > 1:
           label += f' {cache_dtype or dtype} cache'
         out[label] = mla_jax.ModelConfig(**base, **fields, attention_impl=impl,
@@ -192,7 +248,7 @@ def decode_row(name, cfg, batch, context, limits, runs):
   read, flops = decode_step_cost(cfg, n_params, batch, context, cache_bytes_per_token)
   limit = max(read / limits['stream_bytes_per_s'], flops / limits['matmul_flops_per_s'])
   return {
-      'variant': name, 'impl': cfg.attention_impl, 'cache_dtype': str(cfg.cache_storage_dtype),
+      'variant': name, 'impl': cfg.attention_impl, 'cache_dtype': str(storage_dtype(cfg)),
       'batch': batch, 'context': context, 'params': n_params,
       'ms_per_token': 1e3 * seconds, 'tokens_per_s': batch / seconds,
       'cache_elements_per_token': elements_per_token,

@@ -23,49 +23,43 @@ schedule (peak lr 1e-3, warmup 2) for --finetune_fraction (5%) of the source's t
 Every task is a worker process pinned to one core, --jobs at a time (experiments/runner.py);
 each writes result.json last, and a task with one is not redone, so an interrupted run resumes
 (trainings from their last checkpoints). The report (to_mla.md / .json / .png) goes to
---results_dir: experiments/results for the full run, the workdir for --quick (which never
+--out: experiments/results/to_mla/ for the full run, the workdir for --quick (which never
 overwrites the committed results). --report_only writes it from the tasks finished so far,
 marked partial, and trains nothing.
 """
 
 from __future__ import annotations
 
+import datetime
 import json
 import pathlib
 import shutil
-import sys
 import time
 
-import jax
 from absl import flags
 
 from configs import finetune
-from configs import gqa as gqa_config
-from configs import mha as mha_config
-from experiments import runner, to_mla_report
-from mla_jax import cli, converter, data, evaluator, trainer, variants
+from experiments import common, report, runner, to_mla_report
+from mla_jax import cli, converter, data, evaluator, training, variants
 from mla_jax import workdir as wd
 from mla_jax.config import ModelConfig
 from mla_jax.errors import InputError
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string('workdir', None, 'where the runs live (one folder per task)')
-flags.DEFINE_bool('quick', False, "tiny models ('tiny' configs, 40 steps): checks the pipeline")
 flags.DEFINE_list('sources', ['mha', 'gqa'], 'source attentions (configs/<name>.py)')
 flags.DEFINE_list('fractions', ['2', '4', '8'], 'cache sizes: 1/F of the source cache, for '
                   'every source (F) or one (SOURCE:F, e.g. gqa:2)')
 flags.DEFINE_float('finetune_fraction', 0.05, "fine-tuning tokens as a fraction of the source's")
 flags.DEFINE_integer('calibration_batches', 4, 'training batches for the conversion statistics')
 flags.DEFINE_integer('jobs', 0, 'tasks at a time, one core each (0: one per available core)')
-flags.DEFINE_string('results_dir', None,
-                    'where the report goes (default: experiments/results; with --quick, workdir)')
 flags.DEFINE_string('data_files', '', 'a glob of text files instead of the Shakespeare corpus')
 flags.DEFINE_bool('report_only', False, 'write the report from the tasks finished so far '
                   '(the others shown as -), training nothing')
 flags.DEFINE_string('worker', None, 'internal: the task this process runs')
 flags.mark_flag_as_required('workdir')
 
-CONFIGS = {'mha': mha_config, 'gqa': gqa_config}
+SOURCES = ('mha', 'gqa')  # configs/<name>.py
 QUICK_STEPS = 40
 # variant -> (rope_selection, calibrated statistics, latent_norm, fine-tuned)
 VARIANTS = {'2norm': ('2norm', True, 'calibrated', True),
@@ -76,7 +70,7 @@ VARIANTS = {'2norm': ('2norm', True, 'calibrated', True),
 
 # --- configs -----------------------------------------------------------------------------------
 def source_config(name: str):
-  config = CONFIGS[name].get_config('tiny' if FLAGS.quick else '')
+  config = common.load_config(name, 'tiny' if FLAGS.quick else '')
   if FLAGS.quick:
     config.train.update(steps=QUICK_STEPS, eval_every=10**9, checkpoint_every=20)
   if FLAGS.data_files:
@@ -128,13 +122,13 @@ def grid() -> list[tuple[str, int]]:
 
 def tasks() -> list[runner.Task]:
   out = []
-  common = [f'--workdir={FLAGS.workdir}', f'--quick={FLAGS.quick}',
+  shared = [f'--workdir={FLAGS.workdir}', f'--quick={FLAGS.quick}',
             f'--finetune_fraction={FLAGS.finetune_fraction}',
             f'--calibration_batches={FLAGS.calibration_batches}',
             f'--data_files={FLAGS.data_files}']
 
   def task(name, folder, after=()):
-    out.append(runner.Task(name, ['experiments.to_mla', f'--worker={name}', *common],
+    out.append(runner.Task(name, ['experiments.to_mla', f'--worker={name}', *shared],
                            path(folder, 'log.txt'), path(folder, runner.RESULT), tuple(after)))
 
   for source in FLAGS.sources:
@@ -156,7 +150,8 @@ def tasks() -> list[runner.Task]:
 
 
 def _write_result(folder: pathlib.Path, result: dict) -> None:
-  wd.write_json(folder, runner.RESULT, {**result, 'jax': jax.__version__})
+  wd.write_json(folder, runner.RESULT, {**result, 'machine': common.machine(),
+                                        'commit': common.commit(), 'versions': common.versions()})
 
 
 def _cache(model, prompt) -> dict:
@@ -177,7 +172,7 @@ def _train(config, folder: pathlib.Path, init_from=None) -> dict:
   """Trains (or resumes) a run; -> its final validation (evaluated again if the run was
   already complete) and the training time of this invocation."""
   start = time.perf_counter()
-  result = trainer.train_and_evaluate(config, str(folder), init_from=init_from)
+  result = training.train_and_evaluate(config, str(folder), init_from=init_from)
   train_s = time.perf_counter() - start
   if not result:
     model, _ = wd.load_workdir(folder)
@@ -264,9 +259,9 @@ def main():
   if FLAGS.worker:
     runner.share_compilations(FLAGS.workdir)
     return run_task(FLAGS.worker)
-  unknown = sorted(set(FLAGS.sources) - set(CONFIGS))
+  unknown = sorted(set(FLAGS.sources) - set(SOURCES))
   if unknown or not 0 < FLAGS.finetune_fraction <= 1:
-    raise InputError(f'--sources must be among {sorted(CONFIGS)} (unknown: {unknown}), '
+    raise InputError(f'--sources must be among {SOURCES} (unknown: {unknown}), '
                      f'--finetune_fraction in (0, 1]')
   for source, fraction in grid():  # a cache too small to split is refused before anything runs
     mla_model_section(source, fraction)
@@ -282,21 +277,21 @@ def main():
     runner.run_tasks(all_tasks, FLAGS.jobs)
     finished = all_tasks
   results = [json.loads(t.done.read_text()) for t in finished]
-  out = pathlib.Path(FLAGS.results_dir or (FLAGS.workdir if FLAGS.quick
-                                           else runner.ROOT / 'experiments' / 'results'))
+  out = common.out_dir(to_mla_report.NAME, FLAGS.workdir)
   wall_s = time.perf_counter() - start
   grid_setup = dict(quick=FLAGS.quick, sources=FLAGS.sources, fractions=grid(),
                     data=FLAGS.data_files or 'shakespeare',
                     finetune_fraction=FLAGS.finetune_fraction,
                     calibration_batches=FLAGS.calibration_batches)
-  setup = dict(command=' '.join(['python -m experiments.to_mla', *sys.argv[1:]]), **grid_setup,
-               jobs=FLAGS.jobs or len(runner.available_cores()), machine=runner.machine(),
+  setup = dict(command=common.command(), **grid_setup, date=datetime.date.today().isoformat(),
+               jobs=FLAGS.jobs or len(common.available_cores()), machine=common.machine(),
                wall_s=wall_s, tasks_run=0 if FLAGS.report_only else len(todo),
                tasks_finished=len(finished), tasks_total=len(all_tasks),
                full_wall_s=runner.full_wall_s(out / f'{to_mla_report.NAME}.json', wall_s,
                                               len(todo) == len(all_tasks)
                                               and not FLAGS.report_only, grid_setup))
-  paths = to_mla_report.write(results, setup, out)
+  paths = report.write(out, to_mla_report.NAME, dict(setup=setup, results=results),
+                       to_mla_report.render, to_mla_report.plot)
   print('wrote ' + ', '.join(str(p) for p in paths))
 
 

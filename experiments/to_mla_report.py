@@ -5,9 +5,9 @@ Every number comes from the tasks' result.json files; nothing here trains or mea
 
 from __future__ import annotations
 
-import datetime
-import json
 import pathlib
+
+from experiments import report
 
 NAME = 'to_mla'
 CONVERTED = ('2norm', 'uniform', 'weights', 'unit')
@@ -47,11 +47,38 @@ def _cache(r: dict) -> str:
                                                  f" (formula {r['cache_elements_formula']:,}!)")
 
 
-def markdown(results: list[dict], setup: dict) -> str:
+def _fraction_table(entry: dict) -> list[str]:
+  """One source's table: a line per cache size, a column per conversion (- : not run)."""
+  lines = []
+  for fraction in sorted(k for k in entry if isinstance(k, int)):
+    row = entry[fraction]
+    first = next(iter(row.values()))
+    m = first['model']
+    cells = [f"1/{fraction}: {_cache(first)}", f"{m['kv_lora_rank']}, {m['qk_rope_head_dim']}"]
+    for kind, key in (('2norm', 'before'), ('2norm', 'after'), ('uniform', 'before'),
+                      ('uniform', 'after'), ('weights', 'before'), ('unit', 'before'),
+                      ('scratch', 'after')):
+      cells.append(_ppl(row[kind], key) if kind in row else '-')
+    lines.append(cells)
+  return report.table(['cache', 'd_c, d_r', '2-norm before', '2-norm after', 'uniform before',
+                       'uniform after', 'weight stats before', 'unit norm before', 'scratch'],
+                      'll' + 'r' * 7, lines)
+
+
+def mha_table(payload: dict) -> list[str]:
+  return _fraction_table(_by_source(payload['results']).get('mha', {}))
+
+
+def gqa_table(payload: dict) -> list[str]:
+  return _fraction_table(_by_source(payload['results']).get('gqa', {}))
+
+
+def render(payload: dict) -> str:
+  results, setup = payload['results'], payload['setup']
   lines = [
       '# MHA / GQA -> MLA: conversion (mla_jax.to_mla) vs MLA from scratch, at equal cache', '',
       f"`{setup['command']}` on {setup['machine']}, {setup['date']}"
-      f"{' (QUICK: a pipeline check; the numbers mean nothing)' if setup['quick'] else ''}.",
+      f"{report.QUICK_NOTE if setup['quick'] else ''}.",
       'Validation perplexity (bytes) on the held-out split of the source\'s corpus, every byte '
       'scored once. "before" is the conversion as it comes out of mla_jax.to_mla; "after" '
       f"is it fine-tuned (--init_from) on {100 * setup['finetune_fraction']:g}% of the "
@@ -60,7 +87,6 @@ def markdown(results: list[dict], setup: dict) -> str:
       f"{setup['calibration_batches']} calibration batches of training data unless the "
       'column says weight statistics. Cache = elements per token over all layers, measured '
       'from the arrays a bfloat16 prefill and decode step return.', '']
-  all_exact = True
   for source, entry in _by_source(results).items():
     src, exact = entry.get('source'), entry.get('exact')
     lines += [f'## {source.upper()}', '']
@@ -72,22 +98,9 @@ def markdown(results: list[dict], setup: dict) -> str:
       gap = abs(exact['before']['loss'] - src['after']['loss']) if src else float('nan')
       lines.append(f"Exact MLA embedding: perplexity {exact['before']['perplexity']:.3f} "
                    f"(|loss difference| {gap:.1e}), cache {_cache(exact)}.")
-    lines += ['', '| cache | d_c, d_r | 2-norm before | 2-norm after | uniform before | '
-              'uniform after | weight stats before | unit norm before | scratch |',
-              '|---|---|--:|--:|--:|--:|--:|--:|--:|']
-    for fraction in sorted(k for k in entry if isinstance(k, int)):
-      row = entry[fraction]
-      first = next(iter(row.values()))
-      m = first['model']
-      for r in row.values():
-        all_exact &= r['cache_elements_formula'] == r['cache_elements_measured']
-      cells = [f"1/{fraction}: {_cache(first)}", f"{m['kv_lora_rank']}, {m['qk_rope_head_dim']}"]
-      for kind, key in (('2norm', 'before'), ('2norm', 'after'), ('uniform', 'before'),
-                        ('uniform', 'after'), ('weights', 'before'), ('unit', 'before'),
-                        ('scratch', 'after')):
-        cells.append(_ppl(row[kind], key) if kind in row else '-')
-      lines.append('| ' + ' | '.join(cells) + ' |')
-    lines.append('')
+    lines += ['', *_fraction_table(entry), '']
+  all_exact = all(r['cache_elements_formula'] == r['cache_elements_measured'] for r in results
+                  if r['kind'] not in ('source', 'exact'))
   lines += [f"Measured cache = formula everywhere: **{'yes' if all_exact else 'NO'}**."]
   if setup.get('tasks_finished', 0) < setup.get('tasks_total', 0):
     lines.append(f"**Partial report**: {setup['tasks_finished']} of {setup['tasks_total']} tasks "
@@ -98,13 +111,9 @@ def markdown(results: list[dict], setup: dict) -> str:
   return '\n'.join(lines) + '\n'
 
 
-def plot(results: list[dict], setup: dict, path: pathlib.Path) -> None:
-  try:
-    import matplotlib
-  except ImportError:
-    raise SystemExit("error: the plot needs matplotlib; pip install -e '.[dev]'") from None
-  matplotlib.use('Agg')
-  import matplotlib.pyplot as plt
+def plot(payload: dict, path: pathlib.Path) -> None:
+  results, setup = payload['results'], payload['setup']
+  plt = report.pyplot()
 
   sources = _by_source(results) or {'(nothing finished yet)': {}}
   fig, axes = plt.subplots(1, len(sources), figsize=(6 * len(sources), 4.5), squeeze=False)
@@ -134,13 +143,3 @@ def plot(results: list[dict], setup: dict, path: pathlib.Path) -> None:
   fig.savefig(path, dpi=120)
   plt.close(fig)
 
-
-def write(results: list[dict], setup: dict, out: pathlib.Path) -> list[pathlib.Path]:
-  """Writes to_mla.{md,json,png} into `out`; returns their paths."""
-  setup = {**setup, 'date': datetime.date.today().isoformat()}
-  out.mkdir(parents=True, exist_ok=True)
-  paths = [out / f'{NAME}.{ext}' for ext in ('md', 'json', 'png')]
-  paths[0].write_text(markdown(results, setup))
-  paths[1].write_text(json.dumps(dict(setup=setup, results=results), indent=1))
-  plot(results, setup, paths[2])
-  return paths

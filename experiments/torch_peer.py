@@ -6,7 +6,7 @@ DeepseekV3ForCausalLM with every layer dense (MLA), built from its config class 
 are downloaded), sdpa attention, eager, with torch.optim.AdamW (fused; no weight decay on
 1-D parameters, as ours) after clip_grad_norm_. On a CPU it runs in float32; on a GPU, on the
 GPU with bfloat16 autocast when our compute dtype is bfloat16 (float32 parameters, as ours).
-Both steps run in this process, alternately in blocks (A B A B ...), so load from other
+Both steps run in this process, alternately in blocks (timing.compare), so load from other
 processes on a shared machine hits both alike; each side's step time is its median over all
 timed steps, and the ratio is ours / theirs in tokens/s. torch and transformers are imported
 inside the functions: they are in the dev extra only.
@@ -15,17 +15,15 @@ inside the functions: they are in the dev extra only.
 from __future__ import annotations
 
 import contextlib
-import importlib
 import time
-from collections.abc import Callable
 
 import jax
 import numpy as np
 
-from mla_jax import sharding, tasks, trainer
+from experiments import common, timing
+from experiments.timing import Step
+from mla_jax import sharding
 from mla_jax.config import ModelConfig
-
-Step = Callable[[], None]  # one synchronous training step on a fixed batch
 
 
 def torch_step(model_cfg: ModelConfig, batch: int, seq_len: int, lr: float = 3e-3,
@@ -81,16 +79,11 @@ def torch_step(model_cfg: ModelConfig, batch: int, seq_len: int, lr: float = 3e-
 
 
 def jax_step(config) -> Step:
-  """The trainer's own jitted step (trainer.jit_train_step, state donated) on a fixed batch of
+  """The trainer's own jitted step (training.jit_train_step, state donated) on a fixed batch of
   config.data.batch_size windows."""
   mesh = sharding.make_mesh(config.mesh)
   with jax.set_mesh(mesh):
-    graphdef, state, shardings = trainer.init_state(config, mesh)
-    batch_sharding, shape, _ = trainer.batch_layout(config, mesh)
-    fn = trainer.jit_train_step(graphdef, shardings, batch_sharding)
-    windows = np.random.default_rng(config.seed).integers(
-        0, config.model.vocab_size, (*shape[:-1], shape[-1] + 1), dtype=np.int32)
-    batch = jax.device_put(tasks.text_batch(windows), batch_sharding)
+    state, fn, batch = timing.fixed_batch_step(config, mesh)
   holder = [state]
 
   def step():
@@ -101,70 +94,10 @@ def jax_step(config) -> Step:
   return step
 
 
-def _timed(step: Step, n: int) -> list[tuple[float, float]]:
-  """(wall, process CPU) seconds of n calls."""
-  times = []
-  for _ in range(n):
-    start, cpu = time.perf_counter(), time.process_time()
-    step()
-    times.append((time.perf_counter() - start, time.process_time() - cpu))
-  return times
-
-
-def _summary(times: list[tuple[float, float]], tokens: int) -> dict:
-  """Median wall step time and tokens/s; also the CPU seconds per step, summed over this
-  process's threads: on a shared machine it moves less with other load than wall time."""
-  wall, cpu = np.asarray(times).T
-  step_s = float(np.median(wall))
-  return {'step_s': step_s, 'tokens_per_s': tokens / step_s, 'steps': len(wall),
-          'step_s_min': float(np.min(wall)), 'step_s_max': float(np.max(wall)),
-          'cpu_s': float(np.median(cpu))}
-
-
 def opt_kwargs(config) -> dict:
   """torch_step's optimizer arguments from a trainer config's opt section."""
   o = config.opt
   return dict(lr=o.lr, b1=o.b1, b2=o.b2, weight_decay=o.weight_decay, clip_norm=o.clip_norm)
-
-
-def time_torch_peer(model_cfg: ModelConfig, batch: int, seq_len: int, steps: int,
-                    warmup: int = 2, threads: int | None = None, **opt) -> dict:
-  """Median step time and tokens/s of the transformers peer alone (see torch_step)."""
-  step = torch_step(model_cfg, batch, seq_len, threads=threads, **opt)
-  _timed(step, warmup)
-  return _summary(_timed(step, steps), batch * seq_len)
-
-
-def time_jax_step(config, steps: int, warmup: int = 2) -> dict:
-  """Median step time and tokens/s of the trainer's jitted step alone (see jax_step)."""
-  step = jax_step(config)
-  _timed(step, warmup)
-  return _summary(_timed(step, steps), config.data.batch_size * config.data.seq_len)
-
-
-def compare(steps: dict[str, Step], tokens: int, blocks: int, block_steps: int,
-            warmup: int = 2) -> dict:
-  """Times named steps alternately: every block runs block_steps of each in turn.
-
-  -> {name: summary over all blocks}, plus 'ratio_<a>_over_<b>' (tokens/s) for each later
-  name b against the first name a, and its spread over the blocks (min, max of per-block
-  median ratios)."""
-  for step in steps.values():
-    _timed(step, warmup)
-  times: dict[str, list[list[tuple[float, float]]]] = {name: [] for name in steps}
-  for _ in range(blocks):
-    for name, step in steps.items():
-      times[name].append(_timed(step, block_steps))
-  out = {name: _summary([x for block in t for x in block], tokens) for name, t in times.items()}
-  first, *rest = steps
-  for name in rest:
-    per_block = [np.median(np.asarray(b)[:, 0]) / np.median(np.asarray(a)[:, 0])
-                 for a, b in zip(times[first], times[name], strict=True)]
-    out[f'ratio_{first}_over_{name}'] = {
-        'ratio': out[first]['tokens_per_s'] / out[name]['tokens_per_s'],
-        'cpu_ratio': out[name]['cpu_s'] / out[first]['cpu_s'],
-        'block_min': float(np.min(per_block)), 'block_max': float(np.max(per_block))}
-  return out
 
 
 def time_side_by_side(config, steps: int, blocks: int = 0) -> dict:
@@ -179,7 +112,7 @@ def time_side_by_side(config, steps: int, blocks: int = 0) -> dict:
   model_cfg = ModelConfig.from_dict(config.model)
   theirs = torch_step(model_cfg, batch, seq_len, **opt_kwargs(config))
   blocks = blocks or max(2, steps // 3)
-  result = compare({'jax': ours, 'torch': theirs}, batch * seq_len, blocks,
+  result = timing.compare({'jax': ours, 'torch': theirs}, batch * seq_len, blocks,
                    max(1, steps // blocks))
   ratio = result['ratio_jax_over_torch']
   return {'jax_step_s': result['jax']['step_s'], 'jax_compile_s': compile_s,
@@ -189,7 +122,8 @@ def time_side_by_side(config, steps: int, blocks: int = 0) -> dict:
           'cpu_s_torch': result['torch']['cpu_s']}
 
 
-def peer_config(variant: str, batch: int, seq_len: int):
-  config = importlib.import_module(f'configs.{variant}').get_config()
+def peer_config(variant: str, batch: int, seq_len: int, arg: str = ''):
+  """configs/<variant>.py:<arg> at batch x seq_len."""
+  config = common.load_config(variant, arg)
   config.data.update(batch_size=batch, seq_len=seq_len)
   return config

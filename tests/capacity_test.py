@@ -10,7 +10,8 @@ import numpy as np
 import pytest
 
 from configs.ablations import capacity_vs_cache as ablation
-from experiments import capacity_report, runner
+from experiments import capacity_vs_cache as experiment
+from experiments import report, runner
 from experiments.runner import cache_formula
 from mla_jax.config import ModelConfig
 from mla_jax.errors import InputError
@@ -75,10 +76,10 @@ def test_mlp_matching_keeps_mhas_width_and_lets_parameters_differ(geometry):
 
 
 def test_report_names_say_the_geometry_and_the_matching():
-  assert capacity_report.name('small') == 'capacity_vs_cache'
-  assert capacity_report.name('paper') == 'capacity_vs_cache_paper'
-  assert capacity_report.name('paper', 'mlp') == 'capacity_vs_cache_paper_mlp'
-  assert capacity_report.name('small', 'mlp') == 'capacity_vs_cache_mlp'
+  assert experiment.name('small') == 'capacity_vs_cache'
+  assert experiment.name('paper') == 'capacity_vs_cache_paper'
+  assert experiment.name('paper', 'mlp') == 'capacity_vs_cache_paper_mlp'
+  assert experiment.name('small', 'mlp') == 'capacity_vs_cache_mlp'
 
 
 @pytest.mark.parametrize('geometry, expected', [('', FULL_CACHE), (',paper', PAPER_CACHE)])
@@ -94,7 +95,7 @@ def test_plot_legend_names_the_latent_widths_present():
   def row(name, geometry):
     c = ablation.get_config(name + (',paper' if geometry == 'paper' else ''))
     return {'attention': c.model.attention, 'model': c.model.to_dict()}
-  labels = lambda names, geometry: [label for label, _, _ in capacity_report.families(
+  labels = lambda names, geometry: [label for label, _, _ in report.families(
       {n: row(n, geometry) for n in names})]
   assert labels(['mha', 'mla4'], 'paper')[1] == 'MLA family (d_c = 4 d_h)'
   assert labels(['mha', 'mla8', 'mla2', 'mla4'], 'small')[1] == 'MLA family (d_c = 2, 4, 8 d_h)'
@@ -127,7 +128,7 @@ def _row(losses, seeds=None):
     ([1.00, 1.01, 1.02], [1.50], 'not resolved', 1),  # nor has one side with one seed
 ])
 def test_verdicts(better, worse, verdict, agreeing):
-  c = capacity_report.compare({'a': _row(better), 'b': _row(worse)}, 'a', 'b')
+  c = experiment.compare({'a': _row(better), 'b': _row(worse)}, 'a', 'b')
   assert c['verdict'] == verdict and c['seeds_agreeing'] == agreeing
   assert math.isclose(c['gap'], np.mean(worse) - np.mean(better))
 
@@ -147,7 +148,7 @@ def test_quick_pipeline_end_to_end(corpus, tmp_path):
   params matched, report written outside the repo; a run removed (folder and ledger line)
   and redone gives the same loss bit for bit, and nothing else is redone; a fresh workdir
   with only the ledger trains nothing and reports the same."""
-  committed = ROOT / 'experiments' / 'results' / 'capacity_vs_cache.json'
+  committed = ROOT / 'experiments' / 'results' / 'capacity_vs_cache' / 'capacity_vs_cache.json'
   before = committed.stat().st_mtime_ns if committed.exists() else None
   args = ('--quick', f"--rows={','.join(QUICK_ROWS)}", '--seeds=1', f'--data_files={corpus}')
   run = _cli(tmp_path, *args)
@@ -252,7 +253,7 @@ def test_ledger_restores_a_fresh_workdir_and_records_only_what_it_lacks(tmp_path
     (['--lrs=1e-3,1.0000001e-3'], 'error: --lrs takes'),  # one run folder for both
     (['--lrs=-1e-3'], 'error: --lrs takes'),
     (['--seeds=0'], 'error: unknown rows [] or --seeds=0'),
-    (['--data_files=plays/*.txt'], 'error: --data_files needs --results_dir'),
+    (['--data_files=plays/*.txt'], 'error: --data_files needs --out'),
 ])
 def test_bad_flags_are_one_line_and_write_nothing(args, message, tmp_path):
   run = _cli(tmp_path, *args)
@@ -276,38 +277,39 @@ def _result(row, seed, lr, loss=None):
 def test_best_rate_is_the_lowest_validation_loss_among_runs_that_finished():
   sweep = [_result('mha', 0, 1.5e-3, 2.0), _result('mha', 0, 3e-3, 1.9),
            _result('mha', 0, 6e-3)]
-  assert capacity_report.best_rate(sweep) == 3e-3
+  assert experiment.best_rate(sweep) == 3e-3
   with pytest.raises(ValueError, match='every rate diverged'):
-    capacity_report.best_rate([_result('mha', 0, 6e-3)])
+    experiment.best_rate([_result('mha', 0, 6e-3)])
 
 
 def test_summary_leaves_diverged_seeds_out_and_names_them():
   runs = [_result('mha', 1, 3e-3, 1.9), _result('mha', 2, 3e-3), _result('mha', 3, 3e-3, 2.1)]
-  s = capacity_report.summarize(runs)['mha']
+  s = experiment.summarize(runs)['mha']
   assert s['seeds'] == [1, 3] and s['diverged'] == [2] and s['lr'] == 3e-3
   assert math.isclose(s['loss'], 2.0)
   with pytest.raises(ValueError, match='every seed diverged'):
-    capacity_report.summarize([_result('mqa', 1, 3e-3)])
+    experiment.summarize([_result('mqa', 1, 3e-3)])
 
 
 def test_report_marks_the_chosen_rate_and_a_diverged_one():
   sweep = [_result('mha', 0, 3e-3, 1.9), _result('mha', 0, 6e-3)]
-  summary = capacity_report.summarize([_result('mha', 1, 3e-3, 1.95)])
-  md = capacity_report.markdown(summary, capacity_report.sweep_table(sweep), [],
-                                dict(command='x', machine='m', date='d', quick=False, jobs=2,
-                                     lrs=[3e-3, 6e-3], seeds=1))
+  summary = experiment.summarize([_result('mha', 1, 3e-3, 1.95)])
+  md = experiment.render(dict(rows=summary, sweep=experiment.sweep_table(sweep), comparisons=[],
+                              setup=dict(command='x', machine='m', date='d', quick=False, jobs=2,
+                                         lrs=[3e-3, 6e-3], seeds=1)))
   assert '| MHA (G=8) | **1.9000** | diverged |' in md
   assert '| 3e-3 |' not in md and '| 0.003 | 1.9500 ± 0.0000 |' in md
 
 
 def test_report_flags_a_chosen_rate_at_an_end_of_the_sweep(tmp_path):
-  assert capacity_report.edge({'0.003': 1.9, '0.006': 1.8, '0.012': 1.85}, 6e-3) is None
-  assert capacity_report.edge({'0.003': 1.9, '0.006': 1.8}, 6e-3) == 'highest'
-  assert capacity_report.edge({'0.003': 1.9, '0.006': None}, 3e-3) == 'lowest'
+  assert experiment.edge({'0.003': 1.9, '0.006': 1.8, '0.012': 1.85}, 6e-3) is None
+  assert experiment.edge({'0.003': 1.9, '0.006': 1.8}, 6e-3) == 'highest'
+  assert experiment.edge({'0.003': 1.9, '0.006': None}, 3e-3) == 'lowest'
   sweep = [_result('mha', 0, 3e-3, 1.9), _result('mha', 0, 6e-3, 1.8)]
   runs = [_result('mha', 1, 6e-3, 1.85)]
-  setup = dict(command='x', machine='m', quick=False, jobs=2, lrs=[3e-3, 6e-3], seeds=1)
-  md_path, json_path, _ = capacity_report.write(runs, sweep, setup, tmp_path)
+  setup = dict(command='x', machine='m', date='d', quick=False, jobs=2, lrs=[3e-3, 6e-3],
+               seeds=1, geometry='small', match='params')
+  md_path, json_path, _ = experiment.CapacityVsCache().report(runs, sweep, setup, tmp_path)
   md, report = md_path.read_text(), json.loads(json_path.read_text())
   assert '**Not bracketed**' in md and 'MHA (G=8) at 0.006 (the highest rate)' in md
   assert report['rows']['mha']['edge'] == 'highest'
@@ -320,5 +322,5 @@ def test_reported_runs_are_fresh_seeds_at_the_chosen_rate(lrs, chosen):
   read = lambda run: _result(run[0], run[2], run[1], losses[run[1]])
   assert sweep.sweep_runs([('mha',)], lrs) == ([] if len(lrs) == 1 else
                                                [('mha', 3e-3, 0), ('mha', 6e-3, 0)])
-  final = sweep.final_runs([('mha',)], lrs, 3, read, capacity_report.best_rate)
+  final = sweep.final_runs([('mha',)], lrs, 3, read, experiment.best_rate)
   assert final == [('mha', chosen, 1), ('mha', chosen, 2), ('mha', chosen, 3)]

@@ -10,7 +10,7 @@ import pytest
 
 from configs.ablations import capacity_vs_cache as capacity
 from configs.ablations import recall_vs_cache as ablation
-from experiments import recall_report
+from experiments import recall_vs_cache as experiment
 from experiments.runner import cache_formula
 from mla_jax import mqar
 from mla_jax.config import ModelConfig
@@ -74,9 +74,9 @@ def test_best_rate_is_the_best_validation_recall_then_the_lower_loss():
           dict(lr=4e-3, val_accuracy=0.9, val_loss=0.3),
           dict(lr=8e-3, val_accuracy=0.1, val_loss=0.1),
           dict(lr=2e-2, diverged='non-finite loss')]
-  assert recall_report.best_rate(runs) == 4e-3
+  assert experiment.best_rate(runs) == 4e-3
   with pytest.raises(ValueError, match='every rate diverged'):
-    recall_report.best_rate([dict(row='mha', kv_pairs=8, lr=2e-2, diverged='non-finite')])
+    experiment.best_rate([dict(row='mha', kv_pairs=8, lr=2e-2, diverged='non-finite')])
 
 
 def _result(seed, accuracy, lr=4e-3, kv=8, params=1000):
@@ -89,23 +89,23 @@ def _result(seed, accuracy, lr=4e-3, kv=8, params=1000):
 
 
 def test_summary_is_mean_and_std_over_seeds_at_one_rate():
-  summary = recall_report.summarize([_result(2, 0.5), _result(1, 0.7), _result(3, 0.9),
+  summary = experiment.summarize([_result(2, 0.5), _result(1, 0.7), _result(3, 0.9),
                                      _result(1, 0.1, kv=16)])
   cell = summary['mqa']['by_kv']['8']
   assert cell['seeds'] == [1, 2, 3] and cell['accuracies'] == [0.7, 0.5, 0.9]
   assert cell['accuracy'] == pytest.approx(0.7) and cell['accuracy_std'] == pytest.approx(0.2)
   assert summary['mqa']['by_kv']['16']['accuracy'] == 0.1
   diverged = dict(row='mqa', kv_pairs=8, lr=4e-3, seed=4, diverged='non-finite loss')
-  summary = recall_report.summarize([_result(1, 0.7), diverged, _result(2, 0.5)])
+  summary = experiment.summarize([_result(1, 0.7), diverged, _result(2, 0.5)])
   cell = summary['mqa']['by_kv']['8']
   assert cell['seeds'] == [1, 2] and cell['diverged'] == [4]
   assert cell['accuracy'] == pytest.approx(0.6)
   with pytest.raises(ValueError, match='every seed diverged'):
-    recall_report.summarize([diverged])
+    experiment.summarize([diverged])
   with pytest.raises(ValueError, match='different rates'):
-    recall_report.summarize([_result(1, 0.5), _result(2, 0.5, lr=1e-3)])
+    experiment.summarize([_result(1, 0.5), _result(2, 0.5, lr=1e-3)])
   with pytest.raises(ValueError, match='params'):
-    recall_report.summarize([_result(1, 0.5), _result(2, 0.5, params=999)])
+    experiment.summarize([_result(1, 0.5), _result(2, 0.5, params=999)])
 
 
 def test_compare_resolves_only_beyond_the_seed_spread():
@@ -114,10 +114,10 @@ def test_compare_resolves_only_beyond_the_seed_spread():
   summary = {'a': {'by_kv': {'8': cell([0.9, 0.92, 0.94])}},
              'b': {'by_kv': {'8': cell([0.5, 0.52, 0.54])}},
              'c': {'by_kv': {'8': cell([0.6, 0.95, 0.9])}}}
-  assert recall_report.compare(summary, 'a', 'b', '8')['verdict'] == 'resolved, as expected'
-  assert recall_report.compare(summary, 'b', 'a', '8')['verdict'] == 'resolved, the opposite'
-  assert recall_report.compare(summary, 'a', 'c', '8')['verdict'] == 'not resolved'
-  assert recall_report.compare(summary, 'a', 'b', '8')['seeds_agreeing'] == 3
+  assert experiment.compare(summary, 'a', 'b', '8')['verdict'] == 'resolved, as expected'
+  assert experiment.compare(summary, 'b', 'a', '8')['verdict'] == 'resolved, the opposite'
+  assert experiment.compare(summary, 'a', 'c', '8')['verdict'] == 'not resolved'
+  assert experiment.compare(summary, 'a', 'b', '8')['seeds_agreeing'] == 3
 
 
 def _cli(workdir, *args):
@@ -136,7 +136,7 @@ def test_quick_pipeline_end_to_end(tmp_path):
   report outside the repository; a removed run (and the ledger) is redone bit for bit, nothing
   else, and the ledger is written again from the workdir; one rate
   trains no sweep and reuses a finished run."""
-  committed = ROOT / 'experiments' / 'results' / 'recall_vs_cache.json'
+  committed = ROOT / 'experiments' / 'results' / 'recall_vs_cache' / 'recall_vs_cache.json'
   before = committed.stat().st_mtime_ns if committed.exists() else None
   rows_flag = f"--rows={','.join(QUICK_ROWS)}"
   run = _cli(tmp_path, '--quick', rows_flag)
@@ -181,7 +181,7 @@ def test_quick_pipeline_end_to_end(tmp_path):
   assert kept.stat().st_mtime_ns == kept_mtime
   assert len((tmp_path / 'recall_vs_cache.ledger.jsonl').read_text().splitlines()) == 6
 
-  run = _cli(tmp_path, '--quick', '--rows=mla4', f'--lrs={chosen}', f'--results_dir={tmp_path}/one')
+  run = _cli(tmp_path, '--quick', '--rows=mla4', f'--lrs={chosen}', f'--out={tmp_path}/one')
   assert run.returncode == 0, run.stderr[-3000:]
   assert '0 sweep runs' in run.stdout and '1 of 1 runs already finished' in run.stdout
   one = json.loads((tmp_path / 'one' / 'recall_vs_cache.json').read_text())

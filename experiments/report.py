@@ -1,0 +1,105 @@
+"""The one report writer: every report is rendered from the JSON it is saved as, so a committed
+result regenerates its markdown (and the tables docs quote) from its JSON alone
+(`python -m experiments.tables`, tests/experiments_test.py).
+
+An experiment gives `write` its payload (JSON-able), a `render(payload) -> markdown` and
+optionally a `plot(payload, path)`; the pieces below are what the reports' tables share.
+"""
+
+from __future__ import annotations
+
+import json
+import pathlib
+from collections.abc import Callable, Iterable
+
+from experiments import common, stats
+
+QUICK_NOTE = ' (QUICK: a pipeline check; the numbers mean nothing)'
+
+
+def write(out: pathlib.Path, stem: str, payload: dict, render: Callable[[dict], str],
+          plot: Callable[[dict, pathlib.Path], None] | None = None) -> list[pathlib.Path]:
+  """out/<stem>.json (with provenance), then .md rendered from what that file holds (so the
+  markdown is the JSON's, to the bit), then .png; returns their paths."""
+  path = common.write_json(out / f'{stem}.json', payload)
+  payload = json.loads(path.read_text())
+  paths = [out / f'{stem}.md', path]
+  paths[0].write_text(render(payload))
+  if plot is not None:
+    paths.append(out / f'{stem}.png')
+    plot(payload, paths[-1])
+  return paths
+
+
+def table(header: Iterable[str], align: str, rows: Iterable[Iterable]) -> list[str]:
+  """Markdown table lines; align has one letter per column: l (---), r (--:), R (---:)."""
+  marks = {'l': '---', 'r': '--:', 'R': '---:'}
+  lines = ['| ' + ' | '.join(header) + ' |', '|' + '|'.join(marks[a] for a in align) + '|']
+  return lines + ['| ' + ' | '.join(map(str, row)) + ' |' for row in rows]
+
+
+def by_cache(summary: dict) -> list[tuple[str, dict]]:
+  """(row, summary) in the tables' order: the GQA family by falling cache, then MLA likewise."""
+  return sorted(summary.items(),
+                key=lambda rs: (rs[1]['attention'] == 'mla', -rs[1]['elements_formula']))
+
+
+def params_vs_mha(summary: dict, s: dict) -> str:
+  """A row's parameter count, and its difference from MHA's where MHA ran."""
+  mha = summary.get('mha', {}).get('params')
+  return f"{s['params']:,}" + (f" ({100 * (s['params'] / mha - 1):+.1f}%)" if mha else '')
+
+
+def compare(a: dict[int, float], b: dict[int, float], claim: str, higher_is_better: bool,
+            as_expected: str, **extra) -> dict:
+  """A comparison row: is `a` (seed -> value) ahead of `b` beyond the seed spread (stats)?"""
+  return dict(**extra, **stats.beyond_spread(a, b, higher_is_better, as_expected), claim=claim)
+
+
+CACHE_NOTE = ('(elements per token of the caches a bfloat16 prefill and decode step return, '
+              'counted from the arrays). Bytes int8 / fp8: the same caches stored 8-bit '
+              '(ModelConfig.cache_dtype), their float32 per-token scales included (one per '
+              'token and array; per KV head for MHA / GQA / MQA).')
+RESOLVED_NOTE = ('Resolved = the two rows\' mean ± std intervals do not overlap. "Seeds '
+                 'agreeing" counts the seeds (same data{} for both rows) where the first row '
+                 '{}.')
+
+
+def exact_cache(summary: dict) -> str:
+  exact = all(s['elements_formula'] == s['elements_measured'] for s in summary.values())
+  return f"Measured cache = formula for every row: **{'yes' if exact else 'NO'}** "
+
+
+def pyplot():
+  """matplotlib's pyplot, headless; one line if the dev extra is missing."""
+  try:
+    import matplotlib
+  except ImportError:
+    raise SystemExit("error: the plot needs matplotlib; pip install -e '.[dev]'") from None
+  matplotlib.use('Agg')
+  import matplotlib.pyplot as plt
+  return plt
+
+
+# The paper's words for each mechanism's capability (DeepSeek-V2 Table 1), and plot markers.
+PAPER = {'mha': 'strong', 'gqa': 'moderate', 'mqa': 'weak', 'mla': 'stronger'}
+MARKERS = {'mha': 'o', 'gqa': 's', 'mqa': '^', 'mla': 'D'}
+
+
+def mechanism(r: dict) -> str:
+  m = r['model']
+  if r['attention'] == 'gqa':
+    return f"GQA (G={m['n_kv_heads']})"
+  if r['attention'] == 'mla':
+    return f"MLA (d_c={m['kv_lora_rank'] // m['head_dim']}·d_h={m['kv_lora_rank']})"
+  return {'mha': f"MHA (G={m['n_heads']})", 'mqa': 'MQA (G=1)'}[r['attention']]
+
+
+def families(summary: dict) -> tuple:
+  """(legend label, colour, attention kinds) of the plots' two lines; the MLA label names the
+  latent widths the summary has, as multiples of d_h."""
+  ratios = sorted({s['model']['kv_lora_rank'] // (s['model']['head_dim'] or
+                                                    s['model']['d_model'] // s['model']['n_heads'])
+                   for s in summary.values() if s['attention'] == 'mla'})
+  return (('GQA family (MHA, GQA, MQA)', 'C0', ('mha', 'gqa', 'mqa')),
+          (f"MLA family (d_c = {', '.join(map(str, ratios))} d_h)", 'C3', ('mla',)))

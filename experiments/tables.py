@@ -1,0 +1,282 @@
+r"""Every table the docs quote, rendered from its committed JSON, and the generated blocks in
+docs/*.md and README.md kept equal to it.
+
+  python -m experiments.tables                      # the table names
+  python -m experiments.tables capacity_vs_cache/summary   # one table
+  python -m experiments.tables --write              # rewrite every block in the docs
+  python -m experiments.tables --check              # exit 1 if a block differs (tests run it)
+
+A doc holds a generated table between two markers; --write replaces what lies between them:
+
+  <!-- table: capacity_vs_cache/summary -->
+  | mechanism | ... |
+  <!-- end table -->
+
+A table's name is <report>/<part>: <report> is a JSON file's stem under experiments/results/
+(capacity_vs_cache_paper, bench_decode, ...), <part> a table of it; <report>/report is the
+whole markdown report of the experiments that write one (its committed .md). This module
+imports no experiment's flags: the benchmarks import their table functions from here.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import re
+import sys
+from collections.abc import Callable
+
+from experiments import common
+from experiments.report import table
+
+DOCS = [common.ROOT / 'README.md', *sorted((common.ROOT / 'docs').glob('*.md'))]
+BLOCK = re.compile(r'(<!-- table: (?P<name>[\w./-]+) -->\n)(?P<body>.*?)(<!-- end table -->)',
+                   re.DOTALL)
+
+
+# --- the tables of the benchmarks and the quantization experiment ----------------------------
+def cache_quantization_table(payload: dict) -> list[str]:
+  return table(
+      ['variant', 'cache dtype', 'bytes/token', 'val perplexity', 'vs reference',
+       'argmax agreement', 'greedy leading tokens (per prompt)'], 'llrrrrl',
+      ([variant, r['cache_dtype'], f"{r['bytes_per_token']:,}", f"{r['perplexity']:.4f}",
+        f"{r['perplexity_change_pct']:+.3f}%", f"{100 * r['argmax_agreement']:.2f}%",
+        ', '.join(map(str, r['greedy_leading']))]
+       for variant, rows in payload['results'].items() for r in rows))
+
+
+def cache_quantization_report(payload: dict) -> str:
+  results, setup = payload['results'], payload['setup']
+  o, quick = setup['options'], setup['quick']
+  measure_s = sum(r['perplexity_s'] + r['generate_s'] for rows in results.values() for r in rows)
+  lines = [
+      '# What an 8-bit decode cache costs', '',
+      f"`{setup['command']}` on {setup['machine']}, {setup['date']}: the measurements took "
+      f"{measure_s / 60:.0f} minutes (summed over variants; a variant measured by an "
+      'earlier invocation is read back, not measured again)'
+      f"{' (QUICK: tiny models, a pipeline check; the numbers mean nothing)' if quick else ''}.",
+      '',
+      f"Validation perplexity computed through the decode cache: {o['window']}-token windows "
+      f"(stride {o['window']}), each prefilled with {o['prefill']} tokens and then decoded one "
+      f"token per step, {o['batch']} windows at a time, over "
+      + (f"the first {o['max_windows']} windows of the validation split" if o['max_windows']
+         else 'the whole validation split')
+      + f" ({next(iter(results.values()))[0]['tokens']:,} tokens scored). Argmax agreement: "
+      'the share of scored tokens whose next-token argmax equals the reference cache\'s '
+      '(teacher-forced). Greedy: '
+      f"{o['gen_tokens']} tokens from each of {o['prompts']} fixed {o['prompt_len']}-token "
+      'validation prompts; the leading tokens that equal the reference cache\'s generation, per '
+      'prompt. Bytes per token: all layers, the 8-bit caches\' float32 scales included. '
+      f"Reference: the {setup['cache_dtypes'][0]} cache.", '',
+      *cache_quantization_table(payload), '',
+      'Check: the reference rows\' perplexity through the cache vs a full forward '
+      '(mla_jax.evaluator, same windows): ' + '; '.join(
+          f"{v} {rows[0]['perplexity']:.6f} vs {rows[0]['full_forward_perplexity']:.6f}"
+          for v, rows in results.items()) + '.']
+  return '\n'.join(lines) + '\n'
+
+
+def machine_limits_line(limits: dict) -> str:
+  """The bandwidth and matmul rate a benchmark measured (timing.machine_limits), in words."""
+  return (f"bandwidth {limits['stream_bytes_per_s'] / 1e9:.1f} GB/s (read-only sum "
+          f"{limits['read_bytes_per_s'] / 1e9:.1f}, in-place copy "
+          f"{limits['copy_bytes_per_s'] / 1e9:.1f} read + write), "
+          f"matmul {limits['matmul_flops_per_s'] / 1e9:.0f} GFLOP/s ({limits['dtype']})")
+
+
+def bench_decode_table(payload: dict) -> list[str]:
+  return table(['variant', 'batch', 'context', 'ms/token', 'tokens/s',
+                'cache elem/token (formula)', 'cache B/token (with scales)', 'cache MiB',
+                'limit ms', 'fraction of limit'], 'l' + 'R' * 9,
+               ([r['variant'], r['batch'], r['context'], f"{r['ms_per_token']:.2f}",
+                 f"{r['tokens_per_s']:.1f}",
+                 f"{r['cache_elements_per_token']} ({r['cache_elements_per_token_formula']})",
+                 r['cache_bytes_per_token'], f"{r['cache_mib']:.0f}", f"{r['limit_ms']:.2f}",
+                 f"{r['fraction_of_limit']:.2f}"] for r in payload['rows']))
+
+
+def bench_train_table(payload: dict) -> list[str]:
+  def opt(r, key, fmt):
+    return format(r[key], fmt) if key in r else '-'
+  return table(
+      ['variant', 'impl', 'params', 'dtype', 'compile (s)', 'step alone (tokens/s)', 'MFU',
+       'loop (tokens/s)', 'loop / alone', 'torch (tokens/s)', 'ours / torch'], 'llRlRRRRRRR',
+      ([r['variant'], r['impl'] + (f" ({r['attention_kernel']})" if r.get('attention_kernel')
+                                   else ''),
+        f"{r['params'] / 1e6:.2f}M", r['dtype'], f"{r['compile_s']:.1f}",
+        f"{r['tokens_per_s']:.0f}", f"{r['mfu']:.1%}", opt(r, 'loop_tokens_per_s', '.0f'),
+        opt(r, 'loop_vs_direct', '.2f'), opt(r, 'torch_tokens_per_s', '.0f'),
+        opt(r, 'ratio_vs_torch', '.2f')] for r in payload['rows']))
+
+
+# The device check's bounds (experiments/device_check.py): float32 agreement, and how much
+# larger the kernels' bfloat16 error may be than the einsum path's.
+FLOAT32_ATOL = 1e-5
+BF16_RATIO = 2.0
+
+
+def device_check_table(payload: dict) -> list[str]:
+  def row(r):
+    if 'error' in r:
+      return [r['variant'], f"failed: {r['error'][:120]}", '', '', '', '', 'NO']
+    return [r['variant'], f"{r['f32_logits']:.1e}", f"{r['f32_cache']:.1e}",
+            f"{r['bf16_einsum']:.1e}", f"{r['bf16_fused']:.1e}", f"{r['bf16_ratio']:.2f}",
+            'yes' if r['ok'] else 'NO']
+  ok = f'ok (f32 <= {FLOAT32_ATOL:g}, ratio <= {BF16_RATIO:g})'
+  return table(['variant', 'f32 logits', 'f32 through cache', 'bf16 einsum err',
+                'bf16 fused err', 'ratio', ok], 'lRRRRRl', map(row, payload['rows']))
+
+
+def bench_mesh_table(payload: dict) -> list[str]:
+  def row(r):
+    c = r['collectives']
+    return [r['variant'], tuple(r['mesh'].values()), f"{r['step_s']:.2f}",
+            f"{r['vs_data_parallel']:.2f}", c['all-gather'], c['reduce-scatter'],
+            c['all-reduce'], c['collective-permute'] + c['all-to-all'],
+            f"{r['gathered_vs_params']:.2f}"]
+  return table(['variant', 'mesh (data, fsdp, tensor)', 'step (s)', 'vs data parallel',
+                'all-gather', 'reduce-scatter', 'all-reduce', 'other', 'gathered / param bytes'],
+               'll' + 'r' * 7, map(row, payload['rows']))
+
+
+def hf_equality_table(payload: dict) -> list[str]:
+  def fmt(r, k):
+    return f'{r[k]:.1e}' if k in r else '-'
+
+  def greedy(r):
+    return ' / '.join(('yes' if r[k] else 'NO') for k in (
+        'absorbed_greedy_equal', 'naive_greedy_equal', 'cache_greedy_equal') if k in r)
+  return table(
+      ['fixture', 'attention', 'rope', 'forward', 'cache (absorbed)', 'cache (naive)', 'greedy',
+       'perplexity mla_jax / transformers'], 'lllRRRlR',
+      ([r['fixture'], r['attention'], r['rope_layout'] + (' + YaRN' if r['yarn'] else ''),
+        fmt(r, 'forward_err'), fmt(r, 'cache_err') if 'cache_err' in r else fmt(r, 'absorbed_err'),
+        fmt(r, 'naive_err'), greedy(r), f"{r['ppl_mla_jax']:.4f} / {r['ppl_transformers']:.4f}"]
+       for r in payload['rows']))
+
+
+def hf_trained_table(payload: dict) -> list[str]:
+  return table(['run', 'exported as', 'attention', 'max logit error',
+                'perplexity mla_jax / transformers'], 'lllRR',
+               ([r['workdir'], r['architecture'], f"{r['attention']} ({r['rope_layout']})",
+                 f"{r['max_err']:.1e}", f"{r['ppl_mla_jax']:.4f} / {r['ppl_transformers']:.4f}"]
+                for r in payload.get('trained', [])))
+
+
+def cpu_ab_table(payload: dict) -> list[str]:
+  """Per build of the train step: tokens/s (wall) and CPU seconds per step, per variant."""
+  results = payload['results']
+  variants = list(results)
+  builds = [b for b in results[variants[0]] if not b.startswith('ratio_')]
+  header = ['build'] + [f'{v} {what}' for v in variants for what in ('tokens/s', 'CPU s/step')]
+  return table(header, 'l' + 'R' * (2 * len(variants)),
+               ([b] + [x for v in variants for x in (f"{results[v][b]['tokens_per_s']:,.0f}",
+                                                     f"{results[v][b]['cpu_s']:.2f}")]
+                for b in builds))
+
+
+def cpu_attention_bench_table(payload: dict) -> list[str]:
+  calls = payload['calls']
+  names = list(next(iter(calls.values())))
+  return table(['', *names], 'l' + 'R' * len(names),
+               ([variant, *(f"{row[n]['ms']:.1f}" for n in names)]
+                for variant, row in calls.items()))
+
+
+# --- the registry ----------------------------------------------------------------------------
+def _lazy(module: str, function: str) -> Callable[[dict], list[str] | str]:
+  """A renderer of an experiment module (imported when the table is rendered: it defines
+  flags, which the benchmarks that import this module must not get)."""
+  return lambda payload: getattr(importlib.import_module(f'experiments.{module}'),
+                                 function)(payload)
+
+
+def _sweep_parts(module: str) -> dict:
+  parts = {'summary': 'summary_table', 'comparisons': 'comparisons_table', 'sweep': 'sweep_lines',
+           'report': 'render'}
+  if module == 'recall_vs_cache':
+    parts['per_seed'] = 'per_seed_table'
+  return {part: _lazy(module, function) for part, function in parts.items()}
+
+
+# report (JSON stem) -> (its folder under experiments/results, {part: renderer})
+REPORTS: dict[str, tuple[str, dict]] = {
+    **{stem: ('capacity_vs_cache', _sweep_parts('capacity_vs_cache'))
+       for stem in ('capacity_vs_cache', 'capacity_vs_cache_paper',
+                    'capacity_vs_cache_paper_mlp')},
+    'recall_vs_cache': ('recall_vs_cache', _sweep_parts('recall_vs_cache')),
+    'to_mla': ('to_mla', {'report': _lazy('to_mla_report', 'render'),
+                          'mha': _lazy('to_mla_report', 'mha_table'),
+                          'gqa': _lazy('to_mla_report', 'gqa_table')}),
+    **{stem: ('cache_quantization', {'summary': cache_quantization_table,
+                                     'report': cache_quantization_report})
+       for stem in ('cache_quantization', 'cache_quantization_mla_full')},
+    'bench_decode': ('bench_decode', {'table': bench_decode_table}),
+    'bench_mesh': ('bench_mesh', {'table': bench_mesh_table}),
+    'hf_equality': ('hf_equality', {'fixtures': hf_equality_table, 'trained': hf_trained_table}),
+    **{stem: ('cpu_ab', {'table': cpu_ab_table})
+       for stem in ('cpu_ab_kernel', 'cpu_ab_kernel_1core', 'cpu_ab_kernel_repeat')},
+    'cpu_attention_bench': ('cpu_attention_bench', {'table': cpu_attention_bench_table}),
+}
+
+
+def names() -> list[str]:
+  return [f'{stem}/{part}' for stem, (_, parts) in REPORTS.items() for part in parts]
+
+
+def json_path(stem: str):
+  return common.RESULTS / REPORTS[stem][0] / f'{stem}.json'
+
+
+def render(name: str) -> str:
+  """Table `name` from its committed JSON, as markdown (no trailing newline for a table)."""
+  stem, _, part = name.partition('/')
+  if stem not in REPORTS or part not in REPORTS[stem][1]:
+    raise KeyError(f'no table {name!r}; the tables are {names()}')
+  out = REPORTS[stem][1][part](json.loads(json_path(stem).read_text()))
+  return out if isinstance(out, str) else '\n'.join(out)
+
+
+def blocks(text: str) -> list[tuple[str, str]]:
+  """(name, body) of every generated block in a doc's text."""
+  return [(m['name'], m['body']) for m in BLOCK.finditer(text)]
+
+
+def regenerate(text: str) -> str:
+  """text with every generated block's body rendered afresh."""
+  def fill(m):
+    return m.group(1) + render(m['name']).rstrip('\n') + '\n' + m.group(4)
+  return BLOCK.sub(fill, text)
+
+
+def main(argv: list[str]) -> int:
+  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser.add_argument('name', nargs='?', help='a table to print')
+  parser.add_argument('--write', action='store_true', help="rewrite the docs' blocks")
+  parser.add_argument('--check', action='store_true', help='exit 1 if a block differs')
+  args = parser.parse_args(argv)
+  if args.name:
+    try:
+      print(render(args.name))
+    except KeyError as e:
+      sys.exit(f'error: {e.args[0]}')
+    return 0
+  if not (args.write or args.check):
+    print('\n'.join(names()))
+    return 0
+  stale = []
+  for doc in DOCS:
+    text = doc.read_text()
+    fresh = regenerate(text)
+    if fresh != text:
+      stale.append(doc.relative_to(common.ROOT).as_posix())
+      if args.write:
+        doc.write_text(fresh)
+  if stale:
+    print(('rewrote ' if args.write else 'stale tables in ') + ', '.join(stale))
+  return 1 if stale and args.check else 0
+
+
+if __name__ == '__main__':
+  sys.exit(main(sys.argv[1:]))

@@ -1,0 +1,137 @@
+"""The experiments' shared machinery: every committed report regenerates from its JSON, the
+docs' generated tables equal the generator's, results record their provenance, the flags are
+defined once, the A/B timer's arithmetic, and the experiments use only mla_jax's public names."""
+
+import ast
+import json
+import pathlib
+import re
+import time
+
+import pytest
+from absl import flags
+from absl.testing import flagsaver
+
+from experiments import common, tables, timing
+from mla_jax.errors import InputError
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+EXPERIMENTS = sorted((ROOT / 'experiments').glob('*.py'))
+
+
+@pytest.mark.parametrize('stem', [s for s, (_, parts) in tables.REPORTS.items()
+                                  if 'report' in parts])
+def test_every_committed_report_regenerates_from_its_json(stem):
+  """The committed markdown is what the generator renders from the committed JSON, byte for
+  byte: no number in a report was edited by hand, and a refactor of the generator changed
+  no table."""
+  committed = tables.json_path(stem).with_suffix('.md').read_text()
+  assert tables.render(f'{stem}/report') == committed
+
+
+@pytest.mark.parametrize('name', tables.names())
+def test_every_table_renders_from_its_committed_json(name):
+  lines = tables.render(name).splitlines()
+  rows = [line for line in lines if line.startswith('|')]
+  if name.endswith('/report'):
+    assert lines[0].startswith('# ') and len(rows) >= 4
+  else:  # a header, its alignment line, and at least one row, all with as many cells
+    assert len(rows) >= 3 and re.fullmatch(r'\|(-+:?\|)+', rows[1])
+    assert len({row.count(' | ') for row in rows if row != rows[1]}) == 1, name
+
+
+def test_docs_generated_blocks_equal_what_the_generator_renders():
+  """Every `<!-- table: NAME -->` block in README.md and docs/*.md holds the table NAME as
+  `python -m experiments.tables` renders it from the committed JSON now (--write fixes it)."""
+  for doc in tables.DOCS:
+    text = doc.read_text()
+    for name, _ in tables.blocks(text):
+      assert name in tables.names(), f'{doc.name}: no table {name!r}'
+    assert tables.regenerate(text) == text, f'{doc.name}: run python -m experiments.tables --write'
+
+
+def test_a_block_is_refilled_and_a_stale_one_is_found():
+  name = 'cpu_attention_bench/table'
+  fresh = f'before\n<!-- table: {name} -->\n{tables.render(name)}\n<!-- end table -->\nafter\n'
+  assert tables.regenerate(fresh) == fresh and tables.blocks(fresh)[0][0] == name
+  stale = fresh.replace('| mha |', '| MHA |')
+  assert stale != fresh and tables.regenerate(stale) == fresh
+  with pytest.raises(KeyError, match='no table'):
+    tables.regenerate('<!-- table: nothing/here -->\nx\n<!-- end table -->\n')
+
+
+def test_written_json_records_its_provenance(tmp_path):
+  path = common.write_json(tmp_path / 'a' / 'x.json', {'rows': [1]})
+  payload = json.loads(path.read_text())
+  prov = payload['provenance']
+  assert payload['rows'] == [1] and next(iter(payload)) == 'provenance'
+  assert prov['command'].startswith('python ') and re.fullmatch(r'[0-9a-f]{40}(\+dirty)?',
+                                                                prov['commit'])
+  assert prov['date'] == time.strftime('%Y-%m-%d') and 'cores available' in prov['machine']
+  assert {'python', 'jax', 'jaxlib', 'flax', 'numpy'} <= set(prov['versions'])
+  assert 'cpu' in prov['device']
+  assert not list((tmp_path / 'a').glob('.*tmp'))  # written whole, no temporary left
+
+
+def test_out_is_a_folder_and_quick_never_writes_the_committed_results(tmp_path):
+  if not flags.FLAGS.is_parsed():
+    flags.FLAGS.mark_as_parsed()
+  with flagsaver.flagsaver(out=None, quick=False):
+    assert common.out_dir('capacity_vs_cache') == common.RESULTS / 'capacity_vs_cache'
+  with flagsaver.flagsaver(out=None, quick=True):
+    assert common.out_dir('capacity_vs_cache', str(tmp_path)) == tmp_path
+    assert common.RESULTS not in common.out_dir('bench_decode').parents
+  with flagsaver.flagsaver(out=str(tmp_path / 'mine'), quick=True):
+    assert common.out_dir('bench_decode', 'elsewhere') == tmp_path / 'mine'
+
+
+def test_out_and_quick_are_defined_once():
+  for path in EXPERIMENTS:
+    found = re.findall(r"DEFINE_\w+\(\s*'(out|quick)'", path.read_text())
+    assert not found or path.name == 'common.py', (path.name, found)
+  assert flags.FLAGS['out'].default is None and flags.FLAGS['quick'].default is False
+
+
+def test_configs_load_one_way():
+  assert common.load_config('mla', 'tiny').model.attention == 'mla'
+  with pytest.raises(InputError, match=r'no config configs/nope\.py; use one of \[.*mha'):
+    common.load_config('nope')
+  for path in EXPERIMENTS:  # nobody else imports configs/<variant>.py another way
+    text = path.read_text() if path.name != 'common.py' else ''
+    assert not re.search(r"import_module\(f?'configs\.|from configs import (mha|gqa|mqa|mla)",
+                         text), path.name
+
+
+def test_ab_timer_measures_the_ratio_of_two_steps():
+  """Two steps of 2 ms and 6 ms, alternated: the first is ~3x faster in tokens/s."""
+  steps = {'fast': lambda: time.sleep(0.002), 'slow': lambda: time.sleep(0.006)}
+  result = timing.compare(steps, tokens=100, blocks=3, block_steps=3, warmup=1)
+  assert result['fast']['steps'] == result['slow']['steps'] == 9
+  ratio = result['ratio_fast_over_slow']
+  assert 2.0 < ratio['ratio'] < 3.5 and ratio['block_min'] <= ratio['block_max']
+  assert result['fast']['tokens_per_s'] == pytest.approx(100 / result['fast']['step_s'])
+
+
+def _mla_jax_modules(tree: ast.Module) -> set[str]:
+  """Local names bound to mla_jax modules (`from mla_jax import workdir as wd` -> wd)."""
+  names = set()
+  for node in ast.walk(tree):
+    if isinstance(node, ast.ImportFrom) and (node.module or '').startswith('mla_jax'):
+      names |= {a.asname or a.name for a in node.names if a.name[:1].islower()}
+    if isinstance(node, ast.Import):
+      names |= {a.asname or a.name for a in node.names if a.name.startswith('mla_jax')}
+  return names
+
+
+@pytest.mark.parametrize('path', EXPERIMENTS, ids=lambda p: p.name)
+def test_experiments_use_only_public_names_and_never_patch_the_library(path):
+  tree = ast.parse(path.read_text())
+  modules = _mla_jax_modules(tree)
+  for node in ast.walk(tree):
+    if isinstance(node, ast.ImportFrom) and (node.module or '').startswith('mla_jax'):
+      assert not any(a.name.startswith('_') for a in node.names), (path.name, node.lineno)
+      assert node.module != 'mla_jax.trainer', (path.name, 'use mla_jax.training')
+    if isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name) and \
+       node.value.id in modules:
+      assert not node.attr.startswith('_'), (path.name, node.lineno, node.attr)
+      assert not isinstance(node.ctx, ast.Store), (path.name, node.lineno, 'patches mla_jax')
