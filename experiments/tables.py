@@ -97,17 +97,43 @@ def bench_decode_table(payload: dict) -> list[str]:
 
 
 def bench_train_table(payload: dict) -> list[str]:
+  """One line per row; '-' where a row lacks the entry (a file from before bench_train timed
+  it: the 2026-11-27 default-size run has neither impl, dtype, MFU nor torch)."""
   def opt(r, key, fmt):
-    return format(r[key], fmt) if key in r else '-'
+    return format(r[key], fmt) if r.get(key) is not None else '-'
+
+  def impl(r):
+    kernel = r.get('attention_kernel')
+    return r.get('impl', '-') + (f' ({kernel})' if kernel and r.get('fused', True) else '')
   return table(
       ['variant', 'impl', 'params', 'dtype', 'compile (s)', 'step alone (tokens/s)', 'MFU',
        'loop (tokens/s)', 'loop / alone', 'torch (tokens/s)', 'ours / torch'], 'llRlRRRRRRR',
-      ([r['variant'], r['impl'] + (f" ({r['attention_kernel']})" if r.get('attention_kernel')
-                                   else ''),
-        f"{r['params'] / 1e6:.2f}M", r['dtype'], f"{r['compile_s']:.1f}",
-        f"{r['tokens_per_s']:.0f}", f"{r['mfu']:.1%}", opt(r, 'loop_tokens_per_s', '.0f'),
+      ([r['variant'], impl(r), f"{r['params'] / 1e6:.2f}M", r.get('dtype', '-'),
+        f"{r['compile_s']:.1f}", f"{r.get('tokens_per_s', r.get('direct_tokens_per_s')):.0f}",
+        opt(r, 'mfu', '.1%'), opt(r, 'loop_tokens_per_s', '.0f'),
         opt(r, 'loop_vs_direct', '.2f'), opt(r, 'torch_tokens_per_s', '.0f'),
         opt(r, 'ratio_vs_torch', '.2f')] for r in payload['rows']))
+
+
+def decode_pivot_table(payload: dict, points=((8, 16384), (32, 65536))) -> list[str]:
+  """One line per variant: its cache bytes per token, the ms per token at each (batch,
+  context) of `points`, and at the last point the cache read rate and the fraction of the
+  bandwidth limit (the accelerator report's summary of its decode rows)."""
+  rows = {(r['variant'], r['batch'], r['context']): r for r in payload['rows']}
+  variants = list(dict.fromkeys(r['variant'] for r in payload['rows']))
+  (b, t) = points[-1]
+  lines = []
+  for v in variants:
+    last = rows.get((v, b, t))
+    first = next(r for r in payload['rows'] if r['variant'] == v)
+    lines.append([v, f"{first['cache_bytes_per_token']:,}",
+                  *(f"{rows[(v, *p)]['ms_per_token']:.2f}" if (v, *p) in rows else '-'
+                    for p in points),
+                  f"{b * t * last['cache_bytes_per_token'] / last['ms_per_token'] / 1e9:.2f}"
+                  if last else '-', f"{last['fraction_of_limit']:.2f}" if last else '-'])
+  return table(['variant', 'cache B/token', *(f'b={pb}, {pt // 1024}k: ms' for pb, pt in points),
+                f'cache read at b={b}, {t // 1024}k (TB/s)', 'fraction of the limit'],
+               'l' + 'r' * (len(points) + 3), lines)
 
 
 # The device check's bounds (experiments/device_check.py): float32 agreement, and how much
@@ -165,15 +191,22 @@ def hf_trained_table(payload: dict) -> list[str]:
 
 
 def cpu_ab_table(payload: dict) -> list[str]:
-  """Per build of the train step: tokens/s (wall) and CPU seconds per step, per variant."""
+  """Per build of the train step: tokens/s (wall) and CPU seconds per step, per variant; the
+  last row is the last build before torch (what `train` runs) over torch: tokens/s, and
+  torch's CPU seconds over ours."""
   results = payload['results']
   variants = list(results)
   builds = [b for b in results[variants[0]] if not b.startswith('ratio_')]
+  ours = builds[builds.index('torch') - 1] if 'torch' in builds[1:] else None
+  lines = [[b] + [x for v in variants for x in (f"{results[v][b]['tokens_per_s']:,.0f}",
+                                                f"{results[v][b]['cpu_s']:.2f}")]
+           for b in builds]
+  if ours:
+    lines.append([f'{ours} / torch'] + [x for v in variants for x in (
+        f"{results[v][ours]['tokens_per_s'] / results[v]['torch']['tokens_per_s']:.2f}",
+        f"{results[v]['torch']['cpu_s'] / results[v][ours]['cpu_s']:.2f}")])
   header = ['build'] + [f'{v} {what}' for v in variants for what in ('tokens/s', 'CPU s/step')]
-  return table(header, 'l' + 'R' * (2 * len(variants)),
-               ([b] + [x for v in variants for x in (f"{results[v][b]['tokens_per_s']:,.0f}",
-                                                     f"{results[v][b]['cpu_s']:.2f}")]
-                for b in builds))
+  return table(header, 'l' + 'R' * (2 * len(variants)), lines)
 
 
 def cpu_attention_bench_table(payload: dict) -> list[str]:
@@ -200,24 +233,32 @@ def _sweep_parts(module: str) -> dict:
   return {part: _lazy(module, function) for part, function in parts.items()}
 
 
-# report (JSON stem) -> (its folder under experiments/results, {part: renderer})
+# report -> (its JSON under experiments/results, {part: renderer}). A report's name is its
+# file's stem, or <folder>_<stem> for the device records in h200/.
 REPORTS: dict[str, tuple[str, dict]] = {
-    **{stem: ('capacity_vs_cache', _sweep_parts('capacity_vs_cache'))
+    **{stem: (f'capacity_vs_cache/{stem}.json', _sweep_parts('capacity_vs_cache'))
        for stem in ('capacity_vs_cache', 'capacity_vs_cache_paper',
                     'capacity_vs_cache_paper_mlp')},
-    'recall_vs_cache': ('recall_vs_cache', _sweep_parts('recall_vs_cache')),
-    'to_mla': ('to_mla', {'report': _lazy('to_mla_report', 'render'),
-                          'mha': _lazy('to_mla_report', 'mha_table'),
-                          'gqa': _lazy('to_mla_report', 'gqa_table')}),
-    **{stem: ('cache_quantization', {'summary': cache_quantization_table,
-                                     'report': cache_quantization_report})
+    'recall_vs_cache': ('recall_vs_cache/recall_vs_cache.json', _sweep_parts('recall_vs_cache')),
+    'to_mla': ('to_mla/to_mla.json', {'report': _lazy('to_mla_report', 'render'),
+                                      'mha': _lazy('to_mla_report', 'mha_table'),
+                                      'gqa': _lazy('to_mla_report', 'gqa_table')}),
+    **{stem: (f'cache_quantization/{stem}.json', {'summary': cache_quantization_table,
+                                                  'report': cache_quantization_report})
        for stem in ('cache_quantization', 'cache_quantization_mla_full')},
-    'bench_decode': ('bench_decode', {'table': bench_decode_table}),
-    'bench_mesh': ('bench_mesh', {'table': bench_mesh_table}),
-    'hf_equality': ('hf_equality', {'fixtures': hf_equality_table, 'trained': hf_trained_table}),
-    **{stem: ('cpu_ab', {'table': cpu_ab_table})
+    'bench_decode': ('bench_decode/bench_decode.json', {'table': bench_decode_table}),
+    'bench_train': ('bench_train/bench_train.json', {'table': bench_train_table}),
+    'bench_mesh': ('bench_mesh/bench_mesh.json', {'table': bench_mesh_table}),
+    'hf_equality': ('hf_equality/hf_equality.json', {'fixtures': hf_equality_table,
+                                                     'trained': hf_trained_table}),
+    **{stem: (f'cpu_ab/{stem}.json', {'table': cpu_ab_table})
        for stem in ('cpu_ab_kernel', 'cpu_ab_kernel_1core', 'cpu_ab_kernel_repeat')},
-    'cpu_attention_bench': ('cpu_attention_bench', {'table': cpu_attention_bench_table}),
+    'cpu_attention_bench': ('cpu_attention_bench/cpu_attention_bench.json',
+                            {'table': cpu_attention_bench_table}),
+    **{f'h200_{stem}': (f'h200/{stem}.json', {'table': bench_train_table})
+       for stem in ('run1_train', 'run1_train_nondeterministic', 'run2_train')},
+    'h200_decode': ('h200/decode.json', {'table': bench_decode_table,
+                                         'summary': decode_pivot_table}),
 }
 
 
@@ -226,7 +267,7 @@ def names() -> list[str]:
 
 
 def json_path(stem: str):
-  return common.RESULTS / REPORTS[stem][0] / f'{stem}.json'
+  return common.RESULTS / REPORTS[stem][0]
 
 
 def render(name: str) -> str:
