@@ -21,7 +21,7 @@ from flax import nnx
 
 from mla_jax import quant, rope
 from mla_jax.attention_op import (AttentionOp, attention_weights, cache_mask, causal_mask,
-                                  scale_tokens)
+                                  resolve, scale_tokens)
 from mla_jax.cache import KVCache, LatentCache
 from mla_jax.config import ModelConfig
 from mla_jax.layers import RMSNorm, dense, weight
@@ -43,8 +43,8 @@ def resolve_positions(x_btd, positions_bt):
 class GQAttention(nnx.Module):
   """Multi-head attention with n_kv_heads key/value heads: MHA (G = H), GQA, MQA (G = 1)."""
 
-  def __init__(self, cfg: ModelConfig, op: AttentionOp, rngs: nnx.Rngs):
-    self.cfg, self.op = cfg, op
+  def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs, op: AttentionOp | None = None):
+    self.cfg, self.op = cfg, resolve(cfg) if op is None else op
     d, h, g, k = cfg.d_model, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
     self.w_q = weight(rngs, cfg, (d, h, k), ('embed', 'heads', 'head_dim'), fan_in=d)
     self.w_k = weight(rngs, cfg, (d, g, k), ('embed', 'kv_heads', 'head_dim'), fan_in=d)
@@ -119,8 +119,8 @@ class MLAttention(nnx.Module):
   nope part (no W_UK: the scores are the rope parts' alone).
   """
 
-  def __init__(self, cfg: ModelConfig, op: AttentionOp, rngs: nnx.Rngs):
-    self.cfg, self.op = cfg, op
+  def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs, op: AttentionOp | None = None):
+    self.cfg, self.op = cfg, resolve(cfg) if op is None else op
     d, h, c, qc = cfg.d_model, cfg.n_heads, cfg.kv_lora_rank, cfg.q_lora_rank
     n, r, v = cfg.qk_nope_head_dim, cfg.qk_rope_head_dim, cfg.v_head_dim
     if qc:

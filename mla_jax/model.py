@@ -31,7 +31,7 @@ class Block(nnx.Module):
 
   def __init__(self, cfg: ModelConfig, op: attention_op.AttentionOp, rngs: nnx.Rngs):
     self.attn_norm = RMSNorm(cfg.d_model, cfg)
-    self.attn = variants.get(cfg.attention).module_class()(cfg, op, rngs)
+    self.attn = variants.get(cfg.attention).module_class()(cfg, rngs, op)
     self.mlp_norm = RMSNorm(cfg.d_model, cfg)
     self.mlp = MLP(cfg, rngs)
 

@@ -3,7 +3,7 @@ ModelConfig.attention accepts. It imports nothing of the model (the module is na
 imported when a model is built), so the config can hold it without an import cycle.
 
   module           the nnx.Module, as 'package.module:Class' (or the class itself):
-                   module(cfg, op, rngs)(x_btd, positions_bt, cache) -> (y_btd, cache), and
+                   module(cfg, rngs, op)(x_btd, positions_bt, cache) -> (y_btd, cache), and
                    module.init_cache(batch, max_len, dtype) for the decode loop
   configure        its checks and derived defaults for the config fields it reads
   rope_dim         its rotary width (RoPE pairs need it even)

@@ -10,27 +10,24 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-from conftest import VARIANTS, tiny_model, variant_params
+from conftest import VARIANTS, kernels_op, tiny_model, variant_params
 from flax import nnx
 
 import mla_jax
-from mla_jax import attention_op, fused, platform, variants
+from mla_jax import attention_op, fused, platform
 from mla_jax.attention_op import AttentionOp
 from mla_jax.model import with_config
 
 TOKENS = np.random.default_rng(0).integers(0, 256, (2, 20))
-# The accelerator kernels as a CPU runs them: flash attention through XLA, Pallas interpreted.
 FLASH = AttentionOp('cpu', whole='xla', prefill='xla', decode='triton', interpret=True)
 
 
 def _declared(name, op=FLASH):
   """op, less the kernels the variant does not declare (those calls stay einsum)."""
-  variant = variants.get(VARIANTS[name]['attention'])
-  flash = variant.flash_widths is not None
-  return AttentionOp(op.platform, whole=op.whole if flash else 'einsum',
-                     prefill=op.prefill if flash else 'einsum',
-                     decode=op.decode if variant.decode_widths else 'einsum',
-                     interpret=op.interpret and variant.decode_widths is not None)
+  declared = kernels_op(name)
+  return AttentionOp(op.platform, **{k: getattr(op, k) if getattr(declared, k) != 'einsum'
+                                     else 'einsum' for k in ('whole', 'prefill', 'decode')},
+                     interpret=op.interpret and declared.decode != 'einsum')
 
 
 def _pair(name, op=FLASH):

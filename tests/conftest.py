@@ -46,6 +46,7 @@ from flax import nnx  # noqa: E402
 
 import mla_jax  # noqa: E402
 from mla_jax import variants  # noqa: E402
+from mla_jax.attention_op import AttentionOp  # noqa: E402
 
 jax.config.update('jax_numpy_rank_promotion', 'raise')
 # Float32 equalities at 1e-5 are claims about float32 arithmetic: on GPU and TPU the default
@@ -69,6 +70,22 @@ def tiny_config(**overrides) -> mla_jax.ModelConfig:
   base = dict(vocab_size=256, d_model=64, n_layers=2, n_heads=4, d_ff=128, max_seq_len=128,
               attention_impl='einsum')
   return mla_jax.ModelConfig(**{**base, **overrides})
+
+
+def variant_of(name: str) -> variants.Variant:
+  """The registry entry of a VARIANTS case: what it declares (8-bit cache, kernels) is what the
+  shared tests ask of it."""
+  return variants.get(VARIANTS[name]['attention'])
+
+
+def kernels_op(name: str) -> AttentionOp:
+  """The accelerator kernels as a CPU runs them (XLA's flash attention, the Pallas decode
+  kernels interpreted) for the calls the variant declares; its other calls stay einsum."""
+  variant = variant_of(name)
+  flash = 'xla' if variant.flash_widths else 'einsum'
+  decode = 'triton' if variant.decode_widths else 'einsum'
+  return AttentionOp('cpu', whole=flash, prefill=flash, decode=decode,
+                     interpret=decode != 'einsum')
 
 
 def tiny_model(seed=0, **overrides):

@@ -10,7 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from mla_jax.attention import attention_weights
+from mla_jax.attention_op import attention_weights
 from mla_jax.kernels import fits, gqa_decode, mla_decode
 
 B, H, C, R, S = 8, 4, 32, 16, 37  # MLA: batch, heads, d_c, d_r, allocated context

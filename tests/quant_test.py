@@ -11,12 +11,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import VARIANTS, tiny_config, tiny_model
+from conftest import VARIANTS, kernels_op, tiny_config, tiny_model, variant_of
 from flax import nnx
 
 import mla_jax
 from configs import base
-from mla_jax import quant, trainer
+from mla_jax import quant, training
 from mla_jax import workdir as wd
 from mla_jax.cache import CacheDtypeError, KVCache, measured_per_token
 from mla_jax.model import with_config
@@ -123,7 +123,19 @@ def _decode_loop_caches(model, batch=2, max_len=16, run=False):
   return loop(caches) if run else jax.eval_shape(loop, caches)
 
 
-@pytest.mark.parametrize('name', sorted(VARIANTS))
+# The variants that declare an 8-bit cache (variants.Variant.cache_scales).
+QUANTIZED = sorted(name for name in VARIANTS if variant_of(name).quantized_cache)
+
+
+def test_a_variant_without_an_8bit_cache_refuses_one():
+  plain = [n for n in VARIANTS if not variant_of(n).quantized_cache]
+  for name in plain:
+    with pytest.raises(mla_jax.ConfigError, match='has no 8-bit cache'):
+      tiny_config(**VARIANTS[name], cache_dtype='int8')
+  assert set(QUANTIZED) >= {'mha', 'gqa', 'mqa', 'mla'}
+
+
+@pytest.mark.parametrize('name', QUANTIZED)
 def test_measured_cache_bytes_equal_cache_bytes_per_token(name):
   """The caches the decode loop returns (8-bit ones with their scales) measure what
   mla_jax.cache_bytes_per_token says, for every cache dtype; elements stay the paper's."""
@@ -134,8 +146,8 @@ def test_measured_cache_bytes_equal_cache_bytes_per_token(name):
     elements, nbytes = measured_per_token(_decode_loop_caches(model), 2, 16)
     assert elements == mla_jax.cache_elements_per_token(cfg)
     assert nbytes == mla_jax.cache_bytes_per_token(cfg)
-    # by hand: one float32 scale per token per array (MLA), per array and KV head (the rest)
-    scales = 2 if cfg.attention == 'mla' else 2 * cfg.n_kv_heads
+    # one float32 scale per token for each scale the variant declares
+    scales = variant_of(name).cache_scales(cfg)
     assert nbytes == cfg.n_layers * (elements // cfg.n_layers * itemsize
                                      + 4 * scales * (itemsize == 1))
 
@@ -172,7 +184,7 @@ def trained(corpus, tmp_path_factory):
       config.train.update(steps=TRAIN_STEPS, log_every=TRAIN_STEPS,
                           checkpoint_every=TRAIN_STEPS, eval_every=TRAIN_STEPS)
       run = tmp_path_factory.mktemp(name)
-      trainer.train_and_evaluate(config, str(run), final_eval=False)
+      training.train_and_evaluate(config, str(run), final_eval=False)
       model, _ = wd.load_workdir(run)
       models[name] = (model, mla_jax.data.load_splits(config.data)['val'])
     return models[name]
@@ -196,7 +208,7 @@ GREEDY_AGREE = 3
 
 @pytest.mark.long
 @pytest.mark.slow
-@pytest.mark.parametrize('name', sorted(VARIANTS))
+@pytest.mark.parametrize('name', QUANTIZED)
 def test_8bit_cache_decodes_close_to_the_float32_cache(trained, name):
   model, val = trained(name)
   tokens, prompt = val[:96], val[None, 200:216]
@@ -220,16 +232,17 @@ def test_8bit_cache_decodes_close_to_the_float32_cache(trained, name):
 
 # --- the decode kernels read the 8-bit cache --------------------------------------------------
 
-# One 8-bit format per variant keeps the interpreted kernels' compile time down; together they
-# cover both formats on both cache classes, MHA's transposed einsum values against the kernel's
-# [b, g, s, k], and MLA's naive path (fused prefill and decode through mla_jax.fused).
-KERNEL_CASES = {'mha': 'int8', 'gqa': 'float8_e4m3fn', 'mqa': 'int8', 'mla': 'int8',
-                'mla_q': 'float8_e4m3fn', 'mla_naive': 'float8_e4m3fn', 'mla_exact': 'int8'}
+# One 8-bit format per variant keeps the interpreted kernels' compile time down; alternating
+# them over the variants with an 8-bit cache and a decode kernel covers both formats on both
+# cache classes, MHA's transposed einsum values against the kernel's [b, g, s, k], and MLA's
+# naive path (flash prefill and decode).
+KERNEL_CASES = {name: ('int8', 'float8_e4m3fn')[i % 2] for i, name in enumerate(
+    n for n in QUANTIZED if variant_of(n).decode_widths)}
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize('name', sorted(VARIANTS))
-def test_fused_decode_with_an_8bit_cache_equals_the_einsum_path(name):
+@pytest.mark.parametrize('name', sorted(KERNEL_CASES))
+def test_kernel_decode_with_an_8bit_cache_equals_the_einsum_path(name):
   """The kernels apply the cache's scales as they read (float32 compute, atol 1e-5); fused
   prefill dequantizes. The einsum path folds the scales into scores and probabilities.
 
@@ -240,10 +253,8 @@ def test_fused_decode_with_an_8bit_cache_equals_the_einsum_path(name):
   quantization, not a kernel reading its cache wrongly; it is the suspected cause (not
   reproduced) of the one MLA-exact row that differed by 1.3e-3 on an H200 with two layers
   (experiments/results/h200/suite.md)."""
-  assert set(KERNEL_CASES) == set(VARIANTS)
-  einsum = tiny_model(seed=1, n_layers=1, attention_impl='einsum',
-                      cache_dtype=KERNEL_CASES[name], **VARIANTS[name])
-  fused = with_config(einsum, attention_impl='fused')
+  einsum = tiny_model(seed=1, n_layers=1, cache_dtype=KERNEL_CASES[name], **VARIANTS[name])
+  fused = with_config(einsum, kernels_op(name))
   tokens = np.random.default_rng(0).integers(0, 256, 14)
   got = mla_jax.logits_through_cache(fused, tokens, prefill_len=6)
   want = mla_jax.logits_through_cache(einsum, tokens, prefill_len=6)
