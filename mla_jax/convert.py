@@ -18,7 +18,7 @@ from absl import flags
 
 from mla_jax import cli, converter, hf, variants
 from mla_jax import workdir as wd
-from mla_jax.config import DTYPES, MLA_DECODE_PATHS, ModelConfig
+from mla_jax.config import DTYPES, MLA_DECODE_PATHS
 from mla_jax.to_mla import LATENT_NORMS, ROPE_SELECTIONS
 
 FLAGS = flags.FLAGS
@@ -56,12 +56,12 @@ def main():
         FLAGS.rope_selection, FLAGS.calibration_batches, FLAGS.latent_norm, FLAGS.step,
         FLAGS.best)
     c = config.conversion
-    cache = lambda model: variants.cache_elements_per_token(ModelConfig.from_dict(model))
+    cache = lambda workdir: variants.cache_elements_per_token(wd.read_config(workdir).model)
     kind = 'exact embedding' if c.exact else (
         f'd_c {c.kv_lora_rank}, d_r {c.qk_rope_head_dim}, {c.rope_selection} RoPE pairs, '
         f'{c.calibration_batches} calibration batches')
     print(f'{c.source_attention} {FLAGS.workdir} -> mla {FLAGS.to_mla} ({kind}): cache '
-          f'{cache(wd.read_config(FLAGS.workdir).model)} -> {cache(config.model)} elements '
+          f'{cache(FLAGS.workdir)} -> {cache(FLAGS.to_mla)} elements '
           'per token')
   elif FLAGS.hf_dir:
     config = converter.import_hf(FLAGS.hf_dir, FLAGS.workdir, FLAGS.dtype, FLAGS.param_dtype,

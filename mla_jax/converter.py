@@ -57,7 +57,7 @@ def export_hf(workdir, out_dir, step: int | None = None, best: bool = False) -> 
 def calibration_batches(config: ml_collections.ConfigDict, n: int) -> list[np.ndarray]:
   """n batches [data.batch_size, data.seq_len] of the run's training split, drawn from
   (seed, i) on a stream of their own (training draws stream 0, these stream 1)."""
-  if 'data' not in config:
+  if config.data is None:
     raise ConversionError('the source run has no corpus (a converted checkpoint?); use '
                           '--calibration_batches=0 (statistics from the weights)')
   tokens, d = data.load_splits(config.data)['train'], config.data
@@ -88,8 +88,8 @@ def to_mla_workdir(workdir, out, kv_lora_rank: int | None = None,
   batches = calibration_batches(source, calibration) if calibration else None
   mla = to_mla(model, kv_lora_rank, qk_rope_head_dim, rope_selection=rope_selection,
                calibration=batches, latent_norm=latent_norm)
-  config = ml_collections.ConfigDict({k: source[k] for k in ('seed', 'data', 'eval', 'mesh')
-                                      if k in source})
+  config = ml_collections.ConfigDict({k: v for k, v in source.to_dict().items()
+                                      if k in ('seed', 'data', 'eval', 'mesh')})
   config.model = mla.cfg.to_dict()
   config.conversion = dict(
       source_workdir=str(pathlib.Path(workdir).absolute()), source_attention=model.cfg.attention,

@@ -99,12 +99,15 @@ def text_file_splits(pattern: str, val_fraction: float) -> dict[str, np.ndarray]
   except OSError as e:
     raise DataError(f'cannot read {e.filename} ({e.strerror}) of data.files={pattern!r}; '
                     'make it readable or leave it out of the glob') from None
+  if not 0 < val_fraction < 1:  # NaN included: both splits must hold text
+    raise DataError(f'data.val_fraction={val_fraction!r} must be in (0, 1): the share of '
+                    'data.files held out for validation (e.g. 0.1)')
   total = sum(len(b) for b in blobs)
   if len(blobs) == 1:
     cut = int(total * (1 - val_fraction))
     train, val = blobs[0][:cut], blobs[0][cut:]
-  else:
-    held, n_val = 0, 0
+  else:  # at least one file held out, at least one kept
+    held, n_val = len(blobs[-1]), 1
     while n_val < len(blobs) - 1 and held < val_fraction * total:
       n_val += 1
       held += len(blobs[-n_val])

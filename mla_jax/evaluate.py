@@ -41,13 +41,13 @@ def main():
   wd.check_writable(FLAGS.workdir, 'eval.json')  # before scoring, not after
   mesh = sharding.make_mesh(config.mesh)
   model, cfg = wd.load_workdir(FLAGS.workdir, FLAGS.step, mesh=mesh)
-  if not FLAGS.data and config.get('data', {}).get('task') == 'mqar':
+  if not FLAGS.data and config.data is not None and config.data.task == 'mqar':
     return _recall(config, model, mesh)
   if FLAGS.data:
     tokens = evaluator.read_tokens(FLAGS.data, FLAGS.tokenizer, cfg.vocab_size)
     source = FLAGS.data
   else:
-    if 'data' not in config:
+    if config.data is None:
       raise data.DataError(f'{FLAGS.workdir} has no corpus (a converted checkpoint); give '
                            '--data=FILE')
     tokens, source = data.load_splits(config.data)[FLAGS.split], FLAGS.split

@@ -14,11 +14,11 @@ does nothing when no mesh is set, so the modules work unsharded too.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 
 import jax
-import ml_collections
 import numpy as np
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
@@ -45,9 +45,12 @@ class ShardingError(Error, ValueError):
   """A mesh or a mapping that cannot work; the message names the fix."""
 
 
-def make_mesh(mesh_cfg: ml_collections.ConfigDict | dict, devices=None) -> Mesh:
-  """A (data, fsdp, tensor) mesh over all devices; one size may be -1 ("the rest")."""
+def make_mesh(mesh_cfg, devices=None) -> Mesh:
+  """A (data, fsdp, tensor) mesh over all devices; one size may be -1 ("the rest").
+  mesh_cfg: a RunConfig's mesh section, a ConfigDict or a dict."""
   devices = jax.devices() if devices is None else devices
+  if dataclasses.is_dataclass(mesh_cfg):
+    mesh_cfg = dataclasses.asdict(mesh_cfg)
   sizes = [int(mesh_cfg[a]) for a in MESH_AXES]
   shown = ' x '.join(f'{a}={s}' for a, s in zip(MESH_AXES, sizes, strict=True))
   if sizes.count(-1) > 1 or any(s == 0 or s < -1 for s in sizes):

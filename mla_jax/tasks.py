@@ -1,4 +1,4 @@
-"""What the trainer learns from and how it validates: config.data.task.
+"""What a run learns from and how it validates: config.data.task (a RunConfig's sections).
 
   text  next-token prediction on a corpus (data.py); every position is scored (weights 1);
         validation is perplexity over the held-out split (evaluator.perplexity)
@@ -16,8 +16,7 @@ import numpy as np
 
 from mla_jax import data, evaluator, mqar
 from mla_jax.config import ConfigError
-
-TASKS = ('text', 'mqar')
+from mla_jax.run_config import TASKS
 
 
 def text_batch(windows: np.ndarray) -> dict:
@@ -88,12 +87,13 @@ class MQAR:
 
 
 def task_class(config) -> type[Text] | type[MQAR]:
-  name = config.data.get('task', 'text')  # configs written before tasks existed are text
+  name = config.data.task
   if name not in TASKS:
     raise ConfigError(f'data.task={name!r} is unknown; use one of {TASKS}')
   return Text if name == 'text' else MQAR
 
 
 def load(config) -> Text | MQAR:
-  """The task of config.data.task, its data loaded (or its held-out set drawn)."""
+  """The task of config.data.task (config: a RunConfig), its data loaded (or its held-out set
+  drawn)."""
   return task_class(config)(config)

@@ -7,9 +7,10 @@ r"""Trains a model from a config file; restarting the same command resumes the r
       --init_from=runs/gqa_mla     # a new run from another run's parameters (same model)
 
 On several hosts run the same command on each (TPU slices and SLURM jobs are detected; else
-add --coordinator_address=HOST:PORT --num_processes=N --process_id=I).
+add --coordinator_address=HOST:PORT --num_processes=N --process_id=I). SIGTERM or Ctrl-C
+checkpoints the step in progress and exits 143; the same command resumes.
 
-All logic lives in mla_jax.trainer; this file parses flags.
+All logic lives in mla_jax.training; this file parses flags and the config (once).
 """
 
 import signal
@@ -18,7 +19,8 @@ import jax
 from absl import flags
 from ml_collections import config_flags
 
-from mla_jax import cli, tasks, trainer
+from mla_jax import cli, tasks, training
+from mla_jax.run_config import RunConfig
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file('config', None, 'a configs/*.py file (optionally :arg)')
@@ -30,12 +32,14 @@ cli.define_distributed_flags()
 
 
 def main():
-  signal.signal(signal.SIGTERM, trainer.exit_before_first_step)  # until the trainer's own
-  trainer.request_determinism(FLAGS.config)  # before anything starts jax's backends
+  for signum in (signal.SIGTERM, signal.SIGINT):  # until the trainer's own
+    signal.signal(signum, training.exit_before_first_step)
+  config = RunConfig.from_dict(FLAGS.config).trainable()  # a bad config: one line, nothing run
+  training.request_determinism(config)  # before anything starts jax's backends
   cli.initialize_distributed()
-  result = trainer.train_and_evaluate(FLAGS.config, FLAGS.workdir, init_from=FLAGS.init_from)
+  result = training.train_and_evaluate(config, FLAGS.workdir, init_from=FLAGS.init_from)
   if result and jax.process_index() == 0:
-    print(f'validation: {tasks.task_class(FLAGS.config).describe(result)}')
+    print(f'validation: {tasks.task_class(config).describe(result)}')
 
 
 if __name__ == '__main__':

@@ -34,14 +34,14 @@ import threading
 import time
 
 import jax
-import ml_collections
 import orbax.checkpoint as ocp
 from flax import nnx
 
 from mla_jax import sharding
-from mla_jax.config import ModelConfig
+from mla_jax.config import ConfigError
 from mla_jax.errors import Error
 from mla_jax.model import abstract
+from mla_jax.run_config import RunConfig
 
 
 class WorkdirError(Error):
@@ -61,48 +61,16 @@ def checkpoint_steps(folder) -> list[int]:
   return sorted(int(p.name) for p in folder.iterdir() if p.name.isdigit() and p.is_dir())
 
 
-# Task settings sections of config.data (mla_jax.tasks): each matters only to its own task.
-_TASK_SECTIONS = ('mqar',)
-
-
-def _comparable(section: str, value):
-  """A recorded config section as the code reads it now, so that a run recorded before a field
-  existed still resumes: model fields added since take their ModelConfig defaults, a data
-  section without a task is text, and a task's settings count only for the task that runs."""
-  if value is None:
-    return value
-  if section == 'model':
-    return ModelConfig.from_dict(value).to_dict()
-  if section == 'data':
-    value = {'task': 'text', **value}
-    return {k: v for k, v in value.items() if k not in _TASK_SECTIONS or k == value['task']}
-  return value
-
-
-def check_config(workdir, config: ml_collections.ConfigDict) -> None:
-  """Refuses a config that differs from the run in workdir in seed, model, data or opt. A
-  workdir without a checkpoint holds no run yet (a start that failed or was killed before its
-  first save): any config is accepted, and replaces its config.json."""
-  path = config_path(workdir)
-  if not (path.exists() and checkpoint_steps(pathlib.Path(workdir) / 'checkpoints')):
-    return
-  old, new = _read_json(path), json.loads(config.to_json_best_effort())
-  for section in ('seed', 'model', 'data', 'opt'):
-    if _comparable(section, old.get(section)) != _comparable(section, new.get(section)):
-      raise WorkdirError(f'{path.parent} holds a run whose {section!r} differs from this '
-                         'config; resume with the same config or use a new --workdir')
-
-
-def write_config(workdir, config: ml_collections.ConfigDict) -> None:
-  """Records the resolved config (after check_config)."""
-  check_config(workdir, config)
+def write_config(workdir, config) -> None:
+  """Records a run's config (a RunConfig, or a ConfigDict / mapping, parsed first) as
+  config.json, written whole (a temporary file renamed into place)."""
+  config = RunConfig.from_dict(config)
   if jax.process_index():  # one writer when several hosts share the workdir
     return
   path = config_path(workdir)
   path.parent.mkdir(parents=True, exist_ok=True)
   tmp = path.with_suffix('.tmp')
-  tmp.write_text(json.dumps(json.loads(config.to_json_best_effort()), indent=1,
-                            sort_keys=True))
+  tmp.write_text(json.dumps(config.to_dict(), indent=1, sort_keys=True))
   tmp.replace(path)
 
 
@@ -136,12 +104,18 @@ def write_json(workdir, name: str, value) -> None:
   tmp.replace(path)
 
 
-def read_config(workdir) -> ml_collections.ConfigDict:
+def read_config(workdir) -> RunConfig:
+  """The RunConfig a run's config.json records (its .model a ModelConfig), parsed once here;
+  a missing, unreadable or invalid file is one line."""
   path = config_path(workdir)
   if not path.exists():
     raise WorkdirError(f'no run in {workdir!r} ({path.name} missing); train one with '
                        'python -m mla_jax.train --config=configs/mla.py --workdir=DIR')
-  return ml_collections.ConfigDict(_read_json(path))
+  try:
+    return RunConfig.from_dict(_read_json(path))
+  except ConfigError as e:
+    raise WorkdirError(f'{path} does not hold a valid config ({e}); restore it from a copy of '
+                       'the run') from None
 
 
 def _read_json(path: pathlib.Path):
@@ -340,8 +314,7 @@ def restore(mngr: ocp.CheckpointManager, step: int, params, opt_state=None, fix=
 def load_workdir(workdir, step: int | None = None, best: bool = False, mesh=None):
   """(model, ModelConfig) from a trained or converted run: the latest (or `step`) checkpoint,
   laid out on `mesh` by the sharding rules (default: on one device), whatever mesh saved it."""
-  config = read_config(workdir)
-  cfg = ModelConfig.from_dict(config.model)
+  cfg = read_config(workdir).model
   folder = pathlib.Path(workdir) / ('best' if best else 'checkpoints')
   steps = checkpoint_steps(folder)
   if not steps:

@@ -8,7 +8,7 @@ import pytest
 from flax import nnx
 
 from configs import base
-from mla_jax import attention, mqar, trainer
+from mla_jax import attention, attention_op, mqar, training
 from mla_jax.config import ModelConfig
 from mla_jax.model import Transformer
 
@@ -157,14 +157,14 @@ LEARN_STEPS, LEARN_BATCH = 250, 64
 
 def _train_and_score(steps=LEARN_STEPS) -> dict:
   """A 2-layer, d_model 64 MHA model trained with the trainer's optimizer; held-out recall.
-  The einsum path on every platform: its mask is attention.visible, which the no-context
+  The einsum path on every platform: its mask is attention_op.causal_mask, which the no-context
   control below replaces (fused attention masks inside its kernel)."""
   cfg = ModelConfig(vocab_size=LEARN.vocab_size, d_model=64, n_layers=2, n_heads=4,
                     max_seq_len=LEARN.seq_len, attention_impl='einsum')
   model = Transformer(cfg, rngs=nnx.Rngs(0))
   opt_cfg = base.get_config().opt
   opt_cfg.update(lr=5e-3, warmup_steps=50)
-  opt = nnx.Optimizer(model, trainer.optimizer(opt_cfg, steps), wrt=nnx.Param)
+  opt = nnx.Optimizer(model, training.optimizer(opt_cfg, steps), wrt=nnx.Param)
 
   @nnx.jit
   def step(model, opt, batch):
@@ -189,8 +189,9 @@ def test_attention_learns_mqar():
 def test_a_model_that_cannot_see_the_context_stays_at_chance(monkeypatch):
   """The same model and training with attention masked to the diagonal (each token sees only
   itself): the value of a key is then unknowable, and recall stays near 2 / V."""
-  monkeypatch.setattr(attention, 'visible',
-                      lambda q_bt, k_bs: k_bs[:, None, :] == q_bt[:, :, None])
+  diagonal = lambda q_bt, k_bs: k_bs[:, None, :] == q_bt[:, :, None]
+  monkeypatch.setattr(attention_op, 'causal_mask', diagonal)  # the einsum path's mask
+  monkeypatch.setattr(attention, 'causal_mask', diagonal)
   result = _train_and_score()
   chance = 2 / LEARN.vocab_size
   assert result['accuracy'] < 1.5 * chance, result

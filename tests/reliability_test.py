@@ -27,7 +27,7 @@ from flax import nnx
 
 import mla_jax
 from configs import mla as mla_config
-from mla_jax import trainer
+from mla_jax import training
 from mla_jax import workdir as wd
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -128,7 +128,7 @@ def one_error_line(result) -> str:
 def reference(corpus, tmp_path_factory):
   """The tiny run (10 steps, checkpoints and validation at 5 and 10), never interrupted."""
   folder = tmp_path_factory.mktemp('reference')
-  trainer.train_and_evaluate(tiny(corpus), str(folder))
+  training.train_and_evaluate(tiny(corpus), str(folder))
   return folder
 
 
@@ -140,12 +140,12 @@ def test_leftovers_of_a_kill_between_the_two_saves_do_not_block_resuming(corpus,
   """A run killed after saving best/5 but before checkpoints/5 had been written (the old
   order of the saves), by a version without checksums: resuming from checkpoint 4 repeats
   step 5 and must save best/5 and checkpoints/5 again over what is left of them."""
-  trainer.train_and_evaluate(tiny(corpus, checkpoint_every=2, stop_after_steps=5),
+  training.train_and_evaluate(tiny(corpus, checkpoint_every=2, stop_after_steps=5),
                              str(tmp_path))
   ckpt = tmp_path / 'checkpoints' / '5'
   ckpt.rename(tmp_path / 'checkpoints' / '5.orbax-checkpoint-tmp')  # killed mid-save
   (tmp_path / 'best' / '5' / 'checksums.json').unlink(missing_ok=True)
-  trainer.train_and_evaluate(tiny(corpus, checkpoint_every=2), str(tmp_path))
+  training.train_and_evaluate(tiny(corpus, checkpoint_every=2), str(tmp_path))
   assert_same_run(tmp_path, reference)
   assert wd.intact(tmp_path / 'best' / '10')
 
@@ -250,10 +250,10 @@ def test_failed_starts_leave_nothing_and_the_corrected_command_runs(corpus, refe
     section, name = field.split('.')
     config[section][name] = value
     with pytest.raises(mla_jax.ConfigError) as e:
-      trainer.train_and_evaluate(config, str(tmp_path / 'run'))
+      training.train_and_evaluate(config, str(tmp_path / 'run'))
     assert message in str(e.value)
     assert not (tmp_path / 'run').exists()
-  trainer.train_and_evaluate(tiny(corpus), str(tmp_path / 'run'))
+  training.train_and_evaluate(tiny(corpus), str(tmp_path / 'run'))
   assert_same_run(tmp_path / 'run', reference)
 
 
@@ -263,10 +263,11 @@ def test_a_workdir_without_a_checkpoint_holds_no_run(corpus, reference, tmp_path
   best/ checkpoint) does not hold back a new command: it starts afresh over it."""
   other = tiny(corpus, steps=5, checkpoint_every=100, eval_every=2)
   other.data.batch_size = 4
-  trainer.train_and_evaluate(other, str(tmp_path), final_eval=False)
-  shutil.rmtree(tmp_path / 'checkpoints')
+  training.train_and_evaluate(other, str(tmp_path), final_eval=False)
+  shutil.rmtree(tmp_path / 'checkpoints')  # as a start killed before its first save leaves it
+  (tmp_path / 'checkpoints').mkdir()
   assert saved_steps(tmp_path / 'best') and rows(tmp_path)
-  trainer.train_and_evaluate(tiny(corpus), str(tmp_path))
+  training.train_and_evaluate(tiny(corpus), str(tmp_path))
   assert json.loads((tmp_path / 'config.json').read_text())['data']['batch_size'] == 8
   assert_same_run(tmp_path, reference)
 
@@ -299,12 +300,12 @@ def test_a_damaged_checkpoint_is_refused_by_name(corpus, reference, tmp_path):
       f'error: checkpoint 10 in {folder} is damaged (checksum mismatch); move it aside, or '
       'pass --step=5')
   with pytest.raises(wd.WorkdirError) as e:
-    trainer.train_and_evaluate(tiny(corpus, steps=15), str(workdir))
+    training.train_and_evaluate(tiny(corpus), str(workdir))
   assert str(e.value) == (f'checkpoint 10 in {folder} is damaged (checksum mismatch); move '
                           'it aside to resume from step 5')
   assert unlocked(snapshot(workdir)) == before  # nothing trained, logged or written
   (folder / '10').rename(tmp_path / 'aside')  # as told: then it resumes from step 5
-  trainer.train_and_evaluate(tiny(corpus), str(workdir))
+  training.train_and_evaluate(tiny(corpus), str(workdir))
   assert_same_run(workdir, reference)
 
 
@@ -508,10 +509,10 @@ def test_generate_refuses_what_it_would_get_wrong(args, words, reference):
 def test_a_resumed_run_logs_each_step_once(corpus, reference, tmp_path):
   """Rows a killed run logged after its last checkpoint (and one it was cut off writing)
   are dropped when the run resumes, not repeated."""
-  trainer.train_and_evaluate(tiny(corpus, stop_after_steps=5), str(tmp_path))
+  training.train_and_evaluate(tiny(corpus, stop_after_steps=5), str(tmp_path))
   with (tmp_path / 'metrics.jsonl').open('a') as f:
     f.write('{"step": 6, "loss": 1.0}\n{"step": 7, "loss": 1.0}\n{"step": 8, "lo')
-  trainer.train_and_evaluate(tiny(corpus), str(tmp_path))
+  training.train_and_evaluate(tiny(corpus), str(tmp_path))
   assert_same_run(tmp_path, reference)
 
 
@@ -535,7 +536,7 @@ def test_a_preempted_run_raises_so_no_caller_takes_it_for_finished(corpus, monke
   that returned normally would record a half-trained run as its result)."""
   monkeypatch.setenv(FAULT, 'checkpoints:before:TERM')  # SIGTERM while step 2 is being saved
   with pytest.raises(mla_jax.errors.Preempted, match='stopped at step 3 by SIGTERM'):
-    trainer.train_and_evaluate(tiny(corpus, checkpoint_every=2), str(tmp_path))
+    training.train_and_evaluate(tiny(corpus, checkpoint_every=2), str(tmp_path))
   assert saved_steps(tmp_path / 'checkpoints') == [2, 3]
 
 
@@ -543,7 +544,7 @@ def test_a_sigterm_read_in_the_last_step_completes_the_run(corpus, monkeypatch, 
   """SIGTERM while step 5 saves is read in step 6, the last: the run is complete, not
   preempted, and says so by returning."""
   monkeypatch.setenv(FAULT, 'checkpoints:before:TERM')
-  trainer.train_and_evaluate(tiny(corpus, steps=6, checkpoint_every=5), str(tmp_path))
+  training.train_and_evaluate(tiny(corpus, steps=6, checkpoint_every=5), str(tmp_path))
   assert saved_steps(tmp_path / 'checkpoints') == [5, 6]
 
 

@@ -15,7 +15,7 @@ import jax
 import numpy as np
 import pytest
 
-from mla_jax import sharding, trainer
+from mla_jax import sharding, training
 
 pytestmark = pytest.mark.slow  # every case starts jax in a subprocess with 8 devices
 
@@ -30,7 +30,7 @@ import json, sys
 import numpy as np
 from flax import nnx
 from configs import gqa, mha, mla
-from mla_jax import data, decode, sharding, tasks, trainer
+from mla_jax import data, decode, sharding, tasks, training
 from mla_jax import workdir as wd
 CORPUS = {corpus!r}
 
@@ -60,16 +60,16 @@ def test_the_cpu_train_step_compiles_first_under_a_mesh_of_several_devices(corpu
   config = tiny(mla)
   mesh = mesh_of((8, 1, 1))
   with jax.set_mesh(mesh):
-    graphdef, state, shardings = trainer.init_state(config, mesh)
-    layout, shape, rows = trainer.batch_layout(config, mesh)
-    step = trainer.jit_train_step(graphdef, shardings, layout)
+    graphdef, state, shardings = training.init_state(config, mesh)
+    layout, shape, rows = training.batch_layout(config, mesh)
+    step = training.jit_train_step(graphdef, shardings, layout)
     windows = np.random.default_rng(0).integers(0, 256, (*shape[:-1], shape[-1] + 1))
     batch = jax.device_put(tasks.text_batch(windows.astype(np.int32)), layout)
     state, metrics = step(state, batch)
-  print(json.dumps([float(metrics['loss']), trainer.cpu_compiler_options()]))
+  print(json.dumps([float(metrics['loss']), training.cpu_compiler_options()]))
   ''', corpus)
   assert 5.0 < loss < 6.0  # about ln 256 at the start
-  assert options.items() <= trainer.CPU_COMPILER_OPTIONS.items()
+  assert options.items() <= training.CPU_COMPILER_OPTIONS.items()
 
 
 @pytest.mark.long
@@ -81,9 +81,9 @@ def test_five_steps_match_one_device_on_every_mesh(corpus):
     for sizes in [(1, 1, 1)] + {MESHES!r}:
       mesh = mesh_of(sizes)
       with jax.set_mesh(mesh):
-        graphdef, state, shardings = trainer.init_state(config, mesh)
-        layout, shape, rows = trainer.batch_layout(config, mesh)
-        step = trainer.jit_train_step(graphdef, shardings, layout)
+        graphdef, state, shardings = training.init_state(config, mesh)
+        layout, shape, rows = training.batch_layout(config, mesh)
+        step = training.jit_train_step(graphdef, shardings, layout)
         sampler = data.WindowSampler(data.load_splits(config.data)['train'], config.data.seq_len,
                                      config.data.batch_size, config.seed, rows=rows)
         out = []
@@ -152,7 +152,7 @@ def test_checkpoint_restores_under_other_meshes(corpus, tmp_path):
   config = tiny(mla)
   config.mesh.update(data=8, fsdp=1, tensor=1)
   config.train.update(steps=2, checkpoint_every=2, eval_every=100)
-  trainer.train_and_evaluate(config, {str(tmp_path / 'run')!r}, final_eval=False)
+  training.train_and_evaluate(config, {str(tmp_path / 'run')!r}, final_eval=False)
   saved = {{}}
   for sizes in [(8, 1, 1), (2, 4, 1)]:
     model, _ = wd.load_workdir({str(tmp_path / 'run')!r}, mesh=mesh_of(sizes))

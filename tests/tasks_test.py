@@ -15,7 +15,7 @@ from conftest import tiny_model
 from flax import nnx
 
 from configs import mla as mla_config
-from mla_jax import mqar, tasks, trainer
+from mla_jax import mqar, tasks, training
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
@@ -38,7 +38,7 @@ def test_text_loss_is_the_plain_mean_bit_for_bit(model):
     return optax.softmax_cross_entropy_with_integer_labels(m(w[:, :-1]), w[:, 1:]).mean()
 
   old, old_grads = _value_and_grad(plain_mean, model, windows)
-  new, new_grads = _value_and_grad(trainer.loss_fn, model, tasks.text_batch(windows))
+  new, new_grads = _value_and_grad(training.loss_fn, model, tasks.text_batch(windows))
   assert float(new) == float(old)
   for a, b in zip(jax.tree.leaves(old_grads), jax.tree.leaves(new_grads), strict=True):
     np.testing.assert_array_equal(a, b)
@@ -46,7 +46,7 @@ def test_text_loss_is_the_plain_mean_bit_for_bit(model):
 
 def test_mqar_loss_counts_only_the_answers(model):
   graphdef, state = nnx.split(model)
-  loss_fn = jax.jit(lambda s, b: trainer.loss_fn(nnx.merge(graphdef, s), b))
+  loss_fn = jax.jit(lambda s, b: training.loss_fn(nnx.merge(graphdef, s), b))
   batch = mqar.MQAR(256, 32, 4).batch(0, 0, 6)
   loss = loss_fn(state, batch)
   logits = jax.jit(lambda s, x: nnx.merge(graphdef, s)(x))(state, batch['inputs'])
@@ -73,10 +73,10 @@ def _metrics(workdir):
 @pytest.fixture(scope='module')
 def mqar_runs(tmp_path_factory):
   whole = tmp_path_factory.mktemp('whole')
-  last = trainer.train_and_evaluate(mqar_config(), str(whole))
+  last = training.train_and_evaluate(mqar_config(), str(whole))
   split = tmp_path_factory.mktemp('split')
-  trainer.train_and_evaluate(mqar_config(stop_after_steps=5), str(split))
-  trainer.train_and_evaluate(mqar_config(), str(split))
+  training.train_and_evaluate(mqar_config(stop_after_steps=5), str(split))
+  training.train_and_evaluate(mqar_config(), str(split))
   return whole, split, last
 
 
@@ -117,5 +117,5 @@ def test_bad_task_settings_fail_before_writing(change, message, tmp_path):
   config.data.update({k: v for k, v in change.items() if k != 'mqar'})
   config.data.mqar.update(change.get('mqar', {}))
   with pytest.raises(ValueError, match=message):
-    trainer.train_and_evaluate(config, str(tmp_path / 'run'))
+    training.train_and_evaluate(config, str(tmp_path / 'run'))
   assert not (tmp_path / 'run').exists()

@@ -19,7 +19,7 @@ from flax import nnx
 
 import mla_jax
 from configs import finetune, gqa
-from mla_jax import converter, data, evaluator, hf, trainer
+from mla_jax import converter, data, evaluator, hf, training
 from mla_jax import workdir as wd
 from mla_jax.cache import measured_per_token
 from mla_jax.errors import Error
@@ -274,7 +274,7 @@ def trained(corpus, tmp_path_factory):
   root = tmp_path_factory.mktemp('to_mla')
   config = gqa.get_config('tiny')
   config.data.files = corpus
-  trainer.train_and_evaluate(config, str(root / 'gqa'), final_eval=False)
+  training.train_and_evaluate(config, str(root / 'gqa'), final_eval=False)
   converter.to_mla_workdir(root / 'gqa', root / 'mla', kv_lora_rank=12, qk_rope_head_dim=4,
                            calibration=2)
   return root
@@ -343,15 +343,15 @@ def test_finetuning_starts_from_the_converted_parameters_and_resumes(trained, tm
   e = config.eval
   expected = evaluator.perplexity(converted, val, e.seq_len, e.stride, e.batch_size)
   whole = tmp_path / 'whole'
-  trainer.train_and_evaluate(finetune_config(trained / 'mla'), str(whole),
+  training.train_and_evaluate(finetune_config(trained / 'mla'), str(whole),
                              init_from=str(trained / 'mla'))
   evals, whole_losses = val_losses(whole)
   assert evals[0]['step'] == 0 and evals[0]['val_loss'] == expected['loss']
   assert json.loads((whole / 'config.json').read_text())['init_from'] == str(trained / 'mla')
   split = tmp_path / 'split'
-  trainer.train_and_evaluate(finetune_config(trained / 'mla', stop_after_steps=2), str(split),
+  training.train_and_evaluate(finetune_config(trained / 'mla', stop_after_steps=2), str(split),
                              init_from=str(trained / 'mla'))
-  trainer.train_and_evaluate(finetune_config(trained / 'mla'), str(split))  # resumes
+  training.train_and_evaluate(finetune_config(trained / 'mla'), str(split))  # resumes
   _, split_losses = val_losses(split)
   assert split_losses == whole_losses and len(whole_losses) == 4
   assert json.loads((split / 'config.json').read_text())['init_from'] == str(trained / 'mla')
@@ -362,7 +362,7 @@ def test_init_from_refuses_another_model_without_writing(trained, tmp_path):
   config.model.kv_lora_rank = 16
   config.model.qk_rope_head_dim = 8
   with pytest.raises(mla_jax.ConfigError) as e:
-    trainer.train_and_evaluate(config, str(tmp_path / 'ft'), init_from=str(trained / 'mla'))
+    training.train_and_evaluate(config, str(tmp_path / 'ft'), init_from=str(trained / 'mla'))
   message = str(e.value)
   assert 'kv_lora_rank (12 there, 16 here)' in message
   assert 'qk_rope_head_dim (4 there, 8 here)' in message
