@@ -13,7 +13,8 @@ Two things the public jax.nn.dot_product_attention does not do, handled here:
   and the padding sliced off the output.
 - Deterministic GPU ops (XLA_FLAGS --xla_gpu_deterministic_ops=true, which train.deterministic
   sets): with that flag XLA asks cuDNN for its deterministic flash-attention backward, and on
-  jax 0.11.2 the train step then fails to compile (an IndexError from XLA). Under the flag attention takes XLA's own kernel, which is deterministic.
+  jax 0.11.2 the train step then fails to compile (an IndexError from XLA). Under the flag
+  attention takes XLA's own kernel, which is deterministic.
 - Masks are by position. `is_causal` aligns the query block with the top-left of the key block,
   which is right only for a whole sequence from position 0 (training): there cuDNN skips the
   masked blocks. Chunked prefill (queries at p0 .. p0 + t - 1 reading cache slots 0 .. s - 1)

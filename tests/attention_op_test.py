@@ -49,7 +49,8 @@ def _grads(model):
 # MHA and MQA run GQA's code path with H and 1 groups, so GQA stands for them in the default
 # run. Query compression (mla_q) changes no attention code, and mla_naive trains exactly as mla
 # (mla_decode only picks the cached path), so mla stands for them in training.
-@pytest.mark.parametrize('name', variant_params(('mha', 'mqa', 'mla_q', 'mla_naive')))
+@pytest.mark.parametrize('name', variant_params(('mha', 'mqa', 'mla_q', 'mla_naive'),
+                                                'flash_widths'))
 def test_flash_equals_einsum_logits_and_gradients(name):
   einsum, fused = _pair(name)
   assert fused.op.whole == 'xla'
@@ -60,7 +61,7 @@ def test_flash_equals_einsum_logits_and_gradients(name):
     np.testing.assert_allclose(g_fused, g_einsum, atol=1e-5 * scale, rtol=0)
 
 
-@pytest.mark.parametrize('name', variant_params(('mha', 'mqa', 'mla_q')))
+@pytest.mark.parametrize('name', variant_params(('mha', 'mqa', 'mla_q'), 'flash_widths'))
 def test_kernels_equal_einsum_through_the_cache_and_in_generation(name):
   einsum, fused = _pair(name)
   tokens = TOKENS[0]
@@ -171,7 +172,7 @@ def test_the_choice_is_recorded_and_printed():
                                     decode='einsum', interpret=False)
   assert str(model.op) == ('attention on cpu: whole sequences einsum, prefill einsum, decode '
                            'steps einsum')
-  with pytest.raises(ValueError, match="AttentionOp.whole='splash'"):
+  with pytest.raises(ValueError, match=r"AttentionOp\.whole='splash'"):
     AttentionOp('tpu', whole='splash')
 
 

@@ -3,10 +3,14 @@ deterministic GPU reductions, tiny configs of every attention variant, and a sma
 that needs no network. The suite runs unchanged on a CPU, a GPU or a TPU."""
 
 import atexit
+import hashlib
 import importlib.metadata
 import importlib.util
 import os
+import pathlib
+import re
 import shutil
+import sys
 import tempfile
 
 # Before jax starts its backends (XLA reads XLA_FLAGS once): exact resume must hold on a GPU
@@ -53,9 +57,35 @@ jax.config.update('jax_numpy_rank_promotion', 'raise')
 # matmul precision rounds operands to TF32 / bfloat16, which the tests must not inherit.
 jax.config.update('jax_default_matmul_precision', 'highest')
 
-# (name, overrides): the variants every cross-variant test runs over. Every registered variant
-# at its registry example, and MLA's other paths.
+
+
+def _doc_variant_module() -> str:
+  """docs/extending.md's Python blocks, written out as the module shared_kv_doc on PYTHONPATH
+  (for this process and the commands the tests start): the page's toy variant, registered the
+  way a variant outside mla_jax is, by importing the module a config names."""
+  doc = pathlib.Path(__file__).resolve().parents[1] / 'docs' / 'extending.md'
+  code = '\n\n'.join(re.findall(r'```python\n(.*?)```', doc.read_text(), flags=re.S))
+  folder = pathlib.Path(tempfile.gettempdir()) / (
+      'mla_jax_doc_variant_' + hashlib.sha256(code.encode()).hexdigest()[:12])
+  folder.mkdir(exist_ok=True)
+  if not (folder / 'shared_kv_doc.py').exists():  # written once, whole (workers race here)
+    fd, tmp = tempfile.mkstemp(dir=folder, suffix='.py.tmp')
+    with os.fdopen(fd, 'w') as f:
+      f.write(code)
+    os.replace(tmp, folder / 'shared_kv_doc.py')
+  if str(folder) not in sys.path:
+    sys.path.insert(0, str(folder))
+    os.environ['PYTHONPATH'] = os.pathsep.join(
+        p for p in (str(folder), os.environ.get('PYTHONPATH')) if p)
+  return 'shared_kv_doc:shared_kv'
+
+
+DOC_VARIANT = _doc_variant_module()
+# (name, overrides): the variants every cross-variant test runs over. Every built-in variant at
+# its registry example, the docs' toy variant (registered from outside the package), and MLA's
+# other paths.
 VARIANTS = {name: dict(attention=name, **variants.get(name).example) for name in variants.names()}
+VARIANTS['shared_kv'] = dict(attention=DOC_VARIANT, **variants.get(DOC_VARIANT).example)
 VARIANTS.update(
     mla_q=dict(attention='mla', kv_lora_rank=32, q_lora_rank=24, qk_rope_head_dim=8),
     mla_naive=dict(attention='mla', kv_lora_rank=32, mla_decode='naive'),
@@ -92,11 +122,12 @@ def tiny_model(seed=0, **overrides):
   return mla_jax.Transformer(tiny_config(**overrides), rngs=nnx.Rngs(seed))
 
 
-def variant_params(long: tuple[str, ...] = ()) -> list:
+def variant_params(long: tuple[str, ...] = (), declares: str | None = None) -> list:
   """Every variant's name for parametrize, those in `long` run only with --long (CI's 20
-  minutes)."""
+  minutes); declares 'flash_widths' / 'decode_widths': only the variants whose spec does."""
+  names = [n for n in sorted(VARIANTS) if declares is None or getattr(variant_of(n), declares)]
   return [pytest.param(name, marks=pytest.mark.long) if name in long else name
-          for name in sorted(VARIANTS)]
+          for name in names]
 
 
 @pytest.fixture(params=sorted(VARIANTS))

@@ -96,7 +96,8 @@ def _logits_and_grads(model):
 
 # GQA's code path stands for MHA and MQA (H and 1 groups), and mla for mla_q and mla_naive,
 # which train exactly as it does; the others run with --long.
-@pytest.mark.parametrize('name', variant_params(('mha', 'mqa', 'mla_q', 'mla_naive')))
+@pytest.mark.parametrize('name', variant_params(('mha', 'mqa', 'mla_q', 'mla_naive'),
+                                                'flash_widths'))
 def test_kernels_take_the_cpu_kernel_and_equal_einsum(name):
   """For every variant: attention_impl='kernels' on a CPU lowers to the kernel's call, and its
   logits and gradients are the einsum path's (float32, atol 1e-5; gradients 1e-5 of their

@@ -1,13 +1,16 @@
-"""docs/extending.md is true: its code, run as written, adds a working attention variant that
-the whole package picks up through the registry."""
+"""docs/extending.md is true: its code, loaded as the module shared_kv_doc (conftest), adds a
+working attention variant from outside the package in one spec, one module and one
+registration. The shared tests run it as the VARIANTS case 'shared_kv'; these check what is
+particular to a variant from outside: its name, its declarations, and the commands."""
 
+import json
 import pathlib
-import re
+import subprocess
+import sys
 
-import jax
 import numpy as np
 import pytest
-from conftest import tiny_config
+from conftest import DOC_VARIANT, tiny_config, variant_of
 from flax import nnx
 
 import mla_jax
@@ -16,62 +19,41 @@ from mla_jax import hf, variants
 from mla_jax.cache import measured_per_token
 from mla_jax.model import param_count
 
-DOC = pathlib.Path(__file__).resolve().parents[1] / 'docs' / 'extending.md'
-
-
-@pytest.fixture(scope='module')
-def shared_kv():
-  """The doc's python blocks, executed in order; the variant is unregistered afterwards."""
-  namespace = {}
-  for block in re.findall(r'```python\n(.*?)```', DOC.read_text(), flags=re.S):
-    exec(compile(block, str(DOC), 'exec'), namespace)
-  yield namespace
-  variants.unregister('shared_kv')
+ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 
 def test_unknown_variant_is_a_config_error_naming_the_known_ones():
   with pytest.raises(mla_jax.ConfigError, match=r"attention='tpa' is unknown; use one of "
                      r"\('mha', 'gqa', 'mqa', 'mla'"):
     mla_jax.ModelConfig(attention='tpa')
+  with pytest.raises(mla_jax.ConfigError, match=r"cannot import 'no_such_pkg\.mod'"):
+    mla_jax.ModelConfig(attention='no_such_pkg.mod:gta')
+  with pytest.raises(mla_jax.ConfigError, match='did not register it'):
+    mla_jax.ModelConfig(attention='json:gta')  # importable, registers nothing
 
 
-def test_the_doc_variant_builds_and_decodes_like_its_full_forward(shared_kv):
-  cfg = tiny_config(attention='shared_kv')
+def test_the_doc_variant_is_named_by_its_module_and_declares_no_extras():
+  variant = variant_of('shared_kv')
+  assert DOC_VARIANT == 'shared_kv_doc:shared_kv' and variant.name == 'shared_kv'
+  assert 'shared_kv' in variants.names()
+  assert not variant.quantized_cache and variant.hf_architecture is None
+  assert variant.flash_widths is None and variant.decode_widths is None
+  model = mla_jax.Transformer(tiny_config(attention=DOC_VARIANT, attention_impl='kernels'),
+                              rngs=nnx.Rngs(0))
+  assert model.op.whole == model.op.prefill == model.op.decode == 'einsum'
+
+
+def test_the_doc_variant_cache_is_measured_and_half_of_mqa():
+  cfg = tiny_config(attention=DOC_VARIANT)
   assert cfg.n_kv_heads == 1
-  model = mla_jax.Transformer(cfg, rngs=nnx.Rngs(0))
-  assert isinstance(model.blocks[0].attn, shared_kv['SharedKVAttention'])
-  tokens = np.random.default_rng(0).integers(0, 256, 24)
-  full = np.asarray(model(tokens[None])[0])
-  np.testing.assert_allclose(mla_jax.logits_through_cache(model, tokens), full, atol=1e-5)
-  out = mla_jax.generate(model, tokens[None, :5], max_new_tokens=6)
-  assert out.shape == (1, 6)
-
-
-def test_the_doc_variant_cache_is_measured_and_half_of_mqa(shared_kv):
-  cfg = tiny_config(attention='shared_kv')
   model = mla_jax.Transformer(cfg, rngs=nnx.Rngs(0))
   elements, _ = measured_per_token(model.init_cache(2, 16), batch=2, max_len=16)
   assert elements == mla_jax.cache_elements_per_token(cfg) == cfg.head_dim * cfg.n_layers
   assert 2 * elements == mla_jax.cache_elements_per_token(tiny_config(attention='mqa'))
 
 
-@pytest.mark.long
-def test_the_doc_variant_is_causal(shared_kv):
-  model = mla_jax.Transformer(tiny_config(attention='shared_kv'), rngs=nnx.Rngs(1))
-  x = model.embed(jax.random.randint(jax.random.key(0), (1, 8), 0, 256))
-  positions = np.arange(8)[None]
-
-  def logits_at(x, t):
-    for block in model.blocks:
-      x, _ = block(x, positions)
-    return model.logits(model.final_norm(x))[0, t].sum()
-
-  per_position = np.abs(np.asarray(jax.grad(logits_at)(x, 3)[0])).sum(-1)
-  assert np.all(per_position[4:] == 0) and np.all(per_position[:4] > 0)
-
-
-def test_the_doc_variant_reaches_the_benchmark_and_the_export(shared_kv, tmp_path):
-  cfg = tiny_config(attention='shared_kv')
+def test_the_doc_variant_reaches_the_benchmark_and_the_export(tmp_path):
+  cfg = tiny_config(attention=DOC_VARIANT)
   n_params = param_count(cfg)
   read, flops = decode_step_cost(cfg, n_params, batch=1, context=100,
                                  cache_bytes_per_token=4 * cfg.head_dim * cfg.n_layers)
@@ -79,6 +61,30 @@ def test_the_doc_variant_reaches_the_benchmark_and_the_export(shared_kv, tmp_pat
   assert read == 4 * weights + 100 * 4 * 16 * 2
   assert flops == 2 * weights + cfg.n_layers * (2 * 4 * 100 * 2 * 16 + 3 * 100 * 16)
   model = mla_jax.Transformer(cfg, rngs=nnx.Rngs(0))
-  with pytest.raises(hf.HFError, match="attention='shared_kv' has no Hugging Face"):
+  with pytest.raises(hf.HFError, match='has no Hugging Face'):
     hf.save(model, tmp_path / 'out')
   assert not (tmp_path / 'out').exists()
+
+
+def _command(module, *args):
+  """A command in a new process, which knows the variant only by the name in its flags or in
+  the workdir's config.json (conftest put shared_kv_doc on PYTHONPATH)."""
+  return subprocess.run([sys.executable, '-m', f'mla_jax.{module}', *args], cwd=ROOT,
+                        capture_output=True, text=True, timeout=600)
+
+
+@pytest.mark.slow
+def test_the_commands_train_evaluate_and_generate_the_doc_variant(corpus, tmp_path):
+  workdir = tmp_path / 'run'
+  trained = _command('train', '--config=configs/mha.py:tiny', f'--workdir={workdir}',
+                     f'--config.data.files={corpus}', f'--config.model.attention={DOC_VARIANT}',
+                     '--config.model.n_kv_heads=1', '--config.train.steps=4',
+                     '--config.train.eval_every=4', '--config.train.checkpoint_every=4')
+  assert trained.returncode == 0, trained.stderr[-2000:]
+  assert json.loads((workdir / 'config.json').read_text())['model']['attention'] == DOC_VARIANT
+  evaluated = _command('evaluate', f'--workdir={workdir}')
+  assert evaluated.returncode == 0, evaluated.stderr[-2000:]
+  assert np.isfinite(json.loads((workdir / 'eval.json').read_text())['perplexity'])
+  generated = _command('generate', f'--workdir={workdir}', '--prompt=thou art',
+                       '--max_new_tokens=8')
+  assert generated.returncode == 0, generated.stderr[-2000:]

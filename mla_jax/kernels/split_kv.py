@@ -44,7 +44,8 @@ Precision.HIGHEST: the Triton lowering maps the default precision to TF32.
 Backends: 'triton' (Pallas Triton GPU backend; power-of-two blocks, >= 16 rows for tl.dot,
 query rows padded to a power of two >= 16), 'mosaic' (Pallas TPU: scalar-prefetched lengths
 drive the block index maps; blocks of whole (8, 128) tiles), or 'auto' by the platform
-(mla_jax.platform; models choose explicitly, mla_jax.attention_op). interpret=True runs either on CPU ('mosaic' in TPU interpret mode).
+(mla_jax.platform; models choose explicitly, mla_jax.attention_op). interpret=True runs
+either on CPU ('mosaic' in TPU interpret mode).
 """
 
 from __future__ import annotations
