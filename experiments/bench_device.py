@@ -21,7 +21,6 @@ And the environment: jax, jaxlib, flax and device versions.
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import pathlib
 import subprocess
@@ -31,7 +30,7 @@ import time
 import jax
 from absl import app, flags
 
-from experiments import common, tables
+from experiments import common, tables, torch_peer
 from mla_jax import cli
 
 FLAGS = flags.FLAGS
@@ -60,8 +59,7 @@ def _peak() -> float:
 def commands(out: pathlib.Path, quick: bool) -> dict[str, tuple[list[str], int]]:
   """part -> (command, time limit in seconds)."""
   py = (sys.executable, '-m')
-  has_torch = all(importlib.util.find_spec(m) for m in ('torch', 'transformers'))
-  peer = ['--peer'] if has_torch else []
+  peer = ['--peer'] if torch_peer.available() else []
   large = ['--size=large', '--variants=mha,mla', '--direct_steps=10', '--loop=false',
            f'--peak_tflops={_peak()}']
   if quick:

@@ -131,11 +131,8 @@ class CapacityVsCache(sweep.Sweep):
         s['edge'] = edge(table[row], s['lr'])
     comparisons = [c for better, worse, claim in COMPARISONS
                    if (c := compare(summary, better, worse, claim))]
-    strip = lambda runs: [{k: v for k, v in r.items() if k != 'model'} for r in runs]
-    payload = dict(setup=setup, rows=summary, comparisons=comparisons, sweep=table,
-                   runs=strip(results), sweep_runs=strip(swept))
-    stem = name(setup['geometry'], setup['match'])
-    return report.write(out, stem, payload, render, plot)
+    payload = report.sweep_payload(setup, summary, comparisons, table, results, swept)
+    return report.write(out, name(setup['geometry'], setup['match']), payload, render, plot)
 
 
 # --- the summary ---------------------------------------------------------------------------

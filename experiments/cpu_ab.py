@@ -11,7 +11,9 @@ the platform takes, the C++ CPU kernel where it builds), compiled from one initi
 timed alternately with the torch peer (timing.compare). Pinned to one core, the CPU seconds per
 step do not depend on what else runs on the machine (experiments/results/cpu_profile/). The
 first step of each build prints its loss and gradient norm, which agree across builds to float
-rounding. Writes cpu_ab.json into --out (default experiments/results/cpu_ab/).
+rounding. Writes cpu_ab.json into --out (default experiments/results/cpu_ab/), with the kernels
+each build resolved to (attention_op.resolve). Without torch (the dev extra) the builds are
+timed alone.
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ import jax
 from absl import flags
 
 from experiments import common, tables, timing, torch_peer
-from mla_jax import cli, sharding
+from mla_jax import attention_op, cli, sharding
 from mla_jax.config import ModelConfig
 
 FLAGS = flags.FLAGS
@@ -58,16 +60,22 @@ def builds(config, impls) -> dict[str, timing.Step]:
 def main():
   batch, seq_len = (4, 64) if FLAGS.quick else (16, 256)
   cores = len(common.available_cores())
-  results = {}
+  results, ops = {}, {}
   for variant in FLAGS.variants:
     config = torch_peer.peer_config(variant, batch, seq_len, 'tiny' if FLAGS.quick else '')
     for impl in FLAGS.impls:  # a bad value fails before anything is compiled
       ModelConfig.from_dict({**config.model.to_dict(), 'attention_impl': impl})
     steps = builds(config, FLAGS.impls)
-    steps['torch'] = torch_peer.torch_step(ModelConfig.from_dict(config.model), batch, seq_len,
-                                           threads=cores, **torch_peer.opt_kwargs(config))
+    ops[variant] = {impl: attention_op.resolve(ModelConfig.from_dict(
+        {**config.model.to_dict(), 'attention_impl': impl})).to_dict() for impl in FLAGS.impls}
+    if torch_peer.available():
+      steps['torch'] = torch_peer.torch_step(ModelConfig.from_dict(config.model), batch,
+                                             seq_len, threads=cores,
+                                             **torch_peer.opt_kwargs(config))
+    else:
+      print(torch_peer.MISSING, flush=True)
     results[variant] = timing.compare(steps, batch * seq_len, FLAGS.blocks, FLAGS.block_steps)
-  payload = dict(cores=cores, batch=batch, seq_len=seq_len, results=results)
+  payload = dict(cores=cores, batch=batch, seq_len=seq_len, ops=ops, results=results)
   print(f'{cores} core(s), batch {batch} x {seq_len}, float32:')
   print('\n'.join(tables.cpu_ab_table(payload)))
   path = common.write_json(common.out_dir('cpu_ab') / 'cpu_ab.json', payload)

@@ -1,7 +1,7 @@
-r"""One layer's causal attention on a CPU, forward and forward + backward: the einsum path, the
-C++ kernel (mla_jax.kernels.cpu_attention), both as attention.whole_sequence_attention (with
-the einsum path's transposes to heads-first), and torch's sdpa, timed alternately in one
-process.
+r"""One layer's causal attention on a CPU, forward and forward + backward: the einsum reference
+and the C++ kernel (mla_jax.kernels.cpu_attention), each as attention_op.AttentionOp.causal
+runs it in a model (the einsum path with its transposes to heads-first), and torch's sdpa
+where torch is installed (the dev extra), timed alternately in one process.
 
   python -m experiments.cpu_attention_bench             # experiments/results/cpu_attention_bench/
   python -m experiments.cpu_attention_bench --quick --out=/tmp/attn
@@ -22,8 +22,8 @@ import jax.numpy as jnp
 import numpy as np
 from absl import flags
 
-from experiments import common, tables, timing
-from mla_jax import attention, cli
+from experiments import common, tables, timing, torch_peer
+from mla_jax import attention_op, cli
 from mla_jax.kernels import cpu_attention
 
 FLAGS = flags.FLAGS
@@ -36,8 +36,6 @@ SHAPES = {'mha': (32, 32), 'mla': (48, 32)}  # (query/key width, value width)
 
 def _calls(e: int, v: int, batch: int, t: int) -> dict[str, timing.Step]:
   """{'<impl> fwd' / '<impl> fwd+bwd': a blocking call} for einsum, kernel and torch."""
-  import torch
-
   rng = np.random.default_rng(0)
   q, k, values, do = (rng.standard_normal(s).astype(np.float32) for s in (
       (batch, HEADS, t, e), (batch, HEADS, t, e), (batch, HEADS, t, v), (batch, HEADS, t, v)))
@@ -46,12 +44,17 @@ def _calls(e: int, v: int, batch: int, t: int) -> dict[str, timing.Step]:
   args = [token_major(q)[:, :, :, None], token_major(k), token_major(values)]
   cot = token_major(do)[:, :, :, None]
   calls = {}
-  for name, kernel in (('einsum', False), ('kernel', True)):
-    attend = lambda *x, kernel=kernel: attention.whole_sequence_attention(*x, e**-0.5, kernel)
+  for name, whole in (('einsum', 'einsum'), ('kernel', 'cpu_kernel')):
+    op = attention_op.AttentionOp('cpu', whole)
+    attend = lambda *x, op=op: op.causal(*x, e**-0.5)
     fwd = jax.jit(attend)
     grad = jax.jit(jax.grad(lambda *x, f=attend: jnp.sum(f(*x) * cot), argnums=(0, 1, 2)))
     calls[f'{name} fwd'] = lambda f=fwd: jax.block_until_ready(f(*args))
     calls[f'{name} fwd+bwd'] = lambda f=grad: jax.block_until_ready(f(*args))
+  if not torch_peer.available():
+    return calls
+  import torch
+
   tq, tk, tv = (torch.tensor(x, requires_grad=True) for x in (q, k, values))
   tdo = torch.tensor(do)
   sdpa = lambda: torch.nn.functional.scaled_dot_product_attention(tq, tk, tv, is_causal=True)
@@ -62,13 +65,15 @@ def _calls(e: int, v: int, batch: int, t: int) -> dict[str, timing.Step]:
 
 
 def main():
-  import torch
-
   if not cpu_attention.available():
     sys.exit('error: the CPU attention kernel did not build here: put a C++ compiler on PATH '
              '(or name one in CXX)')
   cores = len(common.available_cores())
-  torch.set_num_threads(cores)
+  if torch_peer.available():
+    import torch
+    torch.set_num_threads(cores)
+  else:
+    print(torch_peer.MISSING, flush=True)
   batch, t = (2, 64) if FLAGS.quick else (16, 256)
   results = {}
   for variant, (e, v) in SHAPES.items():

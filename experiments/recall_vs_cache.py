@@ -173,9 +173,8 @@ class RecallVsCache(sweep.Sweep):
     summary = summarize(results)
     comparisons = [c for kv in setup['kv_pairs'] for better, worse, claim in COMPARISONS
                    if (c := compare(summary, better, worse, str(kv), claim))]
-    strip = lambda rs: [{k: v for k, v in r.items() if k != 'model'} for r in rs]
-    payload = dict(setup=setup, rows=summary, sweep=sweep_table(swept),
-                   comparisons=comparisons, runs=strip(results), sweep_runs=strip(swept))
+    payload = report.sweep_payload(setup, summary, comparisons, sweep_table(swept), results,
+                                   swept)
     return report.write(out, NAME, payload, render, plot)
 
 

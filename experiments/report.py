@@ -31,6 +31,15 @@ def write(out: pathlib.Path, stem: str, payload: dict, render: Callable[[dict], 
   return paths
 
 
+def sweep_payload(setup: dict, summary: dict, comparisons: list[dict], sweep_table: dict,
+                  results: list[dict], swept: list[dict]) -> dict:
+  """A sweep experiment's report JSON: the runs kept whole but for their model section
+  (in the summary once per row)."""
+  strip = lambda runs: [{k: v for k, v in r.items() if k != 'model'} for r in runs]
+  return dict(setup=setup, rows=summary, comparisons=comparisons, sweep=sweep_table,
+              runs=strip(results), sweep_runs=strip(swept))
+
+
 def table(header: Iterable[str], align: str, rows: Iterable[Iterable]) -> list[str]:
   """Markdown table lines; align has one letter per column: l (---), r (--:), R (---:)."""
   marks = {'l': '---', 'r': '--:', 'R': '---:'}

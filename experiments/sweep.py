@@ -71,41 +71,21 @@ class Plan:
 
 class Sweep:
   """An experiment's declaration. `name` is its module under experiments/ and its results
-  folder; the methods say what one run is and how it is scored and reported."""
+  folder. A subclass defines what one run is and how it is scored and reported:
+
+    plan() -> Plan                         what the flags ask for
+    config(run)                            the run's training config (ml_collections)
+    path(run) -> Path                      its workdir: everything that fixes a run is in it
+    fields(run) -> dict                    its own entries in its result (row, lr, seed, ...)
+    measure(run, config, model)            (its scores, a prompt to measure the cache with)
+    best(results) -> lr                    the rate a cell's seed-0 runs choose (ValueError:
+                                           every rate diverged)
+    describe(result) -> str                a finished run, in the progress line
+    report(results, swept, setup, out)     writes the report (report.write); -> its paths
+
+  and may override `estimate`."""
 
   name: str
-
-  def plan(self) -> Plan:
-    raise NotImplementedError
-
-  def config(self, run: Run):
-    """The run's training config (ml_collections)."""
-    raise NotImplementedError
-
-  def path(self, run: Run) -> pathlib.Path:
-    """The run's workdir: everything that fixes a run is in its path."""
-    raise NotImplementedError
-
-  def fields(self, run: Run) -> dict:
-    """The run's own entries in its result (row, lr, seed, ...)."""
-    raise NotImplementedError
-
-  def measure(self, run: Run, config, model) -> tuple[dict, np.ndarray]:
-    """(scores of the trained model, a prompt to measure its decode cache with)."""
-    raise NotImplementedError
-
-  def best(self, results: list[dict]) -> float:
-    """The rate a cell's seed-0 runs choose (ValueError: every rate diverged)."""
-    raise NotImplementedError
-
-  def describe(self, result: dict) -> str:
-    """A finished run in the progress line."""
-    raise NotImplementedError
-
-  def report(self, results: list[dict], sweep: list[dict], setup: dict,
-             out: pathlib.Path) -> list[pathlib.Path]:
-    """Writes the report (experiments/report.write) from the reported and the sweep runs."""
-    raise NotImplementedError
 
   def estimate(self, plan: Plan, left: int, upper: bool, jobs: int) -> str:
     """What is left to train, in words."""

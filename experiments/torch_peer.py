@@ -15,6 +15,7 @@ inside the functions: they are in the dev extra only.
 from __future__ import annotations
 
 import contextlib
+import importlib.util
 import time
 
 import jax
@@ -24,6 +25,14 @@ from experiments import common, timing
 from experiments.timing import Step
 from mla_jax import sharding
 from mla_jax.config import ModelConfig
+
+MISSING = ("torch and transformers are not installed (pip install -e '.[dev]'): the torch "
+           'peer is left out')
+
+
+def available() -> bool:
+  """Whether the peer can run here: torch and transformers are the dev extra's."""
+  return all(importlib.util.find_spec(m) for m in ('torch', 'transformers'))
 
 
 def torch_step(model_cfg: ModelConfig, batch: int, seq_len: int, lr: float = 3e-3,
