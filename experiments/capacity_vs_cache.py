@@ -314,25 +314,8 @@ def plot(payload: dict, path: pathlib.Path) -> None:
   plt = report.pyplot()
   summary, setup = payload['rows'], payload['setup']
   fig, ax = plt.subplots(figsize=(7.5, 5))
-  for label, color, kinds in report.families(summary):
-    rows = sorted((s for s in summary.values() if s['attention'] in kinds),
-                  key=lambda s: s['elements_measured'])
-    if not rows:
-      continue
-    ax.plot([s['elements_measured'] for s in rows], [s['loss'] for s in rows], '-',
-            color=color, alpha=0.6, label=label)
-    for s in rows:
-      ax.errorbar(s['elements_measured'], s['loss'], yerr=s['loss_std'], color=color,
-                  marker=report.MARKERS[s['attention']], markersize=8, capsize=4,
-                  linestyle='none')
-      ax.annotate(s['mechanism'], (s['elements_measured'], s['loss']), fontsize=8,
-                  xytext=(6, 6), textcoords='offset points')
-  for kind, marker in report.MARKERS.items():
-    ax.plot([], [], marker, color='gray', linestyle='none', label=kind.upper())
-  ax.set_xscale('log')
-  ticks = sorted({s['elements_measured'] for s in summary.values()})
-  ax.set_xticks(ticks, [str(t) for t in ticks], fontsize=7, rotation=45)
-  ax.minorticks_off()
+  report.cache_lines(ax, summary, lambda s: (s['loss'], s['loss_std'], None), annotate=True)
+  report.marker_legend(ax)
   n_layers = next(iter(summary.values()))['model']['n_layers']
   ax.set_xlabel(f'KV cache per token (elements, all {n_layers} layers; log scale)')
   ax.set_ylabel('validation loss (nats per byte), mean ± std over seeds')

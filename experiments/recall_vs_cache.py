@@ -368,36 +368,18 @@ def plot(payload: dict, path: pathlib.Path) -> None:
   kvs = [str(k) for k in setup['kv_pairs']]
   fig, axes = plt.subplots(1, len(kvs), figsize=(max(7.5, 4.2 * len(kvs)), 5.2),
                            sharey=True, squeeze=False)
-  ticks = sorted({s['elements_measured'] for s in summary.values()})
   chance = 2 / next(iter(summary.values()))['model']['vocab_size']
   for ax, k in zip(axes[0], kvs, strict=True):
-    for label, color, kinds in report.families(summary):
-      rows = sorted((s for s in summary.values() if s['attention'] in kinds and k in s['by_kv']),
-                    key=lambda s: s['elements_measured'])
-      if not rows:
-        continue
-      xs = [s['elements_measured'] for s in rows]
-      ax.plot(xs, [s['by_kv'][k]['accuracy'] for s in rows], '-', color=color, alpha=0.6,
-              label=label)
-      for s in rows:
-        c = s['by_kv'][k]
-        ax.plot([s['elements_measured']] * len(c['accuracies']), c['accuracies'], '.',
-                color=color, alpha=0.35, markersize=5)  # each seed, under its mean
-        ax.errorbar(s['elements_measured'], c['accuracy'], yerr=c['accuracy_std'], color=color,
-                    marker=report.MARKERS[s['attention']], markersize=7, capsize=4,
-                    linestyle='none')
+    report.cache_lines(ax, summary, lambda s, k=k: (c := s['by_kv'].get(k)) and (
+        c['accuracy'], c['accuracy_std'], c['accuracies']), markersize=7)
     ax.axhline(chance, color='gray', linestyle=':', linewidth=1)
     ax.axhline(1 / int(k), color='gray', linestyle='--', linewidth=1)
-    ax.set_xscale('log')
-    ax.set_xticks(ticks, [str(t) for t in ticks], fontsize=7, rotation=45)
-    ax.minorticks_off()
     ax.set_title(f'N = {k} key-value pairs', fontsize=10)
     ax.set_xlabel('KV cache per token (elements; log scale)', fontsize=8)
     ax.grid(alpha=0.3)
   axes[0][0].set_ylabel('test recall (exact match): mean ± std and each seed (dots)')
   axes[0][0].set_ylim(-0.03, 1.03)
-  for kind, marker in report.MARKERS.items():
-    axes[0][0].plot([], [], marker, color='gray', linestyle='none', label=kind.upper())
+  report.marker_legend(axes[0][0])
   handles, labels = axes[0][0].get_legend_handles_labels()
   fig.legend(handles, labels, loc='lower center', ncol=len(labels), fontsize=7)
   fig.suptitle(f"{'QUICK pipeline check: ' if setup['quick'] else ''}MQAR recall vs KV cache, "

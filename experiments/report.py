@@ -112,3 +112,32 @@ def families(summary: dict) -> tuple:
                    for s in summary.values() if s['attention'] == 'mla'})
   return (('GQA family (MHA, GQA, MQA)', 'C0', ('mha', 'gqa', 'mqa')),
           (f"MLA family (d_c = {', '.join(map(str, ratios))} d_h)", 'C3', ('mla',)))
+
+
+def cache_lines(ax, summary: dict, point, annotate: bool = False, markersize: int = 8) -> None:
+  """Both families on a log cache axis: a line through each family's rows by measured cache,
+  each row's mean ± std (and its seeds, dotted under it), the markers' legend entries.
+  point(s) -> (mean, std, each seed's value or None), or None to leave the row out."""
+  for label, color, kinds in families(summary):
+    rows = sorted((s for s in summary.values() if s['attention'] in kinds and point(s)),
+                  key=lambda s: s['elements_measured'])
+    if rows:
+      ax.plot([s['elements_measured'] for s in rows], [point(s)[0] for s in rows], '-',
+              color=color, alpha=0.6, label=label)
+    for s in rows:
+      x, (y, err, each) = s['elements_measured'], point(s)
+      if each:
+        ax.plot([x] * len(each), each, '.', color=color, alpha=0.35, markersize=5)
+      ax.errorbar(x, y, yerr=err, color=color, marker=MARKERS[s['attention']],
+                  markersize=markersize, capsize=4, linestyle='none')
+      if annotate:
+        ax.annotate(s['mechanism'], (x, y), fontsize=8, xytext=(6, 6), textcoords='offset points')
+  ax.set_xscale('log')
+  ticks = sorted({s['elements_measured'] for s in summary.values()})
+  ax.set_xticks(ticks, [str(t) for t in ticks], fontsize=7, rotation=45)
+  ax.minorticks_off()
+
+
+def marker_legend(ax) -> None:
+  for kind, marker in MARKERS.items():
+    ax.plot([], [], marker, color='gray', linestyle='none', label=kind.upper())
