@@ -273,7 +273,7 @@ def test_kernel_decode_with_an_8bit_cache_equals_the_einsum_path(name):
 def test_cache_quantization_quick_pipeline(corpus, tmp_path):
   """--quick trains tiny runs, scores through the cache and writes its report into the workdir,
   never over the committed results; the float32 cache's perplexity equals a full forward's."""
-  committed = ROOT / 'experiments' / 'results' / 'cache_quantization.json'
+  committed = ROOT / 'experiments' / 'results' / 'cache_quantization' / 'cache_quantization.json'
   before = committed.stat().st_mtime_ns if committed.exists() else None
   run = subprocess.run(
       [sys.executable, '-m', 'experiments.cache_quantization', f'--workdir={tmp_path}',

@@ -386,7 +386,7 @@ def test_quick_experiment_end_to_end_and_resumed(corpus, tmp_path):
   """One source and one cache size: every task's cache is its formula, the exact embedding
   scores the source's perplexity, the report lands in the workdir (never in the committed
   results), and a task removed is redone alone, to the same numbers."""
-  committed = ROOT / 'experiments' / 'results' / 'to_mla.json'
+  committed = ROOT / 'experiments' / 'results' / 'to_mla' / 'to_mla.json'
   before = committed.stat().st_mtime_ns if committed.exists() else None
   args = ('--quick', '--sources=gqa', '--fractions=4', f'--data_files={corpus}')
   run = experiment(tmp_path, *args)
