@@ -36,12 +36,9 @@ def dense(x, w, n_in: int = 1, out_dtype=None):
   """x [..., *in] . w [*in, *out] -> [..., *out]: a projection by a weight, contracting the
   last n_in axes of x with the first n_in of w (every linear layer of the model).
 
-  The einsum's product, with the token axes flattened into one: [b * t, in] . [in, out]. That
-  is for XLA's CPU backend: a 3-D einsum's weight gradient contracts over two token axes, b
-  and t, which XLA:CPU's dots do not take as they are, so it first transposed the wider
-  operand inside a slow elementwise fusion (the SwiGLU backward alone was 15% of the train
-  step; experiments/results/cpu_profile.md). Over one axis the dots read their operands in
-  place. The results are the einsum's to float32 rounding, and the SwiGLU MLP's bit for bit.
+  The einsum's product with the token axes flattened into one, [b * t, in] . [in, out], which
+  XLA:CPU's dots take without transposing an operand (docs/design.md#7-training); the results
+  are the einsum's to float32 rounding, and the SwiGLU MLP's bit for bit.
   """
   k = math.prod(w.shape[:n_in])
   assert x.shape[x.ndim - n_in:] == w.shape[:n_in], (x.shape, w.shape)

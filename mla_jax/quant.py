@@ -9,30 +9,12 @@ x ~ q * s, quantized on write (symmetric, absmax):
                   in e4m3's subnormal range (below 2^-6 s, where its step is 2^-9 s).
 An all-zero token gets s = 0 and q = 0: it reads back as zeros, never NaN.
 
-Scale granularity (one scale per token per cached array, all of its features):
-  MLA (LatentCache): c_kv [b, s, c] and k_rope [b, s, r] each get their own [b, s] scale.
-    They are separate arrays (the kernels read them as two tiles) from different weights, and
-    a token's two ranges differ: c_kv's absmax over k_rope's was 0.5-2.6 in the trained tiny
-    MLA of tests/quant_test.py. A second scale costs 4 bytes a token and layer.
-  MHA / GQA / MQA (KVCache): one scale per token AND per KV head, [b, g, s], for keys and
-    values alike. Each KV head is its own projection, and their ranges differ: in a trained
-    tiny MHA (tests/quant_test.py's) a token's largest head key range is ~2x its smallest
-    (median over tokens), so one scale across heads would cost the quiet heads about a bit.
-    The price is bytes: 2 G scales a token and layer instead of 2, at d_h = 32 an eighth more
-    than the 8-bit values themselves.
-  Scales are 4 bytes each: per token and layer MLA stores (d_c + d_r) + 8 bytes, the GQA
-  family 2 G (d_h + 4). Per-token scales follow the tokens: a write quantizes the written
-  tokens alone, never rescaling what is already stored.
-
-Dequantization happens inside attention; no dequantized (scaled) copy of the cache is made.
-The einsum path (attention.py) converts the 8-bit values to the compute dtype as dot operands
-(exact: int8 and e4m3 values are representable in bfloat16) and folds the scales into the
-small arrays instead: q . (k s) = (q . k) s on the scores, p . (v s) = (p s) . v on the
-probabilities before the value product. XLA:CPU's dot does not fuse the conversion: it writes
-one layer's converted values out as a temporary each step, so on a CPU an 8-bit cache saves
-memory, not decode time. The decode kernels (mla_jax.kernels, the fused path) read the 8-bit
-values and their scales directly. Fused prefill (mla_jax.fused, t > 1) dequantizes the keys
-and values it reads: flash attention takes no per-token scales.
+One scale per token per cached array (MLA's c_kv and k_rope each; the GQA family per token
+and KV head), applied inside attention, never as a dequantized copy of the cache; why, and
+what it costs in bytes: docs/design.md#4-caches. On a CPU the einsum path converts the 8-bit
+values to the compute dtype as dot operands (exact: int8 and e4m3 values are representable
+in bfloat16), which XLA:CPU writes out as a temporary each step: an 8-bit cache saves memory
+there, not decode time.
 """
 
 from __future__ import annotations
