@@ -74,7 +74,7 @@ def get_config(arg: str = '') -> ConfigDict:
   # True: bit-exact resume on GPU, through deterministic reductions (XLA_FLAGS
   # --xla_gpu_deterministic_ops, set by python -m mla_jax.train before jax starts). Off by
   # default: under that flag the fused path takes XLA's attention instead of cuDNN's flash
-  # attention (mla_jax/fused.py; docs/benchmarks.md, "On an NVIDIA H200"). No effect on a
+  # attention (mla_jax/flash.py; docs/benchmarks.md, "On an NVIDIA H200"). No effect on a
   # CPU, which is always deterministic.
   t.deterministic = False
 

@@ -20,8 +20,14 @@ import jax.numpy as jnp
 from flax import nnx
 
 from mla_jax import quant, rope
-from mla_jax.attention_op import (AttentionOp, attention_weights, cache_mask, causal_mask,
-                                  resolve, scale_tokens)
+from mla_jax.attention_op import (
+  AttentionOp,
+  attention_weights,
+  cache_mask,
+  causal_mask,
+  resolve,
+  scale_tokens,
+)
 from mla_jax.cache import KVCache, LatentCache
 from mla_jax.config import ModelConfig
 from mla_jax.layers import RMSNorm, dense, weight

@@ -36,7 +36,7 @@ import logging
 import jax
 import jax.numpy as jnp
 
-from mla_jax import fused, platform, variants
+from mla_jax import flash, platform, variants
 from mla_jax.kernels import cpu_attention, gqa_decode, mla_decode
 from mla_jax.kernels.split_kv import fits
 
@@ -157,14 +157,14 @@ class AttentionOp:
                            v_btgv.transpose(0, 2, 1, 3), scale)
       return o.transpose(0, 3, 1, 2, 4)
     b, t, g, p, _ = q_btgpe.shape
-    o = fused.flash_attention(q_btgpe.reshape(b, t, g * p, -1), k_btge, v_btgv, None, scale,
+    o = flash.flash_attention(q_btgpe.reshape(b, t, g * p, -1), k_btge, v_btgv, None, scale,
                               self.whole)
     return o.reshape(b, t, g, p, -1)
 
   def flash(self, q_bthe, k_bsge, v_bsgv, mask_bts, scale: float):
     """Flash attention of queries against keys and values by position mask ([b, t, s]), for
     a prefill (self.prefill must not be 'einsum')."""
-    return fused.flash_attention(q_bthe, k_bsge, v_bsgv, mask_bts, scale, self.prefill)
+    return flash.flash_attention(q_bthe, k_bsge, v_bsgv, mask_bts, scale, self.prefill)
 
   def gqa_decode(self, q_bgpk, k_bgsk, v_bgsk, lengths_b, scale: float, **scales):
     """One decode step of grouped attention through the Pallas kernel: o [b, g, p, k]."""
@@ -202,7 +202,7 @@ def resolve(cfg, mesh=None) -> AttentionOp:
   whole = prefill = decode = 'einsum'
   if impl == 'kernels' and variant.flash_widths is not None:
     widths, dtype = variant.flash_widths(cfg), cfg.compute_dtype
-    prefill = 'cudnn' if fused.cudnn_takes(plat, dtype, widths) else 'xla'
+    prefill = 'cudnn' if flash.cudnn_takes(plat, dtype, widths) else 'xla'
     whole = prefill if plat != 'cpu' else (
         'cpu_kernel' if _cpu_kernel_takes(dtype, mesh) else 'einsum')
   interpret = plat == 'cpu'

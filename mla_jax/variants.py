@@ -37,6 +37,7 @@ import jax.numpy as jnp
 
 from mla_jax.errors import ConfigError
 
+
 @dataclasses.dataclass(frozen=True)
 class Variant:
   name: str

@@ -14,7 +14,7 @@ from conftest import VARIANTS, kernels_op, tiny_model, variant_params
 from flax import nnx
 
 import mla_jax
-from mla_jax import attention_op, fused, platform
+from mla_jax import attention_op, flash, platform
 from mla_jax.attention_op import AttentionOp
 from mla_jax.model import with_config
 
@@ -117,11 +117,11 @@ def test_a_decode_step_without_a_decode_kernel_runs_the_einsum_path(name, monkey
     ('--xla_gpu_deterministic_ops=true --xla_gpu_deterministic_ops=false', False),
     ('--a=1 --xla_gpu_deterministic_ops=1', True), ('--xla_gpu_deterministic_ops_x=true', False)])
 def test_deterministic_ops_are_read_as_xla_reads_its_flags(flags, on, monkeypatch):
-  """Under XLA's deterministic GPU ops attention avoids cuDNN (mla_jax/fused.py): the
+  """Under XLA's deterministic GPU ops attention avoids cuDNN (mla_jax/flash.py): the
   flag's last setting counts, bare or with a value."""
   monkeypatch.setenv('XLA_FLAGS', flags)
-  assert fused.deterministic_gpu_ops() == on
-  assert fused.cudnn_takes('gpu', jnp.dtype(jnp.bfloat16), (64, 64)) == (not on)
+  assert flash.deterministic_gpu_ops() == on
+  assert flash.cudnn_takes('gpu', jnp.dtype(jnp.bfloat16), (64, 64)) == (not on)
 
 
 # --- the choice -------------------------------------------------------------------------------

@@ -15,7 +15,7 @@ import tempfile
 
 # Before jax starts its backends (XLA reads XLA_FLAGS once): exact resume must hold on a GPU
 # too (train.deterministic). Under this flag the fused path uses XLA's attention, not cuDNN's
-# (mla_jax/fused.py); the device report's check part (experiments.device_check) compares
+# (mla_jax/flash.py); the device report's check part (experiments.device_check) compares
 # cuDNN's with the einsum path.
 FLAGS = ['--xla_gpu_deterministic_ops=true']
 # The suite compiles hundreds of small programs and runs each for milliseconds, so on a CPU

@@ -23,7 +23,7 @@ from typing import Any
 import jax
 from flax import nnx
 
-from mla_jax import fused, platform, sharding, tasks
+from mla_jax import flash, platform, sharding, tasks
 from mla_jax import workdir as wd
 from mla_jax.config import ConfigError
 from mla_jax.errors import Error, Preempted
@@ -47,14 +47,14 @@ class TrainingError(Error):
 def request_determinism(config) -> None:
   """Asks XLA for deterministic GPU reductions when config.train.deterministic: it must run
   before jax starts its backends (XLA reads XLA_FLAGS once), as the train command does."""
-  if getattr(config.train, 'deterministic', False) and not fused.deterministic_gpu_ops():
+  if getattr(config.train, 'deterministic', False) and not flash.deterministic_gpu_ops():
     os.environ['XLA_FLAGS'] = (f"{os.environ.get('XLA_FLAGS', '')} "
-                               f'{fused.DETERMINISTIC_FLAG}').strip()
+                               f'{flash.DETERMINISTIC_FLAG}').strip()
 
 
 def _require_determinism(config: RunConfig, mesh) -> None:
   if (config.train.deterministic and platform.current(mesh) == 'gpu'
-      and not fused.deterministic_gpu_ops()):
+      and not flash.deterministic_gpu_ops()):
     raise ConfigError('train.deterministic needs XLA_FLAGS=--xla_gpu_deterministic_ops=true '
                       'before jax starts (python -m mla_jax.train sets it); set it, or '
                       'train.deterministic=False to give up bit-exact resume on GPU')
