@@ -11,9 +11,7 @@ c_kv doubles as the value, so each cache row is read once for all heads and both
 per sequence the step reads length_b * (d_c + d_r) cache elements (at d_c = 256, d_r = 32 in
 bfloat16, 576 bytes a token), plus 2 * 4 bytes a token of dequantization scales for an 8-bit
 cache, the queries H * (d_c + d_r), and num_splits * H * (d_c + 2) float32 of partial outputs.
-At batch 32 x context 64k that is 1.21 GB a layer, 0.25 ms at an H200's 4.8 TB/s: 0.7 of the
-bandwidth is 0.36 ms a layer. Measured on an H200 (docs/benchmarks.md): 2.94 ms for a 4-layer
-step, model included, of which about 0.7-1.1 ms is a step's cost at short contexts.
+That is the step's floor in bytes; docs/benchmarks.md has what it measures against that floor.
 split_kv.py has the algorithm: online softmax over key blocks in
 float32, the sequence split across programs (split-KV), a log-sum-exp combine.
 
