@@ -13,6 +13,7 @@ from absl import flags
 
 from experiments import common, report
 from mla_jax import cli
+from mla_jax.errors import InputError
 
 FLAGS = flags.FLAGS
 flags.DEFINE_list('workdirs', None, 'the training runs to plot')
@@ -20,6 +21,10 @@ flags.mark_flag_as_required('workdirs')
 
 
 def main():
+  missing = [w for w in FLAGS.workdirs if not (pathlib.Path(w) / 'metrics.jsonl').is_file()]
+  if missing or not FLAGS.workdirs:
+    raise InputError(f'--workdirs={",".join(FLAGS.workdirs)}: give training runs, each with a '
+                     f'metrics.jsonl (none in {missing})')
   plt = report.pyplot()
   fig, ax = plt.subplots(figsize=(7, 4.5))
   for workdir in FLAGS.workdirs:
