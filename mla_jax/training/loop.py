@@ -175,7 +175,8 @@ def _start(plan: Plan, state: TrainState, preemption: Preemption, final_eval: bo
   announce(str(op))
   wd.write_config(workdir, config)
   wd.fault('start')
-  return _Loop(plan, state, checkpoints, best, preemption, final_eval).run()
+  return _Loop(plan, state, checkpoints=checkpoints, best=best, preemption=preemption,
+               final_eval=final_eval).run()
 
 
 def _check_finite(fetched, last_good_step) -> None:
@@ -194,7 +195,8 @@ class _Loop:
   final_eval), checkpoint every train.checkpoint_every, and stop on a signal; each step also
   logs and checkpoints at the run's last step and when a signal arrived."""
 
-  def __init__(self, plan: Plan, state: TrainState, checkpoints, best, preemption, final_eval):
+  def __init__(self, plan: Plan, state: TrainState, *, checkpoints, best,
+               preemption: Preemption, final_eval: bool):
     self.plan, self.state, self.checkpoints, self.best = plan, state, checkpoints, best
     self.preemption, self.final_eval = preemption, final_eval
     t = plan.config.train
