@@ -3,7 +3,7 @@ r"""Training throughput: the train step alone, inside the training loop, and bes
   python -m experiments.bench_train              # experiments/results/bench_train/bench_train.json
   python -m experiments.bench_train --quick --out=/tmp/bt       # tiny configs: a smoke run
   python -m experiments.bench_train --size=peer --variants=mha,mla --peer --loop=false
-  python -m experiments.bench_train --size=large --variants=mha,mla --impls=einsum,fused \
+  python -m experiments.bench_train --size=large --variants=mha,mla --impls=einsum,kernels \
       --peer --loop=false                                        # the accelerator report's rows
 
 Sizes: `default` is each variant's configs/<name>.py as it trains; `peer` is the same model at

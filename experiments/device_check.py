@@ -1,12 +1,13 @@
-r"""The fused paths against the einsum path on this device, for every registered variant.
+r"""The kernels (attention_impl='kernels') against the einsum path on this device, for every
+registered variant.
 
   python -m experiments.device_check --out=DIR [--quick]       # DIR/device_check.json
 
-float32 (matmuls at 'highest' precision): fused and einsum logits, and logits through the decode
+float32 (matmuls at 'highest' precision): kernels' and einsum logits, and logits through the decode
 cache (prefill + one-token steps: the Pallas kernels), must agree within 1e-5 as on a CPU.
 bfloat16: both paths are compared with the float32 einsum reference, in the whole-sequence
 forward (training's path) and through the cache, each path's error the larger of the two; the
-fused path's may not exceed 2x the einsum path's own (flash attention rounds differently, not
+kernels' may not exceed 2x the einsum path's own (flash attention rounds differently, not
 worse). Part of experiments.bench_device; runs on a CPU too (kernels interpreted).
 """
 
@@ -50,21 +51,21 @@ def check_variant(name: str, size: dict, tokens: np.ndarray) -> dict:
   cfg = mla_jax.ModelConfig(attention=name, attention_impl='einsum', vocab_size=256,
                             max_seq_len=1024, **fields)
   reference = mla_jax.Transformer(cfg, rngs=nnx.Rngs(0))
-  fused = with_config(reference, attention_impl='fused')
+  kernels = with_config(reference, attention_impl='kernels')
   row = {'variant': name}
   with jax.default_matmul_precision('highest'):
     want = _forward(reference, tokens)
-    row['f32_logits'] = _max_error(_forward(fused, tokens), want)
-    row['f32_cache'] = _max_error(mla_jax.logits_through_cache(fused, tokens), want)
+    row['f32_logits'] = _max_error(_forward(kernels, tokens), want)
+    row['f32_cache'] = _max_error(mla_jax.logits_through_cache(kernels, tokens), want)
   # bfloat16: the whole-sequence forward (training's path: cuDNN's causal mode on a GPU) and
   # the cache (chunked prefill with a position mask, then the decode kernels)
   bf16 = {impl: with_config(reference, dtype='bfloat16', attention_impl=impl)
-          for impl in ('einsum', 'fused')}
+          for impl in ('einsum', 'kernels')}
   errors = {impl: max(_max_error(_forward(m, tokens), want),
                       _max_error(mla_jax.logits_through_cache(m, tokens), want))
             for impl, m in bf16.items()}
-  row.update(bf16_einsum=errors['einsum'], bf16_fused=errors['fused'],
-             bf16_ratio=errors['fused'] / max(errors['einsum'], 1e-30))
+  row.update(bf16_einsum=errors['einsum'], bf16_kernels=errors['kernels'],
+             bf16_ratio=errors['kernels'] / max(errors['einsum'], 1e-30))
   row['ok'] = bool(max(row['f32_logits'], row['f32_cache']) <= FLOAT32_ATOL
                    and row['bf16_ratio'] <= BF16_RATIO)
   return row
@@ -93,7 +94,7 @@ def main(argv):
   if failures:
     raise SystemExit(f'error: a variant failed to run (listed in {path})')
   if not all(r['ok'] for r in rows):
-    raise SystemExit('error: a fused path disagrees with the einsum path on this device')
+    raise SystemExit('error: a kernel disagrees with the einsum path on this device')
 
 
 if __name__ == '__main__':

@@ -104,6 +104,7 @@ def bench_train_table(payload: dict) -> list[str]:
 
   def impl(r):
     kernel = r.get('attention_kernel')
+    # rows before 2026-12-07 say 'fused' (the kernels' old name) and whether it ran
     return r.get('impl', '-') + (f' ({kernel})' if kernel and r.get('fused', True) else '')
   return table(
       ['variant', 'impl', 'params', 'dtype', 'compile (s)', 'step alone (tokens/s)', 'MFU',
@@ -147,11 +148,11 @@ def device_check_table(payload: dict) -> list[str]:
     if 'error' in r:
       return [r['variant'], f"failed: {r['error'][:120]}", '', '', '', '', 'NO']
     return [r['variant'], f"{r['f32_logits']:.1e}", f"{r['f32_cache']:.1e}",
-            f"{r['bf16_einsum']:.1e}", f"{r['bf16_fused']:.1e}", f"{r['bf16_ratio']:.2f}",
+            f"{r['bf16_einsum']:.1e}", f"{r['bf16_kernels']:.1e}", f"{r['bf16_ratio']:.2f}",
             'yes' if r['ok'] else 'NO']
   ok = f'ok (f32 <= {FLOAT32_ATOL:g}, ratio <= {BF16_RATIO:g})'
   return table(['variant', 'f32 logits', 'f32 through cache', 'bf16 einsum err',
-                'bf16 fused err', 'ratio', ok], 'lRRRRRl', map(row, payload['rows']))
+                'bf16 kernels err', 'ratio', ok], 'lRRRRRl', map(row, payload['rows']))
 
 
 def bench_mesh_table(payload: dict) -> list[str]:
