@@ -252,8 +252,10 @@ REPORTS: dict[str, tuple[str, dict]] = {
     'bench_mesh': ('bench_mesh/bench_mesh.json', {'table': bench_mesh_table}),
     'hf_equality': ('hf_equality/hf_equality.json', {'fixtures': hf_equality_table,
                                                      'trained': hf_trained_table}),
+    # cpu_ab.json: today's cpu_ab (builds by attention_impl), once a run is committed
     **{stem: (f'cpu_ab/{stem}.json', {'table': cpu_ab_table})
-       for stem in ('cpu_ab_kernel', 'cpu_ab_kernel_1core', 'cpu_ab_kernel_repeat')},
+       for stem in ('cpu_ab', 'cpu_ab_kernel', 'cpu_ab_kernel_1core', 'cpu_ab_kernel_repeat')
+       if (common.RESULTS / 'cpu_ab' / f'{stem}.json').exists()},
     'cpu_attention_bench': ('cpu_attention_bench/cpu_attention_bench.json',
                             {'table': cpu_attention_bench_table}),
     **{f'h200_{stem}': (f'h200/{stem}.json', {'table': bench_train_table})
