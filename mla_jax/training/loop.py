@@ -150,7 +150,10 @@ def train_and_evaluate(config, workdir, *, final_eval: bool = True,
         announce(f'starting from the parameters of {plan.config.init_from} (step '
                  f'{source_step})')
       with wd.lock(plan.workdir):
-        _workdir_run(plan.workdir, plan.config)  # again: another process may have written
+        # Again, under the lock: another process may have trained here since.
+        if _workdir_run(plan.workdir, plan.config)[1] != plan.resume:
+          raise wd.WorkdirError(f'{plan.workdir} changed while this run was starting (another '
+                                'train wrote a checkpoint); run the command again')
         return _start(plan, state, preemption, final_eval)
   finally:
     preemption.close()
