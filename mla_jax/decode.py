@@ -91,6 +91,7 @@ def logits_through_cache(model, tokens, prefill_len: int = 8) -> np.ndarray:
   reading the cache (through cfg.mla_decode's path). For checking a decode path against a
   full forward or a reference implementation position by position."""
   tokens = np.asarray(tokens)
+  check_token_ids(tokens, model.cfg.vocab_size, shape='[time]')
   graphdef, state = nnx.split(model)
   caches = model.init_cache(1, len(tokens))
   out = []
@@ -170,11 +171,21 @@ def generate(model, prompts, prompt_lengths=None, max_new_tokens: int = 32,
     raise InputError(f'prompt_lengths must be {b} integers in [1, {t}], got '
                      f'{lengths.tolist()}')
   check_token_ids(prompts, cfg.vocab_size, 'prompt token')
-  for name, value in (('max_new_tokens', max_new_tokens), ('top_k', top_k), ('seed', seed)):
+  for name, value in (('max_new_tokens', max_new_tokens), ('top_k', top_k), ('seed', seed),
+                      ('chunk', chunk), ('pad_id', pad_id)):
     if not isinstance(value, (int, np.integer)) or isinstance(value, bool):
       raise InputError(f'{name} must be an integer, got {value!r}')
   if max_new_tokens < 1:
     raise InputError(f'max_new_tokens must be >= 1, got {max_new_tokens}')
+  if chunk < 1:
+    raise InputError(f'chunk (prefill tokens per step) must be >= 1, got {chunk}')
+  if top_k > cfg.vocab_size:
+    raise InputError(f'top_k={top_k} exceeds the vocabulary ({cfg.vocab_size} tokens); give '
+                     f'top_k <= {cfg.vocab_size} (0 = all)')
+  for name, value in (('eos_id', eos_id), ('pad_id', pad_id)):
+    if value is not None and not (isinstance(value, (int, np.integer))
+                                  and not isinstance(value, bool) and 0 <= value < cfg.vocab_size):
+      raise InputError(f'{name}={value!r} must be a token id in [0, {cfg.vocab_size})')
   needed = int(lengths.max()) + max_new_tokens
   if needed > cfg.max_seq_len:
     raise InputError(f'prompt ({int(lengths.max())} tokens) + max_new_tokens '

@@ -14,6 +14,10 @@ class Error(Exception):
   """Bad input; the message says what is wrong and how to fix it."""
 
 
+class ConfigError(Error, ValueError):
+  """An invalid configuration (model or training); the message names the field and the fix."""
+
+
 class Preempted(Exception):
   """A run stopped by SIGTERM after checkpointing its step: not finished, and not the user's
   mistake. Entry points (mla_jax.cli.run) print the message and exit 143 (128 + SIGTERM), so
@@ -24,10 +28,16 @@ class InputError(Error, ValueError):
   """A bad argument to a library function (tokens, prompts, sampling settings)."""
 
 
-def check_token_ids(tokens, vocab_size: int, what: str = 'token') -> None:
-  """Refuses ids outside [0, vocab_size) at the API edge: the embedding lookup would turn them
-  into NaN logits (or read -1 in a uint8 array as 255) without a word."""
+def check_token_ids(tokens, vocab_size: int, what: str = 'token', shape: str | None = None) -> None:
+  """Refuses, at the API edge, ids that are not integers, an array of the wrong rank (shape,
+  e.g. '[batch, time]': one letter of rank per name) and ids outside [0, vocab_size): the
+  embedding lookup would turn them into NaN logits (or read -1 in a uint8 array as 255)
+  without a word, and a float or misshaped array fails deep inside jax."""
   tokens = np.asarray(tokens)
+  rank = None if shape is None else len(shape.strip('[]').split(','))
+  if not np.issubdtype(tokens.dtype, np.integer) or (rank is not None and tokens.ndim != rank):
+    wanted = f'an int array {shape}' if shape else 'an int array'
+    raise InputError(f'{what} ids must be {wanted}; got {tokens.dtype} {list(tokens.shape)}')
   if tokens.size and (tokens.min() < 0 or tokens.max() >= vocab_size):
     raise InputError(f'{what} ids must lie in [0, {vocab_size}); got [{tokens.min()}, '
                      f'{tokens.max()}]')

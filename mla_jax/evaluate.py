@@ -5,9 +5,9 @@ r"""Perplexity of a run on its validation split or on any text file.
 
 Bits are per byte with --tokenizer=byte (the default: tokens are bytes); --tokenizer=ids reads a
 .npy of token ids made by a converted checkpoint's own tokenizer (then bits are per token).
-Writes eval.json in the workdir and prints one line. The logic is mla_jax.evaluator. A run
-trained on MQAR (data.task='mqar') is scored on its held-out recall set instead (recall
-accuracy and loss at the answers, as the trainer validates it).
+Writes eval.json in the workdir (with the checkpoint step it scored) and prints one line. The
+logic is mla_jax.evaluator. A run trained on MQAR (data.task='mqar') is scored on its held-out
+recall set instead (recall accuracy and loss at the answers, as the trainer validates it).
 """
 
 
@@ -22,7 +22,7 @@ FLAGS = flags.FLAGS
 flags.DEFINE_string('workdir', None, 'a trained or converted run')
 flags.DEFINE_enum('split', 'val', ('val', 'train'), "split of the run's corpus")
 flags.DEFINE_string('data', None, 'a text file to evaluate instead of a split')
-flags.DEFINE_integer('step', None, 'checkpoint step (default: the latest)')
+flags.DEFINE_integer('step', None, 'checkpoint step (default: the latest complete one)')
 flags.DEFINE_enum('tokenizer', 'byte', ('byte', 'ids'), '--data holds text scored as bytes '
                   '(byte) or a .npy array of token ids (ids)')
 flags.DEFINE_integer('seq_len', None, "window length (default: the run's eval.seq_len)",
@@ -40,9 +40,9 @@ def main():
   config = wd.read_config(FLAGS.workdir)
   wd.check_writable(FLAGS.workdir, 'eval.json')  # before scoring, not after
   mesh = sharding.make_mesh(config.mesh)
-  model, cfg = wd.load_workdir(FLAGS.workdir, FLAGS.step, mesh=mesh)
+  model, cfg, step = wd.load_checkpoint(FLAGS.workdir, FLAGS.step, mesh=mesh)
   if not FLAGS.data and config.data is not None and config.data.task == 'mqar':
-    return _recall(config, model, mesh)
+    return _recall(config, model, mesh, step)
   if FLAGS.data:
     tokens = evaluator.read_tokens(FLAGS.data, FLAGS.tokenizer, cfg.vocab_size)
     source = FLAGS.data
@@ -61,20 +61,20 @@ def main():
     return  # every process computed the same numbers; process 0 reports them
   unit = 'byte' if FLAGS.tokenizer == 'byte' or not FLAGS.data else 'token'
   result[f'bits_per_{unit}'] = result.pop('bits_per_byte')
-  result.update(source=source, workdir=FLAGS.workdir)
+  result.update(source=source, workdir=FLAGS.workdir, step=step)
   wd.write_json(FLAGS.workdir, 'eval.json', result)
   print(f"{source}: perplexity {result['perplexity']:.4f}, {result[f'bits_per_{unit}']:.4f} "
         f"bits per {unit}, loss {result['loss']:.5f} nats over {result['tokens']} tokens "
         f'({jax.device_count()} devices, {jax.process_count()} processes)')
 
 
-def _recall(config, model, mesh) -> None:
+def _recall(config, model, mesh, step: int) -> None:
   """An MQAR run: recall accuracy and loss on its held-out set, as the trainer validates."""
   task = tasks.MQAR(config)
   result = task.validate(model, mesh)
   if jax.process_index():
     return
-  result.update(source='mqar heldout', workdir=FLAGS.workdir)
+  result.update(source='mqar heldout', workdir=FLAGS.workdir, step=step)
   wd.write_json(FLAGS.workdir, 'eval.json', result)
   print(f'mqar heldout: {task.describe(result)}')
 

@@ -17,11 +17,14 @@ q and k move together, so every score is unchanged.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import math
+import os
 import pathlib
 import re
+import shutil
 
 import jax
 import jax.numpy as jnp
@@ -366,7 +369,7 @@ def from_hf_tensors(cfg: ModelConfig, tensors: dict[str, np.ndarray]) -> dict[tu
     if t.name not in tensors:
       raise HFError(f'tensor {t.name} is missing from the checkpoint (config.json implies '
                     f'shape {list(_hf_shape(t, shapes))})')
-    w = np.asarray(tensors[t.name]).astype(cfg.params_dtype)
+    w = np.asarray(tensors[t.name]).astype(jnp.dtype(cfg.param_dtype))
     if w.shape != _hf_shape(t, shapes):
       raise HFError(f'tensor {t.name} has shape {list(w.shape)} but config.json implies '
                     f'{list(_hf_shape(t, shapes))}')
@@ -416,7 +419,7 @@ def load(hf_dir, dtype: str = 'float32', param_dtype: str = 'float32'
                   'only the Llama and dense DeepSeek-V2/V3 layouts (docs/huggingface.md)')
   params = from_hf_tensors(cfg, tensors)
   return with_params(cfg, traverse_util.unflatten_dict(
-      {path: jnp.asarray(w, cfg.params_dtype) for path, w in params.items()})), hf
+      {path: jnp.asarray(w, jnp.dtype(cfg.param_dtype)) for path, w in params.items()})), hf
 
 
 def must_be_new(path, what: str) -> None:
@@ -427,16 +430,52 @@ def must_be_new(path, what: str) -> None:
                   '(nothing is overwritten)')
 
 
+STAGING = '.{name}.partial-{pid}'  # beside the target: the same file system, so rename works
+
+
+@contextlib.contextmanager
+def staged(target, what: str):
+  """Yields a new temporary sibling of `target` to write into, renamed to `target` (new, or an
+  empty folder) when the block ends: a killed or failed write leaves no half-written target
+  to block the next attempt. What a SIGKILL left (its process gone) is removed here."""
+  target = pathlib.Path(target).absolute()
+  must_be_new(target, what)
+  target.parent.mkdir(parents=True, exist_ok=True)
+  for leftover in target.parent.glob(STAGING.format(name=target.name, pid='*')):
+    pid = leftover.name.rsplit('-', 1)[-1]
+    if pid.isdigit() and not _alive(int(pid)):
+      shutil.rmtree(leftover, ignore_errors=True)
+  tmp = target.parent / STAGING.format(name=target.name, pid=os.getpid())
+  shutil.rmtree(tmp, ignore_errors=True)
+  tmp.mkdir()
+  try:
+    yield tmp
+    os.rename(tmp, target)  # atomic; replaces an empty folder, refuses a non-empty one
+  except BaseException:
+    shutil.rmtree(tmp, ignore_errors=True)
+    raise
+
+
+def _alive(pid: int) -> bool:
+  try:
+    os.kill(pid, 0)
+  except PermissionError:
+    return True
+  except OSError:
+    return False
+  return True
+
+
 def save(model: Transformer, out_dir) -> dict:
-  """Writes config.json and model.safetensors into an empty or new out_dir; -> config.json."""
+  """Writes config.json and model.safetensors into an empty or new out_dir (whole: see
+  `staged`); -> config.json."""
   must_be_new(out_dir, 'the folder')
   cfg = model.cfg
   hf = config_to_hf(cfg)
   params = traverse_util.flatten_dict(nnx.to_pure_dict(nnx.state(model, nnx.Param)))
   tensors = to_hf_tensors(cfg, {path: np.asarray(jax.device_get(x)) for path, x in
                                 params.items()})
-  out = pathlib.Path(out_dir)
-  out.mkdir(parents=True, exist_ok=True)
-  write_safetensors(out / 'model.safetensors', tensors)
-  (out / 'config.json').write_text(json.dumps(hf, indent=1) + '\n')
+  with staged(out_dir, 'the folder') as out:
+    write_safetensors(out / 'model.safetensors', tensors)
+    (out / 'config.json').write_text(json.dumps(hf, indent=1) + '\n')
   return hf

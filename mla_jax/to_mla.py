@@ -340,8 +340,7 @@ def to_mla(model: Transformer, kv_lora_rank: int | None = None,
     for i in range(src.n_layers):
       params['blocks'][i]['attn'] = _exact_attention(params['blocks'][i]['attn'], src)
   else:
-    if calibration is not None:
-      calibration = list(calibration)
+    # A generator of batches streams: one batch in memory at a time, however many there are.
     cov = (weight_covariances(model) if calibration is None
            else input_covariances(model, calibration))
     layers = [params['blocks'][i]['attn'] for i in range(src.n_layers)]
@@ -354,5 +353,5 @@ def to_mla(model: Transformer, kv_lora_rank: int | None = None,
     for i, (a, c, s, kp) in enumerate(zip(layers, cov, splits, kept, strict=True)):
       params['blocks'][i]['attn'] = _compress_attention(a, c, s, kp, src, kv_lora_rank,
                                                         qk_rope_head_dim, latent_norm)
-  dtype = cfg.params_dtype
+  dtype = jnp.dtype(cfg.param_dtype)
   return with_params(cfg, jax.tree.map(lambda x: jnp.asarray(x, dtype), params))

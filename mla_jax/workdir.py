@@ -7,11 +7,19 @@ Every CLI reads what it needs from here. A run survives being killed at any inst
   the next save of that step);
 - each checkpoint folder holds checksums.json, the sha256 of every file orbax wrote, written
   last and verified before every restore: a damaged or half-deleted checkpoint is refused by
-  name instead of loading NaN or subtly wrong weights (one without it, from before checksums
-  or killed in the instant between, loads unverified);
+  name instead of loading NaN or subtly wrong weights;
+- a checkpoint is complete once its checksums.json exists. One without it is being written,
+  was killed between orbax's rename and the checksums, or predates checksums: nothing proves
+  its files intact, so nothing loads it. Readers (evaluate, generate, convert) take the newest
+  complete checkpoint, so they run beside a `train` that is saving; the trainer resumes from
+  the newest complete one and recomputes the steps after it, which replaces the incomplete
+  one (the same numbers: a resumed run is bit for bit an uninterrupted one);
 - saving a step that exists already (a resumed run repeating its steps) keeps it if it
   verifies and replaces it if not, so no leftover of a killed run blocks the next one;
 - metrics.jsonl is cut back to the resumed step, so each step has one row;
+- every small file (eval.json, checksums.json, metrics.jsonl when cut back) is written whole
+  under a temporary name of its own and renamed into place: concurrent writers never share a
+  temporary file, and a reader sees the old file or the new one, never half of one;
 - .lock (an flock, which the kernel drops when its process dies) keeps a second `train`
   out of a workdir that is being trained.
 MLA_JAX_FAULT=<phase>[:TERM] kills the process (SIGKILL, or SIGTERM) at a named point of a
@@ -21,15 +29,18 @@ save or of start-up, to test all this (see `fault`).
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
 import glob
 import hashlib
 import json
+import logging
 import os
 import pathlib
 import shutil
 import signal
 import socket
+import tempfile
 import threading
 import time
 
@@ -38,9 +49,9 @@ import orbax.checkpoint as ocp
 from flax import nnx
 
 from mla_jax import sharding
-from mla_jax.config import ConfigError
+from mla_jax.config import ConfigError, ModelConfig
 from mla_jax.errors import Error
-from mla_jax.model import abstract
+from mla_jax.model import abstract, param_shapes
 from mla_jax.run_config import RunConfig
 
 
@@ -97,11 +108,34 @@ def check_writable(workdir, name: str) -> None:
 
 
 def write_json(workdir, name: str, value) -> None:
-  """workdir/name as indented JSON, written whole (a temporary file renamed into place)."""
-  path = pathlib.Path(workdir) / name
-  tmp = path.with_name(path.name + '.tmp')
-  tmp.write_text(json.dumps(value, indent=1))
-  tmp.replace(path)
+  """workdir/name as indented JSON, written whole (see write_whole)."""
+  write_whole(pathlib.Path(workdir) / name, json.dumps(value, indent=1))
+
+
+def write_whole(path, text: str) -> None:
+  """Writes path whole: into a temporary file named for this writer alone (two processes
+  writing eval.json at once never share one), renamed into place, so a reader sees the old
+  file or the new one. A full disk is one line naming the folder; the old file is kept."""
+  path = pathlib.Path(path)
+  try:
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f'.{path.name}.', suffix='.tmp')
+  except OSError as e:
+    raise _write_error(path, e) from None
+  try:
+    with os.fdopen(fd, 'w') as f:
+      f.write(text)
+    os.replace(tmp, path)
+  except OSError as e:
+    with contextlib.suppress(OSError):
+      os.unlink(tmp)
+    raise _write_error(path, e) from None
+
+
+def _write_error(path: pathlib.Path, e: OSError) -> WorkdirError:
+  if e.errno in (errno.ENOSPC, errno.EDQUOT):
+    return WorkdirError(f'no space left on {path.parent} (writing {path.name}); free some space '
+                        'and run the same command again (nothing was lost)')
+  return WorkdirError(f'cannot write {path} ({e.strerror}); make {path.parent} writable')
 
 
 def read_config(workdir) -> RunConfig:
@@ -118,12 +152,18 @@ def read_config(workdir) -> RunConfig:
                        'the run') from None
 
 
-def _read_json(path: pathlib.Path):
+def _read_json(path: pathlib.Path) -> dict:
+  """A JSON object from path; one line naming the file if it cannot be read, is cut short or
+  holds anything but an object (every reader of config.json comes through here)."""
   try:
-    return json.loads(path.read_text())
+    value = json.loads(path.read_text())
   except (OSError, ValueError) as e:
     raise WorkdirError(f'{path} cannot be read ({e}); restore it from a copy of the '
                        'run') from None
+  if not isinstance(value, dict):
+    raise WorkdirError(f'{path} holds a JSON {type(value).__name__}, not an object of config '
+                       'sections; restore it from a copy of the run')
+  return value
 
 
 def lock_path(workdir) -> pathlib.Path:
@@ -153,11 +193,54 @@ def lock(workdir):
       holder = os.read(fd, 200).decode(errors='replace').strip() or 'another process'
       raise WorkdirError(f'{folder} is being trained by {holder}; wait for it or use another '
                          '--workdir') from None
-    os.ftruncate(fd, 0)
-    os.write(fd, f'process {os.getpid()} on {socket.gethostname()}'.encode())
-    yield
+    previous = os.read(fd, 200)
+    _write_lock(fd, f'process {os.getpid()} on {socket.gethostname()}'.encode())
+    try:
+      yield
+    except Error:
+      _write_lock(fd, previous)  # a refused run leaves the file as it found it
+      raise
   finally:
     os.close(fd)  # releases the lock
+
+
+def _write_lock(fd: int, content: bytes) -> None:
+  os.ftruncate(fd, 0)
+  os.pwrite(fd, content, 0)
+
+
+def _holder(workdir) -> str | None:
+  """'process N on HOST' while a train holds workdir's lock, else None; found without taking
+  the lock (a reader must never make a train's start fail). Linux lists every flock in
+  /proc/locks; elsewhere the pid in the file is asked whether it still runs."""
+  path = lock_path(workdir)
+  try:
+    text = path.read_text(errors='replace').strip() or 'another process'
+    inode = path.stat().st_ino
+  except OSError:
+    return None
+  try:
+    table = pathlib.Path('/proc/locks').read_text()
+  except OSError:
+    return text if _alive_here(text) else None
+  for row in table.splitlines():
+    fields = row.split()
+    if len(fields) > 5 and fields[1] == 'FLOCK' and fields[5].endswith(f':{inode}'):
+      return text
+  return None
+
+
+def _alive_here(holder: str) -> bool:
+  try:
+    pid, host = holder.removeprefix('process ').split(' on ', 1)
+    if host != socket.gethostname():
+      return False
+    os.kill(int(pid), 0)
+  except PermissionError:  # alive, another user's
+    return True
+  except (OSError, ValueError):
+    return False
+  return True
 
 
 def truncate_metrics(workdir, step: int) -> None:
@@ -175,9 +258,7 @@ def truncate_metrics(workdir, step: int) -> None:
       continue
     if isinstance(row, dict) and isinstance(row.get('step'), int) and row['step'] <= step:
       kept.append(line + '\n')
-  tmp = path.with_name(path.name + '.tmp')
-  tmp.write_text(''.join(kept))
-  tmp.replace(path)
+  write_whole(path, ''.join(kept))
 
 
 # --- kill safety: fault injection, checksums, idempotent saves -----------------------------
@@ -227,8 +308,7 @@ def _digests(folder: pathlib.Path) -> dict[str, str]:
 
 def intact(step_folder) -> bool | None:
   """Whether a checkpoint's files match the checksums saved with it: False if any differs, is
-  missing or was added; None for a checkpoint without checksums (saved before they existed,
-  or killed between finishing it and writing them), which loads unverified."""
+  missing or was added; None for an incomplete checkpoint (no checksums: see `complete`)."""
   step_folder = pathlib.Path(step_folder)
   try:
     recorded = json.loads((step_folder / CHECKSUMS).read_text())['sha256']
@@ -239,34 +319,86 @@ def intact(step_folder) -> bool | None:
   return _digests(step_folder) == recorded
 
 
+def complete(step_folder) -> bool:
+  """Whether a checkpoint's save finished, its checksums written (no hashing: cheap). One
+  without them is being written, was killed before its checksums, or predates them."""
+  return (pathlib.Path(step_folder) / CHECKSUMS).is_file()
+
+
+def complete_steps(folder) -> list[int]:
+  folder = pathlib.Path(folder)
+  return [s for s in checkpoint_steps(folder) if complete(folder / str(s))]
+
+
+# What a refusal advises depends on who refuses: 'resume' (the trainer resuming its run),
+# 'step' (evaluate, generate, convert, which have --step), 'best' (the same with --best;
+# best/ keeps one checkpoint) or 'init_from' (train starting from another run's parameters).
+FIXES = ('resume', 'step', 'best', 'init_from')
+
+
+def _earlier_intact(folder: pathlib.Path, step: int) -> int | None:
+  return next((s for s in reversed(complete_steps(folder))
+               if s < step and intact(folder / str(s)) is not False), None)
+
+
 def _damaged(folder: pathlib.Path, step: int, fix: str) -> WorkdirError:
-  """One line for a checkpoint that fails its checksums, naming the previous intact step.
-  fix: 'resume' (the trainer), 'step' (commands with --step) or 'best' (the best/ folder)."""
-  earlier = [s for s in reversed(checkpoint_steps(folder))
-             if s < step and intact(folder / str(s)) is not False]
+  """One line for a checkpoint that fails its checksums, naming the previous intact step."""
+  earlier = _earlier_intact(folder, step)
   if fix == 'best':
     hint = 'move it aside, or load the latest checkpoint (without --best)'
-  elif not earlier:
-    hint = ('no earlier checkpoint is intact; move it aside to start again from step 0'
-            if fix == 'resume' else 'no earlier checkpoint is intact')
-  elif fix == 'resume':
-    hint = f'move it aside to resume from step {earlier[0]}'
+  elif earlier is None:
+    hint = {'resume': 'no earlier checkpoint is intact; move it aside to start again from step '
+                      '0',
+            'init_from': 'no earlier checkpoint is intact; give another --init_from'}.get(
+                fix, 'no earlier checkpoint is intact')
   else:
-    hint = f'move it aside, or pass --step={earlier[0]}'
+    hint = {'resume': f'move it aside to resume from step {earlier}',
+            'init_from': f'move it aside for --init_from to start from step {earlier}'}.get(
+                fix, f'move it aside, or pass --step={earlier}')
   return WorkdirError(f'checkpoint {step} in {folder} is damaged (checksum mismatch); {hint}')
+
+
+def _incomplete(folder: pathlib.Path, step: int, fix: str) -> WorkdirError:
+  """One line for a checkpoint without checksums that was asked for by step (or is all a
+  folder has): never advice to move it, which a running save or a resume would miss."""
+  holder = _holder(folder.parent)
+  why = (f'its save by {holder} is in progress' if holder else
+         'its save was killed before it finished, or it predates checksums')
+  earlier = _earlier_intact(folder, step)
+  if holder:
+    hint = 'wait for the save to finish'
+  elif fix == 'best':
+    hint = 'load the latest checkpoint (without --best)'
+  elif fix == 'init_from':
+    hint = 'give another --init_from, or run its train command again to recompute it'
+  else:
+    hint = 'run the train command again: it recomputes the step'
+  if earlier is not None and fix == 'step':
+    hint += f', or pass --step={earlier}'
+  return WorkdirError(f'checkpoint {step} in {folder} is incomplete (no {CHECKSUMS}: {why}), '
+                      f'so nothing proves it intact; {hint}')
+
+
+class _Manager(ocp.CheckpointManager):
+  """orbax's manager, but latest_step is the newest complete checkpoint: the trainer resumes
+  from it (and recomputes the steps after it) and names it as the last good one."""
+
+  def latest_step(self) -> int | None:
+    folder = pathlib.Path(self.directory)
+    return max((s for s in self.all_steps() if complete(folder / str(s))), default=None)
 
 
 def manager(directory, keep: int | None = None) -> ocp.CheckpointManager:
   options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True,
                                          enable_async_checkpointing=False)
-  return ocp.CheckpointManager(pathlib.Path(directory).absolute(), options=options)
+  return _Manager(pathlib.Path(directory).absolute(), options=options)
 
 
 def save(mngr: ocp.CheckpointManager, step: int, params, opt_state=None, meta=None) -> None:
   """Saves checkpoint `step`, then its checksums. A step that exists already (a resumed run
   repeating a step that a killed run had saved) is kept if intact and replaced if not: the
   kept one is the same step of the same run (bit for bit on a CPU or with train.deterministic;
-  up to the order of GPU reductions otherwise)."""
+  up to the order of GPU reductions otherwise). A full disk is one line."""
   folder = pathlib.Path(mngr.directory)
   if step in mngr.all_steps():
     if intact(folder / str(step)):
@@ -279,20 +411,42 @@ def save(mngr: ocp.CheckpointManager, step: int, params, opt_state=None, meta=No
   fault(f'{folder.name}:before')
   if os.environ.get(FAULT) == f'{folder.name}:during':
     _kill_during_save(folder, step)
-  mngr.save(step, args=ocp.args.Composite(**items), force=True)
-  mngr.wait_until_finished()  # every process's files are written and the folder renamed
+  try:
+    mngr.save(step, args=ocp.args.Composite(**items), force=True)
+    mngr.wait_until_finished()  # every process's files are written and the folder renamed
+  except Exception as e:  # orbax and tensorstore wrap a full disk in their own types
+    if not _no_space(e):
+      raise
+    raise WorkdirError(f'no space left on {folder} (saving checkpoint {step}); free some space '
+                       'and run the same command again (earlier checkpoints are kept)') from None
   fault(f'{folder.name}:written')
   if jax.process_index() == 0:
     write_json(folder / str(step), CHECKSUMS, {'sha256': _digests(folder / str(step))})
   fault(f'{folder.name}:after')
 
 
-def restore(mngr: ocp.CheckpointManager, step: int, params, opt_state=None, fix='step'):
+def _no_space(e: BaseException | None) -> bool:
+  while e is not None:
+    if (isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT)) or (
+        'No space left on device' in str(e)):
+      return True
+    e = e.__cause__ or (None if e.__suppress_context__ else e.__context__)
+  return False
+
+
+def restore(mngr: ocp.CheckpointManager, step: int, params, opt_state=None,
+            fix: str = 'init_from', cfg: ModelConfig | None = None):
   """Fills abstract (or concrete) params / opt_state with checkpoint `step` after checking
-  its checksums; -> (params, opt_state, meta). fix: what a damaged checkpoint's message
-  advises (see _damaged)."""
+  its checksums; -> (params, opt_state, meta). fix: whose advice a refusal gives (FIXES);
+  cfg: the model config.json describes, to name the fields of a model mismatch."""
+  assert fix in FIXES, fix
   folder = pathlib.Path(mngr.directory)
-  if intact(folder / str(step)) is False:
+  if not (folder / str(step)).is_dir():
+    raise _Vanished(folder, step)
+  verified = intact(folder / str(step))
+  if verified is None:
+    raise _incomplete(folder, step, fix)
+  if verified is False:
     raise _damaged(folder, step, fix)
   items = dict(params=ocp.args.StandardRestore(nnx.to_pure_dict(params)),
                meta=ocp.args.JsonRestore())
@@ -300,33 +454,148 @@ def restore(mngr: ocp.CheckpointManager, step: int, params, opt_state=None, fix=
     items['opt'] = ocp.args.StandardRestore(nnx.to_pure_dict(opt_state))
   try:
     out = mngr.restore(step, args=ocp.args.Composite(**items))
-  except Exception as e:  # orbax raises many types for damaged files
+  except Exception as e:  # orbax raises many types
+    if not (folder / str(step)).is_dir():
+      raise _Vanished(folder, step) from None
+    mismatch = _model_mismatch(folder / str(step), params, cfg)
+    if mismatch:
+      raise WorkdirError(f'checkpoint {step} in {folder} holds another model than '
+                         f'{config_path(folder.parent).name} describes: {mismatch}') from None
+    # Its checksums match: the files are as saved, so the reader is what fails.
     raise WorkdirError(
-        f'checkpoint {step} in {mngr.directory} cannot be read ({type(e).__name__}: '
-        f'{str(e).splitlines()[0][:200] if str(e) else ""}); move that step folder aside to '
-        'fall back to an earlier checkpoint, or start a new --workdir') from None
+        f'checkpoint {step} in {folder} matches its checksums but cannot be read '
+        f'({type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ""}); read it '
+        'with the mla_jax and orbax versions that wrote it') from None
   nnx.replace_by_pure_dict(params, out['params'])
   if opt_state is not None:
     nnx.replace_by_pure_dict(opt_state, out['opt'])
   return params, opt_state, dict(out['meta'])
 
 
-def load_workdir(workdir, step: int | None = None, best: bool = False, mesh=None):
-  """(model, ModelConfig) from a trained or converted run: the latest (or `step`) checkpoint,
-  laid out on `mesh` by the sharding rules (default: on one device), whatever mesh saved it."""
-  cfg = read_config(workdir).model
+class _Vanished(WorkdirError):
+  """A checkpoint deleted before or while it was read (a train keeps keep_checkpoints)."""
+
+  def __init__(self, folder: pathlib.Path, step: int):
+    super().__init__(f'checkpoint {step} in {folder} was deleted while it was read (a train '
+                     'there keeps only its latest checkpoints)')
+
+
+def _flat_shapes(tree) -> dict[str, tuple]:
+  leaves = jax.tree_util.tree_flatten_with_path(tree)[0]
+  return {'/'.join(str(getattr(k, 'key', getattr(k, 'idx', k))) for k in path):
+          tuple(leaf.shape) for path, leaf in leaves}
+
+
+def _model_mismatch(step_folder: pathlib.Path, params, cfg: ModelConfig | None) -> str:
+  """'' if the checkpoint's parameters have the shapes of params; else what differs: the
+  config field whose value explains every shape if one does, else the parameters."""
+  absl_logger = logging.getLogger('absl')
+  level = absl_logger.level
+  absl_logger.setLevel(logging.ERROR)  # orbax warns that params/ has no step metadata
+  try:
+    saved = ocp.PyTreeCheckpointer().metadata(step_folder / 'params')
+    saved = _flat_shapes(getattr(saved, 'item_metadata', saved).tree)
+  except Exception:  # metadata unreadable too: not a mismatch we can name
+    return ''
+  finally:
+    absl_logger.setLevel(level)
+  here = _flat_shapes(nnx.to_pure_dict(params))
+  if saved == here:
+    return ''
+  field = _explaining_field(cfg, saved, here) if cfg is not None else None
+  if field:
+    name, ours, theirs = field
+    return (f'model.{name} is {ours!r} there but the checkpoint was saved with {theirs!r}; '
+            'restore config.json from a copy of the run')
+  differ = sorted(k for k in saved.keys() | here.keys() if saved.get(k) != here.get(k))
+  shown = ', '.join(f'{k} {list(saved[k]) if k in saved else "absent"} saved, '
+                    f'{list(here[k]) if k in here else "absent"} expected' for k in differ[:3])
+  more = f' and {len(differ) - 3} more' if len(differ) > 3 else ''
+  return f'{shown}{more}; restore config.json from a copy of the run'
+
+
+def _explaining_field(cfg: ModelConfig, saved: dict, here: dict):
+  """(field, value in cfg, value saved) for the one integer field of cfg whose change gives
+  the saved shapes, or None. Candidates: the fields whose value is a differing dimension (or
+  the layer count), each tried at the dimensions the checkpoint has there."""
+  ours, theirs = set(), set()
+  for k in saved.keys() & here.keys():
+    if len(saved[k]) == len(here[k]):
+      for a, b in zip(saved[k], here[k], strict=True):
+        if a != b:
+          theirs.add(a)
+          ours.add(b)
+  layers = lambda shapes: len({k.split('/')[1] for k in shapes if k.startswith('blocks/')})
+  if layers(saved) != layers(here):
+    theirs.add(layers(saved))
+    ours.add(layers(here))
+  fields = cfg.to_dict()
+  for name, value in fields.items():
+    if isinstance(value, bool) or not isinstance(value, int) or value not in ours:
+      continue
+    for candidate in sorted(theirs):
+      try:
+        other = ModelConfig.from_dict({**fields, name: candidate})
+        shapes = {'/'.join(map(str, k)): v for k, v in param_shapes(other).items()}
+      except Exception:  # an invalid combination: not this field
+        continue
+      if shapes == saved:
+        return name, value, candidate
+  return None
+
+
+def load_checkpoint(workdir, step: int | None = None, best: bool = False, mesh=None):
+  """(model, ModelConfig, step) from a trained or converted run: the newest complete (or
+  `step`) checkpoint, laid out on `mesh` by the sharding rules (default: on one device),
+  whatever mesh saved it. Safe beside a `train` that is saving: an incomplete checkpoint is
+  skipped, and one deleted under us (keep_checkpoints) gives way to the next newest."""
+  config = read_config(workdir)
+  cfg = config.model
   folder = pathlib.Path(workdir) / ('best' if best else 'checkpoints')
-  steps = checkpoint_steps(folder)
-  if not steps:
-    raise WorkdirError(f'{folder} has no checkpoint; train first (python -m mla_jax.train '
-                       f'--workdir={workdir})')
-  step = max(steps) if step is None else step
-  if step not in steps:
-    raise WorkdirError(f'{folder} has no checkpoint {step}; it has {sorted(steps)}')
+  fix = 'best' if best else 'step'
   graphdef, params = abstract(cfg)
   # Orbax restores into the target's layout whatever the saving mesh was, given one.
   mesh = mesh or sharding.make_mesh({'data': 1, 'fsdp': 1, 'tensor': 1}, jax.devices()[:1])
   params = jax.tree.map(lambda p, s: jax.ShapeDtypeStruct(p.shape, p.dtype, sharding=s),
                         params, sharding.state_shardings(params, mesh))
-  params, _, _ = restore(manager(folder), step, params, fix='best' if best else 'step')
-  return nnx.merge(graphdef, params), cfg
+  for _ in range(5):
+    chosen = _choose(workdir, config, folder, step, fix)
+    try:
+      with contextlib.closing(manager(folder)) as mngr:
+        params, _, _ = restore(mngr, chosen, params, fix=fix, cfg=cfg)
+      return nnx.merge(graphdef, params), cfg, chosen
+    except _Vanished as e:
+      if step is not None:
+        raise WorkdirError(f'{e}; pass a newer --step') from None
+  raise WorkdirError(f'the checkpoints in {folder} were deleted while they were read, five '
+                     'times; wait for the train there to finish')
+
+
+def load_workdir(workdir, step: int | None = None, best: bool = False, mesh=None):
+  """(model, ModelConfig) from a run (see load_checkpoint)."""
+  model, cfg, _ = load_checkpoint(workdir, step, best, mesh)
+  return model, cfg
+
+
+def _choose(workdir, config, folder: pathlib.Path, step: int | None, fix: str) -> int:
+  """The step to load: `step` if it exists, else the newest complete checkpoint."""
+  steps = checkpoint_steps(folder)
+  if step is not None:
+    if step not in steps:
+      raise WorkdirError(f'{folder} has no checkpoint {step}; it has {steps}')
+    return step
+  done = complete_steps(folder)
+  if done:
+    return done[-1]
+  if steps:  # only incomplete ones: refused by name
+    return steps[-1]
+  holder = _holder(workdir)
+  if holder:
+    raise WorkdirError(f'{folder} has no checkpoint yet: {holder} is training there; wait for '
+                       'its first save')
+  if config.records.get('conversion') or config.records.get('source'):
+    raise WorkdirError(f'{folder} has no checkpoint: the convert that wrote {workdir} did not '
+                       'finish; remove it and run the convert command again')
+  raise WorkdirError(f'{folder} has no checkpoint; train first (python -m mla_jax.train '
+                     f'--config=configs/mla.py --workdir={workdir}, with the config the run '
+                     'was started with)')

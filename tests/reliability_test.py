@@ -162,8 +162,9 @@ CHAIN = dict(steps=12, eval_every=2, checkpoint_every=3, keep_checkpoints=2)
 def test_a_kill_at_every_phase_of_a_save_resumes_exactly(corpus, tmp_path):
   """One life killed with SIGKILL at each phase in turn, each resuming the last: start-up;
   the save of checkpoints/3 (best/2 saved before it each time, since no checkpoint is left
-  to resume from); checkpoints/6 killed after (resumed from the unverified checkpoints/3);
-  then best/8 four times (resumed from 6). The last life finds best/8 saved and intact."""
+  to resume from); after it (checkpoints/3, left without checksums by the life before, is not
+  loaded: this life starts again from 0 and saves 3 anew); then best/4 four times (resumed
+  from 3). The last life finds best/4 saved and intact."""
   reference = tmp_path / 'reference'
   run_to_the_end(reference, corpus, **CHAIN)
   workdir = tmp_path / 'run'
@@ -174,11 +175,11 @@ def test_a_kill_at_every_phase_of_a_save_resumes_exactly(corpus, tmp_path):
     if phase.endswith(':during'):  # really killed in mid-save
       folder = workdir / phase.split(':')[0]
       assert list(folder.glob('*.orbax-checkpoint-tmp*')), phase
-  assert saved_steps(workdir / 'checkpoints') == [3, 6]
-  assert wd.intact(workdir / 'checkpoints' / '3') is None  # killed before its checksums
+  assert saved_steps(workdir / 'checkpoints') == [3]
+  assert wd.intact(workdir / 'checkpoints' / '3')  # recomputed, with its checksums
   result = run('train', *train_args(workdir, corpus, **CHAIN), env=child_env())
   assert result.returncode == 0, result.stderr[-3000:]
-  assert 'resuming from step 6' in result.stderr
+  assert 'resuming from step 3' in result.stderr
   assert_same_run(workdir, reference)
   assert wd.intact(workdir / 'best' / '12') and wd.intact(workdir / 'checkpoints' / '12')
 
@@ -309,7 +310,7 @@ def test_a_damaged_checkpoint_is_refused_by_name(corpus, reference, tmp_path):
   assert_same_run(workdir, reference)
 
 
-def test_a_checkpoint_missing_files_is_damaged_and_one_without_checksums_loads(
+def test_a_checkpoint_missing_files_is_damaged_and_one_without_checksums_is_not_loaded(
     reference, tmp_path):
   shutil.copytree(reference, tmp_path / 'run')
   step5, step10 = (tmp_path / 'run' / 'checkpoints' / s for s in ('5', '10'))
@@ -317,14 +318,22 @@ def test_a_checkpoint_missing_files_is_damaged_and_one_without_checksums_loads(
   assert wd.intact(step5) is False and wd.intact(step10) is True
   with pytest.raises(wd.WorkdirError, match=r'checkpoint 5 in .* is damaged'):
     wd.load_workdir(tmp_path / 'run', step=5)
-  (step10 / 'checksums.json').unlink()  # a checkpoint from before checksums: loads unverified
-  assert wd.intact(step10) is None
   model, _ = wd.load_workdir(tmp_path / 'run')
   want = arrays(reference / 'checkpoints' / '10')
   got = flatten(nnx.to_pure_dict(nnx.state(model, nnx.Param)), 'params')
   assert got.keys() == {k for k in want if k.startswith('params/')}
   for name, value in got.items():
     np.testing.assert_array_equal(value, want[name])
+  # Without checksums (killed before them, or from before them) nothing proves it intact:
+  # asked for, it is refused by name; by default the newest complete one is taken (here the
+  # damaged 5, refused by name too).
+  (step10 / 'checksums.json').unlink()
+  assert wd.intact(step10) is None
+  with pytest.raises(wd.WorkdirError, match=r'checkpoint 10 in .* is incomplete \(no '
+                     r'checksums.json: its save was killed'):
+    wd.load_workdir(tmp_path / 'run', step=10)
+  with pytest.raises(wd.WorkdirError, match=r'checkpoint 5 in .* is damaged'):
+    wd.load_workdir(tmp_path / 'run')
 
 
 # --- 5. one trainer per workdir ----------------------------------------------------------
