@@ -74,15 +74,13 @@ def checkpoint_steps(folder) -> list[int]:
 
 def write_config(workdir, config) -> None:
   """Records a run's config (a RunConfig, or a ConfigDict / mapping, parsed first) as
-  config.json, written whole (a temporary file renamed into place)."""
+  config.json, written whole (write_whole)."""
   config = RunConfig.from_dict(config)
   if jax.process_index():  # one writer when several hosts share the workdir
     return
   path = config_path(workdir)
   path.parent.mkdir(parents=True, exist_ok=True)
-  tmp = path.with_suffix('.tmp')
-  tmp.write_text(json.dumps(config.to_dict(), indent=1, sort_keys=True))
-  tmp.replace(path)
+  write_whole(path, json.dumps(config.to_dict(), indent=1, sort_keys=True))
 
 
 def check_workdir(workdir) -> None:
