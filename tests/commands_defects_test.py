@@ -226,6 +226,22 @@ def test_a_full_disk_keeps_the_old_file_and_names_the_folder(tmp_path, monkeypat
   assert [p.name for p in tmp_path.iterdir()] == ['eval.json']
 
 
+def test_a_full_disk_during_a_checkpoint_save_names_the_folder(tmp_path, monkeypatch,
+                                                              small_model):
+  """orbax reports a full disk in its own exception types: the save says it in one line."""
+  def full(*args, **kwargs):
+    try:
+      raise OSError(errno.ENOSPC, 'No space left on device')
+    except OSError as e:
+      raise ValueError('tensorstore: write failed') from e
+
+  mngr = wd.manager(tmp_path / 'checkpoints')
+  monkeypatch.setattr(type(mngr), 'save', full)
+  with pytest.raises(wd.WorkdirError, match=f'no space left on {tmp_path / "checkpoints"} '
+                     r'\(saving checkpoint 3\)'):
+    wd.save(mngr, 3, nnx.state(small_model, nnx.Param))
+
+
 def test_a_full_disk_anywhere_is_one_line(tmp_path):
   """A full disk met in library code (orbax and tensorstore wrap the OSError in their own
   exception types) ends the command with one line and exit 1, not a traceback per thread."""
