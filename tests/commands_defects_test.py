@@ -3,6 +3,7 @@ each test failed on the code before its fix. Commands run as subprocesses on one
 run (as a user runs them); checks that need no command call the library."""
 
 import errno
+import functools
 import json
 import os
 import pathlib
@@ -31,11 +32,32 @@ def run(module, *args, env=None):
 
 
 def one_error_line(result) -> str:
-  """The one `error: ...` line a refused command prints (and nothing else on stderr)."""
+  """The one `error: ...` line a refused command prints (and nothing else on stderr), whose
+  advice names only flags that the command has (defect 14: "pass --step=5" to train)."""
   lines = result.stderr.strip().splitlines()
   assert len(lines) == 1 and lines[0].startswith('error: '), result.stderr[-3000:]
   assert result.returncode != 0
+  if result.args[1] == '-m':
+    command = result.args[2].removeprefix('mla_jax.')
+    assert advised_flags(lines[0]) <= flags_of(command), (command, lines[0])
   return lines[0]
+
+
+def advised_flags(line: str) -> set[str]:
+  """The flags a line tells its reader to pass, but those of a command it cites in full
+  (python -m mla_jax.X --a=... --b=...), which are that command's."""
+  own = re.sub(r'python -m mla_jax\.\w+[^;)]*', '', line)
+  return set(re.findall(r'(?<![\w-])--(\w+)', own))
+
+
+@functools.cache
+def flags_of(command: str) -> frozenset[str]:
+  """Every flag `python -m mla_jax.<command>` accepts."""
+  listed = subprocess.run(
+      [sys.executable, '-c', 'from absl import flags; import mla_jax.' + command +
+       '; print(" ".join(flags.FLAGS))'], cwd=ROOT, capture_output=True, text=True, timeout=300)
+  assert listed.returncode == 0, listed.stderr[-3000:]
+  return frozenset(listed.stdout.split())
 
 
 def train_args(workdir, corpus, *extra):
