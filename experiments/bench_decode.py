@@ -36,7 +36,7 @@ from flax import nnx
 import mla_jax
 from experiments import common, tables, timing
 from experiments.timing import machine_limits, median_seconds
-from mla_jax import cli
+from mla_jax import cli, platform
 
 FLAGS = flags.FLAGS
 flags.DEFINE_list('contexts', ['1024', '4096', '16384'], 'context lengths')
@@ -61,7 +61,7 @@ def resolve_cache_dtypes(names) -> tuple[str | None, ...]:
 
 def resolve_impls(impls) -> tuple[str, ...]:
   if list(impls) == ['auto']:
-    return ('einsum',) if jax.default_backend() == 'cpu' else ('einsum', 'kernels')
+    return ('einsum',) if platform.current() == 'cpu' else ('einsum', 'kernels')
   return tuple(impls)
 
 
@@ -94,7 +94,7 @@ def main(argv):
     contexts = [int(c) for c in FLAGS.contexts]
     batches = [int(b) for b in FLAGS.batches]
     size = dict(d_model=FLAGS.d_model, n_heads=FLAGS.n_heads, n_layers=FLAGS.n_layers)
-  on_cpu = jax.default_backend() == 'cpu'
+  on_cpu = platform.current() == 'cpu'
   limits = machine_limits(FLAGS.runs, mib=256 if FLAGS.quick else 1024, dtype=FLAGS.dtype,
                           n=FLAGS.matmul_n or (2048 if on_cpu else 8192))
   rows, failures = [], []

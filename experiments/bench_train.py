@@ -35,7 +35,7 @@ from absl import flags
 
 from experiments import common, tables
 from experiments.timing import attempt, attention_kernel, machine_limits, time_train_step
-from mla_jax import cli, sharding, training
+from mla_jax import cli, platform, sharding, training
 from mla_jax.config import ModelConfig
 from mla_jax.model import param_count
 
@@ -124,7 +124,7 @@ def main():
     os.environ.setdefault('XLA_PYTHON_CLIENT_PREALLOCATE', 'false')
   dtype = str(ModelConfig.from_dict(config.model).compute_dtype)
   measured = machine_limits(5, mib=256, dtype=dtype,
-                            n=2048 if jax.default_backend() == 'cpu' else 8192)
+                            n=2048 if platform.current() == 'cpu' else 8192)
   peak = FLAGS.peak_tflops * 1e12 or measured['matmul_flops_per_s']
   rows, failures = [], []
 

@@ -23,7 +23,7 @@ import numpy as np
 
 from experiments import common, timing
 from experiments.timing import Step
-from mla_jax import sharding
+from mla_jax import platform, sharding
 from mla_jax.config import ModelConfig
 
 MISSING = ("torch and transformers are not installed (pip install -e '.[dev]'): the torch "
@@ -47,7 +47,7 @@ def torch_step(model_cfg: ModelConfig, batch: int, seq_len: int, lr: float = 3e-
   if threads:
     torch.set_num_threads(threads)
   torch.manual_seed(seed)
-  gpu = jax.default_backend() == 'gpu' and torch.cuda.is_available()
+  gpu = platform.current() == 'gpu' and torch.cuda.is_available()
   device = 'cuda' if gpu else 'cpu'
   hf_json = hf.config_to_hf(model_cfg)
   config_class = (transformers.DeepseekV3Config if 'Deepseek' in hf_json['architectures'][0]

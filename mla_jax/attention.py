@@ -46,6 +46,15 @@ def resolve_positions(x_btd, positions_bt):
   return jnp.broadcast_to(jnp.arange(t), (b, t)), True
 
 
+def call_kind(whole: bool, cache, t: int) -> str:
+  """Which of AttentionOp's kinds a call is: 'whole' (a whole sequence without a cache),
+  'decode' (one token per sequence against a cache), else 'prefill' (queries by position mask,
+  against a cache or at explicit positions)."""
+  if cache is None:
+    return 'whole' if whole else 'prefill'
+  return 'decode' if t == 1 else 'prefill'
+
+
 class GQAttention(nnx.Module):
   """Multi-head attention with n_kv_heads key/value heads: MHA (G = H), GQA, MQA (G = 1)."""
 
@@ -58,7 +67,8 @@ class GQAttention(nnx.Module):
     self.w_o = weight(rngs, cfg, (h, k, d), ('heads', 'head_dim', 'embed'), fan_in=h * k)
 
   def init_cache(self, batch: int, max_len: int, dtype) -> KVCache:
-    return KVCache.init(self.cfg, batch, max_len, dtype, self.op.einsum_cache_layout)
+    return KVCache.init(self.cfg, batch, max_len, dtype,
+                        einsum_reads=self.op.einsum_cache_layout)
 
   def __call__(self, x_btd, positions_bt=None, cache: KVCache | None = None):
     cfg = self.cfg
@@ -71,32 +81,40 @@ class GQAttention(nnx.Module):
     scale = cfg.head_dim**-0.5 * rope.softmax_mscale(cfg.rope_scaling)**2
     b, t, h, _ = q.shape
     q = q.reshape(b, t, cfg.n_kv_heads, h // cfg.n_kv_heads, -1)  # [b, t, g, p, k]
-    if cache is None and whole:
-      o = self.op.causal(q, k, v, scale)
+    if cache is not None:
+      cache = cache.write(k, v, positions_bt)
+    kind, op = call_kind(whole, cache, t), self.op
+    if kind == 'whole':
+      o = op.causal(q, k, v, scale)
+    elif kind == 'decode' and op.decode != 'einsum':
+      o = self._decode_kernel(q, cache, positions_bt, scale)
+    elif kind == 'prefill' and op.prefill != 'einsum':
+      o = self._flash(q, k, v, cache, positions_bt, scale)
     else:
-      if cache is not None:
-        cache = cache.write(k, v, positions_bt)
-      o = self._attend(q, k, v, cache, positions_bt, scale)
+      o = self._einsum(q, k, v, cache, positions_bt, scale)
     return dense(o.reshape(b, t, h, -1).astype(x_btd.dtype), w(self.w_o), n_in=2), cache
 
-  def _attend(self, q_btgpk, k_btgk, v_btgk, cache, positions_bt, scale):
-    """Attention by position mask: over the sequence's own keys, or over the cache."""
+  def _decode_kernel(self, q_btgpk, cache, positions_bt, scale):
+    assert not cache.v_transposed, 'the decode kernel reads values [b, g, s, k]'
+    k, k_scale, v, v_scale = cache.read()  # 8-bit values stay 8-bit: the kernel scales them
+    o = self.op.gqa_decode(q_btgpk[:, 0], k, v, positions_bt[:, 0] + 1, scale,
+                           k_scale_bgs=k_scale, v_scale_bgs=v_scale)
+    return o[:, None]
+
+  def _flash(self, q_btgpk, k_btgk, v_btgk, cache, positions_bt, scale):
     b, t, g, p, _ = q_btgpk.shape
-    step = cache is not None and t == 1  # a decode step: the Pallas kernel, else the einsum
-    if step and self.op.decode != 'einsum':
-      k, k_scale, v, v_scale = cache.read()  # 8-bit values stay 8-bit: the kernel scales them
-      o = self.op.gqa_decode(q_btgpk[:, 0], k, v, positions_bt[:, 0] + 1, scale,
-                             k_scale_bgs=k_scale, v_scale_bgs=v_scale)
-      return o[:, None]
-    if self.op.prefill != 'einsum' and not step:
-      if cache is None:
-        keys_bsgk, values_bsgk, mask = k_btgk, v_btgk, causal_mask(positions_bt, positions_bt)
-      else:  # flash attention keeps values [b, g, s, k] (cache.values_transposed)
-        k, v = (quant.dequantize(x, q_btgpk.dtype) for x in (cache.k, cache.v))
-        keys_bsgk, values_bsgk = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)
-        mask = cache_mask(positions_bt, keys_bsgk.shape[1])
-      o = self.op.flash(q_btgpk.reshape(b, t, g * p, -1), keys_bsgk, values_bsgk, mask, scale)
-      return o.reshape(b, t, g, p, -1)
+    if cache is None:
+      keys_bsgk, values_bsgk, mask = k_btgk, v_btgk, causal_mask(positions_bt, positions_bt)
+    else:  # flash attention takes no scales: dequantize what it reads
+      assert not cache.v_transposed, 'flash attention reads values [b, g, s, k]'
+      k, v = (quant.dequantize(x, q_btgpk.dtype) for x in (cache.k, cache.v))
+      keys_bsgk, values_bsgk = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)
+      mask = cache_mask(positions_bt, keys_bsgk.shape[1])
+    o = self.op.flash(q_btgpk.reshape(b, t, g * p, -1), keys_bsgk, values_bsgk, mask, scale)
+    return o.reshape(b, t, g, p, -1)
+
+  def _einsum(self, q_btgpk, k_btgk, v_btgk, cache, positions_bt, scale):
+    """The reference by position mask: over the sequence's own keys, or over the cache."""
     if cache is None:  # the keys and values are this sequence's own, heads-major like a cache
       keys_bgsk, k_scale, values, v_scale = (k_btgk.transpose(0, 2, 1, 3), None,
                                              v_btgk.transpose(0, 2, 1, 3), None)
@@ -183,50 +201,37 @@ class MLAttention(nnx.Module):
     if cache is not None:
       cache = cache.write(c_kv, k_rope, positions_bt)
     scale = ((n + cfg.qk_rope_head_dim)**-0.5 * rope.softmax_mscale(cfg.rope_scaling)**2)
-    absorbed = cache is not None and cfg.mla_decode == 'absorbed'
-    step = absorbed and x_btd.shape[1] == 1  # a decode step: the Pallas kernel, else einsum
-    if step and op.decode != 'einsum':
+    kind = call_kind(whole, cache, x_btd.shape[1])
+    if kind == 'decode' and cfg.mla_decode == 'naive':
+      kind = 'prefill'  # naive decode steps attend like a prefill: per-head keys and values
+    if kind == 'decode' and op.decode != 'einsum':
       o = self._absorbed_kernel(q_nope, q_rope, cache, positions_bt, scale)
-    elif op.prefill != 'einsum' and not step and not (whole and cache is None):
+    elif kind == 'prefill' and op.prefill != 'einsum':
       if cache is not None:  # flash attention takes no scales: dequantize what it reads
         c_kv, k_rope = (quant.dequantize(x, q.dtype) for x in (cache.c_kv, cache.k_rope))
         mask = cache_mask(positions_bt, c_kv.shape[1])
       else:
         mask = causal_mask(positions_bt, positions_bt)
-      o = self._naive_flash(q_nope, q_rope, c_kv, k_rope, mask, scale)
-    else:
+      q_h, k_h, v_h = self._heads(q_nope, q_rope, c_kv, k_rope)
+      o = op.flash(q_h, k_h, v_h, mask, scale).astype(q_nope.dtype)
+    else:  # kind 'whole' (op.causal, in _naive), or the einsum reference
       latent = (c_kv, None, k_rope, None) if cache is None else cache.read(cfg.compute_dtype)
-      if cache is not None:
+      if kind == 'whole':
+        mask = None
+      elif cache is None:
+        mask = causal_mask(positions_bt, positions_bt)
+      else:
         mask = cache_mask(positions_bt, latent[0].shape[1])
-      else:  # None: a whole sequence without a cache (op.causal)
-        mask = None if whole else causal_mask(positions_bt, positions_bt)
-      path = self._absorbed if absorbed else self._naive
-      o = path(q_nope, q_rope, latent, mask, scale)
+      absorbed = cache is not None and cfg.mla_decode == 'absorbed'
+      o = (self._absorbed if absorbed else self._naive)(q_nope, q_rope, latent, mask, scale)
     return dense(o, self._w(self.w_o), n_in=2), cache
 
   def _naive(self, q_nope, q_rope, latent, mask, scale):
-    """Up-projects per-head keys and values from the latent, then ordinary MHA. latent:
-    (c_kv, its scale, k_rope, its scale), as LatentCache.read gives it.
-
-    The nope and rope halves are concatenated into one [n + r] query and key per head, as
-    DeepSeek's reference does: one score matmul instead of two [b, h, t, s] products and
-    their sum (the step's largest arrays; see experiments/results/cpu_profile.md). An 8-bit
-    cache's per-token scales go onto the up-projected keys and values, which this path builds
-    in full anyway.
-    """
+    """Per-head keys and values up-projected from the latent (_heads), then ordinary MHA.
+    latent: (c_kv, its scale, k_rope, its scale), as LatentCache.read gives it; mask None: a
+    whole sequence (op.causal)."""
     c_kv, c_kv_scale, k_rope, k_rope_scale = latent
-    v = dense(c_kv, self._w(self.w_uv))  # [b, s, h, v]
-    b, s, h, _ = v.shape
-    k_rope_h = jnp.broadcast_to(k_rope[:, :, None], (b, s, h, k_rope.shape[-1]))
-    if c_kv_scale is not None:
-      v = v * c_kv_scale[:, :, None, None].astype(v.dtype)
-      k_rope_h = k_rope_h.astype(v.dtype) * k_rope_scale[:, :, None, None].astype(v.dtype)
-    q, k = q_rope, k_rope_h.astype(v.dtype)
-    if self.cfg.qk_nope_head_dim:
-      k_nope = dense(c_kv, self._w(self.w_uk))
-      if c_kv_scale is not None:
-        k_nope = k_nope * c_kv_scale[:, :, None, None].astype(k_nope.dtype)
-      q, k = jnp.concatenate([q_nope, q], axis=-1), jnp.concatenate([k_nope, k], axis=-1)
+    q, k, v = self._heads(q_nope, q_rope, c_kv, k_rope, c_kv_scale, k_rope_scale)
     if mask is None:  # a whole sequence: every head its own group of one
       o = self.op.causal(q[:, :, :, None], k, v, scale)
       return o[:, :, :, 0].astype(q_nope.dtype)
@@ -250,17 +255,26 @@ class MLAttention(nnx.Module):
                        preferred_element_type=jnp.float32).astype(q_nope.dtype)
     return jnp.einsum('bthc,chv->bthv', o_lat, self._w(self.w_uv))
 
-  def _naive_flash(self, q_nope, q_rope, c_kv, k_rope, mask, scale):
-    """The naive path through flash attention: the two query (and key) halves concatenated,
-    the one rope key broadcast to every head."""
-    v = dense(c_kv, self._w(self.w_uv))
+  def _heads(self, q_nope, q_rope, c_kv, k_rope, c_kv_scale=None, k_rope_scale=None):
+    """The naive path's per-head (queries, keys, values) [b, ., h, .]: keys and values
+    up-projected from the latent, the one rope key broadcast to every head, and the nope and
+    rope halves concatenated into one [n + r] query and key per head, as DeepSeek's reference
+    does (one score matmul instead of two [b, h, t, s] products and their sum). An 8-bit
+    cache's per-token scales go onto the up-projected keys and values, which this path builds
+    in full anyway."""
+    v = dense(c_kv, self._w(self.w_uv))  # [b, s, h, v]
     b, s, h, _ = v.shape
     k_rope_h = jnp.broadcast_to(k_rope[:, :, None], (b, s, h, k_rope.shape[-1]))
-    q, k = q_rope, k_rope_h
+    if c_kv_scale is not None:
+      v = v * c_kv_scale[:, :, None, None].astype(v.dtype)
+      k_rope_h = k_rope_h.astype(v.dtype) * k_rope_scale[:, :, None, None].astype(v.dtype)
+    q, k = q_rope, k_rope_h.astype(v.dtype)
     if self.cfg.qk_nope_head_dim:
-      k = jnp.concatenate([dense(c_kv, self._w(self.w_uk)), k], axis=-1)
-      q = jnp.concatenate([q_nope, q], axis=-1)
-    return self.op.flash(q, k, v, mask, scale).astype(q_nope.dtype)
+      k_nope = dense(c_kv, self._w(self.w_uk))
+      if c_kv_scale is not None:
+        k_nope = k_nope * c_kv_scale[:, :, None, None].astype(k_nope.dtype)
+      q, k = jnp.concatenate([q_nope, q], axis=-1), jnp.concatenate([k_nope, k], axis=-1)
+    return q, k, v
 
   def _absorbed_kernel(self, q_nope, q_rope, cache, positions_bt, scale):
     """One decode step of the absorbed path through the Pallas kernel, which reads each

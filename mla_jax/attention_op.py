@@ -31,13 +31,12 @@ cache on every decode step (cache.py).
 from __future__ import annotations
 
 import dataclasses
-import logging
 
 import jax
 import jax.numpy as jnp
 
-from mla_jax import flash, platform, variants
-from mla_jax.kernels import cpu_attention, gqa_decode, mla_decode
+from mla_jax import flash, kernels, platform, variants
+from mla_jax.kernels import cpu_attention
 from mla_jax.kernels.split_kv import fits
 
 WHOLE = ('einsum', 'cpu_kernel', 'cudnn', 'xla')
@@ -129,6 +128,14 @@ class AttentionOp:
                           ('prefill', PREFILL), ('decode', DECODE)):
       if getattr(self, name) not in allowed:
         raise ValueError(f'AttentionOp.{name}={getattr(self, name)!r}; use one of {allowed}')
+    # Kernels that cannot run where the record says they do: refused here, not at run time.
+    cpu = self.platform == 'cpu'
+    if (self.whole == 'cpu_kernel' and not cpu) or (
+        'cudnn' in (self.whole, self.prefill) and self.platform != 'gpu'):
+      raise ValueError(f'{self}: cpu_kernel runs on a CPU only, cudnn on an NVIDIA GPU only')
+    if self.decode != 'einsum' and cpu != self.interpret:
+      raise ValueError(f'{self}: the Pallas decode kernels run interpreted on a CPU, and only '
+                       'there (interpret=True on a CPU, False elsewhere)')
 
   def to_dict(self) -> dict:
     return dataclasses.asdict(self)
@@ -151,6 +158,7 @@ class AttentionOp:
     0 .. t - 1 without a cache, in the projections' token-major layout (float32 from the
     einsum and CPU kernels, the compute dtype from flash attention)."""
     if self.whole == 'cpu_kernel':
+      _one_device_float32(q_btgpe)
       return cpu_attention.causal_attention(q_btgpe, k_btge, v_btgv, scale)
     if self.whole == 'einsum':
       o = causal_attention(q_btgpe.transpose(0, 2, 3, 1, 4), k_btge.transpose(0, 2, 1, 3),
@@ -168,47 +176,60 @@ class AttentionOp:
 
   def gqa_decode(self, q_bgpk, k_bgsk, v_bgsk, lengths_b, scale: float, **scales):
     """One decode step of grouped attention through the Pallas kernel: o [b, g, p, k]."""
-    return gqa_decode(q_bgpk, k_bgsk, v_bgsk, lengths_b, scale, interpret=self.interpret,
-                      backend=self.decode, **scales)
+    return kernels.gqa_decode(q_bgpk, k_bgsk, v_bgsk, lengths_b, scale,
+                              interpret=self.interpret, backend=self.decode, **scales)
 
   def mla_decode(self, q_lat_bhc, q_rope_bhr, c_kv_bsc, k_rope_bsr, lengths_b, scale: float,
                  **scales):
     """One absorbed MLA decode step through the Pallas kernel: o_lat [b, h, c]."""
-    return mla_decode(q_lat_bhc, q_rope_bhr, c_kv_bsc, k_rope_bsr, lengths_b, scale,
-                      interpret=self.interpret, backend=self.decode, **scales)
+    return kernels.mla_decode(q_lat_bhc, q_rope_bhr, c_kv_bsc, k_rope_bsr, lengths_b, scale,
+                              interpret=self.interpret, backend=self.decode, **scales)
+
+
+def _one_device_float32(q):
+  """The C++ kernel's preconditions at trace time: a model resolved for one device but traced
+  under a mesh of several would run the kernel whole on every device (XLA gathers a custom
+  call's inputs), which resolve() exists to prevent."""
+  devices = platform.devices()
+  if devices > 1 or q.dtype != jnp.float32:
+    raise ValueError(f'the C++ CPU kernel takes float32 on one device; this trace has {q.dtype} '
+                     f'under {devices} devices: build the model with the mesh it runs under '
+                     '(Transformer(..., mesh=mesh), attention_op.resolve(cfg, mesh))')
 
 
 def resolve(cfg, mesh=None) -> AttentionOp:
-  """The kernels a model of cfg runs on the platform of `mesh` (or jax's default backend).
+  """The kernels a model of cfg runs on the platform of `mesh` (None: the mesh set with
+  jax.set_mesh, else jax's default backend and one device).
 
   'einsum': the reference everywhere. 'kernels': the platform's kernels for the calls the
   variant declares (variants.Variant.flash_widths, decode_widths) at widths they take: on a
-  CPU the C++ kernel for whole sequences (float32 on one device, where it builds), XLA's
-  flash attention for prefill and the Pallas decode kernels interpreted; on a GPU cuDNN's
-  flash attention (bfloat16 / float16, widths a multiple of 8 up to 256; else XLA's) and
-  Triton; on a TPU XLA's attention and Mosaic. 'auto': 'kernels' on an accelerator; on a CPU
-  the C++ kernel for whole sequences (it cut the train step's CPU time by 8-15% on the
-  2026-12-07 AMD EPYC host: docs/benchmarks.md) and einsum for the cache paths, where
-  interpreted Pallas kernels are slow.
+  CPU the C++ kernel for whole sequences (float32 on one device, where it builds; else XLA's
+  attention), XLA's attention for prefill and the Pallas decode kernels interpreted; on a GPU
+  cuDNN's flash attention (bfloat16 / float16, widths a multiple of 8 up to 256; else XLA's)
+  and Triton; on a TPU XLA's attention and Mosaic. 'auto': 'kernels' on an accelerator; on a
+  CPU the C++ kernel for whole sequences where it takes them, and einsum everywhere else
+  (interpreted Pallas kernels are slow): docs/design.md#21-how-attention-runs has the
+  measurement behind it.
   """
   plat = platform.current(mesh)
-  impl = cfg.attention_impl
-  if impl == 'auto' and not platform.is_accelerator(plat):
-    op = resolve(dataclasses.replace(cfg, attention_impl='kernels'), mesh)
-    return AttentionOp(plat, whole=op.whole)
-  if impl == 'auto':
-    impl = 'kernels'
+  if cfg.attention_impl == 'einsum':
+    return AttentionOp(plat)
+  cpu_auto = cfg.attention_impl == 'auto' and plat == 'cpu'
   variant = variants.get(cfg.attention)
   whole = prefill = decode = 'einsum'
-  if impl == 'kernels' and variant.flash_widths is not None:
+  if variant.flash_widths is not None:
     widths, dtype = variant.flash_widths(cfg), cfg.compute_dtype
-    prefill = 'cudnn' if flash.cudnn_takes(plat, dtype, widths) else 'xla'
-    whole = prefill if plat != 'cpu' else (
-        'cpu_kernel' if _cpu_kernel_takes(dtype, mesh) else 'einsum')
+    flash_kernel = 'cudnn' if flash.cudnn_takes(plat, dtype, widths) else 'xla'
+    prefill = 'einsum' if cpu_auto else flash_kernel
+    whole = flash_kernel
+    if plat == 'cpu':
+      whole = ('cpu_kernel' if _cpu_kernel_takes(dtype, mesh)
+               else 'einsum' if cpu_auto else 'xla')
   interpret = plat == 'cpu'
-  if impl == 'kernels' and variant.decode_widths is not None:
+  widths = None if variant.decode_widths is None else variant.decode_widths(cfg)
+  if widths is not None and not cpu_auto:
     backend = 'mosaic' if plat == 'tpu' else 'triton'
-    if fits(*variant.decode_widths(cfg), interpret=interpret, backend=backend):
+    if fits(*widths, interpret=interpret, backend=backend):
       decode = backend
   return AttentionOp(platform=plat, whole=whole, prefill=prefill, decode=decode,
                      interpret=interpret and decode != 'einsum')
@@ -217,11 +238,6 @@ def resolve(cfg, mesh=None) -> AttentionOp:
 def _cpu_kernel_takes(dtype, mesh) -> bool:
   """Whether the C++ kernel runs a whole sequence: float32, one device (XLA runs a custom call
   of a sharded step whole on every device; the einsum path shards), and it builds (here, once,
-  before anything is traced: mla_jax.kernels.cpu_attention)."""
-  if dtype != jnp.float32 or platform.devices(mesh) > 1:
-    return False
-  if not cpu_attention.available():
-    logging.warning('attention_impl=kernels: the C++ CPU kernel is unavailable; whole '
-                    'sequences take the einsum path')
-    return False
-  return True
+  before anything is traced: mla_jax.kernels.cpu_attention, which says once if it cannot)."""
+  return (dtype == jnp.float32 and platform.devices(mesh) == 1
+          and cpu_attention.available())

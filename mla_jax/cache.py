@@ -110,8 +110,8 @@ class KVCache:
   v_transposed: bool = False
 
   @classmethod
-  def init(cls, cfg: ModelConfig, batch: int, max_len: int, dtype,
-           einsum_reads: bool = True) -> KVCache:
+  def init(cls, cfg: ModelConfig, batch: int, max_len: int, dtype, *,
+           einsum_reads: bool) -> KVCache:
     """An empty cache; einsum_reads: whether only einsums read it (values_transposed)."""
     g, k = cfg.n_kv_heads, cfg.head_dim
     transposed = values_transposed(cfg, einsum_reads)

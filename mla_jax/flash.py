@@ -64,6 +64,7 @@ def _pad_last(x, width: int):
   return x if extra == 0 else jnp.pad(x, [(0, 0)] * (x.ndim - 1) + [(0, extra)])
 
 
+@jax.named_scope('flash_attention')  # what the tests find in a lowered program that runs it
 def flash_attention(q_bthe, k_bsge, v_bsgv, mask_bts, scale: float, implementation: str):
   """[b, t, h, v]: heads [b, t, h, e] reading the KV groups [b, s, g, e] / [b, s, g, v] of their
   group (h a multiple of g; query head i reads group i // (h / g)). mask_bts None: causal

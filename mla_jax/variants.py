@@ -17,7 +17,8 @@ imported when a model is built), so the config can hold it without an import cyc
                    op.causal and op.flash (flash attention, the CPU kernel); None: it calls
                    neither, and runs the einsum path whatever attention_impl says
   decode_widths    (the score parts' widths, the value's width) of its Pallas decode kernel
-                   calls (op.gqa_decode / op.mla_decode); None: no decode kernel
+                   calls (op.gqa_decode / op.mla_decode); None, or a function that returns
+                   None for a config: no decode kernel
   example          config fields of a small working instance (d_model 64, 4 heads of 16):
                    the tests build every registered variant from it
 
@@ -208,6 +209,8 @@ def _mla_flash_widths(cfg):  # the naive path: per-head keys [d_n + d_r], values
 
 
 def _mla_decode_widths(cfg):  # the absorbed path: scores on c_kv and k_rope, values c_kv
+  if cfg.mla_decode == 'naive':  # its decode steps are prefill-kind calls (op.flash)
+    return None
   c, r = cfg.kv_lora_rank, cfg.qk_rope_head_dim
   return ((c, r) if cfg.qk_nope_head_dim else (r,)), c
 

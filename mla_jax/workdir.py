@@ -48,7 +48,7 @@ import jax
 import orbax.checkpoint as ocp
 from flax import nnx
 
-from mla_jax import sharding
+from mla_jax import attention_op, sharding
 from mla_jax.config import ConfigError, ModelConfig
 from mla_jax.errors import Error
 from mla_jax.model import abstract, param_shapes
@@ -551,9 +551,10 @@ def load_checkpoint(workdir, step: int | None = None, best: bool = False, mesh=N
   cfg = config.model
   folder = pathlib.Path(workdir) / ('best' if best else 'checkpoints')
   fix = 'best' if best else 'step'
-  graphdef, params = abstract(cfg)
-  # Orbax restores into the target's layout whatever the saving mesh was, given one.
+  # Orbax restores into the target's layout whatever the saving mesh was, given one; the
+  # attention kernels are chosen for that mesh too (attention_op.resolve).
   mesh = mesh or sharding.make_mesh({'data': 1, 'fsdp': 1, 'tensor': 1}, jax.devices()[:1])
+  graphdef, params = abstract(cfg, attention_op.resolve(cfg, mesh))
   params = jax.tree.map(lambda p, s: jax.ShapeDtypeStruct(p.shape, p.dtype, sharding=s),
                         params, sharding.state_shardings(params, mesh))
   for _ in range(5):

@@ -14,7 +14,7 @@ from conftest import VARIANTS, kernels_op, tiny_model, variant_params
 from flax import nnx
 
 import mla_jax
-from mla_jax import attention_op, flash, platform
+from mla_jax import attention_op, flash, kernels, platform
 from mla_jax.attention_op import AttentionOp
 from mla_jax.model import with_config
 
@@ -54,7 +54,8 @@ def _grads(model):
 def test_flash_equals_einsum_logits_and_gradients(name):
   einsum, fused = _pair(name)
   assert fused.op.whole == 'xla'
-  assert 'dot_product_attention' not in str(jax.make_jaxpr(einsum)(TOKENS))
+  lowered = lambda model: jax.jit(model).lower(TOKENS).as_text(debug_info=True)
+  assert 'flash_attention' in lowered(fused) and 'flash_attention' not in lowered(einsum)
   np.testing.assert_allclose(fused(TOKENS), einsum(TOKENS), atol=1e-5, rtol=0)
   for g_fused, g_einsum in zip(_grads(fused), _grads(einsum), strict=True):
     scale = float(jnp.max(jnp.abs(g_einsum)))
@@ -104,8 +105,8 @@ def test_a_decode_step_without_a_decode_kernel_runs_the_einsum_path(name, monkey
   def refuse(*args, **kwargs):
     raise AssertionError('a decode kernel was called')
 
-  monkeypatch.setattr(attention_op, 'gqa_decode', refuse)
-  monkeypatch.setattr(attention_op, 'mla_decode', refuse)
+  monkeypatch.setattr(kernels, 'gqa_decode', refuse)
+  monkeypatch.setattr(kernels, 'mla_decode', refuse)
   einsum, fused = _pair(name, AttentionOp('cpu', whole='xla', prefill='xla'))
   np.testing.assert_allclose(mla_jax.logits_through_cache(fused, TOKENS[0], prefill_len=7),
                              mla_jax.logits_through_cache(einsum, TOKENS[0], prefill_len=7),
@@ -138,7 +139,9 @@ MLA = dict(attention='mla', kv_lora_rank=64, qk_rope_head_dim=16, d_model=128, n
     ('cpu', dict(dtype='bfloat16'), AttentionOp('cpu')),  # 'auto' on a CPU, not float32
     ('cpu', dict(attention_impl='einsum', dtype='bfloat16'), AttentionOp('cpu')),
     ('cpu', dict(attention_impl='kernels', dtype='bfloat16'),  # the C++ kernel is float32 only
-     AttentionOp('cpu', prefill='xla', decode='triton', interpret=True)),
+     AttentionOp('cpu', 'xla', 'xla', 'triton', interpret=True)),
+    ('cpu', dict(MLA, attention_impl='kernels', dtype='bfloat16', mla_decode='naive'),
+     AttentionOp('cpu', 'xla', 'xla')),  # naive decode steps are prefill-kind calls
     ('gpu', dict(dtype='auto'), AttentionOp('gpu', 'cudnn', 'cudnn', 'triton')),
     ('gpu', dict(dtype='float32'), AttentionOp('gpu', 'xla', 'xla', 'triton')),
     ('gpu', dict(dtype='auto', attention_impl='einsum'), AttentionOp('gpu')),
@@ -160,7 +163,8 @@ def test_the_cpu_kernel_is_taken_where_it_builds_and_one_device_runs(monkeypatch
   assert _resolved('cpu', monkeypatch, attention_impl='kernels') == AttentionOp(
       'cpu', 'cpu_kernel', 'xla', 'triton', interpret=True)
   monkeypatch.setattr(platform, 'devices', lambda mesh=None: 2)
-  assert _resolved('cpu', monkeypatch, attention_impl='kernels').whole == 'einsum'
+  assert _resolved('cpu', monkeypatch, attention_impl='kernels').whole == 'xla'
+  assert _resolved('cpu', monkeypatch).whole == 'einsum'
   monkeypatch.setattr(attention_op.cpu_attention, 'available', lambda: False)
   monkeypatch.setattr(platform, 'devices', lambda mesh=None: 1)
   assert _resolved('cpu', monkeypatch) == AttentionOp('cpu')
@@ -174,6 +178,21 @@ def test_the_choice_is_recorded_and_printed():
                            'steps einsum')
   with pytest.raises(ValueError, match=r"AttentionOp\.whole='splash'"):
     AttentionOp('tpu', whole='splash')
+  for impossible in (dict(platform='gpu', whole='cpu_kernel'), dict(prefill='cudnn'),
+                     dict(decode='triton'), dict(platform='gpu', decode='triton',
+                                                 interpret=True)):
+    with pytest.raises(ValueError, match='only'):
+      AttentionOp(**impossible)
+
+
+def test_the_cpu_kernel_refuses_a_trace_under_several_devices():
+  """A model resolved for one device but traced under a mesh of several would run the kernel
+  whole on every device: one clear error instead."""
+  op = AttentionOp('cpu', whole='cpu_kernel')
+  x = jnp.zeros((1, 4, 1, 1, 8), jnp.float32)
+  with (jax.sharding.use_abstract_mesh(jax.sharding.AbstractMesh((2,), ('data',))),
+        pytest.raises(ValueError, match='build the model with the mesh it runs under')):
+    jax.eval_shape(lambda x: op.causal(x, x[:, :, :, 0], x[:, :, :, 0], 1.0), x)
 
 
 def test_the_old_name_of_kernels_still_loads():

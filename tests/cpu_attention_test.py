@@ -14,6 +14,7 @@ import pytest
 from conftest import VARIANTS, tiny_model, variant_params
 from flax import nnx
 
+import mla_jax
 from mla_jax import attention_op
 from mla_jax.attention_op import AttentionOp
 from mla_jax.kernels import cpu_attention
@@ -124,21 +125,21 @@ def test_a_failed_build_leaves_nothing_behind(tmp_path, monkeypatch):
 
 
 def test_without_a_kernel_the_model_takes_the_einsum_path(tmp_path, monkeypatch, caplog):
-  """A compiler that fails: available() is False (no crash), the model is built on the einsum
-  path and says so once, when it is built. bfloat16 and a mesh of several devices, which the
-  kernel does not take, resolve to the einsum path even where it is built."""
+  """A compiler that fails: available() is False (no crash), the model is built on another
+  kernel and says so once, when it is built. bfloat16 and a mesh of several devices, which the
+  kernel does not take, resolve to another kernel even where it is built ('auto': einsum)."""
   _built()
-  assert tiny_model(attention_impl='kernels', dtype='bfloat16').op.whole == 'einsum'
+  assert tiny_model(attention_impl='auto', dtype='bfloat16').op.whole == 'einsum'
+  assert tiny_model(attention_impl='kernels', dtype='bfloat16').op.whole == 'xla'
   mesh = jax.sharding.AbstractMesh((2,), ('data',))
-  assert attention_op.resolve(tiny_model().cfg.__class__(attention_impl='kernels'),
-                              mesh).whole == 'einsum'
+  assert attention_op.resolve(mla_jax.ModelConfig(attention_impl='auto'), mesh).whole == 'einsum'
   monkeypatch.setenv('CXX', '/bin/false')
   monkeypatch.setenv('MLA_JAX_KERNEL_CACHE', str(tmp_path))
   cpu_attention.available.cache_clear()
   try:
-    model = tiny_model(seed=1, attention_impl='kernels', **VARIANTS['gqa'])
+    model = tiny_model(seed=1, attention_impl='auto', **VARIANTS['gqa'])
     assert not cpu_attention.available() and model.op.whole == 'einsum'
-    assert 'C++ CPU kernel is unavailable' in caplog.text
+    assert caplog.text.count('C++ CPU attention kernel is unavailable') == 1
     assert 'mla_causal_attention' not in _logits_and_grads(model)[2]
   finally:
     cpu_attention.available.cache_clear()  # the next caller builds or loads the real one

@@ -295,8 +295,9 @@ def test_errors_name_the_problem():
 
 
 def test_fits_says_which_widths_the_compiled_kernels_take():
-  """The model's decode step asks kernels.fits before calling a kernel (else the einsum path):
-  it must agree with the Triton checks above, and accept anything interpreted or on Mosaic."""
+  """attention_op.resolve asks kernels.fits when a model is built (else its decode steps
+  take the einsum path): it must agree with the Triton checks above, and accept anything
+  interpreted or on Mosaic."""
   assert fits((512, 64), 512, backend='triton')  # DeepSeek-V2's d_c, d_r
   assert fits((16,), 16, backend='triton')
   for key_dims, value_dim in [((8,), 16), ((12,), 16), ((32, 8), 32), ((24, 16), 24)]:

@@ -85,7 +85,8 @@ def test_zero_cache_slots_and_zero_tokens_read_back_as_zeros():
   cfg = tiny_config(attention='mha', cache_dtype='int8', attention_impl='einsum')
   k = np.zeros((1, 1, 4, 16), np.float32)
   k[..., 0, :] = 3.0  # head 0 nonzero, the other heads all zero
-  write = jax.jit(lambda k: KVCache.init(cfg, 1, 4, jnp.int8).write(k, k, jnp.asarray([[1]])))
+  empty = KVCache.init(cfg, 1, 4, jnp.int8, einsum_reads=True)
+  write = jax.jit(lambda k: empty.write(k, k, jnp.asarray([[1]])))
   cache = write(k)
   assert cache.v_transposed and cache.v.values.shape == (1, 4, 16, 4)
   for array in (cache.k, cache.v):

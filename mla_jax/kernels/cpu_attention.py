@@ -101,8 +101,8 @@ def available() -> bool:
   except Exception as e:  # any failure means the einsum path, never a crashed run
     lines = str(getattr(e, 'stderr', None) or e).strip().splitlines()
     errors = [ln for ln in lines if 'error' in ln] or lines or [type(e).__name__]
-    logging.warning('the CPU attention kernel is unavailable, so attention takes the einsum '
-                    'path: %s', errors[0])
+    logging.warning('the C++ CPU attention kernel is unavailable, so whole sequences take '
+                    'another kernel (mla_jax.attention_op.resolve): %s', errors[0])
     return False
   return True
 
