@@ -46,18 +46,18 @@ def one_error_line(result) -> str:
 def advised_flags(line: str) -> set[str]:
   """The flags a line tells its reader to pass, but those of a command it cites in full
   (python -m mla_jax.X --a=... --b=...), which are that command's."""
-  own = re.sub(r'python -m mla_jax\.\w+[^;)]*', '', line)
+  own = re.sub(r'python -m mla_jax\.\w+[^;)]*', '', line).replace('--name=value', '')
   return set(re.findall(r'(?<![\w-])--(\w+)', own))
 
 
 @functools.cache
 def flags_of(command: str) -> frozenset[str]:
-  """Every flag `python -m mla_jax.<command>` accepts."""
+  """Every flag `python -m mla_jax.<command>` accepts (absl's --helpfull included)."""
   listed = subprocess.run(
       [sys.executable, '-c', 'from absl import flags; import mla_jax.' + command +
        '; print(" ".join(flags.FLAGS))'], cwd=ROOT, capture_output=True, text=True, timeout=300)
   assert listed.returncode == 0, listed.stderr[-3000:]
-  return frozenset(listed.stdout.split())
+  return frozenset(listed.stdout.split()) | {'help', 'helpfull', 'helpshort', 'flagfile'}
 
 
 def train_args(workdir, corpus, *extra):

@@ -29,6 +29,7 @@ import mla_jax
 from configs import mla as mla_config
 from mla_jax import training
 from mla_jax import workdir as wd
+from tests.commands_defects_test import advised_flags, flags_of
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 FAULT = 'MLA_JAX_FAULT'  # see mla_jax.workdir.fault
@@ -117,10 +118,15 @@ def snapshot(folder: pathlib.Path) -> dict:
 
 
 def one_error_line(result) -> str:
-  """The one `error: ...` line a refused command prints (and nothing else on stderr)."""
+  """The one `error: ...` line a refused command prints (and nothing else on stderr), whose
+  advice names only flags of that command."""
   lines = result.stderr.strip().splitlines()
   assert len(lines) == 1 and lines[0].startswith('error: '), result.stderr[-3000:]
   assert 'Traceback' not in result.stderr
+  module = next((a for a in result.args if a.startswith('mla_jax.')), None)
+  if module:
+    command = module.removeprefix('mla_jax.')
+    assert advised_flags(lines[0]) <= flags_of(command), (command, lines[0])
   return lines[0]
 
 
