@@ -369,12 +369,23 @@ def _incomplete(folder: pathlib.Path, step: int, fix: str) -> WorkdirError:
     hint = 'load the latest checkpoint (without --best)'
   elif fix == 'init_from':
     hint = 'give another --init_from, or run its train command again to recompute it'
+  elif _converted(folder.parent):
+    hint = 'run the convert command again, into a new folder'
   else:
     hint = 'run the train command again: it recomputes the step'
   if earlier is not None and fix == 'step':
     hint += f', or pass --step={earlier}'
   return WorkdirError(f'checkpoint {step} in {folder} is incomplete (no {CHECKSUMS}: {why}), '
                       f'so nothing proves it intact; {hint}')
+
+
+def _converted(workdir) -> bool:
+  """Whether convert wrote workdir (its config.json records the source or the conversion)."""
+  try:
+    recorded = _read_json(config_path(workdir))
+  except WorkdirError:
+    return False
+  return bool(recorded.get('conversion') or recorded.get('source'))
 
 
 class _Manager(ocp.CheckpointManager):
@@ -558,7 +569,7 @@ def load_checkpoint(workdir, step: int | None = None, best: bool = False, mesh=N
   params = jax.tree.map(lambda p, s: jax.ShapeDtypeStruct(p.shape, p.dtype, sharding=s),
                         params, sharding.state_shardings(params, mesh))
   for _ in range(5):
-    chosen = _choose(workdir, config, folder, step, fix)
+    chosen = _choose(workdir, folder, step)
     try:
       with contextlib.closing(manager(folder)) as mngr:
         params, _, _ = restore(mngr, chosen, params, fix=fix, cfg=cfg)
@@ -576,7 +587,7 @@ def load_workdir(workdir, step: int | None = None, best: bool = False, mesh=None
   return model, cfg
 
 
-def _choose(workdir, config, folder: pathlib.Path, step: int | None, fix: str) -> int:
+def _choose(workdir, folder: pathlib.Path, step: int | None) -> int:
   """The step to load: `step` if it exists, else the newest complete checkpoint."""
   steps = checkpoint_steps(folder)
   if step is not None:
@@ -592,7 +603,7 @@ def _choose(workdir, config, folder: pathlib.Path, step: int | None, fix: str) -
   if holder:
     raise WorkdirError(f'{folder} has no checkpoint yet: {holder} is training there; wait for '
                        'its first save')
-  if config.records.get('conversion') or config.records.get('source'):
+  if _converted(workdir):
     raise WorkdirError(f'{folder} has no checkpoint: the convert that wrote {workdir} did not '
                        'finish; remove it and run the convert command again')
   raise WorkdirError(f'{folder} has no checkpoint; train first (python -m mla_jax.train '

@@ -399,9 +399,17 @@ def test_a_killed_convert_leaves_nothing_that_blocks_the_rerun(reference, tmp_pa
 @pytest.mark.parametrize('record, words', [
     (None, 'python -m mla_jax.train --config=configs/mla.py --workdir='),
     ('conversion', 'the convert that wrote'),
+    pytest.param('incomplete', 'run the convert command again', marks=pytest.mark.slow),
 ])
 def test_a_workdir_without_checkpoints_advises_a_complete_command(record, words, copy):
-  shutil.rmtree(copy / 'checkpoints')
+  """Defect 15: a workdir that a killed convert (before it wrote into a temporary folder)
+  left, or that never trained: the advice is a command that runs."""
+  if record == 'incomplete':  # killed between its checkpoint and the checksums
+    shutil.rmtree(copy / 'checkpoints' / '5')
+    (copy / 'checkpoints' / '10' / wd.CHECKSUMS).unlink()
+    record = 'source'
+  else:
+    shutil.rmtree(copy / 'checkpoints')
   if record:
     path = wd.config_path(copy)
     path.write_text(json.dumps({**json.loads(path.read_text()), record: {'exact': True}}))
