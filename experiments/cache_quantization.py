@@ -24,7 +24,6 @@ cache_quantization/ for the full run, the workdir for --quick (never the committ
 
 from __future__ import annotations
 
-import datetime
 import functools
 import json
 import math
@@ -210,11 +209,9 @@ def main():
             f"({r['perplexity_change_pct']:+.3f}%) argmax {100 * r['argmax_agreement']:.2f}% "
             f"greedy {r['greedy_leading']} [{r['perplexity_s']:.0f} s + {r['generate_s']:.0f} s]",
             flush=True)
-  setup = dict(command=common.command(), quick=FLAGS.quick, machine=common.machine(),
-               date=datetime.date.today().isoformat(),
-               wall_s=time.perf_counter() - start, options=opts,
-               cache_dtypes=FLAGS.cache_dtypes, data=FLAGS.data_files or 'shakespeare',
-               jax=jax.__version__)
+  setup = common.setup(quick=FLAGS.quick, wall_s=time.perf_counter() - start, options=opts,
+                       cache_dtypes=FLAGS.cache_dtypes, data=FLAGS.data_files or 'shakespeare',
+                       jax=jax.__version__)
   paths = report.write(common.out_dir(NAME, FLAGS.workdir), NAME,
                        dict(setup=setup, results=results), tables.cache_quantization_report)
   print('wrote ' + ', '.join(str(p) for p in paths))

@@ -43,9 +43,6 @@ flags.DEFINE_enum('match', 'params', list(MATCHING),
                   "row has MHA's SwiGLU width (the control for what the matching gives)")
 flags.DEFINE_string('data_files', '', 'a glob of text files instead of the Shakespeare corpus')
 
-# 8-bit caches' measured bytes per token (scales included): result key -> summary key. Runs
-# from before they were measured have none (shown as n/a).
-BYTES_8BIT = {'cache_bytes_int8_measured': 'bytes_int8', 'cache_bytes_fp8_measured': 'bytes_fp8'}
 # (row expected to be better, row expected to be worse, what the paper says).
 COMPARISONS = [
     ('mha', 'gqa4', 'MHA "strong" vs GQA "moderate" (Table 8: MHA beats GQA with 8 groups)'),
@@ -69,18 +66,12 @@ class CapacityVsCache(sweep.Sweep):
   name = NAME
 
   def plan(self) -> sweep.Plan:
-    rows_of = ablation.GEOMETRIES[FLAGS.geometry][1]
-    rows = list(dict.fromkeys(FLAGS.rows or rows_of))
-    unknown = sorted(set(rows) - set(rows_of))
-    lrs = sweep.rates(FLAGS.lrs or (ablation.QUICK_LEARNING_RATES if FLAGS.quick
-                                    else ablation.LEARNING_RATES[FLAGS.geometry]))
-    seeds = 3 if FLAGS.seeds is None else FLAGS.seeds
     if FLAGS.data_files and not (FLAGS.out or FLAGS.quick):
       raise InputError('--data_files needs --out (and a workdir of its own): a report and '
                        'ledger on another corpus must not replace the committed Shakespeare ones')
-    if unknown or seeds < 1:
-      raise InputError(f'unknown rows {unknown} or --seeds={seeds} < 1; the rows of '
-                       f'--geometry={FLAGS.geometry} are {rows_of}')
+    rows, lrs, seeds = sweep.grid_flags(
+        ablation.GEOMETRIES[FLAGS.geometry][1], ablation.LEARNING_RATES[FLAGS.geometry],
+        ablation.QUICK_LEARNING_RATES, 3, f' of --geometry={FLAGS.geometry}')
     grid = dict(quick=FLAGS.quick, geometry=FLAGS.geometry, match=FLAGS.match, rows=rows,
                 seeds=seeds, lrs=lrs, data=FLAGS.data_files or 'shakespeare')
     return sweep.Plan([(row,) for row in rows], lrs, seeds, grid,
@@ -125,7 +116,7 @@ class CapacityVsCache(sweep.Sweep):
 
   def report(self, results, swept, setup, out):
     summary = summarize(results)
-    table = sweep_table(swept)
+    table = report.rate_table(swept, 'loss')
     for row, s in summary.items():
       if row in table:
         s['edge'] = edge(table[row], s['lr'])
@@ -143,14 +134,6 @@ def best_rate(results: list[dict]) -> float:
     raise ValueError(f"{results[0]['row']}: every rate diverged (non-finite loss); rerun with "
                      'lower --lrs')
   return min(finished, key=lambda r: r['loss'])['lr']
-
-
-def sweep_table(swept: list[dict]) -> dict[str, dict[str, float | None]]:
-  """row -> {rate: validation loss of seed 0 (None: diverged)}."""
-  table: dict = {}
-  for r in swept:
-    table.setdefault(r['row'], {})[f"{r['lr']:g}"] = None if r.get('diverged') else r['loss']
-  return table
 
 
 def edge(rates: dict[str, float | None], lr: float) -> str | None:
@@ -180,25 +163,18 @@ def summarize(results: list[dict]) -> dict[str, dict]:
     first = runs[0]
     if len({r['lr'] for r in runs}) > 1:
       raise ValueError(f"{row}: seeds trained at different rates: {[r['lr'] for r in runs]}")
-    for key in ('params', 'cache_elements_measured', 'cache_bytes_bf16_measured',
-                *BYTES_8BIT):
+    for key in report.ROW_FACTS.values():
       if any(r.get(key) != first.get(key) for r in runs):
         raise ValueError(f'{row}: {key} differs between seeds: {[r[key] for r in runs]}')
     loss, loss_std = stats.mean_std([r['loss'] for r in runs])
     ppl, ppl_std = stats.mean_std([r['perplexity'] for r in runs])
     speeds = [r['tokens_per_s'] for r in runs if r['tokens_per_s']]
     summary[row] = dict(
-        row=row, mechanism=report.mechanism(first), attention=first['attention'],
-        paper=report.PAPER.get(first['attention'], '-'), formula=first['cache_formula'],
-        elements_formula=first['cache_elements_formula'],
-        elements_measured=first['cache_elements_measured'],
-        bytes_bf16=first['cache_bytes_bf16_measured'], params=first['params'],
-        **{short: first.get(key) for key, short in BYTES_8BIT.items()},
-        d_ff=first['d_ff'], lr=first.get('lr'), diverged=diverged.get(row, []),
+        row=row, **report.row_facts(first), lr=first.get('lr'), diverged=diverged.get(row, []),
         seeds=[r['seed'] for r in runs], losses=[r['loss'] for r in runs],
         loss=loss, loss_std=loss_std, perplexity=ppl, perplexity_std=ppl_std,
         tokens_per_s=statistics.fmean(speeds) if speeds else None,
-        train_tokens=first['train_tokens'], model=first['model'])
+        train_tokens=first['train_tokens'])
   return summary
 
 
@@ -215,8 +191,7 @@ def compare(summary: dict, better: str, worse: str, claim: str = '') -> dict | N
 def _setup_line(summary: dict, setup: dict) -> str:
   first = next(iter(summary.values()))
   m, tokens = first['model'], first['train_tokens']
-  return (f"d_model {m['d_model']}, {m['n_layers']} layers, {m['n_heads']} query heads of "
-          f"d_h = {m['head_dim']}, {tokens / 1e6:.2f}M training tokens (bytes) per run, "
+  return (f"{report.model_line(m)}, {tokens / 1e6:.2f}M training tokens (bytes) per run, "
           f"{setup.get('seeds', len(first['seeds']))} seeds")
 
 
@@ -238,38 +213,25 @@ def summary_table(payload: dict) -> list[str]:
   lines = []
   for _, s in report.by_cache(summary):
     speed = f"{s['tokens_per_s']:,.0f}" if s['tokens_per_s'] else 'n/a'
-    int8, fp8 = (f'{s[k]:,}' if s.get(k) else 'n/a' for k in ('bytes_int8', 'bytes_fp8'))
     lines.append([
-        s['mechanism'], s['paper'], s['formula'], f"{s['elements_formula']:,}",
-        f"{s['elements_measured']:,}", f"{s['bytes_bf16']:,}", int8, fp8, s['d_ff'],
-        report.params_vs_mha(summary, s), f"{s['lr']:g}" if s.get('lr') else '3e-3',
+        s['mechanism'], s['paper'], *report.cache_cells(summary, s),
+        f"{s['lr']:g}" if s.get('lr') else '3e-3',
         f"{s['loss']:.4f} ± {s['loss_std']:.4f}",
         f"{s['perplexity']:.3f} ± {s['perplexity_std']:.3f}", speed])
   return report.table(
-      ['mechanism', 'paper', 'KV cache per token', 'elements (formula)', 'elements (measured)',
-       'bytes bf16', 'bytes int8', 'bytes fp8', 'd_ff', 'params', 'lr', 'val loss',
+      ['mechanism', 'paper', *report.CACHE_HEADER, 'lr', 'val loss',
        'val perplexity', 'train tokens/s'], 'lll' + 'r' * 11, lines)
 
 
 def comparisons_table(payload: dict) -> list[str]:
-  return report.table(
-      ['comparison', 'loss gap (2nd − 1st)', 'spread (std + std)', 'seeds agreeing', 'verdict'],
-      'lrrrl', ([c['claim'], f"{c['gap']:+.4f}", f"{c['spread']:.4f}",
-                 f"{c['seeds_agreeing']}/{c['seeds']}", c['verdict']]
-                for c in payload['comparisons']))
+  return report.comparisons_table(payload['comparisons'], 'loss gap (2nd − 1st)', 4)
 
 
 def sweep_lines(payload: dict) -> list[str]:
   summary, table = payload['rows'], payload['sweep']
   rates = sorted({lr for by_rate in table.values() for lr in by_rate}, key=float)
-  lines = []
-  for _, s in report.by_cache(summary):
-    cells = []
-    for lr in rates:
-      loss = table.get(s['row'], {}).get(lr, 'n/a')
-      text = 'diverged' if loss is None else loss if loss == 'n/a' else f'{loss:.4f}'
-      cells.append(f'**{text}**' if s.get('lr') and f"{s['lr']:g}" == lr else text)
-    lines.append([s['mechanism'], *cells])
+  lines = ([s['mechanism'], *report.rate_cells(table.get(s['row'], {}), rates, s.get('lr'), 4)]
+           for _, s in report.by_cache(summary))
   return report.table(['row', *(f'lr {lr}' for lr in rates)], 'l' + 'r' * len(rates), lines)
 
 
@@ -280,8 +242,7 @@ def render(payload: dict) -> str:
       '# Capacity vs KV-cache size (DeepSeek-V2 Table 1, Tables 8-9 in miniature)'
       + ('' if geometry == 'small' else f': {geometry} geometry')
       + ('' if setup.get('match', 'params') == 'params' else f', {matching[0]}'), '',
-      f"`{setup['command']}` on {setup['machine']}, {setup['date']}"
-      f"{report.QUICK_NOTE if setup['quick'] else ''}.",
+      report.header(setup),
       f'{_setup_line(summary, setup)}. Every row has the same width, depth, query heads, '
       'data order (per seed), tokens, optimizer and schedule; only the attention '
       f'differs, and {matching[1]}. {_protocol(setup)} '

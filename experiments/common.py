@@ -105,6 +105,12 @@ def command() -> str:
   return ' '.join([program, *sys.argv[1:]])
 
 
+def setup(**fields) -> dict:
+  """A report's setup section: the command, the machine and the date, then `fields`."""
+  return dict(command=command(), machine=machine(), date=datetime.date.today().isoformat(),
+              **fields)
+
+
 def provenance() -> dict:
   """What a result file records about how it was made. The device is asked of jax here, so a
   process that forks workers calls this after they have run."""

@@ -48,10 +48,6 @@ flags.DEFINE_integer('steps', None, 'training steps per run (default: the config
 # less once the compilation cache holds its programs). Only for the estimate printed
 # before training: once runs of a setting have finished, their measured CPU time is used.
 STEP_A_S, STEP_B_S, RUN_OVERHEAD_S = 4.4e-5, 3.75e-7, 30.0
-# Summary key -> result key of the per-row facts every run of a row must agree on.
-ROW_FACTS = {'params': 'params', 'elements_measured': 'cache_elements_measured',
-             'bytes_bf16': 'cache_bytes_bf16_measured', 'bytes_int8': 'cache_bytes_int8_measured',
-             'bytes_fp8': 'cache_bytes_fp8_measured'}
 # (row expected to recall better, row expected to recall worse, why).
 COMPARISONS = [
     ('mha', 'mqa', 'MHA (G=8) vs MQA (G=1): 8x the cache'),
@@ -73,33 +69,25 @@ class RecallVsCache(sweep.Sweep):
   name = NAME
 
   def plan(self) -> sweep.Plan:
-    quick = FLAGS.quick
-    pick = lambda flag, full, short: flag if flag is not None else (short if quick else full)
-    seq_len = pick(FLAGS.seq_len, ablation.SEQ_LEN, ablation.QUICK_SEQ_LEN)
-    steps = pick(FLAGS.steps, ablation.STEPS, ablation.QUICK_STEPS)
-    seeds = pick(FLAGS.seeds, 3, 1)
+    seq_len = sweep.default(FLAGS.seq_len, ablation.SEQ_LEN, ablation.QUICK_SEQ_LEN)
+    steps = sweep.default(FLAGS.steps, ablation.STEPS, ablation.QUICK_STEPS)
     try:
-      kv_pairs = [int(k) for k in FLAGS.kv_pairs or (ablation.QUICK_KV_PAIRS if quick
-                                                      else ablation.KV_PAIRS)]
+      kv_pairs = [int(k) for k in sweep.default(FLAGS.kv_pairs, ablation.KV_PAIRS,
+                                                ablation.QUICK_KV_PAIRS)]
     except ValueError as e:
       raise InputError(f'--kv_pairs takes comma-separated numbers ({e})') from None
-    lrs = sweep.rates(FLAGS.lrs or (ablation.QUICK_LEARNING_RATES if quick
-                                    else ablation.LEARNING_RATES))
-    rows = list(dict.fromkeys(FLAGS.rows or capacity.ROWS))
-    unknown = sorted(set(rows) - set(capacity.ROWS))
-    if unknown or not rows or not kv_pairs:
-      raise InputError(f'unknown rows {unknown} or none given (--rows={FLAGS.rows}, '
-                       f'--kv_pairs={kv_pairs}); rows are {sorted(capacity.ROWS)}')
-    if seeds < 1 or steps < 1:
-      raise InputError(f'--seeds={seeds} and --steps={steps} must be >= 1')
+    rows, lrs, seeds = sweep.grid_flags(capacity.ROWS, ablation.LEARNING_RATES,
+                                        ablation.QUICK_LEARNING_RATES, 1)
+    if steps < 1 or not kv_pairs:
+      raise InputError(f'--steps={steps} must be >= 1 and --kv_pairs={kv_pairs} not empty')
     # An impossible N fails here, before anything is trained. (The shared config, not a row's:
     # matching a row's parameters starts jax, and the workers are forked from this process.)
     for kv in kv_pairs:
       try:
-        tasks.MQAR(ablation.shared(kv, seq_len, quick))
+        tasks.MQAR(ablation.shared(kv, seq_len, FLAGS.quick))
       except ValueError as e:
         raise InputError(f'--kv_pairs={kv} at --seq_len={seq_len}: {e}') from None
-    grid = dict(quick=quick, rows=rows, seq_len=seq_len, steps=steps, seeds=seeds, lrs=lrs,
+    grid = dict(quick=FLAGS.quick, rows=rows, seq_len=seq_len, steps=steps, seeds=seeds, lrs=lrs,
                 kv_pairs=kv_pairs, test_seed=ablation.TEST_SEED)
     return sweep.Plan([(row, seq_len, kv, steps) for kv in kv_pairs for row in rows], lrs, seeds,
                       grid, f'{len(rows)} rows x N = {kv_pairs} at {seq_len} tokens, {steps} steps',
@@ -173,7 +161,8 @@ class RecallVsCache(sweep.Sweep):
     summary = summarize(results)
     comparisons = [c for kv in setup['kv_pairs'] for better, worse, claim in COMPARISONS
                    if (c := compare(summary, better, worse, str(kv), claim))]
-    payload = report.sweep_payload(setup, summary, comparisons, sweep_table(swept), results,
+    payload = report.sweep_payload(setup, summary, comparisons,
+                                   report.rate_table(swept, 'val_accuracy', 'kv_pairs'), results,
                                    swept)
     return report.write(out, NAME, payload, render, plot)
 
@@ -190,15 +179,6 @@ def best_rate(results: list[dict]) -> float:
   return max(finished, key=lambda r: (r['val_accuracy'], -r['val_loss']))['lr']
 
 
-def sweep_table(swept: list[dict]) -> dict[str, dict[str, dict[str, float]]]:
-  """row -> N -> {rate: validation recall of seed 0}."""
-  table: dict = {}
-  for r in swept:
-    table.setdefault(r['row'], {}).setdefault(str(r['kv_pairs']), {})[f"{r['lr']:g}"] = \
-        None if r.get('diverged') else r['val_accuracy']
-  return table
-
-
 def summarize(results: list[dict]) -> dict[str, dict]:
   """Per row: the seed- and N-independent facts once, and per N the test recall over the
   seeds that trained to the end (`diverged` lists those stopped by a non-finite loss)."""
@@ -206,13 +186,9 @@ def summarize(results: list[dict]) -> dict[str, dict]:
   finished = [r for r in results if not r.get('diverged')]
   for r in sorted(finished, key=lambda r: (r['row'], r['kv_pairs'], r['seed'])):
     s = summary.setdefault(r['row'], dict(
-        mechanism=report.mechanism(r), attention=r['attention'],
-        paper=report.PAPER[r['attention']], formula=r['cache_formula'],
-        elements_formula=r['cache_elements_formula'],
-        **{short: r[key] for short, key in ROW_FACTS.items()}, d_ff=r['d_ff'],
-        model=r['model'], steps=r['steps'], train_tokens=r['train_tokens'], seq_len=r['seq_len'],
-        test_examples=r['test_examples'], by_kv={}))
-    differ = [short for short, key in ROW_FACTS.items() if s[short] != r[key]]
+        **report.row_facts(r), steps=r['steps'], train_tokens=r['train_tokens'],
+        seq_len=r['seq_len'], test_examples=r['test_examples'], by_kv={}))
+    differ = [short for short, key in report.ROW_FACTS.items() if s[short] != r.get(key)]
     if differ or (s['steps'], s['seq_len']) != (r['steps'], r['seq_len']):
       raise ValueError(f"{r['row']}: {differ or 'steps or seq_len'} differ between runs")
     cell = s['by_kv'].setdefault(str(r['kv_pairs']), dict(lr=r['lr'], seeds=[], accuracies=[],
@@ -251,8 +227,7 @@ def compare(summary: dict, better: str, worse: str, kv: str, claim: str = '') ->
 def _setup_line(summary: dict, setup: dict) -> str:
   first = next(iter(summary.values()))
   m = first['model']
-  return (f"d_model {m['d_model']}, {m['n_layers']} layers, {m['n_heads']} query heads of "
-          f"d_h = {m['head_dim']}, vocabulary {m['vocab_size']} (chance recall "
+  return (f"{report.model_line(m)}, vocabulary {m['vocab_size']} (chance recall "
           f"{2 / m['vocab_size']:.3f}), {first['seq_len']} tokens per example, "
           f"{first['steps']} steps ({first['train_tokens'] / 1e6:.2f}M tokens) per run, "
           f"{setup['seeds']} seed{'s' if setup['seeds'] > 1 else ''} per point")
@@ -277,13 +252,9 @@ def summary_table(payload: dict) -> list[str]:
       diverged = f"; {len(c['diverged'])} diverged" if c and c['diverged'] else ''
       cells.append('n/a' if c is None else
                    f"{c['accuracy']:.3f} ± {c['accuracy_std']:.3f} (lr {c['lr']:g}{diverged})")
-    lines.append([s['mechanism'], s['formula'], f"{s['elements_formula']:,}",
-                  f"{s['elements_measured']:,}", f"{s['bytes_bf16']:,}", f"{s['bytes_int8']:,}",
-                  f"{s['bytes_fp8']:,}", s['d_ff'], report.params_vs_mha(summary, s), *cells])
-  return report.table(
-      ['mechanism', 'KV cache per token', 'elements (formula)', 'elements (measured)',
-       'bytes bf16', 'bytes int8', 'bytes fp8', 'd_ff', 'params',
-       *(f'recall, N={k}' for k in kvs)], 'll' + 'r' * (7 + len(kvs)), lines)
+    lines.append([s['mechanism'], *report.cache_cells(summary, s), *cells])
+  return report.table(['mechanism', *report.CACHE_HEADER, *(f'recall, N={k}' for k in kvs)],
+                      'll' + 'r' * (7 + len(kvs)), lines)
 
 
 def per_seed_table(payload: dict) -> list[str]:
@@ -305,28 +276,17 @@ def per_seed_table(payload: dict) -> list[str]:
 
 def sweep_lines(payload: dict) -> list[str]:
   summary, setup, table = payload['rows'], payload['setup'], payload['sweep']
-  lines = []
-  for row, s in report.by_cache(summary):
-    for k in map(str, setup['kv_pairs']):
-      got = table.get(row, {}).get(k, {})
-      chosen = s['by_kv'].get(k, {}).get('lr')
-      cells = []
-      for lr in setup['lrs']:
-        value = got.get(f'{lr:g}', 'n/a')
-        text = 'diverged' if value is None else value if value == 'n/a' else f'{value:.3f}'
-        cells.append(f'**{text}**' if chosen is not None and f'{lr:g}' == f'{chosen:g}'
-                     else text)
-      lines.append([s['mechanism'], k, *cells])
-  return report.table(['mechanism', 'N', *(f'lr {lr:g}' for lr in setup['lrs'])],
-                      'lr' + 'r' * len(setup['lrs']), lines)
+  rates = [f'{lr:g}' for lr in setup['lrs']]
+  lines = ([s['mechanism'], k, *report.rate_cells(table.get(row, {}).get(k, {}), rates,
+                                                   s['by_kv'].get(k, {}).get('lr'), 3)]
+           for row, s in report.by_cache(summary) for k in map(str, setup['kv_pairs']))
+  return report.table(['mechanism', 'N', *(f'lr {lr}' for lr in rates)], 'lr' + 'r' * len(rates),
+                      lines)
 
 
 def comparisons_table(payload: dict) -> list[str]:
-  return report.table(
-      ['comparison', 'N', 'recall gap (1st − 2nd)', 'spread (std + std)', 'seeds agreeing',
-       'verdict'], 'lrrrrl',
-      ([c['claim'], c['kv_pairs'], f"{c['gap']:+.3f}", f"{c['spread']:.3f}",
-        f"{c['seeds_agreeing']}/{c['seeds']}", c['verdict']] for c in payload['comparisons']))
+  return report.comparisons_table(payload['comparisons'], 'recall gap (1st − 2nd)', 3,
+                                  (('N', 'kv_pairs'),))
 
 
 def render(payload: dict) -> str:
@@ -336,8 +296,7 @@ def render(payload: dict) -> str:
           if setup.get('full_wall_s') else '')
   lines = [
       '# Recall vs KV-cache size: multi-query associative recall (Zoology) per attention', '',
-      f"`{setup['command']}` on {setup['machine']}, {setup['date']}"
-      f"{report.QUICK_NOTE if setup['quick'] else ''}.",
+      report.header(setup),
       f'{_setup_line(summary, setup)}. Every row has the same width, depth, query heads, '
       'data (per seed) and schedule; only the attention differs, and the SwiGLU width d_ff '
       f"is set per row to match MHA's parameter count. {_protocol(setup)} Recall = "

@@ -40,6 +40,40 @@ def sweep_payload(setup: dict, summary: dict, comparisons: list[dict], sweep_tab
               runs=strip(results), sweep_runs=strip(swept))
 
 
+def header(setup: dict) -> str:
+  """The line under a report's title: the command that wrote it, where and when."""
+  return (f"`{setup['command']}` on {setup['machine']}, {setup['date']}"
+          f"{QUICK_NOTE if setup['quick'] else ''}.")
+
+
+def rate_table(swept: list[dict], score: str, *keys: str) -> dict:
+  """A sweep's seed-0 scores: row [-> r[key] ...] -> {rate: r[score] (None: diverged)}."""
+  out: dict = {}
+  for r in swept:
+    node = out.setdefault(r['row'], {})
+    for key in keys:
+      node = node.setdefault(str(r[key]), {})
+    node[f"{r['lr']:g}"] = None if r.get('diverged') else r[score]
+  return out
+
+
+def rate_cells(scores: dict, rates: list[str], chosen: float | None, digits: int) -> list[str]:
+  """A sweep table's cells: each rate's seed-0 score ('diverged', 'n/a': not run), the chosen
+  rate's in bold."""
+  cells = []
+  for lr in rates:
+    value = scores.get(lr, 'n/a')
+    text = 'diverged' if value is None else value if value == 'n/a' else f'{value:.{digits}f}'
+    cells.append(f'**{text}**' if chosen and f'{chosen:g}' == lr else text)
+  return cells
+
+
+def model_line(m: dict) -> str:
+  """A model section's shape, as the reports' setup lines start."""
+  return (f"d_model {m['d_model']}, {m['n_layers']} layers, {m['n_heads']} query heads of "
+          f"d_h = {m['head_dim']}")
+
+
 def table(header: Iterable[str], align: str, rows: Iterable[Iterable]) -> list[str]:
   """Markdown table lines; align has one letter per column: l (---), r (--:), R (---:)."""
   marks = {'l': '---', 'r': '--:', 'R': '---:'}
@@ -57,6 +91,17 @@ def params_vs_mha(summary: dict, s: dict) -> str:
   """A row's parameter count, and its difference from MHA's where MHA ran."""
   mha = summary.get('mha', {}).get('params')
   return f"{s['params']:,}" + (f" ({100 * (s['params'] / mha - 1):+.1f}%)" if mha else '')
+
+
+def comparisons_table(comparisons: list[dict], gap: str, digits: int,
+                      extra: tuple = ()) -> list[str]:
+  """The "which orderings are resolved" table; `extra`: (header, key) columns after the claim."""
+  return table(
+      ['comparison', *(h for h, _ in extra), gap, 'spread (std + std)', 'seeds agreeing',
+       'verdict'], 'l' + 'r' * (len(extra) + 3) + 'l',
+      ([c['claim'], *(c[k] for _, k in extra), f"{c['gap']:+.{digits}f}",
+        f"{c['spread']:.{digits}f}", f"{c['seeds_agreeing']}/{c['seeds']}", c['verdict']]
+       for c in comparisons))
 
 
 def compare(a: dict[int, float], b: dict[int, float], claim: str, higher_is_better: bool,
@@ -93,6 +138,32 @@ def pyplot():
 # The paper's words for each mechanism's capability (DeepSeek-V2 Table 1), and plot markers.
 PAPER = {'mha': 'strong', 'gqa': 'moderate', 'mqa': 'weak', 'mla': 'stronger'}
 MARKERS = {'mha': 'o', 'gqa': 's', 'mqa': '^', 'mla': 'D'}
+
+
+# Summary key -> result key of the facts every run of a row shares (its size, its cache); runs
+# from before the 8-bit caches were measured have no bytes for them (shown as n/a).
+ROW_FACTS = {'params': 'params', 'elements_measured': 'cache_elements_measured',
+             'bytes_bf16': 'cache_bytes_bf16_measured', 'bytes_int8': 'cache_bytes_int8_measured',
+             'bytes_fp8': 'cache_bytes_fp8_measured'}
+CACHE_HEADER = ['KV cache per token', 'elements (formula)', 'elements (measured)', 'bytes bf16',
+                'bytes int8', 'bytes fp8', 'd_ff', 'params']
+
+
+def row_facts(r: dict) -> dict:
+  """A row's summary entries that do not depend on the seed (from one of its runs, r)."""
+  return dict(mechanism=mechanism(r), attention=r['attention'],
+              paper=PAPER.get(r['attention'], '-'), formula=r['cache_formula'],
+              elements_formula=r['cache_elements_formula'],
+              **{short: r.get(key) for short, key in ROW_FACTS.items()}, d_ff=r['d_ff'],
+              model=r['model'])
+
+
+def cache_cells(summary: dict, s: dict) -> list:
+  """A row's cells under CACHE_HEADER."""
+  return [s['formula'], f"{s['elements_formula']:,}", f"{s['elements_measured']:,}",
+          f"{s['bytes_bf16']:,}", *(f'{s[k]:,}' if s.get(k) else 'n/a'
+                                    for k in ('bytes_int8', 'bytes_fp8')),
+          s['d_ff'], params_vs_mha(summary, s)]
 
 
 def mechanism(r: dict) -> str:

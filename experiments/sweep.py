@@ -24,7 +24,6 @@ machine from the committed ledger, resumes where it stopped.
 from __future__ import annotations
 
 import dataclasses
-import datetime
 import json
 import pathlib
 import sys
@@ -107,6 +106,25 @@ def rates(values: list[str]) -> list[float]:
     raise InputError(f'--lrs takes distinct positive numbers, comma-separated (got '
                      f"{','.join(map(str, values))}; rates are told apart to 6 digits)")
   return lrs
+
+
+def default(flag, full, quick):
+  """A flag's value if given, else the experiment's default (its quick one under --quick)."""
+  return flag if flag is not None else quick if FLAGS.quick else full
+
+
+def grid_flags(known_rows, lrs: list, quick_lrs: list, quick_seeds: int,
+               where: str = '') -> tuple[list[str], list[float], int]:
+  """(--rows, --lrs, --seeds), checked: the rows among `known_rows` (default: all of them),
+  the rates distinct and positive, at least one seed (default: 3, or quick_seeds)."""
+  rows = list(dict.fromkeys(FLAGS.rows or known_rows))
+  unknown = sorted(set(rows) - set(known_rows))
+  lrs, seeds = rates(FLAGS.lrs or default(None, lrs, quick_lrs)), default(FLAGS.seeds, 3,
+                                                                          quick_seeds)
+  if unknown or not rows or seeds < 1:
+    raise InputError(f'unknown rows {unknown} or --seeds={seeds} < 1; the rows{where} are '
+                     f'{list(known_rows)}')
+  return rows, lrs, seeds
 
 
 def sweep_runs(cells: list[tuple], lrs: list[float]) -> list[Run]:
@@ -212,9 +230,8 @@ def main(sweep: Sweep) -> None:
   trained += _train(final, 'seeds at the chosen rates', sweep, jobs, ledger)
   wall_s = time.perf_counter() - start
   total = len(swept) + len(final)
-  setup = dict(
-      command=common.command(), **plan.grid, jobs=jobs, machine=common.machine(),
-      date=datetime.date.today().isoformat(), wall_s=wall_s, runs_trained=trained, runs_total=total,
+  setup = common.setup(
+      **plan.grid, jobs=jobs, wall_s=wall_s, runs_trained=trained, runs_total=total,
       cpu_s=sum(sweep.read(r)['cpu_s'] for r in swept + final),
       full_wall_s=runner.full_wall_s(out / f'{plan.stem}.json', wall_s, trained == total,
                                      plan.grid))

@@ -294,7 +294,7 @@ def test_summary_leaves_diverged_seeds_out_and_names_them():
 def test_report_marks_the_chosen_rate_and_a_diverged_one():
   sweep = [_result('mha', 0, 3e-3, 1.9), _result('mha', 0, 6e-3)]
   summary = experiment.summarize([_result('mha', 1, 3e-3, 1.95)])
-  md = experiment.render(dict(rows=summary, sweep=experiment.sweep_table(sweep), comparisons=[],
+  md = experiment.render(dict(rows=summary, sweep=report.rate_table(sweep, 'loss'), comparisons=[],
                               setup=dict(command='x', machine='m', date='d', quick=False, jobs=2,
                                          lrs=[3e-3, 6e-3], seeds=1)))
   assert '| MHA (G=8) | **1.9000** | diverged |' in md

@@ -194,7 +194,7 @@ def test_quick_pipeline_end_to_end(tmp_path):
     (['--quick', '--kv_pairs=64'], 'error: --kv_pairs=64'),
     (['--quick', '--lrs=fast'], 'error: --lrs takes'),
     (['--quick', '--kv_pairs=many'], 'error: --kv_pairs takes'),
-    (['--quick', '--steps=0'], 'error: --seeds=1 and --steps=0'),
+    (['--quick', '--steps=0'], 'error: --steps=0 must be >= 1'),
 ])
 def test_bad_flags_are_one_line_and_write_nothing(args, message, tmp_path):
   run = _cli(tmp_path, *args)
