@@ -97,37 +97,26 @@ def main(argv):
   on_cpu = platform.current() == 'cpu'
   limits = machine_limits(FLAGS.runs, mib=256 if FLAGS.quick else 1024, dtype=FLAGS.dtype,
                           n=FLAGS.matmul_n or (2048 if on_cpu else 8192))
-  rows, failures = [], []
-  meta = {'machine': limits, 'device': str(jax.devices()[0]), 'dtype': FLAGS.dtype, **size}
-
-  path = common.out_dir('bench_decode') / 'bench_decode.json'
-
-  def save(**extra):  # after every row: a run stopped at its time limit keeps what it measured
-    common.write_json(path, {**meta, 'rows': rows, 'failures': failures, **extra})
-
+  rows = timing.Rows(common.out_dir('bench_decode') / 'bench_decode.json', machine=limits,
+                     device=str(jax.devices()[0]), dtype=FLAGS.dtype, **size)
   for batch in batches:
     for context in contexts:
       for name, cfg in timing.decode_configs(dtype=FLAGS.dtype, impls=resolve_impls(FLAGS.impls),
                                cache_dtypes=resolve_cache_dtypes(FLAGS.cache_dtypes),
                                **size).items():
-        row = timing.attempt(
+        row = rows.add(
             functools.partial(timing.decode_row, name, cfg, batch, context, limits, FLAGS.runs),
-            {'variant': name, 'batch': batch, 'context': context}, failures)
+            variant=name, batch=batch, context=context)
         if row is not None:
-          rows.append(row)
           print(f"{name:30s} b={batch} ctx={context:6d} {row['ms_per_token']:9.2f} ms "
                 f"fraction {row['fraction_of_limit']:.2f}", flush=True)
-        save()
   overhead = python_overhead_check(FLAGS.runs)
-  print(format_table({**meta, 'rows': rows}))
+  print(format_table({'machine': limits, 'rows': rows.rows}))
   print(f"\nno Python per token: generate {overhead['generate_ms_per_token']:.3f} ms/token vs "
         f"one jitted forward {overhead['jitted_forward_ms']:.3f} ms "
         f"(ratio {overhead['ratio']:.2f}; 1-layer d=64 model, context 128)")
-  save(python_overhead=overhead)
-  print(f'wrote {path}')
-  if failures:
-    raise SystemExit(f'error: {len(failures)} rows failed (listed in {path})')
-
+  rows.save(python_overhead=overhead)
+  rows.finish()
 
 if __name__ == '__main__':
   app.run(main, flags_parser=cli.parse_flags)

@@ -34,7 +34,7 @@ import numpy as np
 from absl import flags
 
 from experiments import common, tables
-from experiments.timing import attempt, attention_kernel, machine_limits, time_train_step
+from experiments.timing import Rows, attention_kernel, machine_limits, time_train_step
 from mla_jax import cli, platform, sharding, training
 from mla_jax.config import ModelConfig
 from mla_jax.model import param_count
@@ -126,31 +126,19 @@ def main():
   measured = machine_limits(5, mib=256, dtype=dtype,
                             n=2048 if platform.current() == 'cpu' else 8192)
   peak = FLAGS.peak_tflops * 1e12 or measured['matmul_flops_per_s']
-  rows, failures = [], []
-
-  path = common.out_dir('bench_train') / 'bench_train.json'
-
-  def save():  # after every row: a run stopped at its time limit keeps what it measured
-    common.write_json(path, {
-        'device': str(jax.devices()[0]), 'size': size(), 'peak_flops': peak,
-        'measured_matmul_flops_per_s': measured['matmul_flops_per_s'],
-        'deterministic': FLAGS.deterministic, 'rows': rows, 'failures': failures})
-
+  rows = Rows(common.out_dir('bench_train') / 'bench_train.json', device=str(jax.devices()[0]),
+              size=size(), peak_flops=peak,
+              measured_matmul_flops_per_s=measured['matmul_flops_per_s'],
+              deterministic=FLAGS.deterministic)
   for variant in FLAGS.variants:
     for impl in FLAGS.impls:
-      row = attempt(functools.partial(bench_row, variant, impl, peak),
-                    {'variant': variant, 'impl': impl}, failures)
+      row = rows.add(functools.partial(bench_row, variant, impl, peak), variant=variant,
+                     impl=impl)
       if row is not None:
-        rows.append(row)
         print(row, flush=True)
-      save()
   print(f"MFU against {peak / 1e12:.1f} TFLOP/s ({'given' if FLAGS.peak_tflops else 'measured'}"
-        f', {dtype})\n' + '\n'.join(tables.bench_train_table({'rows': rows})))
-  save()
-  print(f'wrote {path}')
-  if failures:
-    raise SystemExit(f'error: {len(failures)} rows failed (listed in {path})')
-
+        f', {dtype})\n' + '\n'.join(tables.bench_train_table({'rows': rows.rows})))
+  rows.finish()
 
 if __name__ == '__main__':
   cli.run(main)

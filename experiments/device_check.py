@@ -22,7 +22,7 @@ from flax import nnx
 
 import mla_jax
 from experiments import common, tables
-from experiments.timing import attempt
+from experiments.timing import Rows
 from mla_jax import cli, variants
 from mla_jax.model import with_config
 
@@ -77,25 +77,14 @@ def main(argv):
           dict(d_model=512, n_layers=2, n_heads=8, d_ff=1024))
   # 96 tokens: a prefill chunk of 8, then 88 decode steps through the kernels
   tokens = np.random.default_rng(0).integers(0, 256, 24 if FLAGS.quick else 96)
-  rows, failures = [], []
-
-  path = common.out_dir('device_check') / 'device_check.json'
-
-  def save():  # after every row: a run stopped at its time limit keeps what it checked
-    common.write_json(path, {'device': str(jax.devices()[0]), 'rows': rows})
-
+  rows = Rows(common.out_dir('device_check') / 'device_check.json', device=str(jax.devices()[0]))
   for name in variants.names():
-    row = attempt(functools.partial(check_variant, name, size, tokens), {'variant': name},
-                  failures)
-    rows.append({**failures[-1], 'ok': False} if row is None else row)  # failed: not ok
-    print(rows[-1], flush=True)
-    save()
-  print('\n'.join(tables.device_check_table({'rows': rows})))
-  if failures:
-    raise SystemExit(f'error: a variant failed to run (listed in {path})')
-  if not all(r['ok'] for r in rows):
+    rows.add(functools.partial(check_variant, name, size, tokens), {'ok': False}, variant=name)
+    print(rows.rows[-1], flush=True)
+  print('\n'.join(tables.device_check_table({'rows': rows.rows})))
+  rows.finish()
+  if not all(r['ok'] for r in rows.rows):
     raise SystemExit('error: a kernel disagrees with the einsum path on this device')
-
 
 if __name__ == '__main__':
   app.run(main, flags_parser=cli.parse_flags)

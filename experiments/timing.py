@@ -7,6 +7,7 @@ experiments/, outside the package: mla_jax never imports them.
 
 from __future__ import annotations
 
+import pathlib
 import time
 from collections.abc import Callable
 
@@ -16,22 +17,45 @@ import numpy as np
 from flax import nnx
 
 import mla_jax
+from experiments import common
 from mla_jax import quant, tasks, training, variants
 from mla_jax.cache import measured_per_token, storage_dtype
 from mla_jax.config import ModelConfig
 from mla_jax.quant import QuantArray
 
 
-def attempt(make_row, where: dict, failures: list):
-  """make_row(), or None after appending {**where, 'error': ...} to failures (and printing it):
-  one row that fails on a device (out of memory, a kernel it cannot compile) must not lose the
-  run's other rows."""
-  try:
-    return make_row()
-  except Exception as e:
-    failures.append({**where, 'error': f'{type(e).__name__}: {str(e)[:400]}'})
-    print(f"{where}: FAILED {failures[-1]['error']}", flush=True)
-    return None
+class Rows:
+  """A benchmark's rows, written to `path` with `meta` after each one: a run stopped at its
+  time limit keeps what it measured, and a row that fails on a device (out of memory, a kernel
+  it cannot compile) is listed under 'failures' without losing the run's other rows."""
+
+  def __init__(self, path: pathlib.Path, **meta):
+    self.path, self.meta, self.rows, self.failures = path, meta, [], []
+
+  def add(self, make_row: Callable[[], dict], failed: dict | None = None, **where) -> dict | None:
+    """make_row()'s row, or None after recording the failure (and printing it); `failed`: a
+    failure is also a row, these entries added (a check whose table shows it)."""
+    try:
+      self.rows.append(make_row())
+    except Exception as e:
+      self.failures.append({**where, 'error': f'{type(e).__name__}: {str(e)[:400]}'})
+      print(f"{where}: FAILED {self.failures[-1]['error']}", flush=True)
+      if failed is not None:
+        self.rows.append({**self.failures[-1], **failed})
+      self.save()
+      return None
+    self.save()
+    return self.rows[-1]
+
+  def save(self, **extra) -> None:
+    common.write_json(self.path, {**self.meta, 'rows': self.rows, 'failures': self.failures,
+                                  **extra})
+
+  def finish(self) -> None:
+    """Says where the rows are; a failed row fails the run (after the others ran)."""
+    print(f'wrote {self.path}')
+    if self.failures:
+      raise SystemExit(f'error: {len(self.failures)} rows failed (listed in {self.path})')
 
 
 def median_seconds(fn, runs: int) -> float:
@@ -156,15 +180,14 @@ def time_train_step(config, mesh, steps: int) -> dict:
     start = time.perf_counter()
     compiled = step.lower(state, batch).compile()
     compile_s = time.perf_counter() - start  # the timed calls below compile once more, untimed
-    state, metrics = step(state, batch)
-    jax.block_until_ready(metrics)
-    times = []
-    for _ in range(steps):
-      start = time.perf_counter()
-      state, metrics = step(state, batch)
-      jax.block_until_ready(metrics)
-      times.append(time.perf_counter() - start)
-  return {'compile_s': compile_s, 'step_s': float(np.median(times)), 'hlo': compiled.as_text()}
+    box = [state]
+
+    def call():
+      box[0], metrics = step(box[0], batch)
+      return metrics
+
+    step_s = median_seconds(call, steps)
+  return {'compile_s': compile_s, 'step_s': step_s, 'hlo': compiled.as_text()}
 
 
 def decode_step_cost(cfg: ModelConfig, n_params: int, batch: int, context: int,

@@ -102,6 +102,20 @@ def test_configs_load_one_way():
                          text), path.name
 
 
+def test_benchmark_rows_keep_the_others_when_one_fails(tmp_path):
+  """A row that raises is listed under failures (and, for a check, as a row not ok); the
+  file holds every row measured so far; finishing with a failure exits non-zero."""
+  rows = timing.Rows(tmp_path / 'b.json', device='cpu')
+  assert rows.add(lambda: {'variant': 'a', 'ms': 1.0}, variant='a') == {'variant': 'a', 'ms': 1.0}
+  assert rows.add(lambda: 1 / 0, {'ok': False}, variant='b') is None
+  saved = json.loads((tmp_path / 'b.json').read_text())
+  assert saved['device'] == 'cpu' and [r['variant'] for r in saved['rows']] == ['a', 'b']
+  assert saved['rows'][1]['ok'] is False
+  assert saved['failures'] == [{'variant': 'b', 'error': 'ZeroDivisionError: division by zero'}]
+  with pytest.raises(SystemExit, match='1 rows failed'):
+    rows.finish()
+
+
 def test_ab_timer_measures_the_ratio_of_two_steps():
   """Two steps of 10 ms and 40 ms, alternated: the first is ~4x faster in tokens/s (a sleep
   overshoots by a few ms on a loaded machine, which only brings the ratio down a little)."""
