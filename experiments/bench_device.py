@@ -38,7 +38,6 @@ flags.DEFINE_list('parts', ['check', 'train', 'decode', 'train_deterministic'],
                   'which parts to run, in order')
 flags.DEFINE_float('peak_tflops', 0.0, 'peak for MFU (0: 989 on H100/H200, else measured)')
 
-ROOT = common.ROOT
 # part -> (the script it runs, which writes <script>.json into OUT/<part>/, and its table)
 PARTS = {'check': ('device_check', tables.device_check_table),
          'train': ('bench_train', tables.bench_train_table),
@@ -95,7 +94,7 @@ def run_part(name: str, command: list[str], limit: int, out: pathlib.Path) -> di
   log = out / f'{name}.log'
   with log.open('w') as f:
     try:
-      code = subprocess.run(command, cwd=ROOT, stdout=f, stderr=subprocess.STDOUT,
+      code = subprocess.run(command, cwd=common.ROOT, stdout=f, stderr=subprocess.STDOUT,
                             timeout=limit).returncode
     except subprocess.TimeoutExpired:
       code = 'timeout'

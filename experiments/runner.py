@@ -32,7 +32,6 @@ from mla_jax.cache import measured_per_token
 from mla_jax.errors import InputError
 from mla_jax.model import with_config
 
-ROOT = pathlib.Path(__file__).resolve().parents[1]
 # A run's results, written last by every experiment's worker: a run that has one is finished
 # (Task.done), and the ledger keeps these files.
 RESULT = 'result.json'
@@ -212,7 +211,7 @@ def run_tasks(tasks: list[Task], jobs: int = 0, report=print,
       todo.remove(task)
       task.log.parent.mkdir(parents=True, exist_ok=True)
       with task.log.open('a') as log:  # the child keeps its own descriptor
-        proc = subprocess.Popen([sys.executable, '-m', *task.args], cwd=ROOT, stdout=log,
+        proc = subprocess.Popen([sys.executable, '-m', *task.args], cwd=common.ROOT, stdout=log,
                                 stderr=log, preexec_fn=pin_to(cores[slot]))
       running[slot] = (proc, task, time.perf_counter())
     if not running:

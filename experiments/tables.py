@@ -219,11 +219,11 @@ def cpu_attention_bench_table(payload: dict) -> list[str]:
 
 
 # --- the registry ----------------------------------------------------------------------------
-def _lazy(module: str, function: str) -> Callable[[dict], list[str] | str]:
+def _lazy(module: str, function: str, *args) -> Callable[[dict], list[str] | str]:
   """A renderer of an experiment module (imported when the table is rendered: it defines
   flags, which the benchmarks that import this module must not get)."""
   return lambda payload: getattr(importlib.import_module(f'experiments.{module}'),
-                                 function)(payload)
+                                 function)(payload, *args)
 
 
 def _sweep_parts(module: str) -> dict:
@@ -242,8 +242,8 @@ REPORTS: dict[str, tuple[str, dict]] = {
                     'capacity_vs_cache_paper_mlp')},
     'recall_vs_cache': ('recall_vs_cache/recall_vs_cache.json', _sweep_parts('recall_vs_cache')),
     'to_mla': ('to_mla/to_mla.json', {'report': _lazy('to_mla_report', 'render'),
-                                      'mha': _lazy('to_mla_report', 'mha_table'),
-                                      'gqa': _lazy('to_mla_report', 'gqa_table')}),
+                                      **{source: _lazy('to_mla_report', 'source_table', source)
+                                         for source in ('mha', 'gqa')}}),
     **{stem: (f'cache_quantization/{stem}.json', {'summary': cache_quantization_table,
                                                   'report': cache_quantization_report})
        for stem in ('cache_quantization', 'cache_quantization_mla_full')},

@@ -30,7 +30,6 @@ marked partial, and trains nothing.
 
 from __future__ import annotations
 
-import datetime
 import json
 import pathlib
 import shutil
@@ -187,62 +186,54 @@ def _tokens(config) -> int:
 
 
 def run_task(name: str) -> None:
+  """One task: trains, converts or fine-tunes its run, scores it, measures its cache; its
+  result.json last."""
   source, *rest = name.split('/')
   config = source_config(source)
   val = data.load_splits(config.data)['val']
-  prompt = val[:64]
-  if rest == ['source']:
-    folder = path(source)
-    result = _train(config, folder)
-    model, cfg = wd.load_workdir(folder)
-    _write_result(folder, dict(task=name, source=source, kind='source', fraction=1,
-                               model=cfg.to_dict(), train_tokens=_tokens(config),
-                               after=result, **_cache(model, prompt)))
-    return
-  if rest == ['exact']:
+  kind, fraction = (rest[0], 1) if len(rest) == 1 else (rest[1], int(rest[0]))
+  result = dict(task=name, source=source, kind=kind, fraction=fraction)
+  if kind == 'source':
+    folder = trained = path(source)
+    result.update(after=_train(config, folder), train_tokens=_tokens(config))
+  elif kind == 'exact':
     folder = path(f'{source}-exact')
-    converted = _convert(folder / 'converted', path(source))
-    model, cfg = wd.load_workdir(converted)
-    _write_result(folder, dict(task=name, source=source, kind='exact', fraction=1,
-                               model=cfg.to_dict(), before=_evaluate(model, config, val),
-                               **_cache(model, prompt)))
-    return
-  fraction, kind = int(rest[0]), rest[1]
-  d_c, d_r = shape(ModelConfig.from_dict(config.model), fraction)
-  folder = path(scratch_folder(d_c, d_r) if kind == 'scratch' else f'{source}-c{fraction}-{kind}')
-  ft_steps = finetune_steps(config)
-  if kind == 'scratch':
-    config.model.update(mla_model_section(source, fraction))
-    config.train.steps += ft_steps  # the source's tokens + the fine-tuning tokens
-    result = _train(config, folder)
-    model, cfg = wd.load_workdir(folder)
-    _write_result(folder, dict(task=name, source=source, kind=kind, fraction=fraction,
-                               model=cfg.to_dict(), train_tokens=_tokens(config), after=result,
-                               **_cache(model, prompt)))
-    return
-  selection, calibrated, latent_norm, tuned = VARIANTS[kind]
-  start = time.perf_counter()
-  converted = _convert(folder / 'converted', path(source), d_c, d_r, selection,
-                       FLAGS.calibration_batches if calibrated else 0, latent_norm)
-  convert_s = time.perf_counter() - start
-  model, cfg = wd.load_workdir(converted)
-  result = dict(task=name, source=source, kind=kind, fraction=fraction, model=cfg.to_dict(),
-                rope_selection=selection, calibration_batches=FLAGS.calibration_batches
-                if calibrated else 0, latent_norm=latent_norm, convert_s=convert_s,
-                **_cache(model, prompt))
-  if tuned:
-    ft = finetune.get_config(str(converted))
-    ft.opt.warmup_steps = min(ft.opt.warmup_steps, ft_steps - 1)
-    ft.train.update(steps=ft_steps, eval_every=10**9, checkpoint_every=ft_steps,
-                    log_every=1)
-    result['after'] = _train(ft, folder / 'finetuned', init_from=str(converted))
-    result['finetune_tokens'] = _tokens(ft)
-    rows = [json.loads(line) for line in (folder / 'finetuned' / 'metrics.jsonl').open()]
-    first = next(r for r in rows if r['step'] == 0 and 'val_loss' in r)
-    result['before'] = {'loss': first['val_loss'], 'perplexity': first['val_perplexity']}
+    trained = _convert(folder / 'converted', path(source))
   else:
+    d_c, d_r = shape(ModelConfig.from_dict(config.model), fraction)
+    if kind == 'scratch':
+      folder = trained = path(scratch_folder(d_c, d_r))
+      config.model.update(mla_model_section(source, fraction))
+      config.train.steps += finetune_steps(config)  # the source's tokens + the fine-tuning ones
+      result.update(after=_train(config, folder), train_tokens=_tokens(config))
+    else:
+      folder = path(f'{source}-c{fraction}-{kind}')
+      selection, calibrated, latent_norm, tuned = VARIANTS[kind]
+      batches = FLAGS.calibration_batches if calibrated else 0
+      start = time.perf_counter()
+      trained = _convert(folder / 'converted', path(source), d_c, d_r, selection, batches,
+                         latent_norm)
+      result.update(rope_selection=selection, calibration_batches=batches,
+                    latent_norm=latent_norm, convert_s=time.perf_counter() - start)
+      if tuned:
+        result.update(_finetune(trained, folder / 'finetuned', finetune_steps(config)))
+  model, cfg = wd.load_workdir(trained)
+  if 'after' not in result:  # a conversion that is not fine-tuned: scored as it comes out
     result['before'] = _evaluate(model, config, val)
-  _write_result(folder, result)
+  _write_result(folder, dict(result, model=cfg.to_dict(), **_cache(model, val[:64])))
+
+
+def _finetune(converted: pathlib.Path, folder: pathlib.Path, steps: int) -> dict:
+  """A conversion fine-tuned (--init_from) for `steps`: its validation before (the run's
+  step-0 evaluation) and after, and the tokens it trained on."""
+  ft = finetune.get_config(str(converted))
+  ft.opt.warmup_steps = min(ft.opt.warmup_steps, steps - 1)
+  ft.train.update(steps=steps, eval_every=10**9, checkpoint_every=steps, log_every=1)
+  after = _train(ft, folder, init_from=str(converted))
+  rows = [json.loads(line) for line in (folder / 'metrics.jsonl').open()]
+  first = next(r for r in rows if r['step'] == 0 and 'val_loss' in r)
+  return dict(after=after, finetune_tokens=_tokens(ft),
+              before={'loss': first['val_loss'], 'perplexity': first['val_perplexity']})
 
 
 def _convert(out: pathlib.Path, source: pathlib.Path, *args) -> pathlib.Path:
@@ -283,13 +274,12 @@ def main():
                     data=FLAGS.data_files or 'shakespeare',
                     finetune_fraction=FLAGS.finetune_fraction,
                     calibration_batches=FLAGS.calibration_batches)
-  setup = dict(command=common.command(), **grid_setup, date=datetime.date.today().isoformat(),
-               jobs=FLAGS.jobs or len(common.available_cores()), machine=common.machine(),
-               wall_s=wall_s, tasks_run=0 if FLAGS.report_only else len(todo),
-               tasks_finished=len(finished), tasks_total=len(all_tasks),
-               full_wall_s=runner.full_wall_s(out / f'{to_mla_report.NAME}.json', wall_s,
-                                              len(todo) == len(all_tasks)
-                                              and not FLAGS.report_only, grid_setup))
+  setup = common.setup(**grid_setup, jobs=FLAGS.jobs or len(common.available_cores()),
+                       wall_s=wall_s, tasks_run=0 if FLAGS.report_only else len(todo),
+                       tasks_finished=len(finished), tasks_total=len(all_tasks),
+                       full_wall_s=runner.full_wall_s(
+                           out / f'{to_mla_report.NAME}.json', wall_s,
+                           len(todo) == len(all_tasks) and not FLAGS.report_only, grid_setup))
   paths = report.write(out, to_mla_report.NAME, dict(setup=setup, results=results),
                        to_mla_report.render, to_mla_report.plot)
   print('wrote ' + ', '.join(str(p) for p in paths))

@@ -65,20 +65,15 @@ def _fraction_table(entry: dict) -> list[str]:
                       'll' + 'r' * 7, lines)
 
 
-def mha_table(payload: dict) -> list[str]:
-  return _fraction_table(_by_source(payload['results']).get('mha', {}))
-
-
-def gqa_table(payload: dict) -> list[str]:
-  return _fraction_table(_by_source(payload['results']).get('gqa', {}))
+def source_table(payload: dict, source: str) -> list[str]:
+  return _fraction_table(_by_source(payload['results']).get(source, {}))
 
 
 def render(payload: dict) -> str:
   results, setup = payload['results'], payload['setup']
   lines = [
       '# MHA / GQA -> MLA: conversion (mla_jax.to_mla) vs MLA from scratch, at equal cache', '',
-      f"`{setup['command']}` on {setup['machine']}, {setup['date']}"
-      f"{report.QUICK_NOTE if setup['quick'] else ''}.",
+      report.header(setup),
       'Validation perplexity (bytes) on the held-out split of the source\'s corpus, every byte '
       'scored once. "before" is the conversion as it comes out of mla_jax.to_mla; "after" '
       f"is it fine-tuned (--init_from) on {100 * setup['finetune_fraction']:g}% of the "
