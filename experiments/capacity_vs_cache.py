@@ -23,7 +23,7 @@ import statistics
 from absl import flags
 
 from configs.ablations import capacity_vs_cache as ablation
-from experiments import report, stats, sweep
+from experiments import report, sweep
 from mla_jax import cli, data, evaluator
 from mla_jax.errors import InputError
 
@@ -166,8 +166,8 @@ def summarize(results: list[dict]) -> dict[str, dict]:
     for key in report.ROW_FACTS.values():
       if any(r.get(key) != first.get(key) for r in runs):
         raise ValueError(f'{row}: {key} differs between seeds: {[r[key] for r in runs]}')
-    loss, loss_std = stats.mean_std([r['loss'] for r in runs])
-    ppl, ppl_std = stats.mean_std([r['perplexity'] for r in runs])
+    loss, loss_std = report.mean_std([r['loss'] for r in runs])
+    ppl, ppl_std = report.mean_std([r['perplexity'] for r in runs])
     speeds = [r['tokens_per_s'] for r in runs if r['tokens_per_s']]
     summary[row] = dict(
         row=row, **report.row_facts(first), lr=first.get('lr'), diverged=diverged.get(row, []),

@@ -28,7 +28,7 @@ from absl import flags
 
 from configs.ablations import capacity_vs_cache as capacity
 from configs.ablations import recall_vs_cache as ablation
-from experiments import report, stats, sweep
+from experiments import report, sweep
 from mla_jax import cli, tasks
 from mla_jax.errors import InputError
 
@@ -207,8 +207,8 @@ def summarize(results: list[dict]) -> dict[str, dict]:
       cell['diverged'].append(r['seed'])
   for s in summary.values():
     for cell in s['by_kv'].values():
-      cell['accuracy'], cell['accuracy_std'] = stats.mean_std(cell['accuracies'])
-      cell['loss'], cell['loss_std'] = stats.mean_std(cell['losses'])
+      cell['accuracy'], cell['accuracy_std'] = report.mean_std(cell['accuracies'])
+      cell['loss'], cell['loss_std'] = report.mean_std(cell['losses'])
   return summary
 
 

@@ -3,16 +3,19 @@ result regenerates its markdown (and the tables docs quote) from its JSON alone
 (`python -m experiments.tables`, tests/experiments_test.py).
 
 An experiment gives `write` its payload (JSON-able), a `render(payload) -> markdown` and
-optionally a `plot(payload, path)`; the pieces below are what the reports' tables share.
+optionally a `plot(payload, path)`; the pieces below are what the reports' tables share, and
+their statistics: mean ± std over seeds, and whether one row beats another beyond the spread.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import pathlib
+import statistics
 from collections.abc import Callable, Iterable
 
-from experiments import common, stats
+from experiments import common
 
 QUICK_NOTE = ' (QUICK: a pipeline check; the numbers mean nothing)'
 
@@ -104,10 +107,31 @@ def comparisons_table(comparisons: list[dict], gap: str, digits: int,
        for c in comparisons))
 
 
-def compare(a: dict[int, float], b: dict[int, float], claim: str, higher_is_better: bool,
-            as_expected: str, **extra) -> dict:
-  """A comparison row: is `a` (seed -> value) ahead of `b` beyond the seed spread (stats)?"""
-  return dict(**extra, **stats.beyond_spread(a, b, higher_is_better, as_expected), claim=claim)
+def mean_std(xs: list[float]) -> tuple[float, float]:
+  """Mean and sample standard deviation (0 for one value)."""
+  return statistics.fmean(xs), (statistics.stdev(xs) if len(xs) > 1 else 0.0)
+
+
+def compare(ahead: dict[int, float], behind: dict[int, float], claim: str,
+            higher_is_better: bool, as_expected: str, /, **extra) -> dict:
+  """A comparison row: is `ahead` (seed -> value) ahead of `behind` beyond the seed spread?
+
+  Resolved means the two mean ± std intervals do not overlap (never with fewer than two
+  seeds). Seeds are paired (seed k gives both rows the same data order), so the per-seed
+  differences are counted too. gap > 0 means `ahead` is ahead.
+  """
+  sign = 1 if higher_is_better else -1
+  (a, a_std), (b, b_std) = mean_std(list(ahead.values())), mean_std(list(behind.values()))
+  gap, spread = sign * (a - b), a_std + b_std
+  diffs = [sign * (ahead[s] - behind[s]) for s in behind if s in ahead]
+  if min(len(ahead), len(behind)) < 2 or abs(gap) <= spread:
+    verdict = 'not resolved'
+  else:
+    verdict = as_expected if gap > 0 else 'resolved, the opposite'
+  return dict(**extra, gap=gap, spread=spread, verdict=verdict,
+              seeds_agreeing=sum(d > 0 for d in diffs), seeds=len(diffs),
+              paired_mean=statistics.fmean(diffs) if diffs else math.nan,
+              paired_std=statistics.stdev(diffs) if len(diffs) > 1 else 0.0, claim=claim)
 
 
 CACHE_NOTE = ('(elements per token of the caches a bfloat16 prefill and decode step return, '
