@@ -164,13 +164,13 @@ def summarize(results: list[dict]) -> dict[str, dict]:
     if len({r['lr'] for r in runs}) > 1:
       raise ValueError(f"{row}: seeds trained at different rates: {[r['lr'] for r in runs]}")
     for key in report.ROW_FACTS.values():
-      if any(r.get(key) != first.get(key) for r in runs):
+      if any(r[key] != first[key] for r in runs):
         raise ValueError(f'{row}: {key} differs between seeds: {[r[key] for r in runs]}')
     loss, loss_std = report.mean_std([r['loss'] for r in runs])
     ppl, ppl_std = report.mean_std([r['perplexity'] for r in runs])
     speeds = [r['tokens_per_s'] for r in runs if r['tokens_per_s']]
     summary[row] = dict(
-        row=row, **report.row_facts(first), lr=first.get('lr'), diverged=diverged.get(row, []),
+        row=row, **report.row_facts(first), lr=first['lr'], diverged=diverged.get(row, []),
         seeds=[r['seed'] for r in runs], losses=[r['loss'] for r in runs],
         loss=loss, loss_std=loss_std, perplexity=ppl, perplexity_std=ppl_std,
         tokens_per_s=statistics.fmean(speeds) if speeds else None,
@@ -192,13 +192,11 @@ def _setup_line(summary: dict, setup: dict) -> str:
   first = next(iter(summary.values()))
   m, tokens = first['model'], first['train_tokens']
   return (f"{report.model_line(m)}, {tokens / 1e6:.2f}M training tokens (bytes) per run, "
-          f"{setup.get('seeds', len(first['seeds']))} seeds")
+          f"{setup['seeds']} seeds")
 
 
 def _protocol(setup: dict) -> str:
-  lrs = setup.get('lrs')
-  if not lrs:  # a report from before the sweep: one rate for every row
-    return 'Every row at base.py\'s learning rate (3e-3); no row is tuned.'
+  lrs = setup['lrs']
   if len(lrs) == 1:
     return f'Every row at lr {lrs[0]:g} (one rate given: no sweep).'
   rates = ', '.join(f'{lr:g}' for lr in lrs)
@@ -215,7 +213,7 @@ def summary_table(payload: dict) -> list[str]:
     speed = f"{s['tokens_per_s']:,.0f}" if s['tokens_per_s'] else 'n/a'
     lines.append([
         s['mechanism'], s['paper'], *report.cache_cells(summary, s),
-        f"{s['lr']:g}" if s.get('lr') else '3e-3',
+        f"{s['lr']:g}",
         f"{s['loss']:.4f} ± {s['loss_std']:.4f}",
         f"{s['perplexity']:.3f} ± {s['perplexity_std']:.3f}", speed])
   return report.table(
@@ -237,11 +235,11 @@ def sweep_lines(payload: dict) -> list[str]:
 
 def render(payload: dict) -> str:
   summary, setup = payload['rows'], payload['setup']
-  geometry, matching = setup.get('geometry', 'small'), MATCHING[setup.get('match', 'params')]
+  geometry, matching = setup['geometry'], MATCHING[setup['match']]
   lines = [
       '# Capacity vs KV-cache size (DeepSeek-V2 Table 1, Tables 8-9 in miniature)'
       + ('' if geometry == 'small' else f': {geometry} geometry')
-      + ('' if setup.get('match', 'params') == 'params' else f', {matching[0]}'), '',
+      + ('' if setup['match'] == 'params' else f', {matching[0]}'), '',
       report.header(setup),
       f'{_setup_line(summary, setup)}. Every row has the same width, depth, query heads, '
       'data order (per seed), tokens, optimizer and schedule; only the attention '
@@ -281,7 +279,7 @@ def plot(payload: dict, path: pathlib.Path) -> None:
   ax.set_xlabel(f'KV cache per token (elements, all {n_layers} layers; log scale)')
   ax.set_ylabel('validation loss (nats per byte), mean ± std over seeds')
   ax.set_title(f"{'QUICK pipeline check: ' if setup['quick'] else ''}byte-level Shakespeare, "
-               + MATCHING[setup.get('match', 'params')][0], fontsize=10)
+               + MATCHING[setup['match']][0], fontsize=10)
   ax.text(0.01, 0.01, _setup_line(summary, setup), transform=ax.transAxes, fontsize=7,
           color='gray')
   ax.grid(alpha=0.3, which='both')

@@ -188,7 +188,7 @@ def summarize(results: list[dict]) -> dict[str, dict]:
     s = summary.setdefault(r['row'], dict(
         **report.row_facts(r), steps=r['steps'], train_tokens=r['train_tokens'],
         seq_len=r['seq_len'], test_examples=r['test_examples'], by_kv={}))
-    differ = [short for short, key in report.ROW_FACTS.items() if s[short] != r.get(key)]
+    differ = [short for short, key in report.ROW_FACTS.items() if s[short] != r[key]]
     if differ or (s['steps'], s['seq_len']) != (r['steps'], r['seq_len']):
       raise ValueError(f"{r['row']}: {differ or 'steps or seq_len'} differ between runs")
     cell = s['by_kv'].setdefault(str(r['kv_pairs']), dict(lr=r['lr'], seeds=[], accuracies=[],

@@ -164,8 +164,7 @@ PAPER = {'mha': 'strong', 'gqa': 'moderate', 'mqa': 'weak', 'mla': 'stronger'}
 MARKERS = {'mha': 'o', 'gqa': 's', 'mqa': '^', 'mla': 'D'}
 
 
-# Summary key -> result key of the facts every run of a row shares (its size, its cache); runs
-# from before the 8-bit caches were measured have no bytes for them (shown as n/a).
+# Summary key -> result key of the facts every run of a row shares (its size, its cache).
 ROW_FACTS = {'params': 'params', 'elements_measured': 'cache_elements_measured',
              'bytes_bf16': 'cache_bytes_bf16_measured', 'bytes_int8': 'cache_bytes_int8_measured',
              'bytes_fp8': 'cache_bytes_fp8_measured'}
@@ -178,16 +177,15 @@ def row_facts(r: dict) -> dict:
   return dict(mechanism=mechanism(r), attention=r['attention'],
               paper=PAPER.get(r['attention'], '-'), formula=r['cache_formula'],
               elements_formula=r['cache_elements_formula'],
-              **{short: r.get(key) for short, key in ROW_FACTS.items()}, d_ff=r['d_ff'],
+              **{short: r[key] for short, key in ROW_FACTS.items()}, d_ff=r['d_ff'],
               model=r['model'])
 
 
 def cache_cells(summary: dict, s: dict) -> list:
   """A row's cells under CACHE_HEADER."""
   return [s['formula'], f"{s['elements_formula']:,}", f"{s['elements_measured']:,}",
-          f"{s['bytes_bf16']:,}", *(f'{s[k]:,}' if s.get(k) else 'n/a'
-                                    for k in ('bytes_int8', 'bytes_fp8')),
-          s['d_ff'], params_vs_mha(summary, s)]
+          f"{s['bytes_bf16']:,}", f"{s['bytes_int8']:,}", f"{s['bytes_fp8']:,}", s['d_ff'],
+          params_vs_mha(summary, s)]
 
 
 def mechanism(r: dict) -> str:

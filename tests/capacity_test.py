@@ -296,7 +296,8 @@ def test_report_marks_the_chosen_rate_and_a_diverged_one():
   summary = experiment.summarize([_result('mha', 1, 3e-3, 1.95)])
   md = experiment.render(dict(rows=summary, sweep=report.rate_table(sweep, 'loss'), comparisons=[],
                               setup=dict(command='x', machine='m', date='d', quick=False, jobs=2,
-                                         lrs=[3e-3, 6e-3], seeds=1)))
+                                         lrs=[3e-3, 6e-3], seeds=1, geometry='small',
+                                         match='params')))
   assert '| MHA (G=8) | **1.9000** | diverged |' in md
   assert '| 3e-3 |' not in md and '| 0.003 | 1.9500 ± 0.0000 |' in md
 

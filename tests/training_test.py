@@ -11,8 +11,9 @@ import pytest
 
 from configs import base
 from configs import mla as mla_config
-from mla_jax import run_config, training
+from mla_jax import attention_op, run_config, training
 from mla_jax import workdir as wd
+from mla_jax.kernels import cpu_attention
 from mla_jax.training import step as training_step
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -54,6 +55,20 @@ def test_resumed_run_continues_exactly(trained):
   assert split_losses == whole_losses  # bit for bit: same data, same state
   assert [v['val_loss'] for v in split_val] == [v['val_loss'] for v in whole_val]
   assert whole_losses[-1] < whole_losses[0] - 0.5  # it learns
+
+
+def test_the_attention_kernels_are_recorded_in_config_json(trained):
+  """The kernels the model resolved are what config.json records: on this CPU the tiny
+  config's 'auto' takes the C++ kernel for whole sequences where it builds, einsum for the
+  rest (attention_op.resolve); the resume check ignores the record."""
+  whole, split, _ = trained
+  recorded = json.loads((whole / 'config.json').read_text())['kernels']
+  cfg = wd.read_config(whole).model
+  assert recorded == attention_op.resolve(cfg).to_dict()
+  want = 'cpu_kernel' if cpu_attention.available() else 'einsum'
+  assert (recorded['whole'], recorded['prefill'], recorded['decode']) == (want, 'einsum',
+                                                                           'einsum')
+  assert json.loads((split / 'config.json').read_text())['kernels'] == recorded
 
 
 def test_evaluate_matches_the_trainers_last_validation(trained):
