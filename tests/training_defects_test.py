@@ -14,9 +14,12 @@ import time
 import pytest
 
 from configs import mla as mla_config
-from mla_jax import data, training
+from mla_jax import data, run_config, training
 from mla_jax import workdir as wd
+from mla_jax.attention_op import AttentionOp
 from mla_jax.errors import Error
+from mla_jax.training import memory as training_memory
+from mla_jax.training import state as training_state
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
@@ -87,6 +90,23 @@ def test_a_run_too_large_for_memory_is_refused_before_writing(override, corpus, 
   lines = result.stderr.strip().splitlines()
   assert len(lines) == 1 and 'GiB of memory' in lines[0] and 'this host has' in lines[0], lines
   assert not (tmp_path / 'run').exists()
+
+
+@pytest.mark.parametrize('whole', ['einsum', 'xla'])
+def test_the_memory_estimate_counts_the_scores_of_paths_that_materialise_them(whole, corpus):
+  """Einsum and XLA's attention hold [h, t, t] scores and probabilities per layer for the
+  backward pass; the C++ kernel (flash attention) holds none."""
+  config = run_config.RunConfig.from_dict(tiny(corpus))
+  model, optimizer = training_state.abstract_state(config)
+
+  def activations(op):
+    model.op = op
+    return training_memory.estimate(config, (model, optimizer))['activations']
+
+  m, d = config.model, config.data
+  scores = m.n_layers * 2 * d.batch_size * m.n_heads * d.seq_len ** 2 * 4  # float32
+  assert (activations(AttentionOp('cpu', whole=whole))
+          - activations(AttentionOp('cpu', whole='cpu_kernel'))) == scores
 
 
 # --- 11. seeds out of range ----------------------------------------------------------------

@@ -5,9 +5,9 @@ traceback with a half-made workdir behind it.
 The estimate counts, in bytes: the (model, optimizer) state and two float32 copies of the
 gradients (the accumulator and one microbatch's); the activations one microbatch keeps for the
 backward pass (per layer about 12 d_model + 3 d_ff values per token, plus the [h, t, t] scores
-and probabilities where whole sequences take the einsum path, and the float32 logits, their
-softmax and gradient); and the batches in flight (grain's prefetch). It is meant to catch
-mistakes of 2x and more, not to predict XLA's peak.
+and probabilities where whole sequences take a path that materialises them, einsum or XLA's
+attention; and the float32 logits, their softmax and gradient); and the batches in flight
+(grain's prefetch). It is meant to catch mistakes of 2x and more, not to predict XLA's peak.
 """
 
 from __future__ import annotations
@@ -39,7 +39,7 @@ def estimate(config, abstract) -> dict[str, int]:
   tokens = rows * d.seq_len
   width = 2 if m.dtype in ('bfloat16', 'float16') else 4  # 'auto': float32 on a CPU
   per_layer = tokens * (12 * m.d_model + 3 * m.d_ff)
-  if model.op.whole == 'einsum':  # scores and probabilities, materialised
+  if model.op.whole in ('einsum', 'xla'):  # scores and probabilities, materialised
     per_layer += 2 * rows * m.n_heads * d.seq_len ** 2
   activations = m.n_layers * per_layer * width + 3 * tokens * m.vocab_size * 4
   batches = (PREFETCH + 1) * d.batch_size * d.seq_len * 12  # inputs, targets, weights
