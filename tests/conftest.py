@@ -49,6 +49,7 @@ import pytest  # noqa: E402
 from flax import nnx  # noqa: E402
 
 import mla_jax  # noqa: E402
+from configs import mla as mla_config  # noqa: E402
 from mla_jax import variants  # noqa: E402
 from mla_jax.attention_op import AttentionOp  # noqa: E402
 
@@ -100,6 +101,14 @@ def tiny_config(**overrides) -> mla_jax.ModelConfig:
   base = dict(vocab_size=256, d_model=64, n_layers=2, n_heads=4, d_ff=128, max_seq_len=128,
               attention_impl='einsum')
   return mla_jax.ModelConfig(**{**base, **overrides})
+
+
+def tiny_run(corpus, **train):
+  """configs/mla.py:tiny (a 10-step run) on the test corpus, with train overrides."""
+  config = mla_config.get_config('tiny')
+  config.data.files = corpus
+  config.train.update(train)
+  return config
 
 
 def variant_of(name: str) -> variants.Variant:

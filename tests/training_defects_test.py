@@ -12,8 +12,8 @@ import sys
 import time
 
 import pytest
+from conftest import tiny_run
 
-from configs import mla as mla_config
 from mla_jax import data, run_config, training
 from mla_jax import workdir as wd
 from mla_jax.attention_op import AttentionOp
@@ -22,13 +22,6 @@ from mla_jax.training import memory as training_memory
 from mla_jax.training import state as training_state
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
-
-
-def tiny(corpus, **train):
-  config = mla_config.get_config('tiny')
-  config.data.files = corpus
-  config.train.update(train)
-  return config
 
 
 def snapshot(folder: pathlib.Path) -> dict:
@@ -40,7 +33,7 @@ def snapshot(folder: pathlib.Path) -> dict:
 def finished(corpus, tmp_path_factory) -> pathlib.Path:
   """A complete 10-step tiny run (checkpoints 5 and 10, best/, metrics.jsonl)."""
   folder = tmp_path_factory.mktemp('finished')
-  training.train_and_evaluate(tiny(corpus), str(folder))
+  training.train_and_evaluate(tiny_run(corpus), str(folder))
   return folder
 
 
@@ -58,7 +51,7 @@ def test_a_run_whose_checkpoints_are_gone_is_refused_untouched(corpus, copy, tmp
   shutil.move(copy / 'checkpoints', tmp_path / 'aside')
   before = snapshot(copy)
   with pytest.raises(wd.WorkdirError, match=r'but no checkpoints/; put its checkpoints/ back'):
-    training.train_and_evaluate(tiny(corpus), str(copy))
+    training.train_and_evaluate(tiny_run(corpus), str(copy))
   assert snapshot(copy) == before
 
 
@@ -68,7 +61,7 @@ def test_checkpoints_without_their_config_are_refused(corpus, copy):
   and wrote a config.json that misrecorded it."""
   (copy / 'config.json').unlink()
   before = snapshot(copy)
-  config = tiny(corpus, steps=12)
+  config = tiny_run(corpus, steps=12)
   config.opt.lr = 1e-3
   with pytest.raises(wd.WorkdirError, match=r'holds checkpoints but no config\.json'):
     training.train_and_evaluate(config, str(copy))
@@ -96,7 +89,7 @@ def test_a_run_too_large_for_memory_is_refused_before_writing(override, corpus, 
 def test_the_memory_estimate_counts_the_scores_of_paths_that_materialise_them(whole, corpus):
   """Einsum and XLA's attention hold [h, t, t] scores and probabilities per layer for the
   backward pass; the C++ kernel (flash attention) holds none."""
-  config = run_config.RunConfig.from_dict(tiny(corpus))
+  config = run_config.RunConfig.from_dict(tiny_run(corpus))
   model, optimizer = training_state.abstract_state(config)
 
   def activations(op):
@@ -112,7 +105,7 @@ def test_the_memory_estimate_counts_the_scores_of_paths_that_materialise_them(wh
 # --- 11. seeds out of range ----------------------------------------------------------------
 @pytest.mark.parametrize('seed', [-1, 2**70])
 def test_a_seed_out_of_range_is_refused_before_writing(seed, corpus, tmp_path):
-  config = tiny(corpus)
+  config = tiny_run(corpus)
   config.seed = seed
   with pytest.raises(Error, match=rf'seed={seed} must be an integer in \[0, 4294967295\]'):
     training.train_and_evaluate(config, str(tmp_path / 'run'))
@@ -127,7 +120,7 @@ def test_a_refused_init_from_writes_nothing(corpus, copy, tmp_path):
     if f.is_file() and f.stat().st_size > 100:
       f.write_bytes(b'\0' * 64)
   with pytest.raises(wd.WorkdirError, match='is damaged'):
-    training.train_and_evaluate(tiny(corpus), str(tmp_path / 'new'), init_from=str(copy))
+    training.train_and_evaluate(tiny_run(corpus), str(tmp_path / 'new'), init_from=str(copy))
   assert not (tmp_path / 'new').exists()
 
 
@@ -141,7 +134,7 @@ def test_a_refused_init_from_writes_nothing(corpus, copy, tmp_path):
 ])
 def test_bad_optimizer_values_are_refused_before_writing(field, value, message, corpus,
                                                          tmp_path):
-  config = tiny(corpus)
+  config = tiny_run(corpus)
   config.opt[field] = value
   with pytest.raises(Error, match=message):
     training.train_and_evaluate(config, str(tmp_path / 'run'))
@@ -154,14 +147,14 @@ def test_resuming_with_a_longer_schedule_is_refused(corpus, copy):
   before = snapshot(copy)
   with pytest.raises(wd.WorkdirError, match=r'train.steps: 10 in config.json, 20 now.*'
                                             r'--init_from='):
-    training.train_and_evaluate(tiny(corpus, steps=20), str(copy))
+    training.train_and_evaluate(tiny_run(corpus, steps=20), str(copy))
   assert snapshot(copy) == before
 
 
 # --- 17. data.val_fraction -----------------------------------------------------------------
 @pytest.mark.parametrize('fraction', [1.0, 0.0, -0.5, math.nan])
 def test_a_bad_val_fraction_is_refused_by_name(fraction, corpus, tmp_path):
-  config = tiny(corpus)
+  config = tiny_run(corpus)
   config.data.val_fraction = fraction
   with pytest.raises(Error, match=rf'data.val_fraction={fraction!r} must be'):
     training.train_and_evaluate(config, str(tmp_path / 'run'))
@@ -183,7 +176,7 @@ def test_several_files_never_put_the_whole_corpus_in_validation(tmp_path):
 # --- 18. what a drift refusal says ---------------------------------------------------------
 def test_a_changed_config_is_refused_by_field_with_both_values(corpus, copy):
   before = snapshot(copy)
-  config = tiny(corpus)
+  config = tiny_run(corpus)
   config.opt.lr = 1e-3
   config.seed = 1
   with pytest.raises(wd.WorkdirError) as e:

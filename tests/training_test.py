@@ -8,20 +8,15 @@ import sys
 
 import numpy as np
 import pytest
+from conftest import tiny_run
 
 from configs import base
-from configs import mla as mla_config
 from mla_jax import attention_op, run_config, training
 from mla_jax import workdir as wd
 from mla_jax.kernels import cpu_attention
 from mla_jax.training import step as training_step
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
-def tiny(corpus, **train):
-  config = mla_config.get_config('tiny')
-  config.data.files = corpus
-  config.train.update(train)
-  return config
 
 
 def losses(workdir):
@@ -39,11 +34,11 @@ def trained(corpus, tmp_path_factory):
   """A 10-step run done in one go, and the same run stopped after 5 steps and resumed, with
   train.deterministic as a user asks for bit-exact resume (conftest sets its XLA flag)."""
   whole = tmp_path_factory.mktemp('whole')
-  training.train_and_evaluate(tiny(corpus, deterministic=True), str(whole))
+  training.train_and_evaluate(tiny_run(corpus, deterministic=True), str(whole))
   split = tmp_path_factory.mktemp('split')
-  training.train_and_evaluate(tiny(corpus, stop_after_steps=5, deterministic=True), str(split))
+  training.train_and_evaluate(tiny_run(corpus, stop_after_steps=5, deterministic=True), str(split))
   assert wd.manager(split / 'checkpoints').latest_step() == 5
-  last = training.train_and_evaluate(tiny(corpus, deterministic=True), str(split))
+  last = training.train_and_evaluate(tiny_run(corpus, deterministic=True), str(split))
   return whole, split, last
 
 
@@ -177,8 +172,8 @@ def test_sigterm_saves_and_exits_cleanly(corpus, tmp_path):
 @pytest.mark.long
 def test_gradient_accumulation_matches_one_big_batch(corpus, tmp_path):
   """Two microbatches of 4 average to the gradient of the batch of 8: same losses."""
-  one = tiny(corpus, steps=4, eval_every=100, checkpoint_every=100)
-  two = tiny(corpus, steps=4, eval_every=100, checkpoint_every=100)
+  one = tiny_run(corpus, steps=4, eval_every=100, checkpoint_every=100)
+  two = tiny_run(corpus, steps=4, eval_every=100, checkpoint_every=100)
   two.opt.grad_accum_steps = 2
   training.train_and_evaluate(one, str(tmp_path / 'one'), final_eval=False)
   training.train_and_evaluate(two, str(tmp_path / 'two'), final_eval=False)
@@ -189,8 +184,8 @@ def test_gradient_accumulation_matches_one_big_batch(corpus, tmp_path):
 
 @pytest.mark.long
 def test_bfloat16_compute_trains_like_float32(corpus, tmp_path):
-  f32 = tiny(corpus, steps=6, eval_every=100, checkpoint_every=100)
-  bf16 = tiny(corpus, steps=6, eval_every=100, checkpoint_every=100)
+  f32 = tiny_run(corpus, steps=6, eval_every=100, checkpoint_every=100)
+  bf16 = tiny_run(corpus, steps=6, eval_every=100, checkpoint_every=100)
   bf16.model.dtype = 'bfloat16'
   training.train_and_evaluate(f32, str(tmp_path / 'f32'), final_eval=False)
   training.train_and_evaluate(bf16, str(tmp_path / 'bf16'), final_eval=False)
