@@ -303,7 +303,7 @@ def _compress_attention(attn: dict, cov: np.ndarray, split: _RopeSplit, kept: np
           'w_uk': w_uk, 'w_uv': w_uv, 'w_o': w_o}
 
 
-def _check(src: ModelConfig, rank, d_r, selection: str, latent_norm: str) -> None:
+def _check_arguments(src: ModelConfig, rank, d_r, selection: str, latent_norm: str) -> None:
   if src.attention not in GQA_FAMILY:
     raise ConversionError(f"to_mla converts {'/'.join(GQA_FAMILY)} models; this one is "
                           f'attention={src.attention!r}')
@@ -342,7 +342,7 @@ def to_mla(model: Transformer, kv_lora_rank: int | None = None,
   src = model.cfg
   if kv_lora_rank is not None and qk_rope_head_dim is None:
     qk_rope_head_dim = src.head_dim // 2
-  _check(src, kv_lora_rank, qk_rope_head_dim, rope_selection, latent_norm)
+  _check_arguments(src, kv_lora_rank, qk_rope_head_dim, rope_selection, latent_norm)
   params = jax.tree.map(np.asarray, nnx.to_pure_dict(nnx.state(model, nnx.Param)))
   if kv_lora_rank is None:
     cfg = exact_config(src)
