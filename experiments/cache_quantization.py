@@ -15,7 +15,7 @@ the reference is the float32 cache):
 - next-token argmax agreement with the float32 cache over the same tokens (teacher-forced);
 - greedy agreement: --gen_tokens generated from --prompts fixed validation prompts, and per
   prompt the number of leading tokens that equal the float32 cache's.
-The float32 row's perplexity is checked against a full forward (mla_jax.evaluator) on the same
+The float32 row's perplexity is checked against a full forward (mla_jax.perplexity) on the same
 windows: they must agree to float32 rounding, or the cache path is wrong.
 
 The report (cache_quantization.md / .json) goes to --out: experiments/results/
@@ -39,7 +39,7 @@ from flax import nnx
 
 import mla_jax
 from experiments import common, report, tables
-from mla_jax import cli, data, evaluator, training
+from mla_jax import cli, data, perplexity, training
 from mla_jax import workdir as wd
 from mla_jax.model import with_config
 
@@ -165,7 +165,7 @@ def measure_variant(model, val, cache_dtypes, opts: dict) -> list[dict]:
         argmax_agreement=float(np.mean(scores['argmax'] == reference['argmax'])),
         greedy_leading=agree, greedy_min=min(agree), greedy_mean=float(np.mean(agree)),
         perplexity_s=ppl_s, generate_s=gen_s))
-  full = evaluator.perplexity(with_config(model, cache_dtype=None), val[:_covered(windows, val)],
+  full = perplexity.perplexity(with_config(model, cache_dtype=None), val[:_covered(windows, val)],
                               opts['window'], opts['window'], opts['batch'])
   rows[0]['full_forward_perplexity'] = full['perplexity']
   return rows

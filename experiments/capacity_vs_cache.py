@@ -10,7 +10,7 @@ best learning rate, then 3 seeds.
 The protocol, the worker and the ledger are experiments/sweep.py's: seed 0 of every row at each
 rate of --lrs, the rate with the lowest validation loss is the row's, then seeds 1 .. --seeds
 at it, reported as mean ± std. Runs live in workdir/<geometry>[-mlp][-quick]/<row>/lr<rate>/
-seed<k>. Each run scores the validation split with mla_jax.evaluator.perplexity. The report
+seed<k>. Each run scores the validation split with mla_jax.perplexity.perplexity. The report
 (capacity_vs_cache[_paper][_mlp].md / .json / .png) goes to --out: experiments/results/
 capacity_vs_cache/ for the full run, the workdir for --quick.
 """
@@ -24,7 +24,7 @@ from absl import flags
 
 from configs.ablations import capacity_vs_cache as ablation
 from experiments import report, sweep
-from mla_jax import cli, data, evaluator
+from mla_jax import cli, data, perplexity
 from mla_jax.errors import InputError
 
 NAME = 'capacity_vs_cache'
@@ -104,7 +104,7 @@ class CapacityVsCache(sweep.Sweep):
   def measure(self, run, config, model):
     val = data.load_splits(config.data)['val']
     e = config.eval
-    return (evaluator.perplexity(model, val, e.seq_len, e.stride, e.batch_size),
+    return (perplexity.perplexity(model, val, e.seq_len, e.stride, e.batch_size),
             val[:model.cfg.max_seq_len // 2])
 
   def best(self, results: list[dict]) -> float:

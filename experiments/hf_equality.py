@@ -24,7 +24,7 @@ import numpy as np
 from absl import app, flags
 
 from experiments import common, tables
-from mla_jax import cli, decode, evaluator, hf
+from mla_jax import cli, decode, hf, perplexity
 from mla_jax.model import with_config
 
 FIXTURES = pathlib.Path(__file__).parents[1] / 'tests' / 'hf_fixtures'
@@ -56,7 +56,7 @@ def row(folder: pathlib.Path) -> dict:
                                         g['logits']).max())
     out = decode.generate(m, g['prompt'][None], max_new_tokens=len(g['continuation']))
     result[f'{key}_greedy_equal'] = bool(np.array_equal(np.asarray(out[0]), g['continuation']))
-  ours = evaluator.perplexity(model, tokens, len(tokens), len(tokens), 1)
+  ours = perplexity.perplexity(model, tokens, len(tokens), len(tokens), 1)
   result.update(ppl_mla_jax=ours['perplexity'],
                 ppl_transformers=math.exp(reference_nll(g['logits'], tokens)))
   return result

@@ -71,7 +71,7 @@ def cache_quantization_report(payload: dict) -> str:
       f"Reference: the {setup['cache_dtypes'][0]} cache.", '',
       *cache_quantization_table(payload), '',
       'Check: the reference rows\' perplexity through the cache vs a full forward '
-      '(mla_jax.evaluator, same windows): ' + '; '.join(
+      '(mla_jax.perplexity, same windows): ' + '; '.join(
           f"{v} {rows[0]['perplexity']:.6f} vs {rows[0]['full_forward_perplexity']:.6f}"
           for v, rows in results.items()) + '.']
   return '\n'.join(lines) + '\n'

@@ -39,7 +39,7 @@ from absl import flags
 
 from configs import finetune
 from experiments import common, report, runner, to_mla_report
-from mla_jax import cli, converter, data, evaluator, training, variants
+from mla_jax import cli, data, mla_conversion, perplexity, training, variants
 from mla_jax import workdir as wd
 from mla_jax.config import ModelConfig
 from mla_jax.errors import InputError
@@ -162,7 +162,7 @@ def _cache(model, prompt) -> dict:
 def _evaluate(model, config, val) -> dict:
   e = config.eval
   start = time.perf_counter()
-  result = evaluator.perplexity(model, val, e.seq_len, e.stride, e.batch_size)
+  result = perplexity.perplexity(model, val, e.seq_len, e.stride, e.batch_size)
   return {'loss': result['loss'], 'perplexity': result['perplexity'],
           'tokens': result['tokens'], 'eval_s': time.perf_counter() - start}
 
@@ -175,7 +175,7 @@ def _train(config, folder: pathlib.Path, init_from=None) -> dict:
   train_s = time.perf_counter() - start
   if not result:
     model, _ = wd.load_workdir(folder)
-    result = evaluator.perplexity(model, data.load_splits(config.data)['val'],
+    result = perplexity.perplexity(model, data.load_splits(config.data)['val'],
                                   config.eval.seq_len, config.eval.stride,
                                   config.eval.batch_size)
   return {'loss': result['loss'], 'perplexity': result['perplexity'], 'train_s': train_s}
@@ -241,7 +241,7 @@ def _convert(out: pathlib.Path, source: pathlib.Path, *args) -> pathlib.Path:
   if out.exists() and not (out / 'checkpoints' / '0').exists():
     shutil.rmtree(out)
   if not out.exists():
-    converter.to_mla_workdir(source, out, *args)
+    mla_conversion.to_mla_workdir(source, out, *args)
   return out
 
 

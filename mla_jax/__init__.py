@@ -5,10 +5,6 @@ from mla_jax.config import ConfigError, ModelConfig, YarnScaling
 from mla_jax.decode import decode_step, generate, logits_through_cache, prefill
 from mla_jax.errors import Error
 from mla_jax.model import Transformer
-
-# The function shadows its module's name in this namespace: import the module's other names
-# with `from mla_jax.to_mla import ...`.
-from mla_jax.to_mla import to_mla
 from mla_jax.variants import Variant, cache_bytes_per_token, cache_elements_per_token
 
 __all__ = [
@@ -18,9 +14,10 @@ __all__ = [
     'load_workdir', 'logits_through_cache', 'prefill', 'save_hf', 'to_mla',
 ]
 
-# Imported on first use: they pull in orbax (checkpoints), which the model code does not need.
+# Imported on first use: they pull in orbax (checkpoints) and grain (data), which the model code
+# does not need.
 _LAZY = {'load_workdir': ('mla_jax.workdir', 'load_workdir'), 'load_hf': ('mla_jax.hf', 'load'),
-         'save_hf': ('mla_jax.hf', 'save')}
+         'save_hf': ('mla_jax.hf', 'save'), 'to_mla': ('mla_jax.mla_conversion', 'to_mla')}
 
 
 def __getattr__(name):

@@ -10,16 +10,16 @@ Import writes a workdir that evaluate and generate use as they use a trained run
 a folder that transformers' from_pretrained loads; --to_mla writes an MLA workdir: without
 --kv_lora_rank the exact embedding (same logits and cache size), with it the standard (DeepSeek)
 architecture, lossy, to fine-tune with python -m mla_jax.train --init_from. Nothing overwrites
-anything. The logic is mla_jax.converter (workdirs), mla_jax.hf (the mapping) and
-mla_jax.to_mla (the conversion).
+anything. The logic is mla_jax.hf (import_workdir, export_workdir) and mla_jax.mla_conversion
+(to_mla_workdir).
 """
 
 from absl import flags
 
-from mla_jax import cli, converter, hf, variants
+from mla_jax import cli, hf, mla_conversion, variants
 from mla_jax import workdir as wd
 from mla_jax.config import DTYPES, MLA_DECODE_PATHS
-from mla_jax.to_mla import LATENT_NORMS, ROPE_SELECTIONS
+from mla_jax.mla_conversion import LATENT_NORMS, ROPE_SELECTIONS
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string('hf_dir', None, 'import: a Hugging Face model folder')
@@ -51,7 +51,7 @@ def main():
     raise hf.HFError('give one of --hf_dir (import into --workdir), --to_hf (export --workdir) '
                      'or --to_mla (convert --workdir to MLA)')
   if FLAGS.to_mla:
-    config = converter.to_mla_workdir(
+    config = mla_conversion.to_mla_workdir(
         FLAGS.workdir, FLAGS.to_mla, FLAGS.kv_lora_rank, FLAGS.qk_rope_head_dim,
         FLAGS.rope_selection, FLAGS.calibration_batches, FLAGS.latent_norm, FLAGS.step,
         FLAGS.best)
@@ -64,13 +64,13 @@ def main():
           f'{cache(FLAGS.workdir)} -> {cache(FLAGS.to_mla)} elements '
           'per token')
   elif FLAGS.hf_dir:
-    config = converter.import_hf(FLAGS.hf_dir, FLAGS.workdir, FLAGS.dtype, FLAGS.param_dtype,
-                                 FLAGS.mla_decode)
+    config = hf.import_workdir(FLAGS.hf_dir, FLAGS.workdir, FLAGS.dtype, FLAGS.param_dtype,
+                               FLAGS.mla_decode)
     m = config.model
     print(f'{config.source.architecture} -> {FLAGS.workdir}: {m.attention}, '
           f'{m.n_layers} layers, d_model {m.d_model}, vocab {m.vocab_size}')
   else:
-    hf_json = converter.export_hf(FLAGS.workdir, FLAGS.to_hf, FLAGS.step, FLAGS.best)
+    hf_json = hf.export_workdir(FLAGS.workdir, FLAGS.to_hf, FLAGS.step, FLAGS.best)
     print(f'{FLAGS.workdir} -> {FLAGS.to_hf}: {hf_json["architectures"][0]}')
 
 

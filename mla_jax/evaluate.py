@@ -6,7 +6,7 @@ r"""Perplexity of a run on its validation split or on any text file.
 Bits are per byte with --tokenizer=byte (the default: tokens are bytes); --tokenizer=ids reads a
 .npy of token ids made by a converted checkpoint's own tokenizer (then bits are per token).
 Writes eval.json in the workdir (with the checkpoint step it scored) and prints one line. The
-logic is mla_jax.evaluator. A run trained on MQAR (data.task='mqar') is scored on its held-out
+logic is mla_jax.perplexity. A run trained on MQAR (data.task='mqar') is scored on its held-out
 recall set instead (recall accuracy and loss at the answers, as the trainer validates it).
 """
 
@@ -14,7 +14,7 @@ recall set instead (recall accuracy and loss at the answers, as the trainer vali
 import jax
 from absl import flags
 
-from mla_jax import cli, data, evaluator, sharding, tasks
+from mla_jax import cli, data, perplexity, sharding, tasks
 from mla_jax import workdir as wd
 from mla_jax.errors import InputError
 
@@ -44,7 +44,7 @@ def main():
   if not FLAGS.data and config.data is not None and config.data.task == 'mqar':
     return _recall(config, model, mesh, step)
   if FLAGS.data:
-    tokens = evaluator.read_tokens(FLAGS.data, FLAGS.tokenizer, cfg.vocab_size)
+    tokens = perplexity.read_tokens(FLAGS.data, FLAGS.tokenizer, cfg.vocab_size)
     source = FLAGS.data
   else:
     if config.data is None:
@@ -55,7 +55,7 @@ def main():
   seq_len = pick(FLAGS.seq_len, config.eval.seq_len)
   if seq_len > cfg.max_seq_len:
     raise InputError(f"--seq_len={seq_len} exceeds the model's max_seq_len={cfg.max_seq_len}")
-  result = evaluator.perplexity(model, tokens, seq_len, pick(FLAGS.stride, config.eval.stride),
+  result = perplexity.perplexity(model, tokens, seq_len, pick(FLAGS.stride, config.eval.stride),
                                 pick(FLAGS.batch_size, config.eval.batch_size), mesh)
   if jax.process_index():
     return  # every process computed the same numbers; process 0 reports them

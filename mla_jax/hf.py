@@ -17,22 +17,21 @@ q and k move together, so every score is unchanged.
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import json
 import math
-import os
 import pathlib
 import re
-import shutil
 
 import jax
 import jax.numpy as jnp
+import ml_collections
 import ml_dtypes
 import numpy as np
 from flax import nnx, traverse_util
 
 from mla_jax import rope, variants
+from mla_jax import workdir as wd
 from mla_jax.config import ConfigError, ModelConfig, YarnScaling
 from mla_jax.errors import Error
 from mla_jax.model import Transformer, param_shapes, with_params
@@ -422,60 +421,47 @@ def load(hf_dir, dtype: str = 'float32', param_dtype: str = 'float32'
       {path: jnp.asarray(w, jnp.dtype(cfg.param_dtype)) for path, w in params.items()})), hf
 
 
-def must_be_new(path, what: str) -> None:
-  """Refuses a target that exists and is not an empty folder: nothing is ever overwritten."""
-  path = pathlib.Path(path)
-  if path.exists() and (not path.is_dir() or any(path.iterdir())):
-    raise HFError(f'{what} {path} already exists and is not empty; give a new folder '
-                  '(nothing is overwritten)')
-
-
-STAGING = '.{name}.partial-{pid}'  # beside the target: the same file system, so rename works
-
-
-@contextlib.contextmanager
-def staged(target, what: str):
-  """Yields a new temporary sibling of `target` to write into, renamed to `target` (new, or an
-  empty folder) when the block ends: a killed or failed write leaves no half-written target
-  to block the next attempt. What a SIGKILL left (its process gone) is removed here."""
-  target = pathlib.Path(target).absolute()
-  must_be_new(target, what)
-  target.parent.mkdir(parents=True, exist_ok=True)
-  for leftover in target.parent.glob(STAGING.format(name=target.name, pid='*')):
-    pid = leftover.name.rsplit('-', 1)[-1]
-    if pid.isdigit() and not _alive(int(pid)):
-      shutil.rmtree(leftover, ignore_errors=True)
-  tmp = target.parent / STAGING.format(name=target.name, pid=os.getpid())
-  shutil.rmtree(tmp, ignore_errors=True)
-  tmp.mkdir()
-  try:
-    yield tmp
-    os.rename(tmp, target)  # atomic; replaces an empty folder, refuses a non-empty one
-  except BaseException:
-    shutil.rmtree(tmp, ignore_errors=True)
-    raise
-
-
-def _alive(pid: int) -> bool:
-  try:
-    os.kill(pid, 0)
-  except PermissionError:
-    return True
-  except OSError:
-    return False
-  return True
-
-
 def save(model: Transformer, out_dir) -> dict:
   """Writes config.json and model.safetensors into an empty or new out_dir (whole: see
-  `staged`); -> config.json."""
-  must_be_new(out_dir, 'the folder')
+  `workdir.staged`); -> config.json."""
+  wd.must_be_new(out_dir, 'the folder')
   cfg = model.cfg
   hf = config_to_hf(cfg)
   params = traverse_util.flatten_dict(nnx.to_pure_dict(nnx.state(model, nnx.Param)))
   tensors = to_hf_tensors(cfg, {path: np.asarray(jax.device_get(x)) for path, x in
                                 params.items()})
-  with staged(out_dir, 'the folder') as out:
+  with wd.staged(out_dir, 'the folder') as out:
     write_safetensors(out / 'model.safetensors', tensors)
     (out / 'config.json').write_text(json.dumps(hf, indent=1) + '\n')
   return hf
+
+
+# --- workdirs (python -m mla_jax.convert --hf_dir / --to_hf) ------------------------------------
+
+EVAL_SEQ_LEN = 512  # perplexity windows of an imported run (capped by max_position_embeddings)
+
+
+def import_workdir(hf_dir, workdir, dtype: str = 'float32', param_dtype: str = 'float32',
+                   mla_decode: str = 'absorbed') -> ml_collections.ConfigDict:
+  """Converts a Hugging Face folder into a new workdir (config.json + checkpoint 0, which
+  evaluate and generate use as they use a trained run); -> the workdir's config."""
+  workdir = pathlib.Path(workdir)
+  wd.must_be_new(workdir, '--workdir')  # before the (long) load; write_new checks again
+  model, hf_json = load(hf_dir, dtype, param_dtype)
+  cfg = model.cfg.to_dict()
+  cfg['mla_decode'] = mla_decode
+  seq_len = min(EVAL_SEQ_LEN, model.cfg.max_seq_len)
+  config = ml_collections.ConfigDict(dict(
+      seed=0, model=cfg, mesh=dict(data=-1, fsdp=1, tensor=1),
+      eval=dict(seq_len=seq_len, stride=max(seq_len // 2, 1), batch_size=8),
+      source=dict(hf_dir=str(pathlib.Path(hf_dir).absolute()),
+                  architecture=(hf_json.get('architectures') or ['?'])[0])))
+  wd.write_new(workdir, '--workdir', config, model, 'huggingface')
+  return config
+
+
+def export_workdir(workdir, out_dir, step: int | None = None, best: bool = False) -> dict:
+  """Writes a run's parameters as a new Hugging Face folder (`save`); -> its config.json."""
+  wd.must_be_new(out_dir, '--to_hf')  # before the load
+  model, _ = wd.load_workdir(workdir, step, best)
+  return save(model, out_dir)

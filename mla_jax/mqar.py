@@ -167,7 +167,7 @@ def scores(logits_btV, targets_bt, weights_bt) -> dict:
           'answers': jnp.sum(weights_bt)}
 
 
-# As evaluator.eval_step: parameters and batches arrive placed, the sums leave replicated.
+# As perplexity.eval_step: parameters and batches arrive placed, the sums leave replicated.
 @functools.partial(jax.jit, static_argnames=('graphdef',),
                    out_shardings=jax.sharding.PartitionSpec())
 def _eval_step(graphdef, state, batch):

@@ -1,7 +1,7 @@
 """What a run learns from and how it validates: config.data.task (a RunConfig's sections).
 
   text  next-token prediction on a corpus (data.py); every position is scored (weights 1);
-        validation is perplexity over the held-out split (evaluator.perplexity)
+        validation is perplexity over the held-out split (perplexity.perplexity)
   mqar  multi-query associative recall (mqar.py, config.data.mqar); only the answers are
         scored; validation is recall accuracy and loss on a fixed held-out set
 
@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from mla_jax import data, evaluator, mqar
+from mla_jax import data, mqar, perplexity
 from mla_jax.config import ConfigError
 from mla_jax.run_config import TASKS
 
@@ -48,7 +48,7 @@ class Text:
 
   def validate(self, model, mesh=None) -> dict:
     e = self.config.eval
-    return evaluator.perplexity(model, self.splits['val'], e.seq_len, e.stride, e.batch_size,
+    return perplexity.perplexity(model, self.splits['val'], e.seq_len, e.stride, e.batch_size,
                                mesh)
 
   @staticmethod

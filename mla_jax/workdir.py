@@ -136,6 +136,50 @@ def _write_error(path: pathlib.Path, e: OSError) -> WorkdirError:
   return WorkdirError(f'cannot write {path} ({e.strerror}); make {path.parent} writable')
 
 
+def must_be_new(path, what: str) -> None:
+  """Refuses a target that exists and is not an empty folder: nothing is ever overwritten."""
+  path = pathlib.Path(path)
+  if path.exists() and (not path.is_dir() or any(path.iterdir())):
+    raise WorkdirError(f'{what} {path} already exists and is not empty; give a new folder '
+                       '(nothing is overwritten)')
+
+
+STAGING = '.{name}.partial-{pid}'  # beside the target: the same file system, so rename works
+
+
+@contextlib.contextmanager
+def staged(target, what: str):
+  """Yields a new temporary sibling of `target` to write into, renamed to `target` (new, or an
+  empty folder) when the block ends: a killed or failed write leaves no half-written target
+  to block the next attempt. What a SIGKILL left (its process gone) is removed here."""
+  target = pathlib.Path(target).absolute()
+  must_be_new(target, what)
+  target.parent.mkdir(parents=True, exist_ok=True)
+  for leftover in target.parent.glob(STAGING.format(name=target.name, pid='*')):
+    pid = leftover.name.rsplit('-', 1)[-1]
+    if pid.isdigit() and not _alive(int(pid)):
+      shutil.rmtree(leftover, ignore_errors=True)
+  tmp = target.parent / STAGING.format(name=target.name, pid=os.getpid())
+  shutil.rmtree(tmp, ignore_errors=True)
+  tmp.mkdir()
+  try:
+    yield tmp
+    os.rename(tmp, target)  # atomic; replaces an empty folder, refuses a non-empty one
+  except BaseException:
+    shutil.rmtree(tmp, ignore_errors=True)
+    raise
+
+
+def write_new(workdir, flag: str, config, model, source: str) -> None:
+  """A new workdir made by a conversion (import, to_mla): config.json and checkpoint 0 of the
+  model's parameters, written whole (`staged`); `flag` names the target in a refusal."""
+  with staged(workdir, flag) as tmp:
+    write_config(tmp, config)
+    mngr = manager(tmp / 'checkpoints')
+    save(mngr, 0, nnx.state(model, nnx.Param), meta={'source': source})
+    mngr.close()
+
+
 def read_config(workdir) -> RunConfig:
   """The RunConfig a run's config.json records (its .model a ModelConfig), parsed once here;
   a missing, unreadable or invalid file is one line."""
@@ -229,14 +273,17 @@ def _holder(workdir) -> str | None:
 
 
 def _alive_here(holder: str) -> bool:
+  pid, _, host = holder.removeprefix('process ').partition(' on ')
+  return host == socket.gethostname() and pid.isdigit() and _alive(int(pid))
+
+
+def _alive(pid: int) -> bool:
+  """Whether process pid runs on this host."""
   try:
-    pid, host = holder.removeprefix('process ').split(' on ', 1)
-    if host != socket.gethostname():
-      return False
-    os.kill(int(pid), 0)
+    os.kill(pid, 0)
   except PermissionError:  # alive, another user's
     return True
-  except (OSError, ValueError):
+  except OSError:
     return False
   return True
 

@@ -20,7 +20,7 @@ import pytest
 from flax import nnx
 
 import mla_jax
-from mla_jax import converter
+from mla_jax import mla_conversion
 from mla_jax import workdir as wd
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -196,8 +196,8 @@ def test_calibration_batches_are_bounded_and_streamed(reference):
   config = wd.read_config(reference)
   with pytest.raises(mla_jax.Error, match=r'--calibration_batches=100000000 exceeds the \d+ '
                      r'batches .* give at most \d+'):
-    converter.calibration_batches(config, 100_000_000)
-  batches = converter.calibration_batches(config, 3)
+    mla_conversion.calibration_batches(config, 100_000_000)
+  batches = mla_conversion.calibration_batches(config, 3)
   assert not isinstance(batches, list)  # made one at a time, as to_mla uses them
   shapes = [b.shape for b in batches]
   assert shapes == [(config.data.batch_size, config.data.seq_len)] * 3

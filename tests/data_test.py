@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 from conftest import tiny_model
 
-from mla_jax import data, evaluator
+from mla_jax import data, perplexity
 
 
 @pytest.mark.parametrize('n,seq_len,stride', [(1000, 64, 32), (65, 64, 64), (30, 64, 16),
@@ -68,7 +68,7 @@ def test_byte_codec_round_trips():
 def test_perplexity_of_a_uniform_model_is_the_vocabulary_size():
   model = tiny_model()
   model.lm_head[...] = jax.numpy.zeros_like(model.lm_head[...])  # all logits 0
-  result = evaluator.perplexity(model, np.arange(300) % 256, seq_len=32, stride=16,
+  result = perplexity.perplexity(model, np.arange(300) % 256, seq_len=32, stride=16,
                                batch_size=4)
   assert result['tokens'] == 299
   assert result['perplexity'] == pytest.approx(256.0, rel=1e-5)
@@ -78,8 +78,8 @@ def test_perplexity_of_a_uniform_model_is_the_vocabulary_size():
 def test_perplexity_does_not_depend_on_batching_and_matches_a_direct_sum():
   model = tiny_model(attention='mla', kv_lora_rank=32)
   tokens = (np.arange(200) * 7) % 256
-  a = evaluator.perplexity(model, tokens, seq_len=200, stride=200, batch_size=1)
-  b = evaluator.perplexity(model, tokens, seq_len=64, stride=64, batch_size=3)
+  a = perplexity.perplexity(model, tokens, seq_len=200, stride=200, batch_size=1)
+  b = perplexity.perplexity(model, tokens, seq_len=64, stride=64, batch_size=3)
   logits = np.asarray(model(jax.numpy.asarray(tokens[None, :-1])))[0]
   logp = logits - np.log(np.exp(logits - logits.max(-1, keepdims=True)).sum(-1, keepdims=True)) \
       - logits.max(-1, keepdims=True)

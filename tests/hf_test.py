@@ -20,7 +20,8 @@ import pytest
 from flax import nnx, traverse_util
 
 from experiments.hf_equality import reference_nll
-from mla_jax import converter, decode, evaluator, hf, rope
+from mla_jax import decode, hf, perplexity, rope
+from mla_jax import workdir as wd
 from mla_jax.model import Transformer, with_config, with_params
 
 FIXTURES = pathlib.Path(__file__).parent / 'hf_fixtures'
@@ -79,7 +80,7 @@ def test_perplexity_equals_transformers(name):
   """mla_jax.evaluate's perplexity on the fixture text = the NLL of transformers' logits."""
   g = golden(name)
   tokens = g['tokens']
-  ours = evaluator.perplexity(imported(name), tokens, seq_len=len(tokens), stride=len(tokens),
+  ours = perplexity.perplexity(imported(name), tokens, seq_len=len(tokens), stride=len(tokens),
                              batch_size=1)
   assert ours['tokens'] == len(tokens) - 1
   assert abs(ours['loss'] - reference_nll(g['logits'], tokens)) <= TOL
@@ -96,7 +97,7 @@ def test_yarn_fixtures_run_past_the_original_window():
     assert cfg.rope_scaling.original_max_position_embeddings == WINDOW
     assert len(golden(name)['tokens']) >= 2 * WINDOW
     # V3's fixture sets both mscales (both factors differ from 1), V2's leaves transformers'
-    # cos/sin rule to differ from DeepSeek's, which the converter records explicitly.
+    # cos/sin rule to differ from DeepSeek's, which the import records explicitly.
     assert rope.cos_sin_mscale(cfg.rope_scaling) != 1 and (
         rope.softmax_mscale(cfg.rope_scaling) != 1 or cfg.rope_scaling.attention_factor)
 
@@ -285,7 +286,7 @@ def test_bad_checkpoints_give_one_clear_message(case, tmp_path):
   shutil.copytree(FIXTURES / name, folder)
   breakage(folder)
   with pytest.raises(hf.HFError) as e:
-    converter.import_hf(folder, tmp_path / 'run')
+    hf.import_workdir(folder, tmp_path / 'run')
   assert message in str(e.value) and '\n' not in str(e.value)
   assert not (tmp_path / 'run').exists()
 
@@ -310,8 +311,8 @@ def test_export_refuses_what_has_no_hugging_face_equivalent(tmp_path):
   assert not (tmp_path / 'a').exists() and not (tmp_path / 'b').exists()
   (tmp_path / 'full').mkdir()
   (tmp_path / 'full' / 'keep.txt').write_text('mine')
-  with pytest.raises(hf.HFError, match='already exists and is not empty'):
-    converter.export_hf(tmp_path / 'nowhere', tmp_path / 'full')
+  with pytest.raises(wd.WorkdirError, match='already exists and is not empty'):
+    hf.export_workdir(tmp_path / 'nowhere', tmp_path / 'full')
   assert (tmp_path / 'full' / 'keep.txt').read_text() == 'mine'
 
 
@@ -349,9 +350,9 @@ def test_exported_models_give_the_same_logits_in_transformers(variant, tmp_path)
 def test_evaluate_reads_text_as_bytes_or_a_npy_of_ids(tmp_path):
   ids = np.array([5, 300, 7], np.int64)
   np.save(tmp_path / 'ids.npy', ids)
-  np.testing.assert_array_equal(evaluator.read_tokens(str(tmp_path / 'ids.npy'), 'ids', 512), ids)
+  np.testing.assert_array_equal(perplexity.read_tokens(str(tmp_path / 'ids.npy'), 'ids', 512), ids)
   (tmp_path / 'text.txt').write_bytes(b'\x00\xffab')
-  np.testing.assert_array_equal(evaluator.read_tokens(str(tmp_path / 'text.txt'), 'byte', 256),
+  np.testing.assert_array_equal(perplexity.read_tokens(str(tmp_path / 'text.txt'), 'byte', 256),
                                 [0, 255, 97, 98])
   np.save(tmp_path / 'floats.npy', np.ones(4))
   np.save(tmp_path / 'objects.npy', np.array([{}, {}], dtype=object), allow_pickle=True)
@@ -361,8 +362,8 @@ def test_evaluate_reads_text_as_bytes_or_a_npy_of_ids(tmp_path):
          ('text.txt', 'byte', 100): 'too few for bytes',
          ('nowhere.txt', 'byte', 256): 'is not a file'}
   for (file, tokenizer, vocab), message in bad.items():
-    with pytest.raises(evaluator.data.DataError) as e:
-      evaluator.read_tokens(str(tmp_path / file), tokenizer, vocab)
+    with pytest.raises(perplexity.data.DataError) as e:
+      perplexity.read_tokens(str(tmp_path / file), tokenizer, vocab)
     assert message in str(e.value), (file, str(e.value))
 
 

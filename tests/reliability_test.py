@@ -27,7 +27,7 @@ from flax import nnx
 
 import mla_jax
 from configs import mla as mla_config
-from mla_jax import training
+from mla_jax import perplexity, training
 from mla_jax import workdir as wd
 from tests.commands_defects_test import advised_flags, flags_of
 
@@ -473,9 +473,8 @@ def test_token_ids_outside_the_vocabulary_are_refused(bad, small_model):
   tokens = np.array([[1, 2, bad, 3]])
   with refused(r'ids must lie in \[0, 64\)'):
     small_model(tokens)
-  from mla_jax import evaluator  # after the first check: older versions lack the module
   with refused(r'ids must lie in \[0, 64\)'):
-    evaluator.perplexity(small_model, tokens[0], seq_len=4, stride=2, batch_size=1)
+    perplexity.perplexity(small_model, tokens[0], seq_len=4, stride=2, batch_size=1)
   with refused(r'ids must lie in \[0, 64\)'):
     mla_jax.generate(small_model, tokens, max_new_tokens=2)
 

@@ -220,7 +220,7 @@ class _Loop:
     self.log = MetricsLog(plan.workdir, t.steps, state.step)
     try:
       if state.step == 0 and plan.config.init_from:  # where the given parameters start from
-        self._validate(always_best=True)
+        self._run_validation(always_best=True)
         self.window_start = time.perf_counter()
       self.preemption.training = True  # from here a signal finishes the step and saves it
       while state.step < self.end:
@@ -245,7 +245,7 @@ class _Loop:
     if step % t.log_every == 0 or save_now or evaluate_now:
       self._log_training()
     if evaluate_now:
-      self._validate()
+      self._run_validation()
     if save_now:
       self.state.save(self.checkpoints)
     if stop and step < self.end:  # an exception, so that no caller takes the run for finished
@@ -262,7 +262,7 @@ class _Loop:
                           self.window_tokens / (time.perf_counter() - self.window_start)})
     self.pending, self.window_tokens = [], 0
 
-  def _validate(self, always_best: bool = False) -> None:
+  def _run_validation(self, always_best: bool = False) -> None:
     state, task = self.state, self.plan.task
     model, _ = state.merged()
     self.last_eval = task.validate(model, mesh=self.plan.mesh)

@@ -1,7 +1,7 @@
-"""MHA / GQA / MQA -> MLA (mla_jax.to_mla): the exact embedding reproduces the source's logits
-and cache size; the compression is exact wherever the source loses nothing, has the cache its
-formula says, and refuses what the source cannot give; converted runs evaluate, generate,
-export and fine-tune (--init_from) like any run."""
+"""MHA / GQA / MQA -> MLA (mla_jax.mla_conversion): the exact embedding reproduces the
+source's logits and cache size; the compression is exact wherever the source loses nothing,
+has the cache its formula says, and refuses what the source cannot give; converted runs
+evaluate, generate, export and fine-tune (--init_from) like any run."""
 
 from __future__ import annotations
 
@@ -19,12 +19,12 @@ from flax import nnx
 
 import mla_jax
 from configs import finetune, gqa
-from mla_jax import converter, data, evaluator, hf, training
+from mla_jax import data, hf, mla_conversion, perplexity, training
 from mla_jax import workdir as wd
 from mla_jax.cache import measured_per_token
 from mla_jax.errors import Error
+from mla_jax.mla_conversion import ConversionError, _pair_dims, _rope_split, _select, to_mla
 from mla_jax.model import Transformer, with_config, with_params
-from mla_jax.to_mla import ConversionError, _pair_dims, _rope_split, _select, to_mla
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 TOKENS = np.random.default_rng(0).integers(0, 256, 40)
@@ -275,7 +275,7 @@ def trained(corpus, tmp_path_factory):
   config = gqa.get_config('tiny')
   config.data.files = corpus
   training.train_and_evaluate(config, str(root / 'gqa'), final_eval=False)
-  converter.to_mla_workdir(root / 'gqa', root / 'mla', kv_lora_rank=12, qk_rope_head_dim=4,
+  mla_conversion.to_mla_workdir(root / 'gqa', root / 'mla', kv_lora_rank=12, qk_rope_head_dim=4,
                            calibration=2)
   return root
 
@@ -341,7 +341,7 @@ def test_finetuning_starts_from_the_converted_parameters_and_resumes(trained, tm
   config = wd.read_config(trained / 'mla')
   val = data.load_splits(config.data)['val']
   e = config.eval
-  expected = evaluator.perplexity(converted, val, e.seq_len, e.stride, e.batch_size)
+  expected = perplexity.perplexity(converted, val, e.seq_len, e.stride, e.batch_size)
   whole = tmp_path / 'whole'
   training.train_and_evaluate(finetune_config(trained / 'mla'), str(whole),
                              init_from=str(trained / 'mla'))

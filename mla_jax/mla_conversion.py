@@ -96,19 +96,28 @@ e^{i p θ_i}, so a score is
 
 Everything else (embeddings, norms, MLPs, the head) is copied. The linear algebra runs in
 float64 numpy; the result is a Transformer in the source's parameter dtype.
+
+`to_mla_workdir` applies it to a run (`python -m mla_jax.convert --to_mla`): a new MLA workdir
+that keeps the run's data and eval sections (evaluate scores it on the source corpus) and
+records how it was made in a `conversion` section; `python -m mla_jax.train --init_from=`
+fine-tunes it.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import math
-from collections.abc import Iterable
+import pathlib
+from collections.abc import Iterable, Iterator
 
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 from flax import nnx
 
+from mla_jax import data
+from mla_jax import workdir as wd
 from mla_jax.config import ModelConfig
 from mla_jax.errors import Error, check_token_ids
 from mla_jax.model import Transformer, with_params
@@ -355,3 +364,62 @@ def to_mla(model: Transformer, kv_lora_rank: int | None = None,
                                                         qk_rope_head_dim, latent_norm)
   dtype = jnp.dtype(cfg.param_dtype)
   return with_params(cfg, jax.tree.map(lambda x: jnp.asarray(x, dtype), params))
+
+
+# --- runs (python -m mla_jax.convert --to_mla) ------------------------------------------------
+
+
+def calibration_batches(config, n: int) -> Iterator[np.ndarray]:
+  """n batches [data.batch_size, data.seq_len] of the run's training split, drawn from
+  (seed, i) on a stream of their own (training draws stream 0, these stream 1), made one at a
+  time as they are used. n may not exceed the batches the split holds: more only repeats its
+  windows and takes time without a word."""
+  if config.data is None:
+    raise ConversionError('the source run has no corpus (a converted checkpoint?); use '
+                          '--calibration_batches=0 (statistics from the weights)')
+  tokens, d = data.load_splits(config.data)['train'], config.data
+  most = len(tokens) // (d.batch_size * d.seq_len)
+  if n > most:
+    raise ConversionError(f'--calibration_batches={n} exceeds the {most} batches of '
+                          f'{d.batch_size} x {d.seq_len} tokens that the training split '
+                          f'({len(tokens):,} tokens) holds; give at most {most}')
+
+  def draw():
+    for i in range(n):
+      rng = np.random.default_rng([config.seed, i, 1])
+      starts = rng.integers(0, len(tokens) - d.seq_len, size=d.batch_size)
+      yield tokens[starts[:, None] + np.arange(d.seq_len)].astype(np.int32)
+
+  return draw()
+
+
+def to_mla_workdir(workdir, out, kv_lora_rank: int | None = None,
+                   qk_rope_head_dim: int | None = None, rope_selection: str = '2norm',
+                   calibration: int = 0, latent_norm: str = 'calibrated',
+                   step: int | None = None, best: bool = False) -> ml_collections.ConfigDict:
+  """Converts a run (MHA / GQA / MQA) into a new MLA workdir `out`; -> its config. Without
+  kv_lora_rank: the exact embedding; calibration: training batches for the statistics."""
+  out = pathlib.Path(out)
+  wd.must_be_new(out, '--to_mla')
+  if kv_lora_rank is None and (calibration or qk_rope_head_dim is not None):
+    raise ConversionError('--calibration_batches and --qk_rope_head_dim apply to the '
+                          'compression: give --kv_lora_rank too (without it the conversion is '
+                          'the exact embedding)')
+  if calibration < 0:
+    raise ConversionError(f'--calibration_batches={calibration} must be >= 0')
+  source = wd.read_config(workdir)
+  batches = calibration_batches(source, calibration) if calibration else None  # checks n now
+  model, _ = wd.load_workdir(workdir, step, best)
+  mla = to_mla(model, kv_lora_rank, qk_rope_head_dim, rope_selection=rope_selection,
+               calibration=batches, latent_norm=latent_norm)
+  config = ml_collections.ConfigDict({k: v for k, v in source.to_dict().items()
+                                      if k in ('seed', 'data', 'eval', 'mesh')})
+  config.model = mla.cfg.to_dict()
+  config.conversion = dict(
+      source_workdir=str(pathlib.Path(workdir).absolute()), source_attention=model.cfg.attention,
+      step=step, best=best, exact=kv_lora_rank is None, kv_lora_rank=mla.cfg.kv_lora_rank,
+      qk_rope_head_dim=mla.cfg.qk_rope_head_dim, calibration_batches=calibration,
+      rope_selection=None if kv_lora_rank is None else rope_selection,
+      latent_norm=None if kv_lora_rank is None else latent_norm)
+  wd.write_new(out, '--to_mla', config, mla, 'to_mla')
+  return config
