@@ -111,8 +111,7 @@ class CapacityVsCache(sweep.Sweep):
     return best_rate(results)
 
   def describe(self, r: dict) -> str:
-    return ('diverged' if r.get('diverged') else
-            f"val loss {r['loss']:.4f} (perplexity {r['perplexity']:.3f})")
+    return f"val loss {r['loss']:.4f} (perplexity {r['perplexity']:.3f})"
 
   def report(self, results, swept, setup, out):
     summary = summarize(results)
@@ -129,11 +128,7 @@ class CapacityVsCache(sweep.Sweep):
 # --- the summary ---------------------------------------------------------------------------
 def best_rate(results: list[dict]) -> float:
   """The rate whose seed-0 run has the lowest validation loss; diverged runs are out."""
-  finished = [r for r in results if not r.get('diverged')]
-  if not finished:
-    raise ValueError(f"{results[0]['row']}: every rate diverged (non-finite loss); rerun with "
-                     'lower --lrs')
-  return min(finished, key=lambda r: r['loss'])['lr']
+  return sweep.best_of(results, lambda r: -r['loss'], lambda r: r['row'])
 
 
 def edge(rates: dict[str, float | None], lr: float) -> str | None:
@@ -148,29 +143,15 @@ def edge(rates: dict[str, float | None], lr: float) -> str | None:
 def summarize(results: list[dict]) -> dict[str, dict]:
   """Per row: the seed-independent facts once, and loss / perplexity as mean and std over the
   seeds that trained to the end (`diverged` lists those a non-finite loss stopped)."""
-  rows: dict[str, list[dict]] = {}
-  diverged: dict[str, list[int]] = {}
-  for r in sorted(results, key=lambda r: r['seed']):
-    if r.get('diverged'):
-      diverged.setdefault(r['row'], []).append(r['seed'])
-    else:
-      rows.setdefault(r['row'], []).append(r)
-  if set(diverged) - set(rows):
-    raise ValueError(f'{sorted(set(diverged) - set(rows))}: every seed diverged at the chosen '
-                     'rate (non-finite loss); rerun with lower --lrs')
   summary = {}
-  for row, runs in rows.items():
+  groups = report.seed_groups(sorted(results, key=lambda r: r['seed']), lambda r: r['row'])
+  for row, (runs, diverged) in groups.items():
     first = runs[0]
-    if len({r['lr'] for r in runs}) > 1:
-      raise ValueError(f"{row}: seeds trained at different rates: {[r['lr'] for r in runs]}")
-    for key in report.ROW_FACTS.values():
-      if any(r[key] != first[key] for r in runs):
-        raise ValueError(f'{row}: {key} differs between seeds: {[r[key] for r in runs]}')
     loss, loss_std = report.mean_std([r['loss'] for r in runs])
     ppl, ppl_std = report.mean_std([r['perplexity'] for r in runs])
     speeds = [r['tokens_per_s'] for r in runs if r['tokens_per_s']]
     summary[row] = dict(
-        row=row, **report.row_facts(first), lr=first['lr'], diverged=diverged.get(row, []),
+        row=row, **report.row_facts(first), lr=first['lr'], diverged=diverged,
         seeds=[r['seed'] for r in runs], losses=[r['loss'] for r in runs],
         loss=loss, loss_std=loss_std, perplexity=ppl, perplexity_std=ppl_std,
         tokens_per_s=statistics.fmean(speeds) if speeds else None,
@@ -180,10 +161,7 @@ def summarize(results: list[dict]) -> dict[str, dict]:
 
 def compare(summary: dict, better: str, worse: str, claim: str = '') -> dict | None:
   """Is `better` lower in validation loss than `worse`, beyond the seed spread?"""
-  if better not in summary or worse not in summary:
-    return None
-  seeds = lambda s: dict(zip(s['seeds'], s['losses'], strict=True))
-  return report.compare(seeds(summary[better]), seeds(summary[worse]), claim, False,
+  return report.compare(summary.get(better), summary.get(worse), 'losses', claim, False,
                         'resolved, as the paper says', better=better, worse=worse)
 
 
@@ -270,9 +248,8 @@ def render(payload: dict) -> str:
 
 
 def plot(payload: dict, path: pathlib.Path) -> None:
-  plt = report.pyplot()
   summary, setup = payload['rows'], payload['setup']
-  fig, ax = plt.subplots(figsize=(7.5, 5))
+  fig, ax = report.pyplot().subplots(figsize=(7.5, 5))
   report.cache_lines(ax, summary, lambda s: (s['loss'], s['loss_std'], None), annotate=True)
   report.marker_legend(ax)
   n_layers = next(iter(summary.values()))['model']['n_layers']
@@ -284,9 +261,7 @@ def plot(payload: dict, path: pathlib.Path) -> None:
           color='gray')
   ax.grid(alpha=0.3, which='both')
   ax.legend(fontsize=8)
-  fig.tight_layout()
-  fig.savefig(path, dpi=120)
-  plt.close(fig)
+  report.save(fig, path)
 
 
 if __name__ == '__main__':

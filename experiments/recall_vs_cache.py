@@ -126,8 +126,7 @@ class RecallVsCache(sweep.Sweep):
     return best_rate(results)
 
   def describe(self, r: dict) -> str:
-    return ('diverged' if r.get('diverged') else
-            f"recall {r['val_accuracy']:.3f} (validation), {r['accuracy']:.3f} (test)")
+    return f"recall {r['val_accuracy']:.3f} (validation), {r['accuracy']:.3f} (test)"
 
   def estimate(self, plan: sweep.Plan, left: int, upper: bool, jobs: int) -> str:
     """The CPU time left to train (an upper bound while the rates are not chosen): from the
@@ -171,56 +170,35 @@ class RecallVsCache(sweep.Sweep):
 def best_rate(results: list[dict]) -> float:
   """The rate whose run has the best validation recall (then the lower validation loss);
   runs that diverged are out."""
-  finished = [r for r in results if not r.get('diverged')]
-  if not finished:
-    r = results[0]
-    raise ValueError(f"{r['row']} kv{r['kv_pairs']}: every rate diverged (non-finite loss); "
-                     'rerun with lower --lrs')
-  return max(finished, key=lambda r: (r['val_accuracy'], -r['val_loss']))['lr']
+  return sweep.best_of(results, lambda r: (r['val_accuracy'], -r['val_loss']),
+                       lambda r: f"{r['row']} kv{r['kv_pairs']}")
 
 
 def summarize(results: list[dict]) -> dict[str, dict]:
   """Per row: the seed- and N-independent facts once, and per N the test recall over the
   seeds that trained to the end (`diverged` lists those stopped by a non-finite loss)."""
   summary: dict[str, dict] = {}
-  finished = [r for r in results if not r.get('diverged')]
-  for r in sorted(finished, key=lambda r: (r['row'], r['kv_pairs'], r['seed'])):
+  for runs, diverged in report.seed_groups(
+      sorted(results, key=lambda r: (r['row'], r['kv_pairs'], r['seed'])),
+      lambda r: f"{r['row']} kv{r['kv_pairs']}", ('steps', 'seq_len')).values():
+    r = runs[0]
     s = summary.setdefault(r['row'], dict(
         **report.row_facts(r), steps=r['steps'], train_tokens=r['train_tokens'],
         seq_len=r['seq_len'], test_examples=r['test_examples'], by_kv={}))
-    differ = [short for short, key in report.ROW_FACTS.items() if s[short] != r[key]]
-    if differ or (s['steps'], s['seq_len']) != (r['steps'], r['seq_len']):
-      raise ValueError(f"{r['row']}: {differ or 'steps or seq_len'} differ between runs")
-    cell = s['by_kv'].setdefault(str(r['kv_pairs']), dict(lr=r['lr'], seeds=[], accuracies=[],
-                                                          losses=[], diverged=[]))
-    if cell['lr'] != r['lr']:
-      raise ValueError(f"{r['row']} kv{r['kv_pairs']}: seeds trained at different rates")
-    cell['seeds'].append(r['seed'])
-    cell['accuracies'].append(r['accuracy'])
-    cell['losses'].append(r['loss'])
-  for r in results:
-    if r.get('diverged'):
-      cell = summary.get(r['row'], {}).get('by_kv', {}).get(str(r['kv_pairs']))
-      if cell is None:
-        raise ValueError(f"{r['row']} kv{r['kv_pairs']}: every seed diverged at lr {r['lr']:g} "
-                         '(non-finite loss); rerun with lower --lrs')
-      cell['diverged'].append(r['seed'])
-  for s in summary.values():
-    for cell in s['by_kv'].values():
-      cell['accuracy'], cell['accuracy_std'] = report.mean_std(cell['accuracies'])
-      cell['loss'], cell['loss_std'] = report.mean_std(cell['losses'])
+    accuracies, losses = [x['accuracy'] for x in runs], [x['loss'] for x in runs]
+    cell = s['by_kv'][str(r['kv_pairs'])] = dict(
+        lr=r['lr'], seeds=[x['seed'] for x in runs], accuracies=accuracies, losses=losses,
+        diverged=diverged)
+    cell['accuracy'], cell['accuracy_std'] = report.mean_std(accuracies)
+    cell['loss'], cell['loss_std'] = report.mean_std(losses)
   return summary
 
 
 def compare(summary: dict, better: str, worse: str, kv: str, claim: str = '') -> dict | None:
   """Does `better` recall more than `worse` at N = kv, beyond the seed spread?"""
-  a = summary.get(better, {}).get('by_kv', {}).get(kv)
-  b = summary.get(worse, {}).get('by_kv', {}).get(kv)
-  if a is None or b is None:
-    return None
-  seeds = lambda c: dict(zip(c['seeds'], c['accuracies'], strict=True))
-  return report.compare(seeds(a), seeds(b), claim, True, 'resolved, as expected',
-                        better=better, worse=worse, kv_pairs=int(kv))
+  cell = lambda row: summary.get(row, {}).get('by_kv', {}).get(kv)
+  return report.compare(cell(better), cell(worse), 'accuracies', claim, True,
+                        'resolved, as expected', better=better, worse=worse, kv_pairs=int(kv))
 
 
 # --- the report ----------------------------------------------------------------------------
@@ -322,11 +300,10 @@ def render(payload: dict) -> str:
 
 
 def plot(payload: dict, path: pathlib.Path) -> None:
-  plt = report.pyplot()
   summary, setup = payload['rows'], payload['setup']
   kvs = [str(k) for k in setup['kv_pairs']]
-  fig, axes = plt.subplots(1, len(kvs), figsize=(max(7.5, 4.2 * len(kvs)), 5.2),
-                           sharey=True, squeeze=False)
+  fig, axes = report.pyplot().subplots(1, len(kvs), figsize=(max(7.5, 4.2 * len(kvs)), 5.2),
+                                       sharey=True, squeeze=False)
   chance = 2 / next(iter(summary.values()))['model']['vocab_size']
   for ax, k in zip(axes[0], kvs, strict=True):
     report.cache_lines(ax, summary, lambda s, k=k: (c := s['by_kv'].get(k)) and (
@@ -346,9 +323,7 @@ def plot(payload: dict, path: pathlib.Path) -> None:
                fontsize=10)
   fig.text(0.5, 0.075, textwrap.fill(_setup_line(summary, setup), 120), ha='center',
            va='center', fontsize=7, color='gray')
-  fig.tight_layout(rect=(0, 0.1, 1, 1))
-  fig.savefig(path, dpi=120)
-  plt.close(fig)
+  report.save(fig, path, rect=(0, 0.1, 1, 1))
 
 
 if __name__ == '__main__':

@@ -112,14 +112,19 @@ def mean_std(xs: list[float]) -> tuple[float, float]:
   return statistics.fmean(xs), (statistics.stdev(xs) if len(xs) > 1 else 0.0)
 
 
-def compare(ahead: dict[int, float], behind: dict[int, float], claim: str,
-            higher_is_better: bool, as_expected: str, /, **extra) -> dict:
-  """A comparison row: is `ahead` (seed -> value) ahead of `behind` beyond the seed spread?
+def compare(ahead: dict | None, behind: dict | None, values: str, claim: str,
+            higher_is_better: bool, as_expected: str, /, **extra) -> dict | None:
+  """A comparison row: is cell `ahead` ahead of cell `behind` beyond the seed spread? A cell is
+  a summary's entry with its 'seeds' and the seeds' scores under `values`; None (no row) where
+  one did not run.
 
   Resolved means the two mean ± std intervals do not overlap (never with fewer than two
   seeds). Seeds are paired (seed k gives both rows the same data order), so the per-seed
   differences are counted too. gap > 0 means `ahead` is ahead.
   """
+  if ahead is None or behind is None:
+    return None
+  ahead, behind = (dict(zip(c['seeds'], c[values], strict=True)) for c in (ahead, behind))
   sign = 1 if higher_is_better else -1
   (a, a_std), (b, b_std) = mean_std(list(ahead.values())), mean_std(list(behind.values()))
   gap, spread = sign * (a - b), a_std + b_std
@@ -159,6 +164,13 @@ def pyplot():
   return plt
 
 
+def save(fig, path: pathlib.Path, **layout) -> None:
+  """fig, laid out tightly (tight_layout's **layout), as a 120-dpi PNG at path; then closed."""
+  fig.tight_layout(**layout)
+  fig.savefig(path, dpi=120)
+  pyplot().close(fig)
+
+
 # The paper's words for each mechanism's capability (DeepSeek-V2 Table 1), and plot markers.
 PAPER = {'mha': 'strong', 'gqa': 'moderate', 'mqa': 'weak', 'mla': 'stronger'}
 MARKERS = {'mha': 'o', 'gqa': 's', 'mqa': '^', 'mla': 'D'}
@@ -179,6 +191,34 @@ def row_facts(r: dict) -> dict:
               elements_formula=r['cache_elements_formula'],
               **{short: r[key] for short, key in ROW_FACTS.items()}, d_ff=r['d_ff'],
               model=r['model'])
+
+
+def seed_groups(results: list[dict], cell: Callable[[dict], str],
+                shared: tuple[str, ...] = ()) -> dict[str, tuple[list[dict], list[int]]]:
+  """The reported runs by cell(run), in the order of `results`: (those that trained to the
+  end, the seeds a non-finite loss stopped). ValueError where every seed of a cell diverged,
+  its seeds trained at different rates, or a row's runs differ in ROW_FACTS or `shared`."""
+  groups: dict[str, tuple[list[dict], list[int]]] = {}
+  for r in results:
+    runs, diverged = groups.setdefault(cell(r), ([], []))
+    if r.get('diverged'):
+      diverged.append(r['seed'])
+    else:
+      runs.append(r)
+  for name, (runs, _) in groups.items():
+    if not runs:
+      raise ValueError(f'{name}: every seed diverged at the chosen rate (non-finite loss); '
+                       'rerun with lower --lrs')
+    if len({r['lr'] for r in runs}) > 1:
+      raise ValueError(f"{name}: seeds trained at different rates: {[r['lr'] for r in runs]}")
+  rows: dict[str, list[dict]] = {}
+  for runs, _ in groups.values():
+    rows.setdefault(runs[0]['row'], []).extend(runs)
+  for row, runs in rows.items():
+    for key in (*ROW_FACTS.values(), *shared):
+      if any(r[key] != runs[0][key] for r in runs):
+        raise ValueError(f'{row}: {key} differs between runs: {[r[key] for r in runs]}')
+  return groups
 
 
 def cache_cells(summary: dict, s: dict) -> list:

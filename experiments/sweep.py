@@ -79,7 +79,7 @@ class Sweep:
     measure(run, config, model)            (its scores, a prompt to measure the cache with)
     best(results) -> lr                    the rate a cell's seed-0 runs choose (ValueError:
                                            every rate diverged)
-    describe(result) -> str                a finished run, in the progress line
+    describe(result) -> str                a run that trained to the end, in the progress line
     report(results, swept, setup, out)     writes the report (report.write); -> its paths
 
   and may override `estimate`."""
@@ -125,6 +125,17 @@ def grid_flags(known_rows, lrs: list, quick_lrs: list, quick_seeds: int,
     raise InputError(f'unknown rows {unknown} or --seeds={seeds} < 1; the rows{where} are '
                      f'{list(known_rows)}')
   return rows, lrs, seeds
+
+
+def best_of(results: list[dict], score: Callable[[dict], object],
+            where: Callable[[dict], str]) -> float:
+  """The rate of the run with the highest score(run) (the first of equals) among a cell's
+  runs that did not diverge; ValueError, naming the cell as where(run) says, when all did."""
+  finished = [r for r in results if not r.get('diverged')]
+  if not finished:
+    raise ValueError(f'{where(results[0])}: every rate diverged (non-finite loss); rerun with '
+                     'lower --lrs')
+  return max(finished, key=score)['lr']
 
 
 def sweep_runs(cells: list[tuple], lrs: list[float]) -> list[Run]:
@@ -199,8 +210,8 @@ def _train(runs: list[Run], what: str, sweep: Sweep, jobs: int, ledger: runner.L
     # the worker parses this process's flags, so it builds the same plan's run
     args = [f'experiments.{sweep.name}', *sys.argv[1:], f'--workdir={workdir}',
             f'--worker={json.dumps(run)}']
-    return runner.Task(name, args, path / 'log.txt', path / runner.RESULT,
-                       describe=sweep.describe)
+    return runner.Task(name, args, path / 'log.txt', path / runner.RESULT, describe=lambda r:
+                       'diverged' if r.get('diverged') else sweep.describe(r))
 
   runner.run_tasks([task(r) for r in runs], jobs, ledger=ledger)
   return len(todo)
