@@ -41,8 +41,7 @@ flags.DEFINE_float('peak_tflops', 0.0, 'peak for MFU (0: 989 on H100/H200, else 
 # part -> (the script it runs, which writes <script>.json into OUT/<part>/, and its table)
 PARTS = {'check': ('device_check', tables.device_check_table),
          'train': ('bench_train', tables.bench_train_table),
-         'decode': ('bench_decode', lambda p: [tables.machine_limits_line(p['machine']), '',
-                                               *tables.bench_decode_table(p)]),
+         'decode': ('bench_decode', tables.bench_decode_report),
          'train_deterministic': ('bench_train', tables.bench_train_table)}
 # Nominal dense bfloat16 peaks (TFLOP/s) for MFU; other devices use the measured matmul rate.
 PEAKS = {'H100': 989.0, 'H200': 989.0}

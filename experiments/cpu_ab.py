@@ -43,17 +43,11 @@ def builds(config, impls) -> dict[str, timing.Step]:
       build_config = config.copy_and_resolve_references()
       build_config.model.attention_impl = impl
       compiled = timing.fixed_batch_step(build_config, mesh)[1].lower(state, batch).compile()
-      holder = [jax.tree.map(lambda x: x.copy(), state)]
-      holder[0], metrics = compiled(holder[0], batch)
+      steps[impl] = timing.carried(compiled, jax.tree.map(lambda x: x.copy(), state), batch,
+                                   mesh=mesh)
+      metrics = steps[impl]()
       print(f"{config.model.attention} {impl}: first step loss {float(metrics['loss']):.7f}, "
             f"grad norm {float(metrics['grad_norm']):.7f}", flush=True)
-
-      def run(compiled=compiled, holder=holder):
-        with jax.set_mesh(mesh):
-          holder[0], metrics = compiled(holder[0], batch)
-          jax.block_until_ready(metrics)
-
-      steps[impl] = run
   return steps
 
 

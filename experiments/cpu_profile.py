@@ -59,15 +59,9 @@ def jax_phases(config) -> dict[str, timing.Step]:
     opt.update(model, grads)
     return nnx.state((model, opt)), optax.tree.norm(grads)
 
-  holder = [state]
-
-  def run_update():
-    holder[0], norm = update(holder[0], grads)
-    jax.block_until_ready(norm)
-
   return {'forward': lambda: jax.block_until_ready(loss(params, batch)),
           'forward+backward': lambda: jax.block_until_ready(grad(params, batch)),
-          'update': run_update}
+          'update': timing.carried(update, state, grads)}
 
 
 def torch_phases(model_cfg, batch: int, seq_len: int, **opt) -> dict[str, timing.Step]:

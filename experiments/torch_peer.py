@@ -93,14 +93,7 @@ def jax_step(config) -> Step:
   mesh = sharding.make_mesh(config.mesh)
   with jax.set_mesh(mesh):
     state, fn, batch = timing.fixed_batch_step(config, mesh)
-  holder = [state]
-
-  def step():
-    with jax.set_mesh(mesh):
-      holder[0], metrics = fn(holder[0], batch)
-      jax.block_until_ready(metrics)
-
-  return step
+  return timing.carried(fn, state, batch, mesh=mesh)
 
 
 def opt_kwargs(config) -> dict:
