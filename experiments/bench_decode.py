@@ -1,26 +1,18 @@
-r"""Decode benchmark: time per generated token and cache size for every attention variant.
+r"""Decode benchmark: time per generated token and cache size for every attention variant
+(docs/benchmarks.md, "Decode").
 
   python -m experiments.bench_decode      # experiments/results/bench_decode/bench_decode.json
   python -m experiments.bench_decode --quick --out=/tmp/bd     # a small smoke version
 
-Every variant shares d_model, head count and layers (float32 by default): MHA, GQA (G=2), MQA,
-MLA naive and MLA absorbed (d_c = 4 d_h, d_r = d_h / 2, no query compression). Caches are filled
-with random values instead of a prefill, and one decode step is timed with every sequence at
-the last position of the context, so the step reads the whole cache.
+The rows are timing.decode_configs' at one d_model, head count and depth, each timed by
+timing.decode_row over a random cache with every sequence at the context's last position, so
+the step reads the whole cache; fraction = max(bytes the step must read / bandwidth, flops /
+matmul rate) / measured time, both rates measured in the run (timing.machine_limits).
 
-Each row also reports how close the step comes to this machine's limit, both measured in the
-same run: limit = max(bytes the step must read / bandwidth, flops / matmul rate), and
-fraction = limit / measured time. Bandwidth is the faster of a read-only sum over a large array
-and an in-place array update (counting bytes read plus written): on an H200 a decode kernel
-read its cache at 1.28x the copy rate, and on a CPU XLA's sum is the slower of the two. Bytes
-read = the cache up to the context + the weights; flops are counted per variant below.
-
---cache_dtypes adds rows per cache storage (ModelConfig.cache_dtype): 'none' (the compute
-dtype), a float dtype, or 'int8' / 'float8_e4m3fn' (8-bit values with float32 per-token scales,
-mla_jax.quant). Bytes per token, and so the limit, count the scales. On a CPU the einsum path
-converts an 8-bit cache's values to the compute dtype as dot operands, which XLA:CPU writes
-out as a temporary (one layer's values, unscaled): there an 8-bit cache saves memory, not
-time; the decode kernels (kernels rows) read the 8-bit values directly.
+An 8-bit cache (--cache_dtypes=int8,float8_e4m3fn) counts its float32 scales in its bytes, so
+in the limit. On a CPU the einsum path converts its values to the compute dtype as dot
+operands, which XLA:CPU writes out as a temporary (one layer's values, unscaled): there an
+8-bit cache saves memory, not time; the decode kernels (kernels rows) read the 8-bit values.
 """
 
 from __future__ import annotations

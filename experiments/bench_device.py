@@ -3,20 +3,11 @@ r"""The accelerator report: one command that checks and times mla_jax on whateve
   python -m experiments.bench_device --out=experiments/results/h200        # < 8 min, H200
   python -m experiments.bench_device --out=/tmp/device --quick              # CPU smoke run
 
-Parts, each in its own process (a crash or a memory blow-up of one does not lose the
-others; each has a time limit), each writing OUT/<part>/, their JSON collected into
-OUT/report.json and OUT/report.md (tables rendered by experiments/tables.py):
-1. check: the kernels against the einsum path on this device, for every variant
-   (experiments/device_check.py): float32 at 'highest' matmul precision and bfloat16.
-2. train: training throughput at the large config (d_model 1024, 8 layers, 16 heads of 64,
-   batch 32 x 1024, bfloat16) for MHA and MLA under each attention_impl: tokens/s, MFU,
-   compile time, beside transformers' model in the same process when torch is installed.
-3. decode: the decode benchmark in bfloat16 at batch 8 and 32, contexts 4k / 16k / 64k, every
-   variant through the einsum path and the Pallas kernels, with the fraction of the bandwidth
-   limit.
-4. train_deterministic: the kernels rows of 2. under deterministic GPU ops, which is what
-   bit-exact resume (train.deterministic=True) costs: XLA's attention instead of cuDNN's.
-And the environment: jax, jaxlib, flax and device versions.
+Its parts (PARTS, below; docs/benchmarks.md, "The accelerator report", says what each
+measures) each run in their own process with a time limit (a crash or a memory blow-up of one
+does not lose the others) and write OUT/<part>/; their JSON is collected into OUT/report.json
+and OUT/report.md (tables rendered by experiments/tables.py), with the jax, jaxlib, flax and
+device versions.
 """
 
 from __future__ import annotations

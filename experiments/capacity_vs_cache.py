@@ -62,6 +62,11 @@ def name(geometry: str, match: str = 'params') -> str:
   return '_'.join([NAME] + [geometry] * (geometry != 'small') + [match] * (match != 'params'))
 
 
+def best_rate(results: list[dict]) -> float:
+  """The rate whose seed-0 run has the lowest validation loss; diverged runs are out."""
+  return sweep.best_of(results, lambda r: -r['loss'], lambda r: r['row'])
+
+
 class CapacityVsCache(sweep.Sweep):
   name = NAME
 
@@ -107,8 +112,7 @@ class CapacityVsCache(sweep.Sweep):
     return (perplexity.perplexity(model, val, e.seq_len, e.stride, e.batch_size),
             val[:model.cfg.max_seq_len // 2])
 
-  def best(self, results: list[dict]) -> float:
-    return best_rate(results)
+  best = staticmethod(best_rate)
 
   def describe(self, r: dict) -> str:
     return f"val loss {r['loss']:.4f} (perplexity {r['perplexity']:.3f})"
@@ -126,11 +130,6 @@ class CapacityVsCache(sweep.Sweep):
 
 
 # --- the summary ---------------------------------------------------------------------------
-def best_rate(results: list[dict]) -> float:
-  """The rate whose seed-0 run has the lowest validation loss; diverged runs are out."""
-  return sweep.best_of(results, lambda r: -r['loss'], lambda r: r['row'])
-
-
 def edge(rates: dict[str, float | None], lr: float) -> str | None:
   """'lowest' / 'highest' when the chosen rate lr is at that end of the rates a row's sweep
   tried (a diverged rate counts: it is worse), else None: the choice is bracketed."""

@@ -66,14 +66,7 @@ def jax_phases(config) -> dict[str, timing.Step]:
 
 def torch_phases(model_cfg, batch: int, seq_len: int, **opt) -> dict[str, timing.Step]:
   """The same three phases of torch_peer.torch_step's model and optimizer."""
-  import torch
-
-  step = torch_peer.torch_step(model_cfg, batch, seq_len, **opt)
-  model, inputs, labels, optimizer, clip = step.parts
-
-  def forward():
-    logits = model(input_ids=inputs).logits
-    return torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels)
+  forward, optimizer, clip = torch_peer.torch_step(model_cfg, batch, seq_len, **opt).parts
 
   def forward_backward():
     forward().backward()

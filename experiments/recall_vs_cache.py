@@ -65,6 +65,13 @@ def setting_name(seq_len: int, kv_pairs: int | str, steps: int) -> str:
   return f"seq{seq_len}_kv{kv_pairs}_steps{steps}{'_quick' if FLAGS.quick else ''}"
 
 
+def best_rate(results: list[dict]) -> float:
+  """The rate whose run has the best validation recall (then the lower validation loss);
+  runs that diverged are out."""
+  return sweep.best_of(results, lambda r: (r['val_accuracy'], -r['val_loss']),
+                       lambda r: f"{r['row']} kv{r['kv_pairs']}")
+
+
 class RecallVsCache(sweep.Sweep):
   name = NAME
 
@@ -122,8 +129,7 @@ class RecallVsCache(sweep.Sweep):
                   test_examples=mqar.val_examples)
     return scores, val_task.heldout[0]['inputs'][0][:model.cfg.max_seq_len // 2]
 
-  def best(self, results: list[dict]) -> float:
-    return best_rate(results)
+  best = staticmethod(best_rate)
 
   def describe(self, r: dict) -> str:
     return f"recall {r['val_accuracy']:.3f} (validation), {r['accuracy']:.3f} (test)"
@@ -167,13 +173,6 @@ class RecallVsCache(sweep.Sweep):
 
 
 # --- the summary ---------------------------------------------------------------------------
-def best_rate(results: list[dict]) -> float:
-  """The rate whose run has the best validation recall (then the lower validation loss);
-  runs that diverged are out."""
-  return sweep.best_of(results, lambda r: (r['val_accuracy'], -r['val_loss']),
-                       lambda r: f"{r['row']} kv{r['kv_pairs']}")
-
-
 def summarize(results: list[dict]) -> dict[str, dict]:
   """Per row: the seed- and N-independent facts once, and per N the test recall over the
   seeds that trained to the end (`diverged` lists those stopped by a non-finite loss)."""

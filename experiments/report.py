@@ -23,7 +23,7 @@ QUICK_NOTE = ' (QUICK: a pipeline check; the numbers mean nothing)'
 def write(out: pathlib.Path, stem: str, payload: dict, render: Callable[[dict], str],
           plot: Callable[[dict, pathlib.Path], None] | None = None) -> list[pathlib.Path]:
   """out/<stem>.json (with provenance), then .md rendered from what that file holds (so the
-  markdown is the JSON's, to the bit), then .png; returns their paths."""
+  markdown is the JSON's, to the bit), then .png; prints and returns their paths."""
   path = common.write_json(out / f'{stem}.json', payload)
   payload = json.loads(path.read_text())
   paths = [out / f'{stem}.md', path]
@@ -31,6 +31,7 @@ def write(out: pathlib.Path, stem: str, payload: dict, render: Callable[[dict], 
   if plot is not None:
     paths.append(out / f'{stem}.png')
     plot(payload, paths[-1])
+  print('wrote ' + ', '.join(map(str, paths)))
   return paths
 
 

@@ -148,11 +148,6 @@ def tasks() -> list[runner.Task]:
   return out
 
 
-def _write_result(folder: pathlib.Path, result: dict) -> None:
-  wd.write_json(folder, runner.RESULT, {**result, 'machine': common.machine(),
-                                        'commit': common.commit(), 'versions': common.versions()})
-
-
 def _cache(model, prompt) -> dict:
   elements, nbytes = runner.measure_decode_cache(model, prompt)
   return dict(cache_elements_formula=variants.cache_elements_per_token(model.cfg),
@@ -220,7 +215,7 @@ def run_task(name: str) -> None:
   model, cfg = wd.load_workdir(trained)
   if 'after' not in result:  # a conversion that is not fine-tuned: scored as it comes out
     result['before'] = _evaluate(model, config, val)
-  _write_result(folder, dict(result, model=cfg.to_dict(), **_cache(model, val[:64])))
+  runner.write_result(folder, dict(result, model=cfg.to_dict(), **_cache(model, val[:64])))
 
 
 def _finetune(converted: pathlib.Path, folder: pathlib.Path, steps: int) -> dict:
@@ -280,9 +275,8 @@ def main():
                        full_wall_s=runner.full_wall_s(
                            out / f'{to_mla_report.NAME}.json', wall_s,
                            len(todo) == len(all_tasks) and not FLAGS.report_only, grid_setup))
-  paths = report.write(out, to_mla_report.NAME, dict(setup=setup, results=results),
-                       to_mla_report.render, to_mla_report.plot)
-  print('wrote ' + ', '.join(str(p) for p in paths))
+  report.write(out, to_mla_report.NAME, dict(setup=setup, results=results),
+               to_mla_report.render, to_mla_report.plot)
 
 
 if __name__ == '__main__':

@@ -10,7 +10,6 @@ import pathlib
 from experiments import report
 
 NAME = 'to_mla'
-CONVERTED = ('2norm', 'uniform', 'weights', 'unit')
 LABELS = {'2norm': 'converted, 2-norm pairs', 'uniform': 'converted, uniform pairs',
           'weights': '2-norm, weight statistics', 'unit': '2-norm, unit latent norm',
           'scratch': 'MLA from scratch'}
