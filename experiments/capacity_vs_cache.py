@@ -1,5 +1,5 @@
 r"""Capacity vs KV-cache size: every row of configs/ablations/capacity_vs_cache.py, each at its
-best learning rate, then 3 seeds.
+best learning rate, then 3 seeds (docs/results.md, "Capacity vs KV-cache size").
 
   python -m experiments.capacity_vs_cache --workdir=runs/capacity                  # 2-3.5 h
   python -m experiments.capacity_vs_cache --workdir=runs/capacity --geometry=paper # 6 rows: as long
@@ -7,12 +7,10 @@ best learning rate, then 3 seeds.
   python -m experiments.capacity_vs_cache --workdir=runs/capacity --geometry=paper --match=mlp \
       --rows=mha,gqa2,mqa,mla4 --lrs=6e-3   # the control: every row at MHA's MLP width
 
-The protocol, the worker and the ledger are experiments/sweep.py's: seed 0 of every row at each
-rate of --lrs, the rate with the lowest validation loss is the row's, then seeds 1 .. --seeds
-at it, reported as mean ± std. Runs live in workdir/<geometry>[-mlp][-quick]/<row>/lr<rate>/
-seed<k>. Each run scores the validation split with mla_jax.perplexity.perplexity. The report
-(capacity_vs_cache[_paper][_mlp].md / .json / .png) goes to --out: experiments/results/
-capacity_vs_cache/ for the full run, the workdir for --quick.
+A sweep (experiments/sweep.py) whose cells are the rows, scored by validation loss
+(mla_jax.perplexity); runs live in workdir/<geometry>[-mlp][-quick]/<row>/lr<rate>/seed<k>.
+The report (capacity_vs_cache[_paper][_mlp].md / .json / .png) goes to --out:
+experiments/results/capacity_vs_cache/ for the full run, the workdir for --quick.
 """
 
 from __future__ import annotations
@@ -223,7 +221,7 @@ def render(payload: dict) -> str:
       f'differs, and {matching[1]}. {_protocol(setup)} '
       'Validation: three held-out plays, every byte scored once. Loss is nats per byte, '
       'mean ± std (sample) over seeds.', '', *summary_table(payload), '',
-      report.exact_cache(summary) + report.CACHE_NOTE + ' Tokens/s: each run on one core, '
+      report.exact_cache(summary) + ' Tokens/s: each run on one core, '
       f"{setup['jobs']} runs at a time."
       + (f" The whole protocol (sweep and seeds) took {setup['full_wall_s'] / 60:.0f} minutes "
          'of wall time.' if setup.get('full_wall_s') else ''), '',

@@ -6,15 +6,13 @@ several numbers of key-value pairs, each at its best learning rate, over seeds.
   python -m experiments.recall_vs_cache --workdir=runs/zoology --seq_len=256 \
       --kv_pairs=8,16,32,64 --lrs=2.2e-3,4.6e-3,1e-2,2.2e-2       # Zoology's grid (accelerator)
 
-The protocol, the worker and the ledger are experiments/sweep.py's (Zoology's best of up to
-four learning rates, then seeds): for each row and N, seed 0 at each rate of --lrs, the rate
-with the best recall on the validation set (the trainer's held-out set, val_seed 0) is kept,
-then --seeds fresh seeds at it, reported as mean ± std on a separate test set (val_seed
-TEST_SEED). A diverged seed is counted apart. Runs live in
-workdir/<row>/seq<T>_kv<N>_steps<S>[_quick]/lr<rate>/seed<k>, so runs of other settings sit
-beside them without mixing. The CPU time left is estimated before anything trains (--dry_run
-prints the plan and the estimate only). The report (recall_vs_cache.md / .json / .png) goes to
---out: experiments/results/recall_vs_cache/ for the full protocol, the workdir for --quick.
+A sweep (experiments/sweep.py; Zoology's best of up to four rates, then seeds) whose cells are
+(row, N): the rate with the best recall on the validation set (the trainer's held-out set,
+val_seed 0) is kept, and the seeds are reported on a separate test set (val_seed TEST_SEED).
+Runs live in workdir/<row>/seq<T>_kv<N>_steps<S>[_quick]/lr<rate>/seed<k>, so runs of other
+settings sit beside them without mixing. --dry_run prints the plan and an estimate of the CPU
+time left. The report (recall_vs_cache.md / .json / .png) goes to --out:
+experiments/results/recall_vs_cache/ for the full protocol, the workdir for --quick.
 """
 
 from __future__ import annotations
@@ -282,7 +280,7 @@ def render(payload: dict) -> str:
       'those seeds. A model that finds the N values in its context but not which key each '
       'belongs to recalls about 1/N: recall well above 1/N, not above chance, is the evidence '
       'of recall by association.', '', *summary_table(payload), '',
-      report.exact_cache(summary) + report.CACHE_NOTE + f" {setup['runs_total']} runs, each on "
+      report.exact_cache(summary) + f" {setup['runs_total']} runs, each on "
       f"one core, {setup['jobs']} at a time, {setup['cpu_s'] / 60:.0f} CPU minutes in "
       f'all{wall}.', '',
       '## Recall per seed', '',

@@ -91,12 +91,6 @@ def by_cache(summary: dict) -> list[tuple[str, dict]]:
                 key=lambda rs: (rs[1]['attention'] == 'mla', -rs[1]['elements_formula']))
 
 
-def params_vs_mha(summary: dict, s: dict) -> str:
-  """A row's parameter count, and its difference from MHA's where MHA ran."""
-  mha = summary.get('mha', {}).get('params')
-  return f"{s['params']:,}" + (f" ({100 * (s['params'] / mha - 1):+.1f}%)" if mha else '')
-
-
 def comparisons_table(comparisons: list[dict], gap: str, digits: int,
                       extra: tuple = ()) -> list[str]:
   """The "which orderings are resolved" table; `extra`: (header, key) columns after the claim."""
@@ -140,7 +134,7 @@ def compare(ahead: dict | None, behind: dict | None, values: str, claim: str,
               paired_std=statistics.stdev(diffs) if len(diffs) > 1 else 0.0, claim=claim)
 
 
-CACHE_NOTE = ('(elements per token of the caches a bfloat16 prefill and decode step return, '
+_CACHE_NOTE = ('(elements per token of the caches a bfloat16 prefill and decode step return, '
               'counted from the arrays). Bytes int8 / fp8: the same caches stored 8-bit '
               '(ModelConfig.cache_dtype), their float32 per-token scales included (one per '
               'token and array; per KV head for MHA / GQA / MQA).')
@@ -150,8 +144,9 @@ RESOLVED_NOTE = ('Resolved = the two rows\' mean ± std intervals do not overlap
 
 
 def exact_cache(summary: dict) -> str:
+  """Whether every row's measured cache is its formula's, and what the cache columns count."""
   exact = all(s['elements_formula'] == s['elements_measured'] for s in summary.values())
-  return f"Measured cache = formula for every row: **{'yes' if exact else 'NO'}** "
+  return f"Measured cache = formula for every row: **{'yes' if exact else 'NO'}** " + _CACHE_NOTE
 
 
 def pyplot():
@@ -223,10 +218,11 @@ def seed_groups(results: list[dict], cell: Callable[[dict], str],
 
 
 def cache_cells(summary: dict, s: dict) -> list:
-  """A row's cells under CACHE_HEADER."""
+  """A row's cells under CACHE_HEADER; its parameters' difference from MHA's where MHA ran."""
+  mha = summary.get('mha', {}).get('params')
   return [s['formula'], f"{s['elements_formula']:,}", f"{s['elements_measured']:,}",
           f"{s['bytes_bf16']:,}", f"{s['bytes_int8']:,}", f"{s['bytes_fp8']:,}", s['d_ff'],
-          params_vs_mha(summary, s)]
+          f"{s['params']:,}" + (f" ({100 * (s['params'] / mha - 1):+.1f}%)" if mha else '')]
 
 
 def mechanism(r: dict) -> str:
