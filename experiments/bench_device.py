@@ -21,7 +21,7 @@ import time
 import jax
 from absl import app, flags
 
-from experiments import common, tables, torch_peer
+from experiments import common, report, tables, torch_peer
 from mla_jax import cli
 
 FLAGS = flags.FLAGS
@@ -107,7 +107,8 @@ def environment() -> dict:
           'date': time.strftime('%Y-%m-%d')}
 
 
-def markdown(env: dict, parts: list[dict]) -> str:
+def markdown(payload: dict) -> str:
+  env, parts = payload['environment'], payload['parts']
   lines = [f"# Device report: {env['device_kind']} ({env['platform']}), {env['date']}", '',
            f"jax {env['jax']}, flax {env['flax']}.", '']
   for p in parts:
@@ -129,9 +130,7 @@ def main(argv):
         flush=True)
   todo = commands(out, FLAGS.quick)
   parts = [run_part(name, *todo[name], out) for name in FLAGS.parts]
-  common.write_json(out / 'report.json', {'environment': env, 'parts': parts})
-  (out / 'report.md').write_text(markdown(env, parts))
-  print(f'wrote {out / "report.md"}')
+  report.write(out, 'report', {'environment': env, 'parts': parts}, markdown)
   if any(p['exit'] != 0 for p in parts):
     raise SystemExit('error: a part failed; see its log in ' + str(out))
 
