@@ -20,12 +20,10 @@ d_r = the largest even number <= min(d_h / 2, cache / 4) and d_c = cache - d_r p
 Fine-tuning: python -m mla_jax.train --init_from on the conversion, configs/finetune.py's
 schedule (peak lr 1e-3, warmup 2) for --finetune_fraction (5%) of the source's training tokens.
 
-Every task is a worker process pinned to one core, --jobs at a time (experiments/runner.py);
-each writes result.json last, and a task with one is not redone, so an interrupted run resumes
-(trainings from their last checkpoints). The report (to_mla.md / .json / .png) goes to
---out: experiments/results/to_mla/ for the full run, the workdir for --quick (which never
-overwrites the committed results). --report_only writes it from the tasks finished so far,
-marked partial, and trains nothing.
+Every task is a worker process pinned to one core (experiments/runner.py) that writes
+result.json last: a task with one is not redone, so an interrupted run resumes. The report
+(to_mla.md / .json / .png) goes to --out (experiments/common.py); --report_only writes it
+from the tasks finished so far, marked partial, and trains nothing.
 """
 
 from __future__ import annotations
