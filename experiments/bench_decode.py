@@ -1,26 +1,18 @@
-r"""Decode benchmark: time per generated token and cache size for every attention variant.
+r"""Decode benchmark: time per generated token and cache size for every attention variant
+(docs/benchmarks.md, "Decode").
 
   python -m experiments.bench_decode      # experiments/results/bench_decode/bench_decode.json
   python -m experiments.bench_decode --quick --out=/tmp/bd     # a small smoke version
 
-Every variant shares d_model, head count and layers (float32 by default): MHA, GQA (G=2), MQA,
-MLA naive and MLA absorbed (d_c = 4 d_h, d_r = d_h / 2, no query compression). Caches are filled
-with random values instead of a prefill, and one decode step is timed with every sequence at
-the last position of the context, so the step reads the whole cache.
+The rows are timing.decode_configs' at one d_model, head count and depth, each timed by
+timing.decode_row over a random cache with every sequence at the context's last position, so
+the step reads the whole cache; fraction = max(bytes the step must read / bandwidth, flops /
+matmul rate) / measured time, both rates measured in the run (timing.machine_limits).
 
-Each row also reports how close the step comes to this machine's limit, both measured in the
-same run: limit = max(bytes the step must read / bandwidth, flops / matmul rate), and
-fraction = limit / measured time. Bandwidth is the faster of a read-only sum over a large array
-and an in-place array update (counting bytes read plus written): on an H200 a decode kernel
-read its cache at 1.28x the copy rate, and on a CPU XLA's sum is the slower of the two. Bytes
-read = the cache up to the context + the weights; flops are counted per variant below.
-
---cache_dtypes adds rows per cache storage (ModelConfig.cache_dtype): 'none' (the compute
-dtype), a float dtype, or 'int8' / 'float8_e4m3fn' (8-bit values with float32 per-token scales,
-mla_jax.quant). Bytes per token, and so the limit, count the scales. On a CPU the einsum path
-converts an 8-bit cache's values to the compute dtype as dot operands, which XLA:CPU writes
-out as a temporary (one layer's values, unscaled): there an 8-bit cache saves memory, not
-time; the decode kernels (kernels rows) read the 8-bit values directly.
+An 8-bit cache (--cache_dtypes=int8,float8_e4m3fn) counts its float32 scales in its bytes, so
+in the limit. On a CPU the einsum path converts its values to the compute dtype as dot
+operands, which XLA:CPU writes out as a temporary (one layer's values, unscaled): there an
+8-bit cache saves memory, not time; the decode kernels (kernels rows) read the 8-bit values.
 """
 
 from __future__ import annotations
@@ -55,16 +47,6 @@ flags.DEFINE_integer('matmul_n', 0, 'size of the matmul that measures the peak r
 flags.DEFINE_integer('runs', 7, 'timed runs per row (median reported)')
 
 
-def resolve_cache_dtypes(names) -> tuple[str | None, ...]:
-  return tuple(None if name == 'none' else name for name in names)
-
-
-def resolve_impls(impls) -> tuple[str, ...]:
-  if list(impls) == ['auto']:
-    return ('einsum',) if platform.current() == 'cpu' else ('einsum', 'kernels')
-  return tuple(impls)
-
-
 def python_overhead_check(runs: int) -> dict:
   """No Python per token: generate's time per token vs one jitted one-token forward."""
   cfg = mla_jax.ModelConfig(d_model=64, n_heads=4, n_layers=1, max_seq_len=256)
@@ -81,11 +63,6 @@ def python_overhead_check(runs: int) -> dict:
           'ratio': per_token / one}
 
 
-def format_table(payload: dict) -> str:
-  return '\n'.join([tables.machine_limits_line(payload['machine']), '',
-                    *tables.bench_decode_table(payload)])
-
-
 def main(argv):
   del argv
   if FLAGS.quick:
@@ -95,15 +72,18 @@ def main(argv):
     batches = [int(b) for b in FLAGS.batches]
     size = dict(d_model=FLAGS.d_model, n_heads=FLAGS.n_heads, n_layers=FLAGS.n_layers)
   on_cpu = platform.current() == 'cpu'
+  impls = list(FLAGS.impls)
+  if impls == ['auto']:  # the decode kernels only run interpreted on a CPU
+    impls = ['einsum'] if on_cpu else ['einsum', 'kernels']
+  cache_dtypes = [None if name == 'none' else name for name in FLAGS.cache_dtypes]
   limits = machine_limits(FLAGS.runs, mib=256 if FLAGS.quick else 1024, dtype=FLAGS.dtype,
                           n=FLAGS.matmul_n or (2048 if on_cpu else 8192))
   rows = timing.Rows(common.out_dir('bench_decode') / 'bench_decode.json', machine=limits,
                      device=str(jax.devices()[0]), dtype=FLAGS.dtype, **size)
   for batch in batches:
     for context in contexts:
-      for name, cfg in timing.decode_configs(dtype=FLAGS.dtype, impls=resolve_impls(FLAGS.impls),
-                               cache_dtypes=resolve_cache_dtypes(FLAGS.cache_dtypes),
-                               **size).items():
+      for name, cfg in timing.decode_configs(dtype=FLAGS.dtype, impls=impls,
+                                             cache_dtypes=cache_dtypes, **size).items():
         row = rows.add(
             functools.partial(timing.decode_row, name, cfg, batch, context, limits, FLAGS.runs),
             variant=name, batch=batch, context=context)
@@ -111,7 +91,7 @@ def main(argv):
           print(f"{name:30s} b={batch} ctx={context:6d} {row['ms_per_token']:9.2f} ms "
                 f"fraction {row['fraction_of_limit']:.2f}", flush=True)
   overhead = python_overhead_check(FLAGS.runs)
-  print(format_table({'machine': limits, 'rows': rows.rows}))
+  print('\n'.join(tables.bench_decode_report({'machine': limits, 'rows': rows.rows})))
   print(f"\nno Python per token: generate {overhead['generate_ms_per_token']:.3f} ms/token vs "
         f"one jitted forward {overhead['jitted_forward_ms']:.3f} ms "
         f"(ratio {overhead['ratio']:.2f}; 1-layer d=64 model, context 128)")

@@ -3,20 +3,11 @@ r"""The accelerator report: one command that checks and times mla_jax on whateve
   python -m experiments.bench_device --out=experiments/results/h200        # < 8 min, H200
   python -m experiments.bench_device --out=/tmp/device --quick              # CPU smoke run
 
-Parts, each in its own process (a crash or a memory blow-up of one does not lose the
-others; each has a time limit), each writing OUT/<part>/, their JSON collected into
-OUT/report.json and OUT/report.md (tables rendered by experiments/tables.py):
-1. check: the kernels against the einsum path on this device, for every variant
-   (experiments/device_check.py): float32 at 'highest' matmul precision and bfloat16.
-2. train: training throughput at the large config (d_model 1024, 8 layers, 16 heads of 64,
-   batch 32 x 1024, bfloat16) for MHA and MLA under each attention_impl: tokens/s, MFU,
-   compile time, beside transformers' model in the same process when torch is installed.
-3. decode: the decode benchmark in bfloat16 at batch 8 and 32, contexts 4k / 16k / 64k, every
-   variant through the einsum path and the Pallas kernels, with the fraction of the bandwidth
-   limit.
-4. train_deterministic: the kernels rows of 2. under deterministic GPU ops, which is what
-   bit-exact resume (train.deterministic=True) costs: XLA's attention instead of cuDNN's.
-And the environment: jax, jaxlib, flax and device versions.
+Its parts (PARTS, below; docs/benchmarks.md, "The accelerator report", says what each
+measures) each run in their own process with a time limit (a crash or a memory blow-up of one
+does not lose the others) and write OUT/<part>/; their JSON is collected into OUT/report.json
+and OUT/report.md (tables rendered by experiments/tables.py), with the jax, jaxlib, flax and
+device versions.
 """
 
 from __future__ import annotations
@@ -30,7 +21,7 @@ import time
 import jax
 from absl import app, flags
 
-from experiments import common, tables, torch_peer
+from experiments import common, report, tables, torch_peer
 from mla_jax import cli
 
 FLAGS = flags.FLAGS
@@ -41,8 +32,7 @@ flags.DEFINE_float('peak_tflops', 0.0, 'peak for MFU (0: 989 on H100/H200, else 
 # part -> (the script it runs, which writes <script>.json into OUT/<part>/, and its table)
 PARTS = {'check': ('device_check', tables.device_check_table),
          'train': ('bench_train', tables.bench_train_table),
-         'decode': ('bench_decode', lambda p: [tables.machine_limits_line(p['machine']), '',
-                                               *tables.bench_decode_table(p)]),
+         'decode': ('bench_decode', tables.bench_decode_report),
          'train_deterministic': ('bench_train', tables.bench_train_table)}
 # Nominal dense bfloat16 peaks (TFLOP/s) for MFU; other devices use the measured matmul rate.
 PEAKS = {'H100': 989.0, 'H200': 989.0}
@@ -117,7 +107,8 @@ def environment() -> dict:
           'date': time.strftime('%Y-%m-%d')}
 
 
-def markdown(env: dict, parts: list[dict]) -> str:
+def markdown(payload: dict) -> str:
+  env, parts = payload['environment'], payload['parts']
   lines = [f"# Device report: {env['device_kind']} ({env['platform']}), {env['date']}", '',
            f"jax {env['jax']}, flax {env['flax']}.", '']
   for p in parts:
@@ -139,9 +130,7 @@ def main(argv):
         flush=True)
   todo = commands(out, FLAGS.quick)
   parts = [run_part(name, *todo[name], out) for name in FLAGS.parts]
-  common.write_json(out / 'report.json', {'environment': env, 'parts': parts})
-  (out / 'report.md').write_text(markdown(env, parts))
-  print(f'wrote {out / "report.md"}')
+  report.write(out, 'report', {'environment': env, 'parts': parts}, markdown)
   if any(p['exit'] != 0 for p in parts):
     raise SystemExit('error: a part failed; see its log in ' + str(out))
 

@@ -1,4 +1,5 @@
-r"""Training throughput: the train step alone, inside the training loop, and beside PyTorch.
+r"""Training throughput: the train step alone, inside the training loop, and beside PyTorch
+(docs/benchmarks.md, "Training throughput": what is timed, the sizes, the peer and MFU).
 
   python -m experiments.bench_train              # experiments/results/bench_train/bench_train.json
   python -m experiments.bench_train --quick --out=/tmp/bt       # tiny configs: a smoke run
@@ -6,19 +7,10 @@ r"""Training throughput: the train step alone, inside the training loop, and bes
   python -m experiments.bench_train --size=large --variants=mha,mla --impls=einsum,kernels \
       --peer --loop=false                                        # the accelerator report's rows
 
-Sizes: `default` is each variant's configs/<name>.py as it trains; `peer` is the same model at
-batch 16 x 256 (the CPU comparison with PyTorch); `large` is d_model 1024, 8 layers, 16 heads of
-64, SwiGLU 2752, vocab 256, batch 32 x 1024, MLA d_c 256 and d_r 32 (the GPU comparison);
-`tiny` is configs/<name>.py:tiny (a smoke run; what --quick runs).
-
-For each variant and attention_impl: the train step's jit compile time; the step called
-directly on one fixed batch (median of timed calls); with --loop, the trainer's own loop over
-real data (grain prefetch, metrics, logging; validation and checkpoints pushed past the end),
-timed per logging window after the first, which should stay within 10% of the bare step; with
---peer, the same model in transformers (Llama for MHA / GQA / MQA, DeepseekV3 for MLA) timed
-in the same process, alternating with ours (experiments/torch_peer.py; needs the dev extra).
-MFU counts 6 N + 12 L T d flops per token (N: parameters without the embedding table, which
-is a lookup) against --peak_tflops, or against the matmul rate measured in the run's dtype.
+Sizes (config_for): `default`, each variant's configs/<name>.py; `peer`, that model at batch
+16 x 256; `large`, d_model 1024, 8 layers, 16 heads of 64, batch 32 x 1024; `tiny`,
+configs/<name>.py:tiny (what --quick runs). The loop is timed per logging window after the
+first, with validation and checkpoints pushed past its end; the peer is experiments/torch_peer.py.
 """
 
 from __future__ import annotations

@@ -65,16 +65,11 @@ QUICK = dict(window=32, batch=8, prefill=4, max_windows=20, prompts=2, prompt_le
              gen_tokens=48)
 
 
-def run_config(variant: str, quick: bool, data_files: str = ''):
+def trained_model(variant: str, run_dir: pathlib.Path, quick: bool, data_files: str = ''):
+  """(model, config) of run_dir (configs/<variant>.py), trained there first if unfinished."""
   config = common.load_config(variant, 'tiny' if quick else '')
   if data_files:
     config.data.files = data_files
-  return config
-
-
-def trained_model(variant: str, run_dir: pathlib.Path, quick: bool, data_files: str = ''):
-  """(model, config) of run_dir, trained there first if it is not finished."""
-  config = run_config(variant, quick, data_files)
   training.train_and_evaluate(config, str(run_dir), final_eval=False)  # no-op when finished
   model, _ = wd.load_workdir(run_dir)
   return model, config
@@ -212,9 +207,8 @@ def main():
   setup = common.setup(quick=FLAGS.quick, wall_s=time.perf_counter() - start, options=opts,
                        cache_dtypes=FLAGS.cache_dtypes, data=FLAGS.data_files or 'shakespeare',
                        jax=jax.__version__)
-  paths = report.write(common.out_dir(NAME, FLAGS.workdir), NAME,
-                       dict(setup=setup, results=results), tables.cache_quantization_report)
-  print('wrote ' + ', '.join(str(p) for p in paths))
+  report.write(common.out_dir(NAME, FLAGS.workdir), NAME, dict(setup=setup, results=results),
+               tables.cache_quantization_report)
 
 
 if __name__ == '__main__':

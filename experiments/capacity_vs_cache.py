@@ -1,5 +1,5 @@
 r"""Capacity vs KV-cache size: every row of configs/ablations/capacity_vs_cache.py, each at its
-best learning rate, then 3 seeds.
+best learning rate, then 3 seeds (docs/results.md, "Capacity vs KV-cache size").
 
   python -m experiments.capacity_vs_cache --workdir=runs/capacity                  # 2-3.5 h
   python -m experiments.capacity_vs_cache --workdir=runs/capacity --geometry=paper # 6 rows: as long
@@ -7,12 +7,10 @@ best learning rate, then 3 seeds.
   python -m experiments.capacity_vs_cache --workdir=runs/capacity --geometry=paper --match=mlp \
       --rows=mha,gqa2,mqa,mla4 --lrs=6e-3   # the control: every row at MHA's MLP width
 
-The protocol, the worker and the ledger are experiments/sweep.py's: seed 0 of every row at each
-rate of --lrs, the rate with the lowest validation loss is the row's, then seeds 1 .. --seeds
-at it, reported as mean ± std. Runs live in workdir/<geometry>[-mlp][-quick]/<row>/lr<rate>/
-seed<k>. Each run scores the validation split with mla_jax.perplexity.perplexity. The report
-(capacity_vs_cache[_paper][_mlp].md / .json / .png) goes to --out: experiments/results/
-capacity_vs_cache/ for the full run, the workdir for --quick.
+A sweep (experiments/sweep.py) whose cells are the rows, scored by validation loss
+(mla_jax.perplexity); runs live in workdir/<geometry>[-mlp][-quick]/<row>/lr<rate>/seed<k>.
+The report (capacity_vs_cache[_paper][_mlp].md / .json / .png) goes to --out:
+experiments/results/capacity_vs_cache/ for the full run, the workdir for --quick.
 """
 
 from __future__ import annotations
@@ -62,6 +60,11 @@ def name(geometry: str, match: str = 'params') -> str:
   return '_'.join([NAME] + [geometry] * (geometry != 'small') + [match] * (match != 'params'))
 
 
+def best_rate(results: list[dict]) -> float:
+  """The rate whose seed-0 run has the lowest validation loss; diverged runs are out."""
+  return sweep.best_of(results, lambda r: -r['loss'], lambda r: r['row'])
+
+
 class CapacityVsCache(sweep.Sweep):
   name = NAME
 
@@ -107,12 +110,10 @@ class CapacityVsCache(sweep.Sweep):
     return (perplexity.perplexity(model, val, e.seq_len, e.stride, e.batch_size),
             val[:model.cfg.max_seq_len // 2])
 
-  def best(self, results: list[dict]) -> float:
-    return best_rate(results)
+  best = staticmethod(best_rate)
 
   def describe(self, r: dict) -> str:
-    return ('diverged' if r.get('diverged') else
-            f"val loss {r['loss']:.4f} (perplexity {r['perplexity']:.3f})")
+    return f"val loss {r['loss']:.4f} (perplexity {r['perplexity']:.3f})"
 
   def report(self, results, swept, setup, out):
     summary = summarize(results)
@@ -127,15 +128,6 @@ class CapacityVsCache(sweep.Sweep):
 
 
 # --- the summary ---------------------------------------------------------------------------
-def best_rate(results: list[dict]) -> float:
-  """The rate whose seed-0 run has the lowest validation loss; diverged runs are out."""
-  finished = [r for r in results if not r.get('diverged')]
-  if not finished:
-    raise ValueError(f"{results[0]['row']}: every rate diverged (non-finite loss); rerun with "
-                     'lower --lrs')
-  return min(finished, key=lambda r: r['loss'])['lr']
-
-
 def edge(rates: dict[str, float | None], lr: float) -> str | None:
   """'lowest' / 'highest' when the chosen rate lr is at that end of the rates a row's sweep
   tried (a diverged rate counts: it is worse), else None: the choice is bracketed."""
@@ -148,29 +140,15 @@ def edge(rates: dict[str, float | None], lr: float) -> str | None:
 def summarize(results: list[dict]) -> dict[str, dict]:
   """Per row: the seed-independent facts once, and loss / perplexity as mean and std over the
   seeds that trained to the end (`diverged` lists those a non-finite loss stopped)."""
-  rows: dict[str, list[dict]] = {}
-  diverged: dict[str, list[int]] = {}
-  for r in sorted(results, key=lambda r: r['seed']):
-    if r.get('diverged'):
-      diverged.setdefault(r['row'], []).append(r['seed'])
-    else:
-      rows.setdefault(r['row'], []).append(r)
-  if set(diverged) - set(rows):
-    raise ValueError(f'{sorted(set(diverged) - set(rows))}: every seed diverged at the chosen '
-                     'rate (non-finite loss); rerun with lower --lrs')
   summary = {}
-  for row, runs in rows.items():
+  groups = report.seed_groups(sorted(results, key=lambda r: r['seed']), lambda r: r['row'])
+  for row, (runs, diverged) in groups.items():
     first = runs[0]
-    if len({r['lr'] for r in runs}) > 1:
-      raise ValueError(f"{row}: seeds trained at different rates: {[r['lr'] for r in runs]}")
-    for key in report.ROW_FACTS.values():
-      if any(r[key] != first[key] for r in runs):
-        raise ValueError(f'{row}: {key} differs between seeds: {[r[key] for r in runs]}')
     loss, loss_std = report.mean_std([r['loss'] for r in runs])
     ppl, ppl_std = report.mean_std([r['perplexity'] for r in runs])
     speeds = [r['tokens_per_s'] for r in runs if r['tokens_per_s']]
     summary[row] = dict(
-        row=row, **report.row_facts(first), lr=first['lr'], diverged=diverged.get(row, []),
+        row=row, **report.row_facts(first), lr=first['lr'], diverged=diverged,
         seeds=[r['seed'] for r in runs], losses=[r['loss'] for r in runs],
         loss=loss, loss_std=loss_std, perplexity=ppl, perplexity_std=ppl_std,
         tokens_per_s=statistics.fmean(speeds) if speeds else None,
@@ -180,10 +158,7 @@ def summarize(results: list[dict]) -> dict[str, dict]:
 
 def compare(summary: dict, better: str, worse: str, claim: str = '') -> dict | None:
   """Is `better` lower in validation loss than `worse`, beyond the seed spread?"""
-  if better not in summary or worse not in summary:
-    return None
-  seeds = lambda s: dict(zip(s['seeds'], s['losses'], strict=True))
-  return report.compare(seeds(summary[better]), seeds(summary[worse]), claim, False,
+  return report.compare(summary.get(better), summary.get(worse), 'losses', claim, False,
                         'resolved, as the paper says', better=better, worse=worse)
 
 
@@ -246,7 +221,7 @@ def render(payload: dict) -> str:
       f'differs, and {matching[1]}. {_protocol(setup)} '
       'Validation: three held-out plays, every byte scored once. Loss is nats per byte, '
       'mean ± std (sample) over seeds.', '', *summary_table(payload), '',
-      report.exact_cache(summary) + report.CACHE_NOTE + ' Tokens/s: each run on one core, '
+      report.exact_cache(summary) + ' Tokens/s: each run on one core, '
       f"{setup['jobs']} runs at a time."
       + (f" The whole protocol (sweep and seeds) took {setup['full_wall_s'] / 60:.0f} minutes "
          'of wall time.' if setup.get('full_wall_s') else ''), '',
@@ -270,9 +245,8 @@ def render(payload: dict) -> str:
 
 
 def plot(payload: dict, path: pathlib.Path) -> None:
-  plt = report.pyplot()
   summary, setup = payload['rows'], payload['setup']
-  fig, ax = plt.subplots(figsize=(7.5, 5))
+  fig, ax = report.pyplot().subplots(figsize=(7.5, 5))
   report.cache_lines(ax, summary, lambda s: (s['loss'], s['loss_std'], None), annotate=True)
   report.marker_legend(ax)
   n_layers = next(iter(summary.values()))['model']['n_layers']
@@ -284,9 +258,7 @@ def plot(payload: dict, path: pathlib.Path) -> None:
           color='gray')
   ax.grid(alpha=0.3, which='both')
   ax.legend(fontsize=8)
-  fig.tight_layout()
-  fig.savefig(path, dpi=120)
-  plt.close(fig)
+  report.save(fig, path)
 
 
 if __name__ == '__main__':

@@ -1,19 +1,15 @@
-r"""The CPU train step under each attention_impl, beside transformers' model, in one process.
+r"""The CPU train step under each attention_impl, beside transformers' model, in one process
+(docs/benchmarks.md, "Against PyTorch on this CPU").
 
   python -m experiments.cpu_ab --variants=mla,mha                  # 2 threads
   taskset -c 1 python -m experiments.cpu_ab --out=/tmp/ab1         # CPU s per step, one core
   python -m experiments.cpu_ab --quick --out=/tmp/ab               # a pipeline check
 
-For each variant (configs/<name>.py at batch 16 x 256, float32), the train step exactly as
-`python -m mla_jax.train` builds it (training.jit_train_step, the trainer's XLA options), once
-per --impls value of ModelConfig.attention_impl ('einsum': the reference path; 'auto': what
-the platform takes, the C++ CPU kernel where it builds), compiled from one initial state and
-timed alternately with the torch peer (timing.compare). Pinned to one core, the CPU seconds per
-step do not depend on what else runs on the machine (experiments/results/cpu_profile/). The
-first step of each build prints its loss and gradient norm, which agree across builds to float
-rounding. Writes cpu_ab.json into --out (default experiments/results/cpu_ab/), with the kernels
-each build resolved to (attention_op.resolve). Without torch (the dev extra) the builds are
-timed alone.
+Each build (--impls: ModelConfig.attention_impl) is the train step as `python -m mla_jax.train`
+builds it (timing.fixed_batch_step), compiled from one initial state and timed alternately
+with the torch peer (timing.compare); its first step prints its loss and gradient norm, which
+agree across builds to float rounding. cpu_ab.json records the kernels each build resolved to
+(attention_op.resolve). Without torch (the dev extra) the builds are timed alone.
 """
 
 from __future__ import annotations
@@ -43,17 +39,11 @@ def builds(config, impls) -> dict[str, timing.Step]:
       build_config = config.copy_and_resolve_references()
       build_config.model.attention_impl = impl
       compiled = timing.fixed_batch_step(build_config, mesh)[1].lower(state, batch).compile()
-      holder = [jax.tree.map(lambda x: x.copy(), state)]
-      holder[0], metrics = compiled(holder[0], batch)
+      steps[impl] = timing.carried(compiled, jax.tree.map(lambda x: x.copy(), state), batch,
+                                   mesh=mesh)
+      metrics = steps[impl]()
       print(f"{config.model.attention} {impl}: first step loss {float(metrics['loss']):.7f}, "
             f"grad norm {float(metrics['grad_norm']):.7f}", flush=True)
-
-      def run(compiled=compiled, holder=holder):
-        with jax.set_mesh(mesh):
-          holder[0], metrics = compiled(holder[0], batch)
-          jax.block_until_ready(metrics)
-
-      steps[impl] = run
   return steps
 
 

@@ -59,27 +59,14 @@ def jax_phases(config) -> dict[str, timing.Step]:
     opt.update(model, grads)
     return nnx.state((model, opt)), optax.tree.norm(grads)
 
-  holder = [state]
-
-  def run_update():
-    holder[0], norm = update(holder[0], grads)
-    jax.block_until_ready(norm)
-
   return {'forward': lambda: jax.block_until_ready(loss(params, batch)),
           'forward+backward': lambda: jax.block_until_ready(grad(params, batch)),
-          'update': run_update}
+          'update': timing.carried(update, state, grads)}
 
 
 def torch_phases(model_cfg, batch: int, seq_len: int, **opt) -> dict[str, timing.Step]:
   """The same three phases of torch_peer.torch_step's model and optimizer."""
-  import torch
-
-  step = torch_peer.torch_step(model_cfg, batch, seq_len, **opt)
-  model, inputs, labels, optimizer, clip = step.parts
-
-  def forward():
-    logits = model(input_ids=inputs).logits
-    return torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels)
+  forward, optimizer, clip = torch_peer.torch_step(model_cfg, batch, seq_len, **opt).parts
 
   def forward_backward():
     forward().backward()

@@ -28,8 +28,6 @@ from mla_jax.model import with_config
 
 FLAGS = flags.FLAGS
 
-FLOAT32_ATOL, BF16_RATIO = tables.FLOAT32_ATOL, tables.BF16_RATIO
-
 
 def _max_error(a, b) -> float:
   return float(np.max(np.abs(np.asarray(a, np.float32) - np.asarray(b, np.float32))))
@@ -66,8 +64,8 @@ def check_variant(name: str, size: dict, tokens: np.ndarray) -> dict:
             for impl, m in bf16.items()}
   row.update(bf16_einsum=errors['einsum'], bf16_kernels=errors['kernels'],
              bf16_ratio=errors['kernels'] / max(errors['einsum'], 1e-30))
-  row['ok'] = bool(max(row['f32_logits'], row['f32_cache']) <= FLOAT32_ATOL
-                   and row['bf16_ratio'] <= BF16_RATIO)
+  row['ok'] = bool(max(row['f32_logits'], row['f32_cache']) <= tables.FLOAT32_ATOL
+                   and row['bf16_ratio'] <= tables.BF16_RATIO)
   return row
 
 

@@ -25,8 +25,7 @@ def main():
   if missing or not FLAGS.workdirs:
     raise InputError(f'--workdirs={",".join(FLAGS.workdirs)}: give training runs, each with a '
                      f'metrics.jsonl (none in {missing})')
-  plt = report.pyplot()
-  fig, ax = plt.subplots(figsize=(7, 4.5))
+  fig, ax = report.pyplot().subplots(figsize=(7, 4.5))
   for workdir in FLAGS.workdirs:
     rows = [json.loads(line) for line in (pathlib.Path(workdir) / 'metrics.jsonl').open()]
     train = [(r['step'], r['loss']) for r in rows if 'loss' in r]
@@ -40,10 +39,9 @@ def main():
   ax.set_title('Byte-level Shakespeare, default config, 2-core CPU')
   ax.grid(alpha=0.3)
   ax.legend(fontsize=8, ncol=2)
-  fig.tight_layout()
   out = common.out_dir('plot_loss')
   out.mkdir(parents=True, exist_ok=True)
-  fig.savefig(out / 'loss_curves.png', dpi=120)
+  report.save(fig, out / 'loss_curves.png')
   print(f"wrote {out / 'loss_curves.png'}")
 
 

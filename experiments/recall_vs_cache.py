@@ -6,15 +6,13 @@ several numbers of key-value pairs, each at its best learning rate, over seeds.
   python -m experiments.recall_vs_cache --workdir=runs/zoology --seq_len=256 \
       --kv_pairs=8,16,32,64 --lrs=2.2e-3,4.6e-3,1e-2,2.2e-2       # Zoology's grid (accelerator)
 
-The protocol, the worker and the ledger are experiments/sweep.py's (Zoology's best of up to
-four learning rates, then seeds): for each row and N, seed 0 at each rate of --lrs, the rate
-with the best recall on the validation set (the trainer's held-out set, val_seed 0) is kept,
-then --seeds fresh seeds at it, reported as mean ± std on a separate test set (val_seed
-TEST_SEED). A diverged seed is counted apart. Runs live in
-workdir/<row>/seq<T>_kv<N>_steps<S>[_quick]/lr<rate>/seed<k>, so runs of other settings sit
-beside them without mixing. The CPU time left is estimated before anything trains (--dry_run
-prints the plan and the estimate only). The report (recall_vs_cache.md / .json / .png) goes to
---out: experiments/results/recall_vs_cache/ for the full protocol, the workdir for --quick.
+A sweep (experiments/sweep.py; Zoology's best of up to four rates, then seeds) whose cells are
+(row, N): the rate with the best recall on the validation set (the trainer's held-out set,
+val_seed 0) is kept, and the seeds are reported on a separate test set (val_seed TEST_SEED).
+Runs live in workdir/<row>/seq<T>_kv<N>_steps<S>[_quick]/lr<rate>/seed<k>, so runs of other
+settings sit beside them without mixing. --dry_run prints the plan and an estimate of the CPU
+time left. The report (recall_vs_cache.md / .json / .png) goes to --out:
+experiments/results/recall_vs_cache/ for the full protocol, the workdir for --quick.
 """
 
 from __future__ import annotations
@@ -63,6 +61,13 @@ def setting_name(seq_len: int, kv_pairs: int | str, steps: int) -> str:
   """The folder of one difficulty; a --quick run is another model, so it never passes for a
   full one."""
   return f"seq{seq_len}_kv{kv_pairs}_steps{steps}{'_quick' if FLAGS.quick else ''}"
+
+
+def best_rate(results: list[dict]) -> float:
+  """The rate whose run has the best validation recall (then the lower validation loss);
+  runs that diverged are out."""
+  return sweep.best_of(results, lambda r: (r['val_accuracy'], -r['val_loss']),
+                       lambda r: f"{r['row']} kv{r['kv_pairs']}")
 
 
 class RecallVsCache(sweep.Sweep):
@@ -122,12 +127,10 @@ class RecallVsCache(sweep.Sweep):
                   test_examples=mqar.val_examples)
     return scores, val_task.heldout[0]['inputs'][0][:model.cfg.max_seq_len // 2]
 
-  def best(self, results: list[dict]) -> float:
-    return best_rate(results)
+  best = staticmethod(best_rate)
 
   def describe(self, r: dict) -> str:
-    return ('diverged' if r.get('diverged') else
-            f"recall {r['val_accuracy']:.3f} (validation), {r['accuracy']:.3f} (test)")
+    return f"recall {r['val_accuracy']:.3f} (validation), {r['accuracy']:.3f} (test)"
 
   def estimate(self, plan: sweep.Plan, left: int, upper: bool, jobs: int) -> str:
     """The CPU time left to train (an upper bound while the rates are not chosen): from the
@@ -168,59 +171,31 @@ class RecallVsCache(sweep.Sweep):
 
 
 # --- the summary ---------------------------------------------------------------------------
-def best_rate(results: list[dict]) -> float:
-  """The rate whose run has the best validation recall (then the lower validation loss);
-  runs that diverged are out."""
-  finished = [r for r in results if not r.get('diverged')]
-  if not finished:
-    r = results[0]
-    raise ValueError(f"{r['row']} kv{r['kv_pairs']}: every rate diverged (non-finite loss); "
-                     'rerun with lower --lrs')
-  return max(finished, key=lambda r: (r['val_accuracy'], -r['val_loss']))['lr']
-
-
 def summarize(results: list[dict]) -> dict[str, dict]:
   """Per row: the seed- and N-independent facts once, and per N the test recall over the
   seeds that trained to the end (`diverged` lists those stopped by a non-finite loss)."""
   summary: dict[str, dict] = {}
-  finished = [r for r in results if not r.get('diverged')]
-  for r in sorted(finished, key=lambda r: (r['row'], r['kv_pairs'], r['seed'])):
+  for runs, diverged in report.seed_groups(
+      sorted(results, key=lambda r: (r['row'], r['kv_pairs'], r['seed'])),
+      lambda r: f"{r['row']} kv{r['kv_pairs']}", ('steps', 'seq_len')).values():
+    r = runs[0]
     s = summary.setdefault(r['row'], dict(
         **report.row_facts(r), steps=r['steps'], train_tokens=r['train_tokens'],
         seq_len=r['seq_len'], test_examples=r['test_examples'], by_kv={}))
-    differ = [short for short, key in report.ROW_FACTS.items() if s[short] != r[key]]
-    if differ or (s['steps'], s['seq_len']) != (r['steps'], r['seq_len']):
-      raise ValueError(f"{r['row']}: {differ or 'steps or seq_len'} differ between runs")
-    cell = s['by_kv'].setdefault(str(r['kv_pairs']), dict(lr=r['lr'], seeds=[], accuracies=[],
-                                                          losses=[], diverged=[]))
-    if cell['lr'] != r['lr']:
-      raise ValueError(f"{r['row']} kv{r['kv_pairs']}: seeds trained at different rates")
-    cell['seeds'].append(r['seed'])
-    cell['accuracies'].append(r['accuracy'])
-    cell['losses'].append(r['loss'])
-  for r in results:
-    if r.get('diverged'):
-      cell = summary.get(r['row'], {}).get('by_kv', {}).get(str(r['kv_pairs']))
-      if cell is None:
-        raise ValueError(f"{r['row']} kv{r['kv_pairs']}: every seed diverged at lr {r['lr']:g} "
-                         '(non-finite loss); rerun with lower --lrs')
-      cell['diverged'].append(r['seed'])
-  for s in summary.values():
-    for cell in s['by_kv'].values():
-      cell['accuracy'], cell['accuracy_std'] = report.mean_std(cell['accuracies'])
-      cell['loss'], cell['loss_std'] = report.mean_std(cell['losses'])
+    accuracies, losses = [x['accuracy'] for x in runs], [x['loss'] for x in runs]
+    cell = s['by_kv'][str(r['kv_pairs'])] = dict(
+        lr=r['lr'], seeds=[x['seed'] for x in runs], accuracies=accuracies, losses=losses,
+        diverged=diverged)
+    cell['accuracy'], cell['accuracy_std'] = report.mean_std(accuracies)
+    cell['loss'], cell['loss_std'] = report.mean_std(losses)
   return summary
 
 
 def compare(summary: dict, better: str, worse: str, kv: str, claim: str = '') -> dict | None:
   """Does `better` recall more than `worse` at N = kv, beyond the seed spread?"""
-  a = summary.get(better, {}).get('by_kv', {}).get(kv)
-  b = summary.get(worse, {}).get('by_kv', {}).get(kv)
-  if a is None or b is None:
-    return None
-  seeds = lambda c: dict(zip(c['seeds'], c['accuracies'], strict=True))
-  return report.compare(seeds(a), seeds(b), claim, True, 'resolved, as expected',
-                        better=better, worse=worse, kv_pairs=int(kv))
+  cell = lambda row: summary.get(row, {}).get('by_kv', {}).get(kv)
+  return report.compare(cell(better), cell(worse), 'accuracies', claim, True,
+                        'resolved, as expected', better=better, worse=worse, kv_pairs=int(kv))
 
 
 # --- the report ----------------------------------------------------------------------------
@@ -305,7 +280,7 @@ def render(payload: dict) -> str:
       'those seeds. A model that finds the N values in its context but not which key each '
       'belongs to recalls about 1/N: recall well above 1/N, not above chance, is the evidence '
       'of recall by association.', '', *summary_table(payload), '',
-      report.exact_cache(summary) + report.CACHE_NOTE + f" {setup['runs_total']} runs, each on "
+      report.exact_cache(summary) + f" {setup['runs_total']} runs, each on "
       f"one core, {setup['jobs']} at a time, {setup['cpu_s'] / 60:.0f} CPU minutes in "
       f'all{wall}.', '',
       '## Recall per seed', '',
@@ -322,11 +297,10 @@ def render(payload: dict) -> str:
 
 
 def plot(payload: dict, path: pathlib.Path) -> None:
-  plt = report.pyplot()
   summary, setup = payload['rows'], payload['setup']
   kvs = [str(k) for k in setup['kv_pairs']]
-  fig, axes = plt.subplots(1, len(kvs), figsize=(max(7.5, 4.2 * len(kvs)), 5.2),
-                           sharey=True, squeeze=False)
+  fig, axes = report.pyplot().subplots(1, len(kvs), figsize=(max(7.5, 4.2 * len(kvs)), 5.2),
+                                       sharey=True, squeeze=False)
   chance = 2 / next(iter(summary.values()))['model']['vocab_size']
   for ax, k in zip(axes[0], kvs, strict=True):
     report.cache_lines(ax, summary, lambda s, k=k: (c := s['by_kv'].get(k)) and (
@@ -346,9 +320,7 @@ def plot(payload: dict, path: pathlib.Path) -> None:
                fontsize=10)
   fig.text(0.5, 0.075, textwrap.fill(_setup_line(summary, setup), 120), ha='center',
            va='center', fontsize=7, color='gray')
-  fig.tight_layout(rect=(0, 0.1, 1, 1))
-  fig.savefig(path, dpi=120)
-  plt.close(fig)
+  report.save(fig, path, rect=(0, 0.1, 1, 1))
 
 
 if __name__ == '__main__':

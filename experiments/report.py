@@ -23,7 +23,7 @@ QUICK_NOTE = ' (QUICK: a pipeline check; the numbers mean nothing)'
 def write(out: pathlib.Path, stem: str, payload: dict, render: Callable[[dict], str],
           plot: Callable[[dict, pathlib.Path], None] | None = None) -> list[pathlib.Path]:
   """out/<stem>.json (with provenance), then .md rendered from what that file holds (so the
-  markdown is the JSON's, to the bit), then .png; returns their paths."""
+  markdown is the JSON's, to the bit), then .png; prints and returns their paths."""
   path = common.write_json(out / f'{stem}.json', payload)
   payload = json.loads(path.read_text())
   paths = [out / f'{stem}.md', path]
@@ -31,6 +31,7 @@ def write(out: pathlib.Path, stem: str, payload: dict, render: Callable[[dict], 
   if plot is not None:
     paths.append(out / f'{stem}.png')
     plot(payload, paths[-1])
+  print('wrote ' + ', '.join(map(str, paths)))
   return paths
 
 
@@ -90,12 +91,6 @@ def by_cache(summary: dict) -> list[tuple[str, dict]]:
                 key=lambda rs: (rs[1]['attention'] == 'mla', -rs[1]['elements_formula']))
 
 
-def params_vs_mha(summary: dict, s: dict) -> str:
-  """A row's parameter count, and its difference from MHA's where MHA ran."""
-  mha = summary.get('mha', {}).get('params')
-  return f"{s['params']:,}" + (f" ({100 * (s['params'] / mha - 1):+.1f}%)" if mha else '')
-
-
 def comparisons_table(comparisons: list[dict], gap: str, digits: int,
                       extra: tuple = ()) -> list[str]:
   """The "which orderings are resolved" table; `extra`: (header, key) columns after the claim."""
@@ -112,14 +107,19 @@ def mean_std(xs: list[float]) -> tuple[float, float]:
   return statistics.fmean(xs), (statistics.stdev(xs) if len(xs) > 1 else 0.0)
 
 
-def compare(ahead: dict[int, float], behind: dict[int, float], claim: str,
-            higher_is_better: bool, as_expected: str, /, **extra) -> dict:
-  """A comparison row: is `ahead` (seed -> value) ahead of `behind` beyond the seed spread?
+def compare(ahead: dict | None, behind: dict | None, values: str, claim: str,
+            higher_is_better: bool, as_expected: str, /, **extra) -> dict | None:
+  """A comparison row: is cell `ahead` ahead of cell `behind` beyond the seed spread? A cell is
+  a summary's entry with its 'seeds' and the seeds' scores under `values`; None (no row) where
+  one did not run.
 
   Resolved means the two mean ± std intervals do not overlap (never with fewer than two
   seeds). Seeds are paired (seed k gives both rows the same data order), so the per-seed
   differences are counted too. gap > 0 means `ahead` is ahead.
   """
+  if ahead is None or behind is None:
+    return None
+  ahead, behind = (dict(zip(c['seeds'], c[values], strict=True)) for c in (ahead, behind))
   sign = 1 if higher_is_better else -1
   (a, a_std), (b, b_std) = mean_std(list(ahead.values())), mean_std(list(behind.values()))
   gap, spread = sign * (a - b), a_std + b_std
@@ -134,7 +134,7 @@ def compare(ahead: dict[int, float], behind: dict[int, float], claim: str,
               paired_std=statistics.stdev(diffs) if len(diffs) > 1 else 0.0, claim=claim)
 
 
-CACHE_NOTE = ('(elements per token of the caches a bfloat16 prefill and decode step return, '
+_CACHE_NOTE = ('(elements per token of the caches a bfloat16 prefill and decode step return, '
               'counted from the arrays). Bytes int8 / fp8: the same caches stored 8-bit '
               '(ModelConfig.cache_dtype), their float32 per-token scales included (one per '
               'token and array; per KV head for MHA / GQA / MQA).')
@@ -144,8 +144,9 @@ RESOLVED_NOTE = ('Resolved = the two rows\' mean ± std intervals do not overlap
 
 
 def exact_cache(summary: dict) -> str:
+  """Whether every row's measured cache is its formula's, and what the cache columns count."""
   exact = all(s['elements_formula'] == s['elements_measured'] for s in summary.values())
-  return f"Measured cache = formula for every row: **{'yes' if exact else 'NO'}** "
+  return f"Measured cache = formula for every row: **{'yes' if exact else 'NO'}** " + _CACHE_NOTE
 
 
 def pyplot():
@@ -157,6 +158,13 @@ def pyplot():
   matplotlib.use('Agg')
   import matplotlib.pyplot as plt
   return plt
+
+
+def save(fig, path: pathlib.Path, **layout) -> None:
+  """fig, laid out tightly (tight_layout's **layout), as a 120-dpi PNG at path; then closed."""
+  fig.tight_layout(**layout)
+  fig.savefig(path, dpi=120)
+  pyplot().close(fig)
 
 
 # The paper's words for each mechanism's capability (DeepSeek-V2 Table 1), and plot markers.
@@ -181,11 +189,40 @@ def row_facts(r: dict) -> dict:
               model=r['model'])
 
 
+def seed_groups(results: list[dict], cell: Callable[[dict], str],
+                shared: tuple[str, ...] = ()) -> dict[str, tuple[list[dict], list[int]]]:
+  """The reported runs by cell(run), in the order of `results`: (those that trained to the
+  end, the seeds a non-finite loss stopped). ValueError where every seed of a cell diverged,
+  its seeds trained at different rates, or a row's runs differ in ROW_FACTS or `shared`."""
+  groups: dict[str, tuple[list[dict], list[int]]] = {}
+  for r in results:
+    runs, diverged = groups.setdefault(cell(r), ([], []))
+    if r.get('diverged'):
+      diverged.append(r['seed'])
+    else:
+      runs.append(r)
+  for name, (runs, _) in groups.items():
+    if not runs:
+      raise ValueError(f'{name}: every seed diverged at the chosen rate (non-finite loss); '
+                       'rerun with lower --lrs')
+    if len({r['lr'] for r in runs}) > 1:
+      raise ValueError(f"{name}: seeds trained at different rates: {[r['lr'] for r in runs]}")
+  rows: dict[str, list[dict]] = {}
+  for runs, _ in groups.values():
+    rows.setdefault(runs[0]['row'], []).extend(runs)
+  for row, runs in rows.items():
+    for key in (*ROW_FACTS.values(), *shared):
+      if any(r[key] != runs[0][key] for r in runs):
+        raise ValueError(f'{row}: {key} differs between runs: {[r[key] for r in runs]}')
+  return groups
+
+
 def cache_cells(summary: dict, s: dict) -> list:
-  """A row's cells under CACHE_HEADER."""
+  """A row's cells under CACHE_HEADER; its parameters' difference from MHA's where MHA ran."""
+  mha = summary.get('mha', {}).get('params')
   return [s['formula'], f"{s['elements_formula']:,}", f"{s['elements_measured']:,}",
           f"{s['bytes_bf16']:,}", f"{s['bytes_int8']:,}", f"{s['bytes_fp8']:,}", s['d_ff'],
-          params_vs_mha(summary, s)]
+          f"{s['params']:,}" + (f" ({100 * (s['params'] / mha - 1):+.1f}%)" if mha else '')]
 
 
 def mechanism(r: dict) -> str:

@@ -87,6 +87,12 @@ def measure_caches(model, prompt) -> dict:
               cache_bytes_fp8_measured=measure_decode_cache(model, prompt, 'float8_e4m3fn')[1])
 
 
+def write_result(run_dir: pathlib.Path, result: dict) -> None:
+  """A finished run's result.json: `result`, then where and from what code it ran."""
+  wd.write_json(run_dir, RESULT, dict(result, machine=common.machine(), commit=common.commit(),
+                                      versions=common.versions()))
+
+
 def cpu_s() -> float:
   """CPU seconds this process has used (user + system)."""
   usage = resource.getrusage(resource.RUSAGE_SELF)

@@ -3,22 +3,14 @@ recall_vs_cache): cells, a config per run, a measure, a summary, comparisons. An
 subclasses `Sweep` and calls `main(TheSweep())`; the runner, the one worker and the report
 writer (experiments/report.py) are here and nowhere else.
 
-The learning-rate protocol (Zoology's, and what a fair comparison of architectures needs: each
-row at its own best rate). A *cell* is everything that fixes a run but its rate and seed (a
-row, and for recall the difficulty); a *run* is (*cell, lr, seed). With more than one rate,
-seed 0 of every cell is trained at every rate (the sweep) and the cell's rate is chosen from
-those runs by the experiment's `best` (validation loss, or validation recall); then seeds
-1 .. N are trained at the chosen rate and reported. The run that chose a rate is never among
-those reported, so the choice does not flatter the reported numbers. With one rate there is
-nothing to choose: no sweep, seeds 1 .. N at that rate.
-
-Each run is an ordinary mla_jax workdir, trained by `work` in its own process pinned to one
-core (experiments/runner.py): it trains (a non-finite loss is recorded as diverged, and the
-sweep passes over that rate), loads the trained model, calls the experiment's `measure`,
-measures the decode cache (not for a sweep run, which is read only for its score) and writes
-result.json last. Finished runs (a result file, in the workdir or in the ledger beside the
-report) are never redone, so a protocol interrupted anywhere, even one continued on another
-machine from the committed ledger, resumes where it stopped.
+A *cell* is everything that fixes a run but its rate and seed; a *run* is (*cell, lr, seed).
+With more than one rate, seed 0 of every cell trains at each rate and the experiment's `best`
+chooses the cell's rate from those runs; seeds 1 .. N then train at it and are reported, never
+the run that chose it (docs/results.md, "The protocol"). Each run is a workdir that `work`
+trains in its own process pinned to one core (experiments/runner.py), result.json written last
+(a diverged run too: the sweep passes over its rate). A finished run, in the workdir or in the
+ledger committed beside the report, is never redone: an interrupted protocol resumes where it
+stopped, on this machine or another.
 """
 
 from __future__ import annotations
@@ -79,7 +71,7 @@ class Sweep:
     measure(run, config, model)            (its scores, a prompt to measure the cache with)
     best(results) -> lr                    the rate a cell's seed-0 runs choose (ValueError:
                                            every rate diverged)
-    describe(result) -> str                a finished run, in the progress line
+    describe(result) -> str                a run that trained to the end, in the progress line
     report(results, swept, setup, out)     writes the report (report.write); -> its paths
 
   and may override `estimate`."""
@@ -125,6 +117,17 @@ def grid_flags(known_rows, lrs: list, quick_lrs: list, quick_seeds: int,
     raise InputError(f'unknown rows {unknown} or --seeds={seeds} < 1; the rows{where} are '
                      f'{list(known_rows)}')
   return rows, lrs, seeds
+
+
+def best_of(results: list[dict], score: Callable[[dict], object],
+            where: Callable[[dict], str]) -> float:
+  """The rate of the run with the highest score(run) (the first of equals) among a cell's
+  runs that did not diverge; ValueError, naming the cell as where(run) says, when all did."""
+  finished = [r for r in results if not r.get('diverged')]
+  if not finished:
+    raise ValueError(f'{where(results[0])}: every rate diverged (non-finite loss); rerun with '
+                     'lower --lrs')
+  return max(finished, key=score)['lr']
 
 
 def sweep_runs(cells: list[tuple], lrs: list[float]) -> list[Run]:
@@ -178,12 +181,11 @@ def work(sweep: Sweep, run: Run) -> None:
   rows = [json.loads(line) for line in (run_dir / 'metrics.jsonl').open()]
   speeds = [r['tokens_per_s'] for r in rows if 'tokens_per_s' in r][1:]  # the first compiles
   d = config.data
-  wd.write_json(run_dir, runner.RESULT, dict(
+  runner.write_result(run_dir, dict(
       **scores, **fields, attention=cfg.attention, params=param_count(cfg), d_ff=cfg.d_ff,
       model=cfg.to_dict(), train_tokens=config.train.steps * d.batch_size * d.seq_len,
       tokens_per_s=float(np.median(speeds)) if speeds else None, **cache, train_s=train_s,
-      eval_s=eval_s, cache_s=cache_s, cpu_s=runner.cpu_s(), machine=common.machine(),
-      commit=common.commit(), versions=common.versions()))
+      eval_s=eval_s, cache_s=cache_s, cpu_s=runner.cpu_s()))
 
 
 def _train(runs: list[Run], what: str, sweep: Sweep, jobs: int, ledger: runner.Ledger) -> int:
@@ -199,8 +201,8 @@ def _train(runs: list[Run], what: str, sweep: Sweep, jobs: int, ledger: runner.L
     # the worker parses this process's flags, so it builds the same plan's run
     args = [f'experiments.{sweep.name}', *sys.argv[1:], f'--workdir={workdir}',
             f'--worker={json.dumps(run)}']
-    return runner.Task(name, args, path / 'log.txt', path / runner.RESULT,
-                       describe=sweep.describe)
+    return runner.Task(name, args, path / 'log.txt', path / runner.RESULT, describe=lambda r:
+                       'diverged' if r.get('diverged') else sweep.describe(r))
 
   runner.run_tasks([task(r) for r in runs], jobs, ledger=ledger)
   return len(todo)
@@ -236,8 +238,6 @@ def main(sweep: Sweep) -> None:
       full_wall_s=runner.full_wall_s(out / f'{plan.stem}.json', wall_s, trained == total,
                                      plan.grid))
   try:
-    paths = sweep.report([sweep.read(r) for r in final], [sweep.read(r) for r in swept],
-                         setup, out)
+    sweep.report([sweep.read(r) for r in final], [sweep.read(r) for r in swept], setup, out)
   except ValueError as e:  # every seed of a row diverged
     raise InputError(str(e)) from None
-  print('wrote ' + ', '.join(str(p) for p in paths))

@@ -77,14 +77,6 @@ def cache_quantization_report(payload: dict) -> str:
   return '\n'.join(lines) + '\n'
 
 
-def machine_limits_line(limits: dict) -> str:
-  """The bandwidth and matmul rate a benchmark measured (timing.machine_limits), in words."""
-  return (f"bandwidth {limits['stream_bytes_per_s'] / 1e9:.1f} GB/s (read-only sum "
-          f"{limits['read_bytes_per_s'] / 1e9:.1f}, in-place copy "
-          f"{limits['copy_bytes_per_s'] / 1e9:.1f} read + write), "
-          f"matmul {limits['matmul_flops_per_s'] / 1e9:.0f} GFLOP/s ({limits['dtype']})")
-
-
 def bench_decode_table(payload: dict) -> list[str]:
   return table(['variant', 'batch', 'context', 'ms/token', 'tokens/s',
                 'cache elem/token (formula)', 'cache B/token (with scales)', 'cache MiB',
@@ -94,6 +86,17 @@ def bench_decode_table(payload: dict) -> list[str]:
                  f"{r['cache_elements_per_token']} ({r['cache_elements_per_token_formula']})",
                  r['cache_bytes_per_token'], f"{r['cache_mib']:.0f}", f"{r['limit_ms']:.2f}",
                  f"{r['fraction_of_limit']:.2f}"] for r in payload['rows']))
+
+
+def bench_decode_report(payload: dict) -> list[str]:
+  """The bandwidth and matmul rate the benchmark measured (timing.machine_limits), then its
+  rows: what bench_decode prints and the accelerator report shows."""
+  limits = payload['machine']
+  return [f"bandwidth {limits['stream_bytes_per_s'] / 1e9:.1f} GB/s (read-only sum "
+          f"{limits['read_bytes_per_s'] / 1e9:.1f}, in-place copy "
+          f"{limits['copy_bytes_per_s'] / 1e9:.1f} read + write), "
+          f"matmul {limits['matmul_flops_per_s'] / 1e9:.0f} GFLOP/s ({limits['dtype']})", '',
+          *bench_decode_table(payload)]
 
 
 def bench_train_table(payload: dict) -> list[str]:

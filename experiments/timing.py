@@ -7,6 +7,7 @@ experiments/, outside the package: mla_jax never imports them.
 
 from __future__ import annotations
 
+import contextlib
 import pathlib
 import time
 from collections.abc import Callable
@@ -69,6 +70,19 @@ def median_seconds(fn, runs: int) -> float:
 
 
 Step = Callable[[], None]  # one synchronous call (a training step, an attention call)
+
+
+def carried(fn: Callable, state, *args, mesh=None) -> Callable:
+  """A call of fn(state, *args) -> (new state, out) that hands the new state to the next call
+  (a donated state is used once) and returns out, ready; under `mesh` if one is given."""
+  box = [state]
+
+  def call():
+    with jax.set_mesh(mesh) if mesh is not None else contextlib.nullcontext():
+      box[0], out = fn(box[0], *args)
+      return jax.block_until_ready(out)
+
+  return call
 
 
 def timed(step: Step, n: int) -> list[tuple[float, float]]:
@@ -180,13 +194,7 @@ def time_train_step(config, mesh, steps: int) -> dict:
     start = time.perf_counter()
     compiled = step.lower(state, batch).compile()
     compile_s = time.perf_counter() - start  # the timed calls below compile once more, untimed
-    box = [state]
-
-    def call():
-      box[0], metrics = step(box[0], batch)
-      return metrics
-
-    step_s = median_seconds(call, steps)
+    step_s = median_seconds(carried(step, state, batch), steps)
   return {'compile_s': compile_s, 'step_s': step_s, 'hlo': compiled.as_text()}
 
 
@@ -261,13 +269,8 @@ def decode_row(name, cfg, batch, context, limits, runs):
   cache_bytes = sum(x.nbytes for x in jax.tree.leaves(caches))
   tokens = jnp.ones((batch,), jnp.int32)
   positions = jnp.full((batch,), context - 1, jnp.int32)
-  box = [caches]
-
-  def step():
-    logits, box[0] = mla_jax.decode_step(graphdef, state, box[0], tokens, positions)
-    return logits
-
-  seconds = median_seconds(step, runs)
+  step = lambda caches: mla_jax.decode_step(graphdef, state, caches, tokens, positions)[::-1]
+  seconds = median_seconds(carried(step, caches), runs)  # decode_step -> (logits, caches)
   read, flops = decode_step_cost(cfg, n_params, batch, context, cache_bytes_per_token)
   limit = max(read / limits['stream_bytes_per_s'], flops / limits['matmul_flops_per_s'])
   return {

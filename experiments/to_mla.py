@@ -20,12 +20,10 @@ d_r = the largest even number <= min(d_h / 2, cache / 4) and d_c = cache - d_r p
 Fine-tuning: python -m mla_jax.train --init_from on the conversion, configs/finetune.py's
 schedule (peak lr 1e-3, warmup 2) for --finetune_fraction (5%) of the source's training tokens.
 
-Every task is a worker process pinned to one core, --jobs at a time (experiments/runner.py);
-each writes result.json last, and a task with one is not redone, so an interrupted run resumes
-(trainings from their last checkpoints). The report (to_mla.md / .json / .png) goes to
---out: experiments/results/to_mla/ for the full run, the workdir for --quick (which never
-overwrites the committed results). --report_only writes it from the tasks finished so far,
-marked partial, and trains nothing.
+Every task is a worker process pinned to one core (experiments/runner.py) that writes
+result.json last: a task with one is not redone, so an interrupted run resumes. The report
+(to_mla.md / .json / .png) goes to --out (experiments/common.py); --report_only writes it
+from the tasks finished so far, marked partial, and trains nothing.
 """
 
 from __future__ import annotations
@@ -148,11 +146,6 @@ def tasks() -> list[runner.Task]:
   return out
 
 
-def _write_result(folder: pathlib.Path, result: dict) -> None:
-  wd.write_json(folder, runner.RESULT, {**result, 'machine': common.machine(),
-                                        'commit': common.commit(), 'versions': common.versions()})
-
-
 def _cache(model, prompt) -> dict:
   elements, nbytes = runner.measure_decode_cache(model, prompt)
   return dict(cache_elements_formula=variants.cache_elements_per_token(model.cfg),
@@ -220,7 +213,7 @@ def run_task(name: str) -> None:
   model, cfg = wd.load_workdir(trained)
   if 'after' not in result:  # a conversion that is not fine-tuned: scored as it comes out
     result['before'] = _evaluate(model, config, val)
-  _write_result(folder, dict(result, model=cfg.to_dict(), **_cache(model, val[:64])))
+  runner.write_result(folder, dict(result, model=cfg.to_dict(), **_cache(model, val[:64])))
 
 
 def _finetune(converted: pathlib.Path, folder: pathlib.Path, steps: int) -> dict:
@@ -280,9 +273,8 @@ def main():
                        full_wall_s=runner.full_wall_s(
                            out / f'{to_mla_report.NAME}.json', wall_s,
                            len(todo) == len(all_tasks) and not FLAGS.report_only, grid_setup))
-  paths = report.write(out, to_mla_report.NAME, dict(setup=setup, results=results),
-                       to_mla_report.render, to_mla_report.plot)
-  print('wrote ' + ', '.join(str(p) for p in paths))
+  report.write(out, to_mla_report.NAME, dict(setup=setup, results=results),
+               to_mla_report.render, to_mla_report.plot)
 
 
 if __name__ == '__main__':

@@ -10,7 +10,6 @@ import pathlib
 from experiments import report
 
 NAME = 'to_mla'
-CONVERTED = ('2norm', 'uniform', 'weights', 'unit')
 LABELS = {'2norm': 'converted, 2-norm pairs', 'uniform': 'converted, uniform pairs',
           'weights': '2-norm, weight statistics', 'unit': '2-norm, unit latent norm',
           'scratch': 'MLA from scratch'}
@@ -108,10 +107,9 @@ def render(payload: dict) -> str:
 
 def plot(payload: dict, path: pathlib.Path) -> None:
   results, setup = payload['results'], payload['setup']
-  plt = report.pyplot()
-
   sources = _by_source(results) or {'(nothing finished yet)': {}}
-  fig, axes = plt.subplots(1, len(sources), figsize=(6 * len(sources), 4.5), squeeze=False)
+  fig, axes = report.pyplot().subplots(1, len(sources), figsize=(6 * len(sources), 4.5),
+                                       squeeze=False)
   styles = {('2norm', 'before'): ('C1', ':', 'o'), ('2norm', 'after'): ('C1', '-', 'o'),
             ('uniform', 'before'): ('C2', ':', 's'), ('uniform', 'after'): ('C2', '-', 's'),
             ('scratch', 'after'): ('C3', '-', 'D')}
@@ -134,7 +132,5 @@ def plot(payload: dict, path: pathlib.Path) -> None:
     ax.set_title(f"{'QUICK: ' if setup['quick'] else ''}{source.upper()} -> MLA", fontsize=10)
     ax.grid(alpha=0.3, which='both')
     ax.legend(fontsize=7)
-  fig.tight_layout()
-  fig.savefig(path, dpi=120)
-  plt.close(fig)
+  report.save(fig, path)
 

@@ -71,19 +71,21 @@ def torch_step(model_cfg: ModelConfig, batch: int, seq_len: int, lr: float = 3e-
 
   clip = lambda: torch.nn.utils.clip_grad_norm_(params, clip_norm)
 
-  def step():
+  def loss():
     with autocast:
       logits = model(input_ids=inputs).logits
-      loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(),
+      return torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(),
                                                labels)
-    loss.backward()
+
+  def step():
+    loss().backward()
     clip()
     opt.step()
     opt.zero_grad(set_to_none=True)
     if gpu:
       torch.cuda.synchronize()
 
-  step.parts = (model, inputs, labels, opt, clip)  # for cpu_profile's phase timings
+  step.parts = (loss, opt, clip)  # for cpu_profile's phase timings
   return step
 
 
@@ -93,14 +95,7 @@ def jax_step(config) -> Step:
   mesh = sharding.make_mesh(config.mesh)
   with jax.set_mesh(mesh):
     state, fn, batch = timing.fixed_batch_step(config, mesh)
-  holder = [state]
-
-  def step():
-    with jax.set_mesh(mesh):
-      holder[0], metrics = fn(holder[0], batch)
-      jax.block_until_ready(metrics)
-
-  return step
+  return timing.carried(fn, state, batch, mesh=mesh)
 
 
 def opt_kwargs(config) -> dict:
