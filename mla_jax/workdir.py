@@ -50,7 +50,7 @@ from flax import nnx
 
 from mla_jax import attention_op, sharding
 from mla_jax.config import ConfigError, ModelConfig
-from mla_jax.errors import Error
+from mla_jax.errors import Error, InputError
 from mla_jax.model import abstract, param_shapes
 from mla_jax.run_config import RunConfig
 
@@ -140,8 +140,8 @@ def must_be_new(path, what: str) -> None:
   """Refuses a target that exists and is not an empty folder: nothing is ever overwritten."""
   path = pathlib.Path(path)
   if path.exists() and (not path.is_dir() or any(path.iterdir())):
-    raise WorkdirError(f'{what} {path} already exists and is not empty; give a new folder '
-                       '(nothing is overwritten)')
+    raise InputError(f'{what} {path} already exists and is not empty; give a new folder '
+                     '(nothing is overwritten)')
 
 
 STAGING = '.{name}.partial-{pid}'  # beside the target: the same file system, so rename works

@@ -21,7 +21,7 @@ from flax import nnx, traverse_util
 
 from experiments.hf_equality import reference_nll
 from mla_jax import decode, hf, perplexity, rope
-from mla_jax import workdir as wd
+from mla_jax.errors import InputError
 from mla_jax.model import Transformer, with_config, with_params
 
 FIXTURES = pathlib.Path(__file__).parent / 'hf_fixtures'
@@ -311,7 +311,7 @@ def test_export_refuses_what_has_no_hugging_face_equivalent(tmp_path):
   assert not (tmp_path / 'a').exists() and not (tmp_path / 'b').exists()
   (tmp_path / 'full').mkdir()
   (tmp_path / 'full' / 'keep.txt').write_text('mine')
-  with pytest.raises(wd.WorkdirError, match='already exists and is not empty'):
+  with pytest.raises(InputError, match='already exists and is not empty'):
     hf.export_workdir(tmp_path / 'nowhere', tmp_path / 'full')
   assert (tmp_path / 'full' / 'keep.txt').read_text() == 'mine'
 
