@@ -49,7 +49,7 @@ def main():
   ends = np.flatnonzero(np.isin(out, tok.eos_ids))
   out = out[:ends[0]] if ends.size else out  # up to the end of text, not past it
   # Decoded with the prompt: a tokenizer may spell a token differently at the start of text.
-  print(tok.decode(np.concatenate([prompt, out])))
+  print(tok.decode(np.concatenate([prompt, out]), skip_special=True))  # no <s> printed
 
 
 if __name__ == '__main__':

@@ -8,8 +8,9 @@
   train:N     a byte-level BPE of N tokens trained on the run's training split by the library's
               own trainer (<|endoftext|> is id 0 and the eos; then the 256 bytes; then merges)
 
-Each has encode(text) -> ids, decode(ids) -> text, vocab_size, bos_id / eos_id / pad_id (None
-when absent) and token_bytes(id), the UTF-8 bytes a token spells (b'' for special tokens):
+Each has encode(text) -> ids, decode(ids, skip_special=False) -> text, vocab_size, bos_id /
+eos_id / pad_id (None when absent) and token_bytes(id), the UTF-8 bytes a token spells (b'' for
+special tokens):
 evaluate's bits per byte divides by the bytes of the text scored. A non-byte tokenizer carries
 `files`, the texts of its Hugging Face files, which a workdir stores and an export writes, so
 that a resumed run, evaluate and generate read the very tokenizer the run trained with.
@@ -65,7 +66,7 @@ class ByteTokenizer:
   def encode(self, text: str) -> np.ndarray:
     return np.frombuffer(text.encode('utf-8'), np.uint8)
 
-  def decode(self, ids) -> str:
+  def decode(self, ids, skip_special: bool = False) -> str:
     return bytes(np.asarray(ids, np.uint8).tolist()).decode('utf-8', errors='replace')
 
   def token_bytes(self, token_id: int) -> bytes:
@@ -181,8 +182,11 @@ class HFTokenizer:
   def encode(self, text: str) -> np.ndarray:
     return np.asarray(self._tok.encode(text).ids, np.int32)
 
-  def decode(self, ids) -> str:
-    return self._tok.decode([int(i) for i in np.asarray(ids).reshape(-1)])
+  def decode(self, ids, skip_special: bool = False) -> str:
+    """The text of ids; special tokens are written out unless skip_special (as transformers'
+    decode), so that a text holding one literally round-trips."""
+    return self._tok.decode([int(i) for i in np.asarray(ids).reshape(-1)],
+                            skip_special_tokens=skip_special)
 
   def token_bytes(self, token_id: int) -> bytes:
     """The UTF-8 bytes a token spells: exact for byte-level tokenizers (a token may hold part
