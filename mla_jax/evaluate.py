@@ -47,7 +47,8 @@ def main():
   model, cfg, step = wd.load_checkpoint(FLAGS.workdir, FLAGS.step, mesh=mesh)
   if not FLAGS.data and config.data is not None and config.data.task == 'mqar':
     return _recall(config, model, mesh, step)
-  tok = wd.load_tokenizer(FLAGS.workdir)
+  # .npy ids need no tokenizer (an imported checkpoint may have none)
+  tok = wd.load_tokenizer(FLAGS.workdir, required=FLAGS.tokenizer == 'run')
   if FLAGS.data:
     tokens, n_bytes = perplexity.read_tokens(FLAGS.data, FLAGS.tokenizer, cfg.vocab_size, tok)
     source = FLAGS.data

@@ -478,6 +478,6 @@ def export_workdir(workdir, out_dir, step: int | None = None, best: bool = False
   """Writes a run's parameters and its tokenizer's files as a new Hugging Face folder
   (`save`); -> its config.json."""
   wd.must_be_new(out_dir, '--to_hf')  # before the load
-  tok = wd.load_tokenizer(workdir)
+  tok = wd.load_tokenizer(workdir, required=False)  # a model without one exports none
   model, _ = wd.load_workdir(workdir, step, best)
   return save(model, out_dir, tok)

@@ -408,7 +408,7 @@ def to_mla_workdir(workdir, out, kv_lora_rank: int | None = None,
   if calibration < 0:
     raise ConversionError(f'--calibration_batches={calibration} must be >= 0')
   source = wd.read_config(workdir)
-  tok = wd.load_tokenizer(workdir)  # the new run reads text as the source did
+  tok = wd.load_tokenizer(workdir, required=False)  # the new run reads text as the source did
   batches = calibration_batches(source, calibration, tok) if calibration else None  # checks n
   model, _ = wd.load_workdir(workdir, step, best)
   mla = to_mla(model, kv_lora_rank, qk_rope_head_dim, rope_selection=rope_selection,

@@ -198,14 +198,22 @@ def save_tokenizer(workdir, tok) -> None:
       path.unlink()
 
 
-def load_tokenizer(workdir) -> tokenizer.Tokenizer:
-  """The tokenizer a run reads text with: bytes for a run trained with data.tokenizer='byte'
-  and for an imported checkpoint without tokenizer files, else the tokenizer.json it stores."""
+def load_tokenizer(workdir, required: bool = True) -> tokenizer.Tokenizer | None:
+  """The tokenizer a run reads text with: bytes for a run trained with data.tokenizer='byte',
+  else the tokenizer.json it stores. An imported checkpoint without tokenizer files reads bytes
+  if its vocabulary is the 256 bytes; any other has no tokenizer: None, or (required: a prompt
+  or a text to encode) refused in one line, never fed bytes it was not trained on."""
   config = read_config(workdir)
   spec = config.data.tokenizer if config.data is not None else None
   stored = (pathlib.Path(workdir) / 'tokenizer.json').is_file()
-  if spec == tokenizer.BYTE or (spec is None and not stored):
+  if spec == tokenizer.BYTE or (spec is None and not stored and config.model.vocab_size == 256):
     return tokenizer.ByteTokenizer()
+  if spec is None and not stored:
+    if not required:
+      return None
+    raise WorkdirError(f'{workdir} holds a {config.model.vocab_size}-token model without its '
+                       'tokenizer; copy its tokenizer.json into the workdir, or import again '
+                       'from a folder that holds one')
   if not stored:
     raise WorkdirError(f'{workdir} holds a run trained with data.tokenizer={spec!r} but no '
                        'tokenizer.json; restore it from a copy of the run')

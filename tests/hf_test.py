@@ -254,6 +254,31 @@ def test_bpe_checkpoint_evaluates_and_generates_as_transformers(tmp_path):
 NEW_BPE = 24  # make_fixtures.NEW: the greedy steps it recorded
 
 
+def test_a_checkpoint_imported_without_its_tokenizer_is_not_fed_bytes(tmp_path):
+  """A 384-token model imported without tokenizer files: generate and evaluate of text are
+  refused in one line (bytes would be noise, silently); ids still score, and export works."""
+  folder = tmp_path / 'hf'
+  shutil.copytree(BPE, folder)
+  for name in tokenizer.FILES:
+    (folder / name).unlink(missing_ok=True)
+  work = tmp_path / 'run'
+  assert _cli('mla_jax.convert', f'--hf_dir={folder}', f'--workdir={work}').returncode == 0
+  text = tmp_path / 'text.txt'
+  text.write_text('Once upon a time')
+  for args in (['mla_jax.generate', f'--workdir={work}', '--prompt=Once'],
+               ['mla_jax.evaluate', f'--workdir={work}', f'--data={text}']):
+    r = _cli(*args)
+    assert r.returncode == 1 and r.stderr.strip().count('\n') == 0, r.stderr
+    assert 'without its tokenizer; copy its tokenizer.json' in r.stderr
+  ids = tmp_path / 'ids.npy'
+  np.save(ids, np.array(json.loads((BPE / 'golden.json').read_text())['ids']))
+  r = _cli('mla_jax.evaluate', f'--workdir={work}', f'--data={ids}', '--tokenizer=ids')
+  assert r.returncode == 0, r.stderr
+  assert _cli('mla_jax.convert', f'--workdir={work}', f'--to_hf={tmp_path / "out"}'
+              ).returncode == 0
+  assert not (tmp_path / 'out' / 'tokenizer.json').exists()
+
+
 def test_exported_tokenizer_loads_in_transformers(tmp_path):
   pytest.importorskip('torch')
   transformers = pytest.importorskip('transformers')
