@@ -46,6 +46,10 @@ def get_config(arg: str = '') -> ConfigDict:
   d.files = ''  # or a glob of local text files, e.g. 'corpus/*.txt' (overrides corpus)
   d.val_fraction = 0.1  # in (0, 1): held out from data.files (whole files from the end)
   d.cache_dir = ''  # where fetched corpora are stored; default ~/.cache/mla_jax
+  # 'byte' (UTF-8 bytes, vocab 256) | 'train:N' (a byte-level BPE of N tokens trained on the
+  # training split, stored in the workdir) | a tokenizer.json or a folder holding one.
+  # model.vocab_size must hold the tokenizer's vocabulary.
+  d.tokenizer = 'byte'
   d.seq_len = 256  # training window (tokens)
   d.batch_size = 32  # global batch (windows per step)
   # task='mqar' (mla_jax/mqar.py): keys and values from the model's vocabulary, seq_len tokens

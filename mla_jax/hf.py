@@ -30,7 +30,7 @@ import ml_dtypes
 import numpy as np
 from flax import nnx, traverse_util
 
-from mla_jax import rope, variants
+from mla_jax import rope, tokenizer, variants
 from mla_jax import workdir as wd
 from mla_jax.config import ConfigError, ModelConfig, YarnScaling
 from mla_jax.errors import Error
@@ -421,18 +421,24 @@ def load(hf_dir, dtype: str = 'float32', param_dtype: str = 'float32'
       {path: jnp.asarray(w, jnp.dtype(cfg.param_dtype)) for path, w in params.items()})), hf
 
 
-def save(model: Transformer, out_dir) -> dict:
+def save(model: Transformer, out_dir, tok=None) -> dict:
   """Writes config.json and model.safetensors into an empty or new out_dir (whole: see
-  `workdir.staged`); -> config.json."""
+  `workdir.staged`), and tok's tokenizer files if it has any (its special token ids then go
+  into config.json too); -> config.json."""
   wd.must_be_new(out_dir, 'the folder')
   cfg = model.cfg
   hf = config_to_hf(cfg)
+  files = tok.files if tok is not None else {}
+  if files:
+    hf.update(bos_token_id=tok.bos_id, eos_token_id=tok.eos_id, pad_token_id=tok.pad_id)
   params = traverse_util.flatten_dict(nnx.to_pure_dict(nnx.state(model, nnx.Param)))
   tensors = to_hf_tensors(cfg, {path: np.asarray(jax.device_get(x)) for path, x in
                                 params.items()})
   with wd.staged(out_dir, 'the folder') as out:
     write_safetensors(out / 'model.safetensors', tensors)
     (out / 'config.json').write_text(json.dumps(hf, indent=1) + '\n')
+    for name, text in files.items():
+      (out / name).write_text(text, encoding='utf-8')
   return hf
 
 
@@ -444,10 +450,18 @@ EVAL_SEQ_LEN = 512  # perplexity windows of an imported run (capped by max_posit
 def import_workdir(hf_dir, workdir, dtype: str = 'float32', param_dtype: str = 'float32',
                    mla_decode: str = 'absorbed') -> ml_collections.ConfigDict:
   """Converts a Hugging Face folder into a new workdir (config.json + checkpoint 0, which
-  evaluate and generate use as they use a trained run); -> the workdir's config."""
+  evaluate and generate use as they use a trained run, and the tokenizer files beside the
+  weights: tokenizer.json, tokenizer_config.json, special_tokens_map.json and
+  generation_config.json, where present); -> the workdir's config."""
   workdir = pathlib.Path(workdir)
   wd.must_be_new(workdir, '--workdir')  # before the (long) load; write_new checks again
   model, hf_json = load(hf_dir, dtype, param_dtype)
+  tok = None  # a checkpoint without tokenizer.json is read as bytes, as before tokenizers
+  if (pathlib.Path(hf_dir) / 'tokenizer.json').is_file():
+    tok = tokenizer.HFTokenizer.from_path(hf_dir)
+    if tok.vocab_size > model.cfg.vocab_size:
+      raise HFError(f"the tokenizer's {tok.vocab_size} tokens exceed the model's vocab_size="
+                    f'{model.cfg.vocab_size}; give the tokenizer saved with this model')
   cfg = model.cfg.to_dict()
   cfg['mla_decode'] = mla_decode
   seq_len = min(EVAL_SEQ_LEN, model.cfg.max_seq_len)
@@ -456,12 +470,14 @@ def import_workdir(hf_dir, workdir, dtype: str = 'float32', param_dtype: str = '
       eval=dict(seq_len=seq_len, stride=max(seq_len // 2, 1), batch_size=8),
       source=dict(hf_dir=str(pathlib.Path(hf_dir).absolute()),
                   architecture=(hf_json.get('architectures') or ['?'])[0])))
-  wd.write_new(workdir, '--workdir', config, model, 'huggingface')
+  wd.write_new(workdir, '--workdir', config, model, 'huggingface', tok)
   return config
 
 
 def export_workdir(workdir, out_dir, step: int | None = None, best: bool = False) -> dict:
-  """Writes a run's parameters as a new Hugging Face folder (`save`); -> its config.json."""
+  """Writes a run's parameters and its tokenizer's files as a new Hugging Face folder
+  (`save`); -> its config.json."""
   wd.must_be_new(out_dir, '--to_hf')  # before the load
+  tok = wd.load_tokenizer(workdir, required=False)  # a model without one exports none
   model, _ = wd.load_workdir(workdir, step, best)
-  return save(model, out_dir)
+  return save(model, out_dir, tok)

@@ -369,15 +369,15 @@ def to_mla(model: Transformer, kv_lora_rank: int | None = None,
 # --- runs (python -m mla_jax.convert --to_mla) ------------------------------------------------
 
 
-def calibration_batches(config, n: int) -> Iterator[np.ndarray]:
+def calibration_batches(config, n: int, tok=None) -> Iterator[np.ndarray]:
   """n batches [data.batch_size, data.seq_len] of the run's training split, drawn from
   (seed, i) on a stream of their own (training draws stream 0, these stream 1), made one at a
-  time as they are used. n may not exceed the batches the split holds: more only repeats its
-  windows and takes time without a word."""
+  time as they are used (tok: the run's tokenizer). n may not exceed the batches the split
+  holds: more only repeats its windows and takes time without a word."""
   if config.data is None:
     raise ConversionError('the source run has no corpus (a converted checkpoint?); use '
                           '--calibration_batches=0 (statistics from the weights)')
-  tokens, d = data.load_splits(config.data)['train'], config.data
+  tokens, d = data.load_splits(config.data, tok)['train'], config.data
   most = len(tokens) // (d.batch_size * d.seq_len)
   if n > most:
     raise ConversionError(f'--calibration_batches={n} exceeds the {most} batches of '
@@ -408,7 +408,8 @@ def to_mla_workdir(workdir, out, kv_lora_rank: int | None = None,
   if calibration < 0:
     raise ConversionError(f'--calibration_batches={calibration} must be >= 0')
   source = wd.read_config(workdir)
-  batches = calibration_batches(source, calibration) if calibration else None  # checks n now
+  tok = wd.load_tokenizer(workdir, required=False)  # the new run reads text as the source did
+  batches = calibration_batches(source, calibration, tok) if calibration else None  # checks n
   model, _ = wd.load_workdir(workdir, step, best)
   mla = to_mla(model, kv_lora_rank, qk_rope_head_dim, rope_selection=rope_selection,
                calibration=batches, latent_norm=latent_norm)
@@ -421,5 +422,5 @@ def to_mla_workdir(workdir, out, kv_lora_rank: int | None = None,
       qk_rope_head_dim=mla.cfg.qk_rope_head_dim, calibration_batches=calibration,
       rope_selection=None if kv_lora_rank is None else rope_selection,
       latent_norm=None if kv_lora_rank is None else latent_norm)
-  wd.write_new(out, '--to_mla', config, mla, 'to_mla')
+  wd.write_new(out, '--to_mla', config, mla, 'to_mla', tok)
   return config

@@ -1,8 +1,9 @@
 """Perplexity: exp(mean NLL over every scored token), never clipped, on one device or a mesh.
 
 Windows of seq_len advance by stride: every token but the first is scored exactly once, with at
-least seq_len - stride tokens of context once the text is that long. Bits per byte = mean NLL /
-ln 2 when tokens are bytes. The trainer validates with `perplexity`; `python -m
+least seq_len - stride tokens of context once the text is that long. Bits per byte = summed NLL
+/ (ln 2 x UTF-8 bytes of the scored text), so models with different tokenizers compare on the
+same text (for bytes it is mean NLL / ln 2). The trainer validates with `perplexity`; `python -m
 mla_jax.evaluate` is its command line.
 """
 
@@ -20,6 +21,7 @@ from flax import nnx
 
 from mla_jax import data, sharding
 from mla_jax.errors import InputError, check_token_ids
+from mla_jax.tokenizer import ByteTokenizer
 
 
 # Inputs arrive placed (parameters by the rules, batches split over the batch axes); the sum
@@ -34,8 +36,11 @@ def eval_step(graphdef, state, windows_bt, scored_bt):
 
 
 def perplexity(model, tokens: np.ndarray, seq_len: int, stride: int, batch_size: int,
-               mesh: jax.sharding.Mesh | None = None) -> dict:
+               mesh: jax.sharding.Mesh | None = None, scored_bytes: int | None = None) -> dict:
   """Exact exp(mean NLL) over tokens[1:], each predicted from what precedes it.
+
+  bits_per_byte = summed NLL / (ln 2 x scored_bytes), the UTF-8 bytes of the text tokens[1:]
+  spell; without scored_bytes the tokens are taken for bytes (then it is mean NLL / ln 2).
 
   Every process enumerates the same windows and feeds its rows of each batch; the batch is
   split over the mesh's batch axes (default mesh: data parallel over every device).
@@ -73,20 +78,41 @@ def perplexity(model, tokens: np.ndarray, seq_len: int, stride: int, batch_size:
   count = int(masks.sum())
   assert count == len(tokens) - 1, (count, len(tokens))
   loss = total / count
-  return {'loss': loss, 'perplexity': math.exp(loss), 'bits_per_byte': loss / math.log(2),
-          'tokens': count}
+  scored_bytes = count if scored_bytes is None else scored_bytes
+  # (count / scored_bytes) is exactly 1 for bytes: their bits per byte keep every bit
+  return {'loss': loss, 'perplexity': math.exp(loss),
+          'bits_per_byte': loss / math.log(2) * (count / scored_bytes), 'tokens': count,
+          'bytes': scored_bytes}
 
 
-def read_tokens(path: str, tokenizer: str, vocab_size: int) -> np.ndarray:
-  """Token ids of --data: a text file's bytes, or a 1-D integer .npy (never pickled)."""
+def read_tokens(path: str, tokenizer: str, vocab_size: int, tok=None
+                ) -> tuple[np.ndarray, int | None]:
+  """(token ids, UTF-8 bytes of the scored text) of --data: a text file encoded with tok (the
+  run's tokenizer; tokenizer='run'), its raw bytes (tokenizer='byte'), or a 1-D integer .npy
+  (tokenizer='ids', never pickled; no text, so no byte count)."""
   file = pathlib.Path(path)
   if not file.is_file():
     raise data.DataError(f'--data={path} is not a file; give a file to score')
-  if tokenizer == 'byte':
-    if vocab_size < 256:
+  n_bytes = None
+  if tokenizer in ('byte', 'run'):
+    tok = tok if tokenizer == 'run' and tok is not None else ByteTokenizer()
+    if tok.kind == 'byte' and vocab_size < 256:
       raise data.DataError(f'the model has {vocab_size} tokens, too few for bytes; tokenize '
                            '--data with its tokenizer and pass --tokenizer=ids')
-    tokens = np.frombuffer(file.read_bytes(), np.uint8)
+    raw = file.read_bytes()
+    if tok.kind == 'byte':
+      tokens = np.frombuffer(raw, np.uint8)
+    else:
+      try:
+        tokens = tok.encode(raw.decode('utf-8'))
+      except UnicodeDecodeError as e:
+        raise data.DataError(f'--data={path} is not UTF-8 text (byte {e.start}: {e.reason}); '
+                             'convert it to UTF-8') from None
+      if tokens.size and tokens.max() >= vocab_size:
+        raise data.DataError(f'the tokenizer gives id {tokens.max()} but the model has '
+                             f'{vocab_size} tokens; use the tokenizer the model was trained with')
+    if len(tokens):
+      n_bytes = len(raw) - len(tok.token_bytes(tokens[0]))
   else:
     try:
       tokens = np.load(file, allow_pickle=False)
@@ -101,4 +127,4 @@ def read_tokens(path: str, tokenizer: str, vocab_size: int) -> np.ndarray:
                            "the checkpoint's own tokenizer")
   if len(tokens) < 2:
     raise data.DataError(f'--data={path} has {len(tokens)} tokens; perplexity needs two')
-  return tokens.astype(np.int32)
+  return tokens.astype(np.int32), n_bytes

@@ -28,6 +28,7 @@ import math
 from collections.abc import Mapping
 from typing import Any
 
+from mla_jax import tokenizer
 from mla_jax.config import ConfigError, ModelConfig
 
 TASKS = ('text', 'mqar')  # mla_jax.tasks implements each
@@ -95,6 +96,11 @@ class DataConfig:
   batch_size: int
   task: str = 'text'  # configs recorded before tasks existed are text
   mqar: MQARSettings = MQARSettings()
+  tokenizer: str = 'byte'  # configs recorded before tokenizers existed read bytes
+
+  def trained_vocab(self) -> int | None:
+    """N of data.tokenizer='train:N', else None."""
+    return tokenizer.trained_size(self.tokenizer)
 
   def __post_init__(self):
     if isinstance(self.mqar, Mapping):
@@ -108,6 +114,17 @@ class DataConfig:
             fix='; it is the share of data.files held out for validation (e.g. 0.1)')
     _integer('data.seq_len', self.seq_len, 1)
     _integer('data.batch_size', self.batch_size, 1)
+    _string('data.tokenizer', self.tokenizer)
+    if not self.tokenizer.strip():
+      raise ConfigError("data.tokenizer='' is empty; give 'byte', 'train:N' (a BPE of N tokens "
+                        'trained on the corpus) or the path of a tokenizer.json')
+    try:
+      self.trained_vocab()
+    except tokenizer.TokenizerError as e:
+      raise ConfigError(str(e)) from None
+    if self.task != 'text' and self.tokenizer != tokenizer.BYTE:
+      raise ConfigError(f'data.tokenizer={self.tokenizer!r} applies to data.task=\'text\' only '
+                        f'(task {self.task!r} draws its own token ids); leave it \'byte\'')
 
 
 @dataclasses.dataclass(frozen=True)
@@ -218,6 +235,11 @@ class RunConfig:
       if seq_len > self.model.max_seq_len:
         raise ConfigError(f'{name}={seq_len} exceeds model.max_seq_len='
                           f'{self.model.max_seq_len}; lower it or raise model.max_seq_len')
+    trained = self.data.trained_vocab() if self.data is not None else None
+    if trained is not None and trained > self.model.vocab_size:
+      raise ConfigError(f'data.tokenizer={self.data.tokenizer!r} makes {trained} tokens but '
+                        f'model.vocab_size={self.model.vocab_size}; raise model.vocab_size to '
+                        f'{trained}')
     if self.data is not None and self.opt is not None and (
         self.data.batch_size % self.opt.grad_accum_steps):
       raise ConfigError(f'data.batch_size={self.data.batch_size} must divide evenly into '

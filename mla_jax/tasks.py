@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from mla_jax import data, mqar, perplexity
+from mla_jax import data, mqar, perplexity, tokenizer
 from mla_jax.config import ConfigError
 from mla_jax.run_config import TASKS
 
@@ -26,15 +26,24 @@ def text_batch(windows: np.ndarray) -> dict:
 
 
 class Text:
-  """The corpus of config.data, loaded here (a bad corpus, or ids the model's vocabulary
-  cannot hold, fail before a run is written)."""
+  """The corpus of config.data and the run's tokenizer, loaded here (a bad corpus or
+  tokenizer, or ids the model's vocabulary cannot hold, fail before a run is written).
+  stored: the workdir of a run that resumes, whose saved tokenizer it reads."""
 
   logged = ('loss', 'perplexity', 'bits_per_byte')  # validation metrics, in log order
 
-  def __init__(self, config):
+  def __init__(self, config, stored=None):
     self.config = config
-    self.splits = data.load_splits(config.data)
-    vocab_size = config.model.vocab_size
+    vocab_size, spec = config.model.vocab_size, config.data.tokenizer
+    corpus = data.corpus_bytes(config.data)
+    self.tokenizer = tokenizer.for_run(spec, stored, lambda: data.split_text(corpus, 'train'))
+    if spec != tokenizer.BYTE and self.tokenizer.vocab_size > vocab_size:
+      raise ConfigError(f'model.vocab_size={vocab_size} is smaller than the tokenizer\'s '
+                        f'{self.tokenizer.vocab_size} tokens (data.tokenizer={spec!r}); set '
+                        f'--config.model.vocab_size={self.tokenizer.vocab_size}')
+    self.splits = data.load_splits(config.data, self.tokenizer, corpus)
+    # Bits per byte divide by the bytes of the text scored: all but the first token's.
+    self.val_bytes = len(corpus['val']) - len(self.tokenizer.token_bytes(self.splits['val'][0]))
     for split, tokens in self.splits.items():
       if tokens.max() >= vocab_size:
         raise ConfigError(f'the {split} split has token id {tokens.max()} but model.vocab_size='
@@ -49,7 +58,7 @@ class Text:
   def validate(self, model, mesh=None) -> dict:
     e = self.config.eval
     return perplexity.perplexity(model, self.splits['val'], e.seq_len, e.stride, e.batch_size,
-                               mesh)
+                                 mesh, scored_bytes=self.val_bytes)
 
   @staticmethod
   def describe(result: dict) -> str:
@@ -63,7 +72,7 @@ class MQAR:
 
   logged = ('loss', 'accuracy')
 
-  def __init__(self, config):
+  def __init__(self, config, stored=None):  # stored: a text run's tokenizer; unused
     self.config, m = config, config.data.mqar
     self.task = mqar.MQAR(config.model.vocab_size, config.data.seq_len, m.num_kv_pairs,
                           m.power_a)
@@ -93,7 +102,7 @@ def task_class(config) -> type[Text] | type[MQAR]:
   return Text if name == 'text' else MQAR
 
 
-def load(config) -> Text | MQAR:
+def load(config, stored=None) -> Text | MQAR:
   """The task of config.data.task (config: a RunConfig), its data loaded (or its held-out set
-  drawn)."""
-  return task_class(config)(config)
+  drawn); stored: the workdir of a run that resumes (its saved tokenizer is read)."""
+  return task_class(config)(config, stored)

@@ -1,5 +1,6 @@
 """A run's directory: config.json (the resolved config), checkpoints/ (orbax), best/ (the best
-parameters by validation loss), metrics.jsonl, tb/ (TensorBoard), eval.json and .lock.
+parameters by validation loss), metrics.jsonl, tb/ (TensorBoard), eval.json, .lock, and the
+Hugging Face files of its tokenizer (tokenizer.json ...) unless it reads bytes.
 
 Every CLI reads what it needs from here. A run survives being killed at any instant:
 - orbax writes each checkpoint into a temporary folder and renames it when complete, so a
@@ -48,7 +49,7 @@ import jax
 import orbax.checkpoint as ocp
 from flax import nnx
 
-from mla_jax import attention_op, sharding
+from mla_jax import attention_op, sharding, tokenizer
 from mla_jax.config import ConfigError, ModelConfig
 from mla_jax.errors import Error, InputError
 from mla_jax.model import abstract, param_shapes
@@ -170,14 +171,56 @@ def staged(target, what: str):
     raise
 
 
-def write_new(workdir, flag: str, config, model, source: str) -> None:
-  """A new workdir made by a conversion (import, to_mla): config.json and checkpoint 0 of the
-  model's parameters, written whole (`staged`); `flag` names the target in a refusal."""
+def write_new(workdir, flag: str, config, model, source: str, tok=None) -> None:
+  """A new workdir made by a conversion (import, to_mla): config.json, the tokenizer's files
+  (if tok) and checkpoint 0 of the model's parameters, written whole (`staged`); `flag` names
+  the target in a refusal."""
   with staged(workdir, flag) as tmp:
+    save_tokenizer(tmp, tok)
     write_config(tmp, config)
     mngr = manager(tmp / 'checkpoints')
     save(mngr, 0, nnx.state(model, nnx.Param), meta={'source': source})
     mngr.close()
+
+
+def save_tokenizer(workdir, tok) -> None:
+  """Writes tok's Hugging Face files into workdir, each whole, and removes any other
+  tokenizer file (a start that was killed may have left another's); a byte tokenizer (or
+  None) has none."""
+  if jax.process_index():
+    return
+  files = tok.files if tok is not None else {}
+  for name in tokenizer.FILES:
+    path = pathlib.Path(workdir) / name
+    if name in files:
+      write_whole(path, files[name])
+    elif path.exists():
+      path.unlink()
+
+
+def load_tokenizer(workdir, required: bool = True) -> tokenizer.Tokenizer | None:
+  """The tokenizer a run reads text with: bytes for a run trained with data.tokenizer='byte',
+  else the tokenizer.json it stores. An imported checkpoint without tokenizer files reads bytes
+  if its vocabulary is the 256 bytes; any other has no tokenizer: None, or (required: a prompt
+  or a text to encode) refused in one line, never fed bytes it was not trained on."""
+  config = read_config(workdir)
+  spec = config.data.tokenizer if config.data is not None else None
+  stored = (pathlib.Path(workdir) / 'tokenizer.json').is_file()
+  if spec == tokenizer.BYTE or (spec is None and not stored and config.model.vocab_size == 256):
+    return tokenizer.ByteTokenizer()
+  if spec is None and not stored:
+    if not required:
+      return None
+    raise WorkdirError(f'{workdir} holds a {config.model.vocab_size}-token model without its '
+                       'tokenizer; copy its tokenizer.json into the workdir, or import again '
+                       'from a folder that holds one')
+  if not stored:
+    raise WorkdirError(f'{workdir} holds a run trained with data.tokenizer={spec!r} but no '
+                       'tokenizer.json; restore it from a copy of the run')
+  try:
+    return tokenizer.HFTokenizer.from_path(workdir, hf_config=False)
+  except tokenizer.TokenizerError as e:
+    raise WorkdirError(str(e)) from None
 
 
 def read_config(workdir) -> RunConfig:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import json
+import math
 import os
 import pathlib
 import shutil
@@ -20,12 +21,15 @@ import pytest
 from flax import nnx, traverse_util
 
 from experiments.hf_equality import reference_nll
-from mla_jax import decode, hf, perplexity, rope
+from mla_jax import decode, hf, perplexity, rope, tokenizer
+from mla_jax import workdir as wd
 from mla_jax.errors import InputError
 from mla_jax.model import Transformer, with_config, with_params
 
 FIXTURES = pathlib.Path(__file__).parent / 'hf_fixtures'
-NAMES = sorted(d.name for d in FIXTURES.iterdir() if (d / 'config.json').is_file())
+# The fixtures recorded over bytes; llama_bpe (golden.json) carries its own tokenizer.
+NAMES = sorted(d.name for d in FIXTURES.iterdir() if (d / 'golden.safetensors').is_file())
+BPE = FIXTURES / 'llama_bpe'
 MLA = [n for n in NAMES if n.startswith('deepseek')]
 TOL = 1e-4  # max abs logit error against transformers (float32)
 
@@ -202,6 +206,107 @@ def test_cli_import_evaluate_generate_export(tmp_path):
     np.testing.assert_array_equal(exported[key], np.asarray(value, np.float32), err_msg=key)
 
 
+# --- a checkpoint with its tokenizer ---------------------------------------------------------
+def _cli(*args):
+  env = {**os.environ, 'JAX_DEFAULT_MATMUL_PRECISION': 'highest'}  # as in the test above
+  return subprocess.run([sys.executable, '-m', *args], capture_output=True, text=True, env=env)
+
+
+def test_bpe_checkpoint_evaluates_and_generates_as_transformers(tmp_path):
+  """Imported with its tokenizer files, a Llama over a BPE gives transformers' perplexity on
+  a text (encoded by the run's tokenizer) and its greedy text for a prompt; exported, the
+  folder carries the same tokenizer."""
+  g = json.loads((BPE / 'golden.json').read_text())
+  assert g['margin'] > 10 * TOL and len(g['ids']) > 100
+  work = tmp_path / 'run'
+  r = _cli('mla_jax.convert', f'--hf_dir={BPE}', f'--workdir={work}')
+  assert r.returncode == 0, r.stderr
+  copied = [name for name in tokenizer.FILES if (BPE / name).is_file()]
+  assert copied == ['tokenizer.json', 'tokenizer_config.json', 'generation_config.json']
+  for name in copied:
+    assert (work / name).read_bytes() == (BPE / name).read_bytes(), name
+  text = tmp_path / 'text.txt'
+  text.write_text(g['text'])
+  n = len(g['ids'])
+  r = _cli('mla_jax.evaluate', f'--workdir={work}', f'--data={text}', f'--seq_len={n}',
+           f'--stride={n}')
+  assert r.returncode == 0, r.stderr
+  result = json.loads((work / 'eval.json').read_text())
+  assert result['tokens'] == n - 1
+  assert abs(result['loss'] - g['nll']) <= TOL
+  assert abs(math.log(result['perplexity']) - math.log(g['perplexity'])) <= TOL
+  tok = wd.load_tokenizer(work)
+  assert result['bytes'] == len(g['text'].encode()) - len(tok.token_bytes(g['ids'][0]))
+  assert result['bits_per_byte'] == pytest.approx(
+      result['loss'] * (n - 1) / (math.log(2) * result['bytes']), rel=1e-12)
+  r = _cli('mla_jax.generate', f'--workdir={work}', f'--prompt={g["prompt"]}',
+           '--temperature=0', f'--max_new_tokens={NEW_BPE}')
+  assert r.returncode == 0, r.stderr
+  assert r.stdout == g['generated'] + '\n'
+  out = tmp_path / 'hf'
+  r = _cli('mla_jax.convert', f'--workdir={work}', f'--to_hf={out}')
+  assert r.returncode == 0, r.stderr
+  for name in copied:
+    assert (out / name).read_bytes() == (BPE / name).read_bytes(), name
+  exported = json.loads((out / 'config.json').read_text())
+  assert exported['eos_token_id'] == tok.eos_id == 0
+
+
+NEW_BPE = 24  # make_fixtures.NEW: the greedy steps it recorded
+
+
+def test_a_checkpoint_imported_without_its_tokenizer_is_not_fed_bytes(tmp_path):
+  """A 384-token model imported without tokenizer files: generate and evaluate of text are
+  refused in one line (bytes would be noise, silently); ids still score, and export works."""
+  folder = tmp_path / 'hf'
+  shutil.copytree(BPE, folder)
+  for name in tokenizer.FILES:
+    (folder / name).unlink(missing_ok=True)
+  work = tmp_path / 'run'
+  assert _cli('mla_jax.convert', f'--hf_dir={folder}', f'--workdir={work}').returncode == 0
+  text = tmp_path / 'text.txt'
+  text.write_text('Once upon a time')
+  for args in (['mla_jax.generate', f'--workdir={work}', '--prompt=Once'],
+               ['mla_jax.evaluate', f'--workdir={work}', f'--data={text}']):
+    r = _cli(*args)
+    assert r.returncode == 1 and r.stderr.strip().count('\n') == 0, r.stderr
+    assert 'without its tokenizer; copy its tokenizer.json' in r.stderr
+  ids = tmp_path / 'ids.npy'
+  np.save(ids, np.array(json.loads((BPE / 'golden.json').read_text())['ids']))
+  r = _cli('mla_jax.evaluate', f'--workdir={work}', f'--data={ids}', '--tokenizer=ids')
+  assert r.returncode == 0, r.stderr
+  assert _cli('mla_jax.convert', f'--workdir={work}', f'--to_hf={tmp_path / "out"}'
+              ).returncode == 0
+  assert not (tmp_path / 'out' / 'tokenizer.json').exists()
+
+
+def test_exported_tokenizer_loads_in_transformers(tmp_path):
+  pytest.importorskip('torch')
+  transformers = pytest.importorskip('transformers')
+  g = json.loads((BPE / 'golden.json').read_text())
+  model, _ = hf.load(BPE)
+  hf.save(model, tmp_path / 'out', tokenizer.HFTokenizer.from_path(BPE))
+  auto = transformers.AutoTokenizer.from_pretrained(tmp_path / 'out')
+  assert auto(g['text']).input_ids == g['ids'] and auto.eos_token_id == 0
+
+
+def test_a_bad_or_too_large_tokenizer_is_refused_before_the_import_writes(tmp_path):
+  cases = {'broken': (lambda f: (f / 'tokenizer.json').write_text('{"model":'),
+                      'is not a tokenizer.json the tokenizers library reads'),
+           'too large': (_edit_config(vocab_size=300),
+                         "the tokenizer's 384 tokens exceed the model's vocab_size=300")}
+  for case, (breakage, message) in cases.items():
+    folder = tmp_path / case
+    shutil.copytree(BPE, folder)
+    breakage(folder)
+    if case == 'too large':  # a model of 300 tokens: its tensors cut to match
+      _edit_tensors(lambda t: t.update({k: t[k][:300] for k in
+                                        ('model.embed_tokens.weight', 'lm_head.weight')}))(folder)
+    r = _cli('mla_jax.convert', f'--hf_dir={folder}', f'--workdir={tmp_path / "run"}')
+    assert r.returncode == 1 and r.stderr.strip().count('\n') == 0, r.stderr
+    assert message in r.stderr and not (tmp_path / 'run').exists(), r.stderr
+
+
 # --- bad inputs ------------------------------------------------------------------------------
 def _edit_config(**changes):
   def edit(folder):
@@ -350,10 +455,12 @@ def test_exported_models_give_the_same_logits_in_transformers(variant, tmp_path)
 def test_evaluate_reads_text_as_bytes_or_a_npy_of_ids(tmp_path):
   ids = np.array([5, 300, 7], np.int64)
   np.save(tmp_path / 'ids.npy', ids)
-  np.testing.assert_array_equal(perplexity.read_tokens(str(tmp_path / 'ids.npy'), 'ids', 512), ids)
+  np.testing.assert_array_equal(
+      perplexity.read_tokens(str(tmp_path / 'ids.npy'), 'ids', 512)[0], ids)
   (tmp_path / 'text.txt').write_bytes(b'\x00\xffab')
-  np.testing.assert_array_equal(perplexity.read_tokens(str(tmp_path / 'text.txt'), 'byte', 256),
-                                [0, 255, 97, 98])
+  tokens, n_bytes = perplexity.read_tokens(str(tmp_path / 'text.txt'), 'byte', 256)
+  np.testing.assert_array_equal(tokens, [0, 255, 97, 98])
+  assert n_bytes == 3  # the bytes scored: all but the first
   np.save(tmp_path / 'floats.npy', np.ones(4))
   np.save(tmp_path / 'objects.npy', np.array([{}, {}], dtype=object), allow_pickle=True)
   bad = {('ids.npy', 'ids', 256): 'ids outside [0, 256)',
@@ -361,9 +468,9 @@ def test_evaluate_reads_text_as_bytes_or_a_npy_of_ids(tmp_path):
          ('objects.npy', 'ids', 256): 'is not a .npy array',  # pickled: never loaded
          ('text.txt', 'byte', 100): 'too few for bytes',
          ('nowhere.txt', 'byte', 256): 'is not a file'}
-  for (file, tokenizer, vocab), message in bad.items():
+  for (file, kind, vocab), message in bad.items():
     with pytest.raises(perplexity.data.DataError) as e:
-      perplexity.read_tokens(str(tmp_path / file), tokenizer, vocab)
+      perplexity.read_tokens(str(tmp_path / file), kind, vocab)
     assert message in str(e.value), (file, str(e.value))
 
 

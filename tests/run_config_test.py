@@ -43,11 +43,30 @@ def _with(path: str, value) -> dict:
     ('data.task', 'bogus', "data.task='bogus' is unknown"),
     ('model.n_heads', 3, 'model.d_model=32 is not divisible by n_heads=3'),
     ('mesh.fsdp', -2, 'mesh.fsdp=-2 must be an integer >= -1'),
+    ('data.tokenizer', '', "data.tokenizer='' is empty"),
+    ('data.tokenizer', 3, 'data.tokenizer=3 must be a string'),
+    ('data.tokenizer', 'train:lots', "data.tokenizer='train:lots' must be 'train:N' with N an "
+     'integer >= 257'),
+    ('data.tokenizer', 'train:100', "data.tokenizer='train:100' must be 'train:N'"),
+    ('data.tokenizer', 'train:512', "data.tokenizer='train:512' makes 512 tokens but "
+     'model.vocab_size=256; raise model.vocab_size to 512'),
 ])
 def test_each_bad_field_is_one_line_naming_it(path, value, message):
   with pytest.raises(ConfigError, match=message) as e:
     parse(_with(path, value))
   assert '\n' not in str(e.value)
+
+
+def test_a_tokenizer_applies_to_text_only_and_old_configs_read_bytes():
+  config = base.get_config('tiny').to_dict()
+  config['data'].update(task='mqar', tokenizer='train:300')
+  with pytest.raises(ConfigError, match=r"applies to data\.task='text' only") as e:
+    parse(config)
+  assert '\n' not in str(e.value)
+  recorded = parse(base.get_config('tiny')).to_dict()
+  del recorded['data']['tokenizer']  # config.json of a run from before tokenizers
+  assert parse(recorded).data.tokenizer == 'byte'
+  assert not changes(parse(recorded), parse(base.get_config('tiny')))
 
 
 def test_unknown_and_missing_keys_are_named():

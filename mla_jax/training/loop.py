@@ -126,7 +126,7 @@ def prepare(config, workdir, init_from: str | None = None) -> Plan:
   recorded, resume = _workdir_run(workdir, config)
   config = resolve_init_from(config, recorded, resume, init_from)
   return Plan(config, workdir, mesh, state_shardings, batch_sharding, batch_shape, rows,
-              tasks.load(config), resume)
+              tasks.load(config, workdir if resume else None), resume)
 
 
 def train_and_evaluate(config, workdir, *, final_eval: bool = True,
@@ -176,6 +176,8 @@ def _start(plan: Plan, state: TrainState, preemption: Preemption, final_eval: bo
   op = state.merged()[0].op  # the attention kernels the model resolved, recorded once
   config = dataclasses.replace(config, records={**config.records, 'kernels': op.to_dict()})
   announce(str(op))
+  if not plan.resume:  # a resumed run reads the tokenizer it stored: never rewritten
+    wd.save_tokenizer(workdir, getattr(plan.task, 'tokenizer', None))
   wd.write_config(workdir, config)
   wd.fault('start')
   return _Loop(plan, state, checkpoints=checkpoints, best=best, preemption=preemption,

