@@ -90,12 +90,15 @@ def get_config(arg: str = '') -> ConfigDict:
 
   c.mesh = ConfigDict(dict(data=-1, fsdp=1, tensor=1))  # -1: all remaining devices
 
-  if arg == 'tiny':  # seconds, for smoke tests
+  options = set(arg.split(',')) - {''}  # e.g. 'tiny', 'bpe' or 'tiny,bpe'
+  if options - {'tiny', 'bpe'}:
+    raise ValueError(f"unknown config argument {arg!r}; use '', 'tiny', 'bpe' or 'tiny,bpe'")
+  if 'tiny' in options:  # seconds, for smoke tests
     m.update(d_model=32, n_layers=2, n_heads=4, max_seq_len=128)
     d.update(seq_len=32, batch_size=8)
     o.update(warmup_steps=2)
     t.update(steps=10, log_every=1, checkpoint_every=5, eval_every=5)
     e.update(seq_len=32, stride=16, batch_size=16)
-  elif arg:
-    raise ValueError(f"unknown config argument {arg!r}; use '' or 'tiny'")
+  if 'bpe' in options:  # a 4k byte-level BPE trained on the run's corpus, beside the bytes
+    d.tokenizer, m.vocab_size = 'train:4096', 4096
   return c

@@ -15,6 +15,7 @@ experiments/results/capacity_vs_cache/ for the full run, the workdir for --quick
 
 from __future__ import annotations
 
+import hashlib
 import pathlib
 import statistics
 
@@ -22,7 +23,8 @@ from absl import flags
 
 from configs.ablations import capacity_vs_cache as ablation
 from experiments import report, sweep
-from mla_jax import cli, data, perplexity
+from mla_jax import cli, tasks, tokenizer
+from mla_jax import workdir as wd
 from mla_jax.errors import InputError
 
 NAME = 'capacity_vs_cache'
@@ -40,6 +42,8 @@ flags.DEFINE_enum('match', 'params', list(MATCHING),
                   "params: each row's SwiGLU width matches MHA's parameter count; mlp: every "
                   "row has MHA's SwiGLU width (the control for what the matching gives)")
 flags.DEFINE_string('data_files', '', 'a glob of text files instead of the Shakespeare corpus')
+flags.DEFINE_string('tokenizer', 'byte', "every run's data.tokenizer: byte, train:N (a BPE of N "
+                    'tokens trained on the corpus; the vocabulary follows) or a tokenizer.json')
 
 # (row expected to be better, row expected to be worse, what the paper says).
 COMPARISONS = [
@@ -53,6 +57,23 @@ COMPARISONS = [
     ('mla8', 'mla4', 'MLA with a larger latent (d_c = 8 d_h vs 4 d_h)'),
     ('mla4', 'mla2', 'MLA with a larger latent (d_c = 4 d_h vs 2 d_h)'),
 ]
+
+
+def _vocab_size(spec: str) -> int:
+  """The vocabulary a --tokenizer needs: N of train:N, else the tokenizer file's."""
+  trained = tokenizer.trained_size(spec)
+  return trained if trained is not None else tokenizer.HFTokenizer.from_path(spec).vocab_size
+
+
+def _tokenizer_tag() -> str:
+  """Runs of another tokenizer are other models: '-train4096', or the file's digest."""
+  if FLAGS.tokenizer == 'byte':
+    return ''
+  trained = tokenizer.trained_size(FLAGS.tokenizer)
+  if trained is not None:
+    return f'-train{trained}'
+  text = tokenizer.HFTokenizer.from_path(FLAGS.tokenizer).files['tokenizer.json']
+  return '-tok' + hashlib.sha256(text.encode()).hexdigest()[:12]
 
 
 def name(geometry: str, match: str = 'params') -> str:
@@ -69,14 +90,17 @@ class CapacityVsCache(sweep.Sweep):
   name = NAME
 
   def plan(self) -> sweep.Plan:
-    if FLAGS.data_files and not (FLAGS.out or FLAGS.quick):
-      raise InputError('--data_files needs --out (and a workdir of its own): a report and '
-                       'ledger on another corpus must not replace the committed Shakespeare ones')
+    for flag in ('data_files', 'tokenizer'):
+      if getattr(FLAGS, flag) != FLAGS[flag].default and not (FLAGS.out or FLAGS.quick):
+        raise InputError(f'--{flag} needs --out (and a workdir of its own): a report and ledger '
+                         'on other data must not replace the committed byte-level ones')
     rows, lrs, seeds = sweep.grid_flags(
         ablation.GEOMETRIES[FLAGS.geometry][1], ablation.LEARNING_RATES[FLAGS.geometry],
         ablation.QUICK_LEARNING_RATES, 3, f' of --geometry={FLAGS.geometry}')
     grid = dict(quick=FLAGS.quick, geometry=FLAGS.geometry, match=FLAGS.match, rows=rows,
                 seeds=seeds, lrs=lrs, data=FLAGS.data_files or 'shakespeare')
+    if FLAGS.tokenizer != 'byte':  # committed reports read bytes and record no tokenizer
+      grid['tokenizer'] = FLAGS.tokenizer
     return sweep.Plan([(row,) for row in rows], lrs, seeds, grid,
                       f'{len(rows)} rows ({FLAGS.geometry} geometry)',
                       name(FLAGS.geometry, FLAGS.match))
@@ -90,6 +114,9 @@ class CapacityVsCache(sweep.Sweep):
     config.opt.lr, config.seed = lr, seed
     if FLAGS.data_files:
       config.data.files = FLAGS.data_files
+    if FLAGS.tokenizer != 'byte':
+      config.data.tokenizer = FLAGS.tokenizer
+      config.model.vocab_size = _vocab_size(FLAGS.tokenizer)
     return config
 
   def path(self, run) -> pathlib.Path:
@@ -97,7 +124,7 @@ class CapacityVsCache(sweep.Sweep):
     its own --out."""
     row, lr, seed = run
     variant = (FLAGS.geometry + ('' if FLAGS.match == 'params' else f'-{FLAGS.match}')
-               + ('-quick' if FLAGS.quick else ''))
+               + _tokenizer_tag() + ('-quick' if FLAGS.quick else ''))
     return pathlib.Path(FLAGS.workdir) / variant / row / f'lr{lr:g}' / f'seed{seed}'
 
   def fields(self, run) -> dict:
@@ -105,10 +132,9 @@ class CapacityVsCache(sweep.Sweep):
     return dict(row=row, lr=lr, seed=seed, geometry=FLAGS.geometry)
 
   def measure(self, run, config, model):
-    val = data.load_splits(config.data)['val']
-    e = config.eval
-    return (perplexity.perplexity(model, val, e.seq_len, e.stride, e.batch_size),
-            val[:model.cfg.max_seq_len // 2])
+    # The trainer's own validation, with the tokenizer the run stored (bits per byte too).
+    task = tasks.load(wd.read_config(self.path(run)), stored=self.path(run))
+    return task.validate(model), task.splits['val'][:model.cfg.max_seq_len // 2]
 
   best = staticmethod(best_rate)
 
@@ -163,10 +189,16 @@ def compare(summary: dict, better: str, worse: str, claim: str = '') -> dict | N
 
 
 # --- the report ----------------------------------------------------------------------------
+def _unit(setup: dict) -> str:
+  """What a token is: a byte, or a token of the runs' tokenizer."""
+  return 'byte' if setup.get('tokenizer', 'byte') == 'byte' else f"token ({setup['tokenizer']})"
+
+
 def _setup_line(summary: dict, setup: dict) -> str:
   first = next(iter(summary.values()))
   m, tokens = first['model'], first['train_tokens']
-  return (f"{report.model_line(m)}, {tokens / 1e6:.2f}M training tokens (bytes) per run, "
+  kind = 'bytes' if _unit(setup) == 'byte' else f"{setup['tokenizer']} tokens"
+  return (f"{report.model_line(m)}, {tokens / 1e6:.2f}M training tokens ({kind}) per run, "
           f"{setup['seeds']} seeds")
 
 
@@ -219,7 +251,8 @@ def render(payload: dict) -> str:
       f'{_setup_line(summary, setup)}. Every row has the same width, depth, query heads, '
       'data order (per seed), tokens, optimizer and schedule; only the attention '
       f'differs, and {matching[1]}. {_protocol(setup)} '
-      'Validation: three held-out plays, every byte scored once. Loss is nats per byte, '
+      f'Validation: three held-out plays, every {_unit(setup).split()[0]} scored once. Loss is '
+      f'nats per {_unit(setup)}, '
       'mean ± std (sample) over seeds.', '', *summary_table(payload), '',
       report.exact_cache(summary) + ' Tokens/s: each run on one core, '
       f"{setup['jobs']} runs at a time."
@@ -251,8 +284,9 @@ def plot(payload: dict, path: pathlib.Path) -> None:
   report.marker_legend(ax)
   n_layers = next(iter(summary.values()))['model']['n_layers']
   ax.set_xlabel(f'KV cache per token (elements, all {n_layers} layers; log scale)')
-  ax.set_ylabel('validation loss (nats per byte), mean ± std over seeds')
-  ax.set_title(f"{'QUICK pipeline check: ' if setup['quick'] else ''}byte-level Shakespeare, "
+  ax.set_ylabel(f'validation loss (nats per {_unit(setup)}), mean ± std over seeds')
+  level = 'byte-level' if _unit(setup) == 'byte' else setup['tokenizer']
+  ax.set_title(f"{'QUICK pipeline check: ' if setup['quick'] else ''}{level} Shakespeare, "
                + MATCHING[setup['match']][0], fontsize=10)
   ax.text(0.01, 0.01, _setup_line(summary, setup), transform=ax.transAxes, fontsize=7,
           color='gray')

@@ -13,6 +13,7 @@ from configs.ablations import capacity_vs_cache as ablation
 from experiments import capacity_vs_cache as experiment
 from experiments import report, runner
 from experiments.runner import cache_formula
+from mla_jax import workdir as wd
 from mla_jax.config import ModelConfig
 from mla_jax.errors import InputError
 from mla_jax.model import param_count
@@ -219,6 +220,26 @@ def test_quick_mlp_matching_runs_apart_from_the_matched_runs(corpus, tmp_path):
   assert 'MLP widths matched' in md and "every row has MHA's SwiGLU width" in md
 
 
+@pytest.mark.slow
+def test_quick_runs_with_a_trained_bpe_sit_apart_and_report_per_token(corpus, tmp_path):
+  """--tokenizer=train:300: each run trains (once) and stores a 300-token BPE, is scored with
+  it (bits per byte of the same text besides), and sits beside the byte runs' folders."""
+  run = _cli(tmp_path, '--quick', '--rows=mha', '--lrs=3e-3', '--seeds=1',
+             f'--data_files={corpus}', '--tokenizer=train:300', f'--out={tmp_path / "out"}')
+  assert run.returncode == 0, run.stderr[-3000:]
+  folder = tmp_path / 'small-train300-quick' / 'mha' / 'lr0.003' / 'seed1'
+  result = json.loads((folder / 'result.json').read_text())
+  assert (folder / 'tokenizer.json').is_file() and not (tmp_path / 'small-quick').exists()
+  tok = wd.load_tokenizer(folder)
+  assert tok.vocab_size <= 300 and 0 < result['loss'] < math.log(300)
+  # bits per byte of the held-out text: fewer tokens than bytes, so more bits per token
+  assert result['bytes'] > result['tokens']
+  assert result['bits_per_byte'] == pytest.approx(
+      result['loss'] * result['tokens'] / (math.log(2) * result['bytes']), rel=1e-12)
+  md = (tmp_path / 'out' / 'capacity_vs_cache.md').read_text()
+  assert 'Loss is nats per token (train:300)' in md and '(train:300 tokens) per run' in md
+
+
 def test_ledger_restores_a_fresh_workdir_and_records_only_what_it_lacks(tmp_path):
   trained, fresh, path = tmp_path / 'a', tmp_path / 'b', tmp_path / 'results' / 'x.jsonl'
   run = trained / 'small' / 'mha' / 'lr0.006' / 'seed1'
@@ -254,6 +275,7 @@ def test_ledger_restores_a_fresh_workdir_and_records_only_what_it_lacks(tmp_path
     (['--lrs=-1e-3'], 'error: --lrs takes'),
     (['--seeds=0'], 'error: unknown rows [] or --seeds=0'),
     (['--data_files=plays/*.txt'], 'error: --data_files needs --out'),
+    (['--tokenizer=train:300'], 'error: --tokenizer needs --out'),
 ])
 def test_bad_flags_are_one_line_and_write_nothing(args, message, tmp_path):
   run = _cli(tmp_path, *args)

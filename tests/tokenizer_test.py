@@ -18,7 +18,8 @@ import pytest
 import tokenizers
 from conftest import tiny_model
 
-from mla_jax import data, perplexity, tokenizer
+from configs import mha, mla
+from mla_jax import data, perplexity, run_config, tokenizer
 from mla_jax import workdir as wd
 from mla_jax.run_config import DataConfig
 
@@ -218,6 +219,18 @@ def test_a_run_trains_its_bpe_once_stores_it_and_its_commands_read_it(corpus, tm
   gen = _run('generate', f'--workdir={work}', '--prompt=thou art the', '--max_new_tokens=12')
   assert gen.returncode == 0, gen.stderr
   assert gen.stdout.startswith('thou art the')
+
+
+def test_the_bpe_config_trains_a_4k_bpe_beside_the_byte_default():
+  for module in (mla, mha):
+    byte, bpe = module.get_config(''), module.get_config('bpe')
+    assert (byte.data.tokenizer, byte.model.vocab_size) == ('byte', 256)
+    assert (bpe.data.tokenizer, bpe.model.vocab_size) == ('train:4096', 4096)
+    tiny = run_config.RunConfig.from_dict(module.get_config('tiny,bpe'))
+    assert tiny.data.trained_vocab() == tiny.model.vocab_size == 4096
+    assert tiny.model.d_model == module.get_config('tiny').model.d_model
+  with pytest.raises(ValueError, match="unknown config argument 'bpe,huge'"):
+    mla.get_config('bpe,huge')
 
 
 def test_a_bad_tokenizer_or_a_small_vocabulary_is_one_line_and_writes_nothing(corpus, tmp_path,
