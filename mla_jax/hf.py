@@ -456,7 +456,7 @@ def import_workdir(hf_dir, workdir, dtype: str = 'float32', param_dtype: str = '
   workdir = pathlib.Path(workdir)
   wd.must_be_new(workdir, '--workdir')  # before the (long) load; write_new checks again
   model, hf_json = load(hf_dir, dtype, param_dtype)
-  tok = None  # a checkpoint without tokenizer.json is read as bytes, as before tokenizers
+  tok = None  # none: workdir.load_tokenizer reads bytes if the vocabulary is 256, else refuses
   if (pathlib.Path(hf_dir) / 'tokenizer.json').is_file():
     tok = tokenizer.HFTokenizer.from_path(hf_dir)
     if tok.vocab_size > model.cfg.vocab_size:
