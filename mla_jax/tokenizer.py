@@ -19,6 +19,7 @@ The `tokenizers` library is imported only when a non-byte tokenizer is used.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import pathlib
 from collections.abc import Callable
@@ -65,6 +66,9 @@ class ByteTokenizer:
 
   def encode(self, text: str) -> np.ndarray:
     return np.frombuffer(text.encode('utf-8'), np.uint8)
+
+  def encode_batch(self, texts: list[str]) -> list[np.ndarray]:
+    return [self.encode(text) for text in texts]
 
   def decode(self, ids, skip_special: bool = False) -> str:
     return bytes(np.asarray(ids, np.uint8).tolist()).decode('utf-8', errors='replace')
@@ -182,6 +186,10 @@ class HFTokenizer:
   def encode(self, text: str) -> np.ndarray:
     return np.asarray(self._tok.encode(text).ids, np.int32)
 
+  def encode_batch(self, texts: list[str]) -> list[np.ndarray]:
+    """encode of each text, by the library's batch encoding (its threads)."""
+    return [np.asarray(e.ids, np.int32) for e in self._tok.encode_batch(texts)]
+
   def decode(self, ids, skip_special: bool = False) -> str:
     """The text of ids; special tokens are written out unless skip_special (as transformers'
     decode), so that a text holding one literally round-trips."""
@@ -202,6 +210,14 @@ class HFTokenizer:
 
 
 Tokenizer = ByteTokenizer | HFTokenizer
+
+
+def digest(tok: Tokenizer) -> str:
+  """What a tokenized corpus records of its tokenizer (mla_jax.shards), and a run checks:
+  'byte', or the sha256 of the tokenizer.json text."""
+  if tok.kind == BYTE:
+    return BYTE
+  return hashlib.sha256(tok.files['tokenizer.json'].encode('utf-8')).hexdigest()
 
 
 def train_bpe(text: str, vocab_size: int) -> HFTokenizer:
