@@ -187,9 +187,12 @@ def test_a_changed_config_is_refused_by_field_with_both_values(corpus, copy):
 
 
 # --- minor: Ctrl-C -------------------------------------------------------------------------
-def test_ctrl_c_checkpoints_the_step_and_exits(corpus, tmp_path):
+# SIGTERM is what a preemption sends (its own test in reliability_test kills during a save).
+@pytest.mark.parametrize('signum', [
+    signal.SIGINT, pytest.param(signal.SIGTERM, marks=pytest.mark.long)])
+def test_ctrl_c_and_sigterm_checkpoint_the_step_and_exit(signum, corpus, tmp_path):
   """SIGINT is a preemption like SIGTERM: the step in progress is saved, one line says how
-  to resume (it used to print a KeyboardInterrupt traceback and save nothing)."""
+  to resume (SIGINT used to print a KeyboardInterrupt traceback and save nothing)."""
   proc = subprocess.Popen(
       [sys.executable, '-m', 'mla_jax.train', '--config=configs/mla.py:tiny',
        f'--workdir={tmp_path}', f'--config.data.files={corpus}', '--config.train.steps=100000',
@@ -200,11 +203,12 @@ def test_ctrl_c_checkpoints_the_step_and_exits(corpus, tmp_path):
   while time.time() < deadline and not (tmp_path / 'metrics.jsonl').exists():
     time.sleep(0.5)
   time.sleep(1)
-  proc.send_signal(signal.SIGINT)
+  proc.send_signal(signum)
   _, err = proc.communicate(timeout=120)
   step = wd.manager(tmp_path / 'checkpoints').latest_step()
-  assert proc.returncode == 128 + signal.SIGTERM, err[-2000:]
+  assert proc.returncode == 128 + signal.SIGTERM, err[-2000:]  # saved, but not finished
   assert step and step >= 1
   assert 'Traceback' not in err
   assert err.strip().splitlines()[-1] == (
-      f'stopped at step {step} by SIGINT; run the same command to resume')
+      f'stopped at step {step} by {signal.Signals(signum).name}; run the same command to '
+      'resume')

@@ -147,28 +147,6 @@ def test_bad_input_is_one_clear_line(case, trained, corpus, tmp_path):
       assert after == before
 
 
-@pytest.mark.long  # reliability_test's SIGTERM-during-a-save test stays in the default run
-def test_sigterm_saves_and_exits_cleanly(corpus, tmp_path):
-  import signal
-  import time
-  proc = subprocess.Popen(
-      [sys.executable, '-m', 'mla_jax.train', '--config=configs/mla.py:tiny',
-       f'--workdir={tmp_path}', f'--config.data.files={corpus}', '--config.train.steps=100000',
-       '--config.train.checkpoint_every=100000', '--config.train.eval_every=100000'],
-      cwd=ROOT, stderr=subprocess.PIPE, text=True)
-  deadline = time.time() + 120
-  while time.time() < deadline and not (tmp_path / 'metrics.jsonl').exists():
-    time.sleep(0.5)
-  time.sleep(2)
-  proc.send_signal(signal.SIGTERM)
-  _, err = proc.communicate(timeout=120)
-  assert proc.returncode == 128 + signal.SIGTERM, err[-2000:]  # saved, but not finished
-  step = wd.manager(tmp_path / 'checkpoints').latest_step()
-  assert err.strip().splitlines()[-1] == (
-      f'stopped at step {step} by SIGTERM; run the same command to resume')
-  assert (step and step == len(losses(tmp_path)[0])) or step >= 1
-
-
 @pytest.mark.long
 def test_gradient_accumulation_matches_one_big_batch(corpus, tmp_path):
   """Two microbatches of 4 average to the gradient of the batch of 8: same losses."""
