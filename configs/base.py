@@ -19,7 +19,7 @@ from ml_collections import ConfigDict, config_dict
 
 from mla_jax.config import ModelConfig
 
-_PLACEHOLDER_TYPES = {'int | None': int, 'str | None': str, 'YarnScaling | None': dict}
+_PLACEHOLDER_TYPES = {'int | None': int, 'str | None': str, 'RopeScaling | None': dict}
 
 
 def model_section() -> ConfigDict:

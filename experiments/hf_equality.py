@@ -46,7 +46,9 @@ def row(folder: pathlib.Path) -> dict:
   forward = np.asarray(model(jnp.asarray(tokens)[None]))[0]
   result = dict(fixture=folder.name, architecture=hf_json['architectures'][0],
                 attention=model.cfg.attention, rope_layout=model.cfg.rope_layout,
-                yarn=model.cfg.rope_scaling is not None, positions=len(tokens),
+                yarn=model.cfg.rope_scaling is not None,  # as the recorded results have it
+                rope_scaling=getattr(model.cfg.rope_scaling, 'type', None),
+                positions=len(tokens),
                 forward_err=float(np.abs(forward - g['logits']).max()))
   paths = ('absorbed', 'naive') if model.cfg.attention == 'mla' else ('absorbed',)
   for path in paths:

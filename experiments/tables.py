@@ -170,6 +170,13 @@ def bench_mesh_table(payload: dict) -> list[str]:
                'll' + 'r' * 7, map(row, payload['rows']))
 
 
+def _scaling_label(r: dict) -> str:
+  """' + YaRN' / ' + Llama 3' after the rope layout; results recorded before Llama 3 RoPE carry
+  only the flag 'yarn'."""
+  kind = r.get('rope_scaling', 'yarn' if r['yarn'] else None)
+  return {None: '', 'yarn': ' + YaRN', 'llama3': ' + Llama 3'}[kind]
+
+
 def hf_equality_table(payload: dict) -> list[str]:
   def fmt(r, k):
     return f'{r[k]:.1e}' if k in r else '-'
@@ -180,7 +187,7 @@ def hf_equality_table(payload: dict) -> list[str]:
   return table(
       ['fixture', 'attention', 'rope', 'forward', 'cache (absorbed)', 'cache (naive)', 'greedy',
        'perplexity mla_jax / transformers'], 'lllRRRlR',
-      ([r['fixture'], r['attention'], r['rope_layout'] + (' + YaRN' if r['yarn'] else ''),
+      ([r['fixture'], r['attention'], r['rope_layout'] + _scaling_label(r),
         fmt(r, 'forward_err'), fmt(r, 'cache_err') if 'cache_err' in r else fmt(r, 'absorbed_err'),
         fmt(r, 'naive_err'), greedy(r), f"{r['ppl_mla_jax']:.4f} / {r['ppl_transformers']:.4f}"]
        for r in payload['rows']))

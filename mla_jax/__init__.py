@@ -1,15 +1,15 @@
 """mla_jax: Multi-head Latent Attention and the variants it is measured against, in JAX/Flax."""
 
 from mla_jax.cache import KVCache, LatentCache
-from mla_jax.config import ConfigError, ModelConfig, YarnScaling
+from mla_jax.config import ConfigError, Llama3Scaling, ModelConfig, YarnScaling
 from mla_jax.decode import decode_step, generate, logits_through_cache, prefill
 from mla_jax.errors import Error
 from mla_jax.model import Transformer
 from mla_jax.variants import Variant, cache_bytes_per_token, cache_elements_per_token
 
 __all__ = [
-    'ConfigError', 'Error', 'KVCache', 'LatentCache', 'ModelConfig', 'Transformer', 'Variant',
-    'YarnScaling',
+    'ConfigError', 'Error', 'KVCache', 'LatentCache', 'Llama3Scaling', 'ModelConfig', 'Transformer',
+    'Variant', 'YarnScaling',
     'cache_bytes_per_token', 'cache_elements_per_token', 'decode_step', 'generate', 'load_hf',
     'load_tokenizer', 'load_workdir', 'logits_through_cache', 'prefill', 'save_hf', 'to_mla',
 ]

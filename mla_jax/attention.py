@@ -65,6 +65,20 @@ class GQAttention(nnx.Module):
     self.w_k = weight(rngs, cfg, (d, g, k), ('embed', 'kv_heads', 'head_dim'), fan_in=d)
     self.w_v = weight(rngs, cfg, (d, g, k), ('embed', 'kv_heads', 'head_dim'), fan_in=d)
     self.w_o = weight(rngs, cfg, (h, k, d), ('heads', 'head_dim', 'embed'), fan_in=h * k)
+    if cfg.qkv_bias:  # Qwen2's; zero at init, so a fresh model scores as one without them
+      zeros = lambda shape, axes: nnx.Param(jnp.zeros(shape, jnp.dtype(cfg.param_dtype)),
+                                            axes=axes)
+      self.b_q = zeros((h, k), ('heads', 'head_dim'))
+      self.b_k = zeros((g, k), ('kv_heads', 'head_dim'))
+      self.b_v = zeros((g, k), ('kv_heads', 'head_dim'))
+
+  def _project(self, x_btd, name: str):
+    """x W (+ b when cfg.qkv_bias), in the compute dtype: [b, t, heads, k]."""
+    dtype = self.cfg.compute_dtype
+    y = dense(x_btd, getattr(self, 'w_' + name)[...].astype(dtype))
+    if self.cfg.qkv_bias:
+      y = y + getattr(self, 'b_' + name)[...].astype(dtype)[None, None]  # over [b, t]
+    return y
 
   def init_cache(self, batch: int, max_len: int, dtype) -> KVCache:
     return KVCache.init(self.cfg, batch, max_len, dtype,
@@ -75,9 +89,9 @@ class GQAttention(nnx.Module):
     w = lambda p: p[...].astype(cfg.compute_dtype)
     positions_bt, whole = resolve_positions(x_btd, positions_bt)
     cos, sin = rope.rope_angles(positions_bt, cfg.head_dim, cfg.rope_theta, cfg.rope_scaling)
-    q = rope.apply_rope(dense(x_btd, w(self.w_q)), cos, sin, cfg.rope_layout)  # [b, t, h, k]
-    k = rope.apply_rope(dense(x_btd, w(self.w_k)), cos, sin, cfg.rope_layout)  # [b, t, g, k]
-    v = dense(x_btd, w(self.w_v))  # [b, t, g, k]
+    q = rope.apply_rope(self._project(x_btd, 'q'), cos, sin, cfg.rope_layout)  # [b, t, h, k]
+    k = rope.apply_rope(self._project(x_btd, 'k'), cos, sin, cfg.rope_layout)  # [b, t, g, k]
+    v = self._project(x_btd, 'v')  # [b, t, g, k]
     scale = cfg.head_dim**-0.5 * rope.softmax_mscale(cfg.rope_scaling)**2
     b, t, h, _ = q.shape
     q = q.reshape(b, t, cfg.n_kv_heads, h // cfg.n_kv_heads, -1)  # [b, t, g, p, k]

@@ -27,7 +27,7 @@ COMPUTE_DTYPES = ('auto', *DTYPES)  # auto: bfloat16 on an accelerator, float32 
 CACHE_DTYPES = (*DTYPES, 'int8', 'float8_e4m3fn')
 
 
-__all__ = ['ConfigError', 'ModelConfig', 'YarnScaling']
+__all__ = ['ConfigError', 'Llama3Scaling', 'ModelConfig', 'RopeScaling', 'YarnScaling']
 
 
 def _check_types(obj) -> None:
@@ -80,6 +80,51 @@ class YarnScaling:
 
 
 @dataclasses.dataclass(frozen=True)
+class Llama3Scaling:
+  """Llama 3.1's frequency rescaling (transformers' _compute_llama3_parameters): pairs whose
+  wavelength exceeds original_max_position_embeddings / low_freq_factor turn factor times
+  slower, those shorter than original / high_freq_factor keep their frequency, and the band
+  between blends the two linearly in original / wavelength. No attention temperature."""
+
+  factor: float
+  original_max_position_embeddings: int
+  low_freq_factor: float = 1.0
+  high_freq_factor: float = 4.0
+  type: str = 'llama3'
+
+  def __post_init__(self):
+    _check_types(self)
+    if self.type != 'llama3':
+      raise ConfigError(f"Llama3Scaling.type={self.type!r} must be 'llama3'")
+    if self.factor < 1:
+      raise ConfigError(f'rope_scaling.factor={self.factor} must be >= 1')
+    if self.original_max_position_embeddings <= 0:
+      raise ConfigError('rope_scaling.original_max_position_embeddings must be > 0')
+    if not 0 < self.low_freq_factor < self.high_freq_factor:
+      raise ConfigError(f'rope_scaling.low_freq_factor={self.low_freq_factor} and '
+                        f'high_freq_factor={self.high_freq_factor} need 0 < low < high')
+
+
+RopeScaling = YarnScaling | Llama3Scaling
+# rope_scaling's 'type' -> its class; a dict without 'type' is YaRN (config.json files written
+# before Llama 3 RoPE existed here).
+ROPE_SCALINGS = {'yarn': YarnScaling, 'llama3': Llama3Scaling}
+
+
+def _rope_scaling(d: Mapping) -> RopeScaling:
+  kind = d.get('type', 'yarn')
+  if kind not in ROPE_SCALINGS:
+    raise ConfigError(f'rope_scaling.type={kind!r} is not supported; use one of '
+                      f'{sorted(ROPE_SCALINGS)} or None')
+  cls = ROPE_SCALINGS[kind]
+  try:
+    return cls(**d)
+  except TypeError as e:
+    raise ConfigError(f'rope_scaling: {e}; allowed keys for {kind!r}: '
+                      f'{[f.name for f in dataclasses.fields(cls)]}') from None
+
+
+@dataclasses.dataclass(frozen=True)
 class ModelConfig:
   """Sizes and choices of a decoder-only transformer. Fields left None get derived defaults."""
 
@@ -111,10 +156,12 @@ class ModelConfig:
   attention_impl: str = 'auto'
   rope_theta: float = 10000.0
   rope_layout: str = 'interleaved'  # 'interleaved' pairs (2i, 2i+1); 'half' pairs (i, i + d/2)
-  rope_scaling: YarnScaling | None = None  # a dict is accepted and converted
+  rope_scaling: RopeScaling | None = None  # YaRN or Llama 3; a dict is converted by its 'type'
   max_seq_len: int = 2048  # longest prompt + generation the decode loop accepts
   norm_eps: float = 1e-6
   tie_embeddings: bool = False
+  # Biases on the q, k and v projections (Qwen2), added before RoPE; MHA / GQA / MQA only.
+  qkv_bias: bool = False
   dtype: str = 'float32'  # compute dtype ('auto': bfloat16 on GPU / TPU, float32 on a CPU);
   # logits and softmax stay float32 whatever it is
   param_dtype: str = 'float32'
@@ -127,11 +174,7 @@ class ModelConfig:
   def __post_init__(self):
     set_ = lambda name, value: object.__setattr__(self, name, value)
     if isinstance(self.rope_scaling, Mapping):
-      try:
-        set_('rope_scaling', YarnScaling(**self.rope_scaling))
-      except TypeError as e:
-        raise ConfigError(f'rope_scaling: {e}; allowed keys: '
-                          f'{[f.name for f in dataclasses.fields(YarnScaling)]}') from None
+      set_('rope_scaling', _rope_scaling(self.rope_scaling))
     _check_types(self)
     self._check_choices()
     self._check_sizes()

@@ -1,4 +1,5 @@
-"""Hugging Face checkpoints in and out: Llama (MHA / GQA / MQA) and dense DeepSeek-V2/V3 (MLA).
+"""Hugging Face checkpoints in and out: Llama and Qwen2 (MHA / GQA / MQA) and dense
+DeepSeek-V2/V3 (MLA).
 
 The layouts are in docs/design.md#9-hugging-face-layouts. A Hugging Face folder is config.json
 plus safetensors: model.safetensors, or the shards model.safetensors.index.json lists. torch is
@@ -12,7 +13,8 @@ W_UV per head: [h * (d_n + d_v), d_c] -> w_uk [c, h, n] and w_uv [c, h, v].
 RoPE layouts are kept as stored: Llama rotates half-split pairs ('half'); DeepSeek-V3 with
 rope_interleave and V2 (complex RoPE) rotate adjacent pairs ('interleaved'). Exporting an
 'interleaved' GQA model to Llama permutes each head's q and k rows (rope.interleaved_to_half):
-q and k move together, so every score is unchanged.
+q and k move together, so every score is unchanged. Qwen2 is Llama's layout plus q/k/v biases
+(ModelConfig.qkv_bias; [h * k] in torch, b_q [h, k] here), whose q/k rows permute alike.
 """
 
 from __future__ import annotations
@@ -32,11 +34,13 @@ from flax import nnx, traverse_util
 
 from mla_jax import rope, tokenizer, variants
 from mla_jax import workdir as wd
-from mla_jax.config import ConfigError, ModelConfig, YarnScaling
+from mla_jax.config import ConfigError, Llama3Scaling, ModelConfig, RopeScaling, YarnScaling
 from mla_jax.errors import Error
 from mla_jax.model import Transformer, param_shapes, with_params
 
 LLAMA = ('LlamaForCausalLM',)
+QWEN2 = ('Qwen2ForCausalLM',)
+GQA_ARCHS = LLAMA + QWEN2  # the MHA / GQA / MQA layouts: q/k/v/o projections
 DEEPSEEK = ('DeepseekV2ForCausalLM', 'DeepseekV3ForCausalLM')
 # DeepSeek builds q_a_layernorm and kv_a_layernorm with eps 1e-6 whatever rms_norm_eps says;
 # mla_jax has one eps, so only that value converts exactly.
@@ -145,16 +149,31 @@ def _require(hf: dict, key: str):
   return hf[key]
 
 
-def _rope(hf: dict, arch: str) -> tuple[float, YarnScaling | None]:
-  """(rope_theta, YaRN) from either transformers 5's rope_parameters or 4's rope_scaling."""
+def _rope(hf: dict, arch: str) -> tuple[float, RopeScaling | None]:
+  """(rope_theta, YaRN or Llama 3 scaling) from either transformers 5's rope_parameters or 4's
+  rope_scaling."""
   params = dict(hf.get('rope_parameters') or hf.get('rope_scaling') or {})
   theta = float(params.get('rope_theta', hf.get('rope_theta', 10000.0)))
   kind = params.get('rope_type', params.get('type', 'default'))
   if kind == 'default':
     return theta, None
-  if kind != 'yarn' or arch in LLAMA:
-    raise HFError(f'{arch} with rope type {kind!r} is not supported: mla_jax has plain RoPE '
-                  "and DeepSeek's YaRN")
+  if kind == 'llama3' and arch in GQA_ARCHS:
+    missing = [k for k in ('factor', 'low_freq_factor', 'high_freq_factor',
+                           'original_max_position_embeddings') if params.get(k) is None]
+    if missing:
+      raise HFError(f'rope type llama3 needs {missing} in config.json (transformers needs them)')
+    if params.get('partial_rotary_factor', 1) != 1:
+      raise HFError('llama3 RoPE with partial_rotary_factor is not supported')
+    try:
+      return theta, Llama3Scaling(
+          factor=float(params['factor']), low_freq_factor=float(params['low_freq_factor']),
+          high_freq_factor=float(params['high_freq_factor']),
+          original_max_position_embeddings=int(params['original_max_position_embeddings']))
+    except ConfigError as e:
+      raise HFError(f'config.json describes a model mla_jax cannot build: {e}') from None
+  if kind != 'yarn' or arch in GQA_ARCHS:
+    raise HFError(f'{arch} with rope type {kind!r} is not supported: mla_jax has plain RoPE, '
+                  "Llama 3's (Llama, Qwen2) and DeepSeek's YaRN")
   if params.get('truncate', True) is not True or params.get('partial_rotary_factor', 1) != 1:
     raise HFError('YaRN with truncate=false or partial_rotary_factor is not supported')
   orig = int(params.get('original_max_position_embeddings') or _require(
@@ -179,15 +198,18 @@ def _rope(hf: dict, arch: str) -> tuple[float, YarnScaling | None]:
 def config_from_hf(hf: dict, dtype: str = 'float32', param_dtype: str = 'float32') -> ModelConfig:
   """The ModelConfig of a Hugging Face config.json, or HFError naming what is unsupported."""
   arch = (hf.get('architectures') or [hf.get('model_type')])[0]
-  if arch not in LLAMA + DEEPSEEK:
+  if arch not in GQA_ARCHS + DEEPSEEK:
     raise HFError(f'architecture {arch!r} is not supported; mla_jax converts '
-                  f'{", ".join(LLAMA + DEEPSEEK)}')
+                  f'{", ".join(GQA_ARCHS + DEEPSEEK)}')
   if hf.get('quantization_config'):
     raise HFError('the checkpoint is quantized (quantization_config); dequantize it to '
                   'bfloat16 first')
   for key, want in (('hidden_act', 'silu'), ('attention_bias', False), ('mlp_bias', False)):
     if hf.get(key, want) != want:
       raise HFError(f'{key}={hf[key]!r} is not supported (mla_jax: {key}={want!r})')
+  if arch in QWEN2 and hf.get('use_sliding_window'):
+    raise HFError('use_sliding_window=true is not supported: mla_jax attends over the whole '
+                  'context in every layer')
   theta, yarn = _rope(hf, arch)
   d, h = _require(hf, 'hidden_size'), _require(hf, 'num_attention_heads')
   fields = dict(vocab_size=_require(hf, 'vocab_size'), d_model=d,
@@ -197,10 +219,11 @@ def config_from_hf(hf: dict, dtype: str = 'float32', param_dtype: str = 'float32
                 tie_embeddings=bool(hf.get('tie_word_embeddings', False)),
                 max_seq_len=_require(hf, 'max_position_embeddings'), rope_theta=theta,
                 rope_scaling=yarn, dtype=dtype, param_dtype=param_dtype)
-  if arch in LLAMA:
+  if arch in GQA_ARCHS:
     g = hf.get('num_key_value_heads') or h
     fields.update(attention='mha' if g == h else 'mqa' if g == 1 else 'gqa', n_kv_heads=g,
-                  head_dim=hf.get('head_dim') or d // h, rope_layout='half')
+                  head_dim=hf.get('head_dim') or d // h, rope_layout='half',
+                  qkv_bias=arch in QWEN2)
   else:
     n_layers = fields['n_layers']
     first_moe = hf.get('first_k_dense_replace', 0 if arch == DEEPSEEK[0] else 3)
@@ -226,23 +249,29 @@ def config_from_hf(hf: dict, dtype: str = 'float32', param_dtype: str = 'float32
 
 
 def architecture(cfg: ModelConfig) -> str:
-  """The Hugging Face class a model exports to, as its variant's registry entry says."""
+  """The Hugging Face class a model exports to, as its variant's registry entry says
+  (Qwen2's for a Llama with q/k/v biases)."""
   arch = variants.get(cfg.attention).hf_architecture
   if arch not in LLAMA + DEEPSEEK:
     raise HFError(f'attention={cfg.attention!r} has no Hugging Face architecture mla_jax can '
-                  f'write (it writes {", ".join(LLAMA + DEEPSEEK[1:])})')
-  return arch
+                  f'write (it writes {", ".join(GQA_ARCHS + DEEPSEEK[1:])})')
+  return QWEN2[0] if arch in LLAMA and cfg.qkv_bias else arch
 
 
 def config_to_hf(cfg: ModelConfig) -> dict:
-  """config.json for our model: LlamaForCausalLM (MHA / GQA / MQA) or DeepseekV3ForCausalLM.
+  """config.json for our model: LlamaForCausalLM or Qwen2ForCausalLM (MHA / GQA / MQA) or
+  DeepseekV3ForCausalLM.
 
   RoPE is written both as transformers 5 reads it (rope_parameters) and as 4 does
   (rope_theta, rope_scaling)."""
   arch = architecture(cfg)
-  if arch in LLAMA and cfg.rope_scaling is not None:
+  llama3 = isinstance(cfg.rope_scaling, Llama3Scaling)
+  if arch in GQA_ARCHS and isinstance(cfg.rope_scaling, YarnScaling):
     raise HFError("a GQA-family model with YaRN has no Hugging Face equivalent (Llama's YaRN "
                   "has no softmax mscale); export it without rope_scaling")
+  if arch in DEEPSEEK and llama3:
+    raise HFError('an MLA model with Llama 3 RoPE is not exported: its rescaling of the '
+                  "d_r-wide rope key in transformers' DeepSeek is untested here")
   if arch in DEEPSEEK and (cfg.rope_block is not None or not cfg.kv_norm
                           or not cfg.qk_nope_head_dim):
     raise HFError(f'rope_block={cfg.rope_block}, kv_norm={cfg.kv_norm}, qk_nope_head_dim='
@@ -255,9 +284,9 @@ def config_to_hf(cfg: ModelConfig) -> dict:
                   f'{DEEPSEEK_LATENT_EPS}, so this model has no DeepSeek equivalent')
   rope_parameters = {'rope_type': 'default', 'rope_theta': cfg.rope_theta}
   if cfg.rope_scaling is not None:
-    yarn = {k: v for k, v in dataclasses.asdict(cfg.rope_scaling).items()
-            if k != 'type' and v is not None}
-    rope_parameters.update(yarn, rope_type='yarn')
+    scaling = {k: v for k, v in dataclasses.asdict(cfg.rope_scaling).items()
+               if k != 'type' and v is not None}
+    rope_parameters.update(scaling, rope_type=cfg.rope_scaling.type)
   common = dict(vocab_size=cfg.vocab_size, hidden_size=cfg.d_model,
                 intermediate_size=cfg.d_ff, num_hidden_layers=cfg.n_layers,
                 num_attention_heads=cfg.n_heads, hidden_act='silu',
@@ -265,12 +294,17 @@ def config_to_hf(cfg: ModelConfig) -> dict:
                 tie_word_embeddings=cfg.tie_embeddings, attention_bias=False,
                 rope_theta=cfg.rope_theta, rope_parameters=rope_parameters,
                 rope_scaling=None if cfg.rope_scaling is None else {
-                    **rope_parameters, 'type': 'yarn'},
+                    **rope_parameters, 'type': cfg.rope_scaling.type},
                 bos_token_id=None, eos_token_id=None, pad_token_id=None,
                 dtype=cfg.param_dtype, torch_dtype=cfg.param_dtype)
   if arch in LLAMA:
     return dict(common, architectures=[arch], model_type='llama',
                 num_key_value_heads=cfg.n_kv_heads, head_dim=cfg.head_dim, mlp_bias=False)
+  if arch in QWEN2:  # every layer full attention (no sliding window); no attention_bias key
+    common.pop('attention_bias')
+    return dict(common, architectures=[arch], model_type='qwen2',
+                num_key_value_heads=cfg.n_kv_heads, head_dim=cfg.head_dim,
+                use_sliding_window=False, sliding_window=None, max_window_layers=cfg.n_layers)
   return dict(common, architectures=[arch], model_type='deepseek_v3',
               num_key_value_heads=cfg.n_heads, q_lora_rank=cfg.q_lora_rank or None,
               kv_lora_rank=cfg.kv_lora_rank, qk_nope_head_dim=cfg.qk_nope_head_dim,
@@ -286,7 +320,7 @@ class _Tensor:
 
   name: str
   ours: tuple[tuple, ...]  # our parameter paths (two for kv_b_proj)
-  kind: str = 'linear'  # 'copy' | 'linear' | 'kv_b'
+  kind: str = 'linear'  # 'copy' | 'linear' | 'kv_b' | 'bias'
   in_axes: int = 1  # linear: how many leading axes of ours make torch's `in`
   rope_rows: bool = False  # Llama q/k: head rows follow our rope layout
 
@@ -297,7 +331,7 @@ def _tensors(cfg: ModelConfig) -> list[_Tensor]:
          _Tensor('model.norm.weight', (('final_norm', 'scale'),), 'copy')]
   if not cfg.tie_embeddings:
     out.append(_Tensor('lm_head.weight', (('lm_head',),)))
-  llama = architecture(cfg) in LLAMA
+  llama = architecture(cfg) in GQA_ARCHS
   for i in range(cfg.n_layers):
     hf = f'model.layers.{i}.'
     t = lambda name, *path, **kw: _Tensor(hf + name, (('blocks', i, *path),), **kw)  # noqa: B023
@@ -310,6 +344,10 @@ def _tensors(cfg: ModelConfig) -> list[_Tensor]:
       out += [t('self_attn.q_proj.weight', 'attn', 'w_q', rope_rows=True),
               t('self_attn.k_proj.weight', 'attn', 'w_k', rope_rows=True),
               t('self_attn.v_proj.weight', 'attn', 'w_v')]
+      if cfg.qkv_bias:
+        out += [t('self_attn.q_proj.bias', 'attn', 'b_q', kind='bias', rope_rows=True),
+                t('self_attn.k_proj.bias', 'attn', 'b_k', kind='bias', rope_rows=True),
+                t('self_attn.v_proj.bias', 'attn', 'b_v', kind='bias')]
       continue
     if cfg.q_lora_rank:
       out += [t('self_attn.q_a_proj.weight', 'attn', 'w_dq'),
@@ -334,6 +372,8 @@ def _rope_rows(cfg: ModelConfig, t: _Tensor) -> np.ndarray | None:
 def _hf_shape(t: _Tensor, shapes: dict) -> tuple[int, ...]:
   if t.kind == 'copy':
     return shapes[t.ours[0]]
+  if t.kind == 'bias':
+    return (math.prod(shapes[t.ours[0]]),)
   if t.kind == 'kv_b':
     (c, h, n), (_, _, v) = shapes[t.ours[0]], shapes[t.ours[1]]
     return (h * (n + v), c)
@@ -351,6 +391,9 @@ def to_hf_tensors(cfg: ModelConfig, params: dict) -> dict[str, np.ndarray]:
     elif t.kind == 'kv_b':
       w_ukv = np.concatenate(arrays, axis=2)  # [c, h, n + v]
       out[t.name] = w_ukv.transpose(1, 2, 0).reshape(-1, w_ukv.shape[0])
+    elif t.kind == 'bias':  # [heads, k] -> [heads * k], rows in 'half' order like the weight's
+      rows = _rope_rows(cfg, t)
+      out[t.name] = (arrays[0] if rows is None else arrays[0][..., rows]).reshape(-1)
     else:
       w = arrays[0]
       rows = _rope_rows(cfg, t)
@@ -378,6 +421,10 @@ def from_hf_tensors(cfg: ModelConfig, tensors: dict[str, np.ndarray]) -> dict[tu
       (c, h, n), v = shapes[t.ours[0]], shapes[t.ours[1]][2]
       w = w.reshape(h, n + v, c).transpose(2, 0, 1)  # [c, h, n + v]
       params[t.ours[0]], params[t.ours[1]] = w[..., :n], w[..., n:]
+    elif t.kind == 'bias':
+      w = w.reshape(shapes[t.ours[0]])
+      rows = _rope_rows(cfg, t)
+      params[t.ours[0]] = w if rows is None else w[..., np.argsort(rows)]
     else:
       w = w.T.reshape(shapes[t.ours[0]])
       rows = _rope_rows(cfg, t)
@@ -415,7 +462,7 @@ def load(hf_dir, dtype: str = 'float32', param_dtype: str = 'float32'
   if extra:
     raise HFError(f'{len(extra)} tensors have no place in a {cfg.attention} model, e.g. '
                   f'{extra[0]} (biases, experts or an unknown module?); mla_jax converts '
-                  'only the Llama and dense DeepSeek-V2/V3 layouts (docs/huggingface.md)')
+                  'only the Llama, Qwen2 and dense DeepSeek-V2/V3 layouts (docs/huggingface.md)')
   params = from_hf_tensors(cfg, tensors)
   return with_params(cfg, traverse_util.unflatten_dict(
       {path: jnp.asarray(w, jnp.dtype(cfg.param_dtype)) for path, w in params.items()})), hf

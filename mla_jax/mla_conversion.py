@@ -16,7 +16,8 @@ e^{i p θ_i}, so a score is
 1. Exact embedding (`to_mla(model)`). One rope key of width G d_h holds every group's key,
    [K_1, .., K_G] (kv_lora_rank = qk_rope_head_dim = G d_h), each block rotated with the
    source's frequencies (ModelConfig.rope_block = d_h: the frequencies of a d_h-wide rotation
-   repeated per block, pairs within each block in either layout); head h's rope query is its
+   repeated per block, pairs within each block in either layout; a YaRN or Llama 3 rescaling
+   is computed for d_h dims, as the source's is); head h's rope query is its
    source query on block g(h) and zero elsewhere, times √G, which turns MLA's (0 + G d_h)^-1/2
    into d_h^-1/2; the latent is the values, c_kv = [V_1, .., V_G] with no RMSNorm
    (kv_norm=False), and W_UV[:, h] selects block g(h); d_n = 0 (no W_UK). Every term of (1) is
@@ -63,7 +64,8 @@ e^{i p θ_i}, so a score is
       'uniform' with n | m the fit is θ exactly; otherwise a kept pair turns at a slightly
       different frequency, part of the loss fine-tuning recovers. With YaRN the source's
       rope_scaling is kept; its ramp is recomputed for d_r dims, close to but not exactly the
-      kept pairs' blend.
+      kept pairs' blend. Llama 3's rescaling is kept too and is exact wherever the ladder is:
+      it maps each frequency by its own wavelength, whatever the rotation's width.
 
    e. No-rope part (d_n = d_h). What RoPE no longer carries moves, unrotated, into the nope
       key: for each group j, K^nope_j = K_j with every kept pair i replaced by its residual
@@ -307,6 +309,10 @@ def _check_arguments(src: ModelConfig, rank, d_r, selection: str, latent_norm: s
   if src.attention not in GQA_FAMILY:
     raise ConversionError(f"to_mla converts {'/'.join(GQA_FAMILY)} models; this one is "
                           f'attention={src.attention!r}')
+  if src.qkv_bias:
+    raise ConversionError('qkv_bias=True (Qwen2) is not converted: MLA has no bias on its '
+                          'latent or rope key, and x W + b does not factor through c_kv = x W_DKV '
+                          'as x W does')
   if selection not in ROPE_SELECTIONS or latent_norm not in LATENT_NORMS:
     raise ConversionError(f'rope_selection={selection!r} / latent_norm={latent_norm!r}: use '
                           f'one of {ROPE_SELECTIONS} / {LATENT_NORMS}')

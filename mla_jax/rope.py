@@ -10,6 +10,9 @@ numerics: frequencies blended by a linear ramp between the correction dims of be
 beta_slow, cos/sin scaled by get_mscale(f, mscale) / get_mscale(f, mscale_all_dim), and the
 softmax scale multiplied by get_mscale(f, mscale_all_dim)^2 (see `softmax_mscale`). An explicit
 rope_scaling.attention_factor replaces the cos/sin factor, as in transformers.
+
+Llama 3 (Llama3Scaling) rescales each frequency by its wavelength alone, as transformers'
+_compute_llama3_parameters does in float32: no temperature, cos/sin and softmax unscaled.
 """
 
 from __future__ import annotations
@@ -19,7 +22,7 @@ import math
 import jax.numpy as jnp
 import numpy as np
 
-from mla_jax.config import YarnScaling
+from mla_jax.config import Llama3Scaling, RopeScaling, YarnScaling  # noqa: F401 (rope.YarnScaling)
 
 
 def get_mscale(factor: float, mscale: float = 1.0) -> float:
@@ -31,12 +34,32 @@ def _correction_dim(n_rotations: float, dim: int, base: float, max_pos: int) -> 
   return dim * math.log(max_pos / (n_rotations * 2 * math.pi)) / (2 * math.log(base))
 
 
-def inv_frequencies(dim: int, base: float, scaling: YarnScaling | None = None) -> np.ndarray:
+def _llama3(inv_freq: np.ndarray, s: Llama3Scaling) -> np.ndarray:
+  """Llama 3.1's rescaling of the frequencies, step for step as transformers (float32).
+
+  torch computes number / tensor as (1 / tensor) * number in float32, which rounds differently
+  from a division: so do we, to be bit for bit equal."""
+  f32 = np.float32
+  low_wavelen = f32(s.original_max_position_embeddings / s.low_freq_factor)
+  high_wavelen = f32(s.original_max_position_embeddings / s.high_freq_factor)
+  factor = f32(s.factor)
+  wavelen = (f32(1) / inv_freq) * f32(2 * math.pi)
+  scaled = np.where(wavelen > low_wavelen, inv_freq / factor, inv_freq)
+  smooth = (((f32(1) / wavelen) * f32(s.original_max_position_embeddings) - f32(s.low_freq_factor))
+            / f32(s.high_freq_factor - s.low_freq_factor))
+  smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+  medium = ~(wavelen < high_wavelen) & ~(wavelen > low_wavelen)
+  return np.where(medium, smoothed, scaled).astype(np.float32)
+
+
+def inv_frequencies(dim: int, base: float, scaling: RopeScaling | None = None) -> np.ndarray:
   """theta_i for the dim/2 rotary pairs, float32 numpy (computed once, at trace time)."""
   exponents = np.arange(0, dim, 2, dtype=np.float32) / np.float32(dim)
   extrapolation = (1.0 / np.float32(base) ** exponents).astype(np.float32)
   if scaling is None:
     return extrapolation
+  if isinstance(scaling, Llama3Scaling):
+    return _llama3(extrapolation, scaling)
   interpolation = (1.0 / (np.float32(scaling.factor) * np.float32(base) ** exponents)
                    ).astype(np.float32)
   orig = scaling.original_max_position_embeddings
@@ -49,9 +72,9 @@ def inv_frequencies(dim: int, base: float, scaling: YarnScaling | None = None) -
   return (interpolation * (1 - keep) + extrapolation * keep).astype(np.float32)
 
 
-def cos_sin_mscale(scaling: YarnScaling | None) -> float:
+def cos_sin_mscale(scaling: RopeScaling | None) -> float:
   """Factor on cos and sin (YaRN's attention temperature, split between q and k)."""
-  if scaling is None:
+  if scaling is None or isinstance(scaling, Llama3Scaling):
     return 1.0
   if scaling.attention_factor is not None:
     return scaling.attention_factor
@@ -59,15 +82,15 @@ def cos_sin_mscale(scaling: YarnScaling | None) -> float:
                                                                   scaling.mscale_all_dim)
 
 
-def softmax_mscale(scaling: YarnScaling | None) -> float:
+def softmax_mscale(scaling: RopeScaling | None) -> float:
   """m in score * d^-1/2 * m^2 (docs/design.md#5-rope-and-yarn); 1 without YaRN or
   mscale_all_dim."""
-  if scaling is None or not scaling.mscale_all_dim:
+  if scaling is None or isinstance(scaling, Llama3Scaling) or not scaling.mscale_all_dim:
     return 1.0
   return get_mscale(scaling.factor, scaling.mscale_all_dim)
 
 
-def rope_angles(positions, dim: int, base: float, scaling: YarnScaling | None = None):
+def rope_angles(positions, dim: int, base: float, scaling: RopeScaling | None = None):
   """cos, sin [b, t, dim/2] (float32) for int positions [b, t]."""
   inv_freq = jnp.asarray(inv_frequencies(dim, base, scaling))
   angles = positions[..., None].astype(jnp.float32) * inv_freq.reshape(

@@ -181,6 +181,9 @@ register(Variant('mqa', configure=_configure_mqa, cache_formula='2·d_h·l', **_
 
 # --- MLA (DeepSeek-V2 appendix C) ---------------------------------------------------------------
 def _configure_mla(cfg):
+  if cfg.qkv_bias:
+    raise ConfigError("qkv_bias applies only to attention='mha' / 'gqa' / 'mqa', not 'mla'; "
+                      'leave it false')
   if cfg.kv_lora_rank == 0:
     raise ConfigError("attention='mla' needs kv_lora_rank > 0 (the paper uses 4 * head_dim)")
   # The paper's ratios for d_h = head_dim; n_kv_heads has no meaning here (every head reads

@@ -1,8 +1,9 @@
 import dataclasses
+import json
 
 import pytest
 
-from mla_jax import ConfigError, ModelConfig
+from mla_jax import ConfigError, Llama3Scaling, ModelConfig
 
 BAD = [
     (dict(attention='gqa', n_heads=8, n_kv_heads=3), 'not divisible by n_kv_heads'),
@@ -34,6 +35,15 @@ BAD = [
     (dict(rope_scaling=dict(factor=0.5, original_max_position_embeddings=64)), 'factor=0.5'),
     (dict(rope_scaling=dict(type='ntk', factor=2.0, original_max_position_embeddings=64)),
      "type='ntk' is not supported"),
+    (dict(rope_scaling=dict(type='llama3', factor=8.0, original_max_position_embeddings=64,
+                            low_freq_factor=4.0, high_freq_factor=1.0)), 'need 0 < low < high'),
+    (dict(rope_scaling=dict(type='llama3', factor=8.0, original_max_position_embeddings=64,
+                            beta_fast=32.0)), "allowed keys for 'llama3'"),
+    (dict(rope_scaling=dict(type='llama3', factor=0.5, original_max_position_embeddings=64)),
+     'factor=0.5 must be >= 1'),
+    (dict(attention='mla', kv_lora_rank=32, qkv_bias=True),
+     "qkv_bias applies only to attention='mha' / 'gqa' / 'mqa'"),
+    (dict(qkv_bias=1), 'qkv_bias=1 must be true or false'),
 ]
 
 
@@ -56,6 +66,17 @@ def test_round_trip_through_dict_keeps_yarn():
   again = ModelConfig.from_dict(cfg.to_dict())
   assert again == cfg and hash(again) == hash(cfg)
   assert dataclasses.asdict(again)['rope_scaling']['factor'] == 4.0
+
+
+def test_round_trip_through_dict_keeps_llama3_rope_and_qkv_bias():
+  cfg = ModelConfig(attention='gqa', n_kv_heads=2, qkv_bias=True, rope_scaling=dict(
+      type='llama3', factor=8.0, original_max_position_embeddings=64, low_freq_factor=1.0,
+      high_freq_factor=4.0))
+  d = json.loads(json.dumps(cfg.to_dict()))  # as config.json stores it
+  assert d['rope_scaling']['type'] == 'llama3' and d['qkv_bias'] is True
+  again = ModelConfig.from_dict(d)
+  assert again == cfg and isinstance(again.rope_scaling, Llama3Scaling)
+  assert ModelConfig().qkv_bias is False  # every existing config keeps its numbers
 
 
 def test_unknown_key_is_an_error():

@@ -106,6 +106,37 @@ def test_yarn_fixtures_run_past_the_original_window():
         rope.softmax_mscale(cfg.rope_scaling) != 1 or cfg.rope_scaling.attention_factor)
 
 
+def test_llama3_fixture_covers_every_band_past_the_original_window():
+  """Its pairs keep, blend and divide their frequencies, and it is scored past its window."""
+  cfg = imported('llama3_rope').cfg
+  s = cfg.rope_scaling
+  assert s.type == 'llama3' and s.original_max_position_embeddings == WINDOW
+  assert len(golden('llama3_rope')['tokens']) >= 2 * WINDOW
+  plain = rope.inv_frequencies(cfg.head_dim, cfg.rope_theta)
+  ratio = rope.inv_frequencies(cfg.head_dim, cfg.rope_theta, s) / plain
+  assert ratio[0] == 1 and 1 / s.factor < ratio[1] < 1
+  np.testing.assert_allclose(ratio[2:], 1 / s.factor, rtol=1e-6)
+  assert rope.cos_sin_mscale(s) == rope.softmax_mscale(s) == 1
+
+
+def test_qwen2_biases_are_imported_and_matter():
+  """q/k/v biases (o_proj has none) load into b_q, b_k, b_v; zeroing them moves the logits."""
+  model, g = imported('qwen2'), golden('qwen2')
+  assert model.cfg.qkv_bias and not model.cfg.tie_embeddings
+  _, tensors = hf.read_folder(FIXTURES / 'qwen2')
+  assert 'model.layers.0.self_attn.o_proj.bias' not in tensors
+  params = _params(model)
+  attn = params['blocks'][0]['attn']
+  np.testing.assert_array_equal(attn['b_k'].reshape(-1),
+                                tensors['model.layers.0.self_attn.k_proj.bias'])
+  for block in params['blocks'].values():
+    for name in ('b_q', 'b_k', 'b_v'):
+      assert np.abs(block['attn'][name]).min() > 0, name
+      block['attn'][name] = np.zeros_like(block['attn'][name])
+  err = np.abs(logits_of(with_params(model.cfg, params), g['tokens']) - g['logits']).max()
+  assert err > 100 * TOL, err
+
+
 def _flip(layout):
   return 'half' if layout == 'interleaved' else 'interleaved'
 
@@ -128,6 +159,12 @@ MUTATIONS = {  # a plausible mistake -> the config it would produce
         rope_scaling=_scaled('deepseek_v3_yarn', factor=8.0))),
     "DeepSeek's cos/sin rule": ('deepseek_v2_yarn', lambda: dict(
         rope_scaling=_scaled('deepseek_v2_yarn', attention_factor=None))),
+    'llama3 dropped': ('llama3_rope', lambda: dict(rope_scaling=None)),
+    'llama3 factor x2': ('llama3_rope', lambda: dict(
+        rope_scaling=_scaled('llama3_rope', factor=8.0))),
+    'llama3 blend band': ('llama3_rope', lambda: dict(
+        rope_scaling=_scaled('llama3_rope', high_freq_factor=1.0))),
+    'qwen2 layout': ('qwen2', lambda: dict(rope_layout='interleaved')),
 }
 
 
@@ -177,9 +214,9 @@ def test_interleaved_models_export_to_llama_by_permuting_q_k_rows():
     np.testing.assert_array_equal(back[key], np.asarray(value, np.float32), err_msg=key)
 
 
-def test_cli_import_evaluate_generate_export(tmp_path):
+@pytest.mark.parametrize('name', ['deepseek_v3_yarn', 'llama3_rope', 'qwen2'])
+def test_cli_import_evaluate_generate_export(name, tmp_path):
   """The commands a researcher runs; evaluate's perplexity matches transformers' logits."""
-  name = 'deepseek_v3_yarn'
   g = golden(name)
   text = tmp_path / 'text.txt'
   text.write_bytes(bytes(g['tokens'].astype(np.uint8)))
@@ -200,8 +237,10 @@ def test_cli_import_evaluate_generate_export(tmp_path):
             f'--max_new_tokens={len(g["continuation"])}').stdout
   assert out.startswith(prompt)
   run('mla_jax.convert', f'--workdir={work}', f'--to_hf={tmp_path / "hf"}')
-  _, exported = hf.read_folder(tmp_path / 'hf')
-  _, original = hf.read_folder(FIXTURES / name)
+  exported_json, exported = hf.read_folder(tmp_path / 'hf')
+  original_json, original = hf.read_folder(FIXTURES / name)
+  assert exported_json['architectures'] == original_json['architectures']
+  assert sorted(exported) == sorted(original)
   for key, value in original.items():
     np.testing.assert_array_equal(exported[key], np.asarray(value, np.float32), err_msg=key)
 
@@ -373,8 +412,20 @@ BAD = {  # name: (fixture, how to break it, what the message must say)
     'no config': ('llama_mha', lambda f: (f / 'config.json').unlink(), 'has no config.json'),
     'broken config': ('llama_mha', lambda f: (f / 'config.json').write_text('{'),
                       'is not valid JSON'),
-    'llama3 rope': ('llama_mha', _edit_config(rope_parameters={
+    'llama3 rope keys': ('llama_mha', _edit_config(rope_parameters={
+        'rope_type': 'llama3', 'rope_theta': 1e4, 'factor': 8.0}),
+                         "rope type llama3 needs ['low_freq_factor', 'high_freq_factor', "
+                         "'original_max_position_embeddings']"),
+    'llama3 bands': ('llama3_rope', _edit_config(rope_parameters={
+        'rope_type': 'llama3', 'rope_theta': 1e4, 'factor': 8.0, 'low_freq_factor': 4.0,
+        'high_freq_factor': 1.0, 'original_max_position_embeddings': 16}), 'need 0 < low < high'),
+    'deepseek llama3': ('deepseek_v3', _edit_config(rope_parameters={
         'rope_type': 'llama3', 'rope_theta': 1e4, 'factor': 8.0}), "rope type 'llama3'"),
+    'qwen2 sliding window': ('qwen2', _edit_config(use_sliding_window=True, sliding_window=8),
+                             'use_sliding_window=true is not supported'),
+    'qwen2 missing bias': ('qwen2', _edit_tensors(
+        lambda t: t.pop('model.layers.1.self_attn.v_proj.bias')),
+                           'tensor model.layers.1.self_attn.v_proj.bias is missing'),
     'attention bias': ('llama_mha', _edit_config(attention_bias=True),
                        'attention_bias=True is not supported'),
     'gelu': ('deepseek_v3', _edit_config(hidden_act='gelu'), "hidden_act='gelu'"),
@@ -431,6 +482,12 @@ NATIVE = {
                           tie_embeddings=True),
     'mla yarn': dict(attention='mla', kv_lora_rank=12, q_lora_rank=8, rope_scaling=dict(
         factor=4.0, original_max_position_embeddings=16, mscale=0.9, mscale_all_dim=0.7)),
+    'gqa llama3 interleaved': dict(attention='gqa', n_kv_heads=2, rope_scaling=dict(
+        type='llama3', factor=4.0, original_max_position_embeddings=16, low_freq_factor=0.25,
+        high_freq_factor=2.0)),
+    'gqa qwen2 biases interleaved': dict(attention='gqa', n_kv_heads=2, qkv_bias=True),
+    'mha qwen2 biases half tied': dict(attention='mha', qkv_bias=True, rope_layout='half',
+                                       tie_embeddings=True),
 }
 
 
@@ -442,6 +499,13 @@ def test_exported_models_give_the_same_logits_in_transformers(variant, tmp_path)
   cfg = ModelConfig(vocab_size=256, d_model=32, n_layers=2, n_heads=4, d_ff=48, max_seq_len=64,
                     **NATIVE[variant])
   model = Transformer(cfg, rngs=nnx.Rngs(3))
+  if cfg.qkv_bias:  # zero at init: draw them, so that a misplaced bias row shows
+    params = _params(model)
+    rng = np.random.default_rng(0)
+    for block in params['blocks'].values():
+      for name in ('b_q', 'b_k', 'b_v'):
+        block['attn'][name] = rng.normal(size=block['attn'][name].shape).astype(np.float32)
+    model = with_params(cfg, params)
   hf_json = hf.save(model, tmp_path)
   hf_model = getattr(transformers, hf_json['architectures'][0]).from_pretrained(
       tmp_path, dtype=torch.float32, attn_implementation='eager')
@@ -502,7 +566,7 @@ def test_sharded_bfloat16_checkpoints_convert_exactly(tmp_path):
                 g['logits']).max() <= TOL
 
 
-@pytest.mark.parametrize('name', [*YARN, 'llama_gqa'])
+@pytest.mark.parametrize('name', [*YARN, 'llama_gqa', 'llama3_rope', 'qwen2'])
 def test_transformers_4_config_format_converts_alike(name):
   """Released checkpoints (and transformers 4) write rope_theta and rope_scaling with 'type'
   where transformers 5 writes rope_parameters."""

@@ -19,7 +19,7 @@ from flax import nnx
 
 import mla_jax
 from configs import finetune, gqa
-from mla_jax import data, hf, mla_conversion, perplexity, training
+from mla_jax import data, hf, mla_conversion, perplexity, rope, training
 from mla_jax import workdir as wd
 from mla_jax.cache import measured_per_token
 from mla_jax.errors import Error
@@ -31,6 +31,11 @@ TOKENS = np.random.default_rng(0).integers(0, 256, 40)
 SOURCES = {'mha': dict(attention='mha'), 'gqa2': dict(attention='gqa', n_kv_heads=2),
            'mqa': dict(attention='mqa')}
 YARN = dict(factor=4.0, original_max_position_embeddings=16, mscale=0.9, mscale_all_dim=0.7)
+# head_dim 16: pair 0 keeps its frequency (wavelength 2 pi < 16 / 2), pairs 1 and 2 (20, 63)
+# are blended, pairs 3.. (199 and longer, past 16 / 0.25 = 64) turn 4 times slower
+LLAMA3 = dict(type='llama3', factor=4.0, original_max_position_embeddings=16, low_freq_factor=0.25,
+              high_freq_factor=2.0)
+ROPES = {'plain': None, 'yarn': YARN, 'llama3': LLAMA3}
 
 
 def source(name, seed=0, **overrides):
@@ -46,13 +51,13 @@ def cache_per_token(model):
 
 
 # --- the exact embedding ---------------------------------------------------------------------
-CASES = [pytest.param(name, layout, yarn, id=f'{name}-{layout}-{"yarn" if yarn else "plain"}')
-         for name in SOURCES for layout in ('interleaved', 'half') for yarn in (False, True)]
+CASES = [pytest.param(name, layout, scaling, id=f'{name}-{layout}-{scaling}')
+         for name in SOURCES for layout in ('interleaved', 'half') for scaling in ROPES]
 
 
-@pytest.mark.parametrize('name,layout,yarn', CASES)
-def test_exact_embedding_has_the_sources_logits_and_cache_size(name, layout, yarn):
-  src = source(name, rope_layout=layout, rope_scaling=YARN if yarn else None)
+@pytest.mark.parametrize('name,layout,scaling', CASES)
+def test_exact_embedding_has_the_sources_logits_and_cache_size(name, layout, scaling):
+  src = source(name, rope_layout=layout, rope_scaling=ROPES[scaling])
   mla = to_mla(src)
   g, k = src.cfg.n_kv_heads, src.cfg.head_dim
   assert (mla.cfg.attention, mla.cfg.kv_lora_rank, mla.cfg.qk_rope_head_dim, mla.cfg.rope_block,
@@ -65,10 +70,11 @@ def test_exact_embedding_has_the_sources_logits_and_cache_size(name, layout, yar
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize('name,layout,yarn', CASES)
-def test_exact_embedding_decodes_the_sources_logits_through_the_cache(name, layout, yarn):
-  """Both mla_decode paths, one prefill chunk then one token per step (past YaRN's window)."""
-  src = source(name, rope_layout=layout, rope_scaling=YARN if yarn else None)
+@pytest.mark.parametrize('name,layout,scaling', CASES)
+def test_exact_embedding_decodes_the_sources_logits_through_the_cache(name, layout, scaling):
+  """Both mla_decode paths, one prefill chunk then one token per step (past YaRN's and Llama
+  3's original window)."""
+  src = source(name, rope_layout=layout, rope_scaling=ROPES[scaling])
   mla = to_mla(src)
   for path in ('absorbed', 'naive'):
     through_cache = mla_jax.logits_through_cache(with_config(mla, mla_decode=path), TOKENS)
@@ -116,11 +122,11 @@ def test_rope_block_rotates_each_block_with_the_narrow_frequencies():
 
 
 # --- the compression -------------------------------------------------------------------------
-def lossless_source(name, layout):
+def lossless_source(name, layout, **overrides):
   """A source the compression at full rank with d_r = d_h / 2 loses nothing of: the odd RoPE
   pairs of q and k are zero (so removing their rotation changes nothing), and every group's
   key pair is a complex multiple of group 0's (so one shared key carries them all)."""
-  src = source(name, rope_layout=layout, seed=3)
+  src = source(name, rope_layout=layout, seed=3, **overrides)
   k = src.cfg.head_dim
   re, im = _pair_dims(k, layout)
   odd = np.arange(1, k // 2, 2)
@@ -161,6 +167,23 @@ def test_compression_is_exact_where_the_source_loses_nothing(name, layout, selec
   assert mla.cfg.kv_norm and mla.cfg.qk_nope_head_dim == k
   np.testing.assert_allclose(logits(without_latent_norm(mla)), logits(src), atol=1e-5, rtol=0)
   assert np.abs(logits(mla) - logits(src)).max() > 1e-3  # the norm is what is lost
+
+
+def test_compression_keeps_llama3_rope_exactly_on_the_ladder():
+  """Llama 3 maps each frequency by its wavelength alone, so the kept even pairs, recomputed
+  on the d_r-wide ladder, turn exactly as the source's do: the compression stays exact."""
+  src = lossless_source('gqa2', 'half', rope_scaling=LLAMA3)
+  k = src.cfg.head_dim
+  src_freq = rope.inv_frequencies(k, src.cfg.rope_theta, src.cfg.rope_scaling)
+  plain = rope.inv_frequencies(k, src.cfg.rope_theta)
+  assert (src_freq == plain).any() and (src_freq < plain).all(where=np.arange(k // 2) > 0)
+  mla = to_mla(src, 2 * 2 * k, k // 2, rope_selection='uniform', latent_norm='unit',
+               calibration=[TOKENS[None]])
+  assert mla.cfg.rope_scaling == src.cfg.rope_scaling
+  np.testing.assert_array_equal(
+      rope.inv_frequencies(k // 2, mla.cfg.rope_theta, mla.cfg.rope_scaling),
+      src_freq[::2])
+  np.testing.assert_allclose(logits(without_latent_norm(mla)), logits(src), atol=1e-5, rtol=0)
 
 
 def test_compression_loses_what_the_shared_key_cannot_carry():
@@ -239,6 +262,12 @@ def test_what_the_source_cannot_give_is_one_clear_line(name, kwargs, message):
     to_mla(source(name), **kwargs)
   assert message in str(e.value) and '\n' not in str(e.value)
   assert isinstance(e.value, Error)
+
+
+def test_a_biased_source_is_refused():
+  with pytest.raises(ConversionError) as e:
+    to_mla(source('gqa2', qkv_bias=True))
+  assert 'qkv_bias=True (Qwen2) is not converted' in str(e.value) and '\n' not in str(e.value)
 
 
 def test_an_mla_source_is_refused():

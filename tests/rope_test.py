@@ -5,7 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from mla_jax import YarnScaling, rope
+from mla_jax import Llama3Scaling, YarnScaling, rope
 
 
 def _rotate(x, positions, layout, scaling=None, base=10000.0):
@@ -89,3 +89,49 @@ def test_yarn_rotation_past_the_original_window():
   want = np.concatenate([np.cos(ang) - np.sin(ang), np.sin(ang) + np.cos(ang)]) * m
   np.testing.assert_allclose(out, want, atol=2e-3)  # float32 angles near 1e4 rad
   assert not np.allclose(out, np.asarray(_rotate(x, jnp.array([10_000]), 'half'))[0], atol=0.1)
+
+
+LLAMA3 = Llama3Scaling(factor=8.0, original_max_position_embeddings=8192, low_freq_factor=1.0,
+                       high_freq_factor=4.0)  # Llama 3.1's
+
+
+def test_llama3_frequencies_by_hand():
+  """Wavelengths under 8192 / 4 keep their frequency, over 8192 / 1 divide it by 8, and the band
+  between blends the two by s = (8192 / wavelength - 1) / (4 - 1)."""
+  dim, base = 128, 500000.0
+  got = rope.inv_frequencies(dim, base, LLAMA3)
+  bands = set()
+  for i in range(dim // 2):
+    theta = base ** (-2 * i / dim)
+    wavelen = 2 * math.pi / theta
+    if wavelen < 8192 / 4:
+      want, band = theta, 'kept'
+    elif wavelen > 8192 / 1:
+      want, band = theta / 8, 'divided'
+    else:
+      s = (8192 / wavelen - 1) / 3
+      want, band = (1 - s) * theta / 8 + s * theta, 'blended'
+    bands.add(band)
+    assert got[i] == pytest.approx(want, rel=1e-5), i
+  assert bands == {'kept', 'blended', 'divided'}
+  assert rope.cos_sin_mscale(LLAMA3) == rope.softmax_mscale(LLAMA3) == 1.0
+
+
+@pytest.mark.parametrize('dim,base', [(128, 500000.0), (8, 10000.0), (64, 10000.0)])
+def test_llama3_frequencies_equal_transformers(dim, base):
+  torch = pytest.importorskip('torch')
+  transformers = pytest.importorskip('transformers')
+  from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+  config = transformers.LlamaConfig(hidden_size=dim * 2, num_attention_heads=2, head_dim=dim,
+                                    rope_parameters=dict(
+                                        rope_type='llama3', rope_theta=base, factor=8.0,
+                                        low_freq_factor=1.0, high_freq_factor=4.0,
+                                        original_max_position_embeddings=8192))
+  theirs, attention_factor = ROPE_INIT_FUNCTIONS['llama3'](config, torch.device('cpu'))
+  assert attention_factor == 1.0
+  # The rescaling step is bit for bit transformers' from the same plain ladder; the ladders
+  # themselves (float32 pow in numpy and in torch) differ by a few ulps.
+  ladder = 1.0 / (base ** (torch.arange(0, dim, 2, dtype=torch.int64).float() / dim))
+  np.testing.assert_array_equal(rope._llama3(ladder.numpy(), LLAMA3), theirs.numpy())
+  np.testing.assert_allclose(rope.inv_frequencies(dim, base, LLAMA3), theirs.numpy(), rtol=1e-6,
+                             atol=0)

@@ -1,6 +1,9 @@
 r"""Builds the Hugging Face golden fixtures under tests/hf_fixtures/ (needs the dev extra).
 
-  pip install torch==2.13.0 -e '.[dev]' && python tests/hf_fixtures/make_fixtures.py
+  pip install torch==2.13.0 -e '.[dev]' && python tests/hf_fixtures/make_fixtures.py [NAME ..]
+
+With names, only those fixtures are rebuilt (each keeps its seed) and versions.json records the
+versions that built them under their names; without, every fixture is.
 
 Each fixture is a tiny random transformers model saved with save_pretrained (bfloat16
 weights, as real checkpoints are) and golden.safetensors holding what transformers computes
@@ -45,7 +48,11 @@ YARN = dict(rope_type='yarn', factor=4.0, original_max_position_embeddings=16, b
 # name: (config class, model class, config fields). Together they cover 1, 2 and H KV heads,
 # tied embeddings, an explicit head_dim, a non-default rope_theta, query compression on and
 # off, both DeepSeek-V3 rope layouts, V2's complex RoPE, and YaRN with mscale / mscale_all_dim
-# (V3: both set; V2: mscale_all_dim 0, where transformers' cos/sin factor is get_mscale(factor)).
+# (V3: both set; V2: mscale_all_dim 0, where transformers' cos/sin factor is get_mscale(factor)),
+# Llama 3 RoPE (head_dim 8: pair 0's wavelength 2 pi is under original / high_freq_factor = 8 and
+# keeps its frequency, pair 1's 63 is in the blended band, pairs 2 and 3 are past
+# original / low_freq_factor = 160 and slow down by factor) and Qwen2's q/k/v biases (redraw
+# makes them non-zero). New fixtures go at the end: a fixture's seed is its index here.
 FIXTURES = {
     'llama_mha': ('LlamaConfig', 'LlamaForCausalLM',
                   dict(num_key_value_heads=4, rms_norm_eps=1e-5)),
@@ -72,7 +79,17 @@ FIXTURES = {
                               qk_rope_head_dim=4, v_head_dim=5,
                               rope_parameters=dict(YARN, rope_theta=10000.0, mscale=0.707,
                                                    mscale_all_dim=0.0))),
+    'llama3_rope': ('LlamaConfig', 'LlamaForCausalLM',
+                    dict(num_key_value_heads=2, head_dim=8,
+                         rope_parameters=dict(rope_type='llama3', rope_theta=10000.0,
+                                              factor=4.0, low_freq_factor=0.1,
+                                              high_freq_factor=2.0,
+                                              original_max_position_embeddings=16))),
+    'qwen2': ('Qwen2Config', 'Qwen2ForCausalLM',
+              dict(num_key_value_heads=2, rms_norm_eps=1e-6,
+                   rope_parameters=dict(rope_type='default', rope_theta=1000.0))),
 }
+BPE_SEED = 7  # llama_bpe's seed: len(FIXTURES) before llama3_rope and qwen2 were added
 
 
 def redraw(model: torch.nn.Module, seed: int) -> None:
@@ -176,13 +193,25 @@ def build_bpe(seed: int) -> None:
         f', greedy margin {margin:.3f}: {golden["generated"]!r}')
 
 
-def main():
-  for seed, name in enumerate(FIXTURES):
-    build(name, seed)
-  build_bpe(len(FIXTURES))
-  (HERE / 'versions.json').write_text(json.dumps(
-      {'transformers': transformers.__version__, 'torch': torch.__version__}, indent=1) + '\n')
+def main(names: list[str]):
+  versions = {'transformers': transformers.__version__, 'torch': torch.__version__}
+  seeds = {name: seed for seed, name in enumerate(FIXTURES)}
+  if not names:
+    for name, seed in seeds.items():
+      build(name, seed)
+    build_bpe(BPE_SEED)
+    (HERE / 'versions.json').write_text(json.dumps(versions, indent=1) + '\n')
+    return
+  recorded = json.loads((HERE / 'versions.json').read_text())
+  for name in names:
+    if name == 'llama_bpe':
+      build_bpe(BPE_SEED)
+    else:
+      build(name, seeds[name])
+    recorded[name] = versions  # the top-level versions built the rest
+  (HERE / 'versions.json').write_text(json.dumps(recorded, indent=1) + '\n')
 
 
 if __name__ == '__main__':
-  main()
+  import sys
+  main(sys.argv[1:])
