@@ -25,6 +25,12 @@ ATTENTION_IMPLS = ('auto', 'einsum', 'kernels')
 DTYPES = ('float32', 'bfloat16', 'float16')
 COMPUTE_DTYPES = ('auto', *DTYPES)  # auto: bfloat16 on an accelerator, float32 on a CPU
 CACHE_DTYPES = (*DTYPES, 'int8', 'float8_e4m3fn')
+MOE_IMPLS = ('ragged', 'dense')
+SCORING_FUNCS = ('softmax', 'sigmoid')  # DeepSeek-V2's router, DeepSeek-V3's
+# Which experts a token goes to: V2's 'greedy' (top-k of the scores) or 'group_limited_greedy'
+# (top-k within the topk_group groups of highest max score); V3's 'noaux_tc' (groups by the sum
+# of their top-2 biased scores, experts by biased scores, weights from the unbiased ones).
+TOPK_METHODS = {'greedy': 'softmax', 'group_limited_greedy': 'softmax', 'noaux_tc': 'sigmoid'}
 
 
 __all__ = ['ConfigError', 'Llama3Scaling', 'ModelConfig', 'RopeScaling', 'YarnScaling']
@@ -170,6 +176,28 @@ class ModelConfig:
   # c_kv and k_rope each [b, s]; MHA/GQA/MQA: per token AND KV head [b, g, s], as heads'
   # ranges differ), dequantized inside attention. mla_jax.quant has the formats and bounds.
   cache_dtype: str | None = None
+  # DeepSeekMoE (mla_jax.moe, docs/design.md#11-deepseekmoe), named as DeepSeek-V2/V3's
+  # config.json names them. n_routed_experts=0: the dense SwiGLU MLP in every layer (the rest
+  # is then unused). Otherwise layer i is MoE where i >= first_k_dense_replace and
+  # i % moe_layer_freq == 0: num_experts_per_tok of n_routed_experts SwiGLU experts of width
+  # moe_intermediate_size (default d_ff), plus one shared SwiGLU of width n_shared_experts *
+  # moe_intermediate_size that every token goes through.
+  n_routed_experts: int = 0
+  n_shared_experts: int = 0
+  num_experts_per_tok: int = 1
+  moe_intermediate_size: int | None = None
+  first_k_dense_replace: int = 0
+  moe_layer_freq: int = 1
+  scoring_func: str = 'softmax'  # 'softmax' (V2) | 'sigmoid' (V3)
+  topk_method: str = 'greedy'  # 'greedy' | 'group_limited_greedy' (V2) | 'noaux_tc' (V3)
+  n_group: int = 1  # expert groups (the devices of DeepSeek's node-limited routing)
+  topk_group: int = 1  # groups each token may choose experts from
+  norm_topk_prob: bool = False  # chosen weights divided by their sum (+ 1e-20)
+  routed_scaling_factor: float = 1.0  # chosen weights multiplied by it, after any norm
+  # How the routed experts run: 'ragged' (dropless: tokens sorted by expert, one grouped matmul,
+  # jax.lax.ragged_dot) or 'dense' (every expert on every token, weighted by the routing: the
+  # reference the ragged path is tested against; E / k times the FLOPs).
+  moe_impl: str = 'ragged'
 
   def __post_init__(self):
     set_ = lambda name, value: object.__setattr__(self, name, value)
@@ -182,6 +210,10 @@ class ModelConfig:
       set_('head_dim', self.d_model // self.n_heads)
     if self.d_ff is None:
       set_('d_ff', 64 * math.ceil(8 * self.d_model / 3 / 64))
+    if self.n_routed_experts:
+      self._check_moe()
+      if self.moe_intermediate_size is None:
+        set_('moe_intermediate_size', self.d_ff)
     variant = variants.get(self.attention)
     for name, value in variant.configure(self).items():
       set_(name, value)
@@ -198,7 +230,9 @@ class ModelConfig:
       object.__setattr__(self, 'attention_impl', 'kernels')
     for name, allowed in (('rope_layout', ROPE_LAYOUTS), ('mla_decode', MLA_DECODE_PATHS),
                           ('attention_impl', ATTENTION_IMPLS), ('dtype', COMPUTE_DTYPES),
-                          ('param_dtype', DTYPES), ('cache_dtype', (None, *CACHE_DTYPES))):
+                          ('param_dtype', DTYPES), ('cache_dtype', (None, *CACHE_DTYPES)),
+                          ('scoring_func', SCORING_FUNCS), ('topk_method', tuple(TOPK_METHODS)),
+                          ('moe_impl', MOE_IMPLS)):
       if getattr(self, name) not in allowed:
         raise ConfigError(f'{name}={getattr(self, name)!r} is unknown; use one of {allowed}')
 
@@ -206,7 +240,9 @@ class ModelConfig:
     for f in dataclasses.fields(self):
       value = getattr(self, f.name)
       if f.type.startswith('int') and value is not None:
-        least = 0 if f.name in ('q_lora_rank', 'kv_lora_rank', 'qk_nope_head_dim') else 1
+        least = 0 if f.name in ('q_lora_rank', 'kv_lora_rank', 'qk_nope_head_dim',
+                                'n_routed_experts', 'n_shared_experts',
+                                'first_k_dense_replace') else 1
         if value < least:
           raise ConfigError(f'{f.name}={value} must be >= {least}')
     if self.norm_eps <= 0 or self.rope_theta <= 1:
@@ -214,6 +250,37 @@ class ModelConfig:
     if self.head_dim is None and self.d_model % self.n_heads:
       raise ConfigError(f'd_model={self.d_model} is not divisible by n_heads={self.n_heads}; '
                         'set head_dim explicitly or change n_heads')
+
+  def _check_moe(self):
+    e, k, groups = self.n_routed_experts, self.num_experts_per_tok, self.n_group
+    if TOPK_METHODS[self.topk_method] != self.scoring_func:
+      raise ConfigError(f'topk_method={self.topk_method!r} routes {TOPK_METHODS[self.topk_method]}'
+                        f' scores, not scoring_func={self.scoring_func!r}; set scoring_func='
+                        f'{TOPK_METHODS[self.topk_method]!r}')
+    if k > e:
+      raise ConfigError(f'num_experts_per_tok={k} exceeds n_routed_experts={e}')
+    if e % groups:
+      raise ConfigError(f'n_routed_experts={e} is not divisible by n_group={groups}')
+    if self.topk_group > groups:
+      raise ConfigError(f'topk_group={self.topk_group} exceeds n_group={groups}')
+    if self.topk_method != 'greedy' and k > self.topk_group * (e // groups):
+      raise ConfigError(f'num_experts_per_tok={k} exceeds the {self.topk_group * (e // groups)} '
+                        'experts of the topk_group groups a token may use; raise topk_group')
+    if self.topk_method == 'noaux_tc' and e // groups < 2:
+      raise ConfigError(f'noaux_tc scores a group by its top-2 experts: n_routed_experts={e} / '
+                        f'n_group={groups} must be >= 2')
+    if self.routed_scaling_factor <= 0:
+      raise ConfigError(f'routed_scaling_factor={self.routed_scaling_factor} must be > 0')
+    if not any(self.is_moe_layer(i) for i in range(self.n_layers)):
+      raise ConfigError(f'first_k_dense_replace={self.first_k_dense_replace} and moe_layer_freq='
+                        f'{self.moe_layer_freq} leave no MoE layer of n_layers={self.n_layers}; '
+                        'set n_routed_experts=0 for a dense model')
+
+  def is_moe_layer(self, i: int) -> bool:
+    """Whether layer i's feed-forward is MoE (DeepSeek's rule; transformers' too, which has
+    moe_layer_freq 1)."""
+    return (self.n_routed_experts > 0 and i >= self.first_k_dense_replace
+            and i % self.moe_layer_freq == 0)
 
   # --- derived quantities -------------------------------------------------------------
   @property

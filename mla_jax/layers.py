@@ -61,10 +61,11 @@ class RMSNorm(nnx.Module):
 
 
 class MLP(nnx.Module):
-  """SwiGLU feed-forward (Shazeer 2020): (silu(x W_gate) * x W_up) W_down."""
+  """SwiGLU feed-forward (Shazeer 2020): (silu(x W_gate) * x W_up) W_down; d_ff None: the
+  config's (MoE's shared experts are one MLP of their own width)."""
 
-  def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
-    d, f = cfg.d_model, cfg.d_ff
+  def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs, d_ff: int | None = None):
+    d, f = cfg.d_model, cfg.d_ff if d_ff is None else d_ff
     self.dtype = cfg.compute_dtype
     self.w_gate = weight(rngs, cfg, (d, f), ('embed', 'mlp'), fan_in=d)
     self.w_up = weight(rngs, cfg, (d, f), ('embed', 'mlp'), fan_in=d)

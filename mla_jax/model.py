@@ -1,8 +1,9 @@
 """Decoder-only, pre-RMSNorm transformer over any attention variant.
 
-block(x) = x + Attn(RMSNorm(x)); then x + SwiGLU(RMSNorm(x)). Final RMSNorm, then the LM head
-(or the tied embedding). Logits are float32 whatever the compute dtype. The attention kernels
-are chosen once, when the model is built (Transformer.op, mla_jax.attention_op).
+block(x) = x + Attn(RMSNorm(x)); then x + SwiGLU(RMSNorm(x)), or x + MoE(RMSNorm(x)) in the
+layers a DeepSeekMoE config makes MoE (ModelConfig.is_moe_layer, mla_jax.moe). Final RMSNorm,
+then the LM head (or the tied embedding). Logits are float32 whatever the compute dtype. The
+attention kernels are chosen once, when the model is built (Transformer.op, mla_jax.attention_op).
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from mla_jax.cache import check_dtype, storage_dtype
 from mla_jax.config import ModelConfig
 from mla_jax.errors import check_token_ids
 from mla_jax.layers import MLP, Embed, RMSNorm, dense, weight
+from mla_jax.moe import MoE
 from mla_jax.sharding import constrain
 
 # Between blocks the residual stream is split by batch and whole along d_model (under fsdp the
@@ -29,11 +31,12 @@ RESIDUAL = ('batch', None, None)
 
 class Block(nnx.Module):
 
-  def __init__(self, cfg: ModelConfig, op: attention_op.AttentionOp, rngs: nnx.Rngs):
+  def __init__(self, cfg: ModelConfig, op: attention_op.AttentionOp, rngs: nnx.Rngs,
+               layer: int = 0):
     self.attn_norm = RMSNorm(cfg.d_model, cfg)
     self.attn = variants.get(cfg.attention).module_class()(cfg, rngs, op)
     self.mlp_norm = RMSNorm(cfg.d_model, cfg)
-    self.mlp = MLP(cfg, rngs)
+    self.mlp = MoE(cfg, rngs) if cfg.is_moe_layer(layer) else MLP(cfg, rngs)
 
   def __call__(self, x_btd, positions_bt, cache=None):
     with jax.named_scope('attention'):
@@ -55,7 +58,7 @@ class Transformer(nnx.Module):
     self.cfg = cfg
     self.op = attention_op.resolve(cfg, mesh) if op is None else op
     self.embed = Embed(cfg, rngs)
-    self.blocks = nnx.List([Block(cfg, self.op, rngs) for _ in range(cfg.n_layers)])
+    self.blocks = nnx.List([Block(cfg, self.op, rngs, i) for i in range(cfg.n_layers)])
     self.final_norm = RMSNorm(cfg.d_model, cfg)
     if not cfg.tie_embeddings:
       self.lm_head = weight(rngs, cfg, (cfg.d_model, cfg.vocab_size), ('embed', 'vocab'),
@@ -118,7 +121,8 @@ def param_count(cfg: ModelConfig) -> int:
 
 def with_params(cfg: ModelConfig, params: dict,
                 op: attention_op.AttentionOp | None = None) -> Transformer:
-  """A Transformer of cfg holding `params`, a nested dict as nnx.to_pure_dict gives."""
+  """A Transformer of cfg holding `params`, a nested dict as nnx.to_pure_dict gives (of every
+  variable: an MoE's router bias too)."""
   graphdef, state = abstract(cfg, op)
   nnx.replace_by_pure_dict(state, params)
   return nnx.merge(graphdef, state)
@@ -130,4 +134,4 @@ def with_config(model: Transformer, op: attention_op.AttentionOp | None = None,
   attention_impl or rope layout (the parameter shapes must not change); its kernels resolved
   anew, or `op`."""
   return with_params(dataclasses.replace(model.cfg, **changes),
-                     nnx.to_pure_dict(nnx.state(model, nnx.Param)), op)
+                     nnx.to_pure_dict(nnx.state(model)), op)

@@ -35,7 +35,8 @@ TASKS = ('text', 'mqar')  # mla_jax.tasks implements each
 SEED_LIMIT = 2**32  # jax and numpy draw from 32-bit seeds: larger ones would alias
 # Model fields that say how a model computes, not what: a run resumes, or starts from another
 # run's parameters (init_from), under other values of these.
-EXECUTION_FIELDS = ('dtype', 'param_dtype', 'attention_impl', 'mla_decode', 'max_seq_len')
+EXECUTION_FIELDS = ('dtype', 'param_dtype', 'attention_impl', 'mla_decode', 'max_seq_len',
+                    'moe_impl')
 # Top-level keys of config.json that record facts about a run rather than configure it.
 RECORDS = ('kernels', 'source', 'conversion')
 

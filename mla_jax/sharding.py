@@ -26,7 +26,7 @@ from mla_jax.errors import Error
 
 MESH_AXES = ('data', 'fsdp', 'tensor')
 # Logical axis -> mesh axes. Parameters: embed, vocab, heads, kv_heads, head_dim, mlp, q_lora,
-# kv_lora; activations and caches also use batch and seq.
+# kv_lora, experts; activations and caches also use batch and seq.
 RULES: dict[str, tuple[str, ...]] = {
     'batch': ('data', 'fsdp'),
     'embed': ('fsdp',),
@@ -34,6 +34,7 @@ RULES: dict[str, tuple[str, ...]] = {
     'heads': ('tensor',),
     'kv_heads': ('tensor',),
     'mlp': ('tensor',),
+    'experts': (),  # MoE experts: replicated until expert parallelism
     'head_dim': (),
     'q_lora': (),
     'kv_lora': (),

@@ -1,0 +1,132 @@
+"""DeepSeekMoE (Dai et al. 2024; DeepSeek-V2 and V3): shared experts every token goes through,
+plus routed experts of which a gate picks num_experts_per_tok per token
+(docs/design.md#11-deepseekmoe).
+
+Shape letters, beside layers.py's: N tokens (b * t flattened), E routed experts, K experts
+chosen per token, J expert groups (n_group), f an expert's SwiGLU width. The gate reproduces
+transformers' DeepseekV2TopkRouter / DeepseekV3TopkRouter; the routed experts run dropless
+(every token reaches all K of its experts, whatever the load) as one grouped matmul over the
+tokens sorted by expert (jax.lax.ragged_dot), or, as the reference, every expert on every token.
+"""
+
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from mla_jax.config import ModelConfig
+from mla_jax.layers import MLP, dense, weight
+
+
+class RouterBias(nnx.Variable):
+  """V3's e_score_correction_bias: shifts which experts are chosen, never the weights, so it
+  has no gradient; it is not an nnx.Param, so optimizers over nnx.Param leave it alone (DeepSeek
+  adjusts it from the experts' loads, outside the gradient step)."""
+
+
+def route(logits_NE, bias_E, cfg: ModelConfig):
+  """(weights [N, K] float32, experts [N, K] int32): transformers' DeepSeek gates.
+
+  softmax scores with 'greedy' (top-k) or 'group_limited_greedy' (a group scores its best expert;
+  the other groups' scores set to 0 before the top-k, as transformers does); sigmoid scores with
+  'noaux_tc' (choices by scores + bias, a group by the sum of its top-2, the other groups' set
+  to -inf; the weights are the unbiased scores). Then norm_topk_prob: weights / (sum + 1e-20);
+  then * routed_scaling_factor. Ties go to the lower expert index (jax.lax.top_k's rule).
+  """
+  n, e = logits_NE.shape
+  j = cfg.n_group
+  logits_NE = logits_NE.astype(jnp.float32)
+  if cfg.scoring_func == 'softmax':
+    scores_NE = jax.nn.softmax(logits_NE, axis=-1)
+  else:
+    scores_NE = jax.nn.sigmoid(logits_NE)
+  noaux = cfg.topk_method == 'noaux_tc'
+  choice_NE = scores_NE + bias_E.astype(jnp.float32)[None] if noaux else scores_NE
+  if cfg.topk_method != 'greedy':
+    grouped_NJe = choice_NE.reshape(n, j, e // j)
+    if noaux:
+      group_NJ = jnp.sum(jax.lax.top_k(grouped_NJe, 2)[0], axis=-1)
+    else:
+      group_NJ = jnp.max(grouped_NJe, axis=-1)
+    kept = jax.lax.top_k(group_NJ, cfg.topk_group)[1]  # [N, topk_group]
+    keep_NJ = jnp.any(kept[:, :, None] == jnp.arange(j)[None, None], axis=1)
+    keep_NE = jnp.repeat(keep_NJ, e // j, axis=1)
+    choice_NE = jnp.where(keep_NE, choice_NE, -jnp.inf if noaux else 0.0)
+  _, experts_NK = jax.lax.top_k(choice_NE, cfg.num_experts_per_tok)
+  # V2 gathers from its masked scores (equal to the scores wherever top-k can land but on an
+  # underflowed 0); V3 from the unbiased scores.
+  weights_NK = jnp.take_along_axis(scores_NE if noaux else choice_NE, experts_NK, axis=-1)
+  if cfg.norm_topk_prob:
+    weights_NK = weights_NK / (jnp.sum(weights_NK, axis=-1, keepdims=True) + 1e-20)
+  return weights_NK * cfg.routed_scaling_factor, experts_NK.astype(jnp.int32)
+
+
+def experts_ragged(x_Nd, weights_NK, experts_NK, w_gate_Edf, w_up_Edf, w_down_Efd):
+  """Dropless: the N * K (token, expert) rows sorted by expert, each expert's SwiGLU over its
+  contiguous rows by one ragged_dot per projection, the rows put back in (token, k) order and
+  summed with their weights. Rows per expert can be anything from 0 to N."""
+  n, k = experts_NK.shape
+  e = w_gate_Edf.shape[0]
+  flat = experts_NK.reshape(n * k)
+  order = jnp.argsort(flat, stable=True)  # row i of the sorted order is (order[i] // K, ...)
+  sizes_E = jnp.bincount(flat, length=e).astype(jnp.int32)
+  x_Rd = jnp.take(x_Nd, order // k, axis=0)  # R = N * K rows, grouped by expert
+  gate_Rf = jax.lax.ragged_dot(x_Rd, w_gate_Edf, sizes_E)
+  up_Rf = jax.lax.ragged_dot(x_Rd, w_up_Edf, sizes_E)
+  y_Rd = jax.lax.ragged_dot(jax.nn.silu(gate_Rf) * up_Rf, w_down_Efd, sizes_E)
+  y_NKd = jnp.take(y_Rd, jnp.argsort(order), axis=0).reshape(n, k, -1)
+  return jnp.einsum('NKd,NK->Nd', y_NKd.astype(jnp.float32), weights_NK)
+
+
+def experts_dense(x_Nd, weights_NK, experts_NK, w_gate_Edf, w_up_Edf, w_down_Efd):
+  """The reference: every expert on every token, summed with the routing weights scattered to
+  [N, E] (0 for the experts not chosen)."""
+  e = w_gate_Edf.shape[0]
+  combine_NE = jnp.einsum('NK,NKE->NE', weights_NK,
+                          jax.nn.one_hot(experts_NK, e, dtype=jnp.float32))
+  gate_NEf = jnp.einsum('Nd,Edf->NEf', x_Nd, w_gate_Edf)
+  up_NEf = jnp.einsum('Nd,Edf->NEf', x_Nd, w_up_Edf)
+  y_NEd = jnp.einsum('NEf,Efd->NEd', jax.nn.silu(gate_NEf) * up_NEf, w_down_Efd)
+  return jnp.einsum('NEd,NE->Nd', y_NEd.astype(jnp.float32), combine_NE)
+
+
+class MoE(nnx.Module):
+  """x [b, t, d] -> shared(x) + sum over the K chosen experts of weight * expert(x)."""
+
+  def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
+    d, f, e = cfg.d_model, cfg.moe_intermediate_size, cfg.n_routed_experts
+    self.cfg = cfg
+    self.dtype = cfg.compute_dtype
+    # The router is float32 whatever param_dtype is (transformers keeps it so): near-ties
+    # between experts decide routing, and bfloat16 logits would tie far more often.
+    self.router = nnx.Param(jax.random.normal(rngs.params(), (d, e), jnp.float32) / math.sqrt(d),
+                            axes=('embed', 'experts'))
+    if cfg.topk_method == 'noaux_tc':
+      self.e_score_correction_bias = RouterBias(jnp.zeros((e,), jnp.float32), axes=('experts',))
+    self.w_gate = weight(rngs, cfg, (e, d, f), ('experts', 'embed', 'mlp'), fan_in=d)
+    self.w_up = weight(rngs, cfg, (e, d, f), ('experts', 'embed', 'mlp'), fan_in=d)
+    self.w_down = weight(rngs, cfg, (e, f, d), ('experts', 'mlp', 'embed'), fan_in=f)
+    if cfg.n_shared_experts:
+      self.shared = MLP(cfg, rngs, d_ff=cfg.n_shared_experts * f)
+
+  def gate(self, x_btd):
+    """(weights [N, K], experts [N, K]) for the b * t tokens of x, row-major."""
+    x_Nd = x_btd.reshape(-1, x_btd.shape[-1]).astype(jnp.float32)
+    logits_NE = dense(x_Nd, self.router[...], out_dtype=jnp.float32)
+    bias_E = (self.e_score_correction_bias[...] if self.cfg.topk_method == 'noaux_tc'
+              else jnp.zeros((self.cfg.n_routed_experts,), jnp.float32))
+    return route(logits_NE, bias_E, self.cfg)
+
+  def __call__(self, x_btd):
+    weights_NK, experts_NK = self.gate(x_btd)
+    w = lambda p: p[...].astype(self.dtype)
+    run = experts_ragged if self.cfg.moe_impl == 'ragged' else experts_dense
+    y_Nd = run(x_btd.reshape(-1, x_btd.shape[-1]), weights_NK, experts_NK,
+               w(self.w_gate), w(self.w_up), w(self.w_down))
+    y_btd = y_Nd.astype(x_btd.dtype).reshape(x_btd.shape)
+    if self.cfg.n_shared_experts:
+      y_btd = y_btd + self.shared(x_btd)
+    return y_btd

@@ -1,0 +1,348 @@
+"""DeepSeekMoE: the gates against transformers' (and a numpy re-implementation on ties), the
+dropless ragged_dot path against the all-experts reference, and an MoE model that trains and
+decodes through its cache."""
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from conftest import tiny_config, tiny_model
+from flax import nnx
+
+import mla_jax
+from mla_jax import moe
+from mla_jax.model import with_config
+from mla_jax.training.step import train_step
+
+# The three gates of the released checkpoints, at toy sizes: V2-Lite (softmax, greedy), V2
+# (softmax, group-limited), V3 (sigmoid, noaux_tc, normalised and scaled).
+GATES = {
+    'v2_greedy': dict(n_routed_experts=8, num_experts_per_tok=2, n_shared_experts=2,
+                      routed_scaling_factor=1.0),
+    'v2_group': dict(n_routed_experts=8, num_experts_per_tok=3, n_shared_experts=1,
+                     topk_method='group_limited_greedy', n_group=4, topk_group=2,
+                     routed_scaling_factor=16.0),
+    'v3': dict(n_routed_experts=8, num_experts_per_tok=2, n_shared_experts=1,
+               scoring_func='sigmoid', topk_method='noaux_tc', n_group=4, topk_group=2,
+               norm_topk_prob=True, routed_scaling_factor=2.5),
+}
+MODEL = dict(attention='mla', kv_lora_rank=32, moe_intermediate_size=32, first_k_dense_replace=1,
+             n_layers=3)
+
+
+def _moe(gate: str, seed=0, **overrides) -> moe.MoE:
+  module = moe.MoE(tiny_config(**{**GATES[gate], **MODEL, **overrides}), nnx.Rngs(seed))
+  if gate == 'v3':  # a bias that changes choices (zero would test nothing)
+    module.e_score_correction_bias[...] = 0.1 * jax.random.normal(jax.random.key(seed + 1), (8,))
+  return module
+
+
+def _x(seed=0, b=2, t=10):
+  return jax.random.normal(jax.random.key(seed), (b, t, 64))
+
+
+def _dense_twin(module: moe.MoE) -> moe.MoE:
+  """The same module on the all-experts reference path."""
+  graphdef, state = nnx.split(module)
+  twin = nnx.merge(graphdef, state)
+  twin.cfg = dataclasses.replace(module.cfg, moe_impl='dense')
+  return twin
+
+
+def _assert_ragged_equals_dense(module, x):
+  """Outputs, and gradients as to x and every parameter, at float32 rounding."""
+  def loss(m, x):  # weighs every output element differently; a mean keeps gradients O(1)
+    y = m(x)
+    return jnp.mean(y * jnp.sin(jnp.arange(y.size, dtype=jnp.float32)).reshape(y.shape))
+
+  grad = nnx.grad(loss, argnums=(0, 1))
+  dense = _dense_twin(module)
+  np.testing.assert_allclose(module(x), dense(x), rtol=1e-5, atol=1e-5)
+  (g_ragged, gx_ragged), (g_dense, gx_dense) = grad(module, x), grad(dense, x)
+  np.testing.assert_allclose(gx_ragged, gx_dense, rtol=1e-5, atol=1e-5)
+  flat_r, flat_d = nnx.to_flat_state(g_ragged), nnx.to_flat_state(g_dense)
+  assert [p for p, _ in flat_r] == [p for p, _ in flat_d]
+  for (path, a), (_, b) in zip(flat_r, flat_d, strict=True):
+    np.testing.assert_allclose(a[...], b[...], rtol=1e-5, atol=1e-5, err_msg=str(path))
+  return g_ragged
+
+
+@pytest.mark.parametrize('gate', sorted(GATES))
+def test_ragged_equals_dense_reference_in_outputs_and_gradients(gate):
+  module = _moe(gate)
+  grads = _assert_ragged_equals_dense(module, _x())
+  # The router learns through the weights of its choices; every expert was used here.
+  assert np.abs(grads['router'][...]).max() > 1e-4
+  assert np.all(np.abs(grads['w_down'][...]).max(axis=(1, 2)) > 0)
+
+
+@pytest.mark.parametrize('gate', sorted(GATES))
+def test_every_token_on_one_expert_and_experts_without_tokens(gate):
+  """A router that sends all 20 tokens to expert 5 first and 2 next: half the experts or more
+  get no row, two get all of them (k = 2: ragged groups [0, 0, 20, 0, 0, 20, 0, 0])."""
+  module = _moe(gate)
+  x = _x(1).at[..., 0].set(3.0)  # one feature every token has, that the router reads
+  router = 0.01 * np.asarray(module.router[...])
+  # logits 3, 1.8, 1.5 for experts 5, 2, 6, near 0 for the rest (sigmoid stays unsaturated)
+  router[0, 5], router[0, 2], router[0, 6] = 1.0, 0.6, 0.5
+  module.router[...] = jnp.asarray(router)
+  if gate == 'v3':
+    module.e_score_correction_bias[...] = jnp.zeros((8,))
+  weights, experts = module.gate(x)
+  k = module.cfg.num_experts_per_tok
+  np.testing.assert_array_equal(np.asarray(experts)[:, :2], [[5, 2]] * 20)  # in score order
+  # k = 3 (v2_group): expert 6's group loses to 5's and 2's, the third is 3 or 4 by token
+  assert set(np.unique(experts)) <= ({2, 5} if k == 2 else {2, 3, 4, 5})
+  assert np.all(np.asarray(weights) > 0)
+  grads = _assert_ragged_equals_dense(module, x)
+  unused = [e for e in range(8) if e not in np.unique(experts)]
+  np.testing.assert_array_equal(grads['w_up'][...][np.asarray(unused)], 0)
+
+
+def test_v3_bias_chooses_experts_but_never_weighs_them():
+  module = _moe('v3')
+  x = _x(2)
+  module.e_score_correction_bias[...] = jnp.zeros((8,)).at[7].set(10.0)
+  weights, experts = module.gate(x)
+  assert np.all(np.any(np.asarray(experts) == 7, axis=1))  # every token takes expert 7
+  logits = np.asarray(x.reshape(-1, 64)) @ np.asarray(module.router[...])
+  scores = 1 / (1 + np.exp(-logits.astype(np.float64)))
+  want = np.take_along_axis(scores, np.asarray(experts), axis=1)
+  want = 2.5 * want / want.sum(axis=1, keepdims=True)
+  np.testing.assert_allclose(weights, want, rtol=1e-6)
+  grads = nnx.grad(lambda m: jnp.mean(m(x)))(module)  # over nnx.Param only
+  assert 'e_score_correction_bias' not in grads and 'router' in grads
+
+
+@pytest.mark.parametrize('gate', sorted(GATES))
+def test_no_token_is_dropped(gate):
+  """With every expert the same, routed(x) = (sum of x's gate weights) * expert(x): each
+  token's K rows were all computed and all combined, whatever the load."""
+  module = _moe(gate, n_shared_experts=0)
+  for name in ('w_gate', 'w_up', 'w_down'):
+    w = getattr(module, name)
+    w[...] = jnp.broadcast_to(w[...][3], w[...].shape)
+  x = _x(3, b=4, t=16)
+  weights, _ = module.gate(x)
+  total = np.asarray(weights).sum(axis=1)
+  if module.cfg.norm_topk_prob:
+    np.testing.assert_allclose(total, module.cfg.routed_scaling_factor, rtol=1e-6)
+  x_nd = x.reshape(-1, 64)
+  one = jax.nn.silu(x_nd @ module.w_gate[...][3]) * (x_nd @ module.w_up[...][3])
+  want = (one @ module.w_down[...][3]) * total[:, None]
+  np.testing.assert_allclose(module(x).reshape(-1, 64), want, rtol=1e-5, atol=1e-5)
+
+
+# --- the gates, against transformers' and against numpy -----------------------------------
+def _np_route(logits, bias, cfg):
+  """transformers' routers in float64 numpy; top-k takes the lower index on ties (a stable
+  sort of the negated scores), as jax.lax.top_k documents."""
+  n, e = logits.shape
+  j, k = cfg.n_group, cfg.num_experts_per_tok
+  topk = lambda a, m: np.argsort(-a, axis=-1, kind='stable')[..., :m]
+  if cfg.scoring_func == 'softmax':
+    z = np.exp(logits - logits.max(axis=1, keepdims=True))
+    scores = z / z.sum(axis=1, keepdims=True)
+  else:
+    scores = 1 / (1 + np.exp(-logits))
+  choice = scores + bias if cfg.topk_method == 'noaux_tc' else scores.copy()
+  if cfg.topk_method != 'greedy':
+    grouped = choice.reshape(n, j, e // j)
+    if cfg.topk_method == 'noaux_tc':
+      group = np.take_along_axis(grouped, topk(grouped, 2), axis=-1).sum(-1)
+    else:
+      group = grouped.max(-1)
+    keep = np.zeros((n, j), bool)
+    np.put_along_axis(keep, topk(group, cfg.topk_group), True, axis=1)
+    choice = np.where(np.repeat(keep, e // j, axis=1), choice,
+                      -np.inf if cfg.topk_method == 'noaux_tc' else 0.0)
+  experts = topk(choice, k)
+  source = scores if cfg.topk_method == 'noaux_tc' else choice
+  weights = np.take_along_axis(source, experts, axis=1)
+  if cfg.norm_topk_prob:
+    weights = weights / (weights.sum(axis=1, keepdims=True) + 1e-20)
+  return weights * cfg.routed_scaling_factor, experts
+
+
+@pytest.mark.parametrize('gate', sorted(GATES))
+def test_gate_equals_numpy_on_ties_and_near_ties(gate):
+  """Logits with exact ties (within and across groups) and ties broken by one float32 ulp:
+  the same experts as the numpy gate, in the same order, and the same weights."""
+  cfg = tiny_config(**GATES[gate], **MODEL)
+  rng = np.random.default_rng(0)
+  base = rng.normal(size=(6, 8)).astype(np.float32)
+  base[0] = 0.5  # all eight tied
+  base[1] = [1, 1, 0, 0, 1, 1, 0, 0]  # tied groups
+  base[2] = [0.25, 0.75, 0.75, 0.25, 0.5, 0.5, 0.75, 0.75]
+  base[3] = np.float32(0.5) + np.float32(0.5) * np.finfo(np.float32).eps * np.arange(8)[::-1]
+  base[4, :] = base[4, 3]  # ties at one random value
+  base[4, 6] = np.nextafter(base[4, 3], np.float32(1))  # one ulp above the rest
+  logits = np.asarray(base, np.float32)
+  bias = np.zeros(8, np.float32)
+  weights, experts = moe.route(jnp.asarray(logits), jnp.asarray(bias), cfg)
+  # numpy in float32 for the choices (float64 would break the float32 ties differently)...
+  want_w, want_e = _np_route(logits, bias, cfg)
+  np.testing.assert_array_equal(experts, want_e)
+  np.testing.assert_allclose(weights, want_w, rtol=1e-6)
+  # ...and the same on random logits, where float64 agrees
+  logits = rng.normal(size=(64, 8)).astype(np.float32)
+  bias = (0.2 * rng.normal(size=8)).astype(np.float32) if gate == 'v3' else np.zeros(8, np.float32)
+  weights, experts = moe.route(jnp.asarray(logits), jnp.asarray(bias), cfg)
+  want_w, want_e = _np_route(logits.astype(np.float64), bias.astype(np.float64), cfg)
+  np.testing.assert_array_equal(experts, want_e)
+  np.testing.assert_allclose(weights, want_w, rtol=1e-6)
+
+
+@pytest.mark.parametrize('gate', sorted(GATES))
+def test_gate_and_moe_equal_transformers(gate):
+  """The router's choices and weights, and the whole layer's output, against transformers'
+  DeepseekV2Moe / DeepseekV3MoE holding the same weights."""
+  torch = pytest.importorskip('torch')
+  pytest.importorskip('transformers')
+  from transformers.models.deepseek_v2 import modeling_deepseek_v2 as v2
+  from transformers.models.deepseek_v3 import modeling_deepseek_v3 as v3
+  module = _moe(gate)
+  cfg = module.cfg
+  hf_cfg = dict(hidden_size=64, intermediate_size=128, moe_intermediate_size=32,
+                n_routed_experts=8, n_shared_experts=cfg.n_shared_experts,
+                num_experts_per_tok=cfg.num_experts_per_tok, n_group=cfg.n_group,
+                topk_group=cfg.topk_group, norm_topk_prob=cfg.norm_topk_prob,
+                routed_scaling_factor=cfg.routed_scaling_factor, num_attention_heads=4,
+                num_hidden_layers=1)
+  if gate == 'v3':
+    layer = v3.DeepseekV3MoE(v3.DeepseekV3Config(**hf_cfg))
+  else:
+    layer = v2.DeepseekV2Moe(v2.DeepseekV2Config(**hf_cfg, topk_method=cfg.topk_method))
+  t = lambda a: torch.from_numpy(np.array(a, np.float32))
+  with torch.no_grad():
+    layer.gate.weight.copy_(t(module.router[...]).T)
+    if gate == 'v3':
+      layer.gate.e_score_correction_bias.copy_(t(module.e_score_correction_bias[...]))
+    # [E, 2f, d]: gate rows then up rows; [E, d, f]; nn.Linear stores [out, in]
+    layer.experts.gate_up_proj.copy_(torch.cat([t(module.w_gate[...]).transpose(1, 2),
+                                                t(module.w_up[...]).transpose(1, 2)], dim=1))
+    layer.experts.down_proj.copy_(t(module.w_down[...]).transpose(1, 2))
+    shared = layer.shared_experts
+    shared.gate_proj.weight.copy_(t(module.shared.w_gate[...]).T)
+    shared.up_proj.weight.copy_(t(module.shared.w_up[...]).T)
+    shared.down_proj.weight.copy_(t(module.shared.w_down[...]).T)
+    x = _x(4)
+    _, hf_weights, hf_experts = layer.gate(t(x))
+    hf_y = layer(t(x)).numpy()
+  weights, experts = module.gate(x)
+  # transformers' top-k is unsorted: compare (expert, weight) pairs by expert
+  order, hf_order = np.argsort(experts, axis=1), np.argsort(hf_experts.numpy(), axis=1)
+  np.testing.assert_array_equal(np.take_along_axis(np.asarray(experts), order, 1),
+                                np.take_along_axis(hf_experts.numpy(), hf_order, 1))
+  np.testing.assert_allclose(np.take_along_axis(np.asarray(weights), order, 1),
+                             np.take_along_axis(hf_weights.numpy(), hf_order, 1), rtol=1e-6)
+  np.testing.assert_allclose(module(x), hf_y, rtol=1e-5, atol=1e-5)
+
+
+# --- an MoE transformer -------------------------------------------------------------------
+def _moe_model(gate='v3', seed=0, **overrides):
+  model = tiny_model(seed, **{**GATES[gate], **MODEL, **overrides})
+  for block in model.blocks:
+    if isinstance(block.mlp, moe.MoE) and gate == 'v3':
+      block.mlp.e_score_correction_bias[...] = 0.1 * jax.random.normal(jax.random.key(9), (8,))
+  return model
+
+
+def test_layers_follow_first_k_dense_replace_and_moe_layer_freq():
+  model = _moe_model(n_layers=6, first_k_dense_replace=1, moe_layer_freq=2)
+  assert [type(b.mlp).__name__ for b in model.blocks] == ['MLP', 'MLP', 'MoE', 'MLP', 'MoE',
+                                                           'MLP']
+  dense = tiny_model()
+  assert all(type(b.mlp).__name__ == 'MLP' for b in dense.blocks)
+
+
+@pytest.mark.parametrize('gate', sorted(GATES))
+def test_model_ragged_equals_dense_in_logits_and_gradients(gate):
+  model = _moe_model(gate)
+  tokens = jax.random.randint(jax.random.key(1), (2, 12), 0, 256)
+  reference = with_config(model, moe_impl='dense')
+  np.testing.assert_allclose(model(tokens), reference(tokens), rtol=1e-5, atol=1e-5)
+  loss = lambda m: jnp.mean(jax.nn.log_softmax(m(tokens))[..., 7])
+  g, g_ref = nnx.grad(loss)(model), nnx.grad(loss)(reference)
+  for (path, a), (_, b) in zip(nnx.to_flat_state(g), nnx.to_flat_state(g_ref), strict=True):
+    np.testing.assert_allclose(a[...], b[...], rtol=1e-5, atol=1e-5, err_msg=str(path))
+  assert np.abs(g['blocks'][1]['mlp']['router'][...]).max() > 0
+
+
+def test_moe_model_trains_and_leaves_the_router_bias_alone():
+  """The project's train_step on one repeated batch: the loss falls; the bias is no parameter
+  of the optimizer, so it stays as it was."""
+  model = _moe_model('v3')
+  bias = np.asarray(model.blocks[1].mlp.e_score_correction_bias[...])
+  opt = nnx.Optimizer(model, optax.adam(3e-3), wrt=nnx.Param)
+  graphdef, state = nnx.split((model, opt))
+  tokens = jax.random.randint(jax.random.key(2), (1, 4, 17), 0, 256)
+  batch = {'inputs': tokens[..., :-1], 'targets': tokens[..., 1:],
+           'weights': jnp.ones((1, 4, 16), jnp.float32)}
+  step = jax.jit(lambda s: train_step(graphdef, s, batch))
+  losses = []
+  for _ in range(8):
+    state, metrics = step(state)
+    losses.append(float(metrics['loss']))
+  assert losses[-1] < losses[0] - 0.5, losses
+  model, _ = nnx.merge(graphdef, state)
+  np.testing.assert_array_equal(model.blocks[1].mlp.e_score_correction_bias[...], bias)
+
+
+def test_moe_decode_through_the_absorbed_cache_equals_full_forward():
+  """prefill + decode_step on the absorbed MLA path, padded prompts of different lengths: the
+  padding's tokens reach the experts too, but dropless routing has no capacity they could
+  take from the real tokens."""
+  model = _moe_model('v3', mla_decode='absorbed')
+  lengths = [9, 4, 6]
+  text = np.asarray(jax.random.randint(jax.random.key(3), (3, 14), 1, 256))
+  graphdef, state = nnx.split(model)
+  full = np.asarray(model(jnp.asarray(text)))
+  caches = model.init_cache(3, 32)
+  logits, caches = mla_jax.prefill(graphdef, state, caches, jnp.asarray(text[:, :9]),
+                                   jnp.asarray(lengths))
+  np.testing.assert_allclose(logits, full[np.arange(3), np.asarray(lengths) - 1], atol=1e-5)
+  for step in range(5):
+    positions = jnp.asarray(lengths) + step
+    tokens = jnp.asarray(text[np.arange(3), positions])
+    logits, caches = mla_jax.decode_step(graphdef, state, caches, tokens, positions)
+    np.testing.assert_allclose(logits, full[np.arange(3), positions], atol=1e-5)
+
+
+def test_dense_default_has_no_moe_and_unchanged_parameters():
+  """n_routed_experts=0 (the default) builds the dense model, parameter for parameter."""
+  cfg = tiny_config()
+  assert cfg.n_routed_experts == 0 and not any(cfg.is_moe_layer(i) for i in range(4))
+  shapes = mla_jax.model.param_shapes(cfg)
+  assert shapes[('blocks', 0, 'mlp', 'w_gate')] == (64, 128)
+  assert not any('router' in path for path in shapes)
+
+
+@pytest.mark.parametrize('overrides, message', [
+    (dict(num_experts_per_tok=9), 'num_experts_per_tok=9 exceeds n_routed_experts=8'),
+    (dict(n_group=3), 'n_routed_experts=8 is not divisible by n_group=3'),
+    (dict(topk_method='group_limited_greedy', n_group=2, topk_group=3),
+     'topk_group=3 exceeds n_group=2'),
+    (dict(topk_method='group_limited_greedy', n_group=4, topk_group=1, num_experts_per_tok=3),
+     'num_experts_per_tok=3 exceeds the 2 experts'),
+    (dict(topk_method='noaux_tc'), "topk_method='noaux_tc' routes sigmoid scores"),
+    (dict(scoring_func='sigmoid'), "topk_method='greedy' routes softmax scores"),
+    (dict(scoring_func='sigmoid', topk_method='noaux_tc', n_group=8, topk_group=8),
+     'top-2 experts: n_routed_experts=8 / n_group=8 must be >= 2'),
+    (dict(scoring_func='tanh'), "scoring_func='tanh' is unknown"),
+    (dict(topk_method='top1'), "topk_method='top1' is unknown"),
+    (dict(moe_impl='loop'), "moe_impl='loop' is unknown"),
+    (dict(routed_scaling_factor=0.0), 'routed_scaling_factor=0.0 must be > 0'),
+    (dict(first_k_dense_replace=2), 'leave no MoE layer of n_layers=2'),
+    (dict(n_routed_experts=-1), 'n_routed_experts=-1 must be >= 0'),
+    (dict(num_experts_per_tok=0), 'num_experts_per_tok=0 must be >= 1'),
+    (dict(moe_layer_freq=0), 'moe_layer_freq=0 must be >= 1'),
+    (dict(norm_topk_prob=1), 'norm_topk_prob=1 must be true or false'),
+])
+def test_moe_config_errors_are_one_line(overrides, message):
+  with pytest.raises(mla_jax.ConfigError) as e:
+    tiny_config(**{'n_routed_experts': 8, 'num_experts_per_tok': 2, **overrides})
+  assert '\n' not in str(e.value) and message in str(e.value)
