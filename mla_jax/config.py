@@ -198,6 +198,13 @@ class ModelConfig:
   # jax.lax.ragged_dot) or 'dense' (every expert on every token, weighted by the routing: the
   # reference the ragged path is tested against; E / k times the FLOPs).
   moe_impl: str = 'ragged'
+  # Load balancing while training (docs/design.md#11-deepseekmoe; 0 = off): the coefficient of
+  # DeepSeek-V2's expert-level auxiliary loss over each microbatch, of V3's sequence-wise one,
+  # and V3's auxiliary-loss-free bias step (noaux_tc only: after each train step every expert's
+  # e_score_correction_bias moves by it towards the mean load).
+  aux_loss_alpha: float = 0.0
+  seq_aux_loss_alpha: float = 0.0
+  bias_update_speed: float = 0.0
 
   def __post_init__(self):
     set_ = lambda name, value: object.__setattr__(self, name, value)
@@ -271,6 +278,12 @@ class ModelConfig:
                         f'n_group={groups} must be >= 2')
     if self.routed_scaling_factor <= 0:
       raise ConfigError(f'routed_scaling_factor={self.routed_scaling_factor} must be > 0')
+    for name in ('aux_loss_alpha', 'seq_aux_loss_alpha', 'bias_update_speed'):
+      if getattr(self, name) < 0:
+        raise ConfigError(f'{name}={getattr(self, name)} must be >= 0 (0: off)')
+    if self.bias_update_speed and self.topk_method != 'noaux_tc':
+      raise ConfigError(f'bias_update_speed={self.bias_update_speed} moves the noaux_tc bias; '
+                        f'topk_method={self.topk_method!r} has none: set it to 0')
     if not any(self.is_moe_layer(i) for i in range(self.n_layers)):
       raise ConfigError(f'first_k_dense_replace={self.first_k_dense_replace} and moe_layer_freq='
                         f'{self.moe_layer_freq} leave no MoE layer of n_layers={self.n_layers}; '

@@ -11,6 +11,7 @@ tokens sorted by expert (jax.lax.ragged_dot), or, as the reference, every expert
 
 from __future__ import annotations
 
+import contextlib
 import math
 
 import jax
@@ -27,6 +28,67 @@ class RouterBias(nnx.Variable):
   adjusts it from the experts' loads, outside the gradient step)."""
 
 
+# The routing statistics of the MoE layers a forward pass runs, in layer order, while `collect`
+# is open; None otherwise. A trace-time list, not nnx state: collecting adds no variable to the
+# model, so its graph (and decode, evaluate, checkpoints) is the same whether or not a train
+# step collects, and a dense model's step is unchanged.
+_COLLECTED: list | None = None
+
+
+@contextlib.contextmanager
+def collect():
+  """Within: every MoE call appends its routing statistics (`routing_stats`) to the list this
+  yields, as arrays of the computation being traced."""
+  global _COLLECTED
+  outer, _COLLECTED = _COLLECTED, []
+  try:
+    yield _COLLECTED
+  finally:
+    _COLLECTED = outer
+
+
+def routing_stats(scores_NE, experts_NK, cfg: ModelConfig, seq_len: int) -> dict:
+  """What training needs from one MoE layer's gate over N = b * seq_len tokens, all float32:
+
+  counts [E]: (token, expert) assignments per expert (V3's bias update and the load metrics);
+  entropy: mean over tokens of the entropy of the token's normalised scores (nats);
+  aux: DeepSeek-V2's expert-level balance loss before alpha, E * sum_i f_i P_i with f_i the
+    fraction of the N * K assignments that chose expert i and P_i the mean normalised score of
+    expert i over the N tokens (V2 eq. 23-25: (E / (K T)) sum_t 1(i chosen) = E f_i);
+  seq_aux: V3's sequence-wise balance loss before alpha, the same over each sequence's tokens,
+    averaged over the b sequences (V3 eq. 17-20).
+  f has no gradient (counts of discrete choices); the loss reaches the router through P.
+  """
+  n, e = scores_NE.shape
+  k = experts_NK.shape[1]
+  # softmax scores sum to 1 already (divided anyway, V3's s' = s / sum s for sigmoid scores).
+  probs_NE = scores_NE / jnp.sum(scores_NE, axis=-1, keepdims=True)
+  chosen_NE = jnp.sum(jax.nn.one_hot(experts_NK, e, dtype=jnp.float32), axis=1)
+  counts_E = jnp.sum(chosen_NE, axis=0)
+  aux = e * jnp.sum(counts_E / (n * k) * jnp.mean(probs_NE, axis=0))
+  b = n // seq_len
+  f_bE = jnp.sum(chosen_NE.reshape(b, seq_len, e), axis=1) / (seq_len * k)
+  seq_aux = e * jnp.mean(jnp.sum(f_bE * jnp.mean(probs_NE.reshape(b, seq_len, e), axis=1),
+                                 axis=-1))
+  entropy = -jnp.mean(jnp.sum(probs_NE * jnp.log(jnp.maximum(probs_NE, 1e-30)), axis=-1))
+  return {'counts': jax.lax.stop_gradient(counts_E), 'entropy': jax.lax.stop_gradient(entropy),
+          'aux': aux, 'seq_aux': seq_aux}
+
+
+def balanced_bias(bias_E, counts_E, speed: float):
+  """DeepSeek-V3 §2.1.2's auxiliary-loss-free step: each expert's bias moves by `speed`,
+  up if it took fewer assignments than the mean, down if more (0 at the mean)."""
+  return bias_E + speed * jnp.sign(jnp.mean(counts_E) - counts_E)
+
+
+def scores(logits_NE, cfg: ModelConfig):
+  """The gate's affinities [N, E] float32: softmax (V2) or sigmoid (V3) of the logits."""
+  logits_NE = logits_NE.astype(jnp.float32)
+  if cfg.scoring_func == 'softmax':
+    return jax.nn.softmax(logits_NE, axis=-1)
+  return jax.nn.sigmoid(logits_NE)
+
+
 def route(logits_NE, bias_E, cfg: ModelConfig):
   """(weights [N, K] float32, experts [N, K] int32): transformers' DeepSeek gates.
 
@@ -38,11 +100,7 @@ def route(logits_NE, bias_E, cfg: ModelConfig):
   """
   n, e = logits_NE.shape
   j = cfg.n_group
-  logits_NE = logits_NE.astype(jnp.float32)
-  if cfg.scoring_func == 'softmax':
-    scores_NE = jax.nn.softmax(logits_NE, axis=-1)
-  else:
-    scores_NE = jax.nn.sigmoid(logits_NE)
+  scores_NE = scores(logits_NE, cfg)
   noaux = cfg.topk_method == 'noaux_tc'
   choice_NE = scores_NE + bias_E.astype(jnp.float32)[None] if noaux else scores_NE
   if cfg.topk_method != 'greedy':
@@ -122,6 +180,11 @@ class MoE(nnx.Module):
 
   def __call__(self, x_btd):
     weights_NK, experts_NK = self.gate(x_btd)
+    if _COLLECTED is not None:  # a train step asks for the statistics of its balancing
+      x_Nd = x_btd.reshape(-1, x_btd.shape[-1]).astype(jnp.float32)
+      logits_NE = dense(x_Nd, self.router[...], out_dtype=jnp.float32)
+      _COLLECTED.append(routing_stats(scores(logits_NE, self.cfg), experts_NK, self.cfg,
+                                      x_btd.shape[1]))
     w = lambda p: p[...].astype(self.dtype)
     run = experts_ragged if self.cfg.moe_impl == 'ragged' else experts_dense
     y_Nd = run(x_btd.reshape(-1, x_btd.shape[-1]), weights_NK, experts_NK,

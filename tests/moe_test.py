@@ -3,17 +3,19 @@ dropless ragged_dot path against the all-experts reference, and an MoE model tha
 decodes through its cache."""
 
 import dataclasses
+import json
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-from conftest import tiny_config, tiny_model
+from conftest import tiny_config, tiny_model, tiny_run
 from flax import nnx
 
 import mla_jax
 from mla_jax import moe
+from mla_jax import workdir as wd
 from mla_jax.model import with_config
 from mla_jax.training.step import train_step
 
@@ -341,8 +343,128 @@ def test_dense_default_has_no_moe_and_unchanged_parameters():
     (dict(num_experts_per_tok=0), 'num_experts_per_tok=0 must be >= 1'),
     (dict(moe_layer_freq=0), 'moe_layer_freq=0 must be >= 1'),
     (dict(norm_topk_prob=1), 'norm_topk_prob=1 must be true or false'),
+    (dict(aux_loss_alpha=-0.1), 'aux_loss_alpha=-0.1 must be >= 0 (0: off)'),
+    (dict(bias_update_speed=1e-3), "bias_update_speed=0.001 moves the noaux_tc bias; "
+                                   "topk_method='greedy' has none"),
 ])
 def test_moe_config_errors_are_one_line(overrides, message):
   with pytest.raises(mla_jax.ConfigError) as e:
     tiny_config(**{'n_routed_experts': 8, 'num_experts_per_tok': 2, **overrides})
   assert '\n' not in str(e.value) and message in str(e.value)
+
+
+# --- training: balance losses, V3's bias step, metrics, checkpoints -------------------------
+def test_routing_stats_equal_a_hand_computation_of_the_balance_losses():
+  """V2's expert-level loss E * sum_i f_i P_i (f_i: share of the N * K choices, P_i: mean
+  score) and V3's sequence-wise one, from numpy loops over a fixed routing."""
+  cfg = tiny_config(**GATES['v2_greedy'])
+  logits = np.asarray(jax.random.normal(jax.random.key(4), (12, 8)))  # b=3 sequences of 4
+  scores = np.exp(logits) / np.exp(logits).sum(-1, keepdims=True)
+  experts = np.argsort(-scores, axis=-1, kind='stable')[:, :2]
+  stats = moe.routing_stats(jnp.asarray(scores), jnp.asarray(experts), cfg, seq_len=4)
+
+  def balance(s, chosen):
+    t, e = s.shape
+    f = np.array([sum(i in row for row in chosen) for i in range(e)]) / (t * 2)
+    return e * sum(f[i] * s[:, i].mean() for i in range(e))
+
+  np.testing.assert_allclose(stats['aux'], balance(scores, experts), rtol=1e-6)
+  seq = np.mean([balance(scores[4 * j:4 * j + 4], experts[4 * j:4 * j + 4]) for j in range(3)])
+  np.testing.assert_allclose(stats['seq_aux'], seq, rtol=1e-6)
+  np.testing.assert_array_equal(stats['counts'], np.bincount(experts.ravel(), minlength=8))
+  entropy = -np.mean(np.sum(scores * np.log(scores), axis=-1))
+  np.testing.assert_allclose(stats['entropy'], entropy, rtol=1e-6)
+
+
+def _step(model, tokens, lr=1e-3):
+  opt = nnx.Optimizer(model, optax.adam(lr), wrt=nnx.Param)
+  graphdef, state = nnx.split((model, opt))
+  batch = {'inputs': tokens[..., :-1], 'targets': tokens[..., 1:],
+           'weights': jnp.ones(tokens[..., 1:].shape, jnp.float32)}
+  return graphdef, jax.jit(lambda s: train_step(graphdef, s, batch)), state
+
+
+def test_aux_losses_enter_the_objective_as_alpha_times_the_layers_sum():
+  """The step logs alpha * the sum over MoE layers of routing_stats' aux (and seq_aux) of its
+  forward pass, and the balance term changes the update (the router's gradient)."""
+  tokens = jax.random.randint(jax.random.key(2), (1, 4, 17), 0, 256)
+  model = _moe_model('v2_greedy', aux_loss_alpha=0.5, seq_aux_loss_alpha=0.25)
+  with moe.collect() as routed:
+    model(tokens[0, :, :-1])
+  assert len(routed) == 2  # layers 1 and 2
+  graphdef, step, state = _step(model, tokens)
+  new, m = step(state)
+  np.testing.assert_allclose(m['moe_aux_loss'], 0.5 * sum(r['aux'] for r in routed), rtol=1e-6)
+  np.testing.assert_allclose(m['moe_seq_aux_loss'], 0.25 * sum(r['seq_aux'] for r in routed),
+                             rtol=1e-6)
+  _, plain_step, plain_state = _step(_moe_model('v2_greedy'), tokens)
+  plain, m_plain = plain_step(plain_state)
+  assert float(m_plain['loss']) == float(m['loss'])  # 'loss' is the cross-entropy alone
+  router = lambda s: np.asarray(nnx.merge(graphdef, s)[0].blocks[1].mlp.router[...])
+  assert np.abs(router(new) - router(plain)).max() > 1e-6
+
+
+def test_v3_bias_step_moves_a_skewed_router_towards_balance():
+  """bias_update_speed: after each step every expert's bias moves by the speed towards the
+  mean load (exactly +-speed, 0 at the mean), and a router skewed to experts 0 and 1 (by a
+  bias that makes them every token's choice) is balanced by the bias alone (lr 0: the weights
+  do not move)."""
+  speed = 0.05
+  model = _moe_model('v3', bias_update_speed=speed)
+  for block in model.blocks[1:]:
+    block.mlp.e_score_correction_bias[...] = jnp.zeros((8,)).at[:2].set(1.0)
+  tokens = jax.random.randint(jax.random.key(2), (1, 8, 17), 0, 256)
+  graphdef, step, state = _step(model, tokens, lr=0.0)
+  imbalance = []
+  for i in range(30):
+    before = np.asarray(nnx.merge(graphdef, state)[0].blocks[1].mlp.e_score_correction_bias[...])
+    state, metrics = step(state)
+    imbalance.append(float(metrics['moe_imbalance']))
+    after = np.asarray(nnx.merge(graphdef, state)[0].blocks[1].mlp.e_score_correction_bias[...])
+    moved = np.round((after - before) / speed, 4)
+    assert set(moved) <= {-1.0, 0.0, 1.0}
+    if i == 0:  # the overloaded experts go down
+      assert moved[0] == moved[1] == -1.0
+  assert imbalance[0] > 2.5 and max(imbalance[-5:]) < 1.6, imbalance
+
+
+def test_moe_metrics_are_fractions_of_the_load():
+  model = _moe_model('v3')
+  tokens = jax.random.randint(jax.random.key(2), (2, 2, 17), 0, 256)
+  _, step, state = _step(model, tokens)
+  _, m = step(state)
+  assert set(m) == {'loss', 'grad_norm', 'moe_load_max', 'moe_load_min', 'moe_imbalance',
+                    'moe_imbalance_max', 'moe_entropy'}
+  assert 0 <= float(m['moe_load_min']) <= 1 / 8 <= float(m['moe_load_max']) <= 1
+  np.testing.assert_allclose(m['moe_imbalance_max'], 8 * m['moe_load_max'], rtol=1e-6)
+  assert 0 < float(m['moe_entropy']) <= np.log(8) + 1e-6
+
+
+def _moe_run(corpus, **train):
+  config = tiny_run(corpus, **train)
+  config.model.update({**GATES['v3'], 'moe_intermediate_size': 32, 'bias_update_speed': 1e-2,
+                       'seq_aux_loss_alpha': 1e-3})
+  return config
+
+
+def test_v3_run_resumes_bit_for_bit_with_its_router_bias(corpus, tmp_path):
+  """A V3 MoE run stopped at step 5 and resumed equals the run done in one go, losses and
+  routing metrics bit for bit: the bias is in the checkpoint; load_checkpoint (evaluate,
+  generate) restores the trained bias, not zeros."""
+  whole, split = tmp_path / 'whole', tmp_path / 'split'
+  mla_jax.training.train_and_evaluate(_moe_run(corpus, deterministic=True), str(whole),
+                                      final_eval=False)
+  mla_jax.training.train_and_evaluate(_moe_run(corpus, stop_after_steps=5, deterministic=True),
+                                      str(split), final_eval=False)
+  mla_jax.training.train_and_evaluate(_moe_run(corpus, deterministic=True), str(split),
+                                      final_eval=False)
+  rows = lambda w: [r for r in map(json.loads, (w / 'metrics.jsonl').open()) if 'loss' in r]
+  strip = lambda r: {k: v for k, v in r.items() if k != 'tokens_per_s'}
+  assert [strip(r) for r in rows(split)] == [strip(r) for r in rows(whole)]
+  assert len(rows(whole)) == 10 and 'moe_imbalance' in rows(whole)[0]
+  model, _, step = wd.load_checkpoint(whole)
+  assert step == 10
+  bias = np.asarray(model.blocks[0].mlp.e_score_correction_bias[...])
+  assert np.abs(bias).max() > 0  # it moved, and was restored
+  resumed, _, _ = wd.load_checkpoint(split)
+  np.testing.assert_array_equal(resumed.blocks[0].mlp.e_score_correction_bias[...], bias)

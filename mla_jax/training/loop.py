@@ -261,7 +261,9 @@ class _Loop:
     step, m = fetched[-1]
     self.log.write(step, {'loss': float(m['loss']), 'grad_norm': float(m['grad_norm']),
                           'lr': float(self.schedule(step - 1)), 'tokens_per_s':
-                          self.window_tokens / (time.perf_counter() - self.window_start)})
+                          self.window_tokens / (time.perf_counter() - self.window_start),
+                          # an MoE model's routing (training.step.moe_metrics); none if dense
+                          **{k: float(v) for k, v in m.items() if k.startswith('moe_')}})
     self.pending, self.window_tokens = [], 0
 
   def _run_validation(self, always_best: bool = False) -> None:

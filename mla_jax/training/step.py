@@ -13,7 +13,7 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
-from mla_jax import platform, sharding
+from mla_jax import moe, platform, sharding
 
 
 def learning_rate(opt, steps: int) -> optax.Schedule:
@@ -50,22 +50,67 @@ def loss_fn(model, batch):
 
 def train_step(graphdef, state, batch_abt):
   """One optimizer step over microbatches {'inputs', 'targets', 'weights'} [accum, b,
-  seq_len]; -> (state, metrics). Each microbatch's loss counts equally."""
+  seq_len]; -> (state, metrics). Each microbatch's loss counts equally.
+
+  An MoE model (docs/design.md#11-deepseekmoe) also minimises its balance losses (weighted by
+  aux_loss_alpha and seq_aux_loss_alpha; 'loss' stays the cross-entropy), moves V3's router
+  bias by bias_update_speed from the step's expert loads, and reports its routing (moe_*)."""
   model, opt = nnx.merge(graphdef, state)
   model_def, params = nnx.split(model)
-  grad_fn = jax.value_and_grad(lambda p, micro: loss_fn(nnx.merge(model_def, p), micro))
+  cfg = model.cfg
+
+  def objective(p, micro):
+    with moe.collect() as routed:
+      loss = loss_fn(nnx.merge(model_def, p), micro)
+    if not routed:  # a dense model: the loss alone, as before MoE
+      return loss, (loss, {})
+    stats = {k: jnp.stack([layer[k] for layer in routed]) for k in routed[0]}
+    total = (loss + cfg.aux_loss_alpha * jnp.sum(stats['aux'])
+             + cfg.seq_aux_loss_alpha * jnp.sum(stats['seq_aux']))
+    return total, (loss, stats)
+
+  grad_fn = jax.value_and_grad(objective, has_aux=True)
 
   def accumulate(carry, micro):
-    loss, grads = grad_fn(params, micro)
-    return jax.tree.map(jnp.add, carry, (loss, grads)), None
+    (_, (loss, stats)), grads = grad_fn(params, micro)
+    return jax.tree.map(jnp.add, carry, (loss, grads, stats)), None
 
-  zeros = (jnp.zeros((), jnp.float32), jax.tree.map(jnp.zeros_like, params))
-  (loss, grads), _ = jax.lax.scan(accumulate, zeros, batch_abt)
+  n_moe = sum(map(cfg.is_moe_layer, range(cfg.n_layers)))
+  no_stats = {} if not n_moe else {
+      'counts': jnp.zeros((n_moe, cfg.n_routed_experts), jnp.float32),
+      **{k: jnp.zeros((n_moe,), jnp.float32) for k in ('entropy', 'aux', 'seq_aux')}}
+  zeros = (jnp.zeros((), jnp.float32), jax.tree.map(jnp.zeros_like, params), no_stats)
+  (loss, grads, stats), _ = jax.lax.scan(accumulate, zeros, batch_abt)
   n = batch_abt['inputs'].shape[0]
   loss, grads = loss / n, jax.tree.map(lambda g: g / n, grads)
   opt.update(model, grads)
   metrics = {'loss': loss, 'grad_norm': optax.tree.norm(grads)}
+  if stats:
+    layers = [block.mlp for block in model.blocks if isinstance(block.mlp, moe.MoE)]
+    if cfg.bias_update_speed:  # counts summed over the microbatches: the step's whole batch
+      for layer, counts_E in zip(layers, stats['counts'], strict=True):
+        layer.e_score_correction_bias[...] = moe.balanced_bias(
+            layer.e_score_correction_bias[...], counts_E, cfg.bias_update_speed)
+    metrics.update(moe_metrics(stats, n, cfg))
   return nnx.state((model, opt)), metrics
+
+
+def moe_metrics(stats, n: int, cfg) -> dict:
+  """The routing of one step, summarised over the MoE layers: the expert load (each expert's
+  share of the step's assignments) at its largest and smallest in any layer, its imbalance
+  (max / mean load: 1 is balanced, E all on one expert) averaged over the layers and at the
+  worst layer, the router's entropy (nats, averaged), and each balance loss in use as it
+  entered the objective (alpha * the sum over layers; microbatch mean)."""
+  load_LE = stats['counts'] / jnp.sum(stats['counts'], axis=-1, keepdims=True)
+  imbalance_L = jnp.max(load_LE, axis=-1) * load_LE.shape[-1]
+  out = {'moe_load_max': jnp.max(load_LE), 'moe_load_min': jnp.min(load_LE),
+         'moe_imbalance': jnp.mean(imbalance_L), 'moe_imbalance_max': jnp.max(imbalance_L),
+         'moe_entropy': jnp.mean(stats['entropy']) / n}
+  if cfg.aux_loss_alpha:
+    out['moe_aux_loss'] = cfg.aux_loss_alpha * jnp.sum(stats['aux']) / n
+  if cfg.seq_aux_loss_alpha:
+    out['moe_seq_aux_loss'] = cfg.seq_aux_loss_alpha * jnp.sum(stats['seq_aux']) / n
+  return out
 
 
 # XLA:CPU options for the train step: dots on Eigen rather than YNNPACK, and 512-bit vectors
