@@ -88,7 +88,8 @@ def get_config(arg: str = '') -> ConfigDict:
   e.stride = 128  # each window scores the tokens the previous one did not (<= seq_len)
   e.batch_size = 32
 
-  c.mesh = ConfigDict(dict(data=-1, fsdp=1, tensor=1))  # -1: all remaining devices
+  # -1: all remaining devices; expert splits MoE experts (and the batch) for expert parallelism
+  c.mesh = ConfigDict(dict(data=-1, fsdp=1, tensor=1, expert=1))
 
   options = set(arg.split(',')) - {''}  # e.g. 'tiny', 'bpe' or 'tiny,bpe'
   if options - {'tiny', 'bpe'}:

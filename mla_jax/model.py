@@ -119,6 +119,17 @@ def param_count(cfg: ModelConfig) -> int:
   return sum(math.prod(shape) for shape in param_shapes(cfg).values())
 
 
+def active_param_count(cfg: ModelConfig) -> int:
+  """Parameters a token passes through: a MoE layer's routed experts (stacked [E, ...]) count
+  K / E of theirs; everything else whole (= param_count for a dense model)."""
+  total = 0
+  for path, shape in param_shapes(cfg).items():
+    routed = path[-1] in ('w_gate', 'w_up', 'w_down') and len(shape) == 3
+    n = math.prod(shape)
+    total += n * cfg.num_experts_per_tok // cfg.n_routed_experts if routed else n
+  return total
+
+
 def with_params(cfg: ModelConfig, params: dict,
                 op: attention_op.AttentionOp | None = None) -> Transformer:
   """A Transformer of cfg holding `params`, a nested dict as nnx.to_pure_dict gives (of every

@@ -201,6 +201,7 @@ class MeshConfig:
   data: int = -1
   fsdp: int = 1
   tensor: int = 1
+  expert: int = 1  # MoE experts split over it (configs recorded before it existed: 1)
 
   def __post_init__(self):
     for f in dataclasses.fields(self):

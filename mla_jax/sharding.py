@@ -1,11 +1,12 @@
 """Device mesh, logical-axis rules and multi-host start-up (docs/design.md#8-sharding).
 
 Every parameter carries logical axis names (`axes=` metadata, see layers.weight); RULES maps
-each name to a mesh axis. The mesh has three axes:
+each name to a mesh axis. The mesh has four axes:
 
   data    batch split, parameters replicated          (data parallel)
   fsdp    batch split, parameters split along 'embed' (ZeRO-3: gathered per layer, per use)
   tensor  heads / MLP width / vocabulary split        (Megatron tensor parallel)
+  expert  batch split, MoE experts split              (expert parallel; 1 for dense models)
 
 A mesh axis of size 1 shards nothing, so one config runs unchanged on one CPU and on a pod.
 Activations are constrained at the few places where the layout is a choice (`constrain`); it
@@ -24,17 +25,19 @@ from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
 from mla_jax.errors import Error
 
-MESH_AXES = ('data', 'fsdp', 'tensor')
+MESH_AXES = ('data', 'fsdp', 'tensor', 'expert')  # expert last: (d, f, t) keeps its meaning
+# A mesh section may leave out 'expert' (configs from before expert parallelism): size 1.
+OPTIONAL_AXES = {'expert': 1}
 # Logical axis -> mesh axes. Parameters: embed, vocab, heads, kv_heads, head_dim, mlp, q_lora,
 # kv_lora, experts; activations and caches also use batch and seq.
 RULES: dict[str, tuple[str, ...]] = {
-    'batch': ('data', 'fsdp'),
+    'batch': ('data', 'fsdp', 'expert'),
     'embed': ('fsdp',),
     'vocab': ('tensor',),
     'heads': ('tensor',),
     'kv_heads': ('tensor',),
     'mlp': ('tensor',),
-    'experts': (),  # MoE experts: replicated until expert parallelism
+    'experts': ('expert',),  # MoE experts: each device of the expert axis holds E / n
     'head_dim': (),
     'q_lora': (),
     'kv_lora': (),
@@ -47,12 +50,12 @@ class ShardingError(Error, ValueError):
 
 
 def make_mesh(mesh_cfg, devices=None) -> Mesh:
-  """A (data, fsdp, tensor) mesh over all devices; one size may be -1 ("the rest").
+  """A (data, fsdp, tensor, expert) mesh over all devices; one size may be -1 ("the rest").
   mesh_cfg: a RunConfig's mesh section, a ConfigDict or a dict."""
   devices = jax.devices() if devices is None else devices
   if dataclasses.is_dataclass(mesh_cfg):
     mesh_cfg = dataclasses.asdict(mesh_cfg)
-  sizes = [int(mesh_cfg[a]) for a in MESH_AXES]
+  sizes = [int(mesh_cfg[a] if a in mesh_cfg else OPTIONAL_AXES[a]) for a in MESH_AXES]
   shown = ' x '.join(f'{a}={s}' for a, s in zip(MESH_AXES, sizes, strict=True))
   if sizes.count(-1) > 1 or any(s == 0 or s < -1 for s in sizes):
     raise ShardingError(f'mesh {shown}: sizes must be >= 1, with at most one -1 ("the rest")')

@@ -16,7 +16,7 @@ from flax import nnx
 import mla_jax
 from mla_jax import moe
 from mla_jax import workdir as wd
-from mla_jax.model import with_config
+from mla_jax.model import active_param_count, param_count, with_config
 from mla_jax.training.step import train_step
 
 # The three gates of the released checkpoints, at toy sizes: V2-Lite (softmax, greedy), V2
@@ -468,3 +468,17 @@ def test_v3_run_resumes_bit_for_bit_with_its_router_bias(corpus, tmp_path):
   assert np.abs(bias).max() > 0  # it moved, and was restored
   resumed, _, _ = wd.load_checkpoint(split)
   np.testing.assert_array_equal(resumed.blocks[0].mlp.e_score_correction_bias[...], bias)
+
+
+def test_active_parameters_count_k_of_e_routed_experts():
+  """A token passes through K of the E routed experts of each MoE layer and every other
+  parameter; a dense model's active count is its count."""
+  common = dict(vocab_size=256, d_model=32, n_layers=3, n_heads=4, d_ff=64, max_seq_len=64,
+                attention='mla', kv_lora_rank=16, qk_rope_head_dim=4)
+  dense = mla_jax.ModelConfig(**common)
+  moe = mla_jax.ModelConfig(**common, n_routed_experts=8, num_experts_per_tok=2,
+                            moe_intermediate_size=16, n_shared_experts=1,
+                            first_k_dense_replace=1)
+  routed = 2 * 3 * 8 * 32 * 16  # two MoE layers of w_gate, w_up, w_down [E, d, f]
+  assert active_param_count(dense) == param_count(dense)
+  assert param_count(moe) - active_param_count(moe) == routed * (8 - 2) // 8

@@ -103,6 +103,40 @@ def test_five_steps_match_one_device_on_every_mesh(corpus):
                                  err_msg=f'{name} {sizes}')
 
 
+def test_moe_steps_match_one_device_with_the_experts_split(corpus):
+  """Expert parallelism: a tiny DeepSeek-V3-style MoE (8 experts, top-2 of 4 groups keeping 2,
+  the router bias updated every step) trains to the same losses with its experts split over
+  8 devices, and over fsdp 2 x expert 4, as on one device."""
+  losses = run_python('''
+  config = tiny(mla)
+  config.model.update(n_routed_experts=8, num_experts_per_tok=2, n_shared_experts=1,
+                      moe_intermediate_size=32, first_k_dense_replace=1, scoring_func='sigmoid',
+                      topk_method='noaux_tc', n_group=4, topk_group=2, norm_topk_prob=True,
+                      routed_scaling_factor=2.5, bias_update_speed=1e-3)
+  result = {}
+  for sizes in [(1, 1, 1, 1), (1, 1, 1, 8), (1, 2, 1, 4)]:
+    mesh = mesh_of(sizes)
+    with jax.set_mesh(mesh):
+      graphdef, state, shardings = training.init_state(config, mesh)
+      layout, shape, rows = training.batch_layout(config, mesh)
+      step = training.jit_train_step(graphdef, shardings, layout)
+      sampler = data.WindowSampler(data.load_splits(config.data)['train'], config.data.seq_len,
+                                   config.data.batch_size, config.seed, rows=rows)
+      out = []
+      for i in range(4):
+        batch = {k: sharding.global_batch(x, layout, shape)
+                 for k, x in tasks.text_batch(sampler[i]).items()}
+        state, metrics = step(state, batch)
+        out.append(float(metrics['loss']))
+    result[str(sizes)] = out
+  print(json.dumps(result))
+  ''', corpus)
+  reference = losses['(1, 1, 1, 1)']
+  assert reference[-1] < reference[0] - 0.1  # it trains
+  for sizes in ('(1, 1, 1, 8)', '(1, 2, 1, 4)'):
+    np.testing.assert_allclose(losses[sizes], reference, rtol=1e-5, err_msg=sizes)
+
+
 @pytest.mark.long
 def test_decode_with_sharded_batch_and_caches_matches_one_device(corpus):
   result = run_python('''
@@ -185,12 +219,16 @@ def _cli(args, devices=8, **kw):
 
 
 @pytest.mark.parametrize('mesh, message', [
-    ('--config.mesh.data=3', 'mesh data=3 x fsdp=1 x tensor=1 has 3 slots but there are 8'),
+    ('--config.mesh.data=3',
+     'mesh data=3 x fsdp=1 x tensor=1 x expert=1 has 3 slots but there are 8'),
     ('--config.mesh.tensor=8', 'is not divisible by mesh axis tensor=8'),
+    ('--config.model.n_routed_experts=6 --config.model.num_experts_per_tok=2 '
+     '--config.model.moe_intermediate_size=32 --config.mesh.data=2 --config.mesh.expert=4',
+     'experts=6 is not divisible by mesh axis expert=4'),
 ])
 def test_bad_mesh_is_one_clear_line(corpus, tmp_path, mesh, message):
   proc = _cli(['mla_jax.train', '--config=configs/mla.py:tiny', f'--workdir={tmp_path / "w"}',
-               f'--config.data.files={corpus}', mesh])
+               f'--config.data.files={corpus}', *mesh.split()])
   _, err = proc.communicate(timeout=300)
   assert proc.returncode == 1
   last = err.strip().splitlines()[-1]

@@ -27,15 +27,16 @@ from mla_jax import flash, platform, sharding, tasks
 from mla_jax import workdir as wd
 from mla_jax.config import ConfigError
 from mla_jax.errors import Error, Preempted
+from mla_jax.model import active_param_count, param_count
 from mla_jax.run_config import RunConfig, changes, parse
 from mla_jax.training import memory
 from mla_jax.training.hooks import MetricsLog, Preemption
 from mla_jax.training.state import (
-    TrainState,
-    abstract_state,
-    announce,
-    latest_checkpoint,
-    resolve_init_from,
+  TrainState,
+  abstract_state,
+  announce,
+  latest_checkpoint,
+  resolve_init_from,
 )
 from mla_jax.training.step import batch_layout, jit_train_step, learning_rate
 
@@ -176,6 +177,9 @@ def _start(plan: Plan, state: TrainState, preemption: Preemption, final_eval: bo
   op = state.merged()[0].op  # the attention kernels the model resolved, recorded once
   config = dataclasses.replace(config, records={**config.records, 'kernels': op.to_dict()})
   announce(str(op))
+  if config.model.n_routed_experts:  # what a token computes with, beside what is stored
+    announce(f'{param_count(config.model):,} parameters, '
+             f'{active_param_count(config.model):,} active per token')
   if not plan.resume:  # a resumed run reads the tokenizer it stored: never rewritten
     wd.save_tokenizer(workdir, getattr(plan.task, 'tokenizer', None))
   wd.write_config(workdir, config)

@@ -70,7 +70,7 @@ def check(config, mesh, abstract) -> None:
       return  # a device that does not say how much memory it has
     total = (need['state'] / (sizes.get('fsdp', 1) * sizes.get('tensor', 1))
              + (need['activations'] + need['batches'])
-             / (sizes.get('data', 1) * sizes.get('fsdp', 1)))
+             / (sizes.get('data', 1) * sizes.get('fsdp', 1) * sizes.get('expert', 1)))
     where = f'each {device.device_kind} has'
   if total > have:
     raise ConfigError(
