@@ -37,6 +37,9 @@ SEED_LIMIT = 2**32  # jax and numpy draw from 32-bit seeds: larger ones would al
 # run's parameters (init_from), under other values of these.
 EXECUTION_FIELDS = ('dtype', 'param_dtype', 'attention_impl', 'mla_decode', 'max_seq_len',
                     'moe_impl')
+# Model fields that say how a model trains, not what it is: a fine-tuning run (init_from) may
+# set its own; a resumed run may not (they would make it another run).
+TRAINING_FIELDS = ('aux_loss_alpha', 'seq_aux_loss_alpha', 'bias_update_speed')
 # Top-level keys of config.json that record facts about a run rather than configure it.
 RECORDS = ('kernels', 'source', 'conversion')
 

@@ -482,3 +482,30 @@ def test_active_parameters_count_k_of_e_routed_experts():
   routed = 2 * 3 * 8 * 32 * 16  # two MoE layers of w_gate, w_up, w_down [E, d, f]
   assert active_param_count(dense) == param_count(dense)
   assert param_count(moe) - active_param_count(moe) == routed * (8 - 2) // 8
+
+
+def test_fine_tuning_may_set_its_own_balancing_but_not_another_model(tmp_path, corpus):
+  """--init_from accepts a source that balanced its experts otherwise (training settings), and
+  refuses one with another number of experts (another model)."""
+  from configs import mla as mla_config
+  from mla_jax.config import ConfigError
+  from mla_jax.run_config import RunConfig
+  from mla_jax.training import state as training_state
+
+  def config(**model):
+    c = mla_config.get_config('tiny')
+    c.data.files = corpus
+    c.model.update({**dict(n_routed_experts=4, num_experts_per_tok=2, moe_intermediate_size=16,
+                           scoring_func='sigmoid', topk_method='noaux_tc', n_group=2,
+                           topk_group=1), **model})
+    return RunConfig.from_dict(c)
+
+  source = config(bias_update_speed=1e-3)
+  wd.write_new(tmp_path / 'source', '--init_from', source,
+               mla_jax.Transformer(source.model, rngs=nnx.Rngs(0)), 'test')
+  tuned = training_state.resolve_init_from(config(aux_loss_alpha=1e-2), None, False,
+                                           str(tmp_path / 'source'))
+  assert tuned.init_from == str(tmp_path / 'source') and tuned.model.aux_loss_alpha == 1e-2
+  with pytest.raises(ConfigError, match=r'holds another model: n_routed_experts \(4 there, 8'):
+    training_state.resolve_init_from(config(n_routed_experts=8), None, False,
+                                     str(tmp_path / 'source'))

@@ -23,7 +23,7 @@ from mla_jax import sharding
 from mla_jax import workdir as wd
 from mla_jax.config import ConfigError
 from mla_jax.model import Transformer
-from mla_jax.run_config import EXECUTION_FIELDS, RunConfig, parse
+from mla_jax.run_config import EXECUTION_FIELDS, TRAINING_FIELDS, RunConfig, parse
 from mla_jax.training.step import optimizer
 
 
@@ -112,8 +112,8 @@ def resolve_init_from(config: RunConfig, recorded: RunConfig | None, has_checkpo
                       init_from: str | None) -> RunConfig:
   """config with init_from set to the workdir a new run starts from, checked before anything
   is written: --init_from (or the one config.json records) must hold a checkpoint of the same
-  model (up to EXECUTION_FIELDS). A run with a checkpoint of its own resumes from it and keeps
-  the init_from it records; giving it another is refused."""
+  model (up to EXECUTION_FIELDS and TRAINING_FIELDS). A run with a checkpoint of its own
+  resumes from it and keeps the init_from it records; giving it another is refused."""
   given = str(pathlib.Path(init_from).absolute()) if init_from else None
   previous = recorded.init_from if recorded is not None else None
   if given and given != previous and (has_checkpoint or previous):
@@ -124,7 +124,8 @@ def resolve_init_from(config: RunConfig, recorded: RunConfig | None, has_checkpo
   if source is None or has_checkpoint:
     return dataclasses.replace(config, init_from=source)
   theirs, ours = wd.read_config(source).model, config.model
-  differ = [f.name for f in dataclasses.fields(ours) if f.name not in EXECUTION_FIELDS
+  differ = [f.name for f in dataclasses.fields(ours)
+            if f.name not in EXECUTION_FIELDS + TRAINING_FIELDS
             and getattr(theirs, f.name) != getattr(ours, f.name)]
   if differ:
     shown = ', '.join(f'{n} ({getattr(theirs, n)!r} there, {getattr(ours, n)!r} here)'
