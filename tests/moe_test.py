@@ -4,6 +4,7 @@ decodes through its cache."""
 
 import dataclasses
 import json
+import pathlib
 
 import jax
 import jax.numpy as jnp
@@ -509,3 +510,22 @@ def test_fine_tuning_may_set_its_own_balancing_but_not_another_model(tmp_path, c
   with pytest.raises(ConfigError, match=r'holds another model: n_routed_experts \(4 there, 8'):
     training_state.resolve_init_from(config(n_routed_experts=8), None, False,
                                      str(tmp_path / 'source'))
+
+
+def test_the_moe_config_trains_and_balances(tmp_path, corpus):
+  """configs/mla_moe.py:tiny trains through the command line: its loss falls, the routing
+  metrics are logged, and the start-up line gives total and active parameters."""
+  import subprocess
+  import sys
+  root = pathlib.Path(__file__).resolve().parents[1]
+  r = subprocess.run([sys.executable, '-m', 'mla_jax.train', '--config=configs/mla_moe.py:tiny',
+                      f'--workdir={tmp_path}', f'--config.data.files={corpus}'],
+                     cwd=root, capture_output=True, text=True, timeout=600)
+  assert r.returncode == 0, r.stderr[-2000:]
+  cfg = wd.read_config(tmp_path).model
+  assert f'{param_count(cfg):,} parameters, {active_param_count(cfg):,} active per token' \
+      in r.stderr
+  rows = [json.loads(line) for line in (tmp_path / 'metrics.jsonl').open()]
+  losses = [row['loss'] for row in rows if 'loss' in row]
+  assert losses[-1] < losses[0] - 0.3
+  assert all(1 <= row['moe_imbalance'] <= 16 / 4 for row in rows if 'loss' in row)
