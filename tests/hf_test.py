@@ -280,7 +280,7 @@ def test_v3_router_bias_is_imported_and_changes_the_choices():
     assert model.blocks[layer].mlp.router[...].dtype == jnp.float32
   params = _params(model)
   for layer in (1, 2):
-    params['blocks'][layer]['mlp']['e_score_correction_bias'][:] = 0
+    params['blocks'][layer]['mlp']['e_score_correction_bias'] = np.zeros(8, np.float32)
   unbiased = with_params(model.cfg, params)
   assert np.abs(logits_of(unbiased, g['tokens']) - g['logits']).max() > 100 * TOL
 
