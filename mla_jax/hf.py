@@ -1,5 +1,5 @@
-"""Hugging Face checkpoints in and out: Llama and Qwen2 (MHA / GQA / MQA) and dense
-DeepSeek-V2/V3 (MLA).
+"""Hugging Face checkpoints in and out: Llama and Qwen2 (MHA / GQA / MQA) and DeepSeek-V2/V3
+(MLA, dense or DeepSeekMoE layers).
 
 The layouts are in docs/design.md#9-hugging-face-layouts. A Hugging Face folder is config.json
 plus safetensors: model.safetensors, or the shards model.safetensors.index.json lists. torch is
@@ -15,6 +15,12 @@ rope_interleave and V2 (complex RoPE) rotate adjacent pairs ('interleaved'). Exp
 'interleaved' GQA model to Llama permutes each head's q and k rows (rope.interleaved_to_half):
 q and k move together, so every score is unchanged. Qwen2 is Llama's layout plus q/k/v biases
 (ModelConfig.qkv_bias; [h * k] in torch, b_q [h, k] here), whose q/k rows permute alike.
+
+A DeepSeekMoE layer (mla_jax.moe) is stored as save_pretrained writes it: mlp.gate.weight
+[E, d] float32 (our router [d, E], float32 whatever param_dtype), V3's
+mlp.gate.e_score_correction_bias [E] (a moe.RouterBias, not a parameter), one
+mlp.experts.{j}.{gate,up,down}_proj.weight per routed expert (rows of our stacked
+w_gate / w_up [E, d, f] and w_down [E, f, d]) and mlp.shared_experts.* (our mlp.shared).
 """
 
 from __future__ import annotations
@@ -36,7 +42,7 @@ from mla_jax import rope, tokenizer, variants
 from mla_jax import workdir as wd
 from mla_jax.config import ConfigError, Llama3Scaling, ModelConfig, RopeScaling, YarnScaling
 from mla_jax.errors import Error
-from mla_jax.model import Transformer, param_shapes, with_params
+from mla_jax.model import Transformer, abstract, with_params
 
 LLAMA = ('LlamaForCausalLM',)
 QWEN2 = ('Qwen2ForCausalLM',)
@@ -195,6 +201,56 @@ def _rope(hf: dict, arch: str) -> tuple[float, RopeScaling | None]:
   return theta, yarn
 
 
+# transformers' defaults for the MoE keys a DeepSeek config.json may leave out.
+_MOE_DEFAULTS = {
+    DEEPSEEK[0]: dict(first_k_dense_replace=0, n_routed_experts=64, n_shared_experts=2,
+                      moe_intermediate_size=1407, routed_scaling_factor=1.0, n_group=None,
+                      topk_group=None, topk_method='greedy', norm_topk_prob=False,
+                      scoring_func='softmax'),
+    DEEPSEEK[1]: dict(first_k_dense_replace=3, n_routed_experts=256, n_shared_experts=1,
+                      moe_intermediate_size=2048, routed_scaling_factor=2.5, n_group=8,
+                      topk_group=4, num_experts_per_tok=8, topk_method='noaux_tc',
+                      norm_topk_prob=True, scoring_func='sigmoid'),
+}
+
+
+def _moe_from_hf(hf: dict, arch: str, n_layers: int) -> dict:
+  """The ModelConfig MoE fields of a DeepSeek config.json ({} for a dense model), as
+  transformers builds it: every layer from first_k_dense_replace on is MoE; V2 routes by
+  softmax ('greedy' or 'group_limited_greedy') and never normalises the chosen weights; V3 by
+  sigmoid with 'noaux_tc', whatever topk_method and scoring_func say. Aux-loss settings only
+  train the router and are ignored."""
+  get = lambda key: hf[key] if hf.get(key) is not None else _MOE_DEFAULTS[arch].get(key)
+  first = get('first_k_dense_replace')
+  if first >= n_layers:
+    return {}
+  v2 = arch == DEEPSEEK[0]
+  method, scoring = get('topk_method'), get('scoring_func')
+  allowed = ('greedy', 'group_limited_greedy') if v2 else ('noaux_tc',)
+  if method not in allowed:
+    raise HFError(f"topk_method={method!r} is not supported for {arch} (transformers' "
+                  f'{arch} routes by {" or ".join(allowed)})')
+  if scoring != ('softmax' if v2 else 'sigmoid'):
+    raise HFError(f"scoring_func={scoring!r} is not supported for {arch} (transformers' "
+                  f'{arch} scores by {"softmax" if v2 else "sigmoid"})')
+  if (hf.get('moe_layer_freq') or 1) != 1:
+    raise HFError(f"moe_layer_freq={hf['moe_layer_freq']} is not supported: transformers makes "
+                  'every layer from first_k_dense_replace on MoE, which is moe_layer_freq=1')
+  if v2 and get('norm_topk_prob'):
+    raise HFError("norm_topk_prob=true is not supported for DeepseekV2ForCausalLM: transformers' "
+                  "DeepseekV2 ignores it and DeepSeek's code does not, so the model is ambiguous")
+  if get('num_experts_per_tok') is None:
+    raise HFError("config.json has no 'num_experts_per_tok'; it is needed to build the model")
+  return dict(n_routed_experts=get('n_routed_experts'),
+              n_shared_experts=get('n_shared_experts') or 0,
+              num_experts_per_tok=get('num_experts_per_tok'),
+              moe_intermediate_size=get('moe_intermediate_size'), first_k_dense_replace=first,
+              moe_layer_freq=1, scoring_func=scoring, topk_method=method,
+              n_group=get('n_group') or 1, topk_group=get('topk_group') or 1,
+              norm_topk_prob=bool(get('norm_topk_prob')),
+              routed_scaling_factor=float(get('routed_scaling_factor')))
+
+
 def config_from_hf(hf: dict, dtype: str = 'float32', param_dtype: str = 'float32') -> ModelConfig:
   """The ModelConfig of a Hugging Face config.json, or HFError naming what is unsupported."""
   arch = (hf.get('architectures') or [hf.get('model_type')])[0]
@@ -225,12 +281,7 @@ def config_from_hf(hf: dict, dtype: str = 'float32', param_dtype: str = 'float32
                   head_dim=hf.get('head_dim') or d // h, rope_layout='half',
                   qkv_bias=arch in QWEN2)
   else:
-    n_layers = fields['n_layers']
-    first_moe = hf.get('first_k_dense_replace', 0 if arch == DEEPSEEK[0] else 3)
-    if first_moe < n_layers:
-      raise HFError(f'layers {first_moe}..{n_layers - 1} are mixture-of-experts layers '
-                    f'(first_k_dense_replace={first_moe} < num_hidden_layers={n_layers}); '
-                    'mla_jax converts dense DeepSeek models only, until it has MoE')
+    fields.update(_moe_from_hf(hf, arch, fields['n_layers']))
     if fields['norm_eps'] != DEEPSEEK_LATENT_EPS:
       raise HFError(f"rms_norm_eps={fields['norm_eps']} is not supported: DeepSeek's latent "
                     f'norms use {DEEPSEEK_LATENT_EPS} whatever it says, mla_jax one eps')
@@ -254,13 +305,15 @@ def architecture(cfg: ModelConfig) -> str:
   arch = variants.get(cfg.attention).hf_architecture
   if arch not in LLAMA + DEEPSEEK:
     raise HFError(f'attention={cfg.attention!r} has no Hugging Face architecture mla_jax can '
-                  f'write (it writes {", ".join(GQA_ARCHS + DEEPSEEK[1:])})')
+                  f'write (it writes {", ".join(GQA_ARCHS + DEEPSEEK)})')
+  if arch in DEEPSEEK and cfg.n_routed_experts and cfg.scoring_func == 'softmax':
+    return DEEPSEEK[0]  # V2's softmax router; V3's is sigmoid
   return QWEN2[0] if arch in LLAMA and cfg.qkv_bias else arch
 
 
 def config_to_hf(cfg: ModelConfig) -> dict:
   """config.json for our model: LlamaForCausalLM or Qwen2ForCausalLM (MHA / GQA / MQA) or
-  DeepseekV3ForCausalLM.
+  DeepseekV3ForCausalLM (DeepseekV2ForCausalLM for a softmax-routed MoE).
 
   RoPE is written both as transformers 5 reads it (rope_parameters) and as 4 does
   (rope_theta, rope_scaling)."""
@@ -282,6 +335,13 @@ def config_to_hf(cfg: ModelConfig) -> dict:
   if arch in DEEPSEEK and cfg.norm_eps != DEEPSEEK_LATENT_EPS:
     raise HFError(f"norm_eps={cfg.norm_eps}: DeepSeek's latent norms always use "
                   f'{DEEPSEEK_LATENT_EPS}, so this model has no DeepSeek equivalent')
+  if cfg.n_routed_experts and cfg.moe_layer_freq != 1:
+    raise HFError(f'moe_layer_freq={cfg.moe_layer_freq}: transformers makes every layer from '
+                  'first_k_dense_replace on MoE, so this model has no Hugging Face equivalent')
+  if arch == DEEPSEEK[0] and (cfg.norm_topk_prob or cfg.rope_layout != 'interleaved'):
+    raise HFError(f'norm_topk_prob={cfg.norm_topk_prob}, rope_layout={cfg.rope_layout!r}: '
+                  "transformers' DeepseekV2 (softmax routing) never normalises the chosen "
+                  "weights and rotates adjacent pairs, so this model has no equivalent")
   rope_parameters = {'rope_type': 'default', 'rope_theta': cfg.rope_theta}
   if cfg.rope_scaling is not None:
     scaling = {k: v for k, v in dataclasses.asdict(cfg.rope_scaling).items()
@@ -305,12 +365,19 @@ def config_to_hf(cfg: ModelConfig) -> dict:
     return dict(common, architectures=[arch], model_type='qwen2',
                 num_key_value_heads=cfg.n_kv_heads, head_dim=cfg.head_dim,
                 use_sliding_window=False, sliding_window=None, max_window_layers=cfg.n_layers)
-  return dict(common, architectures=[arch], model_type='deepseek_v3',
-              num_key_value_heads=cfg.n_heads, q_lora_rank=cfg.q_lora_rank or None,
-              kv_lora_rank=cfg.kv_lora_rank, qk_nope_head_dim=cfg.qk_nope_head_dim,
-              qk_rope_head_dim=cfg.qk_rope_head_dim, v_head_dim=cfg.v_head_dim,
-              first_k_dense_replace=cfg.n_layers, num_nextn_predict_layers=0,
-              rope_interleave=cfg.rope_layout == 'interleaved')
+  mla = dict(num_key_value_heads=cfg.n_heads, q_lora_rank=cfg.q_lora_rank or None,
+             kv_lora_rank=cfg.kv_lora_rank, qk_nope_head_dim=cfg.qk_nope_head_dim,
+             qk_rope_head_dim=cfg.qk_rope_head_dim, v_head_dim=cfg.v_head_dim,
+             first_k_dense_replace=cfg.n_layers)
+  if cfg.n_routed_experts:
+    mla.update({k: getattr(cfg, k) for k in (
+        'first_k_dense_replace', 'n_routed_experts', 'n_shared_experts', 'num_experts_per_tok',
+        'moe_intermediate_size', 'moe_layer_freq', 'scoring_func', 'topk_method', 'n_group',
+        'topk_group', 'norm_topk_prob', 'routed_scaling_factor')})
+  if arch == DEEPSEEK[0]:
+    return dict(common, **mla, architectures=[arch], model_type='deepseek_v2')
+  return dict(common, **mla, architectures=[arch], model_type='deepseek_v3',
+              num_nextn_predict_layers=0, rope_interleave=cfg.rope_layout == 'interleaved')
 
 
 # --- tensors <-> parameters ------------------------------------------------------------------
@@ -323,6 +390,7 @@ class _Tensor:
   kind: str = 'linear'  # 'copy' | 'linear' | 'kv_b' | 'bias'
   in_axes: int = 1  # linear: how many leading axes of ours make torch's `in`
   rope_rows: bool = False  # Llama q/k: head rows follow our rope layout
+  expert: int | None = None  # one routed expert: row `expert` of our stacked [E, ...] weight
 
 
 def _tensors(cfg: ModelConfig) -> list[_Tensor]:
@@ -336,10 +404,22 @@ def _tensors(cfg: ModelConfig) -> list[_Tensor]:
     hf = f'model.layers.{i}.'
     t = lambda name, *path, **kw: _Tensor(hf + name, (('blocks', i, *path),), **kw)  # noqa: B023
     out += [t('input_layernorm.weight', 'attn_norm', 'scale', kind='copy'),
-            t('post_attention_layernorm.weight', 'mlp_norm', 'scale', kind='copy'),
-            t('mlp.gate_proj.weight', 'mlp', 'w_gate'), t('mlp.up_proj.weight', 'mlp', 'w_up'),
-            t('mlp.down_proj.weight', 'mlp', 'w_down'),
-            t('self_attn.o_proj.weight', 'attn', 'w_o', in_axes=2)]
+            t('post_attention_layernorm.weight', 'mlp_norm', 'scale', kind='copy')]
+    if cfg.is_moe_layer(i):  # per-expert tensors, as save_pretrained writes them
+      out.append(t('mlp.gate.weight', 'mlp', 'router'))
+      if cfg.topk_method == 'noaux_tc':
+        out.append(t('mlp.gate.e_score_correction_bias', 'mlp', 'e_score_correction_bias',
+                     kind='copy'))
+      for j in range(cfg.n_routed_experts):
+        out += [t(f'mlp.experts.{j}.{proj}.weight', 'mlp', ours, expert=j) for proj, ours in
+                (('gate_proj', 'w_gate'), ('up_proj', 'w_up'), ('down_proj', 'w_down'))]
+      if cfg.n_shared_experts:
+        out += [t(f'mlp.shared_experts.{proj}.weight', 'mlp', 'shared', ours) for proj, ours in
+                (('gate_proj', 'w_gate'), ('up_proj', 'w_up'), ('down_proj', 'w_down'))]
+    else:
+      out += [t('mlp.gate_proj.weight', 'mlp', 'w_gate'), t('mlp.up_proj.weight', 'mlp', 'w_up'),
+              t('mlp.down_proj.weight', 'mlp', 'w_down')]
+    out.append(t('self_attn.o_proj.weight', 'attn', 'w_o', in_axes=2))
     if llama:
       out += [t('self_attn.q_proj.weight', 'attn', 'w_q', rope_rows=True),
               t('self_attn.k_proj.weight', 'attn', 'w_k', rope_rows=True),
@@ -370,6 +450,8 @@ def _rope_rows(cfg: ModelConfig, t: _Tensor) -> np.ndarray | None:
 
 
 def _hf_shape(t: _Tensor, shapes: dict) -> tuple[int, ...]:
+  if t.expert is not None:
+    shapes = {t.ours[0]: shapes[t.ours[0]][1:]}  # one expert's [d, f] or [f, d]
   if t.kind == 'copy':
     return shapes[t.ours[0]]
   if t.kind == 'bias':
@@ -386,6 +468,8 @@ def to_hf_tensors(cfg: ModelConfig, params: dict) -> dict[str, np.ndarray]:
   out = {}
   for t in _tensors(cfg):
     arrays = [np.asarray(params[path]) for path in t.ours]
+    if t.expert is not None:
+      arrays = [a[t.expert] for a in arrays]
     if t.kind == 'copy':
       out[t.name] = arrays[0]
     elif t.kind == 'kv_b':
@@ -404,18 +488,25 @@ def to_hf_tensors(cfg: ModelConfig, params: dict) -> dict[str, np.ndarray]:
 
 
 def from_hf_tensors(cfg: ModelConfig, tensors: dict[str, np.ndarray]) -> dict[tuple, np.ndarray]:
-  """Hugging Face tensors -> our flat {path: array in cfg.param_dtype}, checking every name
-  and shape. One tensor at a time is read from the (memory-mapped) files."""
-  params, shapes = {}, param_shapes(cfg)
+  """Hugging Face tensors -> our flat {path: array in its parameter's dtype: cfg.param_dtype,
+  float32 for an MoE router and its bias}, checking every name and shape. One tensor at a time
+  is read from the (memory-mapped) files; routed experts are stacked into [E, ...]."""
+  params = {}
+  state = traverse_util.flatten_dict(nnx.to_pure_dict(abstract(cfg)[1]))
+  shapes = {path: tuple(x.shape) for path, x in state.items()}
   for t in _tensors(cfg):
     if t.name not in tensors:
       raise HFError(f'tensor {t.name} is missing from the checkpoint (config.json implies '
                     f'shape {list(_hf_shape(t, shapes))})')
-    w = np.asarray(tensors[t.name]).astype(jnp.dtype(cfg.param_dtype))
+    w = np.asarray(tensors[t.name]).astype(state[t.ours[0]].dtype)
     if w.shape != _hf_shape(t, shapes):
       raise HFError(f'tensor {t.name} has shape {list(w.shape)} but config.json implies '
                     f'{list(_hf_shape(t, shapes))}')
-    if t.kind == 'copy':
+    if t.expert is not None:  # linear, into row t.expert of the stacked weight
+      if t.ours[0] not in params:
+        params[t.ours[0]] = np.zeros(shapes[t.ours[0]], w.dtype)
+      params[t.ours[0]][t.expert] = w.T
+    elif t.kind == 'copy':
       params[t.ours[0]] = w
     elif t.kind == 'kv_b':
       (c, h, n), v = shapes[t.ours[0]], shapes[t.ours[1]][2]
@@ -462,10 +553,10 @@ def load(hf_dir, dtype: str = 'float32', param_dtype: str = 'float32'
   if extra:
     raise HFError(f'{len(extra)} tensors have no place in a {cfg.attention} model, e.g. '
                   f'{extra[0]} (biases, experts or an unknown module?); mla_jax converts '
-                  'only the Llama, Qwen2 and dense DeepSeek-V2/V3 layouts (docs/huggingface.md)')
+                  'only the Llama, Qwen2 and DeepSeek-V2/V3 layouts (docs/huggingface.md)')
   params = from_hf_tensors(cfg, tensors)
   return with_params(cfg, traverse_util.unflatten_dict(
-      {path: jnp.asarray(w, jnp.dtype(cfg.param_dtype)) for path, w in params.items()})), hf
+      {path: jnp.asarray(w) for path, w in params.items()})), hf
 
 
 def save(model: Transformer, out_dir, tok=None) -> dict:
@@ -478,7 +569,8 @@ def save(model: Transformer, out_dir, tok=None) -> dict:
   files = tok.files if tok is not None else {}
   if files:
     hf.update(bos_token_id=tok.bos_id, eos_token_id=tok.eos_id, pad_token_id=tok.pad_id)
-  params = traverse_util.flatten_dict(nnx.to_pure_dict(nnx.state(model, nnx.Param)))
+  # every variable: the parameters and an MoE router's bias (moe.RouterBias)
+  params = traverse_util.flatten_dict(nnx.to_pure_dict(nnx.state(model)))
   tensors = to_hf_tensors(cfg, {path: np.asarray(jax.device_get(x)) for path, x in
                                 params.items()})
   with wd.staged(out_dir, 'the folder') as out:

@@ -173,13 +173,14 @@ def staged(target, what: str):
 
 def write_new(workdir, flag: str, config, model, source: str, tok=None) -> None:
   """A new workdir made by a conversion (import, to_mla): config.json, the tokenizer's files
-  (if tok) and checkpoint 0 of the model's parameters, written whole (`staged`); `flag` names
-  the target in a refusal."""
+  (if tok) and checkpoint 0 of the model's variables (its parameters and any MoE router bias,
+  moe.RouterBias: all that load_checkpoint restores, as a train saves), written whole
+  (`staged`); `flag` names the target in a refusal."""
   with staged(workdir, flag) as tmp:
     save_tokenizer(tmp, tok)
     write_config(tmp, config)
     mngr = manager(tmp / 'checkpoints')
-    save(mngr, 0, nnx.state(model, nnx.Param), meta={'source': source})
+    save(mngr, 0, nnx.state(model), meta={'source': source})
     mngr.close()
 
 

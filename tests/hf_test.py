@@ -178,8 +178,8 @@ def test_a_wrong_rope_layout_or_yarn_scale_fails_the_comparison(mistake):
 
 
 # --- round trips ---------------------------------------------------------------------------
-def _params(model):
-  return jax.tree.map(np.asarray, nnx.to_pure_dict(nnx.state(model, nnx.Param)))
+def _params(model):  # every variable: the parameters and an MoE router's bias
+  return jax.tree.map(np.asarray, nnx.to_pure_dict(nnx.state(model)))
 
 
 @pytest.mark.parametrize('name', NAMES)
@@ -214,7 +214,7 @@ def test_interleaved_models_export_to_llama_by_permuting_q_k_rows():
     np.testing.assert_array_equal(back[key], np.asarray(value, np.float32), err_msg=key)
 
 
-@pytest.mark.parametrize('name', ['deepseek_v3_yarn', 'llama3_rope', 'qwen2'])
+@pytest.mark.parametrize('name', ['deepseek_v3_yarn', 'llama3_rope', 'qwen2', 'deepseek_v3_moe'])
 def test_cli_import_evaluate_generate_export(name, tmp_path):
   """The commands a researcher runs; evaluate's perplexity matches transformers' logits."""
   g = golden(name)
@@ -243,6 +243,70 @@ def test_cli_import_evaluate_generate_export(name, tmp_path):
   assert sorted(exported) == sorted(original)
   for key, value in original.items():
     np.testing.assert_array_equal(exported[key], np.asarray(value, np.float32), err_msg=key)
+
+
+# --- DeepSeekMoE ----------------------------------------------------------------------------
+MOE = [n for n in NAMES if n.endswith('_moe')]
+
+
+def test_moe_fixtures_cover_the_three_routers():
+  cfgs = {name: imported(name).cfg for name in MOE}
+  assert sorted((c.scoring_func, c.topk_method) for c in cfgs.values()) == [
+      ('sigmoid', 'noaux_tc'), ('softmax', 'greedy'), ('softmax', 'group_limited_greedy')]
+  for name, cfg in cfgs.items():
+    assert [cfg.is_moe_layer(i) for i in range(cfg.n_layers)] == [False, True, True], name
+    assert cfg.n_routed_experts == 8 and cfg.num_experts_per_tok == 2 and cfg.n_shared_experts
+  v3 = cfgs['deepseek_v3_moe']
+  assert (v3.n_group, v3.topk_group, v3.norm_topk_prob, v3.routed_scaling_factor) == (
+      4, 2, True, 2.5)
+  assert (cfgs['deepseek_v2_moe'].n_group, cfgs['deepseek_v2_moe'].topk_group) == (4, 2)
+  assert not cfgs['deepseek_v2_lite_moe'].q_lora_rank
+
+
+def _bias(model, layer):
+  return np.asarray(model.blocks[layer].mlp.e_score_correction_bias[...])
+
+
+def test_v3_router_bias_is_imported_and_changes_the_choices():
+  """The non-zero e_score_correction_bias is read (float32, exactly the stored values) and
+  matters: without it the experts chosen, and so the logits, differ from transformers'."""
+  name = 'deepseek_v3_moe'
+  model, g = imported(name), golden(name)
+  _, tensors = hf.read_folder(FIXTURES / name)
+  for layer in (1, 2):
+    stored = tensors[f'model.layers.{layer}.mlp.gate.e_score_correction_bias']
+    assert _bias(model, layer).dtype == np.float32 and np.abs(stored).min() > 0
+    np.testing.assert_array_equal(_bias(model, layer), np.asarray(stored, np.float32))
+    assert model.blocks[layer].mlp.router[...].dtype == jnp.float32
+  params = _params(model)
+  for layer in (1, 2):
+    params['blocks'][layer]['mlp']['e_score_correction_bias'] = np.zeros(8, np.float32)
+  unbiased = with_params(model.cfg, params)
+  assert np.abs(logits_of(unbiased, g['tokens']) - g['logits']).max() > 100 * TOL
+
+
+def test_v3_router_bias_survives_a_workdir(tmp_path):
+  """import_workdir saves every variable, not only the parameters: load_workdir gives back
+  the router bias and transformers' logits."""
+  name = 'deepseek_v3_moe'
+  hf.import_workdir(FIXTURES / name, tmp_path / 'run')
+  model, cfg = wd.load_workdir(tmp_path / 'run')
+  assert cfg == imported(name).cfg
+  for layer in (1, 2):
+    np.testing.assert_array_equal(_bias(model, layer), _bias(imported(name), layer))
+    assert np.abs(_bias(model, layer)).min() > 0
+  g = golden(name)
+  assert np.abs(logits_of(model, g['tokens']) - g['logits']).max() <= TOL
+
+
+def test_moe_routing_paths_agree_on_the_fixtures():
+  """The dropless grouped matmul (default) and the every-expert reference give transformers'
+  logits alike."""
+  for name in MOE:
+    g = golden(name)
+    dense = with_config(imported(name), moe_impl='dense')
+    assert imported(name).cfg.moe_impl == 'ragged'
+    assert np.abs(logits_of(dense, g['tokens']) - g['logits']).max() <= TOL, name
 
 
 # --- a checkpoint with its tokenizer ---------------------------------------------------------
@@ -390,11 +454,20 @@ def _missing_shard(folder):
 
 
 KV_B = 'model.layers.1.self_attn.kv_b_proj.weight'
+EXPERT = 'model.layers.2.mlp.experts.5.up_proj.weight'
 BAD = {  # name: (fixture, how to break it, what the message must say)
     'unknown architecture': ('llama_mha', _edit_config(architectures=['GPT2LMHeadModel']),
                              "architecture 'GPT2LMHeadModel' is not supported"),
-    'moe layers': ('deepseek_v3', _edit_config(first_k_dense_replace=1),
-                   'layers 1..1 are mixture-of-experts'),
+    'missing expert tensor': ('deepseek_v3_moe', _edit_tensors(lambda t: t.pop(EXPERT)),
+                              f'tensor {EXPERT} is missing'),
+    'dense config over moe tensors': ('deepseek_v3', _edit_config(first_k_dense_replace=1),
+                                      'e.g. model.layers.1.mlp.down_proj.weight'),
+    'v2 noaux_tc': ('deepseek_v2_moe', _edit_config(topk_method='noaux_tc'),
+                    "topk_method='noaux_tc' is not supported for DeepseekV2ForCausalLM"),
+    'v2 norm_topk_prob': ('deepseek_v2_lite_moe', _edit_config(norm_topk_prob=True),
+                          'norm_topk_prob=true is not supported'),
+    'moe_layer_freq': ('deepseek_v3_moe', _edit_config(moe_layer_freq=2),
+                       'moe_layer_freq=2 is not supported'),
     'missing tensor': ('deepseek_v3', _edit_tensors(lambda t: t.pop(KV_B)),
                        f'tensor {KV_B} is missing'),
     'misshapen tensor': ('deepseek_v3', _edit_tensors(lambda t: t.update({KV_B: t[KV_B][:-1]})),
@@ -454,7 +527,8 @@ def test_cli_refuses_bad_input_without_writing(tmp_path):
   r = subprocess.run([sys.executable, '-m', 'mla_jax.convert', f'--hf_dir={folder}',
                       f'--workdir={tmp_path / "run"}'], capture_output=True, text=True)
   assert r.returncode == 1 and r.stderr.strip().count('\n') == 0, r.stderr
-  assert 'mixture-of-experts' in r.stderr and not (tmp_path / 'run').exists()
+  assert 'no place in a mla model, e.g. model.layers.0.mlp.down_proj' in r.stderr
+  assert not (tmp_path / 'run').exists()
 
 
 def test_export_refuses_what_has_no_hugging_face_equivalent(tmp_path):
@@ -473,6 +547,8 @@ def test_export_refuses_what_has_no_hugging_face_equivalent(tmp_path):
 
 
 # --- models trained here, loaded by transformers (needs the dev extra) ----------------------
+MOE_FIELDS = dict(n_routed_experts=8, num_experts_per_tok=2, moe_intermediate_size=8,
+                  n_shared_experts=1, first_k_dense_replace=1)
 NATIVE = {
     'gqa interleaved': dict(attention='gqa', n_kv_heads=2),
     'mqa tied half': dict(attention='mqa', tie_embeddings=True, rope_layout='half'),
@@ -488,6 +564,12 @@ NATIVE = {
     'gqa qwen2 biases interleaved': dict(attention='gqa', n_kv_heads=2, qkv_bias=True),
     'mha qwen2 biases half tied': dict(attention='mha', qkv_bias=True, rope_layout='half',
                                        tie_embeddings=True),
+    'mla moe v3 noaux_tc': dict(attention='mla', kv_lora_rank=12, q_lora_rank=8, **MOE_FIELDS,
+                                scoring_func='sigmoid', topk_method='noaux_tc', n_group=4,
+                                topk_group=2, norm_topk_prob=True, routed_scaling_factor=2.5),
+    'mla moe v2 group_limited_greedy': dict(attention='mla', kv_lora_rank=12, **MOE_FIELDS,
+                                            topk_method='group_limited_greedy', n_group=4,
+                                            topk_group=2, routed_scaling_factor=1.5),
 }
 
 
@@ -506,7 +588,14 @@ def test_exported_models_give_the_same_logits_in_transformers(variant, tmp_path)
       for name in ('b_q', 'b_k', 'b_v'):
         block['attn'][name] = rng.normal(size=block['attn'][name].shape).astype(np.float32)
     model = with_params(cfg, params)
+  if cfg.topk_method == 'noaux_tc':  # zero at init: draw it, so that it changes the choices
+    params = _params(model)
+    params['blocks'][1]['mlp']['e_score_correction_bias'] = np.random.default_rng(1).normal(
+        0, 0.2, 8).astype(np.float32)
+    model = with_params(cfg, params)
   hf_json = hf.save(model, tmp_path)
+  if cfg.n_routed_experts:
+    assert hf_json['architectures'][0] == hf.DEEPSEEK[cfg.scoring_func == 'sigmoid']
   hf_model = getattr(transformers, hf_json['architectures'][0]).from_pretrained(
       tmp_path, dtype=torch.float32, attn_implementation='eager')
   tokens = np.arange(48) * 7 % 256
