@@ -42,6 +42,8 @@ flags.DEFINE_enum('match', 'params', list(MATCHING),
                   "params: each row's SwiGLU width matches MHA's parameter count; mlp: every "
                   "row has MHA's SwiGLU width (the control for what the matching gives)")
 flags.DEFINE_string('data_files', '', 'a glob of text files instead of the Shakespeare corpus')
+flags.DEFINE_enum('ffn', 'dense', ['dense', 'moe'], "every row's feed-forward layers: dense "
+                  'SwiGLU, or DeepSeekMoE after the first (as DeepSeek-V2 Table 9 compared them)')
 flags.DEFINE_string('tokenizer', 'byte', "every run's data.tokenizer: byte, train:N (a BPE of N "
                     'tokens trained on the corpus; the vocabulary follows) or a tokenizer.json')
 
@@ -90,7 +92,7 @@ class CapacityVsCache(sweep.Sweep):
   name = NAME
 
   def plan(self) -> sweep.Plan:
-    for flag in ('data_files', 'tokenizer'):
+    for flag in ('data_files', 'tokenizer', 'ffn'):
       if getattr(FLAGS, flag) != FLAGS[flag].default and not (FLAGS.out or FLAGS.quick):
         raise InputError(f'--{flag} needs --out (and a workdir of its own): a report and ledger '
                          'on other data must not replace the committed byte-level ones')
@@ -101,6 +103,8 @@ class CapacityVsCache(sweep.Sweep):
                 seeds=seeds, lrs=lrs, data=FLAGS.data_files or 'shakespeare')
     if FLAGS.tokenizer != 'byte':  # committed reports read bytes and record no tokenizer
       grid['tokenizer'] = FLAGS.tokenizer
+    if FLAGS.ffn != 'dense':  # and are dense
+      grid['ffn'] = FLAGS.ffn
     return sweep.Plan([(row,) for row in rows], lrs, seeds, grid,
                       f'{len(rows)} rows ({FLAGS.geometry} geometry)',
                       name(FLAGS.geometry, FLAGS.match))
@@ -109,7 +113,8 @@ class CapacityVsCache(sweep.Sweep):
     row, lr, seed = run
     options = ''.join(f',{o}' for o, on in (('paper', FLAGS.geometry == 'paper'),
                                             ('mlp', FLAGS.match == 'mlp'),
-                                            ('quick', FLAGS.quick)) if on)
+                                            ('quick', FLAGS.quick),
+                                            ('moe', FLAGS.ffn == 'moe')) if on)
     config = ablation.get_config(row + options)
     config.opt.lr, config.seed = lr, seed
     if FLAGS.data_files:
@@ -124,7 +129,8 @@ class CapacityVsCache(sweep.Sweep):
     its own --out."""
     row, lr, seed = run
     variant = (FLAGS.geometry + ('' if FLAGS.match == 'params' else f'-{FLAGS.match}')
-               + _tokenizer_tag() + ('-quick' if FLAGS.quick else ''))
+               + _tokenizer_tag() + ('-moe' if FLAGS.ffn == 'moe' else '')
+               + ('-quick' if FLAGS.quick else ''))
     return pathlib.Path(FLAGS.workdir) / variant / row / f'lr{lr:g}' / f'seed{seed}'
 
   def fields(self, run) -> dict:
@@ -246,7 +252,8 @@ def render(payload: dict) -> str:
   lines = [
       '# Capacity vs KV-cache size (DeepSeek-V2 Table 1, Tables 8-9 in miniature)'
       + ('' if geometry == 'small' else f': {geometry} geometry')
-      + ('' if setup['match'] == 'params' else f', {matching[0]}'), '',
+      + ('' if setup['match'] == 'params' else f', {matching[0]}')
+      + (', DeepSeekMoE feed-forward layers' if setup.get('ffn') == 'moe' else ''), '',
       report.header(setup),
       f'{_setup_line(summary, setup)}. Every row has the same width, depth, query heads, '
       'data order (per seed), tokens, optimizer and schedule; only the attention '

@@ -33,7 +33,7 @@ QUICK_SCALES = {'mha': 2 * 8 * 2, 'gqa4': 2 * 4 * 2, 'gqa2': 2 * 2 * 2, 'mqa': 2
                 'mla2': 2 * 2, 'mla4': 2 * 2, 'mla8': 2 * 2}
 
 
-MODES = ['', ',quick', ',paper', ',paper,quick']
+MODES = ['', ',quick', ',paper', ',paper,quick', ',moe', ',paper,quick,moe']
 
 
 def _rows(mode):
@@ -57,9 +57,14 @@ def test_parameters_matched_within_two_percent(mode):
             for row in _rows(mode)}
   for row, n in counts.items():
     assert abs(n / counts['mha'] - 1) < 0.02, (row, n, counts['mha'])
-  widths = {row: ablation.get_config(row + mode).model.d_ff for row in _rows(mode)}
+  width = lambda c: c.model[ablation.width_field(c.model)]  # d_ff, or the experts' width
+  widths = {row: width(ablation.get_config(row + mode)) for row in _rows(mode)}
   assert widths['mqa'] > widths['gqa2'] > widths.get('gqa4', widths['mha']) >= widths['mha']
   assert widths['mha'] > widths['mla8']
+  if 'moe' in mode:  # the dense first layer keeps its width; every row has the same experts
+    moe = ablation.get_config('mla4' + mode).model
+    assert {ablation.get_config(row + mode).model.d_ff for row in _rows(mode)} == {moe.d_ff}
+    assert (moe.n_routed_experts, moe.num_experts_per_tok, moe.first_k_dense_replace) == (8, 2, 1)
 
 
 @pytest.mark.parametrize('geometry', ['', ',paper'])
@@ -240,6 +245,24 @@ def test_quick_runs_with_a_trained_bpe_sit_apart_and_report_per_token(corpus, tm
   assert 'Loss is nats per token (train:300)' in md and '(train:300 tokens) per run' in md
 
 
+@pytest.mark.slow
+def test_quick_runs_with_moe_feed_forward_layers_sit_apart_and_say_so(corpus, tmp_path):
+  """--ffn=moe: the rows' layers after the first are DeepSeekMoE, parameters still matched to
+  MHA's (by the experts' width), in folders and a report of their own."""
+  run = _cli(tmp_path, '--quick', '--rows=mha,mla4', '--lrs=3e-3', '--seeds=1', '--ffn=moe',
+             f'--data_files={corpus}', f'--out={tmp_path / "out"}')
+  assert run.returncode == 0, run.stderr[-3000:]
+  rows = json.loads((tmp_path / 'out' / 'capacity_vs_cache.json').read_text())['rows']
+  assert abs(rows['mla4']['params'] / rows['mha']['params'] - 1) < 0.02
+  assert rows['mla4']['elements_measured'] == rows['mla4']['elements_formula']
+  folder = tmp_path / 'small-moe-quick' / 'mla4' / 'lr0.003' / 'seed1'
+  model = wd.read_config(folder).model
+  assert model.n_routed_experts == 8 and model.is_moe_layer(1) and not model.is_moe_layer(0)
+  assert 'moe_imbalance' in (folder / 'metrics.jsonl').read_text()
+  md = (tmp_path / 'out' / 'capacity_vs_cache.md').read_text()
+  assert md.startswith('# Capacity vs KV-cache size') and 'DeepSeekMoE feed-forward' in md
+
+
 def test_ledger_restores_a_fresh_workdir_and_records_only_what_it_lacks(tmp_path):
   trained, fresh, path = tmp_path / 'a', tmp_path / 'b', tmp_path / 'results' / 'x.jsonl'
   run = trained / 'small' / 'mha' / 'lr0.006' / 'seed1'
@@ -276,6 +299,7 @@ def test_ledger_restores_a_fresh_workdir_and_records_only_what_it_lacks(tmp_path
     (['--seeds=0'], 'error: unknown rows [] or --seeds=0'),
     (['--data_files=plays/*.txt'], 'error: --data_files needs --out'),
     (['--tokenizer=train:300'], 'error: --tokenizer needs --out'),
+    (['--ffn=moe'], 'error: --ffn needs --out'),
 ])
 def test_bad_flags_are_one_line_and_write_nothing(args, message, tmp_path):
   run = _cli(tmp_path, *args)

@@ -34,7 +34,9 @@ rate is the experiment's: every row at the best of its geometry's LEARNING_RATES
 
 With ',mlp' every row keeps MHA's SwiGLU width and the parameter counts differ instead: the
 control that tells whether a row's loss comes from its attention or from the MLP width the
-matching gave it.
+matching gave it. With ',moe' every layer but the first is DeepSeekMoE (8 routed experts, 2
+chosen by V3's grouped sigmoid gate, 1 shared; DeepSeek-V2's Table 9 compared MLA and MHA on
+MoE models), and the matching sets the experts' width instead of d_ff.
 """
 
 from ml_collections import ConfigDict
@@ -62,20 +64,29 @@ LEARNING_RATES = {'small': (3e-3, 6e-3, 1.2e-2), 'paper': (1.5e-3, 3e-3, 6e-3, 1
 QUICK_LEARNING_RATES = (3e-3, 1e-2)
 
 
-def matched_d_ff(model: ConfigDict, target_params: int) -> int:
-  """The SwiGLU width that brings the model closest to target_params (a multiple of 8).
+def width_field(model: ConfigDict) -> str:
+  """The SwiGLU width the matching sets: d_ff, or with MoE layers the experts' width."""
+  return 'moe_intermediate_size' if model.n_routed_experts else 'd_ff'
 
-  Parameters are affine in d_ff (three d_model x d_ff matrices per layer), so two counts
-  give the slope; nothing here assumes how the attention is built.
+
+def matched_d_ff(model: ConfigDict, target_params: int) -> int:
+  """The SwiGLU width (width_field) that brings the model closest to target_params (a
+  multiple of 8; an expert's, of 2).
+
+  Parameters are affine in it (three d_model x width matrices per layer or expert), so two
+  counts give the slope; nothing here assumes how the attention is built.
   """
-  count = lambda d_ff: param_count(ModelConfig.from_dict({**model.to_dict(), 'd_ff': d_ff}))
-  lo, hi = D_FF_MULTIPLE, 2 * D_FF_MULTIPLE
+  field = width_field(model)
+  # An expert's width counts (E + shared) times per layer: a finer step keeps the match close.
+  step = D_FF_MULTIPLE if field == 'd_ff' else 2
+  count = lambda w: param_count(ModelConfig.from_dict({**model.to_dict(), field: w}))
+  lo, hi = step, 2 * step
   slope = (count(hi) - count(lo)) / (hi - lo)
   d_ff = lo + (target_params - count(lo)) / slope
-  return max(D_FF_MULTIPLE, D_FF_MULTIPLE * round(d_ff / D_FF_MULTIPLE))
+  return max(step, step * round(d_ff / step))
 
 
-def _shared(quick: bool, geometry: str = 'small') -> ConfigDict:
+def _shared(quick: bool, geometry: str = 'small', moe: bool = False) -> ConfigDict:
   c = base.get_config()
   heads = GEOMETRIES[geometry][0]
   c.model.update(d_model=128, n_layers=4, n_heads=heads, head_dim=128 // heads, max_seq_len=256)
@@ -89,6 +100,11 @@ def _shared(quick: bool, geometry: str = 'small') -> ConfigDict:
     c.train.update(steps=20, log_every=5, checkpoint_every=10)
     c.eval.update(seq_len=64, stride=64, batch_size=256)
   c.train.keep_checkpoints = 1
+  if moe:  # DeepSeekMoE feed-forward layers after the first, as DeepSeek-V2's Table 9 models
+    c.model.update(n_routed_experts=8, num_experts_per_tok=2, n_shared_experts=1,
+                   moe_intermediate_size=c.model.d_model // 2, first_k_dense_replace=1,
+                   scoring_func='sigmoid', topk_method='noaux_tc', n_group=4, topk_group=2,
+                   norm_topk_prob=True, bias_update_speed=1e-3, seq_aux_loss_alpha=1e-4)
   return c
 
 
@@ -110,13 +126,14 @@ def get_config(arg: str = 'mla4') -> ConfigDict:
   name, *options = arg.split(',')
   geometry = 'paper' if 'paper' in options else 'small'
   if (name not in GEOMETRIES[geometry][1] or len(set(options)) != len(options)
-      or not set(options) <= {'paper', 'mlp', 'quick'}):
-    raise ValueError(f'unknown row {arg!r}: use ROW[,paper][,mlp][,quick] with ROW one of '
-                     f'{sorted(ROWS)} (not gqa4 with paper: 4 heads make it MHA)')
-  shared = lambda: _shared('quick' in options, geometry)
+      or not set(options) <= {'paper', 'mlp', 'quick', 'moe'}):
+    raise ValueError(f'unknown row {arg!r}: use ROW[,paper][,mlp][,quick][,moe] with ROW one '
+                     f'of {sorted(ROWS)} (not gqa4 with paper: 4 heads make it MHA)')
+  shared = lambda: _shared('quick' in options, geometry, 'moe' in options)
   if 'mlp' in options:
     c = apply_row(shared(), name)
-    c.model.d_ff = matched_row(shared, REFERENCE).model.d_ff
+    field = width_field(c.model)
+    c.model[field] = matched_row(shared, REFERENCE).model[field]
     return c
   return matched_row(shared, name)
 
@@ -125,5 +142,5 @@ def matched_row(shared, name: str) -> ConfigDict:
   """Row `name` on the config shared() makes, its SwiGLU width matching REFERENCE's count."""
   target = param_count(ModelConfig.from_dict(apply_row(shared(), REFERENCE).model))
   c = apply_row(shared(), name)
-  c.model.d_ff = matched_d_ff(c.model, target)
+  c.model[width_field(c.model)] = matched_d_ff(c.model, target)
   return c
