@@ -42,6 +42,23 @@ def tiny(module):
 def mesh_of(sizes, n=None):
   devices = jax.devices()[:n or int(np.prod(sizes))]
   return sharding.make_mesh(dict(zip(sharding.MESH_AXES, sizes)), devices)
+
+def losses_on(config, sizes, steps):
+  """The first `steps` training losses of config under a mesh of these sizes."""
+  mesh = mesh_of(sizes)
+  with jax.set_mesh(mesh):
+    graphdef, state, shardings = training.init_state(config, mesh)
+    layout, shape, rows = training.batch_layout(config, mesh)
+    step = training.jit_train_step(graphdef, shardings, layout)
+    sampler = data.WindowSampler(data.load_splits(config.data)['train'], config.data.seq_len,
+                                 config.data.batch_size, config.seed, rows=rows)
+    out = []
+    for i in range(steps):
+      batch = {{k: sharding.global_batch(x, layout, shape)
+                for k, x in tasks.text_batch(sampler[i]).items()}}
+      state, metrics = step(state, batch)
+      out.append(float(metrics['loss']))
+  return out
 '''
 
 
@@ -79,20 +96,7 @@ def test_five_steps_match_one_device_on_every_mesh(corpus):
   for name, module in (('mha', mha), ('gqa', gqa), ('mla', mla)):
     config = tiny(module)
     for sizes in [(1, 1, 1)] + {MESHES!r}:
-      mesh = mesh_of(sizes)
-      with jax.set_mesh(mesh):
-        graphdef, state, shardings = training.init_state(config, mesh)
-        layout, shape, rows = training.batch_layout(config, mesh)
-        step = training.jit_train_step(graphdef, shardings, layout)
-        sampler = data.WindowSampler(data.load_splits(config.data)['train'], config.data.seq_len,
-                                     config.data.batch_size, config.seed, rows=rows)
-        out = []
-        for i in range(5):
-          batch = {{k: sharding.global_batch(x, layout, shape)
-                    for k, x in tasks.text_batch(sampler[i]).items()}}
-          state, metrics = step(state, batch)
-          out.append(float(metrics['loss']))
-      result[f'{{name}} {{sizes}}'] = out
+      result[f'{{name}} {{sizes}}'] = losses_on(config, sizes, 5)
   print(json.dumps(result))
   ''', corpus)
   for name in ('mha', 'gqa', 'mla'):
@@ -113,23 +117,8 @@ def test_moe_steps_match_one_device_with_the_experts_split(corpus):
                       moe_intermediate_size=32, first_k_dense_replace=1, scoring_func='sigmoid',
                       topk_method='noaux_tc', n_group=4, topk_group=2, norm_topk_prob=True,
                       routed_scaling_factor=2.5, bias_update_speed=1e-3)
-  result = {}
-  for sizes in [(1, 1, 1, 1), (1, 1, 1, 8), (1, 2, 1, 4)]:
-    mesh = mesh_of(sizes)
-    with jax.set_mesh(mesh):
-      graphdef, state, shardings = training.init_state(config, mesh)
-      layout, shape, rows = training.batch_layout(config, mesh)
-      step = training.jit_train_step(graphdef, shardings, layout)
-      sampler = data.WindowSampler(data.load_splits(config.data)['train'], config.data.seq_len,
-                                   config.data.batch_size, config.seed, rows=rows)
-      out = []
-      for i in range(4):
-        batch = {k: sharding.global_batch(x, layout, shape)
-                 for k, x in tasks.text_batch(sampler[i]).items()}
-        state, metrics = step(state, batch)
-        out.append(float(metrics['loss']))
-    result[str(sizes)] = out
-  print(json.dumps(result))
+  sizes = [(1, 1, 1, 1), (1, 1, 1, 8), (1, 2, 1, 4)]
+  print(json.dumps({str(s): losses_on(config, s, 4) for s in sizes}))
   ''', corpus)
   reference = losses['(1, 1, 1, 1)']
   assert reference[-1] < reference[0] - 0.1  # it trains
