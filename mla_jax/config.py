@@ -55,6 +55,14 @@ def _check_types(obj) -> None:
 
 
 
+def _check_window(scaling) -> None:
+  """What every rope_scaling kind needs: a factor >= 1 over a positive original window."""
+  if scaling.factor < 1:
+    raise ConfigError(f'rope_scaling.factor={scaling.factor} must be >= 1')
+  if scaling.original_max_position_embeddings <= 0:
+    raise ConfigError('rope_scaling.original_max_position_embeddings must be > 0')
+
+
 @dataclasses.dataclass(frozen=True)
 class YarnScaling:
   """YaRN context extension (Peng et al. 2023) as DeepSeek-V2/V3 configure it."""
@@ -75,10 +83,7 @@ class YarnScaling:
     _check_types(self)
     if self.type != 'yarn':
       raise ConfigError(f"rope_scaling.type={self.type!r} is not supported; use 'yarn' or None")
-    if self.factor < 1:
-      raise ConfigError(f'rope_scaling.factor={self.factor} must be >= 1')
-    if self.original_max_position_embeddings <= 0:
-      raise ConfigError('rope_scaling.original_max_position_embeddings must be > 0')
+    _check_window(self)
     if self.beta_fast <= self.beta_slow:
       raise ConfigError('rope_scaling.beta_fast must exceed rope_scaling.beta_slow')
     if self.attention_factor is not None and self.attention_factor <= 0:
@@ -102,10 +107,7 @@ class Llama3Scaling:
     _check_types(self)
     if self.type != 'llama3':
       raise ConfigError(f"Llama3Scaling.type={self.type!r} must be 'llama3'")
-    if self.factor < 1:
-      raise ConfigError(f'rope_scaling.factor={self.factor} must be >= 1')
-    if self.original_max_position_embeddings <= 0:
-      raise ConfigError('rope_scaling.original_max_position_embeddings must be > 0')
+    _check_window(self)
     if not 0 < self.low_freq_factor < self.high_freq_factor:
       raise ConfigError(f'rope_scaling.low_freq_factor={self.low_freq_factor} and '
                         f'high_freq_factor={self.high_freq_factor} need 0 < low < high')
