@@ -44,17 +44,16 @@ import json
 import os
 import pathlib
 import shutil
-import signal
 
 import numpy as np
 
+from mla_jax import files
 from mla_jax.errors import Error
 
 FORMAT = 'mla_jax.shards'
 VERSION = 1
 MANIFEST = 'manifest.json'
 PROGRESS = 'progress.json'
-FAULT = 'MLA_JAX_FAULT'  # the variable workdir.fault reads; these phases are the writer's own
 DTYPES = {'uint16': np.dtype('<u2'), 'uint32': np.dtype('<u4')}
 
 
@@ -80,26 +79,17 @@ def _sidecar(index: int) -> str:
 
 
 def fault(phase: str) -> None:
-  """MLA_JAX_FAULT=<phase> SIGKILLs the writer at <phase>, for the kill tests: 'shard:<i>:
-  written' (shard i renamed into place, not yet in progress.json), 'shard:<i>:recorded' (in
-  progress.json) and 'manifest' (manifest.json written, leftovers not yet removed)."""
-  if os.environ.get(FAULT) == phase:
-    os.kill(os.getpid(), signal.SIGKILL)
+  """MLA_JAX_FAULT=<phase> kills the writer at <phase>, for the kill tests (files.fault):
+  'shard:<i>:written' (shard i renamed into place, not yet in progress.json),
+  'shard:<i>:recorded' (in progress.json) and 'manifest' (manifest.json written, leftovers not
+  yet removed)."""
+  files.fault(phase)
 
 
 def write_whole(path: pathlib.Path, payload: bytes) -> None:
-  """path written under a fixed temporary name and renamed into place: a reader sees the old
-  file or the new one, and a killed writer's leftover is overwritten by the rerun (not
-  workdir.write_whole: that module starts jax, which a tokenizer has no use for)."""
-  tmp = path.with_name(f'.{path.name}.tmp')
-  try:
-    tmp.write_bytes(payload)
-    os.replace(tmp, path)
-  except OSError as e:
-    with contextlib.suppress(OSError):
-      tmp.unlink()
-    raise ShardError(f'cannot write {path} ({e.strerror}); free space or make {path.parent} '
-                     'writable, then run the same command again') from None
+  """files.write_whole: a reader sees the old file or the new one; a killed writer's temporary
+  file is removed when the corpus is finished (_remove_leftovers)."""
+  files.write_whole(path, payload, ShardError)
 
 
 def _json(value) -> bytes:

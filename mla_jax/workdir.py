@@ -24,7 +24,10 @@ Every CLI reads what it needs from here. A run survives being killed at any inst
 - .lock (an flock, which the kernel drops when its process dies) keeps a second `train`
   out of a workdir that is being trained.
 MLA_JAX_FAULT=<phase>[:TERM] kills the process (SIGKILL, or SIGTERM) at a named point of a
-save or of start-up, to test all this (see `fault`).
+save or of start-up, to test all this (files.fault): 'start' (workdir locked, run restored,
+config written; before the first step) and, around each save into checkpoints/ or best/,
+'<folder>:before', '<folder>:during' (orbax's temporary folder exists, the checkpoint is not
+finished), '<folder>:written' (finished, no checksums yet) and '<folder>:after'.
 """
 
 from __future__ import annotations
@@ -41,7 +44,6 @@ import pathlib
 import shutil
 import signal
 import socket
-import tempfile
 import threading
 import time
 
@@ -49,9 +51,10 @@ import jax
 import orbax.checkpoint as ocp
 from flax import nnx
 
-from mla_jax import attention_op, sharding, tokenizer
+from mla_jax import attention_op, files, sharding, tokenizer
 from mla_jax.config import ConfigError, ModelConfig
 from mla_jax.errors import Error, InputError
+from mla_jax.files import FAULT, fault
 from mla_jax.model import abstract, param_shapes
 from mla_jax.run_config import RunConfig
 
@@ -112,29 +115,9 @@ def write_json(workdir, name: str, value) -> None:
 
 
 def write_whole(path, text: str) -> None:
-  """Writes path whole: into a temporary file named for this writer alone (two processes
-  writing eval.json at once never share one), renamed into place, so a reader sees the old
-  file or the new one. A full disk is one line naming the folder; the old file is kept."""
-  path = pathlib.Path(path)
-  try:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f'.{path.name}.', suffix='.tmp')
-  except OSError as e:
-    raise _write_error(path, e) from None
-  try:
-    with os.fdopen(fd, 'w') as f:
-      f.write(text)
-    os.replace(tmp, path)
-  except OSError as e:
-    with contextlib.suppress(OSError):
-      os.unlink(tmp)
-    raise _write_error(path, e) from None
-
-
-def _write_error(path: pathlib.Path, e: OSError) -> WorkdirError:
-  if e.errno in (errno.ENOSPC, errno.EDQUOT):
-    return WorkdirError(f'no space left on {path.parent} (writing {path.name}); free some space '
-                        'and run the same command again (nothing was lost)')
-  return WorkdirError(f'cannot write {path} ({e.strerror}); make {path.parent} writable')
+  """Writes path whole (files.write_whole): a reader sees the old file or the new one; a full
+  disk is one WorkdirError naming the folder."""
+  files.write_whole(path, text, WorkdirError)
 
 
 def must_be_new(path, what: str) -> None:
@@ -351,23 +334,7 @@ def truncate_metrics(workdir, step: int) -> None:
 
 
 # --- kill safety: fault injection, checksums, idempotent saves -----------------------------
-FAULT = 'MLA_JAX_FAULT'
 CHECKSUMS = 'checksums.json'
-
-
-def fault(phase: str) -> None:
-  """Fault injection for the kill-safety tests: MLA_JAX_FAULT=<phase> sends this process
-  SIGKILL when it reaches <phase>, MLA_JAX_FAULT=<phase>:TERM sends SIGTERM. Phases: 'start'
-  (workdir locked, run restored, config written; before the first step) and, around each save
-  into checkpoints/ or best/, '<folder>:before', '<folder>:during' (orbax's temporary folder
-  exists, the checkpoint is not finished), '<folder>:written' (finished, no checksums yet) and
-  '<folder>:after'."""
-  wanted = os.environ.get(FAULT, '')
-  sig = signal.SIGKILL
-  if wanted.endswith(':TERM'):
-    wanted, sig = wanted.removesuffix(':TERM'), signal.SIGTERM
-  if wanted == phase:
-    os.kill(os.getpid(), sig)
 
 
 def _kill_during_save(folder: pathlib.Path, step: int) -> None:
