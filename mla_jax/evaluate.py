@@ -47,17 +47,17 @@ def main():
   model, cfg, step = wd.load_checkpoint(FLAGS.workdir, FLAGS.step, mesh=mesh)
   if not FLAGS.data and config.data is not None and config.data.task == 'mqar':
     return _recall(config, model, mesh, step)
-  # .npy ids need no tokenizer (an imported checkpoint may have none)
-  tok = wd.load_tokenizer(FLAGS.workdir, required=FLAGS.tokenizer == 'run')
   if FLAGS.data:
+    # .npy ids need no tokenizer (an imported checkpoint may have none)
+    tok = wd.load_tokenizer(FLAGS.workdir, required=FLAGS.tokenizer == 'run')
     tokens, n_bytes = perplexity.read_tokens(FLAGS.data, FLAGS.tokenizer, cfg.vocab_size, tok)
     source = FLAGS.data
   else:
     if config.data is None:
       raise data.DataError(f'{FLAGS.workdir} has no corpus (a converted checkpoint); give '
                            '--data=FILE')
-    text = tasks.Text(config, stored=FLAGS.workdir)  # the run's corpus, as it trained on it
-    tokens, source = text.splits[FLAGS.split], FLAGS.split
+    text = tasks.Text(config, stored=FLAGS.workdir)  # the run's corpus and tokenizer
+    tok, tokens, source = text.tokenizer, text.splits[FLAGS.split], FLAGS.split
     n_bytes = text.scored_bytes(FLAGS.split)
   pick = lambda flag, default: default if flag is None else flag
   seq_len = pick(FLAGS.seq_len, config.eval.seq_len)
