@@ -118,8 +118,16 @@ def test_moe_steps_match_one_device_with_the_experts_split(corpus):
                       topk_method='noaux_tc', n_group=4, topk_group=2, norm_topk_prob=True,
                       routed_scaling_factor=2.5, bias_update_speed=1e-3)
   sizes = [(1, 1, 1, 1), (1, 1, 1, 8), (1, 2, 1, 4)]
-  print(json.dumps({str(s): losses_on(config, s, 4) for s in sizes}))
+  out = {str(s): losses_on(config, s, 4) for s in sizes}
+  mesh = mesh_of((1, 1, 1, 8))
+  shardings = training.init_state(config, mesh)[2]
+  # the experts' leading [E] dimension (weights and their optimizer moments), as laid out
+  out['experts'] = sorted({str(v.get_value().spec[0]) for path, v in nnx.to_flat_state(shardings)
+                           if path[-1] in ('w_gate', 'w_up', 'w_down')
+                           and len(v.get_value().spec) == 3})
+  print(json.dumps(out))
   ''', corpus)
+  assert losses['experts'] == ['expert']  # split over the expert axis, not replicated
   reference = losses['(1, 1, 1, 1)']
   assert reference[-1] < reference[0] - 0.1  # it trains
   for sizes in ('(1, 1, 1, 8)', '(1, 2, 1, 4)'):
