@@ -1,6 +1,6 @@
-"""The commands and the workdir under the defects a 259-case probe found (issue 29, Reliability):
-each test failed on the code before its fix. Commands run as subprocesses on one tiny trained
-run (as a user runs them); checks that need no command call the library."""
+"""The commands and the workdir under the defects a 259-case probe found (2026-12-07, commit
+4b9ed11): each test failed on the code before its fix. Commands run as subprocesses on one
+tiny trained run (as a user runs them); checks that need no command call the library."""
 
 import errno
 import functools

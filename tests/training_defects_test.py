@@ -1,6 +1,6 @@
-"""The training path's defects from issue 29's reliability probe, one test each (numbered as
-there). Every bad input is refused with one line naming the problem, and nothing is written
-or lost."""
+"""The training path's defects that a 259-case reliability probe found (2026-12-07, commit
+4b9ed11), one test each, numbered as the probe numbered them. Every bad input is refused with
+one line naming the problem, and nothing is written or lost."""
 
 import hashlib
 import math
