@@ -6,30 +6,41 @@ r"""Training throughput: the train step alone, inside the training loop, and bes
   python -m experiments.bench_train --size=peer --variants=mha,mla --peer --loop=false
   python -m experiments.bench_train --size=large --variants=mha,mla --impls=einsum,kernels \
       --peer --loop=false                                        # the accelerator report's rows
+  python -m experiments.bench_train --moe           # .../bench_train/bench_train_moe.json
 
 Sizes (config_for): `default`, each variant's configs/<name>.py; `peer`, that model at batch
 16 x 256; `large`, d_model 1024, 8 layers, 16 heads of 64, batch 32 x 1024; `tiny`,
 configs/<name>.py:tiny (what --quick runs). The loop is timed per logging window after the
 first, with validation and checkpoints pushed past its end; the peer is experiments/torch_peer.py.
+MFU counts the flops of the parameters a token passes through (an MoE layer's K chosen experts
+of E: model.active_param_count).
+
+--moe times DeepSeekMoE instead (docs/benchmarks.md, "Mixture of experts"): configs/mla_moe.py
+(at --size) beside transformers holding the same initial weights (its loss at init checked
+equal to ours) under both its experts implementations, with our dense all-experts reference
+(moe_impl='dense') alongside; then our dropless step against that reference at 64 experts, 6
+per token (MOE_GEOMETRY), with the step flops each must spend.
 """
 
 from __future__ import annotations
 
+import copy
 import functools
 import json
 import os
 import pathlib
 import tempfile
+import time
 
 import jax
 import numpy as np
 from absl import flags
 
-from experiments import common, tables
+from experiments import common, tables, timing
 from experiments.timing import Rows, attention_kernel, machine_limits, time_train_step
 from mla_jax import cli, platform, sharding, training
 from mla_jax.config import ModelConfig
-from mla_jax.model import param_count
+from mla_jax.model import active_param_count, param_count
 
 FLAGS = flags.FLAGS
 flags.DEFINE_list('variants', ['mha', 'gqa', 'mqa', 'mla'], 'configs/<name>.py to measure')
@@ -42,6 +53,7 @@ flags.DEFINE_string('data_files', '', 'a text glob for the loop instead of the d
 flags.DEFINE_integer('window', 8, 'steps per timed window of the training loop')
 flags.DEFINE_bool('peer', False, "also time transformers' model on the same config")
 flags.DEFINE_float('peak_tflops', 0.0, 'the peak for MFU (0: the matmul rate measured now)')
+flags.DEFINE_bool('moe', False, 'time the MoE model (module docstring) instead of --variants')
 flags.DEFINE_bool('deterministic', False, 'deterministic GPU ops, as train.deterministic=True '
                   'gives the train command (bit-exact resume; no cuDNN attention)')
 
@@ -53,6 +65,8 @@ def config_for(variant: str, size: str, impl: str):
   if size in ('peer', 'large'):
     config.data.update(batch_size=16, seq_len=256)
   if size == 'large':
+    if m.n_routed_experts:  # experts as wide, against d_model, as the config's
+      m.moe_intermediate_size = m.moe_intermediate_size * 1024 // m.d_model
     m.update(d_model=1024, n_layers=8, n_heads=16, d_ff=2752, max_seq_len=1024)
     config.data.update(batch_size=32, seq_len=1024)
     if m.attention == 'mla':
@@ -62,10 +76,21 @@ def config_for(variant: str, size: str, impl: str):
   return config
 
 
-def flops_per_token(cfg: ModelConfig, seq_len: int) -> float:
-  """6 N + 12 L T d: the matmuls of forward and backward, and attention's scores and values."""
-  n = param_count(cfg) - cfg.vocab_size * cfg.d_model * (0 if cfg.tie_embeddings else 1)
+def flops_per_token(cfg: ModelConfig, seq_len: int, experts: int = 0) -> float:
+  """6 N + 12 L T d: the matmuls of forward and backward, and attention's scores and values;
+  N the parameters a token passes through (active_param_count: an MoE layer's K chosen routed
+  experts, not all E) without the embedding table. experts: as if each token went through
+  that many routed experts instead of K (E: what the dense all-experts reference computes)."""
+  n = active_param_count(cfg) - cfg.vocab_size * cfg.d_model * (0 if cfg.tie_embeddings else 1)
+  if experts:
+    n += routed_expert_params(cfg) * (experts - cfg.num_experts_per_tok)
   return 6 * n + 12 * cfg.n_layers * seq_len * cfg.d_model
+
+
+def routed_expert_params(cfg: ModelConfig) -> int:
+  """The parameters of one routed expert (a SwiGLU: gate, up, down), over all MoE layers."""
+  layers = sum(map(cfg.is_moe_layer, range(cfg.n_layers)))
+  return layers * 3 * cfg.d_model * (cfg.moe_intermediate_size or 0)
 
 
 def _loop_tokens_per_s(config, window: int, data_files: str) -> float:
@@ -85,6 +110,7 @@ def bench_row(variant: str, impl: str, peak_flops: float) -> dict:
   cfg = ModelConfig.from_dict(config.model)
   tokens = config.data.batch_size * config.data.seq_len
   row = {'variant': variant, 'impl': impl, 'params': param_count(cfg),
+         'active_params': active_param_count(cfg),
          'dtype': str(cfg.compute_dtype), 'batch': config.data.batch_size,
          'seq_len': config.data.seq_len,  # first: a failure here loses no timing
          'attention_kernel': attention_kernel(config, sharding.make_mesh(config.mesh))}
@@ -105,6 +131,78 @@ def bench_row(variant: str, impl: str, peak_flops: float) -> dict:
   return row
 
 
+# The geometry --moe times the dropless step at against the dense reference: configs/mla_moe.py
+# with DeepSeek-V2-Lite's expert counts (64 routed, 6 per token, 2 shared) a quarter of d_model
+# wide; the dense path computes 64 / 6 = 10.7x the routed experts' flops. Its batch is a
+# quarter of the config's: on a CPU, XLA lowers ragged_dot to a matmul of every row against
+# every expert ([N K, E d] built whole: 3.2 GB at 32 x 256 tokens).
+MOE_GEOMETRY = dict(n_routed_experts=64, num_experts_per_tok=6, n_shared_experts=2, n_group=8,
+                    topk_group=4)
+MOE_FIELDS = ('n_routed_experts', 'num_experts_per_tok', 'n_shared_experts',
+              'moe_intermediate_size', 'n_group', 'topk_group', 'scoring_func', 'topk_method')
+
+
+def moe_configs(size: str) -> dict:
+  """name -> config of each --moe row: configs/mla_moe.py at `size`, then MOE_GEOMETRY."""
+  config = config_for('mla_moe', size, 'auto')
+  geometry = copy.deepcopy(config)
+  geometry.model.update(MOE_GEOMETRY, moe_intermediate_size=config.model.d_model // 4)
+  geometry.data.batch_size = max(1, config.data.batch_size // 4)
+  return {'mla_moe': config, 'moe_64_top6': geometry}
+
+
+def moe_row(name: str, config, peak_flops: float, peer: bool) -> dict:
+  """One --moe row: our dropless step ('ragged') and the dense reference ('dense': every
+  expert on every token) on config, with `peer` transformers' under each of its experts
+  implementations (holding our initial weights, its loss at init checked equal to ours), all
+  alternately; per step its timing and MFU on the active parameters, ours / it in tokens/s, and
+  the flops per token each way of running the experts must spend."""
+  from experiments import torch_peer  # torch and transformers: the dev extra
+  cfg = ModelConfig.from_dict(config.model)
+  tokens, seq_len = config.data.batch_size * config.data.seq_len, config.data.seq_len
+  row = {'name': name, 'params': param_count(cfg), 'active_params': active_param_count(cfg),
+         **{k: config.model[k] for k in MOE_FIELDS}, 'batch': config.data.batch_size,
+         'seq_len': seq_len, 'compile_s': {}, 'loss_init': {}}
+  dense = copy.deepcopy(config)
+  dense.model.moe_impl = 'dense'
+  steps = {}
+  for impl, build in (('ragged', config), ('dense', dense)):
+    start = time.perf_counter()
+    steps[impl] = torch_peer.jax_step(build)
+    row['loss_init'][impl] = float(steps[impl]()['loss'])  # compiles; before the first update
+    row['compile_s'][impl] = time.perf_counter() - start
+  if peer:
+    with tempfile.TemporaryDirectory() as tmp:
+      peers, row['loss_init']['torch'] = torch_peer.same_weights_peers(
+          config, pathlib.Path(tmp), row['loss_init']['ragged'])
+    steps.update(peers)
+  blocks = max(2, FLAGS.direct_steps // 2)
+  result = timing.compare(steps, tokens, blocks, max(1, FLAGS.direct_steps // blocks))
+  model = flops_per_token(cfg, seq_len)
+  row['flops_per_token'] = {'model': model,
+                            'dense': flops_per_token(cfg, seq_len, cfg.n_routed_experts)}
+  if platform.current() == 'cpu':  # ragged_dot as XLA:CPU lowers it: all E experts, N K rows
+    row['flops_per_token']['ragged_as_lowered'] = flops_per_token(
+        cfg, seq_len, cfg.n_routed_experts * cfg.num_experts_per_tok)
+  row['steps'] = {n: {**result[n], 'mfu': result[n]['tokens_per_s'] * model / peak_flops}
+                  for n in steps}
+  row['ratios'] = {n: result[f'ratio_ragged_over_{n}'] for n in steps if n != 'ragged'}
+  return row
+
+
+def moe_main(rows: Rows, peak: float) -> None:
+  from experiments import torch_peer
+  peer = torch_peer.available()
+  if not peer:
+    print(torch_peer.MISSING, flush=True)
+  for i, (name, config) in enumerate(moe_configs(size()).items()):
+    row = rows.add(functools.partial(moe_row, name, config, peak, peer and i == 0), name=name)
+    if row is not None:
+      print(row, flush=True)
+  print('\n'.join([*tables.bench_train_moe_table({'rows': rows.rows}), '',
+                   *tables.bench_train_moe_flops_table({'rows': rows.rows})]))
+
+
 def size() -> str:
   return 'tiny' if FLAGS.quick else FLAGS.size
 
@@ -118,10 +216,14 @@ def main():
   measured = machine_limits(5, mib=256, dtype=dtype,
                             n=2048 if platform.current() == 'cpu' else 8192)
   peak = FLAGS.peak_tflops * 1e12 or measured['matmul_flops_per_s']
-  rows = Rows(common.out_dir('bench_train') / 'bench_train.json', device=str(jax.devices()[0]),
-              size=size(), peak_flops=peak,
+  rows = Rows(common.out_dir('bench_train') / f"bench_train{'_moe' if FLAGS.moe else ''}.json",
+              device=str(jax.devices()[0]), size=size(), peak_flops=peak,
               measured_matmul_flops_per_s=measured['matmul_flops_per_s'],
               deterministic=FLAGS.deterministic)
+  if FLAGS.moe:
+    moe_main(rows, peak)
+    rows.finish()
+    return
   for variant in FLAGS.variants:
     for impl in FLAGS.impls:
       row = rows.add(functools.partial(bench_row, variant, impl, peak), variant=variant,

@@ -112,11 +112,59 @@ def bench_train_table(payload: dict) -> list[str]:
   return table(
       ['variant', 'impl', 'params', 'dtype', 'compile (s)', 'step alone (tokens/s)', 'MFU',
        'loop (tokens/s)', 'loop / alone', 'torch (tokens/s)', 'ours / torch'], 'llRlRRRRRRR',
-      ([r['variant'], impl(r), f"{r['params'] / 1e6:.2f}M", r.get('dtype', '-'),
+      ([r['variant'], impl(r), _params(r), r.get('dtype', '-'),
         f"{r['compile_s']:.1f}", f"{r.get('tokens_per_s', r.get('direct_tokens_per_s')):.0f}",
         opt(r, 'mfu', '.1%'), opt(r, 'loop_tokens_per_s', '.0f'),
         opt(r, 'loop_vs_direct', '.2f'), opt(r, 'torch_tokens_per_s', '.0f'),
         opt(r, 'ratio_vs_torch', '.2f')] for r in payload['rows']))
+
+
+def _params(r: dict) -> str:
+  """'6.77M', and the parameters a token passes through where fewer (an MoE model's)."""
+  active = r.get('active_params', r['params'])
+  return f"{r['params'] / 1e6:.2f}M" + (f' ({active / 1e6:.2f}M active)'
+                                        if active != r['params'] else '')
+
+
+# bench_train --moe: what each timed step of a row is
+MOE_STEPS = {'ragged': 'ours, dropless (ragged_dot)', 'dense': 'ours, dense reference',
+             'torch_grouped_mm': 'transformers, grouped_mm', 'torch_eager': 'transformers, eager'}
+
+
+def _moe_label(r: dict) -> str:
+  return (f"{r['name']}: E={r['n_routed_experts']}, K={r['num_experts_per_tok']}, shared "
+          f"{r['n_shared_experts']}, f={r['moe_intermediate_size']}, {r['batch']} x {r['seq_len']}")
+
+
+def bench_train_moe_table(payload: dict) -> list[str]:
+  """bench_train --moe: one line per timed step of each row (alternated within the row)."""
+  def line(r, name):
+    s, ratio = r['steps'][name], r['ratios'].get(name)
+    loss = r['loss_init'].get('torch' if name.startswith('torch') else name)
+    return [_moe_label(r), _params(r), MOE_STEPS[name], f'{loss:.5f}',
+            f"{s['step_s_min']:.2f} / {s['step_s']:.2f}", f"{s['tokens_per_s']:.0f}",
+            f"{s['mfu']:.1%}", f"{ratio['ratio']:.2f} ({ratio['block_min']:.2f}-"
+            f"{ratio['block_max']:.2f})" if ratio else '-']
+  return table(['model', 'params', 'step', 'loss at init', 'step s (min / median)', 'tokens/s',
+                'MFU (active)', 'ours / it (blocks)'], 'lllRRRRR',
+               (line(r, name) for r in payload['rows'] for name in r['steps']))
+
+
+def bench_train_moe_flops_table(payload: dict) -> list[str]:
+  """bench_train --moe: per row, the train step's flops per token when the routed experts run
+  dropless (the model's), on every expert (the dense reference) and as XLA lowers ragged_dot
+  on a CPU, and the dense reference's step time over the dropless one: expected (flops) and
+  measured."""
+  def line(r):
+    f = r['flops_per_token']
+    lowered = f.get('ragged_as_lowered')
+    measured = r['steps']['dense']['step_s'] / r['steps']['ragged']['step_s']
+    return [_moe_label(r), f"{f['model'] / 1e6:.1f}", f"{f['dense'] / 1e6:.1f}",
+            f'{lowered / 1e6:.1f}' if lowered else '-', f"{f['dense'] / f['model']:.2f}",
+            f'{f["dense"] / lowered:.2f}' if lowered else '-', f'{measured:.2f}']
+  return table(['model', 'MFLOP/token: dropless', 'dense reference', 'ragged_dot as lowered',
+                'dense / dropless: flops', 'dense / as lowered: flops',
+                'dense / dropless: step time'], 'lRRRRRR', map(line, payload['rows']))
 
 
 def decode_pivot_table(payload: dict, points=((8, 16384), (32, 65536))) -> list[str]:
@@ -259,6 +307,8 @@ REPORTS: dict[str, tuple[str, dict]] = {
        for stem in ('cache_quantization', 'cache_quantization_mla_full')},
     'bench_decode': ('bench_decode/bench_decode.json', {'table': bench_decode_table}),
     'bench_train': ('bench_train/bench_train.json', {'table': bench_train_table}),
+    'bench_train_moe': ('bench_train/bench_train_moe.json', {'table': bench_train_moe_table,
+                                                             'flops': bench_train_moe_flops_table}),
     'bench_mesh': ('bench_mesh/bench_mesh.json', {'table': bench_mesh_table}),
     'hf_equality': ('hf_equality/hf_equality.json', {'fixtures': hf_equality_table,
                                                      'trained': hf_trained_table}),

@@ -164,9 +164,13 @@ def fixed_batch_step(config, mesh, compiler_options=None) -> tuple:
   graphdef, state, shardings = training.init_state(config, mesh)
   batch_sharding, shape, _ = training.batch_layout(config, mesh)
   step = training.jit_train_step(graphdef, shardings, batch_sharding, compiler_options)
-  windows = np.random.default_rng(0).integers(0, 256, (*shape[:-1], shape[-1] + 1),
-                                              dtype=np.int32)
-  return state, step, jax.device_put(tasks.text_batch(windows), batch_sharding)
+  return state, step, jax.device_put(tasks.text_batch(fixed_windows(shape)), batch_sharding)
+
+
+def fixed_windows(shape: tuple[int, ...]) -> np.ndarray:
+  """The fixed batch's token windows [..., seq_len + 1] for a batch of `shape` [..., seq_len]
+  (fixed_batch_step's; the torch peer trains on the same ones when it checks its loss)."""
+  return np.random.default_rng(0).integers(0, 256, (*shape[:-1], shape[-1] + 1), dtype=np.int32)
 
 
 # A custom call's name in the train step's program -> the attention kernel it is.

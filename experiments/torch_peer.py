@@ -16,14 +16,16 @@ from __future__ import annotations
 
 import contextlib
 import importlib.util
+import pathlib
 import time
 
 import jax
 import numpy as np
+from flax import nnx
 
 from experiments import common, timing
 from experiments.timing import Step
-from mla_jax import platform, sharding
+from mla_jax import hf, platform, sharding, training
 from mla_jax.config import ModelConfig
 
 MISSING = ("torch and transformers are not installed (pip install -e '.[dev]'): the torch "
@@ -37,12 +39,16 @@ def available() -> bool:
 
 def torch_step(model_cfg: ModelConfig, batch: int, seq_len: int, lr: float = 3e-3,
                b1: float = 0.9, b2: float = 0.95, weight_decay: float = 0.1,
-               clip_norm: float = 1.0, threads: int | None = None, seed: int = 0) -> Step:
-  """One transformers training step (forward, loss, backward, clip, AdamW) on a fixed batch."""
+               clip_norm: float = 1.0, threads: int | None = None, seed: int = 0,
+               weights: pathlib.Path | None = None, windows: np.ndarray | None = None,
+               experts: str | None = None) -> Step:
+  """One transformers training step (forward, loss, backward, clip, AdamW) on a fixed batch.
+
+  weights: a folder hf.save wrote (the model holds its weights, not a random init of its own);
+  windows: the batch's token windows [batch, seq_len + 1] (default: drawn from `seed`);
+  experts: transformers' experts_implementation for an MoE model (None: its default)."""
   import torch
   import transformers
-
-  from mla_jax import hf
 
   if threads:
     torch.set_num_threads(threads)
@@ -52,9 +58,17 @@ def torch_step(model_cfg: ModelConfig, batch: int, seq_len: int, lr: float = 3e-
   hf_json = hf.config_to_hf(model_cfg)
   config_class = (transformers.DeepseekV3Config if 'Deepseek' in hf_json['architectures'][0]
                   else transformers.LlamaConfig)
-  config = config_class(**{k: v for k, v in hf_json.items() if k not in ('dtype', 'torch_dtype')})
-  config._attn_implementation = 'sdpa'
-  model = getattr(transformers, hf_json['architectures'][0])(config).float().train().to(device)
+  model_class = getattr(transformers, hf_json['architectures'][0])
+  chosen = {'experts_implementation': experts} if experts else {}
+  if weights is not None:
+    model = model_class.from_pretrained(weights, dtype=torch.float32, attn_implementation='sdpa',
+                                        **chosen)
+  else:
+    config = config_class(**{k: v for k, v in hf_json.items()
+                             if k not in ('dtype', 'torch_dtype')}, **chosen)
+    config._attn_implementation = 'sdpa'
+    model = model_class(config)
+  model = model.float().train().to(device)
   autocast = (torch.autocast('cuda', dtype=torch.bfloat16)
               if gpu and model_cfg.compute_dtype == jax.numpy.bfloat16
               else contextlib.nullcontext())
@@ -64,9 +78,9 @@ def torch_step(model_cfg: ModelConfig, batch: int, seq_len: int, lr: float = 3e-
   # fused=True: one kernel over all tensors (fused vs foreach was not timed: the whole update
   # is under 1% of the step, see experiments/results/cpu_profile.md).
   opt = torch.optim.AdamW(groups, lr=lr, betas=(b1, b2), fused=True)
-  tokens = torch.from_numpy(
-      np.random.default_rng(seed).integers(0, model_cfg.vocab_size, (batch, seq_len + 1)))
-  tokens = tokens.to(device)
+  if windows is None:
+    windows = np.random.default_rng(seed).integers(0, model_cfg.vocab_size, (batch, seq_len + 1))
+  tokens = torch.from_numpy(np.asarray(windows, np.int64)).to(device)
   inputs, labels = tokens[:, :-1], tokens[:, 1:].reshape(-1)
 
   clip = lambda: torch.nn.utils.clip_grad_norm_(params, clip_norm)
@@ -131,3 +145,40 @@ def peer_config(variant: str, batch: int, seq_len: int, arg: str = ''):
   config = common.load_config(variant, arg)
   config.data.update(batch_size=batch, seq_len=seq_len)
   return config
+
+
+# transformers' ways to run the routed experts (its experts_implementation), both timed beside
+# ours: 'grouped_mm' (its default: the tokens sorted by expert, one torch grouped matmul per
+# projection) and 'eager' (a Python loop over the experts that received tokens).
+EXPERTS = ('grouped_mm', 'eager')
+
+
+def same_weights_peers(config, tmp: pathlib.Path,
+                       our_loss: float) -> tuple[dict[str, Step], float]:
+  """({'torch_<impl>': step}, its loss at init): the transformers step under each of EXPERTS,
+  holding our initial weights (config.seed, as the trainer draws them, exported by hf.save
+  into `tmp`) and training on our fixed batch (timing.fixed_windows). Raises unless its loss at
+  init equals `our_loss` (ours on that batch, before any update) within LOSS_ATOL: else the
+  two would not be the same model on the same batch, and timing them side by side would
+  compare nothing."""
+  mesh = sharding.make_mesh(config.mesh)
+  with jax.set_mesh(mesh):
+    graphdef, state, _ = training.init_state(config, mesh)
+    model = nnx.merge(graphdef, state)[0]
+  hf.save(model, tmp / 'init')
+  shape = training.batch_layout(config, mesh)[1]
+  windows = timing.fixed_windows(shape).reshape(-1, shape[-1] + 1)
+  batch, seq_len = config.data.batch_size, config.data.seq_len
+  steps = {f'torch_{impl}': torch_step(model.cfg, batch, seq_len, weights=tmp / 'init',
+                                       windows=windows, experts=impl, **opt_kwargs(config))
+           for impl in EXPERTS}
+  losses = {name: step.parts[0]().item() for name, step in steps.items()}
+  if not all(abs(loss - our_loss) <= LOSS_ATOL for loss in losses.values()):
+    raise AssertionError(f'the losses at init differ: ours {our_loss}, transformers {losses} '
+                         f'(> {LOSS_ATOL} apart): the peer is not the same model')
+  return steps, losses[f'torch_{EXPERTS[0]}']
+
+
+# Our loss at init and the peer's, float32 on the same weights and batch: a sum over the
+# batch's tokens in another order (~1e-6 here); a wrong weight moves it by ~1e-2 or more.
+LOSS_ATOL = 1e-4
