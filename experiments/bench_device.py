@@ -22,10 +22,10 @@ import jax
 from absl import app, flags
 
 from experiments import common, report, tables, torch_peer
-from mla_jax import cli
+from mla_jax import cli, platform
 
 FLAGS = flags.FLAGS
-flags.DEFINE_list('parts', ['check', 'train', 'decode', 'train_deterministic'],
+flags.DEFINE_list('parts', ['check', 'train', 'decode', 'train_deterministic', 'train_moe'],
                   'which parts to run, in order')
 flags.DEFINE_float('peak_tflops', 0.0, 'peak for MFU (0: 989 on H100/H200, else measured)')
 
@@ -33,16 +33,12 @@ flags.DEFINE_float('peak_tflops', 0.0, 'peak for MFU (0: 989 on H100/H200, else 
 PARTS = {'check': ('device_check', tables.device_check_table),
          'train': ('bench_train', tables.bench_train_table),
          'decode': ('bench_decode', tables.bench_decode_report),
-         'train_deterministic': ('bench_train', tables.bench_train_table)}
-# Nominal dense bfloat16 peaks (TFLOP/s) for MFU; other devices use the measured matmul rate.
-PEAKS = {'H100': 989.0, 'H200': 989.0}
-
-
+         'train_deterministic': ('bench_train', tables.bench_train_table),
+         'train_moe': ('bench_train', tables.bench_train_table)}
 def _peak() -> float:
-  if FLAGS.peak_tflops:
-    return FLAGS.peak_tflops
-  kind = jax.devices()[0].device_kind
-  return next((peak for name, peak in PEAKS.items() if name in kind), 0.0)
+  """--peak_tflops, else the device's nominal peak (platform.PEAK_TFLOPS), else 0: the parts
+  measure the matmul rate."""
+  return FLAGS.peak_tflops or (platform.peak_flops() or 0.0) / 1e12
 
 
 def commands(out: pathlib.Path, quick: bool) -> dict[str, tuple[list[str], int]]:
@@ -64,6 +60,8 @@ def commands(out: pathlib.Path, quick: bool) -> dict[str, tuple[list[str], int]]
                                  '--variants=mla', '--impls=kernels', '--direct_steps=2',
                                  '--loop=false', '--deterministic=true',
                                  f'--out={out / "train_deterministic"}'], 900),
+        'train_moe': ([*py, 'experiments.bench_train', '--size=tiny', '--variants=mla_moe',
+                       '--direct_steps=2', '--loop=false', f'--out={out / "train_moe"}'], 900),
     }
   return {
       'check': ([*py, 'experiments.device_check', f'--out={out / "check"}'], 150),
@@ -76,6 +74,10 @@ def commands(out: pathlib.Path, quick: bool) -> dict[str, tuple[list[str], int]]
       'train_deterministic': ([*py, 'experiments.bench_train', *large, '--impls=kernels',
                                '--deterministic=true',
                                f'--out={out / "train_deterministic"}'], 90),
+      # configs/mla_moe.py at the large size (its experts as wide against d_model): tokens/s
+      # and MFU on the parameters a token passes through.
+      'train_moe': ([*py, 'experiments.bench_train', *large, '--variants=mla_moe',
+                     '--impls=kernels', *peer, f'--out={out / "train_moe"}'], 200),
   }
 
 

@@ -40,7 +40,7 @@ from experiments import common, tables, timing
 from experiments.timing import Rows, attention_kernel, machine_limits, time_train_step
 from mla_jax import cli, platform, sharding, training
 from mla_jax.config import ModelConfig
-from mla_jax.model import active_param_count, param_count
+from mla_jax.model import active_param_count, param_count, train_flops_per_token
 
 FLAGS = flags.FLAGS
 flags.DEFINE_list('variants', ['mha', 'gqa', 'mqa', 'mla'], 'configs/<name>.py to measure')
@@ -77,14 +77,11 @@ def config_for(variant: str, size: str, impl: str):
 
 
 def flops_per_token(cfg: ModelConfig, seq_len: int, experts: int = 0) -> float:
-  """6 N + 12 L T d: the matmuls of forward and backward, and attention's scores and values;
-  N the parameters a token passes through (active_param_count: an MoE layer's K chosen routed
-  experts, not all E) without the embedding table. experts: as if each token went through
-  that many routed experts instead of K (E: what the dense all-experts reference computes)."""
-  n = active_param_count(cfg) - cfg.vocab_size * cfg.d_model * (0 if cfg.tie_embeddings else 1)
-  if experts:
-    n += routed_expert_params(cfg) * (experts - cfg.num_experts_per_tok)
-  return 6 * n + 12 * cfg.n_layers * seq_len * cfg.d_model
+  """model.train_flops_per_token (6 N + 12 L T d, N the parameters a token passes through);
+  experts: as if each token went through that many routed experts instead of K (E: what the
+  dense all-experts reference computes)."""
+  extra = routed_expert_params(cfg) * (experts - cfg.num_experts_per_tok) if experts else 0
+  return train_flops_per_token(cfg, seq_len) + 6 * extra
 
 
 def routed_expert_params(cfg: ModelConfig) -> int:

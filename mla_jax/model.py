@@ -130,6 +130,14 @@ def active_param_count(cfg: ModelConfig) -> int:
   return total
 
 
+def train_flops_per_token(cfg: ModelConfig, seq_len: int) -> float:
+  """A train step's flops per token, what MFU counts: 6 N + 12 L T d, the matmuls of forward
+  and backward (N: the parameters a token passes through, active_param_count, less the
+  embedding table, a lookup) and attention's scores and values over seq_len keys."""
+  embedding = 0 if cfg.tie_embeddings else cfg.vocab_size * cfg.d_model
+  return 6 * (active_param_count(cfg) - embedding) + 12 * cfg.n_layers * seq_len * cfg.d_model
+
+
 def with_params(cfg: ModelConfig, params: dict,
                 op: attention_op.AttentionOp | None = None) -> Transformer:
   """A Transformer of cfg holding `params`, a nested dict as nnx.to_pure_dict gives (of every

@@ -30,3 +30,14 @@ def devices(mesh=None) -> int:
 
 def is_accelerator(platform: str) -> bool:
   return platform != 'cpu'
+
+
+# Nominal dense bfloat16 peaks (TFLOP/s) of the device kinds MFU is reported for.
+PEAK_TFLOPS = {'H100': 989.0, 'H200': 989.0}
+
+
+def peak_flops() -> float | None:
+  """One device's nominal peak (flop/s) where PEAK_TFLOPS names its kind; None elsewhere (a
+  CPU: no nominal figure means anything there, benchmarks measure its matmul rate instead)."""
+  kind = jax.devices()[0].device_kind
+  return next((tflops * 1e12 for name, tflops in PEAK_TFLOPS.items() if name in kind), None)

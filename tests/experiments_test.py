@@ -127,6 +127,34 @@ def test_ab_timer_measures_the_ratio_of_two_steps():
   assert result['fast']['tokens_per_s'] == pytest.approx(100 / result['fast']['step_s'])
 
 
+@pytest.mark.slow  # torch and transformers only (CI skips it); ~100 s on a busy 2-core host
+def test_torch_peer_holds_our_weights_and_computes_our_loss(tmp_path):
+  """bench_train --moe's peer: transformers' DeepseekV3 under each experts implementation,
+  holding our initial weights (exported by hf.save) on our fixed batch, gives our loss at init;
+  a loss 1e-3 away is refused (the check that the two are the same model can fail)."""
+  pytest.importorskip('torch')
+  pytest.importorskip('transformers')
+  import jax
+  from flax import nnx
+
+  from experiments import torch_peer
+  from mla_jax import sharding, tasks, training
+  config = common.load_config('mla_moe', 'tiny')
+  config.data.update(batch_size=2, seq_len=16)
+  mesh = sharding.make_mesh(config.mesh)
+  with jax.set_mesh(mesh):
+    graphdef, state, _ = training.init_state(config, mesh)
+  model = nnx.merge(graphdef, state)[0]
+  assert model.cfg.n_routed_experts and model.cfg.topk_method == 'noaux_tc'
+  windows = timing.fixed_windows(training.batch_layout(config, mesh)[1])[0]
+  ours = float(training.loss_fn(model, tasks.text_batch(windows)))
+  steps, theirs = torch_peer.same_weights_peers(config, tmp_path / 'a', ours)
+  assert set(steps) == {'torch_grouped_mm', 'torch_eager'}
+  assert abs(theirs - ours) <= torch_peer.LOSS_ATOL and abs(ours - 5.5) < 1  # ~ln 256 at init
+  with pytest.raises(AssertionError, match='losses at init differ'):
+    torch_peer.same_weights_peers(config, tmp_path / 'b', ours + 1e-3)
+
+
 def _mla_jax_modules(tree: ast.Module) -> set[str]:
   """Local names bound to mla_jax modules (`from mla_jax import workdir as wd` -> wd)."""
   names = set()

@@ -17,7 +17,7 @@ from flax import nnx
 import mla_jax
 from mla_jax import moe
 from mla_jax import workdir as wd
-from mla_jax.model import active_param_count, param_count, with_config
+from mla_jax.model import active_param_count, param_count, train_flops_per_token, with_config
 from mla_jax.training.step import train_step
 
 # The three gates of the released checkpoints, at toy sizes: V2-Lite (softmax, greedy), V2
@@ -483,6 +483,11 @@ def test_active_parameters_count_k_of_e_routed_experts():
   routed = 2 * 3 * 8 * 32 * 16  # two MoE layers of w_gate, w_up, w_down [E, d, f]
   assert active_param_count(dense) == param_count(dense)
   assert param_count(moe) - active_param_count(moe) == routed * (8 - 2) // 8
+  # MFU's flops count the active ones: two more experts per token add 6 x theirs, and a dense
+  # model's are 6 x its parameters less the embedding, plus attention's 12 L T d
+  more = dataclasses.replace(moe, num_experts_per_tok=4)
+  assert train_flops_per_token(more, 64) - train_flops_per_token(moe, 64) == 6 * routed * 2 // 8
+  assert train_flops_per_token(dense, 64) == 6 * (param_count(dense) - 256 * 32) + 12 * 3 * 64 * 32
 
 
 def test_fine_tuning_may_set_its_own_balancing_but_not_another_model(tmp_path, corpus):
@@ -523,8 +528,9 @@ def test_the_moe_config_trains_and_balances(tmp_path, corpus):
                      cwd=root, capture_output=True, text=True, timeout=600)
   assert r.returncode == 0, r.stderr[-2000:]
   cfg = wd.read_config(tmp_path).model
-  assert f'{param_count(cfg):,} parameters, {active_param_count(cfg):,} active per token' \
-      in r.stderr
+  flops = train_flops_per_token(cfg, wd.read_config(tmp_path).data.seq_len)
+  assert (f'{param_count(cfg):,} parameters, {active_param_count(cfg):,} active per token; '
+          f'{flops / 1e6:,.1f} MFLOP per token per train step') in r.stderr
   rows = [json.loads(line) for line in (tmp_path / 'metrics.jsonl').open()]
   losses = [row['loss'] for row in rows if 'loss' in row]
   assert losses[-1] < losses[0] - 0.3

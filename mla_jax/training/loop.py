@@ -27,7 +27,7 @@ from mla_jax import flash, platform, sharding, tasks
 from mla_jax import workdir as wd
 from mla_jax.config import ConfigError
 from mla_jax.errors import Error, Preempted
-from mla_jax.model import active_param_count, param_count
+from mla_jax.model import active_param_count, param_count, train_flops_per_token
 from mla_jax.run_config import RunConfig, changes, parse
 from mla_jax.training import memory
 from mla_jax.training.hooks import MetricsLog, Preemption
@@ -177,9 +177,11 @@ def _start(plan: Plan, state: TrainState, preemption: Preemption, final_eval: bo
   op = state.merged()[0].op  # the attention kernels the model resolved, recorded once
   config = dataclasses.replace(config, records={**config.records, 'kernels': op.to_dict()})
   announce(str(op))
-  if config.model.n_routed_experts:  # what a token computes with, beside what is stored
-    announce(f'{param_count(config.model):,} parameters, '
-             f'{active_param_count(config.model):,} active per token')
+  active = (f', {active_param_count(config.model):,} active per token'  # MoE: beside those stored
+            if config.model.n_routed_experts else '')
+  flops = train_flops_per_token(config.model, config.data.seq_len)
+  announce(f'{param_count(config.model):,} parameters{active}; {flops / 1e6:,.1f} MFLOP per '
+           'token per train step (MFU counts these)')
   if not plan.resume:  # a resumed run reads the tokenizer it stored: never rewritten
     wd.save_tokenizer(workdir, getattr(plan.task, 'tokenizer', None))
   wd.write_config(workdir, config)
@@ -212,6 +214,10 @@ class _Loop:
     self.end = t.steps if not t.stop_after_steps else min(t.steps, state.step + t.stop_after_steps)
     self.pending = []  # (step, metrics on the device) not fetched yet
     self.window_start, self.window_tokens = time.perf_counter(), 0
+    # MFU on the active parameters, logged where the device's nominal peak is known
+    peak = platform.peak_flops()
+    self.flops_per_peak = (train_flops_per_token(plan.config.model, plan.config.data.seq_len)
+                           / (peak * jax.device_count()) if peak else None)
     self.last_eval, self.evaluated_at = {}, None
 
   def run(self) -> dict:
@@ -263,9 +269,11 @@ class _Loop:
     fetched = jax.device_get(self.pending)  # the only place the host waits for the device
     _check_finite(fetched, self.checkpoints.latest_step())
     step, m = fetched[-1]
+    tokens_per_s = self.window_tokens / (time.perf_counter() - self.window_start)
+    mfu = {'mfu': tokens_per_s * self.flops_per_peak} if self.flops_per_peak else {}
     self.log.write(step, {'loss': float(m['loss']), 'grad_norm': float(m['grad_norm']),
-                          'lr': float(self.schedule(step - 1)), 'tokens_per_s':
-                          self.window_tokens / (time.perf_counter() - self.window_start),
+                          'lr': float(self.schedule(step - 1)), 'tokens_per_s': tokens_per_s,
+                          **mfu,
                           # an MoE model's routing (training.step.moe_metrics); none if dense
                           **{k: float(v) for k, v in m.items() if k.startswith('moe_')}})
     self.pending, self.window_tokens = [], 0
