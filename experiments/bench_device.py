@@ -1,6 +1,6 @@
 r"""The accelerator report: one command that checks and times mla_jax on whatever device is here.
 
-  python -m experiments.bench_device --out=experiments/results/h200        # < 8 min, H200
+  python -m experiments.bench_device --out=experiments/results/h200   # H200: < 8 min + train_moe
   python -m experiments.bench_device --out=/tmp/device --quick              # CPU smoke run
 
 Its parts (PARTS, below; docs/benchmarks.md, "The accelerator report", says what each
