@@ -11,6 +11,7 @@ import pathlib
 import subprocess
 import sys
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -67,6 +68,22 @@ def test_exact_embedding_has_the_sources_logits_and_cache_size(name, layout, sca
   np.testing.assert_allclose(logits(mla), expected, atol=1e-5, rtol=0)
   assert mla_jax.cache_elements_per_token(mla.cfg) == mla_jax.cache_elements_per_token(src.cfg)
   assert cache_per_token(mla) == cache_per_token(src) == 2 * g * k * src.cfg.n_layers
+
+
+def test_a_moe_source_keeps_its_experts_and_router_bias():
+  """The feed-forward layers pass through untouched, the V3 router bias (a variable that is
+  not a parameter) included: the exact embedding keeps the logits."""
+  v3 = dict(n_routed_experts=8, num_experts_per_tok=2, n_shared_experts=1,
+            scoring_func='sigmoid', topk_method='noaux_tc', n_group=4, topk_group=2,
+            norm_topk_prob=True, routed_scaling_factor=2.5, moe_intermediate_size=32,
+            first_k_dense_replace=1, n_layers=3)
+  src = source('gqa2', **v3)
+  for block in src.blocks[1:]:  # a bias that changes choices (zero would test nothing)
+    block.mlp.e_score_correction_bias[...] = 0.1 * jax.random.normal(jax.random.key(9), (8,))
+  for mla in (to_mla(src), to_mla(src, kv_lora_rank=32)):
+    for a, b in zip(src.blocks, mla.blocks, strict=True):
+      assert jax.tree.all(jax.tree.map(np.array_equal, nnx.state(a.mlp), nnx.state(b.mlp)))
+  np.testing.assert_allclose(logits(to_mla(src)), logits(src), atol=1e-5, rtol=0)
 
 
 @pytest.mark.slow
