@@ -163,7 +163,7 @@ def _rope(hf: dict, arch: str) -> tuple[float, RopeScaling | None]:
   kind = params.get('rope_type', params.get('type', 'default'))
   if kind == 'default':
     return theta, None
-  if kind == 'llama3' and arch in GQA_ARCHS:
+  if kind == 'llama3':
     missing = [k for k in ('factor', 'low_freq_factor', 'high_freq_factor',
                            'original_max_position_embeddings') if params.get(k) is None]
     if missing:
@@ -322,9 +322,6 @@ def config_to_hf(cfg: ModelConfig) -> dict:
   if arch in GQA_ARCHS and isinstance(cfg.rope_scaling, YarnScaling):
     raise HFError("a GQA-family model with YaRN has no Hugging Face equivalent (Llama's YaRN "
                   "has no softmax mscale); export it without rope_scaling")
-  if arch in DEEPSEEK and llama3:
-    raise HFError('an MLA model with Llama 3 RoPE is not exported: its rescaling of the '
-                  "d_r-wide rope key in transformers' DeepSeek is untested here")
   if arch in DEEPSEEK and (cfg.rope_block is not None or not cfg.kv_norm
                           or not cfg.qk_nope_head_dim):
     raise HFError(f'rope_block={cfg.rope_block}, kv_norm={cfg.kv_norm}, qk_nope_head_dim='

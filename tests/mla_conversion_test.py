@@ -313,6 +313,28 @@ def test_compressed_model_loads_in_transformers_with_the_same_logits(layout, tmp
     assert np.abs(logits(model) - theirs).max() <= 1e-4
 
 
+@pytest.mark.parametrize('layout', ['interleaved', 'half'])
+def test_a_compressed_llama3_model_exports_with_its_rope(layout, tmp_path):
+  """Llama 3 RoPE survives compression on the ladder, and DeepseekV3 rescales its d_r-wide
+  rope key as we do: scored at 40 positions, past original_max_position_embeddings=16, with
+  the kept pairs in all three of Llama 3's bands (wavelengths 6.3, 63 and 628, 6283 against
+  8 and 64)."""
+  src = source('gqa2', rope_scaling=LLAMA3, rope_layout=layout)
+  mla = to_mla(src, 40, 8, rope_selection='uniform', calibration=[TOKENS[None]])
+  hf_json = hf.save(mla, tmp_path / 'out')
+  assert hf_json['rope_parameters']['rope_type'] == 'llama3'
+  back = hf.load(tmp_path / 'out')[0]
+  assert back.cfg.rope_scaling == mla.cfg.rope_scaling
+  np.testing.assert_allclose(logits(back), logits(mla), atol=1e-5, rtol=0)
+  torch = pytest.importorskip('torch')
+  transformers = pytest.importorskip('transformers')
+  hf_model = transformers.DeepseekV3ForCausalLM.from_pretrained(
+      tmp_path / 'out', dtype=torch.float32, attn_implementation='eager')
+  with torch.no_grad():
+    theirs = hf_model(torch.tensor(TOKENS)[None]).logits[0].numpy()
+  assert np.abs(logits(mla) - theirs).max() <= 1e-4
+
+
 # --- workdirs: convert, evaluate, generate, export, fine-tune ---------------------------------
 @pytest.fixture(scope='module')
 def trained(corpus, tmp_path_factory):
