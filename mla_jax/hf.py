@@ -318,7 +318,6 @@ def config_to_hf(cfg: ModelConfig) -> dict:
   RoPE is written both as transformers 5 reads it (rope_parameters) and as 4 does
   (rope_theta, rope_scaling)."""
   arch = architecture(cfg)
-  llama3 = isinstance(cfg.rope_scaling, Llama3Scaling)
   if arch in GQA_ARCHS and isinstance(cfg.rope_scaling, YarnScaling):
     raise HFError("a GQA-family model with YaRN has no Hugging Face equivalent (Llama's YaRN "
                   "has no softmax mscale); export it without rope_scaling")
