@@ -87,8 +87,8 @@ SPLASH = AttentionOp('cpu', whole='splash', interpret=True)
 
 
 @pytest.mark.parametrize('g, p, e, v, t', [
-    (2, 2, 24, 16, 20),  # GQA groups, values narrower than keys (MLA's), one padded block
-    (1, 4, 16, 16, 300),  # MQA (splash's MQA form) over three 128-row blocks, 84 rows padded
+    (2, 2, 24, 16, 300),  # GQA groups, values narrower (MLA's), three blocks, 84 rows padded
+    (1, 4, 16, 16, 20),  # MQA: splash's MQA form
 ])
 def test_splash_equals_the_einsum_reference(g, p, e, v, t):
   """Splash attention, interpreted, against causal_attention: outputs and the gradients of
@@ -98,25 +98,38 @@ def test_splash_equals_the_einsum_reference(g, p, e, v, t):
   q, k, vv = (jnp.asarray(rng.normal(size=shape), jnp.float32) for shape in
               ((2, t, g, p, e), (2, t, g, e), (2, t, g, v)))
   weights = jnp.asarray(rng.normal(size=(2, t, g, p, v)), jnp.float32)
-  loss = lambda op: lambda q, k, v: jnp.sum(op.causal(q, k, v, e**-0.5) * weights)
-  splash, einsum = (jax.value_and_grad(loss(op), argnums=(0, 1, 2))(q, k, vv)
-                    for op in (SPLASH, AttentionOp('cpu')))
-  assert 'splash' in jax.jit(loss(SPLASH)).lower(q, k, vv).as_text(debug_info=True)
+  lowered = {op: jax.jit(jax.value_and_grad(
+      lambda q, k, v, op=op: jnp.sum(op.causal(q, k, v, e**-0.5) * weights),
+      argnums=(0, 1, 2))).lower(q, k, vv) for op in (SPLASH, AttentionOp('cpu'))}
+  assert 'splash' in lowered[SPLASH].as_text(debug_info=True)
+  splash, einsum = (x.compile()(q, k, vv) for x in lowered.values())
   for got, want in zip(jax.tree.leaves(splash), jax.tree.leaves(einsum), strict=True):
     np.testing.assert_allclose(got, want, atol=2e-6 * float(jnp.max(jnp.abs(want))), rtol=0)
 
 
-# Each model is about 12 s interpreted on this project's CPU: MLA (unequal widths, a head per
-# group) runs by default, the kernel's grouping is covered above.
-@pytest.mark.slow
-@pytest.mark.parametrize('name', variant_params(('gqa', 'mha', 'mqa', 'mla_q', 'mla_naive',
-                                                 'mla_exact', 'shared_kv'), 'flash_widths'))
+# Interpreted splash compiles slowly on a CPU (~20 s a model here): the kernel's arithmetic is
+# checked above, its wiring into every variant by tests/lowering_test.py in the default run.
+@pytest.mark.long
+@pytest.mark.parametrize('name', variant_params(declares='flash_widths'))
 def test_splash_equals_einsum_logits_and_gradients(name):
   einsum, fused = _pair(name, SPLASH)
   assert fused.op.whole == 'splash' and str(fused.op).startswith(
       'attention on cpu: whole sequences splash (interpreted)')
-  np.testing.assert_allclose(fused(TOKENS), einsum(TOKENS), atol=1e-5, rtol=0)
-  for g_fused, g_einsum in zip(_grads(fused), _grads(einsum), strict=True):
+
+  def logits_and_grads(model):  # under one jit: interpreted kernels run slowly op by op
+    graphdef, params = nnx.split(model, nnx.Param)
+
+    def loss(params):
+      logits = nnx.merge(graphdef, params)(TOKENS[:, :-1])
+      nll = optax.softmax_cross_entropy_with_integer_labels(logits, TOKENS[:, 1:]).mean()
+      return nll, logits
+
+    (_, logits), grads = jax.jit(jax.value_and_grad(loss, has_aux=True))(params)
+    return logits, jax.tree.leaves(grads)
+
+  (logits, grads), (want_logits, want_grads) = map(logits_and_grads, (fused, einsum))
+  np.testing.assert_allclose(logits, want_logits, atol=1e-5, rtol=0)
+  for g_fused, g_einsum in zip(grads, want_grads, strict=True):
     scale = float(jnp.max(jnp.abs(g_einsum)))
     np.testing.assert_allclose(g_fused, g_einsum, atol=1e-5 * scale, rtol=0)
 
