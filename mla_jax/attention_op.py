@@ -81,7 +81,13 @@ def attention_weights(q_parts, k_parts, mask_bts, scale: float, k_scales=None):
   scores = sum(scale_tokens(jnp.einsum('btgpe,bgse->bgpts', q, k,
                                        preferred_element_type=jnp.float32), k_scale)
                for q, k, k_scale in zip(q_parts, k_parts, k_scales, strict=True))
-  scores = jnp.where(mask_bts[:, None, None], scores * scale, _MASKED)
+  return masked_softmax(scores, mask_bts, scale)
+
+
+def masked_softmax(scores_bgpts, mask_bts, scale: float):
+  """softmax(scores * scale) over s where mask [b, t, s] allows, float32 [b, g, p, t, s]: for
+  a variant whose scores are not one q . k product (TPA's factored decode)."""
+  scores = jnp.where(mask_bts[:, None, None], scores_bgpts * scale, _MASKED)
   return jax.nn.softmax(scores, axis=-1)
 
 

@@ -4,7 +4,8 @@ uses, RMSNorm, SwiGLU MLP, token embedding.
 Shape letters (used in every einsum of the package): b batch, t query position, s key position,
 d model width, f MLP width, V vocabulary, h query heads, g KV-head groups, p query heads per
 group, k head dim (MHA/GQA), n / r / v MLA nope / rope / value head dims, c KV latent
-(kv_lora_rank), q query latent (q_lora_rank), e a generic contracted feature dim.
+(kv_lora_rank), q query latent (q_lora_rank), i / j / u TPA's query / key / value ranks,
+e a generic contracted feature dim.
 """
 
 from __future__ import annotations

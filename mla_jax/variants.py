@@ -136,6 +136,7 @@ def no_mla_fields(cfg) -> None:
 
 def _configure_mha(cfg):
   no_mla_fields(cfg)
+  no_tpa_fields(cfg)
   g = cfg.n_heads if cfg.n_kv_heads is None else cfg.n_kv_heads
   if g != cfg.n_heads:
     raise ConfigError(f"attention='mha' needs n_kv_heads == n_heads ({cfg.n_heads}), got {g}; "
@@ -145,6 +146,7 @@ def _configure_mha(cfg):
 
 def _configure_gqa(cfg):
   no_mla_fields(cfg)
+  no_tpa_fields(cfg)
   g = cfg.n_kv_heads
   if g is None:
     raise ConfigError("attention='gqa' needs n_kv_heads (a divisor of n_heads)")
@@ -156,6 +158,7 @@ def _configure_gqa(cfg):
 
 def _configure_mqa(cfg):
   no_mla_fields(cfg)
+  no_tpa_fields(cfg)
   g = 1 if cfg.n_kv_heads is None else cfg.n_kv_heads
   if g != 1:
     raise ConfigError(f"attention='mqa' needs n_kv_heads == 1, got {g}")
@@ -181,6 +184,7 @@ register(Variant('mqa', configure=_configure_mqa, cache_formula='2·d_h·l', **_
 
 # --- MLA (DeepSeek-V2 appendix C) ---------------------------------------------------------------
 def _configure_mla(cfg):
+  no_tpa_fields(cfg)
   if cfg.qkv_bias:
     raise ConfigError("qkv_bias applies only to attention='mha' / 'gqa' / 'mqa', not 'mla'; "
                       'leave it false')
@@ -226,3 +230,55 @@ register(Variant('mla', module='mla_jax.attention:MLAttention', configure=_confi
                  cache_formula='(d_c + d_r)·l', hf_architecture='DeepseekV3ForCausalLM',
                  flash_widths=_mla_flash_widths, decode_widths=_mla_decode_widths,
                  example={'kv_lora_rank': 32, 'qk_rope_head_dim': 8}))
+
+
+# --- TPA (Zhang et al. 2025, "Tensor Product Attention Is All You Need") ------------------------
+TPA_ONLY = ('tpa_q_rank', 'tpa_k_rank', 'tpa_v_rank')
+
+
+def no_tpa_fields(cfg) -> None:
+  for name in TPA_ONLY:
+    if getattr(cfg, name):
+      raise ConfigError(f"{name} applies only to attention='tpa', not {cfg.attention!r}; "
+                        'leave it 0')
+
+
+def _configure_tpa(cfg):
+  no_mla_fields(cfg)
+  if cfg.qkv_bias:
+    raise ConfigError("qkv_bias applies only to attention='mha' / 'gqa' / 'mqa', not 'tpa'; "
+                      'leave it false')
+  if not (cfg.tpa_k_rank and cfg.tpa_v_rank):
+    raise ConfigError(f"attention='tpa' needs tpa_k_rank >= 1 and tpa_v_rank >= 1, got "
+                      f'{cfg.tpa_k_rank} and {cfg.tpa_v_rank} (the paper uses 2 and 2)')
+  # Every head has its own keys and values, built from the shared token factors (there are no
+  # groups), so n_kv_heads is n_heads, as MLA writes it.
+  if cfg.n_kv_heads not in (None, cfg.n_heads):
+    raise ConfigError(f"attention='tpa' has one key and value per head: n_kv_heads must be "
+                      f'n_heads ({cfg.n_heads}) or unset, got {cfg.n_kv_heads}')
+  return {'n_kv_heads': cfg.n_heads}
+
+
+def tpa_factored_queries(cfg) -> bool:
+  """Whether a TPA decode step scores the cached keys from the query's factors, b^Q·b^K then
+  a^Q and a^K (R_Q·R_K·(d_h + H) multiply-adds per cached token and key rank), rather than
+  from the expanded query, q·b^K then a^K (H·d_h per cached token and key rank): the cheaper
+  one. KV-only TPA has no query factors."""
+  return 0 < cfg.tpa_q_rank * (cfg.head_dim + cfg.n_heads) < cfg.n_heads * cfg.head_dim
+
+
+def _tpa_flops(cfg, s):
+  """What mla_jax.tpa's decode step computes against the cached factors (docs/design.md#12-tpa):
+  the scores' contraction with b^K (from the query's factors or the expanded query), then
+  with a^K; p·a^V, then the weighted sum of the b^V."""
+  h, k, rq, rk, rv = cfg.n_heads, cfg.head_dim, cfg.tpa_q_rank, cfg.tpa_k_rank, cfg.tpa_v_rank
+  b_k = 2 * s * rq * rk * (k + h) if tpa_factored_queries(cfg) else 2 * s * h * rk * k
+  return b_k + 2 * s * h * rk + s * h * rv + 2 * s * h * rv * k
+
+
+register(Variant('tpa', module='mla_jax.tpa:TPAttention', configure=_configure_tpa,
+                 rope_dim=lambda cfg: cfg.head_dim,
+                 cache_elements=lambda cfg: (cfg.tpa_k_rank + cfg.tpa_v_rank) * (
+                     cfg.n_heads + cfg.head_dim),
+                 decode_flops=_tpa_flops, cache_formula='(R_K + R_V)·(n_h + d_h)·l',
+                 example={'tpa_q_rank': 2, 'tpa_k_rank': 2, 'tpa_v_rank': 2}))

@@ -23,9 +23,9 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 
 def test_unknown_variant_is_a_config_error_naming_the_known_ones():
-  with pytest.raises(mla_jax.ConfigError, match=r"attention='tpa' is unknown; use one of "
+  with pytest.raises(mla_jax.ConfigError, match=r"attention='no_such' is unknown; use one of "
                      r"\('mha', 'gqa', 'mqa', 'mla'"):
-    mla_jax.ModelConfig(attention='tpa')
+    mla_jax.ModelConfig(attention='no_such')
   with pytest.raises(mla_jax.ConfigError, match=r"cannot import 'no_such_pkg\.mod'"):
     mla_jax.ModelConfig(attention='no_such_pkg.mod:gta')
   with pytest.raises(mla_jax.ConfigError, match='did not register it'):
