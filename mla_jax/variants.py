@@ -281,4 +281,4 @@ register(Variant('tpa', module='mla_jax.tpa:TPAttention', configure=_configure_t
                  cache_elements=lambda cfg: (cfg.tpa_k_rank + cfg.tpa_v_rank) * (
                      cfg.n_heads + cfg.head_dim),
                  decode_flops=_tpa_flops, cache_formula='(R_K + R_V)·(n_h + d_h)·l',
-                 example={'tpa_q_rank': 2, 'tpa_k_rank': 2, 'tpa_v_rank': 2}))
+                 example={'tpa_q_rank': 2, 'tpa_k_rank': 2, 'tpa_v_rank': 3}))
