@@ -116,7 +116,6 @@ class TPAttention(nnx.Module):
       cache = cache.write(*kv, positions_bt)
       kv = tuple(x.astype(cfg.compute_dtype) for x in (cache.a_k, cache.b_k, cache.a_v,
                                                        cache.b_v))
-    if cache is not None:
       mask = cache_mask(positions_bt, kv[0].shape[1])
     else:  # None: a whole sequence, for the causal kernel
       mask = None if whole else causal_mask(positions_bt, positions_bt)
@@ -144,18 +143,21 @@ class TPAttention(nnx.Module):
     or value (FlashTPA decoding): the scores q_h . K_s,h = 1/R_K sum_j a^K_sh,j (q_h . b^K_sj),
     with q_h . b^K_sj from the query's factors, 1/R_Q sum_i a^Q_h,i (b^Q_i . b^K_sj), where
     that is cheaper (variants.tpa_factored_queries); then the output 1/R_V sum_u sum_s
-    (p_hs a^V_sh,u) b^V_su."""
+    (p_hs a^V_sh,u) b^V_su. The 1/R of the scores go into the softmax's scale, so what runs
+    per cached token is the contractions variants.Variant.decode_flops counts."""
     cfg = self.cfg
     a_k, b_k, a_v, b_v = kv
     f32 = dict(preferred_element_type=jnp.float32)
+    scale = scale / cfg.tpa_k_rank
     if a_q is None or not variants.tpa_factored_queries(cfg):
       q_bhk = (b_q[:, 0] if a_q is None else
                jnp.einsum('bhi,bik->bhk', a_q[:, 0], b_q[:, 0]) / cfg.tpa_q_rank)
       qb_bhsj = jnp.einsum('bsjk,bhk->bhsj', b_k, q_bhk, **f32)
     else:
       bb_bsij = jnp.einsum('bsjk,bik->bsij', b_k, b_q[:, 0], **f32)
-      qb_bhsj = jnp.einsum('bsij,bhi->bhsj', bb_bsij, a_q[:, 0], **f32) / cfg.tpa_q_rank
-    scores_bhs = jnp.einsum('bshj,bhsj->bhs', a_k, qb_bhsj, **f32) / cfg.tpa_k_rank
+      qb_bhsj = jnp.einsum('bsij,bhi->bhsj', bb_bsij, a_q[:, 0], **f32)
+      scale = scale / cfg.tpa_q_rank
+    scores_bhs = jnp.einsum('bshj,bhsj->bhs', a_k, qb_bhsj, **f32)
     probs_bhs = masked_softmax(scores_bhs[:, :, None, None], mask_bts, scale)[:, :, 0, 0]
     weights_bshu = a_v * probs_bhs.transpose(0, 2, 1)[..., None].astype(a_v.dtype)
     o_bhk = jnp.einsum('bsuk,bshu->bhk', b_v, weights_bshu, **f32) / cfg.tpa_v_rank
