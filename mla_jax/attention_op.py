@@ -192,7 +192,8 @@ class AttentionOp:
     return flash.flash_attention(q_bthe, k_bsge, v_bsgv, mask_bts, scale, self.prefill)
 
   def gqa_decode(self, q_bgpk, k_bgsk, v_bgsk, lengths_b, scale: float, **scales):
-    """One decode step of grouped attention through the Pallas kernel: o [b, g, p, k]."""
+    """One decode step of grouped attention through the Pallas kernel: o [b, g, p, k].
+    scales: an 8-bit cache's, or GTA's rope part (kernels.gqa_decode)."""
     return kernels.gqa_decode(q_bgpk, k_bgsk, v_bgsk, lengths_b, scale,
                               interpret=self.interpret, backend=self.decode, **scales)
 
@@ -201,6 +202,12 @@ class AttentionOp:
     """One absorbed MLA decode step through the Pallas kernel: o_lat [b, h, c]."""
     return kernels.mla_decode(q_lat_bhc, q_rope_bhr, c_kv_bsc, k_rope_bsr, lengths_b, scale,
                               interpret=self.interpret, backend=self.decode, **scales)
+
+  def gla_decode(self, q_lat_bgpc, q_rope_bgpr, c_kv_bgsc, k_rope_bsr, lengths_b,
+                 scale: float):
+    """One absorbed GLA decode step, the MLA kernel per latent head: o_lat [b, g, p, c]."""
+    return kernels.gla_decode(q_lat_bgpc, q_rope_bgpr, c_kv_bgsc, k_rope_bsr, lengths_b, scale,
+                              interpret=self.interpret, backend=self.decode)
 
 
 def _one_device_float32(q):

@@ -303,6 +303,10 @@ def architecture(cfg: ModelConfig) -> str:
   """The Hugging Face class a model exports to, as its variant's registry entry says
   (Qwen2's for a Llama with q/k/v biases)."""
   arch = variants.get(cfg.attention).hf_architecture
+  if arch is None:
+    raise HFError(f'attention={cfg.attention!r} has no Hugging Face architecture: transformers '
+                  'has no model class for it, so it cannot be exported; keep the workdir, or '
+                  f'train a variant that exports ({", ".join(GQA_ARCHS + DEEPSEEK)})')
   if arch not in LLAMA + DEEPSEEK:
     raise HFError(f'attention={cfg.attention!r} has no Hugging Face architecture mla_jax can '
                   f'write (it writes {", ".join(GQA_ARCHS + DEEPSEEK)})')

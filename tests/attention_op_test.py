@@ -48,8 +48,10 @@ def _grads(model):
 
 # MHA and MQA run GQA's code path with H and 1 groups, so GQA stands for them in the default
 # run. Query compression (mla_q) changes no attention code, and mla_naive trains exactly as mla
-# (mla_decode only picks the cached path), so mla stands for them in training.
-@pytest.mark.parametrize('name', variant_params(('mha', 'mqa', 'mla_q', 'mla_naive'),
+# (mla_decode only picks the cached path), so mla stands for them in training. GLA's whole
+# sequence is MLA's flash call on its own per-head keys, which the cached test below runs
+# through flash prefill (and tests/gta_gla_test.py against its equations): --long only.
+@pytest.mark.parametrize('name', variant_params(('mha', 'mqa', 'mla_q', 'mla_naive', 'gla'),
                                                 'flash_widths'))
 def test_flash_equals_einsum_logits_and_gradients(name):
   einsum, fused = _pair(name)
