@@ -26,7 +26,14 @@ import numpy as np
 from absl import flags
 
 from experiments import common, tables
-from experiments.timing import Rows, attention_kernel, machine_limits, time_train_step
+from experiments.timing import (
+  Rows,
+  attention_kernel,
+  flops_per_token,
+  large_config,
+  machine_limits,
+  time_train_step,
+)
 from mla_jax import cli, platform, sharding, training
 from mla_jax.config import ModelConfig
 from mla_jax.model import param_count
@@ -48,24 +55,15 @@ flags.DEFINE_bool('deterministic', False, 'deterministic GPU ops, as train.deter
 
 def config_for(variant: str, size: str, impl: str):
   """The training config of one row (see the module docstring)."""
-  config = common.load_config(variant, 'tiny' if size == 'tiny' else '')
-  m = config.model
-  if size in ('peer', 'large'):
-    config.data.update(batch_size=16, seq_len=256)
   if size == 'large':
-    m.update(d_model=1024, n_layers=8, n_heads=16, d_ff=2752, max_seq_len=1024)
-    config.data.update(batch_size=32, seq_len=1024)
-    if m.attention == 'mla':
-      m.update(kv_lora_rank=256, qk_rope_head_dim=32)
-  m.attention_impl = impl
+    config = large_config(variant)
+  else:
+    config = common.load_config(variant, 'tiny' if size == 'tiny' else '')
+  if size == 'peer':
+    config.data.update(batch_size=16, seq_len=256)
+  config.model.attention_impl = impl
   config.train.deterministic = FLAGS.deterministic
   return config
-
-
-def flops_per_token(cfg: ModelConfig, seq_len: int) -> float:
-  """6 N + 12 L T d: the matmuls of forward and backward, and attention's scores and values."""
-  n = param_count(cfg) - cfg.vocab_size * cfg.d_model * (0 if cfg.tie_embeddings else 1)
-  return 6 * n + 12 * cfg.n_layers * seq_len * cfg.d_model
 
 
 def _loop_tokens_per_s(config, window: int, data_files: str) -> float:

@@ -22,6 +22,7 @@ from experiments import common
 from mla_jax import quant, tasks, training, variants
 from mla_jax.cache import measured_per_token, storage_dtype
 from mla_jax.config import ModelConfig
+from mla_jax.model import param_count
 from mla_jax.quant import QuantArray
 
 
@@ -196,6 +197,26 @@ def time_train_step(config, mesh, steps: int) -> dict:
     compile_s = time.perf_counter() - start  # the timed calls below compile once more, untimed
     step_s = median_seconds(carried(step, state, batch), steps)
   return {'compile_s': compile_s, 'step_s': step_s, 'hlo': compiled.as_text()}
+
+
+# bench_train's 'large' size, the accelerator report's training rows (MLA at d_c = 4 d_h,
+# d_r = d_h / 2); capacity_vs_cache scales their measured rate to its 125m geometry.
+LARGE_MODEL = dict(d_model=1024, n_layers=8, n_heads=16, d_ff=2752, max_seq_len=1024)
+LARGE_MLA = dict(kv_lora_rank=256, qk_rope_head_dim=32)
+
+
+def large_config(variant: str):
+  """configs/<variant>.py at the 'large' size: batch 32 x 1024."""
+  config = common.load_config(variant)
+  config.model.update(LARGE_MODEL, **(LARGE_MLA if config.model.attention == 'mla' else {}))
+  config.data.update(batch_size=32, seq_len=1024)
+  return config
+
+
+def flops_per_token(cfg: ModelConfig, seq_len: int) -> float:
+  """6 N + 12 L T d: the matmuls of forward and backward, and attention's scores and values."""
+  n = param_count(cfg) - cfg.vocab_size * cfg.d_model * (0 if cfg.tie_embeddings else 1)
+  return 6 * n + 12 * cfg.n_layers * seq_len * cfg.d_model
 
 
 def decode_step_cost(cfg: ModelConfig, n_params: int, batch: int, context: int,
