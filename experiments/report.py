@@ -155,7 +155,8 @@ def compare(ahead: dict | None, behind: dict | None, values: str, claim: str,
 _CACHE_NOTE = ('(elements per token of the caches a bfloat16 prefill and decode step return, '
               'counted from the arrays). Bytes int8 / fp8: the same caches stored 8-bit '
               '(ModelConfig.cache_dtype), their float32 per-token scales included (one per '
-              'token and array; per KV head for MHA / GQA / MQA).')
+              'token and array; per KV head for MHA / GQA / MQA); — where the variant has no 8-bit '
+              'cache.')
 RESOLVED_NOTE = ('Resolved = the two rows\' mean ± std intervals do not overlap. "Seeds '
                  'agreeing" counts the seeds (same data{} for both rows) where the first row '
                  '{}.')
@@ -238,11 +239,16 @@ def seed_groups(results: list[dict], cell: Callable[[dict], str],
   return groups
 
 
+def _eight_bit(nbytes: int | None) -> str:
+  return '—' if nbytes is None else f'{nbytes:,}'  # None: the variant has no 8-bit cache
+
+
 def cache_cells(summary: dict, s: dict) -> list:
   """A row's cells under CACHE_HEADER; its parameters' difference from MHA's where MHA ran."""
   mha = summary.get('mha', {}).get('params')
   return [s['formula'], f"{s['elements_formula']:,}", f"{s['elements_measured']:,}",
-          f"{s['bytes_bf16']:,}", f"{s['bytes_int8']:,}", f"{s['bytes_fp8']:,}", s['d_ff'],
+          f"{s['bytes_bf16']:,}", _eight_bit(s['bytes_int8']), _eight_bit(s['bytes_fp8']),
+          s['d_ff'],
           f"{s['params']:,}" + (f" ({100 * (s['params'] / mha - 1):+.1f}%)" if mha else '')]
 
 
@@ -256,6 +262,12 @@ def mechanism(r: dict) -> str:
     return f"MLA (d_c={m['kv_lora_rank'] // m['head_dim']}·d_h={m['kv_lora_rank']})"
   if r['attention'] in ('mha', 'mqa'):
     return {'mha': f"MHA (G={m['n_heads']})", 'mqa': 'MQA (G=1)'}[r['attention']]
+  if r['attention'] == 'gta':
+    return f"GTA (G={m['n_kv_heads']} tied)"
+  if r['attention'] == 'gla':
+    return f"GLA-{m['latent_heads']} (d_c={m['kv_lora_rank']})"
+  if r['attention'] == 'tpa':
+    return f"TPA (R={m['tpa_q_rank']},{m['tpa_k_rank']},{m['tpa_v_rank']})"
   return f"{r['attention'].upper()} ({r['row']})"
 
 

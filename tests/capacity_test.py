@@ -24,12 +24,15 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 # DeepSeek-V2 Table 1 by hand: l = 4, n_h = 8, d_h = 16, d_h^R = 8 (full); l = 2, d_h = 8 (quick).
 FULL_CACHE = {'mha': 2 * 8 * 16 * 4, 'gqa4': 2 * 4 * 16 * 4, 'gqa2': 2 * 2 * 16 * 4,
               'mqa': 2 * 16 * 4, 'mla2': (32 + 8) * 4, 'mla4': (64 + 8) * 4,
-              'mla8': (128 + 8) * 4}
+              'mla8': (128 + 8) * 4, 'gta2': (2 * 16 + 8) * 4, 'gla2': (64 + 8) * 4,
+              'tpa': (2 + 2) * (8 + 16) * 4}
 QUICK_CACHE = {'mha': 2 * 8 * 8 * 2, 'gqa4': 2 * 4 * 8 * 2, 'gqa2': 2 * 2 * 8 * 2,
-               'mqa': 2 * 8 * 2, 'mla2': (16 + 4) * 2, 'mla4': (32 + 4) * 2, 'mla8': (64 + 4) * 2}
+               'mqa': 2 * 8 * 2, 'mla2': (16 + 4) * 2, 'mla4': (32 + 4) * 2, 'mla8': (64 + 4) * 2,
+               'gta2': (2 * 8 + 4) * 2, 'gla2': (32 + 4) * 2, 'tpa': (2 + 2) * (8 + 8) * 2}
 # Geometry 'paper': l = 4, n_h = 4, d_h = 32, d_r = 16.
 PAPER_CACHE = {'mha': 2 * 4 * 32 * 4, 'gqa2': 2 * 2 * 32 * 4, 'mqa': 2 * 32 * 4,
-               'mla2': (64 + 16) * 4, 'mla4': (128 + 16) * 4, 'mla8': (256 + 16) * 4}
+               'mla2': (64 + 16) * 4, 'mla4': (128 + 16) * 4, 'mla8': (256 + 16) * 4,
+               'gta2': (2 * 32 + 16) * 4, 'gla2': (128 + 16) * 4, 'tpa': (2 + 2) * (4 + 32) * 4}
 # An 8-bit cache's float32 scales (quick): per token, 2 arrays x G KV heads (MLA: 1) x 2 layers.
 QUICK_SCALES = {'mha': 2 * 8 * 2, 'gqa4': 2 * 4 * 2, 'gqa2': 2 * 2 * 2, 'mqa': 2 * 2,
                 'mla2': 2 * 2, 'mla4': 2 * 2, 'mla8': 2 * 2}
@@ -472,3 +475,22 @@ def test_a_row_of_another_variant_is_one_entry(monkeypatch):
   assert [t.get_text() for t in ax.texts] == [summary['skv']['mechanism'], 'MHA (G=8)']
   assert ax.get_legend_handles_labels()[1][-1] == DOC_VARIANT.upper()
   report.pyplot().close(fig)
+
+
+@pytest.mark.parametrize('row', ['gta2', 'tpa', 'mla4'])
+def test_rows_without_an_8bit_cache_report_none_and_render_a_dash(row):
+  """GTA, GLA and TPA have no 8-bit cache: their rows say so instead of failing the run."""
+  import mla_jax
+  from flax import nnx
+  cfg = ModelConfig.from_dict(ablation.get_config(row + ',quick').model)
+  model = mla_jax.Transformer(cfg, rngs=nnx.Rngs(0))
+  cache = runner.measure_caches(model, list(range(1, 9)))
+  assert cache['cache_elements_measured'] == QUICK_CACHE[row]
+  assert cache['cache_bytes_bf16_measured'] == 2 * QUICK_CACHE[row]
+  if row == 'mla4':
+    assert cache['cache_bytes_int8_measured'] == QUICK_CACHE[row] + 4 * QUICK_SCALES[row]
+  else:
+    assert cache['cache_bytes_int8_measured'] is cache['cache_bytes_fp8_measured'] is None
+    summary = {'formula': 'f', 'elements_formula': 1, 'elements_measured': 1, 'bytes_bf16': 2,
+               'bytes_int8': None, 'bytes_fp8': None, 'd_ff': 8, 'params': 10}
+    assert report.cache_cells({}, summary)[4:6] == ['—', '—']

@@ -18,6 +18,9 @@ Every row has the same d_model (128), layers (4), data, tokens (200 steps of 64 
   mla2  d_c = 2 d_h, d_r = d_h / 2   (d_c + d_r) l = 160
   mla4  d_c = 4 d_h (the paper)      (d_c + d_r) l = 288
   mla8  d_c = 8 d_h                  (d_c + d_r) l = 544
+  gta2  2 tied KV heads, d_R = d_h / 2    (G d_h + d_R) l = 160
+  gla2  2 latent heads of 2 d_h, d_r = d_h / 2   (d_c + d_r) l = 288
+  tpa   R_Q = 6, R_K = R_V = 2           (R_K + R_V)(n_h + d_h) l = 384
 
 Geometry 'paper' has DeepSeek-V2's head shape in miniature: 4 query heads of d_h = 32, so the
 rope key has d_r = d_h / 2 = 16 dimensions (8 in 'small') and mla4's d_c = 4 d_h = 128 makes
@@ -26,6 +29,7 @@ heads, gqa4 is MHA: that row is left out.
 
   mha   G = 4     1024      gqa2  G = 2   512      mqa   G = 1   256
   mla2  d_c = 64   320      mla4  d_c = 128   576  mla8  d_c = 256  1088
+  gta2  G = 2      320      gla2  d_c = 128   576  tpa   R = 6,2,2   576
 
 Geometry '125m' is GPT-2 small's shape, the scale the published comparisons start at:
 d_model 768, 12 layers, 12 query heads of d_h = 64 (d_r = 32; mla4's d_c = 256), MHA's d_ff
@@ -70,6 +74,13 @@ def mla(k: int) -> tuple:
 ROWS = {
     'mha': ('mha', lambda d_h: {}), 'gqa4': gqa(4), 'gqa2': gqa(2), 'mqa': ('mqa', lambda d_h: {}),
     'mla2': mla(2), 'mla4': mla(4), 'mla8': mla(8),
+    # Zadouri, Strauss & Dao 2025: 2 tied KV heads with a d_h / 2 rope key, half of GQA-2's
+    # cache; GLA-2 splits mla4's latent in two heads (MLA's cache, half a device's under TP)
+    'gta2': ('gta', lambda d_h: {'n_kv_heads': 2, 'qk_rope_head_dim': d_h // 2}),
+    'gla2': ('gla', lambda d_h: {'kv_lora_rank': 4 * d_h, 'qk_rope_head_dim': d_h // 2,
+                                 'latent_heads': 2}),
+    # Zhang et al. 2025: the paper's ranks R_Q = 6, R_K = R_V = 2
+    'tpa': ('tpa', lambda d_h: {'tpa_q_rank': 6, 'tpa_k_rank': 2, 'tpa_v_rank': 2}),
 }
 # The 125m geometry's vocabulary when the experiment is not given a tokenizer (its runs take
 # the tokenizer's), and its steps: 38,000 of 64 x 1024 tokens = 2.49B tokens, about 20 per
