@@ -9,12 +9,14 @@ import sys
 import numpy as np
 import pytest
 from conftest import DOC_VARIANT
+from flax import nnx
 
 from configs.ablations import capacity_vs_cache as ablation
 from configs.ablations import recall_vs_cache as recall
 from experiments import capacity_vs_cache as experiment
 from experiments import report, runner, timing
 from experiments.runner import cache_formula
+from mla_jax import Transformer
 from mla_jax import workdir as wd
 from mla_jax.config import ModelConfig
 from mla_jax.errors import InputError
@@ -480,10 +482,8 @@ def test_a_row_of_another_variant_is_one_entry(monkeypatch):
 @pytest.mark.parametrize('row', ['gta2', 'tpa', 'mla4'])
 def test_rows_without_an_8bit_cache_report_none_and_render_a_dash(row):
   """GTA, GLA and TPA have no 8-bit cache: their rows say so instead of failing the run."""
-  import mla_jax
-  from flax import nnx
   cfg = ModelConfig.from_dict(ablation.get_config(row + ',quick').model)
-  model = mla_jax.Transformer(cfg, rngs=nnx.Rngs(0))
+  model = Transformer(cfg, rngs=nnx.Rngs(0))
   cache = runner.measure_caches(model, list(range(1, 9)))
   assert cache['cache_elements_measured'] == QUICK_CACHE[row]
   assert cache['cache_bytes_bf16_measured'] == 2 * QUICK_CACHE[row]
