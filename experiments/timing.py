@@ -249,13 +249,22 @@ def decode_configs(d_model: int, n_heads: int, n_layers: int, dtype: str, impls=
       'MHA': dict(attention='mha'), 'GQA (G=2)': dict(attention='gqa', n_kv_heads=2),
       'MQA': dict(attention='mqa'), 'MLA naive': dict(**mla, mla_decode='naive'),
       'MLA absorbed': dict(**mla, mla_decode='absorbed'),
+      # the cache-efficient family: GTA at GQA-2's groups, GLA-2 on MLA's latent, TPA at the
+      # paper's ranks (no decode kernel: einsum only)
+      'GTA (G=2)': dict(attention='gta', n_kv_heads=2, qk_rope_head_dim=d_h // 2),
+      'GLA-2': dict(attention='gla', kv_lora_rank=4 * d_h, qk_rope_head_dim=d_h // 2,
+                    latent_heads=2),
+      'TPA': dict(attention='tpa', tpa_q_rank=6, tpa_k_rank=2, tpa_v_rank=2),
   }
   out = {}
   for name, fields in rows.items():
+    variant = variants.get(fields['attention'])
     for impl in impls:
-      if impl in ('kernels', 'fused') and name == 'MLA naive':
+      if impl in ('kernels', 'fused') and (name == 'MLA naive' or variant.decode_widths is None):
         continue
       for cache_dtype in cache_dtypes:
+        if cache_dtype and jnp.dtype(cache_dtype).itemsize == 1 and not variant.quantized_cache:
+          continue
         kind = 'kernel' if impl in ('kernels', 'fused') else impl
         label = name if len(impls) == 1 else f'{name} [{kind}]'
         if len(cache_dtypes) > 1:
