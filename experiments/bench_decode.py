@@ -4,7 +4,8 @@ r"""Decode benchmark: time per generated token and cache size for every attentio
   python -m experiments.bench_decode      # experiments/results/bench_decode/bench_decode.json
   python -m experiments.bench_decode --quick --out=/tmp/bd     # a small smoke version
 
-The rows are timing.decode_configs' at one d_model, head count and depth, each timed by
+The rows are timing.decode_configs' (MHA, GQA, MQA, MLA naive and absorbed, GTA, GLA-2, TPA) at one
+d_model, head count and depth, each timed by
 timing.decode_row over a random cache with every sequence at the context's last position, so
 the step reads the whole cache; fraction = max(bytes the step must read / bandwidth, flops /
 matmul rate) / measured time, both rates measured in the run (timing.machine_limits).

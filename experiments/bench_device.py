@@ -35,6 +35,8 @@ PARTS = {'check': ('device_check', tables.device_check_table),
          'decode': ('bench_decode', tables.bench_decode_report),
          'train_deterministic': ('bench_train', tables.bench_train_table),
          'train_moe': ('bench_train', tables.bench_train_table)}
+
+
 def _peak() -> float:
   """--peak_tflops, else the device's nominal peak (platform.PEAK_TFLOPS), else 0: the parts
   measure the matmul rate."""

@@ -37,10 +37,17 @@ import numpy as np
 from absl import flags
 
 from experiments import common, tables, timing
-from experiments.timing import Rows, attention_kernel, machine_limits, time_train_step
+from experiments.timing import (
+  Rows,
+  attention_kernel,
+  flops_per_token,
+  large_config,
+  machine_limits,
+  time_train_step,
+)
 from mla_jax import cli, platform, sharding, training
 from mla_jax.config import ModelConfig
-from mla_jax.model import active_param_count, param_count, train_flops_per_token
+from mla_jax.model import active_param_count, param_count
 
 FLAGS = flags.FLAGS
 flags.DEFINE_list('variants', ['mha', 'gqa', 'mqa', 'mla'], 'configs/<name>.py to measure')
@@ -60,34 +67,15 @@ flags.DEFINE_bool('deterministic', False, 'deterministic GPU ops, as train.deter
 
 def config_for(variant: str, size: str, impl: str):
   """The training config of one row (see the module docstring)."""
-  config = common.load_config(variant, 'tiny' if size == 'tiny' else '')
-  m = config.model
-  if size in ('peer', 'large'):
-    config.data.update(batch_size=16, seq_len=256)
   if size == 'large':
-    if m.n_routed_experts:  # experts as wide, against d_model, as the config's
-      m.moe_intermediate_size = m.moe_intermediate_size * 1024 // m.d_model
-    m.update(d_model=1024, n_layers=8, n_heads=16, d_ff=2752, max_seq_len=1024)
-    config.data.update(batch_size=32, seq_len=1024)
-    if m.attention == 'mla':
-      m.update(kv_lora_rank=256, qk_rope_head_dim=32)
-  m.attention_impl = impl
+    config = large_config(variant)
+  else:
+    config = common.load_config(variant, 'tiny' if size == 'tiny' else '')
+  if size == 'peer':
+    config.data.update(batch_size=16, seq_len=256)
+  config.model.attention_impl = impl
   config.train.deterministic = FLAGS.deterministic
   return config
-
-
-def flops_per_token(cfg: ModelConfig, seq_len: int, experts: int = 0) -> float:
-  """model.train_flops_per_token (6 N + 12 L T d, N the parameters a token passes through);
-  experts: as if each token went through that many routed experts instead of K (E: what the
-  dense all-experts reference computes)."""
-  extra = routed_expert_params(cfg) * (experts - cfg.num_experts_per_tok) if experts else 0
-  return train_flops_per_token(cfg, seq_len) + 6 * extra
-
-
-def routed_expert_params(cfg: ModelConfig) -> int:
-  """The parameters of one routed expert (a SwiGLU: gate, up, down), over all MoE layers."""
-  layers = sum(map(cfg.is_moe_layer, range(cfg.n_layers)))
-  return layers * 3 * cfg.d_model * (cfg.moe_intermediate_size or 0)
 
 
 def _loop_tokens_per_s(config, window: int, data_files: str) -> float:

@@ -7,25 +7,42 @@ best learning rate, then 3 seeds (docs/results.md, "Capacity vs KV-cache size").
   python -m experiments.capacity_vs_cache --workdir=runs/capacity --geometry=paper --match=mlp \
       --rows=mha,gqa2,mqa,mla4 --lrs=6e-3   # the control: every row at MHA's MLP width
 
+At ~125M parameters (GPT-2 small's shape, d_h = 64, a BPE vocabulary; an accelerator, and a
+corpus tokenized by `python -m mla_jax.tokenize --tokenizer=tokenizer.json --out=corpus_tok`):
+
+  python -m experiments.capacity_vs_cache --geometry=125m --workdir=runs/c125 \
+      --data_files=corpus_tok --tokenizer=corpus_tok/tokenizer.json --out=runs/c125/report
+  python -m experiments.capacity_vs_cache --geometry=125m ... --dry_run  # plan, H200-hours
+  python -m experiments.capacity_vs_cache --geometry=125m --quick --workdir=/tmp/c125
+
+The whole 125m protocol is ~49 H200-hours (42 runs of 2.49B tokens), one seed per row at one
+rate (--lrs=6e-4 --seeds=1) ~8: --dry_run prints the estimate, scaled from the accelerator
+report's measured rate (device_seconds). Its --quick is a stand-in: the real heads (12 of
+d_h = 64: the same d_c, d_r and G) on a 2-layer d_model 384 model over bytes.
+
 A sweep (experiments/sweep.py) whose cells are the rows, scored by validation loss
 (mla_jax.perplexity); runs live in workdir/<geometry>[-mlp][-quick]/<row>/lr<rate>/seed<k>.
-The report (capacity_vs_cache[_paper][_mlp].md / .json / .png) goes to --out:
+The report (capacity_vs_cache[_paper|_125m][_mlp].md / .json / .png, and _frontier.png: loss
+against cache bytes, the Pareto-efficient rows named) goes to --out:
 experiments/results/capacity_vs_cache/ for the full run, the workdir for --quick.
 """
 
 from __future__ import annotations
 
 import hashlib
+import json
 import pathlib
 import statistics
 
 from absl import flags
 
 from configs.ablations import capacity_vs_cache as ablation
-from experiments import report, sweep
+from experiments import common, report, sweep, timing
 from mla_jax import cli, tasks, tokenizer
 from mla_jax import workdir as wd
+from mla_jax.config import ModelConfig
 from mla_jax.errors import InputError
+from mla_jax.model import param_count
 
 NAME = 'capacity_vs_cache'
 # --match -> (the plots' and titles' short name, the report's sentence).
@@ -37,7 +54,8 @@ MATCHING = {
 }
 FLAGS = flags.FLAGS
 flags.DEFINE_enum('geometry', 'small', list(ablation.GEOMETRIES),
-                  'small: 8 heads of d_h = 16; paper: 4 heads of d_h = 32 (d_r = 16)')
+                  'small: 8 heads of d_h = 16; paper: 4 heads of d_h = 32 (d_r = 16); 125m: '
+                  'GPT-2 small (d_model 768, 12 layers, 12 heads of d_h = 64), needs --tokenizer')
 flags.DEFINE_enum('match', 'params', list(MATCHING),
                   "params: each row's SwiGLU width matches MHA's parameter count; mlp: every "
                   "row has MHA's SwiGLU width (the control for what the matching gives)")
@@ -96,6 +114,9 @@ class CapacityVsCache(sweep.Sweep):
       if getattr(FLAGS, flag) != FLAGS[flag].default and not (FLAGS.out or FLAGS.quick):
         raise InputError(f'--{flag} needs --out (and a workdir of its own): a report and ledger '
                          'on other data must not replace the committed byte-level ones')
+    if FLAGS.geometry == '125m' and FLAGS.tokenizer == 'byte' and not FLAGS.quick:
+      raise InputError('--geometry=125m needs --tokenizer: the tokenizer.json a tokenized '
+                       '--data_files was made with (or train:N to train a BPE on text), and --out')
     rows, lrs, seeds = sweep.grid_flags(
         ablation.GEOMETRIES[FLAGS.geometry][1], ablation.LEARNING_RATES[FLAGS.geometry],
         ablation.QUICK_LEARNING_RATES, 3, f' of --geometry={FLAGS.geometry}')
@@ -111,7 +132,7 @@ class CapacityVsCache(sweep.Sweep):
 
   def config(self, run):
     row, lr, seed = run
-    options = ''.join(f',{o}' for o, on in (('paper', FLAGS.geometry == 'paper'),
+    options = ''.join(f',{o}' for o, on in ((FLAGS.geometry, FLAGS.geometry != 'small'),
                                             ('mlp', FLAGS.match == 'mlp'),
                                             ('quick', FLAGS.quick),
                                             ('moe', FLAGS.ffn == 'moe')) if on)
@@ -144,6 +165,25 @@ class CapacityVsCache(sweep.Sweep):
 
   best = staticmethod(best_rate)
 
+  def default_jobs(self) -> int:
+    """125m: one run at a time, the accelerator's whole (each process would take most of its
+    memory)."""
+    return 1 if FLAGS.geometry == '125m' and not FLAGS.quick else super().default_jobs()
+
+  def estimate(self, plan: sweep.Plan, left: int, upper: bool, jobs: int) -> str:
+    """What is left to train; for the 125m geometry also the device-hours it takes
+    (device_seconds), which a CPU cannot give."""
+    words = super().estimate(plan, left, upper, jobs)
+    if FLAGS.geometry != '125m' or FLAGS.quick or not left:
+      return words
+    rates = device_rates(json.loads(DEVICE_REPORT.read_text()))
+    runs = [self.config((*cell, plan.lrs[0], 1)) for cell in plan.cells]
+    seconds = statistics.fmean(device_seconds(c, rates) for c in runs)
+    tokens = runs[0].train.steps * runs[0].data.batch_size * runs[0].data.seq_len
+    return (f"{words}, ~{left * seconds / 3600:,.0f} H200-hours{' at most' if upper else ''} "
+            f'(~{seconds / 3600:.1f} h a run of {tokens / 1e9:.2f}B tokens, '
+            f'{tokens / seconds / 1e3:,.0f}k tokens/s: {DEVICE_BASIS})')
+
   def describe(self, r: dict) -> str:
     return f"val loss {r['loss']:.4f} (perplexity {r['perplexity']:.3f})"
 
@@ -156,7 +196,43 @@ class CapacityVsCache(sweep.Sweep):
     comparisons = [c for better, worse, claim in COMPARISONS
                    if (c := compare(summary, better, worse, claim))]
     payload = report.sweep_payload(setup, summary, comparisons, table, results, swept)
-    return report.write(out, name(setup['geometry'], setup['match']), payload, render, plot)
+    payload['frontier'] = frontier(payload)
+    return report.write(out, name(setup['geometry'], setup['match']), payload, render, plot,
+                        frontier_plot)
+
+
+# --- the 125m geometry's device-hours ------------------------------------------------------
+# The accelerator report's training rows: bench_train's 'large' size (d_model 1024, 8 layers,
+# 16 heads of 64, 32 x 1024 tokens a step), bfloat16, kernels, without deterministic ops.
+DEVICE_REPORT = common.RESULTS / 'h200' / 'run2_train.json'
+DEVICE_BASIS = ("the H200's measured tokens/s for the same attention (MHA's for GQA / MQA) "
+                'at the large size, times its FLOPs per token over this model\'s: the same '
+                'model FLOP rate (MFU) assumed at 125M')
+
+
+def device_rates(device_report: dict) -> dict[str, float]:
+  """attention -> the model FLOP rate the report measured for it: its tokens/s times its
+  FLOPs per token (timing.flops_per_token). InputError if a row is not the model
+  timing.large_config builds (the rate would be scaled from the wrong FLOPs)."""
+  rates = {}
+  for r in device_report['rows']:
+    config = timing.large_config(r['variant'])
+    cfg = ModelConfig.from_dict(config.model)
+    if (param_count(cfg), config.data.seq_len) != (r['params'], r['seq_len']):
+      raise InputError(f"{DEVICE_REPORT}: the {r['variant']} row has {r['params']:,} parameters "
+                       f"at {r['seq_len']} tokens, not the large size's {param_count(cfg):,} at "
+                       f'{config.data.seq_len}; rerun bench_train --size=large')
+    rates[cfg.attention] = r['tokens_per_s'] * timing.flops_per_token(cfg, r['seq_len'])
+  return rates
+
+
+def device_seconds(config, rates: dict[str, float]) -> float:
+  """Seconds one run of `config` trains on the report's device: its tokens times its FLOPs per
+  token, at the rate measured for its attention (MHA's where the report has none)."""
+  cfg = ModelConfig.from_dict(config.model)
+  tokens = config.train.steps * config.data.batch_size * config.data.seq_len
+  rate = rates.get(cfg.attention, rates['mha'])
+  return tokens * timing.flops_per_token(cfg, config.data.seq_len) / rate
 
 
 # --- the summary ---------------------------------------------------------------------------
@@ -194,10 +270,22 @@ def compare(summary: dict, better: str, worse: str, claim: str = '') -> dict | N
                         'resolved, as the paper says', better=better, worse=worse)
 
 
+def frontier(payload: dict) -> dict[str, list[dict]]:
+  """{geometry: every row by cache bytes, its mean loss and whether it is Pareto-efficient}
+  (report.frontier): what the report's frontier section and plot show."""
+  return {payload['setup']['geometry']: report.frontier(
+      payload['rows'], lambda s: (s['loss'], s['loss_std']), higher_is_better=False)}
+
+
 # --- the report ----------------------------------------------------------------------------
 def _unit(setup: dict) -> str:
   """What a token is: a byte, or a token of the runs' tokenizer."""
   return 'byte' if setup.get('tokenizer', 'byte') == 'byte' else f"token ({setup['tokenizer']})"
+
+
+def _held_out(setup: dict) -> str:
+  data = setup.get('data', 'shakespeare')
+  return 'three held-out plays' if data == 'shakespeare' else f'the held-out split of {data}'
 
 
 def _setup_line(summary: dict, setup: dict) -> str:
@@ -246,6 +334,11 @@ def sweep_lines(payload: dict) -> list[str]:
   return report.table(['row', *(f'lr {lr}' for lr in rates)], 'l' + 'r' * len(rates), lines)
 
 
+def frontier_section(payload: dict) -> list[str]:
+  """The Pareto-efficient rows by cache, and every row's cache and loss."""
+  return report.frontier_lines(payload['frontier'], 'loss', lambda g: f'{g} geometry', 4)
+
+
 def render(payload: dict) -> str:
   summary, setup = payload['rows'], payload['setup']
   geometry, matching = setup['geometry'], MATCHING[setup['match']]
@@ -258,10 +351,11 @@ def render(payload: dict) -> str:
       f'{_setup_line(summary, setup)}. Every row has the same width, depth, query heads, '
       'data order (per seed), tokens, optimizer and schedule; only the attention '
       f'differs, and {matching[1]}. {_protocol(setup)} '
-      f'Validation: three held-out plays, every {_unit(setup).split()[0]} scored once. Loss is '
+      f'Validation: {_held_out(setup)}, every {_unit(setup).split()[0]} scored once. Loss is '
       f'nats per {_unit(setup)}, '
       'mean ± std (sample) over seeds.', '', *summary_table(payload), '',
-      report.exact_cache(summary) + ' Tokens/s: each run on one core, '
+      report.exact_cache(summary) + ' Tokens/s: each run on one core'
+      + (' and the accelerator' if setup['geometry'] == '125m' else '') + ', '
       f"{setup['jobs']} runs at a time."
       + (f" The whole protocol (sweep and seeds) took {setup['full_wall_s'] / 60:.0f} minutes "
          'of wall time.' if setup.get('full_wall_s') else ''), '',
@@ -273,6 +367,9 @@ def render(payload: dict) -> str:
   if diverged:
     lines += ['', 'Seeds stopped by a non-finite loss at the chosen rate (not in the means): '
               + ', '.join(f'{row} {seeds}' for row, seeds in diverged.items()) + '.']
+  if 'frontier' in payload:
+    lines += ['', '## Frontier: validation loss against cache bytes', '',
+              *frontier_section(payload)]
   if payload['sweep']:
     ends = [f"{s['mechanism']} at {s['lr']:g} (the {s['edge']} rate)"
             for _, s in report.by_cache(summary) if s.get('edge')]
@@ -288,16 +385,34 @@ def plot(payload: dict, path: pathlib.Path) -> None:
   summary, setup = payload['rows'], payload['setup']
   fig, ax = report.pyplot().subplots(figsize=(7.5, 5))
   report.cache_lines(ax, summary, lambda s: (s['loss'], s['loss_std'], None), annotate=True)
-  report.marker_legend(ax)
+  report.marker_legend(ax, summary)
   n_layers = next(iter(summary.values()))['model']['n_layers']
   ax.set_xlabel(f'KV cache per token (elements, all {n_layers} layers; log scale)')
   ax.set_ylabel(f'validation loss (nats per {_unit(setup)}), mean ± std over seeds')
-  level = 'byte-level' if _unit(setup) == 'byte' else setup['tokenizer']
-  ax.set_title(f"{'QUICK pipeline check: ' if setup['quick'] else ''}{level} Shakespeare, "
-               + MATCHING[setup['match']][0], fontsize=10)
+  ax.set_title(_plot_title(setup), fontsize=10)
   ax.text(0.01, 0.01, _setup_line(summary, setup), transform=ax.transAxes, fontsize=7,
           color='gray')
   ax.grid(alpha=0.3, which='both')
+  ax.legend(fontsize=8)
+  report.save(fig, path)
+
+
+def _plot_title(setup: dict) -> str:
+  level = 'byte-level' if _unit(setup) == 'byte' else setup['tokenizer']
+  corpus = 'Shakespeare' if setup.get('data', 'shakespeare') == 'shakespeare' else setup['data']
+  return (f"{'QUICK pipeline check: ' if setup['quick'] else ''}{level} {corpus}, "
+          + MATCHING[setup['match']][0])
+
+
+def frontier_plot(payload: dict, path: pathlib.Path) -> None:
+  """Validation loss against cache bytes per token, every row, the Pareto frontier ringed."""
+  summary, setup = payload['rows'], payload['setup']
+  fig, ax = report.pyplot().subplots(figsize=(7.5, 5))
+  report.frontier_axes(ax, summary, payload['frontier'][setup['geometry']])
+  report.marker_legend(ax, summary)
+  ax.set_xlabel('KV cache per token (bytes of a bfloat16 cache, all layers; log scale)')
+  ax.set_ylabel(f'validation loss (nats per {_unit(setup)}), mean ± std over seeds')
+  ax.set_title(f"Frontier: {_plot_title(setup)}, {setup['geometry']} geometry", fontsize=10)
   ax.legend(fontsize=8)
   report.save(fig, path)
 

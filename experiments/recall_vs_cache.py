@@ -11,7 +11,8 @@ A sweep (experiments/sweep.py; Zoology's best of up to four rates, then seeds) w
 val_seed 0) is kept, and the seeds are reported on a separate test set (val_seed TEST_SEED).
 Runs live in workdir/<row>/seq<T>_kv<N>_steps<S>[_quick]/lr<rate>/seed<k>, so runs of other
 settings sit beside them without mixing. --dry_run prints the plan and an estimate of the CPU
-time left. The report (recall_vs_cache.md / .json / .png) goes to --out:
+time left. The report (recall_vs_cache.md / .json / .png, and _frontier.png: recall against
+cache bytes per N, the Pareto-efficient rows named) goes to --out:
 experiments/results/recall_vs_cache/ for the full protocol, the workdir for --quick.
 """
 
@@ -167,7 +168,8 @@ class RecallVsCache(sweep.Sweep):
     payload = report.sweep_payload(setup, summary, comparisons,
                                    report.rate_table(swept, 'val_accuracy', 'kv_pairs'), results,
                                    swept)
-    return report.write(out, NAME, payload, render, plot)
+    payload['frontier'] = frontier(payload)
+    return report.write(out, NAME, payload, render, plot, frontier_plot)
 
 
 # --- the summary ---------------------------------------------------------------------------
@@ -196,6 +198,15 @@ def compare(summary: dict, better: str, worse: str, kv: str, claim: str = '') ->
   cell = lambda row: summary.get(row, {}).get('by_kv', {}).get(kv)
   return report.compare(cell(better), cell(worse), 'accuracies', claim, True,
                         'resolved, as expected', better=better, worse=worse, kv_pairs=int(kv))
+
+
+def frontier(payload: dict) -> dict[str, list[dict]]:
+  """{N: every row run at N by cache bytes, its mean test recall and whether it is
+  Pareto-efficient} (report.frontier): the report's frontier section and plot."""
+  return {str(kv): report.frontier(
+      payload['rows'], lambda s, k=str(kv): (c := s['by_kv'].get(k)) and (
+          c['accuracy'], c['accuracy_std']), higher_is_better=True)
+      for kv in payload['setup']['kv_pairs']}
 
 
 # --- the report ----------------------------------------------------------------------------
@@ -264,6 +275,11 @@ def comparisons_table(payload: dict) -> list[str]:
                                   (('N', 'kv_pairs'),))
 
 
+def frontier_section(payload: dict) -> list[str]:
+  """The Pareto-efficient rows by cache, and every row's cache and recall."""
+  return report.frontier_lines(payload['frontier'], 'recall', lambda k: f'N = {k}', 3)
+
+
 def render(payload: dict) -> str:
   summary, setup = payload['rows'], payload['setup']
   test_examples = next(iter(summary.values()))['test_examples']
@@ -293,6 +309,9 @@ def render(payload: dict) -> str:
               *sweep_lines(payload), '']
   lines += ['## Which orderings are resolved', '',
             report.RESOLVED_NOTE.format('', 'recalls more'), '', *comparisons_table(payload)]
+  if 'frontier' in payload:
+    lines += ['', '## Frontier: test recall against cache bytes', '',
+              *frontier_section(payload)]
   return '\n'.join(lines) + '\n'
 
 
@@ -312,7 +331,7 @@ def plot(payload: dict, path: pathlib.Path) -> None:
     ax.grid(alpha=0.3)
   axes[0][0].set_ylabel('test recall (exact match): mean ± std and each seed (dots)')
   axes[0][0].set_ylim(-0.03, 1.03)
-  report.marker_legend(axes[0][0])
+  report.marker_legend(axes[0][0], summary)
   handles, labels = axes[0][0].get_legend_handles_labels()
   fig.legend(handles, labels, loc='lower center', ncol=len(labels), fontsize=7)
   fig.suptitle(f"{'QUICK pipeline check: ' if setup['quick'] else ''}MQAR recall vs KV cache, "
@@ -321,6 +340,27 @@ def plot(payload: dict, path: pathlib.Path) -> None:
   fig.text(0.5, 0.075, textwrap.fill(_setup_line(summary, setup), 120), ha='center',
            va='center', fontsize=7, color='gray')
   report.save(fig, path, rect=(0, 0.1, 1, 1))
+
+
+def frontier_plot(payload: dict, path: pathlib.Path) -> None:
+  """Test recall against cache bytes per token, a panel per N, the Pareto frontier ringed."""
+  summary, setup = payload['rows'], payload['setup']
+  kvs = list(payload['frontier'])
+  fig, axes = report.pyplot().subplots(1, len(kvs), figsize=(max(7.5, 4.6 * len(kvs)), 5),
+                                       sharey=True, squeeze=False)
+  for ax, k in zip(axes[0], kvs, strict=True):
+    report.frontier_axes(ax, summary, payload['frontier'][k])
+    ax.axhline(1 / int(k), color='gray', linestyle='--', linewidth=1)
+    ax.set_title(f'N = {k} key-value pairs', fontsize=10)
+    ax.set_xlabel('KV cache per token (bytes, bfloat16, all layers; log scale)', fontsize=8)
+  axes[0][0].set_ylabel('test recall (exact match), mean ± std over seeds')
+  axes[0][0].set_ylim(-0.03, 1.1)  # room for the names above the highest points
+  report.marker_legend(axes[0][0], summary)
+  handles, labels = axes[0][0].get_legend_handles_labels()
+  fig.legend(handles, labels, loc='lower center', ncol=len(labels), fontsize=7)
+  fig.suptitle(f"{'QUICK pipeline check: ' if setup['quick'] else ''}MQAR recall vs KV cache "
+               'bytes: the Pareto frontier (ringed; dashed: 1/N)', fontsize=10)
+  report.save(fig, path, rect=(0, 0.07, 1, 1))
 
 
 if __name__ == '__main__':

@@ -78,13 +78,16 @@ def measure_caches(model, prompt) -> dict:
   in bfloat16 and in the 8-bit formats (their float32 scales included)."""
   formula, by_formula = cache_formula(model.cfg)
   elements, nbytes = measure_decode_cache(model, prompt)
+  # None where the variant has no 8-bit cache (GTA, GLA, TPA)
+  eight_bit = lambda dtype: (measure_decode_cache(model, prompt, dtype)[1]
+                             if variants.get(model.cfg.attention).quantized_cache else None)
   if elements != by_formula:
     raise AssertionError(f'{model.cfg.attention}: the decode cache holds {elements} elements '
                          f'per token, the formula {formula} gives {by_formula}')
   return dict(cache_formula=formula, cache_elements_formula=by_formula,
               cache_elements_measured=elements, cache_bytes_bf16_measured=nbytes,
-              cache_bytes_int8_measured=measure_decode_cache(model, prompt, 'int8')[1],
-              cache_bytes_fp8_measured=measure_decode_cache(model, prompt, 'float8_e4m3fn')[1])
+              cache_bytes_int8_measured=eight_bit('int8'),
+              cache_bytes_fp8_measured=eight_bit('float8_e4m3fn'))
 
 
 def write_result(run_dir: pathlib.Path, result: dict) -> None:

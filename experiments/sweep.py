@@ -74,9 +74,13 @@ class Sweep:
     describe(result) -> str                a run that trained to the end, in the progress line
     report(results, swept, setup, out)     writes the report (report.write); -> its paths
 
-  and may override `estimate`."""
+  and may override `estimate` and `default_jobs`."""
 
   name: str
+
+  def default_jobs(self) -> int:
+    """Runs at a time without --jobs: one per available core."""
+    return len(common.available_cores())
 
   def estimate(self, plan: Plan, left: int, upper: bool, jobs: int) -> str:
     """What is left to train, in words."""
@@ -218,7 +222,7 @@ def main(sweep: Sweep) -> None:
   ledger = runner.Ledger(out / f'{sweep.name}.ledger.jsonl', FLAGS.workdir)
   restored = ledger.sync()  # before the plan line, which counts what it restores
   swept = sweep_runs(plan.cells, plan.lrs)
-  jobs = min(FLAGS.jobs or len(common.available_cores()), len(common.available_cores()))
+  jobs = min(FLAGS.jobs or sweep.default_jobs(), len(common.available_cores()))
   left, upper = left_to_train(swept, plan, sweep.read, sweep.best)
   print(f'{plan.words}: {len(swept)} sweep runs (seed 0 at each of {len(plan.lrs)} rates) + '
         f'{len(plan.cells) * plan.seeds} reported runs (seeds 1-{plan.seeds}); '

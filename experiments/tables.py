@@ -5,6 +5,8 @@ docs/*.md and README.md kept equal to it.
   python -m experiments.tables capacity_vs_cache/summary   # one table
   python -m experiments.tables --write              # rewrite every block in the docs
   python -m experiments.tables --check              # exit 1 if a block differs (tests run it)
+  python -m experiments.tables --rerender           # the sweep reports' frontier, .md and
+                                                    # frontier .png afresh from their JSON
 
 A doc holds a generated table between two markers; --write replaces what lies between them:
 
@@ -28,7 +30,7 @@ import sys
 from collections.abc import Callable
 
 from experiments import common
-from experiments.report import table
+from experiments.report import render_files, table
 
 DOCS = [common.ROOT / 'README.md', *sorted((common.ROOT / 'docs').glob('*.md'))]
 BLOCK = re.compile(r'(<!-- table: (?P<name>[\w./-]+) -->\n)(?P<body>.*?)(<!-- end table -->)',
@@ -286,18 +288,18 @@ def _lazy(module: str, function: str, *args) -> Callable[[dict], list[str] | str
 
 def _sweep_parts(module: str) -> dict:
   parts = {'summary': 'summary_table', 'comparisons': 'comparisons_table', 'sweep': 'sweep_lines',
-           'report': 'render'}
+           'frontier': 'frontier_section', 'report': 'render'}
   if module == 'recall_vs_cache':
     parts['per_seed'] = 'per_seed_table'
   return {part: _lazy(module, function) for part, function in parts.items()}
 
 
+CAPACITY_REPORTS = ('capacity_vs_cache', 'capacity_vs_cache_paper', 'capacity_vs_cache_paper_mlp')
 # report -> (its JSON under experiments/results, {part: renderer}). A report's name is its
 # file's stem, or <folder>_<stem> for the device records in h200/.
 REPORTS: dict[str, tuple[str, dict]] = {
     **{stem: (f'capacity_vs_cache/{stem}.json', _sweep_parts('capacity_vs_cache'))
-       for stem in ('capacity_vs_cache', 'capacity_vs_cache_paper',
-                    'capacity_vs_cache_paper_mlp')},
+       for stem in CAPACITY_REPORTS},
     'recall_vs_cache': ('recall_vs_cache/recall_vs_cache.json', _sweep_parts('recall_vs_cache')),
     'to_mla': ('to_mla/to_mla.json', {'report': _lazy('to_mla_report', 'render'),
                                       **{source: _lazy('to_mla_report', 'source_table', source)
@@ -323,6 +325,25 @@ REPORTS: dict[str, tuple[str, dict]] = {
     'h200_decode': ('h200/decode.json', {'table': bench_decode_table,
                                          'summary': decode_pivot_table}),
 }
+
+
+# report -> its experiment, for the reports whose JSON holds a section computed from its rows
+# (the Pareto frontier): --rerender computes it afresh into the JSON (nothing else in it
+# changes) and writes the markdown and the frontier plot from that JSON.
+RERENDER = {**{stem: 'capacity_vs_cache' for stem in CAPACITY_REPORTS},
+            'recall_vs_cache': 'recall_vs_cache'}
+
+
+def rerender(stem: str) -> list:
+  """Report `stem`'s derived sections, markdown and frontier plot, from its committed JSON."""
+  module = importlib.import_module(f'experiments.{RERENDER[stem]}')
+  path = json_path(stem)
+  payload = json.loads(path.read_text())
+  payload['frontier'] = module.frontier(payload)
+  path.write_text(json.dumps(payload, indent=1))
+  return [path.with_suffix('.md'), path, *render_files(
+      path.parent, stem, json.loads(path.read_text()), module.render,
+      {'_frontier': module.frontier_plot})]
 
 
 def names() -> list[str]:
@@ -359,14 +380,19 @@ def main(argv: list[str]) -> int:
   parser.add_argument('name', nargs='?', help='a table to print')
   parser.add_argument('--write', action='store_true', help="rewrite the docs' blocks")
   parser.add_argument('--check', action='store_true', help='exit 1 if a block differs')
+  parser.add_argument('--rerender', action='store_true', help='rewrite the sweep reports\' '
+                      'frontier, markdown and frontier plot from their JSON (then --write)')
   args = parser.parse_args(argv)
+  if args.rerender:
+    for stem in RERENDER:
+      print('wrote ' + ', '.join(str(p.relative_to(common.ROOT)) for p in rerender(stem)))
   if args.name:
     try:
       print(render(args.name))
     except KeyError as e:
       sys.exit(f'error: {e.args[0]}')
     return 0
-  if not (args.write or args.check):
+  if not (args.write or args.check or args.rerender):
     print('\n'.join(names()))
     return 0
   stale = []

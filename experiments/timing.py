@@ -22,6 +22,7 @@ from experiments import common
 from mla_jax import quant, tasks, training, variants
 from mla_jax.cache import measured_per_token, storage_dtype
 from mla_jax.config import ModelConfig
+from mla_jax.model import train_flops_per_token
 from mla_jax.quant import QuantArray
 
 
@@ -202,6 +203,38 @@ def time_train_step(config, mesh, steps: int) -> dict:
   return {'compile_s': compile_s, 'step_s': step_s, 'hlo': compiled.as_text()}
 
 
+# bench_train's 'large' size, the accelerator report's training rows (MLA at d_c = 4 d_h,
+# d_r = d_h / 2); capacity_vs_cache scales their measured rate to its 125m geometry.
+LARGE_MODEL = dict(d_model=1024, n_layers=8, n_heads=16, d_ff=2752, max_seq_len=1024)
+LARGE_MLA = dict(kv_lora_rank=256, qk_rope_head_dim=32)
+
+
+def large_config(variant: str):
+  """configs/<variant>.py at the 'large' size: batch 32 x 1024."""
+  config = common.load_config(variant)
+  m = config.model
+  if m.n_routed_experts:  # experts as wide, against d_model, as the config's
+    m.moe_intermediate_size = m.moe_intermediate_size * LARGE_MODEL['d_model'] // m.d_model
+  m.update(LARGE_MODEL, **(LARGE_MLA if m.attention == 'mla' else {}))
+  config.data.update(batch_size=32, seq_len=1024)
+  return config
+
+
+def flops_per_token(cfg: ModelConfig, seq_len: int, experts: int = 0) -> float:
+  """model.train_flops_per_token: 6 N + 12 L T d, the matmuls of forward and backward and
+  attention's scores and values, N the parameters a token passes through (an MoE layer's K
+  chosen experts of E) less the embedding table. experts: as if each token went through that
+  many routed experts instead of K (E: what the dense all-experts reference computes)."""
+  extra = routed_expert_params(cfg) * (experts - cfg.num_experts_per_tok) if experts else 0
+  return train_flops_per_token(cfg, seq_len) + 6 * extra
+
+
+def routed_expert_params(cfg: ModelConfig) -> int:
+  """The parameters of one routed expert (a SwiGLU: gate, up, down), over all MoE layers."""
+  layers = sum(map(cfg.is_moe_layer, range(cfg.n_layers)))
+  return layers * 3 * cfg.d_model * (cfg.moe_intermediate_size or 0)
+
+
 def decode_step_cost(cfg: ModelConfig, n_params: int, batch: int, context: int,
               cache_bytes_per_token: int) -> tuple[float, float]:
   """(bytes that must be read, flops) for one decode step at `context` keys.
@@ -232,13 +265,22 @@ def decode_configs(d_model: int, n_heads: int, n_layers: int, dtype: str, impls=
       'MHA': dict(attention='mha'), 'GQA (G=2)': dict(attention='gqa', n_kv_heads=2),
       'MQA': dict(attention='mqa'), 'MLA naive': dict(**mla, mla_decode='naive'),
       'MLA absorbed': dict(**mla, mla_decode='absorbed'),
+      # the cache-efficient family: GTA at GQA-2's groups, GLA-2 on MLA's latent, TPA at the
+      # paper's ranks (no decode kernel: einsum only)
+      'GTA (G=2)': dict(attention='gta', n_kv_heads=2, qk_rope_head_dim=d_h // 2),
+      'GLA-2': dict(attention='gla', kv_lora_rank=4 * d_h, qk_rope_head_dim=d_h // 2,
+                    latent_heads=2),
+      'TPA': dict(attention='tpa', tpa_q_rank=6, tpa_k_rank=2, tpa_v_rank=2),
   }
   out = {}
   for name, fields in rows.items():
+    variant = variants.get(fields['attention'])
     for impl in impls:
-      if impl in ('kernels', 'fused') and name == 'MLA naive':
+      if impl in ('kernels', 'fused') and (name == 'MLA naive' or variant.decode_widths is None):
         continue
       for cache_dtype in cache_dtypes:
+        if cache_dtype and jnp.dtype(cache_dtype).itemsize == 1 and not variant.quantized_cache:
+          continue
         kind = 'kernel' if impl in ('kernels', 'fused') else impl
         label = name if len(impls) == 1 else f'{name} [{kind}]'
         if len(cache_dtypes) > 1:

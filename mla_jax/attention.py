@@ -159,14 +159,9 @@ class MLAttention(nnx.Module):
 
   def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs, op: AttentionOp | None = None):
     self.cfg, self.op = cfg, resolve(cfg) if op is None else op
-    d, h, c, qc = cfg.d_model, cfg.n_heads, cfg.kv_lora_rank, cfg.q_lora_rank
+    d, h, c = cfg.d_model, cfg.n_heads, cfg.kv_lora_rank
     n, r, v = cfg.qk_nope_head_dim, cfg.qk_rope_head_dim, cfg.v_head_dim
-    if qc:
-      self.w_dq = weight(rngs, cfg, (d, qc), ('embed', 'q_lora'), fan_in=d)
-      self.q_norm = RMSNorm(qc, cfg, axis='q_lora')
-      self.w_uq = weight(rngs, cfg, (qc, h, n + r), ('q_lora', 'heads', 'head_dim'), fan_in=qc)
-    else:
-      self.w_q = weight(rngs, cfg, (d, h, n + r), ('embed', 'heads', 'head_dim'), fan_in=d)
+    self._init_queries(cfg, rngs)
     self.w_dkv = weight(rngs, cfg, (d, c + r), ('embed', 'kv_lora'), fan_in=d)
     if cfg.kv_norm:
       self.kv_norm = RMSNorm(c, cfg, axis='kv_lora')
@@ -175,8 +170,26 @@ class MLAttention(nnx.Module):
     self.w_uv = weight(rngs, cfg, (c, h, v), ('kv_lora', 'heads', 'head_dim'), fan_in=c)
     self.w_o = weight(rngs, cfg, (h, v, d), ('heads', 'head_dim', 'embed'), fan_in=h * v)
 
+  def _init_queries(self, cfg: ModelConfig, rngs: nnx.Rngs):
+    """q = c_q W_UQ with c_q = RMSNorm(h W_DQ), or h W_Q: [n + r] per head (eqs. 37-39)."""
+    d, h, qc = cfg.d_model, cfg.n_heads, cfg.q_lora_rank
+    width = cfg.qk_nope_head_dim + cfg.qk_rope_head_dim
+    if qc:
+      self.w_dq = weight(rngs, cfg, (d, qc), ('embed', 'q_lora'), fan_in=d)
+      self.q_norm = RMSNorm(qc, cfg, axis='q_lora')
+      self.w_uq = weight(rngs, cfg, (qc, h, width), ('q_lora', 'heads', 'head_dim'), fan_in=qc)
+    else:
+      self.w_q = weight(rngs, cfg, (d, h, width), ('embed', 'heads', 'head_dim'), fan_in=d)
+
   def init_cache(self, batch: int, max_len: int, dtype) -> LatentCache:
     return LatentCache.init(self.cfg, batch, max_len, dtype)
+
+  def _latent(self, x_btd, cos, sin):
+    """(c_kv [b, t, c] after the latent RMSNorm, k_rope [b, t, r] rotated): eqs. 41, 43."""
+    c = self.cfg.kv_lora_rank
+    kv = dense(x_btd, self._w(self.w_dkv))  # [b, t, c + r]
+    c_kv = self.kv_norm(kv[..., :c]) if self.cfg.kv_norm else kv[..., :c]
+    return c_kv, self._rope(kv[..., c:], cos, sin)
 
   def _w(self, p):
     return p[...].astype(self.cfg.compute_dtype)
@@ -203,15 +216,13 @@ class MLAttention(nnx.Module):
     widths (d_n + d_r, d_v) flash attention takes, where the absorbed path's (d_c + d_r) is
     too wide for it."""
     cfg, op = self.cfg, self.op
-    n, c = cfg.qk_nope_head_dim, cfg.kv_lora_rank
+    n = cfg.qk_nope_head_dim
     positions_bt, whole = resolve_positions(x_btd, positions_bt)
     cos, sin = rope.rope_angles(positions_bt, cfg.rope_block or cfg.qk_rope_head_dim,
                                 cfg.rope_theta, cfg.rope_scaling)
     q = self._queries(x_btd)
     q_nope, q_rope = q[..., :n], self._rope(q[..., n:], cos, sin)
-    kv = dense(x_btd, self._w(self.w_dkv))  # [b, t, c + r]
-    c_kv = self.kv_norm(kv[..., :c]) if cfg.kv_norm else kv[..., :c]
-    k_rope = self._rope(kv[..., c:], cos, sin)
+    c_kv, k_rope = self._latent(x_btd, cos, sin)
     if cache is not None:
       cache = cache.write(c_kv, k_rope, positions_bt)
     scale = ((n + cfg.qk_rope_head_dim)**-0.5 * rope.softmax_mscale(cfg.rope_scaling)**2)
@@ -223,7 +234,7 @@ class MLAttention(nnx.Module):
     elif kind == 'prefill' and op.prefill != 'einsum':
       if cache is not None:  # flash attention takes no scales: dequantize what it reads
         c_kv, k_rope = (quant.dequantize(x, q.dtype) for x in (cache.c_kv, cache.k_rope))
-        mask = cache_mask(positions_bt, c_kv.shape[1])
+        mask = cache_mask(positions_bt, k_rope.shape[1])  # k_rope [b, s, r]: slots
       else:
         mask = causal_mask(positions_bt, positions_bt)
       q_h, k_h, v_h = self._heads(q_nope, q_rope, c_kv, k_rope)
@@ -235,7 +246,7 @@ class MLAttention(nnx.Module):
       elif cache is None:
         mask = causal_mask(positions_bt, positions_bt)
       else:
-        mask = cache_mask(positions_bt, latent[0].shape[1])
+        mask = cache_mask(positions_bt, latent[2].shape[1])
       absorbed = cache is not None and cfg.mla_decode == 'absorbed'
       o = (self._absorbed if absorbed else self._naive)(q_nope, q_rope, latent, mask, scale)
     return dense(o, self._w(self.w_o), n_in=2), cache

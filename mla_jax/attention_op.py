@@ -5,8 +5,9 @@ A model's attention calls are of three kinds, each with its own choice of kernel
 
   whole    a whole sequence at positions 0 .. t - 1 without a cache (the training and
            evaluation forward): 'einsum' (causal_attention), 'cpu_kernel' (the C++ kernel of
-           mla_jax.kernels.cpu_attention), 'cudnn' (cuDNN's flash attention) or 'xla'
-           (XLA's jax.nn.dot_product_attention)
+           mla_jax.kernels.cpu_attention), 'cudnn' (cuDNN's flash attention), 'splash'
+           (TPU's splash attention, `interpret`ed on a CPU) or 'xla' (XLA's
+           jax.nn.dot_product_attention)
   prefill  queries against a cache, masked by position (chunked prefill, and MLA's naive
            decode): 'einsum', 'cudnn' or 'xla'
   decode   one query token per sequence against its cache: 'einsum', or the split-KV Pallas
@@ -39,7 +40,7 @@ from mla_jax import flash, kernels, platform, variants
 from mla_jax.kernels import cpu_attention
 from mla_jax.kernels.split_kv import fits
 
-WHOLE = ('einsum', 'cpu_kernel', 'cudnn', 'xla')
+WHOLE = ('einsum', 'cpu_kernel', 'cudnn', 'splash', 'xla')
 PREFILL = ('einsum', 'cudnn', 'xla')
 DECODE = ('einsum', 'triton', 'mosaic')
 _MASKED = float(jnp.finfo(jnp.float32).min)  # finite: a fully masked row gives no NaN
@@ -80,7 +81,13 @@ def attention_weights(q_parts, k_parts, mask_bts, scale: float, k_scales=None):
   scores = sum(scale_tokens(jnp.einsum('btgpe,bgse->bgpts', q, k,
                                        preferred_element_type=jnp.float32), k_scale)
                for q, k, k_scale in zip(q_parts, k_parts, k_scales, strict=True))
-  scores = jnp.where(mask_bts[:, None, None], scores * scale, _MASKED)
+  return masked_softmax(scores, mask_bts, scale)
+
+
+def masked_softmax(scores_bgpts, mask_bts, scale: float):
+  """softmax(scores * scale) over s where mask [b, t, s] allows, float32 [b, g, p, t, s]: for
+  a variant whose scores are not one q . k product (TPA's factored decode)."""
+  scores = jnp.where(mask_bts[:, None, None], scores_bgpts * scale, _MASKED)
   return jax.nn.softmax(scores, axis=-1)
 
 
@@ -121,7 +128,7 @@ class AttentionOp:
   whole: str = 'einsum'
   prefill: str = 'einsum'
   decode: str = 'einsum'
-  interpret: bool = False  # the Pallas decode kernels run in interpret mode (a CPU)
+  interpret: bool = False  # the Pallas kernels (decode, splash) run in interpret mode (a CPU)
 
   def __post_init__(self):
     for name, allowed in (('platform', platform.PLATFORMS), ('whole', WHOLE),
@@ -131,20 +138,27 @@ class AttentionOp:
     # Kernels that cannot run where the record says they do: refused here, not at run time.
     cpu = self.platform == 'cpu'
     if (self.whole == 'cpu_kernel' and not cpu) or (
-        'cudnn' in (self.whole, self.prefill) and self.platform != 'gpu'):
-      raise ValueError(f'{self}: cpu_kernel runs on a CPU only, cudnn on an NVIDIA GPU only')
-    if self.decode != 'einsum' and cpu != self.interpret:
-      raise ValueError(f'{self}: the Pallas decode kernels run interpreted on a CPU, and only '
-                       'there (interpret=True on a CPU, False elsewhere)')
+        'cudnn' in (self.whole, self.prefill) and self.platform != 'gpu') or (
+        self.whole == 'splash' and self.platform == 'gpu'):
+      raise ValueError(f'{self}: cpu_kernel runs on a CPU only, cudnn on an NVIDIA GPU only, '
+                       'splash on a TPU only (or interpreted on a CPU)')
+    if self.pallas and cpu != self.interpret:
+      raise ValueError(f'{self}: the Pallas kernels run interpreted on a CPU, and only there '
+                       '(interpret=True on a CPU, False elsewhere)')
 
   def to_dict(self) -> dict:
     return dataclasses.asdict(self)
 
+  @property
+  def pallas(self) -> bool:
+    """Whether any call runs a Pallas kernel (the decode kernels, splash attention)."""
+    return self.decode != 'einsum' or self.whole == 'splash'
+
   def __str__(self) -> str:
-    decode = self.decode + (' (interpreted)' if self.interpret and self.decode != 'einsum'
-                            else '')
-    return (f'attention on {self.platform}: whole sequences {self.whole}, prefill '
-            f'{self.prefill}, decode steps {decode}')
+    shown = lambda kernel: kernel + (' (interpreted)' if self.interpret and kernel in (
+        'splash', *DECODE[1:]) else '')
+    return (f'attention on {self.platform}: whole sequences {shown(self.whole)}, prefill '
+            f'{self.prefill}, decode steps {shown(self.decode)}')
 
   @property
   def einsum_cache_layout(self) -> bool:
@@ -156,7 +170,7 @@ class AttentionOp:
   def causal(self, q_btgpe, k_btge, v_btgv, scale: float):
     """softmax(q k^T * scale, causal) v -> [b, t, g, p, v] for a whole sequence at positions
     0 .. t - 1 without a cache, in the projections' token-major layout (float32 from the
-    einsum and CPU kernels, the compute dtype from flash attention)."""
+    einsum and CPU kernels, the compute dtype from flash and splash attention)."""
     if self.whole == 'cpu_kernel':
       _one_device_float32(q_btgpe)
       return cpu_attention.causal_attention(q_btgpe, k_btge, v_btgv, scale)
@@ -165,8 +179,11 @@ class AttentionOp:
                            v_btgv.transpose(0, 2, 1, 3), scale)
       return o.transpose(0, 3, 1, 2, 4)
     b, t, g, p, _ = q_btgpe.shape
-    o = flash.flash_attention(q_btgpe.reshape(b, t, g * p, -1), k_btge, v_btgv, None, scale,
-                              self.whole)
+    q_bthe = q_btgpe.reshape(b, t, g * p, -1)
+    if self.whole == 'splash':
+      o = flash.splash_attention(q_bthe, k_btge, v_btgv, scale, interpret=self.interpret)
+    else:
+      o = flash.flash_attention(q_bthe, k_btge, v_btgv, None, scale, self.whole)
     return o.reshape(b, t, g, p, -1)
 
   def flash(self, q_bthe, k_bsge, v_bsgv, mask_bts, scale: float):
@@ -175,7 +192,8 @@ class AttentionOp:
     return flash.flash_attention(q_bthe, k_bsge, v_bsgv, mask_bts, scale, self.prefill)
 
   def gqa_decode(self, q_bgpk, k_bgsk, v_bgsk, lengths_b, scale: float, **scales):
-    """One decode step of grouped attention through the Pallas kernel: o [b, g, p, k]."""
+    """One decode step of grouped attention through the Pallas kernel: o [b, g, p, k].
+    scales: an 8-bit cache's, or GTA's rope part (kernels.gqa_decode)."""
     return kernels.gqa_decode(q_bgpk, k_bgsk, v_bgsk, lengths_b, scale,
                               interpret=self.interpret, backend=self.decode, **scales)
 
@@ -184,6 +202,12 @@ class AttentionOp:
     """One absorbed MLA decode step through the Pallas kernel: o_lat [b, h, c]."""
     return kernels.mla_decode(q_lat_bhc, q_rope_bhr, c_kv_bsc, k_rope_bsr, lengths_b, scale,
                               interpret=self.interpret, backend=self.decode, **scales)
+
+  def gla_decode(self, q_lat_bgpc, q_rope_bgpr, c_kv_bgsc, k_rope_bsr, lengths_b,
+                 scale: float):
+    """One absorbed GLA decode step, the MLA kernel per latent head: o_lat [b, g, p, c]."""
+    return kernels.gla_decode(q_lat_bgpc, q_rope_bgpr, c_kv_bgsc, k_rope_bsr, lengths_b, scale,
+                              interpret=self.interpret, backend=self.decode)
 
 
 def _one_device_float32(q):
@@ -199,14 +223,16 @@ def _one_device_float32(q):
 
 def resolve(cfg, mesh=None) -> AttentionOp:
   """The kernels a model of cfg runs on the platform of `mesh` (None: the mesh set with
-  jax.set_mesh, else jax's default backend and one device).
+  jax.set_mesh, else jax's default backend and one device; inside platform.lowering_for, the
+  platform it names).
 
   'einsum': the reference everywhere. 'kernels': the platform's kernels for the calls the
   variant declares (variants.Variant.flash_widths, decode_widths) at widths they take: on a
   CPU the C++ kernel for whole sequences (float32 on one device, where it builds; else XLA's
   attention), XLA's attention for prefill and the Pallas decode kernels interpreted; on a GPU
   cuDNN's flash attention (bfloat16 / float16, widths a multiple of 8 up to 256; else XLA's)
-  and Triton; on a TPU XLA's attention and Mosaic. 'auto': 'kernels' on an accelerator; on a
+  and Triton; on a TPU splash attention for whole sequences (any dtype and widths), XLA's
+  attention for prefill, and Mosaic. 'auto': 'kernels' on an accelerator; on a
   CPU the C++ kernel for whole sequences where it takes them, and einsum everywhere else
   (interpreted Pallas kernels are slow): docs/design.md#21-how-attention-runs has the
   measurement behind it.
@@ -221,7 +247,7 @@ def resolve(cfg, mesh=None) -> AttentionOp:
     widths, dtype = variant.flash_widths(cfg), cfg.compute_dtype
     flash_kernel = 'cudnn' if flash.cudnn_takes(plat, dtype, widths) else 'xla'
     prefill = 'einsum' if cpu_auto else flash_kernel
-    whole = flash_kernel
+    whole = 'splash' if plat == 'tpu' else flash_kernel
     if plat == 'cpu':
       whole = ('cpu_kernel' if _cpu_kernel_takes(dtype, mesh)
                else 'einsum' if cpu_auto else 'xla')

@@ -143,8 +143,10 @@ class ModelConfig:
   n_kv_heads: int | None = None  # mha: n_heads; mqa: 1; gqa: required, divides n_heads
   head_dim: int | None = None  # mha/gqa/mqa head size; default d_model // n_heads
   d_ff: int | None = None  # SwiGLU width; default 8/3 d_model rounded up to a multiple of 64
-  attention: str = 'mha'  # a name in mla_jax.variants: 'mha' | 'gqa' | 'mqa' | 'mla'
-  # MLA only (DeepSeek-V2 appendix C). Defaults follow the paper's ratios for d_h = head_dim:
+  # a name in mla_jax.variants: 'mha' | 'gqa' | 'mqa' | 'mla' | 'tpa' | 'gta' | 'gla'
+  attention: str = 'mha'
+  # MLA (DeepSeek-V2 appendix C), and GLA below. Defaults follow the paper's ratios for
+  # d_h = head_dim:
   q_lora_rank: int = 0  # d'_c; 0 = no query compression
   kv_lora_rank: int = 0  # d_c, required for mla (the paper: 4 d_h)
   qk_nope_head_dim: int | None = None  # d_n; default head_dim
@@ -157,6 +159,16 @@ class ModelConfig:
   # kv_norm=False drops the RMSNorm on the latent c_kv. Neither has a Hugging Face equivalent.
   rope_block: int | None = None
   kv_norm: bool = True
+  # TPA only (Zhang et al. 2025, mla_jax.tpa): the ranks R_Q, R_K, R_V of the factorised
+  # queries, keys and values; tpa_k_rank and tpa_v_rank are required (>= 1) for tpa.
+  # tpa_q_rank=0: queries from a standard per-head projection (the paper's TPA-KVonly).
+  tpa_q_rank: int = 0
+  tpa_k_rank: int = 0
+  tpa_v_rank: int = 0
+  # GLA only (Zadouri, Strauss & Dao 2025, mla_jax.gla): g latent heads of kv_lora_rank / g,
+  # each read by n_heads / g query heads; default 2 (GLA-2). GTA reuses n_kv_heads (its tied
+  # KV heads) and qk_rope_head_dim (d_R, its one rope key's width; default head_dim / 2).
+  latent_heads: int | None = None
   # 'einsum': the explicit reference path everywhere; 'kernels': the platform's kernels (flash
   # attention or the C++ CPU kernel for whole sequences, flash attention for prefill, Pallas for
   # decode steps); 'auto': the platform's default. mla_jax.attention_op resolves it once, when a
@@ -251,7 +263,7 @@ class ModelConfig:
       if f.type.startswith('int') and value is not None:
         least = 0 if f.name in ('q_lora_rank', 'kv_lora_rank', 'qk_nope_head_dim',
                                 'n_routed_experts', 'n_shared_experts',
-                                'first_k_dense_replace') else 1
+                                'first_k_dense_replace', *variants.TPA_ONLY) else 1
         if value < least:
           raise ConfigError(f'{f.name}={value} must be >= {least}')
     if self.norm_eps <= 0 or self.rope_theta <= 1:

@@ -19,9 +19,9 @@ FAULT = 'MLA_JAX_FAULT'
 
 def write_whole(path, data: str | bytes, error: type[Error]) -> None:
   """Writes path whole: into a temporary file named for this writer alone (two processes
-  writing eval.json at once never share one), renamed into place, so a reader sees the old
-  file or the new one. A full disk is one line naming the folder, raised as `error`; the old
-  file is kept."""
+  writing eval.json at once never share one), fsynced, renamed into place, so a reader sees the
+  old file or the new one, after a kill or a power loss. A full disk is one line naming the
+  folder, raised as `error`; the old file is kept."""
   path = pathlib.Path(path)
   try:
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f'.{path.name}.', suffix='.tmp')
@@ -30,11 +30,24 @@ def write_whole(path, data: str | bytes, error: type[Error]) -> None:
   try:
     with os.fdopen(fd, 'wb' if isinstance(data, bytes) else 'w') as f:
       f.write(data)
-    os.replace(tmp, path)
+      f.flush()
+      os.fsync(f.fileno())
+    replace_durably(tmp, path)
   except OSError as e:
     with contextlib.suppress(OSError):
       os.unlink(tmp)
     raise _write_error(path, e, error) from None
+
+
+def replace_durably(tmp, path) -> None:
+  """os.replace(tmp, path) for a tmp already fsynced, then the folder fsynced too: after a
+  power loss the folder holds the old file or the whole new one, as it does after a kill."""
+  os.replace(tmp, path)
+  folder = os.open(pathlib.Path(path).parent, os.O_RDONLY)
+  try:
+    os.fsync(folder)
+  finally:
+    os.close(folder)
 
 
 def _write_error(path: pathlib.Path, e: OSError, error: type[Error]) -> Error:

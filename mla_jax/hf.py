@@ -163,7 +163,7 @@ def _rope(hf: dict, arch: str) -> tuple[float, RopeScaling | None]:
   kind = params.get('rope_type', params.get('type', 'default'))
   if kind == 'default':
     return theta, None
-  if kind == 'llama3' and arch in GQA_ARCHS:
+  if kind == 'llama3':
     missing = [k for k in ('factor', 'low_freq_factor', 'high_freq_factor',
                            'original_max_position_embeddings') if params.get(k) is None]
     if missing:
@@ -303,6 +303,10 @@ def architecture(cfg: ModelConfig) -> str:
   """The Hugging Face class a model exports to, as its variant's registry entry says
   (Qwen2's for a Llama with q/k/v biases)."""
   arch = variants.get(cfg.attention).hf_architecture
+  if arch is None:
+    raise HFError(f'attention={cfg.attention!r} has no Hugging Face architecture: transformers '
+                  'has no model class for it, so it cannot be exported; keep the workdir, or '
+                  f'train a variant that exports ({", ".join(GQA_ARCHS + DEEPSEEK)})')
   if arch not in LLAMA + DEEPSEEK:
     raise HFError(f'attention={cfg.attention!r} has no Hugging Face architecture mla_jax can '
                   f'write (it writes {", ".join(GQA_ARCHS + DEEPSEEK)})')
@@ -318,13 +322,9 @@ def config_to_hf(cfg: ModelConfig) -> dict:
   RoPE is written both as transformers 5 reads it (rope_parameters) and as 4 does
   (rope_theta, rope_scaling)."""
   arch = architecture(cfg)
-  llama3 = isinstance(cfg.rope_scaling, Llama3Scaling)
   if arch in GQA_ARCHS and isinstance(cfg.rope_scaling, YarnScaling):
     raise HFError("a GQA-family model with YaRN has no Hugging Face equivalent (Llama's YaRN "
                   "has no softmax mscale); export it without rope_scaling")
-  if arch in DEEPSEEK and llama3:
-    raise HFError('an MLA model with Llama 3 RoPE is not exported: its rescaling of the '
-                  "d_r-wide rope key in transformers' DeepSeek is untested here")
   if arch in DEEPSEEK and (cfg.rope_block is not None or not cfg.kv_norm
                           or not cfg.qk_nope_head_dim):
     raise HFError(f'rope_block={cfg.rope_block}, kv_norm={cfg.kv_norm}, qk_nope_head_dim='

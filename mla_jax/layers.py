@@ -4,7 +4,8 @@ uses, RMSNorm, SwiGLU MLP, token embedding.
 Shape letters (used in every einsum of the package): b batch, t query position, s key position,
 d model width, f MLP width, V vocabulary, h query heads, g KV-head groups, p query heads per
 group, k head dim (MHA/GQA), n / r / v MLA nope / rope / value head dims, c KV latent
-(kv_lora_rank), q query latent (q_lora_rank), e a generic contracted feature dim.
+(kv_lora_rank), q query latent (q_lora_rank), i / j / u TPA's query / key / value ranks,
+e a generic contracted feature dim.
 """
 
 from __future__ import annotations
@@ -47,16 +48,22 @@ def dense(x, w, n_in: int = 1, out_dtype=None):
 
 
 class RMSNorm(nnx.Module):
-  """x / rms(x) * scale, computed in float32 (Zhang & Sennrich 2019)."""
+  """x / rms(x) * scale, computed in float32 (Zhang & Sennrich 2019), over the last axis.
 
-  def __init__(self, dim: int, cfg: ModelConfig, axis: str = 'embed'):
+  dim may be a shape, (heads, width) with axis names to match: one norm per head, each with
+  its own scale (GLA's latent heads)."""
+
+  def __init__(self, dim: int | tuple[int, ...], cfg: ModelConfig,
+               axis: str | tuple[str, ...] = 'embed'):
     self.eps = cfg.norm_eps
-    self.scale = nnx.Param(jnp.ones((dim,), jnp.dtype(cfg.param_dtype)), axes=(axis,))
+    shape, axes = (dim, axis) if isinstance(dim, tuple) else ((dim,), (axis,))
+    self.scale = nnx.Param(jnp.ones(shape, jnp.dtype(cfg.param_dtype)), axes=axes)
 
   def __call__(self, x):
     xf = x.astype(jnp.float32)
     y = xf * jax.lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + self.eps)
-    scale = jnp.expand_dims(self.scale[...].astype(jnp.float32), tuple(range(x.ndim - 1)))
+    scale = self.scale[...].astype(jnp.float32)
+    scale = jnp.expand_dims(scale, tuple(range(x.ndim - scale.ndim)))
     return (y * scale).astype(x.dtype)
 
 

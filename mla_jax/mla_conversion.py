@@ -349,7 +349,8 @@ def to_mla(model: Transformer, kv_lora_rank: int | None = None,
   if kv_lora_rank is not None and qk_rope_head_dim is None:
     qk_rope_head_dim = src.head_dim // 2
   _check_arguments(src, kv_lora_rank, qk_rope_head_dim, rope_selection, latent_norm)
-  params = jax.tree.map(np.asarray, nnx.to_pure_dict(nnx.state(model, nnx.Param)))
+  # every variable (an MoE's router bias too); only the attention is converted
+  params = jax.tree.map(np.asarray, nnx.to_pure_dict(nnx.state(model)))
   if kv_lora_rank is None:
     cfg = exact_config(src)
     for i in range(src.n_layers):
@@ -369,7 +370,9 @@ def to_mla(model: Transformer, kv_lora_rank: int | None = None,
       params['blocks'][i]['attn'] = _compress_attention(a, c, s, kp, src, kv_lora_rank,
                                                         qk_rope_head_dim, latent_norm)
   dtype = jnp.dtype(cfg.param_dtype)
-  return with_params(cfg, jax.tree.map(lambda x: jnp.asarray(x, dtype), params))
+  for block in params['blocks'].values():
+    block['attn'] = jax.tree.map(lambda x: jnp.asarray(x, dtype), block['attn'])
+  return with_params(cfg, jax.tree.map(jnp.asarray, params))
 
 
 # --- runs (python -m mla_jax.convert --to_mla) ------------------------------------------------

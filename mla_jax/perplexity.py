@@ -10,6 +10,7 @@ mla_jax.evaluate` is its command line.
 from __future__ import annotations
 
 import functools
+import itertools
 import math
 import pathlib
 
@@ -33,6 +34,18 @@ def eval_step(graphdef, state, windows_bt, scored_bt):
   logits = nnx.merge(graphdef, state)(windows_bt[:, :-1])
   nll = optax.softmax_cross_entropy_with_integer_labels(logits, windows_bt[:, 1:])
   return jnp.sum(jnp.where(scored_bt, nll, 0.0))
+
+
+def _batches(tokens, seq_len: int, stride: int, batch_size: int):
+  """data.eval_windows in batches ([batch_size, seq_len + 1] windows, [batch_size, seq_len]
+  scored masks), built as they are scored: a split is never held twice in memory. The last
+  batch is padded with unscored windows (whole batches: one compiled shape)."""
+  windows = data.eval_windows(tokens, seq_len, stride)
+  positions = np.arange(seq_len)
+  while batch := list(itertools.islice(windows, batch_size)):
+    batch += [(np.zeros(seq_len + 1, np.int32), 0, 0, 0)] * (batch_size - len(batch))
+    yield (np.stack([window for window, *_ in batch]),
+           np.stack([(positions >= first) & (positions < end) for _, _, first, end in batch]))
 
 
 def perplexity(model, tokens: np.ndarray, seq_len: int, stride: int, batch_size: int,
@@ -62,23 +75,13 @@ def perplexity(model, tokens: np.ndarray, seq_len: int, stride: int, batch_size:
   windows_sharding = sharding.named_sharding(mesh, ('batch', None), shape)
   mask_sharding = sharding.named_sharding(mesh, ('batch', None), mask_shape)
   rows = sharding.local_rows(windows_sharding, shape, axis=0)
-  windows, masks = [], []
-  for window, _, first, end in data.eval_windows(tokens, seq_len, stride):
-    windows.append(window)
-    masks.append((np.arange(seq_len) >= first) & (np.arange(seq_len) < end))
-  pad = -len(windows) % batch_size  # whole batches: one compiled shape
-  windows += [np.zeros(seq_len + 1, np.int32)] * pad
-  masks += [np.zeros(seq_len, bool)] * pad
-  windows, masks = np.stack(windows), np.stack(masks)
-  total = 0.0  # float64 on the host: exact over millions of tokens
+  total, count = 0.0, 0  # float64 on the host: exact over millions of tokens
   with jax.set_mesh(mesh):
-    for i in range(0, len(windows), batch_size):
-      window_batch = sharding.global_batch(windows[i:i + batch_size][rows], windows_sharding,
-                                           shape)
-      mask_batch = sharding.global_batch(masks[i:i + batch_size][rows], mask_sharding,
-                                         mask_shape)
+    for windows, masks in _batches(tokens, seq_len, stride, batch_size):
+      window_batch = sharding.global_batch(windows[rows], windows_sharding, shape)
+      mask_batch = sharding.global_batch(masks[rows], mask_sharding, mask_shape)
       total += float(eval_step(graphdef, state, window_batch, mask_batch))
-  count = int(masks.sum())
+      count += int(masks.sum())
   assert count == len(tokens) - 1, (count, len(tokens))
   loss = total / count
   scored_bytes = count if scored_bytes is None else scored_bytes

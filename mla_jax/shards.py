@@ -28,7 +28,8 @@ are each written whole and renamed. manifest.json is written last, by a rename, 
 never takes a half-written corpus. A rerun of the same command resumes after the last
 recorded shard (re-encoding the one document it cut) and ends with the same bytes as a run
 never killed. Another input, tokenizer or setting into an existing folder is refused, nothing
-touched. Kills are SIGKILL-safe (no fsync: a power loss may need a fresh --out).
+touched. Every file is fsynced before its rename, and the folder after it: a power loss leaves
+the state a kill would.
 
 ShardedTokens reads a split as a virtual concatenation of memmapped ranges, indexed like the
 in-memory array. Opening checks every shard's size against the manifest (cheap); sha256 is
@@ -139,8 +140,10 @@ class Writer:
     if recorded.get('identity') != self.identity:
       old, new = recorded.get('identity') or {}, self.identity
       diff = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
+      why = (' (files are known by path, size and modification time: a moved, copied or '
+             'touched corpus is another input)') if 'input_sha256' in diff else ''
       raise ShardError(f'--out={self.out} holds {what} of another input or tokenizer (differs '
-                       f'in {", ".join(diff) or "format"}); give a new --out (nothing was '
+                       f'in {", ".join(diff) or "format"}{why}); give a new --out (nothing was '
                        'touched)')
 
   def _check_existing(self) -> bool:
@@ -208,8 +211,10 @@ class Writer:
     """The open shard complete: renamed into place, its documents and progress recorded."""
     index = len(self.records)
     tmp = pathlib.Path(self.file.name)
+    self.file.flush()
+    os.fsync(self.file.fileno())
     self.file.close()
-    os.replace(tmp, self.out / shard_name(index))
+    files.replace_durably(tmp, self.out / shard_name(index))
     fault(f'shard:{index}:written')
     write_whole(self.out / _sidecar(index), _npy(np.asarray(self.lengths, np.int64)))
     self.records.append({'file': shard_name(index), 'tokens': self.count,

@@ -187,8 +187,9 @@ class HFTokenizer:
     return np.asarray(self._tok.encode(text).ids, np.int32)
 
   def encode_batch(self, texts: list[str]) -> list[np.ndarray]:
-    """encode of each text, by the library's batch encoding (its threads)."""
-    return [np.asarray(e.ids, np.int32) for e in self._tok.encode_batch(texts)]
+    """encode of each text, by the library's batch encoding (its threads). The fast form skips
+    the character offsets, which nothing here reads: twice the speed, the same ids."""
+    return [np.asarray(e.ids, np.int32) for e in self._tok.encode_batch_fast(texts)]
 
   def decode(self, ids, skip_special: bool = False) -> str:
     """The text of ids; special tokens are written out unless skip_special (as transformers'

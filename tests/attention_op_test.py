@@ -48,8 +48,10 @@ def _grads(model):
 
 # MHA and MQA run GQA's code path with H and 1 groups, so GQA stands for them in the default
 # run. Query compression (mla_q) changes no attention code, and mla_naive trains exactly as mla
-# (mla_decode only picks the cached path), so mla stands for them in training.
-@pytest.mark.parametrize('name', variant_params(('mha', 'mqa', 'mla_q', 'mla_naive'),
+# (mla_decode only picks the cached path), so mla stands for them in training. GLA's whole
+# sequence is MLA's flash call on its own per-head keys, which the cached test below runs
+# through flash prefill (and tests/gta_gla_test.py against its equations): --long only.
+@pytest.mark.parametrize('name', variant_params(('mha', 'mqa', 'mla_q', 'mla_naive', 'gla'),
                                                 'flash_widths'))
 def test_flash_equals_einsum_logits_and_gradients(name):
   einsum, fused = _pair(name)
@@ -81,6 +83,57 @@ def test_narrower_values_are_padded_not_dropped():
   einsum, fused = _pair('mla')
   assert einsum.cfg.v_head_dim < einsum.cfg.qk_nope_head_dim + einsum.cfg.qk_rope_head_dim
   np.testing.assert_allclose(fused(TOKENS), einsum(TOKENS), atol=1e-5, rtol=0)
+
+
+SPLASH = AttentionOp('cpu', whole='splash', interpret=True)
+
+
+@pytest.mark.parametrize('g, p, e, v, t', [
+    (2, 2, 24, 16, 300),  # GQA groups, values narrower (MLA's), three blocks, 84 rows padded
+    (1, 4, 16, 16, 20),  # MQA: splash's MQA form
+])
+def test_splash_equals_the_einsum_reference(g, p, e, v, t):
+  """Splash attention, interpreted, against causal_attention: outputs and the gradients of
+  queries, keys and values, float32. A wrong group mapping, scale, padding or slice moves them
+  by O(1)."""
+  rng = np.random.default_rng(0)
+  q, k, vv = (jnp.asarray(rng.normal(size=shape), jnp.float32) for shape in
+              ((2, t, g, p, e), (2, t, g, e), (2, t, g, v)))
+  weights = jnp.asarray(rng.normal(size=(2, t, g, p, v)), jnp.float32)
+  lowered = {op: jax.jit(jax.value_and_grad(
+      lambda q, k, v, op=op: jnp.sum(op.causal(q, k, v, e**-0.5) * weights),
+      argnums=(0, 1, 2))).lower(q, k, vv) for op in (SPLASH, AttentionOp('cpu'))}
+  assert 'splash' in lowered[SPLASH].as_text(debug_info=True)
+  splash, einsum = (x.compile()(q, k, vv) for x in lowered.values())
+  for got, want in zip(jax.tree.leaves(splash), jax.tree.leaves(einsum), strict=True):
+    np.testing.assert_allclose(got, want, atol=2e-6 * float(jnp.max(jnp.abs(want))), rtol=0)
+
+
+# Interpreted splash compiles slowly on a CPU (~20 s a model here): the kernel's arithmetic is
+# checked above, its wiring into every variant by tests/lowering_test.py in the default run.
+@pytest.mark.long
+@pytest.mark.parametrize('name', variant_params(declares='flash_widths'))
+def test_splash_equals_einsum_logits_and_gradients(name):
+  einsum, fused = _pair(name, SPLASH)
+  assert fused.op.whole == 'splash' and str(fused.op).startswith(
+      'attention on cpu: whole sequences splash (interpreted)')
+
+  def logits_and_grads(model):  # under one jit: interpreted kernels run slowly op by op
+    graphdef, params = nnx.split(model, nnx.Param)
+
+    def loss(params):
+      logits = nnx.merge(graphdef, params)(TOKENS[:, :-1])
+      nll = optax.softmax_cross_entropy_with_integer_labels(logits, TOKENS[:, 1:]).mean()
+      return nll, logits
+
+    (_, logits), grads = jax.jit(jax.value_and_grad(loss, has_aux=True))(params)
+    return logits, jax.tree.leaves(grads)
+
+  (logits, grads), (want_logits, want_grads) = map(logits_and_grads, (fused, einsum))
+  np.testing.assert_allclose(logits, want_logits, atol=1e-5, rtol=0)
+  for g_fused, g_einsum in zip(grads, want_grads, strict=True):
+    scale = float(jnp.max(jnp.abs(g_einsum)))
+    np.testing.assert_allclose(g_fused, g_einsum, atol=1e-5 * scale, rtol=0)
 
 
 @pytest.mark.parametrize('name', ['gqa', 'mla_exact'])
@@ -148,9 +201,12 @@ MLA = dict(attention='mla', kv_lora_rank=64, qk_rope_head_dim=16, d_model=128, n
     ('gpu', dict(MLA, dtype='auto'), AttentionOp('gpu', 'cudnn', 'cudnn', 'triton')),
     # Triton takes powers of two >= 16: a rope width of 8 leaves MLA's decode steps on einsum
     ('gpu', dict(MLA, dtype='auto', qk_rope_head_dim=8), AttentionOp('gpu', 'cudnn', 'cudnn')),
-    ('tpu', dict(dtype='auto'), AttentionOp('tpu', 'xla', 'xla', 'mosaic')),
-    ('tpu', dict(MLA, dtype='auto', qk_rope_head_dim=8), AttentionOp('tpu', 'xla', 'xla',
+    # splash for whole sequences in any dtype and at any widths (MLA's unequal ones too)
+    ('tpu', dict(dtype='auto'), AttentionOp('tpu', 'splash', 'xla', 'mosaic')),
+    ('tpu', dict(dtype='float32'), AttentionOp('tpu', 'splash', 'xla', 'mosaic')),
+    ('tpu', dict(MLA, dtype='auto', qk_rope_head_dim=8), AttentionOp('tpu', 'splash', 'xla',
                                                                      'mosaic')),
+    ('tpu', dict(dtype='auto', attention_impl='einsum'), AttentionOp('tpu')),
 ])
 def test_the_kernels_are_resolved_from_platform_dtype_and_widths(plat, fields, want,
                                                                   monkeypatch):
@@ -176,11 +232,13 @@ def test_the_choice_is_recorded_and_printed():
                                     decode='einsum', interpret=False)
   assert str(model.op) == ('attention on cpu: whole sequences einsum, prefill einsum, decode '
                            'steps einsum')
-  with pytest.raises(ValueError, match=r"AttentionOp\.whole='splash'"):
-    AttentionOp('tpu', whole='splash')
+  with pytest.raises(ValueError, match=r"AttentionOp\.whole='flash'"):
+    AttentionOp('tpu', whole='flash')
   for impossible in (dict(platform='gpu', whole='cpu_kernel'), dict(prefill='cudnn'),
                      dict(decode='triton'), dict(platform='gpu', decode='triton',
-                                                 interpret=True)):
+                                                 interpret=True),
+                     dict(platform='gpu', whole='splash'), dict(whole='splash'),
+                     dict(platform='tpu', whole='splash', interpret=True)):
     with pytest.raises(ValueError, match='only'):
       AttentionOp(**impossible)
 

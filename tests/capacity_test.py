@@ -8,11 +8,15 @@ import sys
 
 import numpy as np
 import pytest
+from conftest import DOC_VARIANT
+from flax import nnx
 
 from configs.ablations import capacity_vs_cache as ablation
+from configs.ablations import recall_vs_cache as recall
 from experiments import capacity_vs_cache as experiment
-from experiments import report, runner
+from experiments import report, runner, timing
 from experiments.runner import cache_formula
+from mla_jax import Transformer
 from mla_jax import workdir as wd
 from mla_jax.config import ModelConfig
 from mla_jax.errors import InputError
@@ -22,22 +26,26 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 # DeepSeek-V2 Table 1 by hand: l = 4, n_h = 8, d_h = 16, d_h^R = 8 (full); l = 2, d_h = 8 (quick).
 FULL_CACHE = {'mha': 2 * 8 * 16 * 4, 'gqa4': 2 * 4 * 16 * 4, 'gqa2': 2 * 2 * 16 * 4,
               'mqa': 2 * 16 * 4, 'mla2': (32 + 8) * 4, 'mla4': (64 + 8) * 4,
-              'mla8': (128 + 8) * 4}
+              'mla8': (128 + 8) * 4, 'gta2': (2 * 16 + 8) * 4, 'gla2': (64 + 8) * 4,
+              'tpa': (2 + 2) * (8 + 16) * 4}
 QUICK_CACHE = {'mha': 2 * 8 * 8 * 2, 'gqa4': 2 * 4 * 8 * 2, 'gqa2': 2 * 2 * 8 * 2,
-               'mqa': 2 * 8 * 2, 'mla2': (16 + 4) * 2, 'mla4': (32 + 4) * 2, 'mla8': (64 + 4) * 2}
+               'mqa': 2 * 8 * 2, 'mla2': (16 + 4) * 2, 'mla4': (32 + 4) * 2, 'mla8': (64 + 4) * 2,
+               'gta2': (2 * 8 + 4) * 2, 'gla2': (32 + 4) * 2, 'tpa': (2 + 2) * (8 + 8) * 2}
 # Geometry 'paper': l = 4, n_h = 4, d_h = 32, d_r = 16.
 PAPER_CACHE = {'mha': 2 * 4 * 32 * 4, 'gqa2': 2 * 2 * 32 * 4, 'mqa': 2 * 32 * 4,
-               'mla2': (64 + 16) * 4, 'mla4': (128 + 16) * 4, 'mla8': (256 + 16) * 4}
+               'mla2': (64 + 16) * 4, 'mla4': (128 + 16) * 4, 'mla8': (256 + 16) * 4,
+               'gta2': (2 * 32 + 16) * 4, 'gla2': (128 + 16) * 4, 'tpa': (2 + 2) * (4 + 32) * 4}
 # An 8-bit cache's float32 scales (quick): per token, 2 arrays x G KV heads (MLA: 1) x 2 layers.
 QUICK_SCALES = {'mha': 2 * 8 * 2, 'gqa4': 2 * 4 * 2, 'gqa2': 2 * 2 * 2, 'mqa': 2 * 2,
                 'mla2': 2 * 2, 'mla4': 2 * 2, 'mla8': 2 * 2}
 
 
-MODES = ['', ',quick', ',paper', ',paper,quick', ',moe', ',paper,quick,moe']
+MODES = ['', ',quick', ',paper', ',paper,quick', ',moe', ',paper,quick,moe', ',125m,quick']
 
 
 def _rows(mode):
-  return ablation.GEOMETRIES['paper' if 'paper' in mode else 'small'][1]
+  geometry = next((g for g in ('paper', '125m') if g in mode.split(',')), 'small')
+  return ablation.GEOMETRIES[geometry][1]
 
 
 @pytest.mark.parametrize('mode', MODES)
@@ -116,7 +124,7 @@ def test_paper_geometry_has_the_papers_head_shape():
 
 
 @pytest.mark.parametrize('arg', ['mla3', 'gqa4,paper', 'mha,paper,paper', 'mha,big',
-                                 'mqa,mlp,mlp'])
+                                 'mqa,mlp,mlp', 'mha,paper,125m'])
 def test_unknown_row_is_a_clear_error(arg):
   with pytest.raises(ValueError, match='unknown row'):
     ablation.get_config(arg)
@@ -300,6 +308,7 @@ def test_ledger_restores_a_fresh_workdir_and_records_only_what_it_lacks(tmp_path
     (['--data_files=plays/*.txt'], 'error: --data_files needs --out'),
     (['--tokenizer=train:300'], 'error: --tokenizer needs --out'),
     (['--ffn=moe'], 'error: --ffn needs --out'),
+    (['--geometry=125m', '--out=elsewhere'], 'error: --geometry=125m needs --tokenizer'),
 ])
 def test_bad_flags_are_one_line_and_write_nothing(args, message, tmp_path):
   run = _cli(tmp_path, *args)
@@ -356,8 +365,11 @@ def test_report_flags_a_chosen_rate_at_an_end_of_the_sweep(tmp_path):
   runs = [_result('mha', 1, 6e-3, 1.85)]
   setup = dict(command='x', machine='m', date='d', quick=False, jobs=2, lrs=[3e-3, 6e-3],
                seeds=1, geometry='small', match='params')
-  md_path, json_path, _ = experiment.CapacityVsCache().report(runs, sweep, setup, tmp_path)
+  md_path, json_path, *pngs = experiment.CapacityVsCache().report(runs, sweep, setup, tmp_path)
   md, report = md_path.read_text(), json.loads(json_path.read_text())
+  assert [p.name for p in pngs] == ['capacity_vs_cache.png', 'capacity_vs_cache_frontier.png']
+  assert [p['row'] for p in report['frontier']['small'] if p['efficient']] == ['mha']
+  assert '- small geometry: MHA (G=8) (' in md
   assert '**Not bracketed**' in md and 'MHA (G=8) at 0.006 (the highest rate)' in md
   assert report['rows']['mha']['edge'] == 'highest'
 
@@ -371,3 +383,114 @@ def test_reported_runs_are_fresh_seeds_at_the_chosen_rate(lrs, chosen):
                                                [('mha', 3e-3, 0), ('mha', 6e-3, 0)])
   final = sweep.final_runs([('mha',)], lrs, 3, read, experiment.best_rate)
   assert final == [('mha', chosen, 1), ('mha', chosen, 2), ('mha', chosen, 3)]
+
+
+# --- the 125m geometry ---------------------------------------------------------------------
+def test_125m_geometry_is_gpt2_small_with_every_row_matched():
+  """d_model 768, 12 layers, 12 heads of d_h = 64 (d_r = 32, mla4's d_c = 256), a BPE
+  vocabulary, ~135M parameters at 32k tokens (85M in the layers, GPT-2 small's), 2.49B
+  tokens; MHA and the row furthest from it (mla8) matched within 2% through d_ff alone."""
+  mha, mla8 = (ablation.get_config(f'{row},125m') for row in ('mha', 'mla8'))
+  m = ModelConfig.from_dict(mha.model)
+  assert (m.d_model, m.n_layers, m.n_heads, m.head_dim, m.d_ff) == (768, 12, 12, 64, 2048)
+  assert mha.data.tokenizer == f'train:{m.vocab_size}' and m.vocab_size == 32768
+  params = param_count(m)
+  assert 130e6 < params < 140e6 and 84e6 < params - 2 * 32768 * 768 < 86e6
+  d = mha.data
+  assert mha.train.steps * d.batch_size * d.seq_len == 38_000 * 64 * 1024
+  assert d.batch_size // mha.opt.grad_accum_steps == 32  # the device report's batch
+  mla = ModelConfig.from_dict(mla8.model)
+  assert (mla.kv_lora_rank, mla.qk_rope_head_dim) == (8 * 64, 32)
+  assert abs(param_count(mla) / params - 1) < 0.02 and mla.d_ff < m.d_ff
+  assert cache_formula(mla)[1] == (512 + 32) * 12
+
+
+def test_125m_quick_is_the_real_heads_on_a_narrow_model():
+  full, quick = (ModelConfig.from_dict(ablation.get_config(f'mla4,125m{q}').model)
+                 for q in ('', ',quick'))
+  shape = lambda m: (m.n_heads, m.head_dim, m.kv_lora_rank, m.qk_rope_head_dim)
+  assert shape(quick) == shape(full) == (12, 64, 256, 32)
+  assert (quick.d_model, quick.n_layers, quick.vocab_size) == (384, 2, 256)
+
+
+def test_device_hours_scale_the_measured_rate_by_flops_per_token():
+  """Scaled to the measured model itself, a run takes its tokens over the measured tokens/s;
+  GQA takes MHA's rate; a device report of another model is refused."""
+  device = json.loads(experiment.DEVICE_REPORT.read_text())
+  rates = experiment.device_rates(device)
+  for r in device['rows']:
+    config = timing.large_config(r['variant'])
+    config.train.steps = 1000
+    assert experiment.device_seconds(config, rates) == pytest.approx(
+        1000 * 32 * 1024 / r['tokens_per_s'], rel=1e-12)
+  gqa = timing.large_config('gqa')
+  cfg = ModelConfig.from_dict(gqa.model)
+  assert experiment.device_seconds(gqa, rates) == pytest.approx(
+      gqa.train.steps * 32 * 1024 * timing.flops_per_token(cfg, 1024) / rates['mha'])
+  device['rows'][0]['params'] += 1
+  with pytest.raises(InputError, match='rerun bench_train --size=large'):
+    experiment.device_rates(device)
+
+
+@pytest.mark.slow  # ~35 s of CPU: the worker compiles training, validation and three caches
+def test_quick_125m_runs_end_to_end(corpus, tmp_path):
+  """The 125m geometry's pipeline (its stand-in: the real heads, 2 narrow layers): one row,
+  one rate, one seed; the report with its frontier, beside the other geometries' folders."""
+  run = _cli(tmp_path, '--quick', '--geometry=125m', '--rows=mla4', '--lrs=3e-3', '--seeds=1',
+             f'--data_files={corpus}')
+  assert run.returncode == 0, run.stderr[-3000:]
+  report = json.loads((tmp_path / 'capacity_vs_cache_125m.json').read_text())
+  mla4 = report['rows']['mla4']
+  assert mla4['elements_measured'] == mla4['elements_formula'] == (256 + 32) * 2
+  assert 0 < mla4['loss'] < math.log(256)
+  assert [p['row'] for p in report['frontier']['125m'] if p['efficient']] == ['mla4']
+  assert (tmp_path / 'capacity_vs_cache_125m_frontier.png').stat().st_size > 10_000
+  assert (tmp_path / '125m-quick' / 'mla4' / 'lr0.003' / 'seed1' / 'result.json').exists()
+
+
+def test_a_row_of_another_variant_is_one_entry(monkeypatch):
+  """A variant registered outside mla_jax (docs/extending.md's shared_kv, cache d_h per layer)
+  as one ROWS entry: its config is matched like every row, the recall experiment builds it
+  too, and the reports name it, order it, draw it and place it on the frontier by the
+  registry's cache."""
+  monkeypatch.setitem(ablation.ROWS, 'skv', (DOC_VARIANT, lambda d_h: {}))
+  monkeypatch.setitem(ablation.GEOMETRIES, 'small', (8, tuple(ablation.ROWS)))
+  c = ablation.get_config('skv')
+  mha = ablation.get_config('mha')
+  counts = [param_count(ModelConfig.from_dict(x.model)) for x in (c, mha)]
+  assert c.model.attention == DOC_VARIANT and abs(counts[0] / counts[1] - 1) < 0.02
+  assert recall.get_config('skv,kv4,quick').model.attention == DOC_VARIANT
+  runs = [dict(_result(row, 1, 3e-3, loss), row=row, attention=x.model.attention,
+               model=x.model.to_dict(), cache_elements_formula=cache_formula(
+                   ModelConfig.from_dict(x.model))[1])
+          for row, x, loss in (('mha', mha, 1.8), ('skv', c, 1.9))]
+  summary = experiment.summarize(runs)
+  assert summary['skv']['mechanism'] == f'{DOC_VARIANT.upper()} (skv)'
+  assert [row for row, _ in report.by_cache(summary)] == ['mha', 'skv']
+  payload = dict(rows=summary, setup=dict(geometry='small'))
+  points = experiment.frontier(payload)['small']
+  assert [(p['row'], p['cache_bytes'], p['efficient']) for p in points] == [
+      ('skv', 2 * 16 * 4, True), ('mha', 2 * 2 * 8 * 16 * 4, True)]
+  fig, ax = report.pyplot().subplots()
+  report.frontier_axes(ax, summary, points)
+  report.marker_legend(ax, summary)
+  assert [t.get_text() for t in ax.texts] == [summary['skv']['mechanism'], 'MHA (G=8)']
+  assert ax.get_legend_handles_labels()[1][-1] == DOC_VARIANT.upper()
+  report.pyplot().close(fig)
+
+
+@pytest.mark.parametrize('row', ['gta2', 'tpa', 'mla4'])
+def test_rows_without_an_8bit_cache_report_none_and_render_a_dash(row):
+  """GTA, GLA and TPA have no 8-bit cache: their rows say so instead of failing the run."""
+  cfg = ModelConfig.from_dict(ablation.get_config(row + ',quick').model)
+  model = Transformer(cfg, rngs=nnx.Rngs(0))
+  cache = runner.measure_caches(model, list(range(1, 9)))
+  assert cache['cache_elements_measured'] == QUICK_CACHE[row]
+  assert cache['cache_bytes_bf16_measured'] == 2 * QUICK_CACHE[row]
+  if row == 'mla4':
+    assert cache['cache_bytes_int8_measured'] == QUICK_CACHE[row] + 4 * QUICK_SCALES[row]
+  else:
+    assert cache['cache_bytes_int8_measured'] is cache['cache_bytes_fp8_measured'] is None
+    summary = {'formula': 'f', 'elements_formula': 1, 'elements_measured': 1, 'bytes_bf16': 2,
+               'bytes_int8': None, 'bytes_fp8': None, 'd_ff': 8, 'params': 10}
+    assert report.cache_cells({}, summary)[4:6] == ['—', '—']

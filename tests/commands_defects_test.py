@@ -22,6 +22,7 @@ from flax import nnx
 import mla_jax
 from mla_jax import mla_conversion
 from mla_jax import workdir as wd
+from mla_jax.attention_op import AttentionOp
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
@@ -71,6 +72,10 @@ def reference(corpus, tmp_path_factory):
   folder = tmp_path_factory.mktemp('reference')
   result = run('train', *train_args(folder, corpus))
   assert result.returncode == 0, result.stderr[-3000:]
+  # The attention kernels are printed once at start-up, as config.json records them.
+  kernels = json.loads((folder / 'config.json').read_text())['kernels']
+  assert result.stderr.count('attention on ') == 1
+  assert str(AttentionOp(**kernels)) in result.stderr
   return folder
 
 

@@ -88,3 +88,27 @@ def test_perplexity_does_not_depend_on_batching_and_matches_a_direct_sum():
   assert a['perplexity'] == pytest.approx(math.exp(direct), rel=1e-5)
   assert b['tokens'] == a['tokens'] == 199
   assert b['loss'] > a['loss']  # less context per token: a real difference, not a bug
+
+
+class _CountingTokens(np.ndarray):
+  """An array that records the furthest token a slice of it has read."""
+
+  def __getitem__(self, index):
+    if isinstance(index, slice):
+      _CountingTokens.furthest = max(_CountingTokens.furthest, min(index.stop, len(self)))
+    return np.asarray(super().__getitem__(index))
+
+
+def test_perplexity_builds_its_windows_as_it_scores_them():
+  """A split is scored batch by batch: the windows of a batch are read when it is scored, so
+  a validation split the size of the host's memory is never held twice (windows + masks)."""
+  tokens = ((np.arange(10_000) * 7) % 256).view(_CountingTokens)
+  _CountingTokens.furthest = 0
+  batches = perplexity._batches(tokens, seq_len=64, stride=32, batch_size=5)
+  windows, masks = next(batches)
+  assert windows.shape == (5, 65) and masks.shape == (5, 64)
+  assert _CountingTokens.furthest == 4 * 32 + 65  # five windows read, not 312
+  rest = list(batches)
+  assert _CountingTokens.furthest == 10_000
+  assert sum(int(m.sum()) for _, m in rest) + int(masks.sum()) == 9_999
+  assert [bool(m.any()) for m in rest[-1][1]] == [True] * 2 + [False] * 3  # 312 = 62 x 5 + 2

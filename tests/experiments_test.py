@@ -3,6 +3,7 @@ docs' generated tables equal the generator's, results record their provenance, t
 defined once, the A/B timer's arithmetic, and the experiments use only mla_jax's public names."""
 
 import ast
+import importlib
 import json
 import pathlib
 import re
@@ -12,7 +13,9 @@ import pytest
 from absl import flags
 from absl.testing import flagsaver
 
-from experiments import common, tables, timing
+from experiments import common, report, tables, timing
+from mla_jax import variants
+from mla_jax.config import ModelConfig
 from mla_jax.errors import InputError
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -178,3 +181,54 @@ def test_experiments_use_only_public_names_and_never_patch_the_library(path):
        node.value.id in modules:
       assert not node.attr.startswith('_'), (path.name, node.lineno, node.attr)
       assert not isinstance(node.ctx, ast.Store), (path.name, node.lineno, 'patches mla_jax')
+
+
+# --- the Pareto frontier the sweep reports draw ------------------------------------------------
+@pytest.mark.parametrize('points, efficient', [
+    ({'a': (1, 5.0)}, ['a']),  # a single point is its own frontier
+    ({'a': (1, 5.0), 'b': (2, 4.0), 'c': (3, 4.5), 'd': (4, 1.0)}, ['a', 'b', 'd']),  # c: by b
+    ({'a': (2, 3.0), 'b': (1, 3.0)}, ['b']),  # as good for less cache: a is dominated
+    ({'a': (2, 3.0), 'b': (2, 2.0)}, ['b']),  # the same cache, worse: dominated
+    ({'a': (2, 3.0), 'b': (2, 3.0), 'c': (1, 9.0)}, ['c', 'a', 'b']),  # equal points: both kept
+    ({'a': (3, 1.0), 'b': (2, 2.0), 'c': (1, 3.0)}, ['c', 'b', 'a']),  # none dominated; by cost
+    ({'a': (1, 1.0), 'b': (2, 2.0), 'c': (3, 3.0)}, ['a']),  # one point dominates every other
+])
+def test_pareto_keeps_exactly_the_points_no_other_dominates(points, efficient):
+  assert report.pareto(points) == efficient
+
+
+def _summary_row(row, attention, loss, **model):
+  base = dict(n_heads=8, n_kv_heads=8, head_dim=16, d_model=128, n_layers=4, attention=attention)
+  m = {**base, **model}
+  return dict(row=row, attention=attention, mechanism=row, loss=loss, loss_std=0.01,
+              elements_formula=variants.cache_elements_per_token(ModelConfig(**m)), model=m)
+
+
+def test_frontier_takes_cache_bytes_from_the_registry_and_the_better_direction():
+  """Cache bytes are the registry's for a bfloat16 cache whatever the run computed in; lower
+  loss is better, and with higher_is_better the same numbers give the opposite frontier."""
+  summary = {'mha': _summary_row('mha', 'mha', 1.80),
+             'mqa': _summary_row('mqa', 'mqa', 1.85, n_kv_heads=1),
+             'mla4': _summary_row('mla4', 'mla', 1.90, kv_lora_rank=64, qk_rope_head_dim=8)}
+  lower = report.frontier(summary, lambda s: (s['loss'], s['loss_std']), False)
+  assert [(p['row'], p['cache_bytes'], p['efficient']) for p in lower] == [
+      ('mqa', 2 * 2 * 16 * 4, True), ('mla4', 2 * (64 + 8) * 4, False),
+      ('mha', 2 * 2 * 8 * 16 * 4, True)]
+  higher = report.frontier(summary, lambda s: (s['loss'], s['loss_std']), True)
+  assert [p['row'] for p in higher if p['efficient']] == ['mqa', 'mla4']
+  skipped = report.frontier(summary, lambda s: None if s['row'] == 'mqa' else (s['loss'], 0), 0)
+  assert [p['row'] for p in skipped if p['efficient']] == ['mla4', 'mha']
+
+
+@pytest.mark.parametrize('stem', sorted(tables.RERENDER))
+def test_committed_frontiers_are_their_rows_and_their_measured_caches(stem):
+  """The frontier in each committed sweep report is what its rows give now (--rerender wrote
+  it), and every point's cache, from the registry, is the bfloat16 cache its runs measured."""
+  payload = json.loads(tables.json_path(stem).read_text())
+  module = importlib.import_module(f'experiments.{tables.RERENDER[stem]}')
+  assert payload['frontier'] == module.frontier(payload)
+  for points in payload['frontier'].values():
+    assert sum(p['efficient'] for p in points) >= 1
+    for p in points:
+      assert p['cache_bytes'] == payload['rows'][p['row']]['bytes_bf16'], (stem, p['row'])
+  assert (tables.json_path(stem).parent / f'{stem}_frontier.png').stat().st_size > 10_000

@@ -23,13 +23,13 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 
 def test_unknown_variant_is_a_config_error_naming_the_known_ones():
-  with pytest.raises(mla_jax.ConfigError, match=r"attention='tpa' is unknown; use one of "
+  with pytest.raises(mla_jax.ConfigError, match=r"attention='no_such' is unknown; use one of "
                      r"\('mha', 'gqa', 'mqa', 'mla'"):
-    mla_jax.ModelConfig(attention='tpa')
+    mla_jax.ModelConfig(attention='no_such')
   with pytest.raises(mla_jax.ConfigError, match=r"cannot import 'no_such_pkg\.mod'"):
-    mla_jax.ModelConfig(attention='no_such_pkg.mod:gta')
+    mla_jax.ModelConfig(attention='no_such_pkg.mod:no_such_variant')
   with pytest.raises(mla_jax.ConfigError, match='did not register it'):
-    mla_jax.ModelConfig(attention='json:gta')  # importable, registers nothing
+    mla_jax.ModelConfig(attention='json:no_such_variant')  # importable, registers nothing
 
 
 def test_the_doc_variant_is_named_by_its_module_and_declares_no_extras():

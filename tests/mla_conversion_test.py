@@ -11,6 +11,7 @@ import pathlib
 import subprocess
 import sys
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -67,6 +68,22 @@ def test_exact_embedding_has_the_sources_logits_and_cache_size(name, layout, sca
   np.testing.assert_allclose(logits(mla), expected, atol=1e-5, rtol=0)
   assert mla_jax.cache_elements_per_token(mla.cfg) == mla_jax.cache_elements_per_token(src.cfg)
   assert cache_per_token(mla) == cache_per_token(src) == 2 * g * k * src.cfg.n_layers
+
+
+def test_a_moe_source_keeps_its_experts_and_router_bias():
+  """The feed-forward layers pass through untouched, the V3 router bias (a variable that is
+  not a parameter) included: the exact embedding keeps the logits."""
+  v3 = dict(n_routed_experts=8, num_experts_per_tok=2, n_shared_experts=1,
+            scoring_func='sigmoid', topk_method='noaux_tc', n_group=4, topk_group=2,
+            norm_topk_prob=True, routed_scaling_factor=2.5, moe_intermediate_size=32,
+            first_k_dense_replace=1, n_layers=3)
+  src = source('gqa2', **v3)
+  for block in src.blocks[1:]:  # a bias that changes choices (zero would test nothing)
+    block.mlp.e_score_correction_bias[...] = 0.1 * jax.random.normal(jax.random.key(9), (8,))
+  for mla in (to_mla(src), to_mla(src, kv_lora_rank=32)):
+    for a, b in zip(src.blocks, mla.blocks, strict=True):
+      assert jax.tree.all(jax.tree.map(np.array_equal, nnx.state(a.mlp), nnx.state(b.mlp)))
+  np.testing.assert_allclose(logits(to_mla(src)), logits(src), atol=1e-5, rtol=0)
 
 
 @pytest.mark.slow
@@ -294,6 +311,28 @@ def test_compressed_model_loads_in_transformers_with_the_same_logits(layout, tmp
     with torch.no_grad():
       theirs = hf_model(torch.tensor(TOKENS)[None]).logits[0].numpy()
     assert np.abs(logits(model) - theirs).max() <= 1e-4
+
+
+@pytest.mark.parametrize('layout', ['interleaved', 'half'])
+def test_a_compressed_llama3_model_exports_with_its_rope(layout, tmp_path):
+  """Llama 3 RoPE survives compression on the ladder, and DeepseekV3 rescales its d_r-wide
+  rope key as we do: scored at 40 positions, past original_max_position_embeddings=16, with
+  the kept pairs in all three of Llama 3's bands (wavelengths 6.3, 63 and 628, 6283 against
+  8 and 64)."""
+  src = source('gqa2', rope_scaling=LLAMA3, rope_layout=layout)
+  mla = to_mla(src, 40, 8, rope_selection='uniform', calibration=[TOKENS[None]])
+  hf_json = hf.save(mla, tmp_path / 'out')
+  assert hf_json['rope_parameters']['rope_type'] == 'llama3'
+  back = hf.load(tmp_path / 'out')[0]
+  assert back.cfg.rope_scaling == mla.cfg.rope_scaling
+  np.testing.assert_allclose(logits(back), logits(mla), atol=1e-5, rtol=0)
+  torch = pytest.importorskip('torch')
+  transformers = pytest.importorskip('transformers')
+  hf_model = transformers.DeepseekV3ForCausalLM.from_pretrained(
+      tmp_path / 'out', dtype=torch.float32, attn_implementation='eager')
+  with torch.no_grad():
+    theirs = hf_model(torch.tensor(TOKENS)[None]).logits[0].numpy()
+  assert np.abs(logits(mla) - theirs).max() <= 1e-4
 
 
 # --- workdirs: convert, evaluate, generate, export, fine-tune ---------------------------------

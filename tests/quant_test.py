@@ -303,6 +303,12 @@ def test_decode_benchmark_counts_the_scales():
   from experiments import timing
   rows = timing.decode_configs(64, 4, 1, 'float32', cache_dtypes=(None, 'int8'))
   assert 'MLA absorbed int8 cache' in rows and 'MHA float32 cache' in rows
+  # the variants without an 8-bit cache (GTA, GLA, TPA) get their compute-dtype row only
+  assert {'GTA (G=2) float32 cache', 'GLA-2 float32 cache', 'TPA float32 cache'} <= set(rows)
+  assert not {'GTA (G=2) int8 cache', 'GLA-2 int8 cache', 'TPA int8 cache'} & set(rows)
+  kernels = timing.decode_configs(64, 4, 1, 'float32', impls=('einsum', 'kernels'))
+  assert {'GTA (G=2) [kernel]', 'GLA-2 [kernel]', 'TPA [einsum]'} <= set(kernels)
+  assert 'TPA [kernel]' not in kernels and 'MLA naive [kernel]' not in kernels
   limits = {'stream_bytes_per_s': 1e9, 'matmul_flops_per_s': 1e9}
   row = timing.decode_row('MLA absorbed int8 cache', rows['MLA absorbed int8 cache'],
                                batch=2, context=16, limits=limits, runs=1)

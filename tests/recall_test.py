@@ -21,9 +21,11 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 # (quick).
 FULL_CACHE = {'mha': 2 * 8 * 16 * 2, 'gqa4': 2 * 4 * 16 * 2, 'gqa2': 2 * 2 * 16 * 2,
               'mqa': 2 * 16 * 2, 'mla2': (32 + 8) * 2, 'mla4': (64 + 8) * 2,
-              'mla8': (128 + 8) * 2}
+              'mla8': (128 + 8) * 2, 'gta2': (2 * 16 + 8) * 2, 'gla2': (64 + 8) * 2,
+              'tpa': (2 + 2) * (8 + 16) * 2}
 QUICK_CACHE = {'mha': 2 * 8 * 8 * 2, 'gqa4': 2 * 4 * 8 * 2, 'gqa2': 2 * 2 * 8 * 2,
-               'mqa': 2 * 8 * 2, 'mla2': (16 + 4) * 2, 'mla4': (32 + 4) * 2, 'mla8': (64 + 4) * 2}
+               'mqa': 2 * 8 * 2, 'mla2': (16 + 4) * 2, 'mla4': (32 + 4) * 2, 'mla8': (64 + 4) * 2,
+               'gta2': (2 * 8 + 4) * 2, 'gla2': (32 + 4) * 2, 'tpa': (2 + 2) * (8 + 8) * 2}
 # An 8-bit cache's float32 scales (quick): per token, 2 arrays x G KV heads (MLA: 1) x 2 layers.
 QUICK_SCALES = {'mha': 2 * 8 * 2, 'gqa4': 2 * 4 * 2, 'gqa2': 2 * 2 * 2, 'mqa': 2 * 2,
                 'mla2': 2 * 2, 'mla4': 2 * 2, 'mla8': 2 * 2}

@@ -140,7 +140,8 @@ def test_decode_with_sharded_batch_and_caches_matches_one_device(corpus):
   from mla_jax.model import Transformer
   from mla_jax.config import ModelConfig
   out = {}
-  for name, extra in (('mha', {}), ('mla', dict(kv_lora_rank=32, qk_rope_head_dim=8))):
+  for name, extra in (('mha', {}), ('mla', dict(kv_lora_rank=32, qk_rope_head_dim=8)),
+                      ('gla', dict(kv_lora_rank=32, qk_rope_head_dim=8, latent_heads=2))):
     cfg = ModelConfig(d_model=64, n_layers=2, n_heads=4, max_seq_len=32, attention=name, **extra)
     prompts = np.random.default_rng(0).integers(0, 256, (4, 12)).astype(np.int32)
     lengths = np.array([12, 5, 9, 12], np.int32)
@@ -171,9 +172,11 @@ def test_decode_with_sharded_batch_and_caches_matches_one_device(corpus):
     out[name] = max(float(np.max(np.abs(a - b))) for a, b in zip(runs[(1, 1, 1)], runs[(2, 2, 2)]))
   print(json.dumps(out))
   ''', corpus)
-  assert result['mha'] < 1e-5 and result['mla'] < 1e-5, result
+  assert result['mha'] < 1e-5 and result['mla'] < 1e-5 and result['gla'] < 1e-5, result
   assert result['mha spec'] == [['data', 'fsdp'], 'tensor']  # k [b, g, s, k]: batch and heads
   assert result['mla spec'] == [['data', 'fsdp']]  # c_kv [b, s, c]: batch only
+  # GLA's c_kv [b, g, s, c / g]: its latent heads split over tensor, d_c / g a device
+  assert result['gla spec'] == [['data', 'fsdp'], 'tensor']
 
 
 @pytest.mark.long  # minutes of 8-device subprocesses

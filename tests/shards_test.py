@@ -7,6 +7,7 @@ import hashlib
 import json
 import os
 import pathlib
+import shutil
 import subprocess
 import sys
 
@@ -280,6 +281,22 @@ def test_another_input_into_a_corpus_folder_is_refused_untouched(tmp_path, corpu
   result = tokenize(f'--files={corpus}', f'--out={out}', '--val_fraction=0.2')
   assert result.returncode == 1 and 'another input or tokenizer (differs in val_fraction)' in \
       result.stderr and len(result.stderr.strip().splitlines()) == 1
+  assert files_of(out) == before
+
+
+def test_a_touched_corpus_is_another_input_and_the_line_says_why(tmp_path, corpus):
+  own = tmp_path / 'corpus'
+  own.mkdir()
+  for f in pathlib.Path(corpus).parent.glob('*.txt'):
+    shutil.copy(f, own / f.name)
+  out = tmp_path / 'tok'
+  assert tokenize(f'--files={own}/*.txt', f'--out={out}').returncode == 0
+  before = files_of(out)
+  os.utime(own / 'part1.txt', ns=(0, 0))  # same bytes, another modification time
+  result = tokenize(f'--files={own}/*.txt', f'--out={out}')
+  assert result.returncode == 1 and len(result.stderr.strip().splitlines()) == 1
+  assert 'differs in input_sha256 (files are known by path, size and modification time' in \
+      result.stderr
   assert files_of(out) == before
 
 

@@ -66,6 +66,8 @@ def test_byte_level_bpe_round_trips_with_the_library_ids(which, bpe):
     if tokenizer.END_OF_TEXT not in s:  # written out, it is the special token (no text)
       # every token spells its bytes: together they are the string's UTF-8, exactly
       assert sum(len(tok.token_bytes(i)) for i in ids) == len(s.encode('utf-8')), s
+  batch = tok.encode_batch(list(STRINGS))  # the library's fast batch form: the same ids
+  assert [ids.tolist() for ids in batch] == [library.encode(s).ids for s in STRINGS]
   assert tok.encode('').size == 0
   assert tok.encode(STRINGS[-1])[0] == tok.eos_id == 0  # as transformers encodes it too
   # merges were learnt: common words are fewer tokens than bytes

@@ -65,3 +65,35 @@ def mla_decode(q_lat_bhc, q_rope_bhr, c_kv_bsc, k_rope_bsr, lengths_b, scale: fl
       num_splits=num_splits, block_h=block_h, num_warps=num_warps, num_stages=num_stages,
       interpret=interpret, backend=backend)
   return o[:, 0]
+
+
+@functools.partial(jax.jit, static_argnames=('scale', 'block_s', 'num_splits', 'block_h',
+                                             'num_warps', 'num_stages', 'interpret', 'backend'))
+def gla_decode(q_lat_bgpc, q_rope_bgpr, c_kv_bgsc, k_rope_bsr, lengths_b, scale: float, *,
+               block_s: int | None = None, num_splits: int | None = None,
+               block_h: int | None = None, num_warps: int | None = None,
+               num_stages: int | None = None, interpret: bool = False, backend: str = 'auto'):
+  """Absorbed GLA decode (mla_jax.gla): mla_decode once per latent head, as one call whose
+  programs are (sequence, latent head, head block, split). o_lat [b, g, p, c] float32.
+
+  q_lat_bgpc: each group's p query heads folded with their latent head's W_UK; c_kv_bgsc: the
+  g latent heads, heads-major as GroupedLatentCache stores them; k_rope_bsr: the one rope key
+  every latent head's program reads in place. Per sequence a step reads length_b * (d_c + g
+  d_r) cache elements (k_rope once per latent head); on a device holding one latent head
+  (tensor parallel over g) that is length_b * (d_c / g + d_r). Options are mla_decode's.
+  """
+  check_ranks(q_lat_bgpc=(q_lat_bgpc, 'bgpc'), q_rope_bgpr=(q_rope_bgpr, 'bgpr'),
+              c_kv_bgsc=(c_kv_bgsc, 'bgsc'), k_rope_bsr=(k_rope_bsr, 'bsr'),
+              lengths_b=(lengths_b, 'b'))
+  b, g, p, c = q_lat_bgpc.shape
+  s, r = k_rope_bsr.shape[1:]
+  expected = {'q_rope_bgpr': (q_rope_bgpr, (b, g, p, r)), 'c_kv_bgsc': (c_kv_bgsc, (b, g, s, c)),
+              'lengths_b': (lengths_b, (b,))}
+  for name, (x, shape) in expected.items():
+    if x.shape != shape:
+      raise ValueError(f'{name} has shape {x.shape}; expected {shape} to match q_lat_bgpc '
+                       f'{q_lat_bgpc.shape} and k_rope_bsr {k_rope_bsr.shape}.')
+  return split_kv_decode(
+      (q_lat_bgpc, q_rope_bgpr), (c_kv_bgsc, k_rope_bsr[:, None]), lengths_b, scale,
+      block_s=block_s, num_splits=num_splits, block_h=block_h, num_warps=num_warps,
+      num_stages=num_stages, interpret=interpret, backend=backend)

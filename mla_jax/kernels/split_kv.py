@@ -6,6 +6,10 @@ to this grouped form (attention.py says the same of the einsum paths):
 
   GQA / MHA / MQA   q_parts = (q,)             k_parts = (k,)             value v
   absorbed MLA      q_parts = (q_lat, q_rope)  k_parts = (c_kv, k_rope)   value c_kv  (g = 1)
+  absorbed GLA      q_parts = (q_lat, q_rope)  k_parts = (c_kv, k_rope)   value c_kv  (g latent
+                    heads; k_rope [b, 1, s, r], one array every group's program reads)
+  GTA               q_parts = (q_tied, q_rope) k_parts = (kv, k_rope)     value kv  (q_tied: the
+                    nope query zero-padded to d_h, so q_tied . kv = q_nope . kv[:d_h - d_R])
 
 score_s = (sum_i q_i . k_i[s] * kscale_i[s]) * scale; o = softmax(score) @ (v * vscale).
 
@@ -126,6 +130,13 @@ def _operands(q_parts, k_parts, k_scales, v, v_scale):
   return ops
 
 
+def _group(rows_bgse, gi):
+  """The group a program reads of a cache array: its own, or group 0 of an array of one group
+  that every group shares (GTA's and GLA's one rope key): each group's program reads it where
+  it lies, with no copy per group made before the call."""
+  return gi if rows_bgse.shape[1] > 1 else 0
+
+
 def _partials(b, g, num_splits, rows, e_v):
   """Shapes of the per-split outputs: acc [b, g, n, rows, e_v], m and denom [.., rows, 1]."""
   shape = (b, g, num_splits, rows)
@@ -228,7 +239,7 @@ def _triton_call(lay, lengths_b, ops, e_v, *, block_h, num_warps, num_stages, in
   specs = {'q': lambda x: pl.BlockSpec((None, None, block_h, x.shape[-1]),
                                        lambda bi, gi, hi, j: (bi, gi, hi, 0)),
            'rows': lambda x: pl.BlockSpec((None, None, *x.shape[2:]),
-                                          lambda bi, gi, hi, j: (bi, gi, 0, 0)),
+                                          lambda bi, gi, hi, j: (bi, _group(x, gi), 0, 0)),
            'row': lambda x: pl.BlockSpec((None, None, x.shape[2]),
                                          lambda bi, gi, hi, j: (bi, gi, 0))}
   out_index = lambda bi, gi, hi, j: (bi, gi, j, hi, 0)
@@ -311,7 +322,7 @@ def _mosaic_call(lay, lengths_b, ops, e_v, *, interpret):
                                        lambda bi, gi, hi, j, i, lens: (bi, gi, 0, 0)),
            'rows': lambda x: pl.BlockSpec(
                (None, None, lay.block_s, x.shape[-1]),
-               lambda bi, gi, hi, j, i, lens: (bi, gi, block(bi, j, i, lens), 0)),
+               lambda bi, gi, hi, j, i, lens: (bi, _group(x, gi), block(bi, j, i, lens), 0)),
            'row': lambda x: pl.BlockSpec(
                (None, None, 1, lay.block_s),
                lambda bi, gi, hi, j, i, lens: (bi, gi, 0, block(bi, j, i, lens)))}
@@ -432,11 +443,12 @@ def split_kv_decode(q_parts, k_parts, lengths_b, scale: float, *, v=None, k_scal
                     backend: str = 'auto'):
   """Grouped single-token attention over a cache, split-KV; returns o [b, g, p, e_v] float32.
 
-  q_parts: [b, g, p, e_i] per score part; k_parts: [b, g, s, e_i]; v: [b, g, s, e_v], or None
-  when the value is k_parts[0] (MLA); k_scales (one per part) / v_scale: per-row float32
-  [b, g, s] factors (value = stored * scale) or None; lengths_b: slots [0, length) are read,
-  length >= 1 (a row of length 0 has no softmax and comes out NaN); a length past the
-  allocation is clamped to it.
+  q_parts: [b, g, p, e_i] per score part; k_parts: [b, g, s, e_i], or [b, 1, s, e_i] for a
+  part every group shares (GTA's and GLA's rope key; no per-group scale); v: [b, g, s, e_v],
+  or None when the value is k_parts[0] (MLA, GLA, GTA's tied state); k_scales (one per part)
+  / v_scale: per-row float32 [b, g, s] factors (value = stored * scale) or None; lengths_b:
+  slots [0, length) are read, length >= 1 (a row of length 0 has no softmax and comes out
+  NaN); a length past the allocation is clamped to it.
   """
   backend = resolve_backend(backend, interpret)
   k_scales = (None,) * len(k_parts) if k_scales is None else tuple(k_scales)
