@@ -25,7 +25,7 @@ ATTENTION_IMPLS = ('auto', 'einsum', 'kernels')
 DTYPES = ('float32', 'bfloat16', 'float16')
 COMPUTE_DTYPES = ('auto', *DTYPES)  # auto: bfloat16 on an accelerator, float32 on a CPU
 CACHE_DTYPES = (*DTYPES, 'int8', 'float8_e4m3fn')
-MOE_IMPLS = ('ragged', 'dense')
+MOE_IMPLS = ('auto', 'ragged', 'blocked', 'dense')
 SCORING_FUNCS = ('softmax', 'sigmoid')  # DeepSeek-V2's router, DeepSeek-V3's
 # Which experts a token goes to: V2's 'greedy' (top-k of the scores) or 'group_limited_greedy'
 # (top-k within the topk_group groups of highest max score); V3's 'noaux_tc' (groups by the sum
@@ -208,10 +208,13 @@ class ModelConfig:
   topk_group: int = 1  # groups each token may choose experts from
   norm_topk_prob: bool = False  # chosen weights divided by their sum (+ 1e-20)
   routed_scaling_factor: float = 1.0  # chosen weights multiplied by it, after any norm
-  # How the routed experts run: 'ragged' (dropless: tokens sorted by expert, one grouped matmul,
-  # jax.lax.ragged_dot) or 'dense' (every expert on every token, weighted by the routing: the
-  # reference the ragged path is tested against; E / k times the FLOPs).
-  moe_impl: str = 'ragged'
+  # How the routed experts run, dropless: 'ragged' (tokens sorted by expert, one grouped matmul,
+  # jax.lax.ragged_dot), 'blocked' (the sorted tokens in blocks of 128 rows, one matmul per
+  # block with its expert's weights), 'auto' (blocked on a CPU, where ragged_dot lowers to a
+  # masked product with every expert; ragged elsewhere), or 'dense' (every expert on every
+  # token, weighted by the routing: the reference the others are tested against; E / k times
+  # the FLOPs).
+  moe_impl: str = 'auto'
   # Load balancing while training (docs/design.md#11-deepseekmoe; 0 = off): the coefficient of
   # DeepSeek-V2's expert-level auxiliary loss over each microbatch, of V3's sequence-wise one,
   # and V3's auxiliary-loss-free bias step (noaux_tc only: after each train step every expert's

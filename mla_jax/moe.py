@@ -18,6 +18,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from mla_jax import platform
 from mla_jax.config import ModelConfig
 from mla_jax.layers import MLP, dense, weight
 
@@ -139,6 +140,52 @@ def experts_ragged(x_Nd, weights_NK, experts_NK, w_gate_Edf, w_up_Edf, w_down_Ef
   return jnp.einsum('NKd,NK->Nd', y_NKd.astype(jnp.float32), weights_NK)
 
 
+BLOCK_ROWS = 128  # rows per block of experts_blocked: large enough for full-width matmuls
+
+
+def experts_blocked(x_Nd, weights_NK, experts_NK, w_gate_Edf, w_up_Edf, w_down_Efd,
+                    block: int = BLOCK_ROWS):
+  """Dropless, as experts_ragged computes it, for a CPU, where ragged_dot lowers to every row
+  against every expert's weights, masked (E times the expert FLOPs, K times the dense
+  reference's). Here the rows sorted by expert are laid out in whole blocks of `block` rows,
+  each expert's rows padded to a multiple of it, and each block is one matmul with its own
+  expert's weights: each row once, plus at most E blocks of padding. The shapes are static:
+  the R = N * K rows need at most ceil((R + E (block - 1)) / block) blocks."""
+  n, k = experts_NK.shape
+  e, r = w_gate_Edf.shape[0], n * k
+  flat_R = experts_NK.reshape(r)
+  order_R = jnp.argsort(flat_R, stable=True)  # sorted row i is row order_R[i] of (token, k)
+  expert_R = flat_R[order_R]
+  sizes_E = jnp.bincount(flat_R, length=e)
+  padded_E = -(-sizes_E // block) * block
+  first_slot_E = jnp.cumsum(padded_E) - padded_E
+  slot_R = first_slot_E[expert_R] + jnp.arange(r) - (jnp.cumsum(sizes_E) - sizes_E)[expert_R]
+  blocks = -(-(r + e * (block - 1)) // block)
+  token_M = jnp.zeros((blocks * block,), jnp.int32).at[slot_R].set(order_R // k)
+  used_M = jnp.zeros((blocks * block,), bool).at[slot_R].set(True)
+  x_bmd = jnp.where(used_M[:, None], jnp.take(x_Nd, token_M, axis=0), 0).reshape(
+      blocks, block, -1)
+  # the expert of each block; the blocks past the last expert's are all padding (any expert)
+  expert_b = jnp.minimum(jnp.searchsorted(jnp.cumsum(padded_E), jnp.arange(blocks) * block,
+                                          side='right'), e - 1)
+  gate_bmf = jnp.einsum('bmd,bdf->bmf', x_bmd, jnp.take(w_gate_Edf, expert_b, axis=0))
+  up_bmf = jnp.einsum('bmd,bdf->bmf', x_bmd, jnp.take(w_up_Edf, expert_b, axis=0))
+  y_bmd = jnp.einsum('bmf,bfd->bmd', jax.nn.silu(gate_bmf) * up_bmf,
+                     jnp.take(w_down_Efd, expert_b, axis=0))
+  y_Rd = jnp.take(y_bmd.reshape(blocks * block, -1), slot_R, axis=0)  # sorted order
+  y_NKd = jnp.take(y_Rd, jnp.argsort(order_R), axis=0).reshape(n, k, -1)
+  return jnp.einsum('NKd,NK->Nd', y_NKd.astype(jnp.float32), weights_NK)
+
+
+def expert_compute(cfg: ModelConfig):
+  """The experts' function of cfg.moe_impl; 'auto': blocks on a CPU (where ragged_dot is a
+  masked dense product), ragged_dot on GPUs and TPUs (a grouped matmul there)."""
+  impl = cfg.moe_impl
+  if impl == 'auto':
+    impl = 'blocked' if platform.current() == 'cpu' else 'ragged'
+  return {'ragged': experts_ragged, 'blocked': experts_blocked, 'dense': experts_dense}[impl]
+
+
 def experts_dense(x_Nd, weights_NK, experts_NK, w_gate_Edf, w_up_Edf, w_down_Efd):
   """The reference: every expert on every token, summed with the routing weights scattered to
   [N, E] (0 for the experts not chosen)."""
@@ -186,7 +233,7 @@ class MoE(nnx.Module):
       _COLLECTED.append(routing_stats(scores(logits_NE, self.cfg), experts_NK, self.cfg,
                                       x_btd.shape[1]))
     w = lambda p: p[...].astype(self.dtype)
-    run = experts_ragged if self.cfg.moe_impl == 'ragged' else experts_dense
+    run = expert_compute(self.cfg)
     y_Nd = run(x_btd.reshape(-1, x_btd.shape[-1]), weights_NK, experts_NK,
                w(self.w_gate), w(self.w_up), w(self.w_down))
     y_btd = y_Nd.astype(x_btd.dtype).reshape(x_btd.shape)

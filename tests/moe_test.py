@@ -3,6 +3,7 @@ dropless ragged_dot path against the all-experts reference, and an MoE model tha
 decodes through its cache."""
 
 import dataclasses
+import functools
 import json
 import pathlib
 
@@ -73,20 +74,22 @@ def _assert_ragged_equals_dense(module, x):
   return g_ragged
 
 
+@pytest.mark.parametrize('impl', ['ragged', 'blocked'])
 @pytest.mark.parametrize('gate', sorted(GATES))
-def test_ragged_equals_dense_reference_in_outputs_and_gradients(gate):
-  module = _moe(gate)
+def test_ragged_equals_dense_reference_in_outputs_and_gradients(gate, impl):
+  module = _moe(gate, moe_impl=impl)
   grads = _assert_ragged_equals_dense(module, _x())
   # The router learns through the weights of its choices; every expert was used here.
   assert np.abs(grads['router'][...]).max() > 1e-4
   assert np.all(np.abs(grads['w_down'][...]).max(axis=(1, 2)) > 0)
 
 
+@pytest.mark.parametrize('impl', ['ragged', 'blocked'])
 @pytest.mark.parametrize('gate', sorted(GATES))
-def test_every_token_on_one_expert_and_experts_without_tokens(gate):
+def test_every_token_on_one_expert_and_experts_without_tokens(gate, impl):
   """A router that sends all 20 tokens to expert 5 first and 2 next: half the experts or more
   get no row, two get all of them (k = 2: ragged groups [0, 0, 20, 0, 0, 20, 0, 0])."""
-  module = _moe(gate)
+  module = _moe(gate, moe_impl=impl)
   x = _x(1).at[..., 0].set(3.0)  # one feature every token has, that the router reads
   router = 0.01 * np.asarray(module.router[...])
   # logits 3, 1.8, 1.5 for experts 5, 2, 6, near 0 for the rest (sigmoid stays unsaturated)
@@ -103,6 +106,36 @@ def test_every_token_on_one_expert_and_experts_without_tokens(gate):
   grads = _assert_ragged_equals_dense(module, x)
   unused = [e for e in range(8) if e not in np.unique(experts)]
   np.testing.assert_array_equal(grads['w_up'][...][np.asarray(unused)], 0)
+
+
+@pytest.mark.parametrize('block', [1, 3, 16])
+def test_blocks_equal_ragged_dot_across_block_edges(block):
+  """experts_blocked with blocks smaller than an expert's rows (several blocks an expert, the
+  last one partly padding), an expert with no row, and rows past the last expert's block:
+  outputs and every gradient equal ragged_dot's."""
+  rng = np.random.default_rng(0)
+  n, k, e, d, f = 13, 3, 6, 8, 5
+  experts = np.stack([rng.choice([0, 1, 2, 4, 5], k, replace=False) for _ in range(n)])
+  args = (jnp.asarray(rng.normal(size=(n, d)), jnp.float32),
+          jnp.asarray(rng.random((n, k)), jnp.float32), jnp.asarray(experts, jnp.int32),
+          *(jnp.asarray(rng.normal(size=shape) / 3, jnp.float32)
+            for shape in ((e, d, f), (e, d, f), (e, f, d))))
+  loss = lambda fn: lambda x, w, *ws: jnp.sum(jnp.sin(fn(x, w, args[2], *ws)))
+  diff = (0, 1, 3, 4, 5)
+  blocked = functools.partial(moe.experts_blocked, block=block)
+  np.testing.assert_allclose(blocked(*args), moe.experts_ragged(*args), rtol=1e-5, atol=1e-5)
+  for fn_grad, ref_grad in zip(
+      jax.grad(loss(blocked), argnums=(0, 1, 2, 3, 4))(*(args[i] for i in diff)),
+      jax.grad(loss(moe.experts_ragged), argnums=(0, 1, 2, 3, 4))(*(args[i] for i in diff)),
+      strict=True):
+    np.testing.assert_allclose(fn_grad, ref_grad, rtol=1e-5, atol=1e-5)
+
+
+def test_auto_takes_blocks_on_a_cpu():
+  cfg = tiny_config(**GATES['v3'], **MODEL)
+  assert cfg.moe_impl == 'auto'
+  expected = moe.experts_blocked if jax.default_backend() == 'cpu' else moe.experts_ragged
+  assert moe.expert_compute(cfg) is expected
 
 
 def test_v3_bias_chooses_experts_but_never_weighs_them():
