@@ -18,8 +18,9 @@ of E: model.active_param_count).
 --moe times DeepSeekMoE instead (docs/benchmarks.md, "Mixture of experts"): configs/mla_moe.py
 (at --size) beside transformers holding the same initial weights (its loss at init checked
 equal to ours) under both its experts implementations, with our dense all-experts reference
-(moe_impl='dense') alongside; then our dropless step against that reference at 64 experts, 6
-per token (MOE_GEOMETRY), with the step flops each must spend.
+(moe_impl='dense') and, on a CPU, ragged_dot's dropless step alongside (moe_impl 'auto' takes
+blocks there: mla_jax.moe.experts_blocked); then our dropless step against that reference at
+64 experts, 6 per token (MOE_GEOMETRY), with the step flops each must spend.
 """
 
 from __future__ import annotations
@@ -137,8 +138,9 @@ def moe_configs(size: str) -> dict:
 
 
 def moe_row(name: str, config, peak_flops: float, peer: bool) -> dict:
-  """One --moe row: our dropless step ('ragged') and the dense reference ('dense': every
-  expert on every token) on config, with `peer` transformers' under each of its experts
+  """One --moe row: our dropless step ('dropless': moe_impl 'auto', blocks on a CPU; and on a
+  CPU ragged_dot's, 'ragged') and the dense reference ('dense': every expert on every token) on
+  config, with `peer` transformers' under each of its experts
   implementations (holding our initial weights, its loss at init checked equal to ours), all
   alternately; per step its timing and MFU on the active parameters, ours / it in tokens/s, and
   the flops per token each way of running the experts must spend."""
@@ -148,10 +150,12 @@ def moe_row(name: str, config, peak_flops: float, peer: bool) -> dict:
   row = {'name': name, 'params': param_count(cfg), 'active_params': active_param_count(cfg),
          **{k: config.model[k] for k in MOE_FIELDS}, 'batch': config.data.batch_size,
          'seq_len': seq_len, 'compile_s': {}, 'loss_init': {}}
-  dense = copy.deepcopy(config)
-  dense.model.moe_impl = 'dense'
+  builds = {'dropless': config}  # moe_impl 'auto': blocks on a CPU, ragged_dot elsewhere
+  for impl in (('ragged', 'dense') if platform.current() == 'cpu' else ('dense',)):
+    builds[impl] = copy.deepcopy(config)
+    builds[impl].model.moe_impl = impl
   steps = {}
-  for impl, build in (('ragged', config), ('dense', dense)):
+  for impl, build in builds.items():
     start = time.perf_counter()
     steps[impl] = torch_peer.jax_step(build)
     row['loss_init'][impl] = float(steps[impl]()['loss'])  # compiles; before the first update
@@ -159,7 +163,7 @@ def moe_row(name: str, config, peak_flops: float, peer: bool) -> dict:
   if peer:
     with tempfile.TemporaryDirectory() as tmp:
       peers, row['loss_init']['torch'] = torch_peer.same_weights_peers(
-          config, pathlib.Path(tmp), row['loss_init']['ragged'])
+          config, pathlib.Path(tmp), row['loss_init']['dropless'])
     steps.update(peers)
   blocks = max(2, FLAGS.direct_steps // 2)
   result = timing.compare(steps, tokens, blocks, max(1, FLAGS.direct_steps // blocks))
@@ -171,7 +175,7 @@ def moe_row(name: str, config, peak_flops: float, peer: bool) -> dict:
         cfg, seq_len, cfg.n_routed_experts * cfg.num_experts_per_tok)
   row['steps'] = {n: {**result[n], 'mfu': result[n]['tokens_per_s'] * model / peak_flops}
                   for n in steps}
-  row['ratios'] = {n: result[f'ratio_ragged_over_{n}'] for n in steps if n != 'ragged'}
+  row['ratios'] = {n: result[f'ratio_dropless_over_{n}'] for n in steps if n != 'dropless'}
   return row
 
 

@@ -129,7 +129,8 @@ def _params(r: dict) -> str:
 
 
 # bench_train --moe: what each timed step of a row is
-MOE_STEPS = {'ragged': 'ours, dropless (ragged_dot)', 'dense': 'ours, dense reference',
+MOE_STEPS = {'dropless': 'ours, dropless (auto)', 'ragged': 'ours, dropless (ragged_dot)',
+             'dense': 'ours, dense reference',
              'torch_grouped_mm': 'transformers, grouped_mm', 'torch_eager': 'transformers, eager'}
 
 
@@ -160,7 +161,7 @@ def bench_train_moe_flops_table(payload: dict) -> list[str]:
   def line(r):
     f = r['flops_per_token']
     lowered = f.get('ragged_as_lowered')
-    measured = r['steps']['dense']['step_s'] / r['steps']['ragged']['step_s']
+    measured = r['steps']['dense']['step_s'] / r['steps']['dropless']['step_s']
     return [_moe_label(r), f"{f['model'] / 1e6:.1f}", f"{f['dense'] / 1e6:.1f}",
             f'{lowered / 1e6:.1f}' if lowered else '-', f"{f['dense'] / f['model']:.2f}",
             f'{f["dense"] / lowered:.2f}' if lowered else '-', f'{measured:.2f}']
