@@ -18,6 +18,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from mla_jax import sharding
 from mla_jax.config import ModelConfig
 from mla_jax.layers import MLP, dense, weight
 
@@ -151,6 +152,73 @@ def experts_dense(x_Nd, weights_NK, experts_NK, w_gate_Edf, w_up_Edf, w_down_Efd
   return jnp.einsum('NEd,NE->Nd', y_NEd.astype(jnp.float32), combine_NE)
 
 
+def experts_local(run, first, x_Md, weights_MK, experts_MK, w_gate_Edf, w_up_Edf, w_down_Efd):
+  """`run` (experts_ragged or experts_dense) over the experts first .. first + E' - 1 only, the E'
+  of the weights given: the other (token, expert) choices weigh 0, and their rows fall outside
+  every group (ragged_dot gives them 0) or outside the one-hot (the dense path)."""
+  e = w_gate_Edf.shape[0]
+  local_MK = (experts_MK >= first) & (experts_MK < first + e)
+  return run(x_Md, jnp.where(local_MK, weights_MK, 0.0), jnp.where(local_MK, experts_MK - first, e),
+             w_gate_Edf, w_up_Edf, w_down_Efd)
+
+
+def _split_batch(b: int) -> bool:
+  """Whether a mesh splits a batch of b sequences (the experts then run in `experts_sharded`):
+  not without a mesh, on one device, inside `derived_collectives`, or when b does not divide (a
+  decode batch of one: the derived collectives handle it)."""
+  mesh = jax.sharding.get_abstract_mesh()
+  if mesh.empty or _DERIVED or not set(sharding.RULES['batch']) <= set(mesh.axis_names):
+    return False
+  ways = math.prod(mesh.shape[a] for a in sharding.RULES['batch'])
+  return ways > 1 and b % ways == 0
+
+
+def experts_sharded(run, x_btd, weights_btK, experts_btK, w_gate_Edf, w_up_Edf,
+                    w_down_Efd):
+  """The routed experts under a mesh, as shard_map: each device keeps its own tokens (split over
+  the batch axes) and the E / n experts of its place on the expert axis (n its size).
+
+  Tokens travel within the expert axis only: each device all-gathers its n neighbours' tokens
+  and choices ([n * N', d], not the N' * K rows), runs its E / n experts over the rows that
+  chose them, and a reduce-scatter sums each token's K expert outputs back onto the device that
+  holds the token (float32). Every row stays: dropless, with static shapes, where an
+  all-to-all of the rows would need a buffer per device pair sized for all of them (the ragged
+  all-to-all that avoids it has no XLA:CPU lowering). With expert = 1 it is data parallelism:
+  no collective on the tokens at all. The weights enter whole along 'embed' and 'mlp' (the
+  gather fsdp does for every weight) and their gradients are summed over the batch axes."""
+  expert_spec = jax.sharding.PartitionSpec('expert')
+  tokens = jax.sharding.PartitionSpec(sharding.RULES['batch'])  # size-1 axes included
+
+  def local(x_btd, weights_btK, experts_btK, w_gate_Edf, w_up_Edf, w_down_Efd):
+    d, k = x_btd.shape[-1], weights_btK.shape[-1]
+    gather = lambda a, width: jax.lax.all_gather(a.reshape(-1, width), 'expert', tiled=True)
+    first = jax.lax.axis_index('expert') * w_gate_Edf.shape[0]
+    y_Md = experts_local(run, first, gather(x_btd, d), gather(weights_btK, k),
+                         gather(experts_btK, k), w_gate_Edf, w_up_Edf, w_down_Efd)
+    y_Nd = jax.lax.psum_scatter(y_Md, 'expert', tiled=True)
+    return y_Nd.reshape(x_btd.shape)
+
+  return jax.shard_map(local, in_specs=(tokens,) * 3 + (expert_spec,) * 3, out_specs=tokens)(
+      x_btd, weights_btK, experts_btK, w_gate_Edf, w_up_Edf, w_down_Efd)
+
+
+# True inside `derived_collectives`: the experts run as single-device code under the mesh too,
+# their tokens' travel left to the collectives XLA's SPMD partitioner derives (what a benchmark
+# compares the shard_map path with).
+_DERIVED = False
+
+
+@contextlib.contextmanager
+def derived_collectives():
+  """Within (while tracing): MoE layers leave their tokens' travel to XLA, not shard_map."""
+  global _DERIVED
+  outer, _DERIVED = _DERIVED, True
+  try:
+    yield
+  finally:
+    _DERIVED = outer
+
+
 class MoE(nnx.Module):
   """x [b, t, d] -> shared(x) + sum over the K chosen experts of weight * expert(x)."""
 
@@ -187,9 +255,14 @@ class MoE(nnx.Module):
                                       x_btd.shape[1]))
     w = lambda p: p[...].astype(self.dtype)
     run = experts_ragged if self.cfg.moe_impl == 'ragged' else experts_dense
-    y_Nd = run(x_btd.reshape(-1, x_btd.shape[-1]), weights_NK, experts_NK,
-               w(self.w_gate), w(self.w_up), w(self.w_down))
-    y_btd = y_Nd.astype(x_btd.dtype).reshape(x_btd.shape)
+    weights = (w(self.w_gate), w(self.w_up), w(self.w_down))
+    if _split_batch(x_btd.shape[0]):
+      b, t, k = (*x_btd.shape[:2], weights_NK.shape[-1])
+      y_btd = experts_sharded(run, x_btd, weights_NK.reshape(b, t, k),
+                              experts_NK.reshape(b, t, k), *weights).astype(x_btd.dtype)
+    else:
+      y_Nd = run(x_btd.reshape(-1, x_btd.shape[-1]), weights_NK, experts_NK, *weights)
+      y_btd = y_Nd.astype(x_btd.dtype).reshape(x_btd.shape)
     if self.cfg.n_shared_experts:
       y_btd = y_btd + self.shared(x_btd)
     return y_btd
