@@ -10,8 +10,8 @@ outputs reduce-scattered back) and with their tokens' travel left to XLA's SPMD 
 (moe.derived_collectives). For each, every collective of the compiled program is counted and
 sized: the bytes a device sends by the usual algorithms (ring all-gather and reduce-scatter
 (g - 1)/g of the whole, all-reduce twice that, all-to-all (g - 1)/g, a permute its buffer to
-another device), split by what it carries: expert weights, the other weights (and their
-gradients), the MoE layers' activations (op_name under a block's mlp) and the rest. Beside
+another device), split by what it carries (`kind_of`): expert weights, the other weights (and
+their gradients), the MoE layers' activations and the rest. Beside
 them: what an ideal all-to-all dispatch would send (each device's N' K rows of d values,
 (n - 1)/n of them off the device, there and back, forward and backward) and the expert
 weights' bytes. Simulated devices share this machine's cores: the step times are indicative
@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import os
 import re
 
 import jax
@@ -38,7 +39,10 @@ flags.DEFINE_integer('devices', 8, 'simulated CPU devices')
 flags.DEFINE_string('config', 'mla_moe', 'configs/<name>.py to measure (a MoE model)')
 flags.DEFINE_multi_string('mesh', ['8,1,1,1', '1,1,1,8', '1,2,1,4'],
                           'data,fsdp,tensor,expert; repeat the flag (the first is the baseline)')
-flags.DEFINE_integer('steps', 3, 'timed calls of the train step per mesh and path')
+flags.DEFINE_integer('steps', 2, 'timed calls of the train step per mesh and path')
+# XLA's derived path holds every row of the batch on every device: at the config's 32 x 256
+# tokens the eight simulated devices' buffers took 16 GiB, more than this machine has free.
+flags.DEFINE_integer('batch_size', 8, 'sequences per step (0: the config\'s)')
 
 COLLECTIVES = ('all-gather', 'reduce-scatter', 'all-reduce', 'all-to-all', 'collective-permute')
 KINDS = ('expert weights', 'other weights', 'moe activations', 'other')
@@ -96,8 +100,25 @@ def weight_shapes(cfg: ModelConfig) -> tuple[set, set]:
   return experts, other - experts
 
 
-def collectives(hlo: str, cfg: ModelConfig, mesh_sizes: dict[str, int]) -> dict:
-  """{op: {count, sent bytes by kind}} over the compiled program's collectives."""
+def kind_of(op: str, shape: tuple, op_name: str, experts: set, other: set, tokens: int) -> str:
+  """What a collective's array carries: parameter shapes (or their shards) are weights or their
+  gradients, except that the shard_map's own all-gathers and reduce-scatters carry only tokens
+  (its all-reduces are its weights' gradients); XLA's derived collectives under a block's mlp
+  carry the whole batch's rows ([tokens x ...])."""
+  if shape in experts:
+    return 'expert weights'
+  if '/mlp/shard_map/' in op_name and op != 'all-reduce':
+    return 'moe activations'
+  if shape in other:
+    return 'other weights'
+  if '/mlp/' in op_name and shape and shape[0] % tokens == 0:
+    return 'moe activations'
+  return 'other'
+
+
+def collectives(hlo: str, cfg: ModelConfig, mesh_sizes: dict[str, int], tokens: int) -> dict:
+  """{op: {count, sent bytes by kind}} over the compiled program's collectives (tokens: the
+  step's, b * t)."""
   experts, other = weight_shapes(cfg)
   out = {op: {'count': 0, **dict.fromkeys(KINDS, 0.0)} for op in COLLECTIVES}
   for line in hlo.splitlines():
@@ -109,8 +130,8 @@ def collectives(hlo: str, cfg: ModelConfig, mesh_sizes: dict[str, int]) -> dict:
     out[op]['count'] += 1
     for dtype, shape in _shapes(result):
       size = math.prod(shape) * _DTYPE_BYTES[dtype]
-      kind = ('expert weights' if shape in experts else 'other weights' if shape in other
-              else 'moe activations' if re.search(r'op_name="[^"]*/mlp/', attrs) else 'other')
+      op_name = re.search(r'op_name="([^"]*)"', attrs)
+      kind = kind_of(op, shape, op_name.group(1) if op_name else '', experts, other, tokens)
       out[op][kind] += sent_bytes(op, size, g, attrs)
   return out
 
@@ -130,7 +151,7 @@ def measure(config, cfg, sizes: dict, path: str, steps: int) -> dict:
   derived = moe.derived_collectives() if path == 'derived' else contextlib.nullcontext()
   with derived:
     timed = time_train_step(config, sharding.make_mesh(sizes), steps)
-  found = collectives(timed['hlo'], cfg, sizes)
+  found = collectives(timed['hlo'], cfg, sizes, config.data.batch_size * config.data.seq_len)
   kinds = {k: sum(found[op][k] for op in COLLECTIVES) for k in KINDS}
   return {'mesh': sizes, 'path': path, 'step_s': timed['step_s'], 'compile_s': timed['compile_s'],
           'collectives': found, 'sent_bytes': kinds, 'sent_total': sum(kinds.values()),
@@ -156,8 +177,15 @@ def table(payload: dict) -> list[str]:
 def main(argv):
   del argv
   cli.quiet_logging()
+  # Simulated devices are threads sharing a few cores: a slow step can leave one 40 s behind
+  # the others at a collective, which XLA:CPU's default would end as stuck.
+  os.environ['XLA_FLAGS'] = (os.environ.get('XLA_FLAGS', '') + ' '.join(
+      f' --xla_cpu_collective{kind}_timeout_seconds=1800'
+      for kind in ('', '_call_terminate', '_call_warn_stuck')))
   jax.config.update('jax_num_cpu_devices', FLAGS.devices)
   config = common.load_config(FLAGS.config, 'tiny' if FLAGS.quick else '')
+  if FLAGS.batch_size and not FLAGS.quick:
+    config.data.batch_size = FLAGS.batch_size
   cfg = ModelConfig.from_dict(config.model)
   if not cfg.n_routed_experts:
     raise SystemExit(f'error: configs/{FLAGS.config}.py has no routed experts; use a MoE config')
