@@ -44,7 +44,7 @@ flags.DEFINE_integer('steps', 2, 'timed calls of the train step per mesh and pat
 # tokens the eight simulated devices' buffers took 16 GiB, more than this machine has free.
 flags.DEFINE_integer('batch_size', 8, 'sequences per step (0: the config\'s)')
 
-COLLECTIVES = ('all-gather', 'reduce-scatter', 'all-reduce', 'all-to-all', 'collective-permute')
+COLLECTIVES = tables.MOE_COLLECTIVES
 KINDS = ('expert weights', 'other weights', 'moe activations', 'other')
 _DTYPE_BYTES = {'f32': 4, 'bf16': 2, 'f16': 2, 's32': 4, 'u32': 4, 'pred': 1, 's8': 1, 'u8': 1}
 _OP = re.compile(r'=\s*(.*?)\s(' + '|'.join(COLLECTIVES) + r')(?:-start)?\((.*)$')
@@ -158,22 +158,6 @@ def measure(config, cfg, sizes: dict, path: str, steps: int) -> dict:
           'all_to_all_bytes': all_to_all_bytes(config, cfg, sizes)}
 
 
-def table(payload: dict) -> list[str]:
-  mib = lambda x: f'{x / 2**20:.1f}'
-
-  def row(r):
-    c, s = r['collectives'], r['sent_bytes']
-    counts = '/'.join(str(c[op]['count']) for op in COLLECTIVES)
-    return [','.join(str(v) for v in r['mesh'].values()), r['path'], counts,
-            mib(s['expert weights']), mib(s['other weights']), mib(s['moe activations']),
-            mib(s['other']), mib(r['sent_total']), mib(r['all_to_all_bytes']),
-            f"{r['step_s']:.2f}"]
-  return tables.table(
-      ['mesh d,f,t,e', 'MoE path', 'AG/RS/AR/A2A/CP', 'expert w. MiB', 'other w. MiB',
-       'MoE act. MiB', 'other MiB', 'total MiB', 'ideal A2A MiB', 'step (s)'],
-      'll' + 'r' * 8, map(row, payload['rows']))
-
-
 def main(argv):
   del argv
   cli.quiet_logging()
@@ -205,7 +189,7 @@ def main(argv):
       print({k: v for k, v in rows[-1].items() if k != 'collectives'}, flush=True)
       common.write_json(path, {**meta, 'rows': rows})
   print(f'expert weights: {expert_bytes / 2**20:.1f} MiB (float32, all MoE layers)')
-  print('\n'.join(table({'rows': rows})))
+  print('\n'.join(tables.bench_moe_collectives_table({'rows': rows})))
   print(f'wrote {path}')
 
 
