@@ -221,6 +221,25 @@ def bench_mesh_table(payload: dict) -> list[str]:
                'll' + 'r' * 7, map(row, payload['rows']))
 
 
+MOE_COLLECTIVES = ('all-gather', 'reduce-scatter', 'all-reduce', 'all-to-all', 'collective-permute')
+
+
+def bench_moe_collectives_table(payload: dict) -> list[str]:
+  mib = lambda x: f'{x / 2**20:.1f}'
+
+  def row(r):
+    c, s = r['collectives'], r['sent_bytes']
+    counts = '/'.join(str(c[op]['count']) for op in MOE_COLLECTIVES)
+    return [','.join(str(v) for v in r['mesh'].values()), r['path'], counts,
+            mib(s['expert weights']), mib(s['other weights']), mib(s['moe activations']),
+            mib(s['other']), mib(r['sent_total']), mib(r['all_to_all_bytes']),
+            f"{r['step_s']:.2f}"]
+  return table(
+      ['mesh d,f,t,e', 'MoE path', 'AG/RS/AR/A2A/CP', 'expert w. MiB', 'other w. MiB',
+       'MoE act. MiB', 'other MiB', 'total MiB', 'ideal A2A MiB', 'step (s)'],
+      'll' + 'r' * 8, map(row, payload['rows']))
+
+
 def _scaling_label(r: dict) -> str:
   """' + YaRN' / ' + Llama 3' after the rope layout; results recorded before Llama 3 RoPE carry
   only the flag 'yarn'."""
@@ -313,6 +332,8 @@ REPORTS: dict[str, tuple[str, dict]] = {
     'bench_train_moe': ('bench_train/bench_train_moe.json', {'table': bench_train_moe_table,
                                                              'flops': bench_train_moe_flops_table}),
     'bench_mesh': ('bench_mesh/bench_mesh.json', {'table': bench_mesh_table}),
+    'bench_moe_collectives': ('bench_moe_collectives/bench_moe_collectives.json',
+                              {'table': bench_moe_collectives_table}),
     'hf_equality': ('hf_equality/hf_equality.json', {'fixtures': hf_equality_table,
                                                      'trained': hf_trained_table}),
     # cpu_ab.json: today's cpu_ab (builds by attention_impl), once a run is committed

@@ -5,8 +5,9 @@ plus routed experts of which a gate picks num_experts_per_tok per token
 Shape letters, beside layers.py's: N tokens (b * t flattened), E routed experts, K experts
 chosen per token, J expert groups (n_group), f an expert's SwiGLU width. The gate reproduces
 transformers' DeepseekV2TopkRouter / DeepseekV3TopkRouter; the routed experts run dropless
-(every token reaches all K of its experts, whatever the load) as one grouped matmul over the
-tokens sorted by expert (jax.lax.ragged_dot), or, as the reference, every expert on every token.
+(every token reaches all K of its experts, whatever the load) over the tokens sorted by expert,
+as one grouped matmul (jax.lax.ragged_dot: GPUs and TPUs) or in blocks of rows with their
+expert's weights (a CPU), or, as the reference, every expert on every token.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from mla_jax import platform
+from mla_jax import platform, sharding
 from mla_jax.config import ModelConfig
 from mla_jax.layers import MLP, dense, weight
 
@@ -156,13 +157,15 @@ def experts_blocked(x_Nd, weights_NK, experts_NK, w_gate_Edf, w_up_Edf, w_down_E
   flat_R = experts_NK.reshape(r)
   order_R = jnp.argsort(flat_R, stable=True)  # sorted row i is row order_R[i] of (token, k)
   expert_R = flat_R[order_R]
-  sizes_E = jnp.bincount(flat_R, length=e)
+  sizes_E = jnp.bincount(flat_R, length=e)  # rows of an expert >= E (not this device's) drop
   padded_E = -(-sizes_E // block) * block
   first_slot_E = jnp.cumsum(padded_E) - padded_E
-  slot_R = first_slot_E[expert_R] + jnp.arange(r) - (jnp.cumsum(sizes_E) - sizes_E)[expert_R]
   blocks = -(-(r + e * (block - 1)) // block)
-  token_M = jnp.zeros((blocks * block,), jnp.int32).at[slot_R].set(order_R // k)
-  used_M = jnp.zeros((blocks * block,), bool).at[slot_R].set(True)
+  at = jnp.minimum(expert_R, e - 1)  # such rows sort last, so the others' places hold
+  slot_R = jnp.where(expert_R < e, first_slot_E[at] + jnp.arange(r)
+                     - (jnp.cumsum(sizes_E) - sizes_E)[at], blocks * block)  # past the end
+  token_M = jnp.zeros((blocks * block,), jnp.int32).at[slot_R].set(order_R // k, mode='drop')
+  used_M = jnp.zeros((blocks * block,), bool).at[slot_R].set(True, mode='drop')
   x_bmd = jnp.where(used_M[:, None], jnp.take(x_Nd, token_M, axis=0), 0).reshape(
       blocks, block, -1)
   # the expert of each block; the blocks past the last expert's are all padding (any expert)
@@ -172,7 +175,8 @@ def experts_blocked(x_Nd, weights_NK, experts_NK, w_gate_Edf, w_up_Edf, w_down_E
   up_bmf = jnp.einsum('bmd,bdf->bmf', x_bmd, jnp.take(w_up_Edf, expert_b, axis=0))
   y_bmd = jnp.einsum('bmf,bfd->bmd', jax.nn.silu(gate_bmf) * up_bmf,
                      jnp.take(w_down_Efd, expert_b, axis=0))
-  y_Rd = jnp.take(y_bmd.reshape(blocks * block, -1), slot_R, axis=0)  # sorted order
+  y_Rd = jnp.take(y_bmd.reshape(blocks * block, -1), slot_R, axis=0, mode='fill',
+                  fill_value=0)  # sorted order; 0 for the rows of experts >= E
   y_NKd = jnp.take(y_Rd, jnp.argsort(order_R), axis=0).reshape(n, k, -1)
   return jnp.einsum('NKd,NK->Nd', y_NKd.astype(jnp.float32), weights_NK)
 
@@ -196,6 +200,74 @@ def experts_dense(x_Nd, weights_NK, experts_NK, w_gate_Edf, w_up_Edf, w_down_Efd
   up_NEf = jnp.einsum('Nd,Edf->NEf', x_Nd, w_up_Edf)
   y_NEd = jnp.einsum('NEf,Efd->NEd', jax.nn.silu(gate_NEf) * up_NEf, w_down_Efd)
   return jnp.einsum('NEd,NE->Nd', y_NEd.astype(jnp.float32), combine_NE)
+
+
+def experts_local(run, first, x_Md, weights_MK, experts_MK, w_gate_Edf, w_up_Edf, w_down_Efd):
+  """`run` (experts_ragged, experts_blocked or experts_dense) over the experts first .. first +
+  E' - 1 only, the E' of the weights given: the other (token, expert) choices weigh 0, and their
+  rows (expert index E') fall outside every group (ragged_dot gives them 0), past the last
+  block (experts_blocked) or outside the one-hot (the dense path)."""
+  e = w_gate_Edf.shape[0]
+  local_MK = (experts_MK >= first) & (experts_MK < first + e)
+  return run(x_Md, jnp.where(local_MK, weights_MK, 0.0), jnp.where(local_MK, experts_MK - first, e),
+             w_gate_Edf, w_up_Edf, w_down_Efd)
+
+
+def _split_batch(b: int) -> bool:
+  """Whether a mesh splits a batch of b sequences (the experts then run in `experts_sharded`):
+  not without a mesh, on one device, inside `derived_collectives`, or when b does not divide (a
+  decode batch of one: the derived collectives handle it)."""
+  mesh = jax.sharding.get_abstract_mesh()
+  if mesh.empty or _DERIVED or not set(sharding.RULES['batch']) <= set(mesh.axis_names):
+    return False
+  ways = math.prod(mesh.shape[a] for a in sharding.RULES['batch'])
+  return ways > 1 and b % ways == 0
+
+
+def experts_sharded(run, x_btd, weights_btK, experts_btK, w_gate_Edf, w_up_Edf,
+                    w_down_Efd):
+  """The routed experts under a mesh, as shard_map: each device keeps its own tokens (split over
+  the batch axes) and the E / n experts of its place on the expert axis (n its size).
+
+  Tokens travel within the expert axis only: each device all-gathers its n neighbours' tokens
+  and choices ([n * N', d], not the N' * K rows), runs its E / n experts over the rows that
+  chose them, and a reduce-scatter sums each token's K expert outputs back onto the device that
+  holds the token (float32). Every row stays: dropless, with static shapes, where an
+  all-to-all of the rows would need a buffer per device pair sized for all of them (the ragged
+  all-to-all that avoids it has no XLA:CPU lowering). With expert = 1 it is data parallelism:
+  no collective on the tokens at all. The weights enter whole along 'embed' and 'mlp' (the
+  gather fsdp does for every weight) and their gradients are summed over the batch axes."""
+  expert_spec = jax.sharding.PartitionSpec('expert')
+  tokens = jax.sharding.PartitionSpec(sharding.RULES['batch'])  # size-1 axes included
+
+  def local(x_btd, weights_btK, experts_btK, w_gate_Edf, w_up_Edf, w_down_Efd):
+    d, k = x_btd.shape[-1], weights_btK.shape[-1]
+    gather = lambda a, width: jax.lax.all_gather(a.reshape(-1, width), 'expert', tiled=True)
+    first = jax.lax.axis_index('expert') * w_gate_Edf.shape[0]
+    y_Md = experts_local(run, first, gather(x_btd, d), gather(weights_btK, k),
+                         gather(experts_btK, k), w_gate_Edf, w_up_Edf, w_down_Efd)
+    y_Nd = jax.lax.psum_scatter(y_Md, 'expert', tiled=True)
+    return y_Nd.reshape(x_btd.shape)
+
+  return jax.shard_map(local, in_specs=(tokens,) * 3 + (expert_spec,) * 3, out_specs=tokens)(
+      x_btd, weights_btK, experts_btK, w_gate_Edf, w_up_Edf, w_down_Efd)
+
+
+# True inside `derived_collectives`: the experts run as single-device code under the mesh too,
+# their tokens' travel left to the collectives XLA's SPMD partitioner derives (what a benchmark
+# compares the shard_map path with).
+_DERIVED = False
+
+
+@contextlib.contextmanager
+def derived_collectives():
+  """Within (while tracing): MoE layers leave their tokens' travel to XLA, not shard_map."""
+  global _DERIVED
+  outer, _DERIVED = _DERIVED, True
+  try:
+    yield
+  finally:
+    _DERIVED = outer
 
 
 class MoE(nnx.Module):
@@ -234,9 +306,14 @@ class MoE(nnx.Module):
                                       x_btd.shape[1]))
     w = lambda p: p[...].astype(self.dtype)
     run = expert_compute(self.cfg)
-    y_Nd = run(x_btd.reshape(-1, x_btd.shape[-1]), weights_NK, experts_NK,
-               w(self.w_gate), w(self.w_up), w(self.w_down))
-    y_btd = y_Nd.astype(x_btd.dtype).reshape(x_btd.shape)
+    weights = (w(self.w_gate), w(self.w_up), w(self.w_down))
+    if _split_batch(x_btd.shape[0]):
+      b, t, k = (*x_btd.shape[:2], weights_NK.shape[-1])
+      y_btd = experts_sharded(run, x_btd, weights_NK.reshape(b, t, k),
+                              experts_NK.reshape(b, t, k), *weights).astype(x_btd.dtype)
+    else:
+      y_Nd = run(x_btd.reshape(-1, x_btd.shape[-1]), weights_NK, experts_NK, *weights)
+      y_btd = y_Nd.astype(x_btd.dtype).reshape(x_btd.shape)
     if self.cfg.n_shared_experts:
       y_btd = y_btd + self.shared(x_btd)
     return y_btd

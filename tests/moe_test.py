@@ -109,15 +109,21 @@ def test_every_token_on_one_expert_and_experts_without_tokens(gate, impl):
 
 
 @pytest.mark.parametrize('block', [1, 3, 16])
-def test_blocks_equal_ragged_dot_across_block_edges(block):
+@pytest.mark.parametrize('foreign', [False, True])
+def test_blocks_equal_ragged_dot_across_block_edges(block, foreign):
   """experts_blocked with blocks smaller than an expert's rows (several blocks an expert, the
   last one partly padding), an expert with no row, and rows past the last expert's block:
-  outputs and every gradient equal ragged_dot's."""
+  outputs and every gradient equal ragged_dot's. foreign: some choices are another device's
+  experts (index E, weight 0, as experts_local passes them), which neither computes."""
   rng = np.random.default_rng(0)
   n, k, e, d, f = 13, 3, 6, 8, 5
   experts = np.stack([rng.choice([0, 1, 2, 4, 5], k, replace=False) for _ in range(n)])
+  weights = rng.random((n, k))
+  if foreign:
+    away = rng.random((n, k)) < 0.4
+    experts, weights = np.where(away, e, experts), np.where(away, 0.0, weights)
   args = (jnp.asarray(rng.normal(size=(n, d)), jnp.float32),
-          jnp.asarray(rng.random((n, k)), jnp.float32), jnp.asarray(experts, jnp.int32),
+          jnp.asarray(weights, jnp.float32), jnp.asarray(experts, jnp.int32),
           *(jnp.asarray(rng.normal(size=shape) / 3, jnp.float32)
             for shape in ((e, d, f), (e, d, f), (e, f, d))))
   loss = lambda fn: lambda x, w, *ws: jnp.sum(jnp.sin(fn(x, w, args[2], *ws)))

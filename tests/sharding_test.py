@@ -134,6 +134,70 @@ def test_moe_steps_match_one_device_with_the_experts_split(corpus):
     np.testing.assert_allclose(losses[sizes], reference, rtol=1e-5, err_msg=sizes)
 
 
+def test_moe_shard_map_path_matches_one_device_in_loss_and_gradients(corpus):
+  """The experts under a mesh (moe.experts_sharded: tokens all-gathered within the expert axis,
+  outputs reduce-scattered back) give one device's loss and gradients of every parameter, on
+  expert = 8, fsdp 2 x expert 4 and data 2 x tensor 2 x expert 2 (the dense reference on expert
+  = 8), with routing skewed so some experts get no token; and a mesh takes that path (the
+  program has the shard_map), unless derived_collectives asks for XLA's own."""
+  result = run_python('''
+  from mla_jax import moe
+  from mla_jax.config import ModelConfig
+  from mla_jax.model import Transformer
+  out = {}
+  tokens = np.random.default_rng(1).integers(0, 64, (8, 17)).astype(np.int32)
+  for impl, meshes in (('ragged', [(1, 1, 1, 8), (1, 2, 1, 4), (2, 1, 2, 2)]),
+                       ('dense', [(1, 1, 1, 8)])):
+    cfg = ModelConfig(d_model=32, n_layers=2, n_heads=4, vocab_size=64, max_seq_len=32,
+                      attention='mla', kv_lora_rank=16, qk_rope_head_dim=4,
+                      n_routed_experts=8, num_experts_per_tok=3, n_shared_experts=1,
+                      moe_intermediate_size=16, first_k_dense_replace=1,
+                      scoring_func='sigmoid', topk_method='noaux_tc', n_group=4, topk_group=2,
+                      norm_topk_prob=True, routed_scaling_factor=2.5, moe_impl=impl,
+                      attention_impl='einsum')  # one program for every mesh
+    model = Transformer(cfg, rngs=nnx.Rngs(0))
+    moe_layer = model.blocks[1].mlp
+    # skew the routing: experts 0-1 favoured by the bias, 6-7 never reached
+    moe_layer.e_score_correction_bias[...] = np.array([2., 2., 0, 0, 0, 0, -9., -9.], np.float32)
+    graphdef, state = nnx.split(model)
+
+    def loss(state, tokens):
+      logits = nnx.merge(graphdef, state)(tokens[:, :-1])
+      logp = jax.nn.log_softmax(logits)
+      return -jax.numpy.mean(jax.numpy.take_along_axis(logp, tokens[:, 1:, None], -1))
+
+    grad = jax.jit(jax.value_and_grad(loss))
+    runs = {}
+    for sizes in [(1, 1, 1, 1)] + meshes:
+      mesh = mesh_of(sizes)
+      with jax.set_mesh(mesh):
+        placed = jax.device_put(state, sharding.state_shardings(state, mesh))
+        rows = jax.device_put(tokens, sharding.named_sharding(mesh, ('batch', None), tokens.shape))
+        value, grads = grad(placed, rows)
+        runs[sizes] = (float(value), {k: np.asarray(v) for k, v in nnx.to_flat_state(grads)})
+        if sizes == (1, 1, 1, 8):
+          program = lambda: str(jax.make_jaxpr(lambda s, r: loss(s, r))(placed, rows))
+          out[f'{impl} program'] = 'shard_map' in program()
+          with moe.derived_collectives():
+            out[f'{impl} derived'] = 'shard_map' in program()
+    ref_value, ref = runs[(1, 1, 1, 1)]
+    for sizes, (value, grads) in runs.items():
+      out[f'{impl} {sizes} loss'] = abs(value - ref_value) / ref_value
+      out[f'{impl} {sizes} grad'] = max(float(np.max(np.abs(grads[k] - ref[k])))
+                                        / (float(np.max(np.abs(ref[k]))) or 1.0) for k in ref)
+    out[f'{impl} moe grad'] = float(np.max(np.abs(ref[('blocks', 1, 'mlp', 'w_up')])))
+    out[f'{impl} unused expert grad'] = float(np.max(np.abs(ref[('blocks', 1, 'mlp', 'w_up')][6:])))
+  print(json.dumps(out))
+  ''', corpus)
+  for impl, meshes in (('ragged', ('(1, 1, 1, 8)', '(1, 2, 1, 4)', '(2, 1, 2, 2)')),
+                       ('dense', ('(1, 1, 1, 8)',))):
+    assert result[f'{impl} program'] and not result[f'{impl} derived'], result
+    assert result[f'{impl} moe grad'] > 1e-4 and result[f'{impl} unused expert grad'] == 0.0
+    for sizes in meshes:
+      assert result[f'{impl} {sizes} loss'] < 1e-6, (impl, sizes, result)
+      assert result[f'{impl} {sizes} grad'] < 1e-5, (impl, sizes, result)
+
+
 @pytest.mark.long
 def test_decode_with_sharded_batch_and_caches_matches_one_device(corpus):
   result = run_python('''
