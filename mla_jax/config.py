@@ -209,7 +209,7 @@ class ModelConfig:
   norm_topk_prob: bool = False  # chosen weights divided by their sum (+ 1e-20)
   routed_scaling_factor: float = 1.0  # chosen weights multiplied by it, after any norm
   # How the routed experts run, dropless: 'ragged' (tokens sorted by expert, one grouped matmul,
-  # jax.lax.ragged_dot), 'blocked' (the sorted tokens in blocks of 128 rows, one matmul per
+  # jax.lax.ragged_dot), 'blocked' (the sorted tokens in blocks of 64-512 rows, one matmul per
   # block with its expert's weights), 'auto' (blocked on a CPU, where ragged_dot lowers to a
   # masked product with every expert; ragged elsewhere), or 'dense' (every expert on every
   # token, weighted by the routing: the reference the others are tested against; E / k times

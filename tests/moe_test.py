@@ -137,6 +137,12 @@ def test_blocks_equal_ragged_dot_across_block_edges(block, foreign):
     np.testing.assert_allclose(fn_grad, ref_grad, rtol=1e-5, atol=1e-5)
 
 
+def test_block_rows_are_a_quarter_of_an_experts_mean_rows_within_64_to_512():
+  assert moe.block_rows(32768, 16) == 512  # configs/mla_moe.py: 8192 tokens x 4
+  assert moe.block_rows(8192, 16) == 128 and moe.block_rows(12288, 64) == 64
+  assert moe.block_rows(40, 8) == 64 and moe.block_rows(10**7, 8) == 512
+
+
 def test_auto_takes_blocks_on_a_cpu():
   cfg = tiny_config(**GATES['v3'], **MODEL)
   assert cfg.moe_impl == 'auto'
