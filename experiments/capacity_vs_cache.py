@@ -76,6 +76,10 @@ COMPARISONS = [
     ('mla4', 'gqa2', 'MLA vs GQA at a similar cache (Table 1: MLA = GQA with 2.25 groups)'),
     ('mla8', 'mla4', 'MLA with a larger latent (d_c = 8 d_h vs 4 d_h)'),
     ('mla4', 'mla2', 'MLA with a larger latent (d_c = 4 d_h vs 2 d_h)'),
+    ('gta2', 'gqa2', 'GTA vs GQA with as many KV heads (Zadouri et al.: GTA matches GQA with '
+     'about half its cache)'),
+    ('gla2', 'mla4', 'GLA-2 vs MLA at the same cache (Zadouri et al.: GLA matches MLA)'),
+    ('tpa', 'mha', 'TPA vs MHA (Zhang et al.: TPA beats MHA)'),
 ]
 
 

@@ -300,13 +300,14 @@ def test_v3_router_bias_survives_a_workdir(tmp_path):
 
 
 def test_moe_routing_paths_agree_on_the_fixtures():
-  """The dropless grouped matmul (default) and the every-expert reference give transformers'
-  logits alike."""
+  """The dropless paths (ragged_dot's grouped matmul, the CPU's blocks; 'auto', the default,
+  takes one of them) and the every-expert reference give transformers' logits alike."""
   for name in MOE:
     g = golden(name)
-    dense = with_config(imported(name), moe_impl='dense')
-    assert imported(name).cfg.moe_impl == 'ragged'
-    assert np.abs(logits_of(dense, g['tokens']) - g['logits']).max() <= TOL, name
+    assert imported(name).cfg.moe_impl == 'auto'
+    for impl in ('ragged', 'blocked', 'dense'):
+      model = with_config(imported(name), moe_impl=impl)
+      assert np.abs(logits_of(model, g['tokens']) - g['logits']).max() <= TOL, (name, impl)
 
 
 # --- a checkpoint with its tokenizer ---------------------------------------------------------
@@ -493,7 +494,7 @@ BAD = {  # name: (fixture, how to break it, what the message must say)
         'rope_type': 'llama3', 'rope_theta': 1e4, 'factor': 8.0, 'low_freq_factor': 4.0,
         'high_freq_factor': 1.0, 'original_max_position_embeddings': 16}), 'need 0 < low < high'),
     'deepseek llama3': ('deepseek_v3', _edit_config(rope_parameters={
-        'rope_type': 'llama3', 'rope_theta': 1e4, 'factor': 8.0}), "rope type 'llama3'"),
+        'rope_type': 'llama3', 'rope_theta': 1e4, 'factor': 8.0}), 'rope type llama3 needs'),
     'qwen2 sliding window': ('qwen2', _edit_config(use_sliding_window=True, sliding_window=8),
                              'use_sliding_window=true is not supported'),
     'qwen2 missing bias': ('qwen2', _edit_tensors(
