@@ -124,21 +124,33 @@ def route(logits_NE, bias_E, cfg: ModelConfig):
   return weights_NK * cfg.routed_scaling_factor, experts_NK.astype(jnp.int32)
 
 
+def _sort_rows(experts_NK, e: int):
+  """The dropless paths' order: (order_R, the (token, k) row at each place of the N * K rows
+  sorted by expert, stably; sizes_E, each expert's rows, an index >= e counted in none)."""
+  flat_R = experts_NK.reshape(-1)
+  return jnp.argsort(flat_R, stable=True), jnp.bincount(flat_R, length=e)
+
+
+def _combine_rows(y_Rd, order_R, weights_NK):
+  """The expert outputs of the sorted rows put back in (token, k) order and summed with their
+  weights, in float32: [N, d]."""
+  n, k = weights_NK.shape
+  y_NKd = jnp.take(y_Rd, jnp.argsort(order_R), axis=0).reshape(n, k, -1)
+  return jnp.einsum('NKd,NK->Nd', y_NKd.astype(jnp.float32), weights_NK)
+
+
 def experts_ragged(x_Nd, weights_NK, experts_NK, w_gate_Edf, w_up_Edf, w_down_Efd):
   """Dropless: the N * K (token, expert) rows sorted by expert, each expert's SwiGLU over its
   contiguous rows by one ragged_dot per projection, the rows put back in (token, k) order and
   summed with their weights. Rows per expert can be anything from 0 to N."""
-  n, k = experts_NK.shape
-  e = w_gate_Edf.shape[0]
-  flat = experts_NK.reshape(n * k)
-  order = jnp.argsort(flat, stable=True)  # row i of the sorted order is (order[i] // K, ...)
-  sizes_E = jnp.bincount(flat, length=e).astype(jnp.int32)
-  x_Rd = jnp.take(x_Nd, order // k, axis=0)  # R = N * K rows, grouped by expert
+  k = experts_NK.shape[1]
+  order_R, sizes_E = _sort_rows(experts_NK, w_gate_Edf.shape[0])
+  sizes_E = sizes_E.astype(jnp.int32)
+  x_Rd = jnp.take(x_Nd, order_R // k, axis=0)  # R = N * K rows, grouped by expert
   gate_Rf = jax.lax.ragged_dot(x_Rd, w_gate_Edf, sizes_E)
   up_Rf = jax.lax.ragged_dot(x_Rd, w_up_Edf, sizes_E)
   y_Rd = jax.lax.ragged_dot(jax.nn.silu(gate_Rf) * up_Rf, w_down_Efd, sizes_E)
-  y_NKd = jnp.take(y_Rd, jnp.argsort(order), axis=0).reshape(n, k, -1)
-  return jnp.einsum('NKd,NK->Nd', y_NKd.astype(jnp.float32), weights_NK)
+  return _combine_rows(y_Rd, order_R, weights_NK)
 
 
 def block_rows(rows: int, experts: int) -> int:
@@ -164,12 +176,11 @@ def experts_blocked(x_Nd, weights_NK, experts_NK, w_gate_Edf, w_up_Edf, w_down_E
   n, k = experts_NK.shape
   e, r = w_gate_Edf.shape[0], n * k
   block = block or block_rows(r, e)
-  flat_R = experts_NK.reshape(r)
-  order_R = jnp.argsort(flat_R, stable=True)  # sorted row i is row order_R[i] of (token, k)
-  expert_R = flat_R[order_R]
-  sizes_E = jnp.bincount(flat_R, length=e)  # rows of an expert >= E (not this device's) drop
+  order_R, sizes_E = _sort_rows(experts_NK, e)  # rows of an expert >= E (another device's) drop
+  expert_R = experts_NK.reshape(r)[order_R]
   padded_E = -(-sizes_E // block) * block
-  first_slot_E = jnp.cumsum(padded_E) - padded_E
+  end_slot_E = jnp.cumsum(padded_E)
+  first_slot_E = end_slot_E - padded_E
   blocks = -(-(r + e * (block - 1)) // block)
   at = jnp.minimum(expert_R, e - 1)  # such rows sort last, so the others' places hold
   slot_R = jnp.where(expert_R < e, first_slot_E[at] + jnp.arange(r)
@@ -179,16 +190,15 @@ def experts_blocked(x_Nd, weights_NK, experts_NK, w_gate_Edf, w_up_Edf, w_down_E
   x_bmd = jnp.where(used_M[:, None], jnp.take(x_Nd, token_M, axis=0), 0).reshape(
       blocks, block, -1)
   # the expert of each block; the blocks past the last expert's are all padding (any expert)
-  expert_b = jnp.minimum(jnp.searchsorted(jnp.cumsum(padded_E), jnp.arange(blocks) * block,
-                                          side='right'), e - 1)
+  expert_b = jnp.minimum(jnp.searchsorted(end_slot_E, jnp.arange(blocks) * block, side='right'),
+                         e - 1)
   gate_bmf = jnp.einsum('bmd,bdf->bmf', x_bmd, jnp.take(w_gate_Edf, expert_b, axis=0))
   up_bmf = jnp.einsum('bmd,bdf->bmf', x_bmd, jnp.take(w_up_Edf, expert_b, axis=0))
   y_bmd = jnp.einsum('bmf,bfd->bmd', jax.nn.silu(gate_bmf) * up_bmf,
                      jnp.take(w_down_Efd, expert_b, axis=0))
   y_Rd = jnp.take(y_bmd.reshape(blocks * block, -1), slot_R, axis=0, mode='fill',
                   fill_value=0)  # sorted order; 0 for the rows of experts >= E
-  y_NKd = jnp.take(y_Rd, jnp.argsort(order_R), axis=0).reshape(n, k, -1)
-  return jnp.einsum('NKd,NK->Nd', y_NKd.astype(jnp.float32), weights_NK)
+  return _combine_rows(y_Rd, order_R, weights_NK)
 
 
 def expert_compute(cfg: ModelConfig):
@@ -299,19 +309,21 @@ class MoE(nnx.Module):
     if cfg.n_shared_experts:
       self.shared = MLP(cfg, rngs, d_ff=cfg.n_shared_experts * f)
 
-  def gate(self, x_btd):
-    """(weights [N, K], experts [N, K]) for the b * t tokens of x, row-major."""
+  def _route(self, x_btd):
+    """(router logits [N, E], weights [N, K], experts [N, K]) for the b * t tokens of x."""
     x_Nd = x_btd.reshape(-1, x_btd.shape[-1]).astype(jnp.float32)
     logits_NE = dense(x_Nd, self.router[...], out_dtype=jnp.float32)
     bias_E = (self.e_score_correction_bias[...] if self.cfg.topk_method == 'noaux_tc'
               else jnp.zeros((self.cfg.n_routed_experts,), jnp.float32))
-    return route(logits_NE, bias_E, self.cfg)
+    return logits_NE, *route(logits_NE, bias_E, self.cfg)
+
+  def gate(self, x_btd):
+    """(weights [N, K], experts [N, K]) for the b * t tokens of x, row-major."""
+    return self._route(x_btd)[1:]
 
   def __call__(self, x_btd):
-    weights_NK, experts_NK = self.gate(x_btd)
+    logits_NE, weights_NK, experts_NK = self._route(x_btd)
     if _COLLECTED is not None:  # a train step asks for the statistics of its balancing
-      x_Nd = x_btd.reshape(-1, x_btd.shape[-1]).astype(jnp.float32)
-      logits_NE = dense(x_Nd, self.router[...], out_dtype=jnp.float32)
       _COLLECTED.append(routing_stats(scores(logits_NE, self.cfg), experts_NK, self.cfg,
                                       x_btd.shape[1]))
     w = lambda p: p[...].astype(self.dtype)
