@@ -19,8 +19,10 @@ of E: model.active_param_count).
 (at --size) beside transformers holding the same initial weights (its loss at init checked
 equal to ours) under both its experts implementations, with our dense all-experts reference
 (moe_impl='dense') and, on a CPU, ragged_dot's dropless step alongside (moe_impl 'auto' takes
-blocks there: mla_jax.moe.experts_blocked); then our dropless step against that reference at
-64 experts, 6 per token (MOE_GEOMETRY), with the step flops each must spend.
+blocks there: mla_jax.moe.experts_blocked), and its first MoE layer alone beside transformers';
+the same model at the smaller batches of --moe_batches beside transformers; then our dropless
+step against that reference at 64 experts, 6 per token (MOE_GEOMETRY), with the step flops
+each must spend.
 """
 
 from __future__ import annotations
@@ -62,6 +64,10 @@ flags.DEFINE_integer('window', 8, 'steps per timed window of the training loop')
 flags.DEFINE_bool('peer', False, "also time transformers' model on the same config")
 flags.DEFINE_float('peak_tflops', 0.0, 'the peak for MFU (0: the matmul rate measured now)')
 flags.DEFINE_bool('moe', False, 'time the MoE model (module docstring) instead of --variants')
+flags.DEFINE_list('moe_batches', ['4', '1'], '--moe: smaller batches (windows) at which the MoE '
+                  'model is also timed beside transformers (empty: none)')
+flags.register_validator('moe_batches', lambda v: all(b.isdigit() and int(b) > 0 for b in v),
+                         '--moe_batches takes positive integers, e.g. --moe_batches=4,1')
 flags.DEFINE_bool('deterministic', False, 'deterministic GPU ops, as train.deterministic=True '
                   'gives the train command (bit-exact resume; no cuDNN attention)')
 
@@ -129,19 +135,27 @@ MOE_FIELDS = ('n_routed_experts', 'num_experts_per_tok', 'n_shared_experts',
 
 
 def moe_configs(size: str) -> dict:
-  """name -> config of each --moe row: configs/mla_moe.py at `size`, then MOE_GEOMETRY."""
+  """name -> (config, timed beside transformers, with our reference steps) of each --moe row:
+  configs/mla_moe.py at `size`; the same at each of --moe_batches, beside transformers only
+  (where its per-expert overheads weigh more); then MOE_GEOMETRY against our references."""
   config = config_for('mla_moe', size, 'auto')
+  rows = {'mla_moe': (config, True, True)}
+  for batch in map(int, FLAGS.moe_batches):
+    smaller = copy.deepcopy(config)
+    smaller.data.batch_size = batch
+    rows[f'mla_moe_b{batch}'] = (smaller, True, False)
   geometry = copy.deepcopy(config)
   geometry.model.update(MOE_GEOMETRY, moe_intermediate_size=config.model.d_model // 4)
   geometry.data.batch_size = max(1, config.data.batch_size // 4)
-  return {'mla_moe': config, 'moe_64_top6': geometry}
+  return {**rows, 'moe_64_top6': (geometry, False, True)}
 
 
-def moe_row(name: str, config, peak_flops: float, peer: bool) -> dict:
-  """One --moe row: our dropless step ('dropless': moe_impl 'auto', blocks on a CPU; and on a
-  CPU ragged_dot's, 'ragged') and the dense reference ('dense': every expert on every token) on
-  config, with `peer` transformers' under each of its experts
-  implementations (holding our initial weights, its loss at init checked equal to ours), all
+def moe_row(name: str, config, peak_flops: float, peer: bool, references: bool) -> dict:
+  """One --moe row: our dropless step ('dropless': moe_impl 'auto', blocks on a CPU) on config,
+  with `references` our other ways of running the experts (the dense reference, 'dense': every
+  expert on every token; on a CPU ragged_dot's dropless step, 'ragged'), and with `peer`
+  transformers' under each of its experts implementations (holding our initial weights, its
+  loss at init checked equal to ours) and the first MoE layer alone beside theirs, all
   alternately; per step its timing and MFU on the active parameters, ours / it in tokens/s, and
   the flops per token each way of running the experts must spend."""
   from experiments import torch_peer  # torch and transformers: the dev extra
@@ -151,7 +165,7 @@ def moe_row(name: str, config, peak_flops: float, peer: bool) -> dict:
          **{k: config.model[k] for k in MOE_FIELDS}, 'batch': config.data.batch_size,
          'seq_len': seq_len, 'compile_s': {}, 'loss_init': {}}
   builds = {'dropless': config}  # moe_impl 'auto': blocks on a CPU, ragged_dot elsewhere
-  for impl in (('ragged', 'dense') if platform.current() == 'cpu' else ('dense',)):
+  for impl in (('ragged', 'dense') if platform.current() == 'cpu' else ('dense',)) * references:
     builds[impl] = copy.deepcopy(config)
     builds[impl].model.moe_impl = impl
   steps = {}
@@ -160,13 +174,22 @@ def moe_row(name: str, config, peak_flops: float, peer: bool) -> dict:
     steps[impl] = torch_peer.jax_step(build)
     row['loss_init'][impl] = float(steps[impl]()['loss'])  # compiles; before the first update
     row['compile_s'][impl] = time.perf_counter() - start
+  blocks = max(2, FLAGS.direct_steps // 2)
+  block_steps = max(1, FLAGS.direct_steps // blocks)
   if peer:
     with tempfile.TemporaryDirectory() as tmp:
       peers, row['loss_init']['torch'] = torch_peer.same_weights_peers(
           config, pathlib.Path(tmp), row['loss_init']['dropless'])
+    # the first MoE layer alone, while the peers still hold our initial weights
+    layer = cfg.first_k_dense_replace
+    ours = {'dropless': cfg.moe_impl, **({'dense': 'dense'} if references else {})}
+    layers = timing.compare(torch_peer.moe_layer_steps(config, peers, ours, layer), tokens,
+                            blocks, block_steps)
+    row['layer'] = {'index': layer, 'steps': {n: layers[n] for n in (*ours, *peers)},
+                    'ratios': {n: layers[f'ratio_dropless_over_{n}'] for n in (*ours, *peers)
+                               if n != 'dropless'}}
     steps.update(peers)
-  blocks = max(2, FLAGS.direct_steps // 2)
-  result = timing.compare(steps, tokens, blocks, max(1, FLAGS.direct_steps // blocks))
+  result = timing.compare(steps, tokens, blocks, block_steps)
   model = flops_per_token(cfg, seq_len)
   row['flops_per_token'] = {'model': model,
                             'dense': flops_per_token(cfg, seq_len, cfg.n_routed_experts)}
@@ -184,12 +207,14 @@ def moe_main(rows: Rows, peak: float) -> None:
   peer = torch_peer.available()
   if not peer:
     print(torch_peer.MISSING, flush=True)
-  for i, (name, config) in enumerate(moe_configs(size()).items()):
-    row = rows.add(functools.partial(moe_row, name, config, peak, peer and i == 0), name=name)
+  for name, (config, beside, references) in moe_configs(size()).items():
+    row = rows.add(functools.partial(moe_row, name, config, peak, peer and beside, references),
+                   name=name)
     if row is not None:
       print(row, flush=True)
   print('\n'.join([*tables.bench_train_moe_table({'rows': rows.rows}), '',
-                   *tables.bench_train_moe_flops_table({'rows': rows.rows})]))
+                   *tables.bench_train_moe_flops_table({'rows': rows.rows}), '',
+                   *tables.bench_train_moe_layer_table({'rows': rows.rows})]))
 
 
 def size() -> str:

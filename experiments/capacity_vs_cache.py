@@ -100,9 +100,11 @@ def _tokenizer_tag() -> str:
   return '-tok' + hashlib.sha256(text.encode()).hexdigest()[:12]
 
 
-def name(geometry: str, match: str = 'params') -> str:
-  """The report's file name: the small geometry with parameters matched keeps the original."""
-  return '_'.join([NAME] + [geometry] * (geometry != 'small') + [match] * (match != 'params'))
+def name(geometry: str, match: str = 'params', ffn: str = 'dense') -> str:
+  """The report's file name: the small geometry with parameters matched and dense feed-forward
+  layers keeps the original."""
+  return '_'.join([NAME] + [geometry] * (geometry != 'small') + [match] * (match != 'params')
+                  + [ffn] * (ffn != 'dense'))
 
 
 def best_rate(results: list[dict]) -> float:
@@ -132,7 +134,7 @@ class CapacityVsCache(sweep.Sweep):
       grid['ffn'] = FLAGS.ffn
     return sweep.Plan([(row,) for row in rows], lrs, seeds, grid,
                       f'{len(rows)} rows ({FLAGS.geometry} geometry)',
-                      name(FLAGS.geometry, FLAGS.match))
+                      name(FLAGS.geometry, FLAGS.match, FLAGS.ffn))
 
   def config(self, run):
     row, lr, seed = run
@@ -201,8 +203,8 @@ class CapacityVsCache(sweep.Sweep):
                    if (c := compare(summary, better, worse, claim))]
     payload = report.sweep_payload(setup, summary, comparisons, table, results, swept)
     payload['frontier'] = frontier(payload)
-    return report.write(out, name(setup['geometry'], setup['match']), payload, render, plot,
-                        frontier_plot)
+    stem = name(setup['geometry'], setup['match'], setup.get('ffn', 'dense'))
+    return report.write(out, stem, payload, render, plot, frontier_plot)
 
 
 # --- the 125m geometry's device-hours ------------------------------------------------------
@@ -405,7 +407,8 @@ def _plot_title(setup: dict) -> str:
   level = 'byte-level' if _unit(setup) == 'byte' else setup['tokenizer']
   corpus = 'Shakespeare' if setup.get('data', 'shakespeare') == 'shakespeare' else setup['data']
   return (f"{'QUICK pipeline check: ' if setup['quick'] else ''}{level} {corpus}, "
-          + MATCHING[setup['match']][0])
+          + MATCHING[setup['match']][0]
+          + (', DeepSeekMoE feed-forward' if setup.get('ffn') == 'moe' else ''))
 
 
 def frontier_plot(payload: dict, path: pathlib.Path) -> None:

@@ -167,7 +167,23 @@ def bench_train_moe_flops_table(payload: dict) -> list[str]:
             f'{f["dense"] / lowered:.2f}' if lowered else '-', f'{measured:.2f}']
   return table(['model', 'MFLOP/token: dropless', 'dense reference', 'ragged_dot as lowered',
                 'dense / dropless: flops', 'dense / as lowered: flops',
-                'dense / dropless: step time'], 'lRRRRRR', map(line, payload['rows']))
+                'dense / dropless: step time'], 'lRRRRRR',
+               (line(r) for r in payload['rows'] if 'dense' in r['steps']))
+
+
+def bench_train_moe_layer_table(payload: dict) -> list[str]:
+  """bench_train --moe with the peer: the row's first MoE layer alone, forward and backward,
+  ours and transformers' on the same weights and input (alternated), and ours / it."""
+  def line(r, name):
+    s, ratio = r['layer']['steps'][name], r['layer']['ratios'].get(name)
+    return [_moe_label(r), str(r['layer']['index']), MOE_STEPS[name],
+            f"{s['step_s_min'] * 1e3:.0f} / {s['step_s'] * 1e3:.0f}", f"{s['tokens_per_s']:.0f}",
+            f"{ratio['ratio']:.2f} ({ratio['block_min']:.2f}-{ratio['block_max']:.2f})"
+            if ratio else '-']
+  return table(['model', 'layer', 'experts', 'ms (min / median)', 'tokens/s',
+                'ours / it (blocks)'], 'lRlRRR',
+               (line(r, name) for r in payload['rows'] if 'layer' in r
+                for name in r['layer']['steps']))
 
 
 def decode_pivot_table(payload: dict, points=((8, 16384), (32, 65536))) -> list[str]:
@@ -330,7 +346,8 @@ REPORTS: dict[str, tuple[str, dict]] = {
     'bench_decode': ('bench_decode/bench_decode.json', {'table': bench_decode_table}),
     'bench_train': ('bench_train/bench_train.json', {'table': bench_train_table}),
     'bench_train_moe': ('bench_train/bench_train_moe.json', {'table': bench_train_moe_table,
-                                                             'flops': bench_train_moe_flops_table}),
+                                                             'flops': bench_train_moe_flops_table,
+                                                             'layer': bench_train_moe_layer_table}),
     'bench_mesh': ('bench_mesh/bench_mesh.json', {'table': bench_mesh_table}),
     'bench_moe_collectives': ('bench_moe_collectives/bench_moe_collectives.json',
                               {'table': bench_moe_collectives_table}),

@@ -15,11 +15,13 @@ inside the functions: they are in the dev extra only.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import importlib.util
 import pathlib
 import time
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
@@ -100,6 +102,7 @@ def torch_step(model_cfg: ModelConfig, batch: int, seq_len: int, lr: float = 3e-
       torch.cuda.synchronize()
 
   step.parts = (loss, opt, clip)  # for cpu_profile's phase timings
+  step.model = model  # for moe_layer_steps: its layers, holding the weights the step trains
   return step
 
 
@@ -178,6 +181,54 @@ def same_weights_peers(config, tmp: pathlib.Path,
                          f'(> {LOSS_ATOL} apart): the peer is not the same model')
   return steps, losses[f'torch_{EXPERTS[0]}']
 
+
+def moe_layer_steps(config, peers: dict[str, Step], impls: dict[str, str],
+                    layer: int) -> dict[str, Step]:
+  """One MoE layer alone, forward and backward (the gradients of sum(y * g) for the layer's
+  weights and its input, g a fixed random cotangent), on b x t tokens of unit-variance input (an
+  RMSNorm's output): {ours under each of `impls` (name -> moe_impl): the layer of our model at
+  init; each peer: its model's layer, holding the same weights}. Raises unless every layer's
+  output equals ours (the first of impls) within LAYER_ATOL: else the timings would compare
+  different layers."""
+  import torch
+  mesh = sharding.make_mesh(config.mesh)
+  with jax.set_mesh(mesh):
+    graphdef, state, _ = training.init_state(config, mesh)
+  mlp = nnx.merge(graphdef, state)[0].blocks[layer].mlp
+  rng = np.random.default_rng(0)
+  x, g = rng.standard_normal((2, config.data.batch_size, config.data.seq_len,
+                              mlp.cfg.d_model)).astype(np.float32)
+  steps, outputs = {}, {}
+  for name, impl in impls.items():
+    mlp.cfg = dataclasses.replace(mlp.cfg, moe_impl=impl)  # static: each split keeps its own
+    layer_def, params = nnx.split(mlp)
+    grad = jax.jit(jax.value_and_grad(
+        lambda p, x, layer_def=layer_def: jnp.sum(nnx.merge(layer_def, p)(x) * g),
+        argnums=(0, 1)))
+    steps[name] = lambda grad=grad, params=params: jax.block_until_ready(grad(params, x))
+    outputs[name] = np.asarray(nnx.merge(layer_def, params)(x))
+  for name, peer in peers.items():
+    module = peer.model.model.layers[layer].mlp
+    x_t, g_t = torch.from_numpy(x).requires_grad_(True), torch.from_numpy(g)
+
+    def step(module=module, x_t=x_t, g_t=g_t):
+      (module(x_t) * g_t).sum().backward()
+      module.zero_grad(set_to_none=True)
+      x_t.grad = None
+
+    steps[name] = step
+    with torch.no_grad():
+      outputs[name] = module(x_t).numpy()
+  first, *rest = outputs
+  far = {n: float(np.max(np.abs(outputs[n] - outputs[first]))) for n in rest}
+  if any(d > LAYER_ATOL for d in far.values()):
+    raise AssertionError(f'layer {layer} differs from ours ({first}) by {far} (> {LAYER_ATOL})')
+  return steps
+
+
+# One MoE layer's outputs, ours and the peer's, float32 on the same weights and an input of unit
+# variance: the same sums in another order (~1e-6 apart).
+LAYER_ATOL = 1e-4
 
 # Our loss at init and the peer's, float32 on the same weights and batch: a sum over the
 # batch's tokens in another order (~1e-6 here); a wrong weight moves it by ~1e-2 or more.

@@ -89,10 +89,11 @@ def test_mlp_matching_keeps_mhas_width_and_lets_parameters_differ(geometry):
       k: v for k, v in matched.model.items() if k != 'd_ff'}
 
 
-def test_report_names_say_the_geometry_and_the_matching():
+def test_report_names_say_the_geometry_the_matching_and_the_feed_forward():
   assert experiment.name('small') == 'capacity_vs_cache'
   assert experiment.name('paper') == 'capacity_vs_cache_paper'
   assert experiment.name('paper', 'mlp') == 'capacity_vs_cache_paper_mlp'
+  assert experiment.name('paper', ffn='moe') == 'capacity_vs_cache_paper_moe'
   assert experiment.name('small', 'mlp') == 'capacity_vs_cache_mlp'
 
 

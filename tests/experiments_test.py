@@ -156,6 +156,17 @@ def test_torch_peer_holds_our_weights_and_computes_our_loss(tmp_path):
   assert abs(theirs - ours) <= torch_peer.LOSS_ATOL and abs(ours - 5.5) < 1  # ~ln 256 at init
   with pytest.raises(AssertionError, match='losses at init differ'):
     torch_peer.same_weights_peers(config, tmp_path / 'b', ours + 1e-3)
+  # the first MoE layer alone: ours (dropless and dense) and theirs agree, then each step runs
+  layer = config.model.first_k_dense_replace
+  layers = torch_peer.moe_layer_steps(config, steps, {'dropless': 'auto', 'dense': 'dense'}, layer)
+  assert set(layers) == {'dropless', 'dense', 'torch_grouped_mm', 'torch_eager'}
+  for step in layers.values():
+    step()
+  import torch
+  with torch.no_grad():  # the routed experts' down projections changed: refused
+    steps['torch_eager'].model.model.layers[layer].mlp.experts.down_proj.mul_(2.0)
+  with pytest.raises(AssertionError, match=f'layer {layer} differs'):
+    torch_peer.moe_layer_steps(config, steps, {'dropless': 'auto'}, layer)
 
 
 def _mla_jax_modules(tree: ast.Module) -> set[str]:
