@@ -348,6 +348,9 @@ def frontier_section(payload: dict) -> list[str]:
 def render(payload: dict) -> str:
   summary, setup = payload['rows'], payload['setup']
   geometry, matching = setup['geometry'], MATCHING[setup['match']]
+  if setup.get('ffn') == 'moe' and setup['match'] == 'params':
+    matching = (matching[0], "the experts' SwiGLU width (every routed and shared expert's) is "
+                "set per row to match MHA's parameter count, the first, dense layer keeping d_ff")
   lines = [
       '# Capacity vs KV-cache size (DeepSeek-V2 Table 1, Tables 8-9 in miniature)'
       + ('' if geometry == 'small' else f': {geometry} geometry')

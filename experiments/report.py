@@ -243,12 +243,19 @@ def _eight_bit(nbytes: int | None) -> str:
   return '—' if nbytes is None else f'{nbytes:,}'  # None: the variant has no 8-bit cache
 
 
+def _width(s: dict) -> str:
+  """A row's SwiGLU width: d_ff, and with MoE layers the experts' width beside it (what the
+  parameter matching sets there; the first, dense layer keeps d_ff)."""
+  experts = s['model'].get('n_routed_experts')
+  return f"{s['d_ff']}" + (f" (experts {s['model']['moe_intermediate_size']})" if experts else '')
+
+
 def cache_cells(summary: dict, s: dict) -> list:
   """A row's cells under CACHE_HEADER; its parameters' difference from MHA's where MHA ran."""
   mha = summary.get('mha', {}).get('params')
   return [s['formula'], f"{s['elements_formula']:,}", f"{s['elements_measured']:,}",
           f"{s['bytes_bf16']:,}", _eight_bit(s['bytes_int8']), _eight_bit(s['bytes_fp8']),
-          s['d_ff'],
+          _width(s),
           f"{s['params']:,}" + (f" ({100 * (s['params'] / mha - 1):+.1f}%)" if mha else '')]
 
 

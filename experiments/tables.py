@@ -336,6 +336,9 @@ CAPACITY_REPORTS = ('capacity_vs_cache', 'capacity_vs_cache_paper', 'capacity_vs
 REPORTS: dict[str, tuple[str, dict]] = {
     **{stem: (f'capacity_vs_cache/{stem}.json', _sweep_parts('capacity_vs_cache'))
        for stem in CAPACITY_REPORTS},
+    # --ffn=moe: a ledger of its own, so a folder of its own
+    'capacity_vs_cache_paper_moe': ('capacity_vs_cache_moe/capacity_vs_cache_paper_moe.json',
+                                    _sweep_parts('capacity_vs_cache')),
     'recall_vs_cache': ('recall_vs_cache/recall_vs_cache.json', _sweep_parts('recall_vs_cache')),
     'to_mla': ('to_mla/to_mla.json', {'report': _lazy('to_mla_report', 'render'),
                                       **{source: _lazy('to_mla_report', 'source_table', source)
@@ -369,7 +372,8 @@ REPORTS: dict[str, tuple[str, dict]] = {
 # report -> its experiment, for the reports whose JSON holds a section computed from its rows
 # (the Pareto frontier): --rerender computes it afresh into the JSON (nothing else in it
 # changes) and writes the markdown and the frontier plot from that JSON.
-RERENDER = {**{stem: 'capacity_vs_cache' for stem in CAPACITY_REPORTS},
+RERENDER = {**{stem: 'capacity_vs_cache' for stem in (*CAPACITY_REPORTS,
+                                                        'capacity_vs_cache_paper_moe')},
             'recall_vs_cache': 'recall_vs_cache'}
 
 
