@@ -261,15 +261,18 @@ def test_quick_runs_with_moe_feed_forward_layers_sit_apart_and_say_so(corpus, tm
   run = _cli(tmp_path, '--quick', '--rows=mha,mla4', '--lrs=3e-3', '--seeds=1', '--ffn=moe',
              f'--data_files={corpus}', f'--out={tmp_path / "out"}')
   assert run.returncode == 0, run.stderr[-3000:]
-  rows = json.loads((tmp_path / 'out' / 'capacity_vs_cache.json').read_text())['rows']
+  rows = json.loads((tmp_path / 'out' / 'capacity_vs_cache_moe.json').read_text())['rows']
   assert abs(rows['mla4']['params'] / rows['mha']['params'] - 1) < 0.02
   assert rows['mla4']['elements_measured'] == rows['mla4']['elements_formula']
   folder = tmp_path / 'small-moe-quick' / 'mla4' / 'lr0.003' / 'seed1'
   model = wd.read_config(folder).model
   assert model.n_routed_experts == 8 and model.is_moe_layer(1) and not model.is_moe_layer(0)
   assert 'moe_imbalance' in (folder / 'metrics.jsonl').read_text()
-  md = (tmp_path / 'out' / 'capacity_vs_cache.md').read_text()
+  md = (tmp_path / 'out' / 'capacity_vs_cache_moe.md').read_text()
   assert md.startswith('# Capacity vs KV-cache size') and 'DeepSeekMoE feed-forward' in md
+  widths = {row: wd.read_config(tmp_path / 'small-moe-quick' / row / 'lr0.003' / 'seed1')
+            .model.moe_intermediate_size for row in ('mha', 'mla4')}
+  assert all(f'(experts {w})' in md for w in widths.values())
 
 
 def test_ledger_restores_a_fresh_workdir_and_records_only_what_it_lacks(tmp_path):
@@ -493,5 +496,6 @@ def test_rows_without_an_8bit_cache_report_none_and_render_a_dash(row):
   else:
     assert cache['cache_bytes_int8_measured'] is cache['cache_bytes_fp8_measured'] is None
     summary = {'formula': 'f', 'elements_formula': 1, 'elements_measured': 1, 'bytes_bf16': 2,
-               'bytes_int8': None, 'bytes_fp8': None, 'd_ff': 8, 'params': 10}
+               'bytes_int8': None, 'bytes_fp8': None, 'd_ff': 8, 'params': 10,
+               'model': cfg.to_dict()}
     assert report.cache_cells({}, summary)[4:6] == ['—', '—']
