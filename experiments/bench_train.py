@@ -36,6 +36,7 @@ import tempfile
 import time
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from absl import flags
 
@@ -48,7 +49,7 @@ from experiments.timing import (
   machine_limits,
   time_train_step,
 )
-from mla_jax import cli, platform, sharding, training
+from mla_jax import cli, moe, platform, sharding, training
 from mla_jax.config import ModelConfig
 from mla_jax.model import active_param_count, param_count
 
@@ -183,10 +184,12 @@ def moe_row(name: str, config, peak_flops: float, peer: bool, references: bool) 
     # the first MoE layer alone, while the peers still hold our initial weights
     layer = cfg.first_k_dense_replace
     ours = {'dropless': cfg.moe_impl, **({'dense': 'dense'} if references else {})}
-    layers = timing.compare(torch_peer.moe_layer_steps(config, peers, ours, layer), tokens,
-                            blocks, block_steps)
-    row['layer'] = {'index': layer, 'steps': {n: layers[n] for n in (*ours, *peers)},
-                    'ratios': {n: layers[f'ratio_dropless_over_{n}'] for n in (*ours, *peers)
+    layer_steps = torch_peer.moe_layer_steps(config, peers, ours, layer)
+    if platform.current() == 'cpu':  # what XLA:CPU's batched products of blocks cost
+      layer_steps.update(block_product_steps(cfg, tokens))
+    layers = timing.compare(layer_steps, tokens, blocks, block_steps)
+    row['layer'] = {'index': layer, 'steps': {n: layers[n] for n in layer_steps},
+                    'ratios': {n: layers[f'ratio_dropless_over_{n}'] for n in layer_steps
                                if n != 'dropless'}}
     steps.update(peers)
   result = timing.compare(steps, tokens, blocks, block_steps)
@@ -200,6 +203,37 @@ def moe_row(name: str, config, peak_flops: float, peer: bool, references: bool) 
                   for n in steps}
   row['ratios'] = {n: result[f'ratio_dropless_over_{n}'] for n in steps if n != 'dropless'}
   return row
+
+
+def block_product_steps(cfg: ModelConfig, tokens: int) -> dict:
+  """The routed experts' three SwiGLU products alone, forward and backward, on random rows laid
+  out as moe.experts_blocked lays out tokens * K rows (whole blocks, as many as its bound),
+  two ways: 'blocks', its product of each block with its expert's weights (batched); 'one',
+  a single product of as many rows with one expert's weights (the same flops without blocks)."""
+  e, d, f = cfg.n_routed_experts, cfg.d_model, cfg.moe_intermediate_size
+  rows = tokens * cfg.num_experts_per_tok
+  block = moe.block_rows(rows, e)
+  blocks = -(-(rows + e * (block - 1)) // block)
+  keys = jax.random.split(jax.random.key(0), 4)
+  x_bmd = jax.random.normal(keys[0], (blocks, block, d))
+  w = [jax.random.normal(k, shape) / np.sqrt(shape[1])
+       for k, shape in zip(keys[1:], ((e, d, f), (e, d, f), (e, f, d)), strict=True)]
+  expert_b = jnp.arange(blocks) * e // blocks  # sorted by expert, as the blocks are
+
+  def blocks_out(x_bmd, wg, wu, wd):
+    at = lambda w: jnp.take(w, expert_b, axis=0)
+    gate, up = (jnp.einsum('bmd,bdf->bmf', x_bmd, at(w)) for w in (wg, wu))
+    return jnp.einsum('bmf,bfd->bmd', jax.nn.silu(gate) * up, at(wd))
+
+  def one_out(x_bmd, wg, wu, wd):
+    x_Md = x_bmd.reshape(-1, d)
+    return (jax.nn.silu(x_Md @ wg[0]) * (x_Md @ wu[0])) @ wd[0]
+
+  steps = {}
+  for name, out in (('blocks', blocks_out), ('one', one_out)):
+    grad = jax.jit(jax.grad(lambda *a, out=out: jnp.sum(out(*a) ** 2), argnums=(0, 1, 2, 3)))
+    steps[name] = lambda grad=grad: jax.block_until_ready(grad(x_bmd, *w))
+  return steps
 
 
 def moe_main(rows: Rows, peak: float) -> None:

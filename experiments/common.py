@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime
+import functools
 import importlib
 import importlib.metadata
 import json
@@ -80,8 +81,11 @@ def machine() -> str:
   return f'{cpu}, {len(available_cores())} cores available, Python {platform.python_version()}'
 
 
+@functools.cache
 def commit() -> str:
-  """HEAD's hash, '+dirty' when tracked files differ from it; 'unknown' outside a checkout."""
+  """HEAD's hash, '+dirty' when tracked files differ from it; 'unknown' outside a checkout. Asked
+  once a process: a benchmark that rewrites its committed JSON after each row must not find its
+  own output and call the code it measures dirty."""
   git = lambda *args: subprocess.run(['git', *args], cwd=ROOT, capture_output=True, text=True)
   head = git('rev-parse', 'HEAD')
   if head.returncode:

@@ -131,7 +131,9 @@ def _params(r: dict) -> str:
 # bench_train --moe: what each timed step of a row is
 MOE_STEPS = {'dropless': 'ours, dropless (auto)', 'ragged': 'ours, dropless (ragged_dot)',
              'dense': 'ours, dense reference',
-             'torch_grouped_mm': 'transformers, grouped_mm', 'torch_eager': 'transformers, eager'}
+             'torch_grouped_mm': 'transformers, grouped_mm', 'torch_eager': 'transformers, eager',
+             'blocks': "ours: the blocks' expert products alone",
+             'one': 'the same rows as one product per projection'}
 
 
 def _moe_label(r: dict) -> str:
