@@ -209,16 +209,20 @@ def moe_layer_steps(config, peers: dict[str, Step], impls: dict[str, str],
     outputs[name] = np.asarray(nnx.merge(layer_def, params)(x))
   for name, peer in peers.items():
     module = peer.model.model.layers[layer].mlp
-    x_t, g_t = torch.from_numpy(x).requires_grad_(True), torch.from_numpy(g)
+    device = next(module.parameters()).device  # the peer's: cuda where it trains on a GPU
+    x_t = torch.from_numpy(x).to(device).requires_grad_(True)
+    g_t = torch.from_numpy(g).to(device)
 
-    def step(module=module, x_t=x_t, g_t=g_t):
+    def step(module=module, x_t=x_t, g_t=g_t, device=device):
       (module(x_t) * g_t).sum().backward()
       module.zero_grad(set_to_none=True)
       x_t.grad = None
+      if device.type == 'cuda':
+        torch.cuda.synchronize()
 
     steps[name] = step
     with torch.no_grad():
-      outputs[name] = module(x_t).numpy()
+      outputs[name] = module(x_t).cpu().numpy()
   first, *rest = outputs
   far = {n: float(np.max(np.abs(outputs[n] - outputs[first]))) for n in rest}
   if any(d > LAYER_ATOL for d in far.values()):
