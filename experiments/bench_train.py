@@ -213,7 +213,7 @@ def block_product_steps(cfg: ModelConfig, tokens: int) -> dict:
   e, d, f = cfg.n_routed_experts, cfg.d_model, cfg.moe_intermediate_size
   rows = tokens * cfg.num_experts_per_tok
   block = moe.block_rows(rows, e)
-  blocks = -(-(rows + e * (block - 1)) // block)
+  blocks = moe.block_count(rows, e, block)
   keys = jax.random.split(jax.random.key(0), 4)
   x_bmd = jax.random.normal(keys[0], (blocks, block, d))
   w = [jax.random.normal(k, shape) / np.sqrt(shape[1])

@@ -164,6 +164,12 @@ def block_rows(rows: int, experts: int) -> int:
   return int(min(512, max(64, 2 ** round(math.log2(target)))))
 
 
+def block_count(rows: int, experts: int, block: int) -> int:
+  """experts_blocked's static number of blocks: enough for any split of `rows` rows among
+  `experts` experts, each padded to whole blocks (under one block of padding per expert)."""
+  return -(-(rows + experts * (block - 1)) // block)
+
+
 def experts_blocked(x_Nd, weights_NK, experts_NK, w_gate_Edf, w_up_Edf, w_down_Efd,
                     block: int | None = None):
   """Dropless, as experts_ragged computes it, for a CPU, where ragged_dot lowers to every row
@@ -172,7 +178,7 @@ def experts_blocked(x_Nd, weights_NK, experts_NK, w_gate_Edf, w_up_Edf, w_down_E
   (default: block_rows), each expert's rows padded to a multiple of it, and each block is one
   matmul with its own expert's weights: each row once, plus under one block an expert of
   padding. The shapes are static: the R = N * K rows need at most
-  ceil((R + E (block - 1)) / block) blocks."""
+  ceil((R + E (block - 1)) / block) blocks (block_count), and all of them are computed."""
   n, k = experts_NK.shape
   e, r = w_gate_Edf.shape[0], n * k
   block = block or block_rows(r, e)
@@ -181,7 +187,7 @@ def experts_blocked(x_Nd, weights_NK, experts_NK, w_gate_Edf, w_up_Edf, w_down_E
   padded_E = -(-sizes_E // block) * block
   end_slot_E = jnp.cumsum(padded_E)
   first_slot_E = end_slot_E - padded_E
-  blocks = -(-(r + e * (block - 1)) // block)
+  blocks = block_count(r, e, block)
   at = jnp.minimum(expert_R, e - 1)  # such rows sort last, so the others' places hold
   slot_R = jnp.where(expert_R < e, first_slot_E[at] + jnp.arange(r)
                      - (jnp.cumsum(sizes_E) - sizes_E)[at], blocks * block)  # past the end
