@@ -221,9 +221,7 @@ def block_product_steps(cfg: ModelConfig, tokens: int) -> dict:
   expert_b = jnp.arange(blocks) * e // blocks  # sorted by expert, as the blocks are
 
   def blocks_out(x_bmd, wg, wu, wd):
-    at = lambda w: jnp.take(w, expert_b, axis=0)
-    gate, up = (jnp.einsum('bmd,bdf->bmf', x_bmd, at(w)) for w in (wg, wu))
-    return jnp.einsum('bmf,bfd->bmd', jax.nn.silu(gate) * up, at(wd))
+    return moe.block_products(x_bmd, expert_b, wg, wu, wd)
 
   def one_out(x_bmd, wg, wu, wd):
     x_Md = x_bmd.reshape(-1, d)

@@ -170,6 +170,14 @@ def block_count(rows: int, experts: int, block: int) -> int:
   return -(-(rows + experts * (block - 1)) // block)
 
 
+def block_products(x_bmd, expert_b, w_gate_Edf, w_up_Edf, w_down_Efd):
+  """Each block's SwiGLU with the weights of its expert (expert_b), as batched products."""
+  at = lambda w: jnp.take(w, expert_b, axis=0)
+  gate_bmf = jnp.einsum('bmd,bdf->bmf', x_bmd, at(w_gate_Edf))
+  up_bmf = jnp.einsum('bmd,bdf->bmf', x_bmd, at(w_up_Edf))
+  return jnp.einsum('bmf,bfd->bmd', jax.nn.silu(gate_bmf) * up_bmf, at(w_down_Efd))
+
+
 def experts_blocked(x_Nd, weights_NK, experts_NK, w_gate_Edf, w_up_Edf, w_down_Efd,
                     block: int | None = None):
   """Dropless, as experts_ragged computes it, for a CPU, where ragged_dot lowers to every row
@@ -198,10 +206,7 @@ def experts_blocked(x_Nd, weights_NK, experts_NK, w_gate_Edf, w_up_Edf, w_down_E
   # the expert of each block; the blocks past the last expert's are all padding (any expert)
   expert_b = jnp.minimum(jnp.searchsorted(end_slot_E, jnp.arange(blocks) * block, side='right'),
                          e - 1)
-  gate_bmf = jnp.einsum('bmd,bdf->bmf', x_bmd, jnp.take(w_gate_Edf, expert_b, axis=0))
-  up_bmf = jnp.einsum('bmd,bdf->bmf', x_bmd, jnp.take(w_up_Edf, expert_b, axis=0))
-  y_bmd = jnp.einsum('bmf,bfd->bmd', jax.nn.silu(gate_bmf) * up_bmf,
-                     jnp.take(w_down_Efd, expert_b, axis=0))
+  y_bmd = block_products(x_bmd, expert_b, w_gate_Edf, w_up_Edf, w_down_Efd)
   y_Rd = jnp.take(y_bmd.reshape(blocks * block, -1), slot_R, axis=0, mode='fill',
                   fill_value=0)  # sorted order; 0 for the rows of experts >= E
   return _combine_rows(y_Rd, order_R, weights_NK)
