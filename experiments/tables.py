@@ -332,15 +332,16 @@ def _sweep_parts(module: str) -> dict:
   return {part: _lazy(module, function) for part, function in parts.items()}
 
 
-CAPACITY_REPORTS = ('capacity_vs_cache', 'capacity_vs_cache_paper', 'capacity_vs_cache_paper_mlp')
+# capacity_vs_cache's reports -> their folder under experiments/results (--ffn=moe keeps a
+# ledger of its own, so a folder of its own)
+CAPACITY_REPORTS = {stem: 'capacity_vs_cache' for stem in (
+    'capacity_vs_cache', 'capacity_vs_cache_paper', 'capacity_vs_cache_paper_mlp')} | {
+    'capacity_vs_cache_paper_moe': 'capacity_vs_cache_moe'}
 # report -> (its JSON under experiments/results, {part: renderer}). A report's name is its
 # file's stem, or <folder>_<stem> for the device records in h200/.
 REPORTS: dict[str, tuple[str, dict]] = {
-    **{stem: (f'capacity_vs_cache/{stem}.json', _sweep_parts('capacity_vs_cache'))
-       for stem in CAPACITY_REPORTS},
-    # --ffn=moe: a ledger of its own, so a folder of its own
-    'capacity_vs_cache_paper_moe': ('capacity_vs_cache_moe/capacity_vs_cache_paper_moe.json',
-                                    _sweep_parts('capacity_vs_cache')),
+    **{stem: (f'{folder}/{stem}.json', _sweep_parts('capacity_vs_cache'))
+       for stem, folder in CAPACITY_REPORTS.items()},
     'recall_vs_cache': ('recall_vs_cache/recall_vs_cache.json', _sweep_parts('recall_vs_cache')),
     'to_mla': ('to_mla/to_mla.json', {'report': _lazy('to_mla_report', 'render'),
                                       **{source: _lazy('to_mla_report', 'source_table', source)
@@ -374,8 +375,7 @@ REPORTS: dict[str, tuple[str, dict]] = {
 # report -> its experiment, for the reports whose JSON holds a section computed from its rows
 # (the Pareto frontier): --rerender computes it afresh into the JSON (nothing else in it
 # changes) and writes the markdown and the frontier plot from that JSON.
-RERENDER = {**{stem: 'capacity_vs_cache' for stem in (*CAPACITY_REPORTS,
-                                                        'capacity_vs_cache_paper_moe')},
+RERENDER = {**{stem: 'capacity_vs_cache' for stem in CAPACITY_REPORTS},
             'recall_vs_cache': 'recall_vs_cache'}
 
 
