@@ -84,6 +84,11 @@ def sent_bytes(op: str, size: int, g: int, attrs: str) -> float:
           'all-reduce': 2 * size * (g - 1) / g, 'all-to-all': size * (g - 1) / g}[op]
 
 
+def is_expert_weight(path: tuple, shape: tuple) -> bool:
+  """A routed experts' stacked weight [E, ...] (not the shared experts' or a dense MLP's)."""
+  return path[-1] in ('w_gate', 'w_up', 'w_down') and len(shape) == 3
+
+
 def weight_shapes(cfg: ModelConfig) -> tuple[set, set]:
   """(expert weight shapes, other parameter shapes), each with its shards by 2, 4 and 8 along
   any one dimension (what a gather or a gradient's reduction carries)."""
@@ -95,8 +100,7 @@ def weight_shapes(cfg: ModelConfig) -> tuple[set, set]:
 
   experts, other = set(), set()
   for path, shape in param_shapes(cfg).items():
-    (experts if path[-1] in ('w_gate', 'w_up', 'w_down') and len(shape) == 3 else other).update(
-        with_shards(shape))
+    (experts if is_expert_weight(path, shape) else other).update(with_shards(shape))
   return experts, other - experts
 
 
@@ -176,7 +180,7 @@ def main(argv):
   meshes = FLAGS.mesh[:2] if FLAGS.quick else FLAGS.mesh
   steps = 1 if FLAGS.quick else FLAGS.steps
   expert_bytes = sum(math.prod(s) * 4 for p, s in param_shapes(cfg).items()
-                     if p[-1] in ('w_gate', 'w_up', 'w_down') and len(s) == 3)
+                     if is_expert_weight(p, s))
   rows = []
   path = common.out_dir('bench_moe_collectives') / 'bench_moe_collectives.json'
   meta = {'devices': f'{FLAGS.devices} simulated {jax.devices()[0].platform} devices',
